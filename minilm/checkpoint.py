@@ -1,0 +1,73 @@
+"""Checkpoints: one self-contained file, written atomically, loaded without unpickling code.
+
+A checkpoint holds everything needed to resume or to sample: the config (as a dict), the
+objective's state_dict (the unwrapped, uncompiled module), optimizer and scaler states, the step,
+RNG states, and the tokenizer's sentencepiece bytes (as a uint8 tensor). Nothing in it needs
+`pickle` to run code, so it is loaded with `torch.load(..., weights_only=True)`: a file carrying
+a malicious payload is refused instead of executed.
+
+Writing: to a temporary file in the same folder, flushed and fsynced, then renamed over the
+target. A crash at any moment leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+import torch
+
+from minilm.errors import UserError
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save into memory, then write atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first with train.py, or pass --ckpt PATH")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load checkpoint {path}: it is truncated, corrupt or not a minilm "
+                        f"checkpoint ({first[:160]})") from None
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise UserError(f"{path} is not a minilm checkpoint (no config/model inside)")
+    return state
+
+
+def bytes_to_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()

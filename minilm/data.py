@@ -1,0 +1,355 @@
+"""From text on disk to random training windows.
+
+    prepare(source, tokenizer, folder)  ->  folder/train.bin, folder/val.bin, folder/meta.json
+    BlockSource(folder, "train", ...)   ->  .batch(step) = LongTensor (batch_size, seq_len + 1)
+
+What counts as a document:
+  * a .jsonl file: one document per line, its text in the field `text_field`;
+  * any other text file: one document, unless it contains lines that are exactly
+    `<|endoftext|>`, which separate documents inside the file (the convention of GPT-2 dumps);
+  * a folder: every non-hidden file below it, in sorted order; a glob: every file it matches.
+After each document comes the end-of-document token <eos> (id 3), so a model learns where texts end.
+
+The validation split is by document (max(1, round(val_fraction * n_docs)) documents, evenly
+spaced), so no document has text on both sides. A corpus that is a single document is cut at a
+line boundary instead: its last val_fraction goes to validation.
+
+Streaming: files are read line by line and handed to worker processes in chunks of about 1 MB,
+which encode them while the main process appends the ids to the memmaps, so neither the text nor
+the tokens ever need to fit in memory. Bytes that are not valid UTF-8 are replaced by U+FFFD and
+counted in the summary, never dropped silently.
+
+Batches: a window of seq_len + 1 tokens starting at a uniformly random offset; the offsets of a
+batch are a pure function of (seed, rank, step, micro-step), so a resumed run reads exactly the
+windows an uninterrupted one would have read.
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sysconfig
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from minilm.errors import UserError
+from minilm.tokenizer import EOS_ID, Tokenizer
+
+DOC_SEPARATOR = "<|endoftext|>"
+CHUNK_CHARS = 1 << 20
+BUILTIN = "builtin"
+
+
+# ----------------------------------------------------------------------------- reading text
+@dataclass
+class ReadStats:
+    files: int = 0
+    documents: int = 0
+    chars: int = 0
+    replaced: int = 0      # bytes that were not valid UTF-8, replaced by U+FFFD
+
+
+def resolve_files(path: str) -> list[str]:
+    """The list of files behind --data; raises UserError when there is nothing to read."""
+    if not path:
+        raise UserError("--data is empty; give a text file, a folder, a glob or a .jsonl file")
+    if os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+        if not files:
+            raise UserError(f"the folder {path} holds no files; put .txt or .jsonl files in it")
+    elif os.path.isfile(path):
+        files = [path]
+    elif any(ch in path for ch in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise UserError(f"the pattern {path} matches no files")
+    else:
+        raise UserError(f"--data {path} does not exist; give a text file, a folder, a glob or a .jsonl file")
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(8192)
+        if b"\x00" in head:
+            raise UserError(f"{f} looks binary (it contains NUL bytes); --data takes text files only")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise UserError(f"--data {path} is empty: its files hold no text")
+    return files
+
+
+def _decode(raw: bytes, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        stats.replaced += text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+        return text
+
+
+def _pieces_of_text_file(path: str, stats: ReadStats, chunk_chars: int) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces, each at most ~chunk_chars, cut only after a newline."""
+    parts, size, has_text = [], 0, False
+    with open(path, "rb") as f:
+        for raw in f:
+            line = _decode(raw, stats)
+            if line.rstrip("\r\n") == DOC_SEPARATOR:
+                if has_text:
+                    yield "".join(parts), True
+                parts, size, has_text = [], 0, False
+                continue
+            parts.append(line)
+            size += len(line)
+            has_text = has_text or bool(line.strip())
+            if size >= chunk_chars:
+                yield "".join(parts), False
+                parts, size = [], 0
+    if has_text:
+        yield "".join(parts), True
+    elif parts:  # only whitespace after the last split point: still close the document
+        yield "".join(parts), True
+
+
+def _pieces_of_jsonl(path: str, field: str, stats: ReadStats) -> Iterator[tuple[str, bool]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, stats).strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{lineno}: this line is not valid JSON") from None
+            if not isinstance(row, dict) or field not in row:
+                raise UserError(f"{path}:{lineno}: no {field!r} field in this row; "
+                                f"pass --text_field NAME to read another field")
+            text = row[field]
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: the {field!r} field is not a string")
+            if text.strip():
+                yield text, True
+
+
+def builtin_documents() -> Iterator[str]:
+    """A corpus that ships with every Python: pydoc's topic help and the stdlib's docstrings.
+
+    About 2 MB of English prose. One document per pydoc topic and one per stdlib module (its
+    module, class and function docstrings joined by blank lines). The modules are parsed with
+    `ast`, never imported.
+    """
+    try:
+        from pydoc_data.topics import topics
+        for key in sorted(topics):
+            yield topics[key]
+    except ImportError:  # some distributions strip pydoc_data; docstrings alone still work
+        pass
+    stdlib = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+            "__pycache__", "ensurepip", "venv"}
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("."))
+        for name in sorted(names):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            text = "\n\n".join(d for d in docs if d and len(d) > 40)
+            if text:
+                yield text
+
+
+def iter_pieces(source: str, text_field: str = "text", stats: ReadStats | None = None,
+                chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, bool]]:
+    """Every (text, ends_document) piece of a source, in a fixed order."""
+    stats = stats if stats is not None else ReadStats()
+    if source == BUILTIN:
+        for doc in builtin_documents():
+            stats.documents += 1
+            stats.chars += len(doc)
+            yield doc, True
+        return
+    for path in resolve_files(source):
+        stats.files += 1
+        pieces = (_pieces_of_jsonl(path, text_field, stats) if path.endswith(".jsonl")
+                  else _pieces_of_text_file(path, stats, chunk_chars))
+        for text, ends in pieces:
+            stats.chars += len(text)
+            stats.documents += ends
+            yield text, ends
+
+
+def iter_texts(source: str, text_field: str = "text") -> Iterator[str]:
+    """Just the text, e.g. to train a tokenizer on."""
+    for text, _ in iter_pieces(source, text_field):
+        yield text
+
+
+# ----------------------------------------------------------------------------- prepare
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(model_bytes: bytes) -> None:
+    global _worker_tokenizer  # one tokenizer per worker process, built once
+    _worker_tokenizer = Tokenizer(model_bytes)
+
+
+def _encode_job(job: list[tuple[str, bool, bool]]) -> list[tuple[np.ndarray, bool]]:
+    """Encode a list of (text, ends_document, is_val); append <eos> where a document ends."""
+    tok = _worker_tokenizer
+    ids = tok.sp.encode([text for text, _, _ in job])
+    out = []
+    for (_, ends, is_val), piece in zip(job, ids):
+        if ends:
+            piece = piece + [EOS_ID]
+        out.append((np.asarray(piece, dtype=np.uint32), is_val))
+    return out
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.model_bytes).hexdigest()[:16]
+
+
+def _jobs(pieces, job_chars: int = 1 << 18):
+    job, size = [], 0
+    for item in pieces:
+        job.append(item)
+        size += len(item[0])
+        if size >= job_chars:
+            yield job
+            job, size = [], 0
+    if job:
+        yield job
+
+
+def prepare(source: str, tokenizer: Tokenizer, folder: str, *, text_field: str = "text",
+            val_fraction: float = 0.05, num_workers: int = 0, log=print) -> dict:
+    """Tokenize `source` into folder/train.bin and folder/val.bin; return (and save) the meta."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    # pass 1: count documents and characters, without tokenizing, to place the split
+    count = ReadStats()
+    for _ in iter_pieces(source, text_field, count):
+        pass
+    if count.chars == 0 or count.documents == 0:
+        raise UserError(f"--data {source} holds no text")
+    single = count.documents == 1
+    n_val = max(1, round(val_fraction * count.documents))
+    # evenly spaced validation documents: index i is val when floor((i+1)*k/n) > floor(i*k/n)
+    is_val_doc = lambda i: (i + 1) * n_val // count.documents > i * n_val // count.documents  # noqa: E731
+    chunk = max(1, min(CHUNK_CHARS, count.chars // 200)) if single else CHUNK_CHARS
+
+    stats = ReadStats()
+
+    def labelled():
+        doc, seen = 0, 0
+        for text, ends in iter_pieces(source, text_field, stats, chunk_chars=chunk):
+            if single:
+                in_val = seen >= (1 - val_fraction) * count.chars
+                seen += len(text)
+                yield text, ends or (not in_val and seen >= (1 - val_fraction) * count.chars), in_val
+            else:
+                yield text, ends, is_val_doc(doc)
+                doc += ends
+
+    os.makedirs(folder, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    paths = {False: os.path.join(folder, "train.bin"), True: os.path.join(folder, "val.bin")}
+    tmp = {k: v + ".tmp" for k, v in paths.items()}
+    counts = {False: 0, True: 0}
+    docs = {False: 0, True: 0}
+    workers = num_workers or os.cpu_count() or 1
+    files = {k: open(v, "wb") for k, v in tmp.items()}
+    try:
+        if workers > 1:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_bytes,))
+            results = pool.imap(_encode_job, _jobs(labelled()), chunksize=1)
+        else:
+            pool = None
+            _init_worker(tokenizer.model_bytes)
+            results = map(_encode_job, _jobs(labelled()))
+        try:
+            for job_result in results:
+                for ids, is_val in job_result:
+                    files[is_val].write(ids.astype(dtype).tobytes())
+                    counts[is_val] += len(ids)
+                    docs[is_val] += int(len(ids) > 0 and ids[-1] == EOS_ID)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    finally:
+        for f in files.values():
+            f.close()
+    for k in paths:
+        os.replace(tmp[k], paths[k])
+    meta = dict(vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
+                train_tokens=counts[False], val_tokens=counts[True],
+                train_documents=docs[False], val_documents=docs[True], source=source,
+                files=stats.files, chars=stats.chars, replaced_invalid_utf8=stats.replaced,
+                tokenizer=tokenizer_fingerprint(tokenizer))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    log(f"prepared {source}: {stats.documents} documents, {stats.chars:,} characters -> "
+        f"{counts[False]:,} train / {counts[True]:,} val tokens ({meta['dtype']})"
+        + (f"; {stats.replaced} invalid UTF-8 bytes replaced by U+FFFD" if stats.replaced else ""))
+    return meta
+
+
+def load_meta(folder: str) -> dict | None:
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- batches
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (splitmix64-style mixing): nearby inputs give
+    unrelated streams, so step 5 of rank 0 and step 6 of rank 0 share nothing."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class BlockSource:
+    """Random windows of seq_len + 1 tokens from a token memmap ("blocks" data)."""
+
+    def __init__(self, folder: str, split: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0):
+        meta = load_meta(folder)
+        if meta is None:
+            raise UserError(f"no prepared data in {folder}; run train.py with --data to prepare it")
+        self.path = os.path.join(folder, f"{split}.bin")
+        self.tokens = np.memmap(self.path, dtype=np.dtype(meta["dtype"]), mode="r")
+        self.seq_len, self.batch_size, self.seed, self.rank = seq_len, batch_size, seed, rank
+        self.split_id = 0 if split == "train" else 1
+        if len(self.tokens) < seq_len + 2:
+            raise UserError(f"the {split} split has {len(self.tokens)} tokens, fewer than seq_len+2 = "
+                            f"{seq_len + 2}; give more text, lower --seq_len or raise --val_fraction")
+
+    def batch(self, step: int, micro: int = 0) -> torch.Tensor:
+        """LongTensor (batch_size, seq_len + 1), a pure function of (seed, rank, step, micro)."""
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, self.split_id, step, micro))
+        high = len(self.tokens) - (self.seq_len + 1)
+        starts = torch.randint(0, high + 1, (self.batch_size,), generator=g).numpy()
+        # one fancy-index read: (B, 1) + (1, T+1) offsets
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        return torch.from_numpy(self.tokens[idx].astype(np.int64))

@@ -1,0 +1,47 @@
+"""Model FLOPs utilization (MFU): how much of the machine's matmul throughput training uses.
+
+FLOPs per token follow nanoGPT's estimate (PaLM appendix B): 6 N for the weight matmuls (2 forward,
+4 backward, per parameter) plus 12 L H D T for attention scores and values, with N the parameter
+count without the position table (the tied embedding stays: it is the LM head's matmul).
+
+The peak is *measured*, not looked up: the best throughput of a large square matmul in the
+training dtype on this device. So MFU = achieved / achievable-by-a-matmul here, comparable
+across machines and honest on CPUs whose datasheet peak is never reached.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> int:
+    return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure_peak_flops(device, dtype=torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """Best observed FLOP/s of a (size x size) @ (size x size) matmul on `device` in `dtype`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        size = max(size, 4096)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        dt = time.perf_counter() - t0
+        spent += dt
+        best = max(best, 2 * size ** 3 / dt)
+    return best

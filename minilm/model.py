@@ -1,0 +1,227 @@
+"""The Transformer: one set of blocks for decoders, encoders and (later) encoder-decoders.
+
+Read top to bottom: norms -> rotary positions -> attention -> MLP -> Block -> Transformer -> KV cache.
+
+Whether a model is a decoder or an encoder is not a property of its layers: it is the attention
+mask passed in at call time. `Transformer.forward(ids, causal=True)` is a GPT-style decoder;
+`causal=False` with a padding mask is a BERT-style encoder. Attention always goes through
+torch.nn.functional.scaled_dot_product_attention (SDPA), which picks a fused kernel (flash /
+memory-efficient on CUDA, a fused CPU kernel) when the mask allows it.
+
+Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from minilm.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean and the bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ----------------------------------------------------------------------------- rotary positions
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021), "rotate half" layout.
+
+    Each pair (x[i], x[i + D/2]) of a query/key head is rotated by angle pos * base^(-2i/D), so
+    the dot product q·k depends only on the distance between the two positions. The tables are
+    buffers, not parameters, and are not saved (persistent=False): they are a pure function of
+    the config.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
+        angles = torch.cat([angles, angles], dim=-1)                                 # (max_len, D)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start: int = 0):
+        # x: (B, H, T, D); positions start .. start+T-1
+        T = x.shape[-2]
+        cos = self.cos[start:start + T].to(x.dtype)
+        sin = self.sin[start:start + T].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Multi-head self-attention. The mask is an argument, never baked into the layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # one matmul for q, k, v
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, *, rotary=None, attn_mask=None, causal=False, cache=None, layer=0, start=0):
+        # x: (B, T, C) -> (B, T, C)
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        if rotary is not None:
+            q, k = rotary(q, start), rotary(k, start)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # all keys/values so far: (B, H, start+T, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+# ----------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """GELU MLP (GPT-2/BERT) or SwiGLU (Shazeer 2020; LLaMA): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.mlp_hidden
+        # for SwiGLU the gate and up projections are one matmul, split afterwards
+        self.up = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+# ----------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, **attn_args):
+        x = x + self.drop(self.attn(self.norm1(x), **attn_args))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------- the stack
+class Transformer(nn.Module):
+    """Token embedding -> n_layer Blocks -> final norm; `logits()` applies the (tied) LM head.
+
+    forward(ids, causal=True)                      decoder (GPT)
+    forward(ids, causal=False, attn_mask=padmask)  encoder (BERT); padmask (B, 1, 1, T) bool, True = attend
+    forward(ids, cache=kv, start=pos)              incremental decoding with a KVCache
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.n_embd) if cfg.position == "learned" else None
+        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base) if cfg.position == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's depth scaling: each residual branch adds to the stream, so the layers that write
+        # into it start smaller, keeping the variance of the stream independent of depth.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def embed(self, ids, start: int = 0):
+        x = self.tok_emb(ids)                                  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + ids.shape[1], device=ids.device))
+        return self.drop(x)
+
+    def forward(self, ids, *, causal: bool = True, attn_mask=None, cache=None, start: int = 0):
+        """ids (B, T) -> hidden states (B, T, C)."""
+        T = ids.shape[1]
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than seq_len={self.cfg.seq_len}")
+        if cache is not None and causal and start > 0 and T > 1:
+            # a chunk after a cached prefix: query i may see keys 0 .. start+i
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+            causal = False
+        elif cache is not None and start > 0:
+            causal = False  # one new token attends to everything cached, itself included
+        x = self.embed(ids, start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary=self.rotary, attn_mask=attn_mask, causal=causal, cache=cache, layer=i, start=start)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)
+
+    @property
+    def output_weight(self):
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden):
+        """(..., C) -> (..., V)."""
+        return F.linear(hidden, self.output_weight)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (a tied matrix once). non_embedding drops the position table only,
+        as nanoGPT does: the tied token matrix is also the LM head's matmul, so it costs FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+
+# ----------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values of every layer for positions already processed, preallocated.
+
+    k, v: (n_layer, B, H, max_len, D). Decoding step t writes position t and attends over 0..t,
+    so each new token costs O(t) instead of recomputing the whole prefix.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.seq_len, cfg.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, start: int, k, v):
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

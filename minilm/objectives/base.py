@@ -1,0 +1,62 @@
+"""The contract every objective follows, and the metric arithmetic they share.
+
+    objective = SomeObjective(model_cfg, tokenizer, **options)   # an nn.Module: backbone + heads
+    batch = objective.make_batch(raw, generator)   # raw token ids -> tensors, on raw's device
+    loss, sums = objective(batch, totals)           # scalar loss to backward, detached metric sums
+
+Losses are *sums* divided by step-wide totals. A training step may consist of several
+micro-batches (gradient accumulation, and later several ranks), and objectives such as MLM
+predict a different number of tokens in each. The right loss for the step is
+    sum over all micro-batches of the summed token losses / total targets in the step,
+so `make_batch` reports its counts in `batch["counts"]`, the trainer adds them up over the step
+and hands the totals back to every micro-batch's forward. Backpropagating each micro-batch's
+share then gives exactly the gradient of one big batch. Without totals (evaluation, a single
+batch) an objective divides by its own counts.
+
+Metric sums use shared names so they aggregate by plain addition over batches:
+    nll      summed negative log-likelihood of the targets, in nats
+    targets  number of predicted tokens
+    correct  predicted tokens whose argmax was right
+    bytes    UTF-8 bytes the targets stand for (for bits per byte)
+`finalize` turns such sums into loss, perplexity, accuracy and bits per byte.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+IGNORE = -100  # label value for positions that are not predicted (PyTorch's cross_entropy default)
+
+
+class Objective(nn.Module):
+    name: str = ""
+    data: str = "blocks"          # the data source it reads (see minilm/data.py)
+    model_kind: str = "decoder"   # what sample.py can do with its backbone
+
+    backbone: nn.Module
+
+    def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        raise NotImplementedError
+
+    def forward(self, batch: dict, totals: dict | None = None):
+        raise NotImplementedError
+
+
+def finalize(sums: dict) -> dict:
+    """Metric sums -> readable metrics. Keys absent from `sums` are skipped."""
+    out = {}
+    n = float(sums.get("targets", 0))
+    if n > 0 and "nll" in sums:
+        loss = float(sums["nll"]) / n
+        out["loss"] = loss
+        out["ppl"] = math.exp(min(loss, 50.0))
+        if "correct" in sums:
+            out["acc"] = float(sums["correct"]) / n
+        if float(sums.get("bytes", 0)) > 0:
+            out["bpb"] = float(sums["nll"]) / math.log(2) / float(sums["bytes"])
+    for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
+        if k not in ("nll", "targets", "correct", "bytes"):
+            out[k] = float(v)
+    return out

@@ -1,0 +1,63 @@
+"""Causal language modeling (GPT; Radford et al. 2018/2019): predict every next token.
+
+The idea: a decoder reads tokens 0..t and predicts token t+1, for every t at once, with a causal
+attention mask so position t never sees the future. The loss is the mean cross-entropy over all
+target positions; nothing is masked out except padding.
+
+Numbers: none to tune. A raw window of T+1 tokens gives inputs raw[:, :-1] and labels raw[:, 1:]
+(nanoGPT's get_batch). Shapes: input_ids (B, T), labels (B, T), logits (B, T, V).
+
+Labels are masked by *position*, never by token id. Batches that carry padding give
+`lengths` (B,), the number of real tokens per row; labels at positions >= length-1 become
+IGNORE. Document-end tokens (<eos>) are ordinary targets, so the model learns to stop. The trap
+this avoids: setting labels[labels == pad_id] = -100 when pad == eos silently removes every
+end-of-text target (transformers issue #23530).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minilm.model import Transformer
+from minilm.objectives.base import IGNORE, Objective
+
+
+def causal_labels(raw: torch.Tensor, lengths: torch.Tensor | None = None):
+    """raw (B, T+1) -> input_ids (B, T), labels (B, T); labels[t] = raw[t+1] where real."""
+    input_ids, labels = raw[:, :-1], raw[:, 1:].clone()
+    if lengths is not None:
+        # target t is real when token t+1 is real: t + 1 < length
+        positions = torch.arange(labels.shape[1], device=raw.device)
+        labels[positions[None, :] + 1 >= lengths[:, None]] = IGNORE
+    return input_ids, labels
+
+
+class CausalLM(Objective):
+    name = "clm"
+    data = "blocks"
+    model_kind = "decoder"
+
+    def __init__(self, model_cfg, tokenizer=None):
+        super().__init__()
+        self.backbone = Transformer(model_cfg)
+        # UTF-8 bytes per token id, for bits per byte; a buffer so it follows .to(device)
+        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
+        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+
+    def make_batch(self, raw, generator=None, lengths=None):
+        input_ids, labels = causal_labels(raw, lengths)
+        return {"input_ids": input_ids, "labels": labels,
+                "counts": {"targets": (labels != IGNORE).sum()}}
+
+    def forward(self, batch, totals=None):
+        hidden = self.backbone(batch["input_ids"], causal=True)      # (B, T, C)
+        logits = self.backbone.logits(hidden).float()                 # (B, T, V), fp32 for a stable softmax
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            real = labels != IGNORE
+            sums = {"nll": nll.detach(), "targets": real.sum(),
+                    "correct": ((logits.argmax(-1) == labels) & real).sum(),
+                    "bytes": (self.bytes_per_token[labels.clamp(min=0)] * real).sum()}
+        return nll / denominator, sums

@@ -1,0 +1,54 @@
+"""Shared fixtures: one small tokenizer and one small prepared corpus for the whole session,
+so each test file does not pay for sentencepiece training again."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def corpus_texts(n_docs: int = 60) -> list[str]:
+    """The first documents of the built-in corpus: real English prose, no download."""
+    from minilm.data import builtin_documents
+    docs = []
+    for doc in builtin_documents():
+        docs.append(doc)
+        if len(docs) == n_docs:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return corpus_texts()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(texts):
+    from minilm.tokenizer import Tokenizer
+    return Tokenizer.train(texts, vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, texts):
+    """A folder of .txt files (one document each) made from the built-in corpus."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(texts):
+        (folder / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus_dir, tokenizer):
+    """corpus_dir tokenized into train/val memmaps: (folder, meta)."""
+    from minilm.data import prepare
+    folder = str(tmp_path_factory.mktemp("prepared"))
+    meta = prepare(corpus_dir, tokenizer, folder, val_fraction=0.1, num_workers=1, log=lambda *_: None)
+    return folder, meta
