@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
     val = BlockSource(data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0)
     trainer = Trainer(cfg, objective, train, val, tokenizer, log=lambda msg: print(msg, flush=True))
     if state is not None:
-        trainer.load(os.path.join(cfg.train.out_dir, "ckpt.pt"))
+        trainer.load(os.path.join(cfg.train.out_dir, "ckpt.pt"), state)
         print(f"resumed from step {trainer.step}", flush=True)
     trainer.fit()
     ev = trainer.last_eval

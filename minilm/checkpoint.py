@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
 
 import torch
 
@@ -55,11 +56,20 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first with train.py, or pass --ckpt PATH")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load checkpoint {path}: it is truncated, corrupt or not a minilm "
-                        f"checkpoint ({first[:160]})") from None
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        # weights_only refusals give the reason after "WeightsUnpickler error:", maybe on the next line
+        at = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
+        if at is None:
+            reason = lines[0]
+        else:
+            reason = lines[at].split("WeightsUnpickler error:", 1)[1].strip() or lines[min(at + 1, len(lines) - 1)]
+            reason = "refused to unpickle: " + reason
+        raise UserError(f"cannot load checkpoint {path}: it is truncated, corrupt, unsafe or not a minilm "
+                        f"checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise UserError(f"{path} is not a minilm checkpoint (no config/model inside)")
     return state

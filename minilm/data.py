@@ -89,34 +89,52 @@ def _decode(raw: bytes, stats: ReadStats) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
-        stats.replaced += text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+        # one U+FFFD may stand for several bad bytes (a truncated sequence), so count bytes:
+        # all bytes of the line minus those the valid text re-encodes to (3 per new U+FFFD)
+        new_marks = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+        stats.replaced += len(raw) - (len(text.encode("utf-8")) - 3 * new_marks)
         return text
 
 
 def _pieces_of_text_file(path: str, stats: ReadStats, chunk_chars: int) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces, each at most ~chunk_chars, cut only after a newline."""
-    parts, size, has_text = [], 0, False
+    """(text, ends_document) pieces, each at most ~chunk_chars, cut only after a newline.
+
+    A document that is only whitespace (e.g. blank lines after the last separator) is dropped,
+    unless part of it was already handed out, which then still needs its end.
+    """
+    parts, size, has_text, started = [], 0, False, False  # started: a piece of it was yielded
     with open(path, "rb") as f:
         for raw in f:
             line = _decode(raw, stats)
             if line.rstrip("\r\n") == DOC_SEPARATOR:
-                if has_text:
+                if has_text or started:
                     yield "".join(parts), True
-                parts, size, has_text = [], 0, False
+                parts, size, has_text, started = [], 0, False, False
                 continue
             parts.append(line)
             size += len(line)
             has_text = has_text or bool(line.strip())
             if size >= chunk_chars:
                 yield "".join(parts), False
-                parts, size = [], 0
-    if has_text:
-        yield "".join(parts), True
-    elif parts:  # only whitespace after the last split point: still close the document
+                parts, size, started = [], 0, True
+    if has_text or started:
         yield "".join(parts), True
 
 
-def _pieces_of_jsonl(path: str, field: str, stats: ReadStats) -> Iterator[tuple[str, bool]]:
+def _cut_at_lines(text: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
+    """One document as (text, ends_document) pieces of about chunk_chars, cut only after a newline
+    (like a text file is read), so even a single-row .jsonl corpus can be split for validation."""
+    start = 0
+    while len(text) - start > chunk_chars:
+        cut = text.find("\n", start + chunk_chars - 1) + 1  # just after the first newline past the limit
+        if cut == 0 or cut == len(text):
+            break
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
+
+
+def _pieces_of_jsonl(path: str, field: str, stats: ReadStats, chunk_chars: int) -> Iterator[tuple[str, bool]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             line = _decode(raw, stats).strip()
@@ -133,7 +151,7 @@ def _pieces_of_jsonl(path: str, field: str, stats: ReadStats) -> Iterator[tuple[
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: the {field!r} field is not a string")
             if text.strip():
-                yield text, True
+                yield from _cut_at_lines(text, chunk_chars)
 
 
 def builtin_documents() -> Iterator[str]:
@@ -181,7 +199,7 @@ def iter_pieces(source: str, text_field: str = "text", stats: ReadStats | None =
         return
     for path in resolve_files(source):
         stats.files += 1
-        pieces = (_pieces_of_jsonl(path, text_field, stats) if path.endswith(".jsonl")
+        pieces = (_pieces_of_jsonl(path, text_field, stats, chunk_chars) if path.endswith(".jsonl")
                   else _pieces_of_text_file(path, stats, chunk_chars))
         for text, ends in pieces:
             stats.chars += len(text)
@@ -338,12 +356,14 @@ class BlockSource:
         if meta is None:
             raise UserError(f"no prepared data in {folder}; run train.py with --data to prepare it")
         self.path = os.path.join(folder, f"{split}.bin")
-        self.tokens = np.memmap(self.path, dtype=np.dtype(meta["dtype"]), mode="r")
         self.seq_len, self.batch_size, self.seed, self.rank = seq_len, batch_size, seed, rank
         self.split_id = 0 if split == "train" else 1
-        if len(self.tokens) < seq_len + 2:
-            raise UserError(f"the {split} split has {len(self.tokens)} tokens, fewer than seq_len+2 = "
+        dtype = np.dtype(meta["dtype"])
+        n_tokens = os.path.getsize(self.path) // dtype.itemsize  # checked first: numpy cannot map an empty file
+        if n_tokens < seq_len + 2:
+            raise UserError(f"the {split} split has {n_tokens} tokens, fewer than seq_len+2 = "
                             f"{seq_len + 2}; give more text, lower --seq_len or raise --val_fraction")
+        self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
 
     def batch(self, step: int, micro: int = 0) -> torch.Tensor:
         """LongTensor (batch_size, seq_len + 1), a pure function of (seed, rank, step, micro)."""

@@ -31,8 +31,10 @@ def measure_peak_flops(device, dtype=torch.float32, size: int = 1024, seconds: f
     device = torch.device(device)
     if device.type == "cuda":
         size = max(size, 4096)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # a private generator: measuring must not move the global RNG (resume must be exact)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     for _ in range(2):
         a @ b
     _sync(device)

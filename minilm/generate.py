@@ -25,7 +25,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
         probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(dim=-1) - probs
+        # exclusive cumsum (shifted right), not cumsum - probs: the subtraction rounds, and at a p
+        # exactly on a boundary it could keep one token past the smallest set reaching p
+        cumsum = probs.cumsum(dim=-1)
+        mass_before = torch.cat([torch.zeros_like(cumsum[..., :1]), cumsum[..., :-1]], dim=-1)
         keep_sorted = mass_before < top_p
         keep_sorted[..., 0] = True
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)

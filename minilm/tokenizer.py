@@ -11,6 +11,12 @@ Decisions that matter later:
   * Normalization is the identity and whitespace is kept as is, with byte fallback for any
     character that did not make it into the vocabulary: decode(encode(text)) == text for every
     Unicode string (tabs, repeated spaces, newlines, emoji, CJK), and nothing ever maps to <unk>.
+    (One exception: a literal "\u2581" in the text is sentencepiece's own space marker and decodes
+    as a space.)
+  * No "dummy prefix": sentencepiece would otherwise glue a "▁" the text does not have onto every
+    encoded string, so "<mask>" would be two ids, the bytes of the pieces would not add up to the
+    bytes of the text (bits per byte), and a document encoded in chunks would decode with an extra
+    space at each cut. Without it, encode(a + b) == encode(a) + encode(b) whenever a ends in "\n".
   * Word starts: a piece that begins with "▁" (U+2581, sentencepiece's space marker) starts a word;
     so does the first piece of a text and the piece after a newline or tab byte. Whole-word and
     span masking use these flags; we never rely on BERT's "##" convention.
@@ -89,11 +95,17 @@ class Tokenizer:
                 vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
                 user_defined_symbols=USER_DEFINED, byte_fallback=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
-                add_dummy_prefix=True, allow_whitespace_only_pieces=True, split_digits=True,
+                add_dummy_prefix=False,  # see the module docstring
+                allow_whitespace_only_pieces=True, split_digits=True,
                 character_coverage=character_coverage, max_sentence_length=1 << 16,
                 train_extremely_large_corpus=False, num_threads=2, minloglevel=2)
         except RuntimeError as err:
             msg = str(err)
+            if "smaller than required_chars" in msg:
+                # every character of the corpus needs its own piece: "... 400 vs 453. Increase ..."
+                need = msg.split(" vs ", 1)[-1].split(".", 1)[0] if " vs " in msg else "more"
+                raise UserError(f"vocab_size {vocab_size} is too small for the characters of this corpus "
+                                f"(it needs at least {need}); pass a larger --vocab_size") from None
             if "Vocabulary size too high" in msg or "vocab_size" in msg.lower():
                 limit = msg.rsplit("<=", 1)[-1].strip(" .") if "<=" in msg else "smaller"
                 raise UserError(f"vocab_size {vocab_size} is more than this corpus supports "

@@ -108,7 +108,7 @@ def lr_at(step: int, cfg) -> float:
 
 # ----------------------------------------------------------------------------- run metadata
 def run_info(world_size: int = 1) -> dict:
-    info = {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+    info = {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version(),
             "world_size": world_size}
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -161,10 +161,12 @@ class Trainer:
     def _generator(self, step: int, micro: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(mix_seed(self.tcfg.seed, 7, step, micro))
 
-    def train_step(self, step: int):
-        lr = lr_at(step, self.tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def accumulate_gradients(self, step: int) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns the step's loss (detached).
+
+        Each micro-batch's loss is its summed token loss over the *step's* total count, so the
+        accumulated gradient equals that of a single batch grad_accum times larger.
+        """
         batches = []
         for micro in range(self.tcfg.grad_accum):
             raw = self.train_source.batch(step, micro)
@@ -182,6 +184,13 @@ class Trainer:
             else:
                 loss.backward()
             step_loss += loss.detach()
+        return step_loss
+
+    def train_step(self, step: int):
+        lr = lr_at(step, self.tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = self.accumulate_gradients(step)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -229,8 +238,9 @@ class Trainer:
         save_checkpoint(path, self.state())
         return path
 
-    def load(self, path: str) -> None:
-        state = load_checkpoint(path, map_location="cpu")
+    def load(self, path: str, state: dict | None = None) -> None:
+        """Restore everything a checkpoint holds; `state` skips reading the file again."""
+        state = state if state is not None else load_checkpoint(path, map_location="cpu")
         try:
             self.objective.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -250,8 +260,11 @@ class Trainer:
         with open(os.path.join(self.tcfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def fit(self) -> list[float]:
+    def fit(self, until: int | None = None) -> list[float]:
+        """Train from the current step to max_steps (or to `until`, to stop early and resume later:
+        the schedule still follows max_steps). Returns the loss of every step trained so far."""
         tc = self.tcfg
+        until = tc.max_steps if until is None else min(until, tc.max_steps)
         check_writable(tc.out_dir)
         if self.peak_flops is None:
             self.peak_flops = measure_peak_flops(self.device, self.dtype)
@@ -264,12 +277,12 @@ class Trainer:
         t_last, steps_since = time.perf_counter(), 0
         t_start, start_step = t_last, self.step
         pending: list[torch.Tensor] = []
-        while self.step < tc.max_steps:
+        while self.step < until:
             step_loss, lr, _ = self.train_step(self.step)
             pending.append(step_loss)
             self.step += 1
             steps_since += 1
-            last = self.step == tc.max_steps
+            last = self.step == until
             if self.step % tc.log_every == 0 or last:
                 losses = torch.stack(pending).tolist()  # one device sync per log line
                 pending.clear()

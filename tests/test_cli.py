@@ -1,0 +1,162 @@
+"""train.py and sample.py as a user runs them: the happy path end to end, and every bad input
+answered by one line on stderr with exit code 2, never a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", "--batch_size", "4",
+        "--vocab_size", "512", "--eval_batches", "1", "--log_every", "1", "--warmup_steps", "2",
+        "--device", "cpu", "--threads", "1"]
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_user_error(result, *fragments):
+    """Exit code 2 and exactly one line on stderr, 'error: ...', that mentions each fragment."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_dir):
+    """A tiny model trained for a few steps through the real command line."""
+    out = tmp_path_factory.mktemp("run")
+    result = run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 4, "--eval_every", 4, *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_train_prints_config_progress_and_saves(trained):
+    out, stdout = trained
+    # the resolved config is printed at start, progress lines carry the promised fields
+    assert "[model]" in stdout and "n_layer=1" in stdout and "[train]" in stdout
+    step_lines = [ln for ln in stdout.splitlines() if ln.startswith("step") and "tok/s" in ln]
+    assert len(step_lines) == 4
+    for field in ("loss", "lr", "tok/s", "MFU", "ETA"):
+        assert field in step_lines[-1]
+    assert "val loss" in stdout and "bpb" in stdout
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert any("val_bpb" in r for r in records)
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_sample_prints_text_from_the_checkpoint_alone(trained):
+    out, _ = trained
+    result = run("sample.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--prompt", "The", "--num_samples", 2,
+                 "--max_new_tokens", 10, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample") == 2
+    samples = result.stdout.split("--- sample")[1:]
+    assert all(s.split("\n", 1)[1].startswith("The") for s in samples)
+    assert result.stderr == ""  # everything fitted the context window: no note
+
+
+def test_sample_past_the_context_window_says_so_once(trained):
+    out, _ = trained
+    result = run("sample.py", "--ckpt", os.path.join(out, "ckpt.pt"), "--num_samples", 1,
+                 "--max_new_tokens", 50, "--device", "cpu", "--top_k", 5)
+    assert result.returncode == 0, result.stderr
+    notes = [ln for ln in result.stderr.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "context window (32 tokens)" in notes[0]
+
+
+def test_resume_continues_and_refuses_a_new_shape(trained, tmp_path):
+    out, _ = trained
+    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 6, "--eval_every", 100)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 4" in resumed.stdout
+    assert "step      6/6" in resumed.stdout
+    assert_user_error(run("train.py", "--out_dir", out, "--resume", "--n_layer", 3), "--n_layer", "resum")
+
+
+def test_invalid_utf8_is_replaced_and_reported(tmp_path, corpus_dir):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in sorted(os.listdir(corpus_dir))[:30]:
+        (folder / name).write_bytes(open(os.path.join(corpus_dir, name), "rb").read())
+    (folder / "broken.txt").write_bytes(b"caf\xe9 and na\xefve text\n" * 3)
+    result = run("train.py", "--data", folder, "--out_dir", tmp_path / "out", "--max_steps", 1, *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "6 invalid UTF-8 bytes replaced" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "vocab", "heads", "flag", "dtype", "preset"])
+def test_bad_training_input_is_one_line(case, tmp_path, corpus_dir):
+    args = ["--out_dir", tmp_path / "out", "--max_steps", 1]
+    expect = []
+    if case == "missing":
+        args += ["--data", tmp_path / "nope.txt"]
+        expect = ["does not exist"]
+    elif case == "empty":
+        (tmp_path / "empty.txt").write_text("")
+        args += ["--data", tmp_path / "empty.txt"]
+        expect = ["empty"]
+    elif case == "binary":
+        (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
+        args += ["--data", tmp_path / "blob.bin"]
+        expect = ["binary"]
+    elif case == "vocab":
+        args += ["--data", corpus_dir, "--vocab_size", 60000]
+        expect = ["vocab_size 60000", "--vocab_size"]
+    elif case == "heads":
+        args += ["--n_embd", 30, "--n_head", 4]
+        expect = ["divisible by n_head"]
+    elif case == "flag":
+        args += ["--max_step", 5]
+        expect = ["unknown flag --max_step", "did you mean --max_steps"]
+    elif case == "dtype":
+        args += ["--dtype", "fp16", "--device", "cpu", "--data", corpus_dir]
+        expect = ["fp16"]
+    elif case == "preset":
+        args += ["--preset", "huge"]
+        expect = ["--preset", "tiny"]
+    assert_user_error(run("train.py", *args), *expect)
+
+
+def test_checkpoint_whose_vocab_does_not_match_its_tokenizer(trained, tmp_path):
+    out, _ = trained
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    state["config"]["model"]["vocab_size"] = 640
+    torch.save(state, tmp_path / "bad.pt")
+    assert_user_error(run("sample.py", "--ckpt", tmp_path / "bad.pt"), "512", "640")
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_sample_refuses_bad_checkpoints(tmp_path):
+    assert_user_error(run("sample.py", "--ckpt", tmp_path / "none.pt"), "no checkpoint")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    assert_user_error(run("sample.py", "--ckpt", tmp_path / "junk.pt"), "cannot load")
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"config": {}, "model": Payload(str(marker))}, f)
+    assert_user_error(run("sample.py", "--ckpt", tmp_path / "evil.pt"), "cannot load")
+    assert not marker.exists()
+    assert_user_error(run("sample.py", "--top_p", 0), "--top_p")
+    assert_user_error(run("sample.py", "--temprature", 1), "did you mean --temperature")

@@ -1,0 +1,356 @@
+"""minilm/model.py: causality, encoder masks, the KV cache, parameter counts, tying, init, and
+checkpoints of compiled models. Tiny models on CPU, fp32 throughout."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.config import PRESETS, ModelConfig
+from minilm.model import KVCache, Transformer
+
+V, S = 97, 32  # vocab and context window of the tiny test models
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; with two on a busy 2-core machine, OpenMP's
+    hand-offs made each forward pass ~100x slower (150 ms instead of 1 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(vocab_size=V, seq_len=S, n_layer=2, n_head=2, n_embd=32)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def randomize_(model: Transformer, seed: int = 0) -> Transformer:
+    """Replace the (very small, std 0.02) initial weights by larger random ones, including norm
+    weights and biases: at init every position's output is almost the same whatever the context,
+    which would make "the output changes" checks weak. Weights ~ 1/sqrt(fan_in) keep it stable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:  # norm weights
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return randomize_(Transformer(tiny_cfg(**overrides)), seed).eval()
+
+
+def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def different_tokens(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """Same shape, every entry a different token than in `ids`."""
+    shift = torch.randint(1, V, ids.shape, generator=torch.Generator().manual_seed(seed))
+    return (ids + shift) % V
+
+
+# ----------------------------------------------------------------------------- causality
+ARCHS = [dict(position=p, norm=n, mlp=m, bias=b) for p, n, m, b in
+         itertools.product(("rope", "learned"), ("rmsnorm", "layernorm"), ("gelu", "swiglu"), (True, False))]
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(str(v) for v in a.values()))
+@torch.no_grad()
+def test_decoder_is_causal(arch):
+    model = make_model(**arch)
+    T = 24
+    ids = random_ids(2, T, seed=1)
+    hidden = model(ids)
+    logits = model.logits(hidden)
+    for t in (0, 1, 7, T - 2):
+        # every token after t replaced: positions 0..t are unchanged
+        later = ids.clone()
+        later[:, t + 1:] = different_tokens(ids[:, t + 1:], seed=t)
+        h2 = model(later)
+        torch.testing.assert_close(h2[:, :t + 1], hidden[:, :t + 1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.logits(h2)[:, :t + 1], logits[:, :t + 1], atol=1e-6, rtol=0)
+        # ... and the check can fail: positions after t did change
+        assert (h2[:, t + 1:] - hidden[:, t + 1:]).abs().amax() > 1e-3
+    for t in (1, 7, T - 1):
+        # one token before t changed: position t changes (the model does look back)
+        earlier = ids.clone()
+        earlier[:, t - 1] = different_tokens(ids[:, t - 1], seed=100 + t)
+        h3 = model(earlier)
+        assert (h3[:, t] - hidden[:, t]).abs().amax(dim=-1).min() > 1e-3  # in every batch row
+    # the first token reaches the last position too (through attention, not just adjacency)
+    first = ids.clone()
+    first[:, 0] = different_tokens(ids[:, 0], seed=7)
+    assert (model(first)[:, -1] - hidden[:, -1]).abs().amax(dim=-1).min() > 1e-4
+
+
+# ----------------------------------------------------------------------------- encoder mode
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@torch.no_grad()
+def test_encoder_sees_later_tokens(position):
+    model = make_model(position=position)
+    T = 16
+    ids = random_ids(2, T, seed=2)
+    hidden = model(ids, causal=False)
+    for t in (0, 5, T - 2):
+        later = ids.clone()
+        later[:, t + 1:] = different_tokens(ids[:, t + 1:], seed=t)
+        h2 = model(later, causal=False)
+        assert (h2[:, t] - hidden[:, t]).abs().amax(dim=-1).min() > 1e-3
+        # causal=True on the same inputs does not see them: the difference is the mask alone
+        torch.testing.assert_close(model(later)[:, t], model(ids)[:, t], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@torch.no_grad()
+def test_encoder_padding_mask_hides_padded_positions(position):
+    model = make_model(position=position)
+    T = 16
+    lengths = torch.tensor([T, 9])  # row 0 has no padding, row 1 has 7 padded positions
+    real = torch.arange(T)[None, :] < lengths[:, None]                 # (B, T)
+    mask = real[:, None, None, :]                                      # (B, 1, 1, T), True = attend
+    ids = random_ids(2, T, seed=3)
+    other = ids.clone()
+    other[~real] = different_tokens(ids[~real], seed=4)               # change the pads only
+    h1 = model(ids, causal=False, attn_mask=mask)
+    h2 = model(other, causal=False, attn_mask=mask)
+    torch.testing.assert_close(h2[real], h1[real], atol=1e-6, rtol=0)
+    # without the mask the same change does leak into the real positions of row 1
+    leak = model(other, causal=False)[1, :9] - model(ids, causal=False)[1, :9]
+    assert leak.abs().amax() > 1e-3
+    # and a padded position itself does change with its token (its output is just ignored)
+    assert (h2[1, 9:] - h1[1, 9:]).abs().amax() > 1e-3
+
+
+# ----------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@torch.no_grad()
+def test_kv_cache_token_by_token_matches_full_forward(position):
+    model = make_model(position=position, mlp="swiglu")
+    ids = random_ids(2, S, seed=5)
+    cache = KVCache(model.cfg, batch_size=2, device="cpu", dtype=torch.float32)
+    prompt = 5
+    hidden = model(ids[:, :prompt], cache=cache, start=0)
+    assert cache.length == prompt
+    torch.testing.assert_close(model.logits(hidden), model.logits(model(ids[:, :prompt])), atol=1e-5, rtol=0)
+    for t in range(prompt, S):  # up to and including the last position of the window
+        hidden = model(ids[:, t:t + 1], cache=cache, start=cache.length)
+        assert cache.length == t + 1
+        full = model.logits(model(ids[:, :t + 1]))[:, -1]
+        torch.testing.assert_close(model.logits(hidden)[:, -1], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@torch.no_grad()
+def test_kv_cache_chunks_after_a_prefix_match_full_forward(position):
+    model = make_model(position=position)
+    ids = random_ids(2, S, seed=6)
+    full = model.logits(model(ids))  # causal: position t of the full pass sees exactly 0..t
+    cache = KVCache(model.cfg, batch_size=2, device="cpu", dtype=torch.float32)
+    # prefill 7, then chunks of 6 and 5 (start > 0, T > 1), one single token, and a final chunk
+    # that ends exactly at seq_len
+    bounds = [0, 7, 13, 18, 19, S]
+    for start, end in zip(bounds, bounds[1:]):
+        hidden = model(ids[:, start:end], cache=cache, start=start)
+        assert cache.length == end
+        torch.testing.assert_close(model.logits(hidden), full[:, start:end], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_kv_cache_holds_the_prefix():
+    """The chunk's output depends on what the cache holds: a cache filled from another prefix
+    gives different logits (so the equality above is not the chunk ignoring the cache)."""
+    model = make_model()
+    ids = random_ids(1, 20, seed=8)
+    other = ids.clone()
+    other[:, :10] = different_tokens(ids[:, :10], seed=9)
+    outs = []
+    for prefix_source in (ids, other):
+        cache = KVCache(model.cfg, batch_size=1, device="cpu", dtype=torch.float32)
+        model(prefix_source[:, :10], cache=cache, start=0)
+        outs.append(model(ids[:, 10:], cache=cache, start=10))
+    assert (outs[0] - outs[1]).abs().amax() > 1e-3
+
+
+# ----------------------------------------------------------------------------- out of range
+def test_forward_past_the_context_window_raises():
+    model = make_model()
+    with torch.no_grad():
+        model(random_ids(1, S, seed=0))                      # exactly seq_len: fine
+        model(random_ids(1, 2, seed=0), start=S - 2)         # ends exactly at seq_len: fine
+        with pytest.raises(ValueError, match="seq_len"):
+            model(random_ids(1, S + 1, seed=0))
+        with pytest.raises(ValueError, match="seq_len"):
+            model(random_ids(1, 3, seed=0), start=S - 2)
+        cache = KVCache(model.cfg, batch_size=1, device="cpu", dtype=torch.float32)
+        model(random_ids(1, S, seed=0), cache=cache, start=0)
+        with pytest.raises(ValueError, match="seq_len"):
+            model(random_ids(1, 1, seed=0), cache=cache, start=cache.length)
+
+
+# ----------------------------------------------------------------------------- parameter count
+def expected_num_params(cfg: ModelConfig) -> int:
+    """Closed form, derived from the architecture rather than from the module tree."""
+    V_, C, L = cfg.vocab_size, cfg.n_embd, cfg.n_layer
+    b = 1 if cfg.bias else 0
+    if cfg.intermediate_size:
+        hidden = cfg.intermediate_size
+    elif cfg.mlp == "gelu":
+        hidden = 4 * C
+    else:  # SwiGLU: 8/3 C rounded up to a multiple of 64
+        hidden = math.ceil(8 * C / 3 / 64) * 64
+    norm = C + (b * C if cfg.norm == "layernorm" else 0)         # weight (+ bias for LayerNorm)
+    attn = 3 * C * C + b * 3 * C + C * C + b * C                 # qkv + output projection
+    if cfg.mlp == "gelu":
+        mlp = 2 * C * hidden + b * (hidden + C)                  # up, down
+    else:
+        mlp = 3 * C * hidden + b * (2 * hidden + C)              # gate+up, down
+    n = V_ * C                                                   # token embedding
+    n += L * (2 * norm + attn + mlp)
+    n += norm                                                    # final norm
+    if not cfg.tie_embeddings:
+        n += V_ * C                                              # separate LM head, no bias
+    if cfg.position == "learned":
+        n += cfg.seq_len * C
+    return n
+
+
+VARIANTS = {
+    "defaults": {},
+    "all-flipped": dict(position="learned", norm="layernorm", mlp="swiglu", bias=True, tie_embeddings=False),
+    "gelu-layernorm-bias": dict(norm="layernorm", bias=True),
+    "swiglu-untied": dict(mlp="swiglu", tie_embeddings=False),
+    "explicit-hidden": dict(mlp="swiglu", intermediate_size=100, bias=True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+def test_num_params_matches_closed_form(preset, variant):
+    cfg = ModelConfig(vocab_size=1000, **PRESETS[preset], **VARIANTS[variant])
+    with torch.device("meta"):  # no memory, no init cost: only the shapes matter here
+        model = Transformer(cfg)
+    expected = expected_num_params(cfg)
+    assert model.num_params() == expected
+    assert sum(p.numel() for p in model.parameters()) == expected
+    positions = cfg.seq_len * cfg.n_embd if cfg.position == "learned" else 0
+    assert model.num_params(non_embedding=True) == expected - positions
+
+
+def test_num_params_gpt2_small_is_124m():
+    """Anchor the closed form to a published number: GPT-2 small (learned positions, LayerNorm
+    with biases, GELU, tied head, vocab 50257, context 1024) has 124,439,808 parameters."""
+    cfg = ModelConfig(vocab_size=50257, **PRESETS["base"], position="learned", norm="layernorm",
+                      mlp="gelu", bias=True, tie_embeddings=True)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert expected_num_params(cfg) == 124_439_808
+    assert model.num_params() == 124_439_808
+
+
+def test_num_params_allocated_model_matches_meta():
+    cfg = ModelConfig(vocab_size=1000, **PRESETS["tiny"], position="learned", tie_embeddings=False)
+    assert Transformer(cfg).num_params() == expected_num_params(cfg)
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+def test_tied_embeddings_share_one_tensor():
+    model = Transformer(tiny_cfg(tie_embeddings=True))
+    assert model.lm_head is None
+    assert model.output_weight is model.tok_emb.weight
+    assert not any(k.startswith("lm_head") for k in model.state_dict())
+    untied = Transformer(tiny_cfg(tie_embeddings=False))
+    assert untied.output_weight is untied.lm_head.weight
+    assert untied.output_weight is not untied.tok_emb.weight
+    # counted once: the untied model has exactly one more V x C matrix
+    assert untied.num_params() - model.num_params() == V * 32
+    # the head really is the embedding: logits = hidden @ E^T, and a change to E moves the logits
+    h = torch.randn(3, 32)
+    torch.testing.assert_close(model.logits(h), h @ model.tok_emb.weight.T)
+    with torch.no_grad():
+        model.tok_emb.weight[5] += 1.0
+    torch.testing.assert_close(model.logits(h)[:, 5], h @ model.tok_emb.weight[5])
+    # and one gradient reaches it from both uses
+    ids = random_ids(1, 8, seed=0)
+    F.cross_entropy(model.logits(model(ids))[0], ids[0]).backward()
+    assert model.tok_emb.weight.grad is not None
+    assert model.tok_emb.weight.grad[ids[0]].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- init
+def test_init_scales():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, seq_len=128, n_layer=4, n_head=4, n_embd=256, bias=True,
+                      position="learned", tie_embeddings=False, mlp="swiglu")
+    model = Transformer(cfg)
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # 0.00707: clearly apart from 0.02
+    residual = {id(m) for b in model.blocks for m in (b.attn.proj, b.mlp.down)}
+    seen_residual = seen_other = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight
+            want = residual_std if id(module) in residual else 0.02
+            # tens of thousands of samples each: the std estimate is within ~0.5%
+            assert w.std().item() == pytest.approx(want, rel=0.03), name
+            assert abs(w.mean().item()) < 0.1 * want, name
+            if module is not model.lm_head:  # the LM head never has a bias
+                assert torch.count_nonzero(module.bias) == 0, name
+            seen_residual += id(module) in residual
+            seen_other += id(module) not in residual
+    assert seen_residual == 2 * cfg.n_layer
+    assert seen_other == 2 * cfg.n_layer + 1  # qkv, up per block, and the LM head
+    for emb in (model.tok_emb, model.pos_emb):
+        assert emb.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.all(p == 1.0), name  # RMSNorm weights start at one
+
+
+# ----------------------------------------------------------------------------- compile + checkpoint
+def test_compiled_model_checkpoint_loads_into_uncompiled(tmp_path):
+    # backend: "inductor" took ~50 s for this forward+backward on the 2-core test machine (C++
+    # codegen), so "aot_eager" is used: it still goes through dynamo and AOTAutograd, i.e. the
+    # OptimizedModule wrapper whose state_dict keys carry "_orig_mod.".
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = Transformer(cfg)
+    compiled = torch.compile(model, backend="aot_eager")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = random_ids(2, 16, seed=10)
+    hidden = compiled(ids)
+    loss = F.cross_entropy(model.logits(hidden[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the step did update weights
+
+    assert not any("_orig_mod" in k for k in after)
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"config": dataclasses.asdict(cfg), "model": after})
+    state = load_checkpoint(path)
+    assert not any("_orig_mod" in k for k in state["model"])
+
+    torch.manual_seed(1)  # a fresh model with other weights: it must differ until loaded
+    fresh = Transformer(ModelConfig(**state["config"])).eval()
+    model.eval()
+    with torch.no_grad():
+        want = model.logits(model(ids))
+        assert (fresh.logits(fresh(ids)) - want).abs().amax() > 1e-3
+        fresh.load_state_dict(state["model"])  # strict: every key present, none extra
+        torch.testing.assert_close(fresh.logits(fresh(ids)), want, atol=0, rtol=0)
+        torch.testing.assert_close(fresh.logits(fresh(ids)), model.logits(compiled(ids)), atol=1e-5, rtol=1e-5)
