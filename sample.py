@@ -22,7 +22,7 @@ from minilm.objectives import build_objective
 from minilm.tokenizer import EOS_ID, Tokenizer
 from minilm.trainer import resolve_device
 
-DEFAULTS = dict(ckpt="out/ckpt.pt", prompt="", max_new_tokens=200, temperature=0.8, top_k=0, top_p=0.95,
+DEFAULTS = dict(ckpt="out/ckpt.pt", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False)
 
 
@@ -36,7 +36,7 @@ def load_for_inference(path: str, device):
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} ids but its model "
                         f"has vocab_size {cfg.model.vocab_size}; retrain or use the matching checkpoint")
-    objective = build_objective(state.get("objective", cfg.train.objective), cfg.model, tokenizer)
+    objective = build_objective(state.get("objective", cfg.train.objective), cfg.model, tokenizer, cfg.obj)
     try:
         objective.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -19,7 +19,8 @@ import torch
 from minilm.checkpoint import load_checkpoint, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import Config, explicit_flags, parse_overrides
-from minilm.data import BUILTIN, BlockSource, load_meta, prepare, resolve_files, iter_texts, tokenizer_fingerprint
+from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, prepare, resolve_files,
+                         tokenizer_fingerprint)
 from minilm.errors import UserError
 from minilm.objectives import OBJECTIVES, build_objective
 from minilm.tokenizer import Tokenizer
@@ -99,12 +100,12 @@ def main(argv: list[str]) -> None:
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model expects vocab_size "
                         f"{cfg.model.vocab_size}; use a fresh --out_dir")
-    objective = build_objective(cfg.train.objective, cfg.model, tokenizer)
+    objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     data_dir = os.path.join(cfg.train.out_dir, "data")
-    if objective.data != "blocks":
-        raise UserError(f"objective {objective.name} reads {objective.data!r} data, which train.py cannot build yet")
-    train = BlockSource(data_dir, "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
-    val = BlockSource(data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0)
+    train = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
+                        seed=cfg.train.seed)
+    # validation windows do not depend on the training seed: runs with different seeds compare
+    val = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0)
     trainer = Trainer(cfg, objective, train, val, tokenizer, log=lambda msg: print(msg, flush=True))
     if state is not None:
         trainer.load(os.path.join(cfg.train.out_dir, "ckpt.pt"), state)

@@ -1,10 +1,11 @@
 """Configuration: plain dataclasses, size presets, and command-line overrides by field name.
 
-A run is described by one `Config`, made of three sections:
+A run is described by one `Config`, made of four sections:
 
-    ModelConfig  the network's shape (n_layer, n_head, n_embd, ...)
-    DataConfig   where the text comes from and how it is tokenized
-    TrainConfig  the objective, the optimizer, the schedule, logging and checkpoints
+    ModelConfig      the network's shape (n_layer, n_head, n_embd, ...)
+    DataConfig       where the text comes from and how it is tokenized
+    ObjectiveConfig  options of the objectives (masking rates, span lengths, loss weights)
+    TrainConfig      which objective, the optimizer, the schedule, logging and checkpoints
 
 Every field of every section can be set from the command line as `--field value` (or
 `--field=value`); field names are unique across sections, so no prefixes are needed. A preset
@@ -89,12 +90,19 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Options of the objectives (masking rates, span laws, loss weights). Each objective reads
+    the fields it needs and documents them in its own file."""
+    objective_weights: str = ""   # for "a+b" objectives: comma-separated loss weights, e.g. "1,0.5"
+
+
+@dataclass
 class TrainConfig:
     objective: str = "clm"
     out_dir: str = "out"
     batch_size: int = 16          # sequences per micro-batch
     grad_accum: int = 1           # micro-batches per optimizer step
-    max_steps: int = 1000
+    max_steps: int = 600
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 100
@@ -119,6 +127,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    obj: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -130,21 +139,24 @@ class Config:
             known = {f.name for f in fields(klass)}
             return klass(**{k: v for k, v in (values or {}).items() if k in known})
         return cls(model=build(ModelConfig, d.get("model")), data=build(DataConfig, d.get("data")),
-                   train=build(TrainConfig, d.get("train")))
+                   obj=build(ObjectiveConfig, d.get("obj")), train=build(TrainConfig, d.get("train")))
 
     def describe(self) -> str:
         lines = []
-        for section in ("model", "data", "train"):
+        for section in SECTIONS:
             obj = getattr(self, section)
             items = "  ".join(f"{f.name}={getattr(obj, f.name)}" for f in fields(obj))
             lines.append(f"[{section}] {items}")
         return "\n".join(lines)
 
 
+SECTIONS = ("model", "data", "obj", "train")
+
+
 def _field_index(cfg: Config) -> dict[str, tuple[object, dataclasses.Field]]:
     """flag name -> (section object, field). Names are unique across sections by design."""
     index = {}
-    for section in ("model", "data", "train"):
+    for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in fields(obj):
             assert f.name not in index, f"duplicate config field {f.name}"

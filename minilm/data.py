@@ -168,8 +168,10 @@ def builtin_documents() -> Iterator[str]:
     except ImportError:  # some distributions strip pydoc_data; docstrings alone still work
         pass
     stdlib = sysconfig.get_paths()["stdlib"]
+    # tests are code, not prose; `encodings` is ~100 near-identical generated codec docstrings
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
-            "__pycache__", "ensurepip", "venv"}
+            "__pycache__", "ensurepip", "venv", "encodings"}
+    seen: set[int] = set()
     for root, dirs, names in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("."))
         for name in sorted(names):
@@ -183,7 +185,8 @@ def builtin_documents() -> Iterator[str]:
             docs = [ast.get_docstring(node) for node in ast.walk(tree)
                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
             text = "\n\n".join(d for d in docs if d and len(d) > 40)
-            if text:
+            if text and hash(text) not in seen:  # modules that only re-export share docstrings
+                seen.add(hash(text))
                 yield text
 
 
@@ -373,3 +376,11 @@ class BlockSource:
         # one fancy-index read: (B, 1) + (1, T+1) offsets
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+
+def make_source(kind: str, folder: str, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                rank: int = 0):
+    """The data source an objective reads (its `data` attribute), over prepared token files."""
+    if kind == "blocks":
+        return BlockSource(folder, split, seq_len, batch_size, seed=seed, rank=rank)
+    raise UserError(f"no data source named {kind!r}")

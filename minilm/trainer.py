@@ -69,6 +69,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def to_device(raw, device: torch.device):
+    """A raw batch (a tensor, or a dict of tensors for sources with several fields) to the device;
+    through pinned memory on CUDA so the copy overlaps with compute."""
+    if isinstance(raw, dict):
+        return {k: to_device(v, device) for k, v in raw.items()}
+    if device.type == "cuda":
+        raw = raw.pin_memory()
+    return raw.to(device, non_blocking=True)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -169,10 +179,7 @@ class Trainer:
         """
         batches = []
         for micro in range(self.tcfg.grad_accum):
-            raw = self.train_source.batch(step, micro)
-            if self.device.type == "cuda":
-                raw = raw.pin_memory()
-            raw = raw.to(self.device, non_blocking=True)
+            raw = to_device(self.train_source.batch(step, micro), self.device)
             batches.append(self.objective.make_batch(raw, self._generator(step, micro)))
         totals = {k: sum(b["counts"][k] for b in batches) for k in batches[0]["counts"]}
         step_loss = torch.zeros((), device=self.device)
@@ -212,7 +219,7 @@ class Trainer:
         self.objective.eval()
         sums: dict = {}
         for i in range(self.tcfg.eval_batches):
-            raw = self.val_source.batch(i, 0).to(self.device)
+            raw = to_device(self.val_source.batch(i, 0), self.device)
             # a fixed generator per eval batch: every evaluation sees the same inputs and masks
             batch = self.objective.make_batch(raw, torch.Generator(device=self.device).manual_seed(i))
             with autocast(self.device, self.dtype):

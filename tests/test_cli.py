@@ -160,3 +160,24 @@ def test_sample_refuses_bad_checkpoints(tmp_path):
     assert not marker.exists()
     assert_user_error(run("sample.py", "--top_p", 0), "--top_p")
     assert_user_error(run("sample.py", "--temprature", 1), "did you mean --temperature")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = readme.split("```bash\n")[1:]
+    commands = [b.split("```", 1)[0].strip() for b in blocks]
+    test_command = next(c for c in commands if "pytest" in c)
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+    assert test_command in ci
+    main_command = commands[0]
+    assert "python train.py" in main_command and "python sample.py" in main_command
+
+
+def test_library_imports_no_hugging_face_package():
+    import re
+    banned = re.compile(r"^\s*(from|import)\s+(transformers|tokenizers|datasets|accelerate)\b", re.M)
+    sources = [os.path.join(ROOT, f) for f in ("train.py", "sample.py")]
+    for root, _, names in os.walk(os.path.join(ROOT, "minilm")):
+        sources += [os.path.join(root, n) for n in names if n.endswith(".py")]
+    for path in sources:
+        assert not banned.search(open(path).read()), path

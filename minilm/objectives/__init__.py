@@ -13,12 +13,16 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(name: str, model_cfg, tokenizer=None) -> Objective:
+def build_objective(name: str, model_cfg, tokenizer=None, options=None) -> Objective:
+    """`options` is the run's ObjectiveConfig (defaults when None)."""
+    if options is None:
+        from minilm.config import ObjectiveConfig
+        options = ObjectiveConfig()
     if name not in OBJECTIVES:
         close = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UserError(f"unknown --objective {name!r}{hint} (available: {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[name](model_cfg, tokenizer)
+    return OBJECTIVES[name](model_cfg, tokenizer, options)
 
 
 __all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize"]
