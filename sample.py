@@ -1,4 +1,6 @@
-"""Sample from a checkpoint: `python sample.py [--ckpt out/ckpt.pt] [--prompt "Once"] [--num_samples 3]`.
+"""Sample from a checkpoint: `python sample.py [--ckpt out] [--prompt "Once"] [--num_samples 3]`.
+
+--ckpt is a checkpoint file or a run folder (then its newest checkpoint).
 
 The checkpoint alone is enough: it carries the config and the tokenizer. Generation starts from
 an end-of-document token, so the model begins as it would begin a new document, then continues
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-from minilm.checkpoint import load_checkpoint, tensor_to_bytes
+from minilm.checkpoint import load_checkpoint, resolve_checkpoint, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import Config, parse_flags
 from minilm.errors import UserError
@@ -22,12 +24,13 @@ from minilm.objectives import build_objective
 from minilm.tokenizer import EOS_ID, Tokenizer
 from minilm.trainer import resolve_device
 
-DEFAULTS = dict(ckpt="out/ckpt.pt", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
+DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False)
 
 
 def load_for_inference(path: str, device):
     """(objective with weights, tokenizer, config) from a checkpoint file."""
+    path = resolve_checkpoint(path)
     state = load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
     if state.get("tokenizer") is None:

@@ -1,5 +1,8 @@
 """Train a model: `python train.py [--data PATH] [--preset small] [--objective clm] [--field value ...]`.
 
+Under torchrun (`torchrun --nproc_per_node N train.py ...`) every process runs this file; rank 0
+prepares the data and writes logs and checkpoints (see minilm/distributed.py).
+
 1. resolve the config (preset, then flags; on --resume the checkpoint's config, then flags)
 2. train a sentencepiece tokenizer on the data, unless out_dir already has one for the same data
 3. tokenize the data into out_dir/data/{train,val}.bin, unless already there
@@ -16,15 +19,16 @@ import sys
 
 import torch
 
-from minilm.checkpoint import load_checkpoint, tensor_to_bytes
+from minilm.checkpoint import load_checkpoint, newest_loadable, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import Config, explicit_flags, parse_overrides
-from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, prepare, resolve_files,
+from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, mix_seed, prepare, resolve_files,
                          tokenizer_fingerprint)
+from minilm.distributed import DistInfo, barrier, setup, teardown
 from minilm.errors import UserError
 from minilm.objectives import OBJECTIVES, build_objective
 from minilm.tokenizer import Tokenizer
-from minilm.trainer import Trainer, check_writable
+from minilm.trainer import Trainer, check_writable, run_info
 
 MODEL_FIELDS_FIXED_ON_RESUME = {"vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "intermediate_size",
                                 "mlp", "norm", "position", "bias", "tie_embeddings", "preset"}
@@ -69,6 +73,16 @@ def tokenizer_and_data(cfg: Config, log=print) -> Tokenizer:
     return tokenizer
 
 
+def wants_resume(value: str) -> str | None:
+    """--resume value -> None (fresh start), "auto" or a checkpoint path."""
+    low = value.strip().lower()
+    if low in ("", "false", "0", "no", "off"):
+        return None
+    if low in ("auto", "true", "1", "yes", "on"):
+        return "auto"
+    return value
+
+
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
@@ -76,45 +90,79 @@ def main(argv: list[str]) -> None:
         print(f"presets: tiny, small, base; objectives: {', '.join(OBJECTIVES)}")
         return
     cfg = parse_overrides(argv)
-    state = None
-    if cfg.train.resume:
-        ckpt_path = os.path.join(cfg.train.out_dir, "ckpt.pt")
-        state = load_checkpoint(ckpt_path)
+    dist_info, device_name = setup(cfg.train.device)
+    cfg.train.device = device_name
+    log = (lambda msg: print(msg, flush=True)) if dist_info.is_main else (lambda msg: None)
+    try:
+        train(cfg, argv, dist_info, log)
+    finally:
+        teardown()
+
+
+def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
+    state, ckpt_path = None, None
+    resume = wants_resume(cfg.train.resume)
+    if resume is not None:
+        if resume == "auto":
+            ckpt_path, state = newest_loadable(cfg.train.out_dir, log=log)
+        else:
+            ckpt_path, state = resume, load_checkpoint(resume)
         fixed = explicit_flags(argv) & MODEL_FIELDS_FIXED_ON_RESUME
         if fixed:
             raise UserError(f"--{sorted(fixed)[0]} cannot change when resuming; the model's shape comes "
                             f"from {ckpt_path}")
         # the checkpoint's config, with this command line's flags on top (e.g. a larger --max_steps)
         cfg = parse_overrides(argv, base=Config.from_dict(state["config"]))
-        cfg.train.resume = True
+        cfg.train.device = setup_device_name(cfg.train.device, dist_info)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg.model.validate()
-    check_writable(cfg.train.out_dir)
-    print(cfg.describe(), flush=True)
+    if cfg.train.fsdp and cfg.train.compile:
+        raise UserError("--fsdp and --compile together are not supported yet; drop one of them")
+    if dist_info.is_main:
+        check_writable(cfg.train.out_dir)
+    info = run_info(dist_info.world_size)
+    log(cfg.describe())
+    log("run: " + "  ".join(f"{k}={v}" for k, v in info.items()))
 
     if state is not None:
         tokenizer = Tokenizer(tensor_to_bytes(state["tokenizer"]))
     else:
-        tokenizer = tokenizer_and_data(cfg)
+        # rank 0 trains the tokenizer and tokenizes the data; the others wait, then reuse it
+        if dist_info.is_main:
+            tokenizer = tokenizer_and_data(cfg, log)
+        barrier(dist_info)
+        if not dist_info.is_main:
+            tokenizer = Tokenizer.load(os.path.join(cfg.train.out_dir, "tokenizer.model"))
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model expects vocab_size "
                         f"{cfg.model.vocab_size}; use a fresh --out_dir")
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     data_dir = os.path.join(cfg.train.out_dir, "data")
-    train = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
-                        seed=cfg.train.seed)
+    train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
+                               seed=cfg.train.seed)
     # validation windows do not depend on the training seed: runs with different seeds compare
-    val = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0)
-    trainer = Trainer(cfg, objective, train, val, tokenizer, log=lambda msg: print(msg, flush=True))
+    val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0)
+    torch.manual_seed(mix_seed(cfg.train.seed, dist_info.rank))  # dropout noise differs across ranks
+    trainer = Trainer(cfg, objective, train_source, val_source, tokenizer, log=log, dist_info=dist_info)
     if state is not None:
-        trainer.load(os.path.join(cfg.train.out_dir, "ckpt.pt"), state)
-        print(f"resumed from step {trainer.step}", flush=True)
+        trainer.load(ckpt_path, state)
+        log(f"resumed from {ckpt_path} at step {trainer.step}")
     trainer.fit()
+    if trainer.stop_signal is not None:
+        raise SystemExit(128 + int(trainer.stop_signal))
     ev = trainer.last_eval
-    if ev:
-        print(f"done: val loss {ev.get('loss', float('nan')):.4f}, bits per byte {ev.get('bpb', float('nan')):.4f}; "
-              f"checkpoint in {os.path.join(cfg.train.out_dir, 'ckpt.pt')}")
+    if ev and "loss" in ev:
+        log(f"done: val loss {ev['loss']:.4f}" + (f", bits per byte {ev['bpb']:.4f}" if "bpb" in ev else "")
+            + f"; checkpoints in {cfg.train.out_dir}")
+
+
+def setup_device_name(name: str, dist_info: DistInfo) -> str:
+    """Under torchrun each process owns one GPU, whatever the checkpoint's config said."""
+    if dist_info.enabled and torch.cuda.is_available() and not name.startswith("cpu"):
+        return f"cuda:{dist_info.local_rank}"
+    return name
 
 
 if __name__ == "__main__":

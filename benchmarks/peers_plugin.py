@@ -5,8 +5,8 @@ peers' warm-up, timing, thread count, seeds, AdamW (h.make_adamw: lr 3e-4, betas
 on matrices), FLOP count, MFU and load check. Nothing here times anything itself.
 
 Rows (see benchmarks/README.md):
-  gpt-minilm            CausalLM, GPT-2's architecture (learned positions, LayerNorm, biases, GELU-tanh), fp32
-  gpt-minilm-rope       CausalLM, minilm's defaults (RoPE, RMSNorm, no biases, GELU-tanh), fp32
+  gpt-minilm            CausalLM, GPT-2's architecture (learned positions, LayerNorm, biases, GELU), fp32
+  gpt-minilm-rope       CausalLM, minilm's defaults (RoPE, RMSNorm, no biases, GELU), fp32
   bf16-minilm           gpt-minilm under torch.autocast('cpu', bfloat16)       (peer: bf16-hf-sdpa)
   bf16-minilm-rope      gpt-minilm-rope under torch.autocast('cpu', bfloat16)
   gen-minilm            minilm.generate.generate, KV cache, 1 sequence          (peer: gen-hf-cache)
@@ -32,9 +32,10 @@ from minilm.generate import generate  # noqa: E402
 from minilm.objectives.clm import CausalLM  # noqa: E402
 
 # GPT-2's block (what gpt-hf-sdpa runs): learned absolute positions, LayerNorm with bias, biases in
-# every linear, GELU (tanh approximation = HF's gelu_new), tied LM head, eps 1e-5.
+# every linear, GELU (minilm: exact erf GELU; HF: gelu_new, the tanh approximation; same FLOPs),
+# tied LM head, eps 1e-5.
 GPT2_ARCH = dict(position="learned", norm="layernorm", bias=True, mlp="gelu")
-# minilm's defaults: RoPE, RMSNorm, no biases, GELU-tanh, tied LM head.
+# minilm's defaults: RoPE, RMSNorm, no biases, GELU, tied LM head.
 MINILM_ARCH = dict(position="rope", norm="rmsnorm", bias=False, mlp="gelu")
 
 
@@ -77,7 +78,7 @@ def _train(h, args, name: str, arch: dict, autocast_dtype=None):
         n_nonemb=n_nonemb, n_total=n_total, attn_LHQT=h.LHQT(), autocast_dtype=autocast_dtype,
         extra=dict(
             impl=f"minilm CausalLM (Transformer + tied head), SDPA is_causal; "
-                 f"{cfg.position} positions, {cfg.norm}, bias={cfg.bias}, {cfg.mlp} (tanh)",
+                 f"{cfg.position} positions, {cfg.norm}, bias={cfg.bias}, {cfg.mlp} (exact erf)",
             minilm_config=dataclasses.asdict(cfg),
             loss_targets_per_seq=h.CFG["seq_len"],
             note="loss over all T targets (labels = raw[:, 1:]); gpt-hf-* use labels=input_ids, i.e. T-1 "

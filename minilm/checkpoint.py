@@ -81,3 +81,53 @@ def bytes_to_tensor(data: bytes) -> torch.Tensor:
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return t.cpu().numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------- several checkpoints
+# A run keeps its newest `keep` checkpoints as out_dir/ckpt-STEP.pt (zero-padded, so names sort
+# by step). Resuming takes the newest one that loads: a file cut short by a crash or a full disk
+# is skipped, with a note, in favour of the one before it.
+
+def checkpoint_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"ckpt-{step:08d}.pt")
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Checkpoint files of a run, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")
+             and n[5:-3].isdigit()]
+    return [os.path.join(out_dir, n) for n in sorted(names)]
+
+
+def prune_checkpoints(out_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints; returns the deleted paths."""
+    paths = list_checkpoints(out_dir)
+    doomed = paths[:-keep] if keep > 0 else []
+    for path in doomed:
+        os.unlink(path)
+    return doomed
+
+
+def newest_loadable(out_dir: str, log=print) -> tuple[str, dict]:
+    """(path, state) of the newest checkpoint in out_dir that loads; UserError when none does."""
+    paths = list_checkpoints(out_dir)
+    if not paths:
+        raise UserError(f"no checkpoint to resume in {out_dir}; train without --resume first")
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as err:
+            log(f"note: skipping {path}: {err}")
+    raise UserError(f"none of the {len(paths)} checkpoints in {out_dir} loads; they are all damaged")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A file path, or a run folder meaning its newest checkpoint (for sample.py)."""
+    if os.path.isdir(path):
+        paths = list_checkpoints(path)
+        if not paths:
+            raise UserError(f"no checkpoint in {path}; train one first with train.py, or pass --ckpt FILE")
+        return paths[-1]
+    return path

@@ -39,6 +39,7 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False            # biases in linear layers and LayerNorm
     tie_embeddings: bool = True   # the LM head reuses the token embedding matrix
+    n_segment: int = 0            # segment (token-type) embeddings: 0 = none, 2 for sentence pairs
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +67,8 @@ class ModelConfig:
         for name in ("seq_len", "n_layer", "n_head", "n_embd", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.n_segment < 0:
+            raise UserError(f"--n_segment must be 0 (no segment embeddings) or more, got {self.n_segment}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
 
@@ -94,6 +97,15 @@ class ObjectiveConfig:
     """Options of the objectives (masking rates, span laws, loss weights). Each objective reads
     the fields it needs and documents them in its own file."""
     objective_weights: str = ""   # for "a+b" objectives: comma-separated loss weights, e.g. "1,0.5"
+    # masked-LM family (mlm, wwm, span; minilm/objectives/mlm.py, minilm/masking.py)
+    mask_prob: float = 0.15           # share of eligible tokens to predict (mlm: each independently;
+                                      # wwm: round(p*n) tokens in whole words; span: exactly ceil(p*n))
+    mask_replace_prob: float = 0.8    # of the chosen tokens: shown as <mask> ...
+    random_replace_prob: float = 0.1  # ... shown as a random non-special token; the rest stay unchanged
+    span_geometric_p: float = 0.2     # span: span length in words ~ Geometric(p), clipped, renormalized
+    span_min_words: int = 1
+    span_max_words: int = 10
+    sentence_task: str = "sop"    # sentence-pair head: "sop" (ALBERT: order swapped?) or "nsp" (BERT: B random?)
 
 
 @dataclass
@@ -119,7 +131,13 @@ class TrainConfig:
     device: str = "auto"          # "auto" | "cpu" | "cuda" | "mps" | "cuda:1" ...
     dtype: str = "auto"           # "auto" | "fp32" | "bf16" | "fp16" (fp16 only on CUDA)
     compile: bool = False
-    resume: bool = False          # continue from out_dir/ckpt.pt
+    resume: str = ""              # "" = start fresh; "auto" (or bare --resume) = newest checkpoint in out_dir
+                                  # that loads; or the path of a checkpoint file
+    keep_checkpoints: int = 3     # newest checkpoints kept in out_dir (older ones are deleted)
+    on_nan: str = "stop"          # non-finite loss: "stop" with a message, or "rollback" to the last
+                                  # checkpoint with half the learning rate
+    fsdp: bool = False            # shard parameters across torchrun processes (FSDP2) instead of DDP
+    deterministic: bool = False   # torch.use_deterministic_algorithms (CUDA); CPU runs are already
     threads: int = 0              # torch CPU threads; 0 = torch's default
 
 
@@ -183,6 +201,10 @@ def _convert(name: str, raw: str, current):
         raise UserError(f"--{name} expects a {kind.__name__}, got {raw!r}") from None
 
 
+# flags that may stand alone, and the value they then mean (besides booleans, which mean true)
+BARE_VALUES = {"resume": "auto"}
+
+
 def _split_flags(argv: list[str], is_bool) -> list[tuple[str, str]]:
     """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', 'true')]."""
     pairs = []
@@ -195,8 +217,8 @@ def _split_flags(argv: list[str], is_bool) -> list[tuple[str, str]]:
         name = name.replace("-", "_")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if is_bool(name) and (nxt is None or nxt.startswith("--")):
-                value = "true"          # `--compile` alone means --compile true
+            if (is_bool(name) or name in BARE_VALUES) and (nxt is None or nxt.startswith("--")):
+                value = BARE_VALUES.get(name, "true")  # `--compile` alone means --compile true
             elif nxt is None:
                 raise UserError(f"--{name} needs a value")
             else:

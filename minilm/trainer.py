@@ -22,15 +22,21 @@ import json
 import math
 import os
 import platform
+import shutil
+import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
 import torch
 
-from minilm.checkpoint import bytes_to_tensor, load_checkpoint, save_checkpoint
+from minilm.checkpoint import (bytes_to_tensor, checkpoint_path, load_checkpoint, newest_loadable,
+                               prune_checkpoints, save_checkpoint)
 from minilm.config import Config
 from minilm.data import mix_seed
+from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
+                                gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, measure_peak_flops
 from minilm.objectives import finalize
@@ -144,25 +150,49 @@ def check_writable(folder: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the trainer
+class NonFiniteLoss(Exception):
+    """Raised inside fit() when a step's loss is NaN or infinite; carries the step number."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss {value} at step {step}")
+        self.step, self.value = step, value
+
+
 class Trainer:
-    def __init__(self, cfg: Config, objective, train_source, val_source=None, tokenizer=None, log=print):
+    def __init__(self, cfg: Config, objective, train_source, val_source=None, tokenizer=None, log=print,
+                 dist_info: DistInfo | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
-        self.log = log
+        self.dist = dist_info or DistInfo()
+        self.log = log if self.dist.is_main else (lambda *_: None)  # only rank 0 talks
         self.device = resolve_device(self.tcfg.device)
         self.dtype = resolve_dtype(self.tcfg.dtype, self.device)
-        self.objective = objective.to(self.device)
+        if self.tcfg.on_nan not in ("stop", "rollback"):
+            raise UserError(f"--on_nan must be stop or rollback, got {self.tcfg.on_nan!r}")
+        if self.tcfg.fsdp and not self.dist.enabled:
+            raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+        if self.tcfg.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; must be set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.objective = objective.to(self.device)   # the plain module: saved, evaluated, inspected
+        if self.tcfg.fsdp:
+            shard_fsdp(self.objective)
         self.model = torch.compile(self.objective) if self.tcfg.compile else self.objective
+        if self.dist.enabled and not self.tcfg.fsdp:
+            self.model = wrap_ddp(self.model, self.dist, self.device)
         self.train_source, self.val_source = train_source, val_source
         self.tokenizer = tokenizer
         self.optimizer = build_optimizer(self.objective, self.tcfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
+        self.lr_scale = 1.0                   # halved by each --on_nan rollback
         self.history: list[float] = []        # training loss of every step (for tests and plots)
         self.last_eval: dict = {}
-        self.info = run_info()
+        self.info = run_info(self.dist.world_size)
+        self.stop_signal: int | None = None
         backbone = objective.backbone
         mc = backbone.cfg
-        self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * mc.seq_len
+        self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size * mc.seq_len
         self.flops_per_token = flops_per_token(backbone.num_params(non_embedding=True), mc.n_layer,
                                                mc.n_head, mc.head_dim, mc.seq_len)
         self.peak_flops = None
@@ -172,39 +202,48 @@ class Trainer:
         return torch.Generator(device=self.device).manual_seed(mix_seed(self.tcfg.seed, 7, step, micro))
 
     def accumulate_gradients(self, step: int) -> torch.Tensor:
-        """Forward and backward over the step's micro-batches; returns the step's loss (detached).
+        """Forward and backward over this rank's micro-batches; returns its share of the step's
+        loss (detached; summed over ranks it is the step's loss).
 
-        Each micro-batch's loss is its summed token loss over the *step's* total count, so the
-        accumulated gradient equals that of a single batch grad_accum times larger.
+        Each micro-batch's loss is its summed token loss over the step's total count (all
+        micro-batches, all ranks), so the accumulated gradient equals that of a single batch
+        grad_accum x world_size times larger. DDP averages gradients over ranks, hence the
+        factor world_size.
         """
+        accum, world = self.tcfg.grad_accum, self.dist.world_size
         batches = []
-        for micro in range(self.tcfg.grad_accum):
-            raw = to_device(self.train_source.batch(step, micro), self.device)
-            batches.append(self.objective.make_batch(raw, self._generator(step, micro)))
+        for micro in range(accum):
+            index = self.dist.rank * accum + micro       # global micro-batch index within the step
+            raw = to_device(self.train_source.batch(step, index), self.device)
+            batches.append(self.objective.make_batch(raw, self._generator(step, index)))
         totals = {k: sum(b["counts"][k] for b in batches) for k in batches[0]["counts"]}
+        totals = all_reduce_dict(totals, self.dist, self.device)
         step_loss = torch.zeros((), device=self.device)
-        for batch in batches:
-            with autocast(self.device, self.dtype):
-                loss, _ = self.model(batch, totals)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            step_loss += loss.detach()
+        for micro, batch in enumerate(batches):
+            # all-reduce gradients only once, after the last micro-batch (forward included)
+            with no_sync(self.model, skip=micro < accum - 1):
+                with autocast(self.device, self.dtype):
+                    loss, _ = self.model(batch, totals)
+                    loss = loss * world
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            step_loss += loss.detach() / world
         return step_loss
 
     def train_step(self, step: int):
-        lr = lr_at(step, self.tcfg)
+        lr = lr_at(step, self.tcfg) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_loss = self.accumulate_gradients(step)
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)   # clip the true gradient, not the scaled one
         grad_norm = None
         if self.tcfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.tcfg.grad_clip)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)       # skipped when the fp16 gradient overflowed
             self.scaler.update()
         else:
             self.optimizer.step()
@@ -214,111 +253,211 @@ class Trainer:
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Validation metrics over eval_batches fixed batches, split across ranks and summed.
+
+        Every rank runs the same number of forwards (FSDP's forward is collective), through the
+        unwrapped module (DDP's forward would wait for a backward that never comes)."""
         if self.val_source is None:
             return {}
         self.objective.eval()
         sums: dict = {}
-        for i in range(self.tcfg.eval_batches):
-            raw = to_device(self.val_source.batch(i, 0), self.device)
+        per_rank = -(-self.tcfg.eval_batches // self.dist.world_size)
+        for j in range(per_rank):
+            i = j * self.dist.world_size + self.dist.rank
+            counted = i < self.tcfg.eval_batches
+            raw = to_device(self.val_source.batch(i if counted else 0, 0), self.device)
             # a fixed generator per eval batch: every evaluation sees the same inputs and masks
             batch = self.objective.make_batch(raw, torch.Generator(device=self.device).manual_seed(i))
             with autocast(self.device, self.dtype):
-                _, batch_sums = self.model(batch)
-            for k, v in batch_sums.items():
-                sums[k] = sums.get(k, 0) + v
+                _, batch_sums = self.objective(batch)
+            if counted:
+                for k, v in batch_sums.items():
+                    sums[k] = sums.get(k, 0) + v.detach().to("cpu", torch.float64)
         self.objective.train()
+        if self.dist.enabled:  # NCCL reduces device tensors
+            sums = all_reduce_dict({k: v.to(self.device) for k, v in sums.items()}, self.dist, self.device)
         return finalize({k: float(v) for k, v in sums.items()})
 
     # --------------------------------------------------------------- checkpoints
-    def state(self) -> dict:
+    def state(self) -> dict | None:
+        """The checkpoint's content on rank 0 (None elsewhere). Collective: every rank calls it."""
+        model_state, optim_state = full_state_dicts(self.objective, self.optimizer, self.tcfg.fsdp)
         rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng_per_rank = gather_objects(rng, self.dist)
+        if not self.dist.is_main:
+            return None
         return {"config": self.cfg.to_dict(), "objective": self.tcfg.objective,
-                "model": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": model_state, "optimizer": optim_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "step": self.step, "rng": rng, "last_eval": self.last_eval, "info": self.info,
+                "step": self.step, "lr_scale": self.lr_scale, "rng": rng_per_rank,
+                "last_eval": self.last_eval, "info": self.info,
                 "tokenizer": bytes_to_tensor(self.tokenizer.model_bytes) if self.tokenizer else None}
 
-    def save(self, path: str | None = None) -> str:
-        path = path or os.path.join(self.tcfg.out_dir, "ckpt.pt")
-        save_checkpoint(path, self.state())
+    def save(self) -> str:
+        """Write out_dir/ckpt-STEP.pt atomically (rank 0) and keep the newest keep_checkpoints."""
+        path = checkpoint_path(self.tcfg.out_dir, self.step)
+        state = self.state()
+        if self.dist.is_main:
+            save_checkpoint(path, state)
+            prune_checkpoints(self.tcfg.out_dir, self.tcfg.keep_checkpoints)
+        barrier(self.dist)
         return path
 
     def load(self, path: str, state: dict | None = None) -> None:
         """Restore everything a checkpoint holds; `state` skips reading the file again."""
         state = state if state is not None else load_checkpoint(path, map_location="cpu")
         try:
-            self.objective.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise UserError(f"{path} does not fit this model: {str(err).splitlines()[0]}; "
+            load_full_state_dicts(self.objective, self.optimizer, state["model"], state["optimizer"],
+                                  self.tcfg.fsdp)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"{path} does not fit this model: {str(err).splitlines()[0][:200]}; "
                             "resume with the same --preset and model flags") from None
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) == self.dist.world_size:
+            rng = rngs[self.dist.rank]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:  # another world size: data and masks still follow (seed, step); dropout noise cannot
+            self.log(f"note: checkpoint was written by {len(rngs)} processes, this run has "
+                     f"{self.dist.world_size}; dropout randomness restarts from the seed")
+            torch.manual_seed(mix_seed(self.tcfg.seed, self.dist.rank, self.step))
         self.last_eval = state.get("last_eval", {})
+
+    # --------------------------------------------------------------- signals
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signum  # acted on after the current step: save, then exit
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank got a signal, so all stop at the same step."""
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        return all_reduce_sum(flag, self.dist).item() > 0
 
     # --------------------------------------------------------------- the loop
     def _write_metrics(self, record: dict) -> None:
-        with open(os.path.join(self.tcfg.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with open(os.path.join(self.tcfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def preflight(self) -> None:
+        """Refuse to start when checkpoints could not be written, rather than after an hour."""
+        if self.dist.is_main:
+            check_writable(self.tcfg.out_dir)
+            n_values = sum(p.numel() for p in self.objective.parameters()) * 3  # weights + 2 Adam moments
+            need = 4 * n_values * 2 + (64 << 20)  # a checkpoint and its temporary copy, plus slack
+            free = shutil.disk_usage(self.tcfg.out_dir).free
+            if free < need:
+                raise UserError(f"--out_dir {self.tcfg.out_dir} has {free / 2**20:.0f} MiB free but a checkpoint "
+                                f"needs about {need / 2**20:.0f} MiB; free some space or choose another folder")
+        barrier(self.dist)
 
     def fit(self, until: int | None = None) -> list[float]:
-        """Train from the current step to max_steps (or to `until`, to stop early and resume later:
-        the schedule still follows max_steps). Returns the loss of every step trained so far."""
+        """Train to max_steps (or to `until`, to stop early and resume later: the schedule still
+        follows max_steps). Returns the loss of every step trained so far.
+
+        A SIGTERM or Ctrl-C ends the current step, writes a checkpoint and returns (then
+        `self.stop_signal` is set). A non-finite loss stops with a UserError naming the step, or,
+        with --on_nan rollback, reloads the newest checkpoint, halves the learning rate and goes on.
+        """
         tc = self.tcfg
         until = tc.max_steps if until is None else min(until, tc.max_steps)
-        check_writable(tc.out_dir)
+        self.preflight()
         if self.peak_flops is None:
             self.peak_flops = measure_peak_flops(self.device, self.dtype)
-        self.log(f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}, "
-                 f"{self.objective.backbone.num_params() / 1e6:.2f}M parameters, "
-                 f"{self.tokens_per_step:,} tokens per step (batch {tc.batch_size} x accumulation "
-                 f"{tc.grad_accum} x seq_len {self.objective.backbone.cfg.seq_len}), "
-                 f"measured matmul peak {self.peak_flops / 1e9:.1f} GFLOP/s")
+        self.log(f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}, world size "
+                 f"{self.dist.world_size}, {self.objective.backbone.num_params() / 1e6:.2f}M parameters, "
+                 f"{self.tokens_per_step:,} tokens per step (global batch {tc.batch_size} x accumulation "
+                 f"{tc.grad_accum} x {self.dist.world_size} processes = "
+                 f"{tc.batch_size * tc.grad_accum * self.dist.world_size} sequences of "
+                 f"{self.objective.backbone.cfg.seq_len}), measured matmul peak {self.peak_flops / 1e9:.1f} GFLOP/s")
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            while True:
+                try:
+                    self._loop(until)
+                    break
+                except NonFiniteLoss as bad:
+                    if tc.on_nan != "rollback":
+                        raise UserError(f"the loss became {bad.value} at step {bad.step}; lower --lr or raise "
+                                        "--warmup_steps and --resume, or pass --on_nan rollback") from None
+                    path, state = newest_loadable(tc.out_dir, log=self.log)
+                    self.load(path, state)
+                    self.lr_scale *= 0.5
+                    self.log(f"step {bad.step:>6} | loss {bad.value}: rolled back to {path} (step {self.step}), "
+                             f"learning rate now x{self.lr_scale:g}")
+                    self.history = self.history[:self.step]
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.history
+
+    def _loop(self, until: int) -> None:
+        tc = self.tcfg
         self.objective.train()
         t_last, steps_since = time.perf_counter(), 0
         t_start, start_step = t_last, self.step
         pending: list[torch.Tensor] = []
+
+        def flush_losses() -> list[float]:
+            """Bring the pending step losses to the host (one sync) and check they are finite."""
+            if not pending:
+                return []
+            losses = all_reduce_sum(torch.stack(pending), self.dist).tolist()
+            first_step = self.step - len(pending) + 1
+            pending.clear()
+            for offset, value in enumerate(losses):
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(first_step + offset, value)
+            self.history += losses
+            return losses
+
         while self.step < until:
             step_loss, lr, _ = self.train_step(self.step)
             pending.append(step_loss)
             self.step += 1
             steps_since += 1
             last = self.step == until
-            if self.step % tc.log_every == 0 or last:
-                losses = torch.stack(pending).tolist()  # one device sync per log line
-                pending.clear()
-                self.history += losses
-                if not all(math.isfinite(x) for x in losses):
-                    bad = self.step - len(losses) + next(i for i, x in enumerate(losses) if not math.isfinite(x)) + 1
-                    raise UserError(f"the loss became {losses[-1]} at step {bad}; lower --lr or raise "
-                                    "--warmup_steps, then --resume from the last checkpoint")
-                now = time.perf_counter()
-                tok_s = self.tokens_per_step * steps_since / (now - t_last)
-                mfu = self.flops_per_token * tok_s / self.peak_flops
-                eta = (now - t_start) / max(1, self.step - start_step) * (tc.max_steps - self.step)
-                self.log(f"step {self.step:>6}/{tc.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
-                         f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}")
-                self._write_metrics({"step": self.step, "loss": losses[-1], "lr": lr,
-                                     "tokens_per_s": tok_s, "mfu": mfu})
-                t_last, steps_since = time.perf_counter(), 0
+            stopping = self._stop_requested()
+            saving = self.step % tc.ckpt_every == 0 or last or stopping
+            if self.step % tc.log_every == 0 or last or saving:
+                losses = flush_losses()   # before any checkpoint: never save a diverged model
+                if self.step % tc.log_every == 0 or last:
+                    now = time.perf_counter()
+                    tok_s = self.tokens_per_step * steps_since / (now - t_last)
+                    mfu = self.flops_per_token * tok_s / self.peak_flops / self.dist.world_size
+                    eta = (now - t_start) / max(1, self.step - start_step) * (tc.max_steps - self.step)
+                    self.log(f"step {self.step:>6}/{tc.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
+                             f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}")
+                    self._write_metrics({"step": self.step, "loss": losses[-1], "lr": lr,
+                                         "tokens_per_s": tok_s, "mfu": mfu})
+                    t_last, steps_since = time.perf_counter(), 0
             t_pause = time.perf_counter()  # evaluation and saving are not training throughput
             if self.val_source is not None and (self.step % tc.eval_every == 0 or last):
                 self.last_eval = self.evaluate()
                 ev = self.last_eval
                 self.log(f"step {self.step:>6} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 self._write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
-            if self.step % tc.ckpt_every == 0 or last:
+            if saving:
                 path = self.save()
                 self.log(f"step {self.step:>6} | saved {path}")
             t_last += time.perf_counter() - t_pause
             t_start += time.perf_counter() - t_pause
-        return self.history
+            if stopping:
+                self.log(f"step {self.step:>6} | stopped by signal {self.stop_signal or 'on another rank'}; "
+                         f"resume with --resume")
+                self.stop_signal = self.stop_signal or signal.SIGTERM
+                return
 
 
 def _fmt_time(seconds: float) -> str:

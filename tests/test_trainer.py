@@ -85,7 +85,7 @@ def test_resume_continues_exactly(tmp_path, prepared, tokenizer):
     assert first.step == 8
     torch.manual_seed(12345)  # scramble the global RNG: resume must restore it
     second = make_trainer(config(tmp_path / "b"), prepared, tokenizer)
-    second.load(os.path.join(tmp_path / "b", "ckpt.pt"))
+    second.load(os.path.join(tmp_path / "b", "ckpt-00000008.pt"))
     assert second.step == 8
     resumed = second.fit()
     assert first.history == straight[:8]
@@ -149,7 +149,7 @@ def test_checkpoint_is_self_contained(tmp_path, prepared, tokenizer):
     cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=3)
     trainer = make_trainer(cfg, prepared, tokenizer)
     trainer.fit()
-    state = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))  # weights_only=True inside
+    state = load_checkpoint(os.path.join(tmp_path, "ckpt-00000003.pt"))  # weights_only=True inside
     assert state["step"] == 3
     assert Config.from_dict(state["config"]) == cfg
     assert Tokenizer(tensor_to_bytes(state["tokenizer"])).encode("hello world") == tokenizer.encode("hello world")

@@ -1,0 +1,147 @@
+"""Several processes, one model: PyTorch's own DistributedDataParallel and FSDP2, via torchrun.
+
+    torchrun --nproc_per_node=4 train.py ...                                 one machine, 4 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
+             --rdzv_endpoint=HOST:29500 --rdzv_id=myrun train.py ...          two machines
+
+torchrun starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; `setup()` reads
+them, joins the process group (NCCL on CUDA, gloo on CPU) and picks this process's device. A
+plain `python train.py` is simply world size 1, with no process group at all.
+
+How data parallelism stays exact here:
+  * every rank draws different windows: micro-batch m of rank r is global micro-batch
+    r * grad_accum + m of the step, so 2 ranks x 1 micro-batch read exactly what 1 rank x 2
+    micro-batches would (the test relies on it);
+  * the target counts are summed over all micro-batches of all ranks before any loss is formed,
+    and DDP averages gradients over ranks, so each rank's loss is scaled by world_size: the result
+    is the gradient of one global batch;
+  * gradients are all-reduced once per step: micro-batches before the last run forward *and*
+    backward inside no_sync() (setting it only around backward is a known bug: DDP decides at
+    forward time).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minilm.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_name: str) -> tuple[DistInfo, str]:
+    """Join the process group when launched by torchrun; returns (info, device name to use)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return DistInfo(), device_name
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+        device_name = f"cuda:{info.local_rank}"
+    elif device_name == "auto":
+        device_name = "cpu"
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return info, device_name
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_dict(values: dict, info: DistInfo, device) -> dict:
+    """Sum a dict of scalars (tensors or numbers) over ranks, in one collective."""
+    if not info.enabled:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, stacked.unbind()))
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if device.type == "cuda":
+        return DDP(model, device_ids=[device.index])
+    return DDP(model)
+
+
+def shard_fsdp(objective: torch.nn.Module) -> None:
+    """FSDP2: shard every Block's parameters across ranks, then the rest (embeddings, heads).
+    Parameters become DTensors in place; the module keeps its class and its forward."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise UserError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from None
+    for block in objective.backbone.blocks:
+        fully_shard(block)
+    fully_shard(objective)
+
+
+def no_sync(model: torch.nn.Module, skip: bool):
+    """Context that suppresses DDP's gradient all-reduce when `skip` (micro-steps before the last)."""
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state_dicts(objective: torch.nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Model and optimizer state as plain, unsharded tensors (collective under FSDP: every rank
+    must call it). The result loads into a single-process run."""
+    if not fsdp:
+        return objective.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(objective, options=options),
+            get_optimizer_state_dict(objective, optimizer, options=options))
+
+
+def load_full_state_dicts(objective, optimizer, model_state: dict, optim_state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        objective.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(objective, model_state, options=options)
+    set_optimizer_state_dict(objective, optimizer, optim_state, options=options)
