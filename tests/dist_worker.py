@@ -1,0 +1,73 @@
+"""One process of a distributed test run, started by torchrun from tests/test_distributed.py.
+
+usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME
+Trains the tiny test model with the real Trainer, then writes what the test compares:
+OUT_DIR/params-rank{R}.pt (full, unsharded weights as this rank sees them) and
+OUT_DIR/history-rank{R}.json (the losses of the steps this process trained).
+"""
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from minilm.checkpoint import newest_loadable  # noqa: E402
+from minilm.config import Config, ModelConfig  # noqa: E402
+from minilm.data import BlockSource  # noqa: E402
+from minilm.distributed import full_state_dicts, setup, teardown  # noqa: E402
+from minilm.objectives import build_objective  # noqa: E402
+from minilm.tokenizer import Tokenizer  # noqa: E402
+from minilm.trainer import Trainer  # noqa: E402
+
+
+def tiny_config(out_dir, vocab_size, steps, accum, fsdp=False):
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=vocab_size, seq_len=32, n_layer=2, n_head=2, n_embd=64)
+    cfg.train.out_dir = str(out_dir)
+    cfg.train.batch_size = 4
+    cfg.train.grad_accum = accum
+    cfg.train.max_steps = steps
+    cfg.train.device = "cpu"
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 10_000
+    cfg.train.ckpt_every = 10_000
+    cfg.train.warmup_steps = 2
+    cfg.train.fsdp = fsdp
+    return cfg
+
+
+def main():
+    out_dir, data_dir, tok_path = sys.argv[1:4]
+    steps, until, accum = (int(x) for x in sys.argv[4:7])
+    fsdp, resume = sys.argv[7] == "1", sys.argv[8] == "1"
+    torch.set_num_threads(1)
+    info, _ = setup("cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = Tokenizer.load(tok_path)
+    cfg = tiny_config(out_dir, tokenizer.vocab_size, steps, accum, fsdp)
+    torch.manual_seed(0)
+    objective = build_objective("clm", cfg.model, tokenizer)
+    train = BlockSource(data_dir, "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
+    trainer = Trainer(cfg, objective, train, None, tokenizer, log=print, dist_info=info)
+    if resume:
+        path, state = newest_loadable(out_dir)
+        trainer.load(path, state)
+    else:  # the gradient of the first step, as this rank holds it after DDP's all-reduce
+        trainer.accumulate_gradients(0)
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                 for n, p in trainer.objective.named_parameters()}
+        torch.save(grads, os.path.join(out_dir, f"grads-rank{info.rank}.pt"))
+        trainer.optimizer.zero_grad(set_to_none=True)
+    history = trainer.fit(until=until)
+    model_state, _ = full_state_dicts(trainer.objective, trainer.optimizer, fsdp)
+    torch.save({k: v.detach().cpu() for k, v in model_state.items()}, os.path.join(out_dir, f"params-rank{info.rank}.pt"))
+    with open(os.path.join(out_dir, f"history-rank{info.rank}.json"), "w") as f:
+        json.dump(history, f)
+    teardown()
+
+
+if __name__ == "__main__":
+    main()

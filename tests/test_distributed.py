@@ -1,0 +1,137 @@
+"""Data parallelism on CPU with gloo, two real processes launched by torchrun from the test.
+
+The exactness claims of minilm/distributed.py: 2 processes x 1 micro-batch == 1 process x 2
+micro-batches (same windows, same normalisation), parameters identical on every rank, a
+two-process run resumes exactly, FSDP2 checkpoints load into a one-process run, and train.py
+itself runs under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.dist_worker import tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def torchrun(*args, nproc=2, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def worker(out, prepared, tok_path, steps, until, accum, fsdp=False, resume=False):
+    return torchrun(os.path.join(ROOT, "tests", "dist_worker.py"), out, prepared[0], tok_path, steps, until, accum,
+                    int(fsdp), int(resume))
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory, tokenizer):
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    tokenizer.save(path)
+    return path
+
+
+def single_process(out, prepared, tokenizer, steps, accum, grads=None):
+    from minilm.data import BlockSource
+    from minilm.objectives import build_objective
+    from minilm.trainer import Trainer
+    cfg = tiny_config(out, tokenizer.vocab_size, steps, accum)
+    torch.manual_seed(0)
+    objective = build_objective("clm", cfg.model, tokenizer)
+    train = BlockSource(prepared[0], "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
+    trainer = Trainer(cfg, objective, train, None, tokenizer, log=lambda *_: None)
+    if grads is not None:  # the first step's gradient, before training
+        trainer.accumulate_gradients(0)
+        grads.update({n: p.grad.clone() for n, p in objective.named_parameters()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+    history = trainer.fit()
+    return objective.state_dict(), history
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, prepared, tokenizer, tok_path):
+    out = tmp_path / "ddp"
+    worker(out, prepared, tok_path, steps=5, until=5, accum=1)
+    rank0, rank1 = load(out / "params-rank0.pt"), load(out / "params-rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name          # identical on both ranks
+    ref_grads = {}
+    reference, ref_history = single_process(tmp_path / "one", prepared, tokenizer, steps=5, accum=2, grads=ref_grads)
+    # the gradient itself, not only the AdamW result (which barely notices a wrongly scaled gradient)
+    for rank in (0, 1):
+        grads = load(out / f"grads-rank{rank}.pt")
+        for name, value in ref_grads.items():
+            assert torch.allclose(grads[name], value, atol=1e-6, rtol=1e-4), (rank, name)
+    for name, value in reference.items():
+        assert torch.allclose(rank0[name], value, atol=1e-5), name  # == one process, 2 micro-batches
+    history = json.load(open(out / "history-rank0.json"))
+    assert history == pytest.approx(ref_history, abs=1e-5)
+    assert json.load(open(out / "history-rank1.json")) == history  # every rank reports the global loss
+    # and the weights really moved (the comparison is not between two untouched initialisations)
+    torch.manual_seed(0)
+    from minilm.objectives import build_objective
+    init = build_objective("clm", tiny_config(out, tokenizer.vocab_size, 5, 1).model, tokenizer).state_dict()
+    assert not torch.allclose(init["backbone.blocks.0.attn.qkv.weight"], rank0["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_two_process_run_resumes_exactly(tmp_path, prepared, tok_path):
+    straight = tmp_path / "straight"
+    worker(straight, prepared, tok_path, steps=6, until=6, accum=2)
+    stopped = tmp_path / "stopped"
+    worker(stopped, prepared, tok_path, steps=6, until=3, accum=2)
+    assert os.path.exists(stopped / "ckpt-00000003.pt")
+    worker(stopped, prepared, tok_path, steps=6, until=6, accum=2, resume=True)
+    full = json.load(open(straight / "history-rank0.json"))
+    assert json.load(open(stopped / "history-rank0.json")) == full[3:]
+    a, b = load(straight / "params-rank0.pt"), load(stopped / "params-rank0.pt")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_fsdp_checkpoint_loads_into_one_process(tmp_path, prepared, tokenizer, tok_path):
+    out = tmp_path / "fsdp"
+    worker(out, prepared, tok_path, steps=3, until=3, accum=1, fsdp=True)
+    sharded = load(out / "params-rank0.pt")
+    from minilm.checkpoint import load_checkpoint
+    from minilm.objectives import build_objective
+    state = load_checkpoint(str(out / "ckpt-00000003.pt"))
+    fresh = build_objective("clm", tiny_config(out, tokenizer.vocab_size, 3, 1).model, tokenizer)
+    fresh.load_state_dict(state["model"])                      # plain tensors, strict keys
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, sharded[name]), name
+    # FSDP computes the same steps as DDP / one process with 2 micro-batches
+    ref_grads = {}
+    reference, _ = single_process(tmp_path / "one", prepared, tokenizer, steps=3, accum=2, grads=ref_grads)
+    grads = load(out / "grads-rank0.pt")
+    for name, value in ref_grads.items():
+        assert torch.allclose(grads[name], value, atol=1e-6, rtol=1e-4), name
+    for name, value in reference.items():
+        assert torch.allclose(sharded[name], value, atol=1e-5), name
+
+
+def test_train_py_runs_under_torchrun(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    result = torchrun(os.path.join(ROOT, "train.py"), "--data", corpus_dir, "--out_dir", out, "--max_steps", 3,
+                      "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--seq_len", 32, "--batch_size", 2,
+                      "--vocab_size", 512, "--eval_every", 3, "--eval_batches", 3, "--log_every", 1,
+                      "--device", "cpu", "--threads", 1)
+    # one log, written by rank 0 only, that states the global batch
+    assert result.stdout.count("[model]") == 1
+    assert "world size 2" in result.stdout and "2 x accumulation 1 x 2 processes = 4 sequences" in result.stdout
+    assert "val loss" in result.stdout
+    assert os.path.exists(out / "ckpt-00000003.pt")
+    from minilm.checkpoint import load_checkpoint
+    assert load_checkpoint(str(out / "ckpt-00000003.pt"))["info"]["world_size"] == 2
