@@ -107,6 +107,10 @@ def prune_checkpoints(out_dir: str, keep: int) -> list[str]:
     doomed = paths[:-keep] if keep > 0 else []
     for path in doomed:
         os.unlink(path)
+    # temporary files of saves that were killed midway (the run's only writer is calling us)
+    for name in os.listdir(out_dir):
+        if name.startswith(".tmp-ckpt-"):
+            os.unlink(os.path.join(out_dir, name))
     return doomed
 
 
