@@ -31,7 +31,7 @@ from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, check_writable, run_info
 
 MODEL_FIELDS_FIXED_ON_RESUME = {"vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "intermediate_size",
-                                "mlp", "norm", "position", "bias", "tie_embeddings", "preset"}
+                                "mlp", "norm", "position", "bias", "tie_embeddings", "n_segment", "preset"}
 
 
 def data_signature(source: str) -> str:
@@ -141,9 +141,10 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     data_dir = os.path.join(cfg.train.out_dir, "data")
     train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
-                               seed=cfg.train.seed)
+                               seed=cfg.train.seed, log=log)
     # validation windows do not depend on the training seed: runs with different seeds compare
-    val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0)
+    val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0,
+                             log=log)
     torch.manual_seed(mix_seed(cfg.train.seed, dist_info.rank))  # dropout noise differs across ranks
     trainer = Trainer(cfg, objective, train_source, val_source, tokenizer, log=log, dist_info=dist_info)
     if state is not None:

@@ -12,6 +12,11 @@ Every log_every steps a line with loss, lr, tokens/s, MFU and ETA; every eval_ev
 validation loss, perplexity, accuracy and bits per byte; every ckpt_every steps and at the end a
 checkpoint. metrics.jsonl gets every logged number, one JSON object per line, for plotting.
 
+Under torchrun the same loop runs in every process (DDP or FSDP2, minilm/distributed.py): the
+counts of step 3 are summed over all processes, only rank 0 logs and writes checkpoints.
+Faults: a signal ends the current step and saves; a non-finite loss stops (or rolls back, with
+--on_nan rollback) before any checkpoint of a diverged model is written.
+
 The trainer knows nothing about masks or heads: everything objective-specific is in the
 objective's make_batch and forward.
 """
