@@ -1,0 +1,292 @@
+"""The masking primitives (minilm/masking.py) and the three masked-LM objectives' make_batch:
+rates over about a million tokens, the 80/10/10 split, labels, what is never chosen, dynamic
+masking; whole words never split and budgets never exceeded; SpanBERT's exact budget, span
+length law (chi-square), one replacement per span, and no span across padding or documents.
+
+All statistical tests use fixed seeds; tolerances are about 4 standard deviations."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from minilm import masking
+from minilm.config import ModelConfig, ObjectiveConfig
+from minilm.errors import UserError
+from minilm.objectives import IGNORE, build_objective
+from minilm.tokenizer import EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
+
+V = 8192
+
+
+def tiny_model(seq_len=256, vocab_size=V):
+    return ModelConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=1, n_head=2, n_embd=16)
+
+
+def synthetic_windows(rows, seq_len, seed, eos_rate=0.02):
+    """(rows, seq_len + 1) raw windows of non-special ids with <eos> document boundaries here and
+    there, and per-row lengths (about a third of the rows padded with <pad> after their length)."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(NUM_SPECIAL, V, (rows, seq_len + 1), generator=g)
+    raw[torch.rand(raw.shape, generator=g) < eos_rate] = EOS_ID
+    lengths = torch.full((rows,), seq_len)
+    padded = torch.rand(rows, generator=g) < 0.33
+    lengths[padded] = torch.randint(seq_len // 4, seq_len, (int(padded.sum()),), generator=g)
+    raw[torch.arange(seq_len + 1)[None, :] >= lengths[:, None]] = PAD_ID
+    return raw, lengths
+
+
+def shares(original, inputs, chosen):
+    """Among chosen tokens: shares shown as <mask>, as another token, unchanged."""
+    n = chosen.sum().item()
+    masked = (chosen & (inputs == MASK_ID)).sum().item()
+    changed = (chosen & (inputs != MASK_ID) & (inputs != original)).sum().item()
+    return masked / n, changed / n, (n - masked - changed) / n
+
+
+# ----------------------------------------------------------------------------- MLM: rates and 80/10/10
+@pytest.mark.parametrize("mask_prob", [0.15, 0.4])
+def test_mlm_rates_split_labels_and_what_is_never_chosen(mask_prob):
+    T = 256
+    raw, lengths = synthetic_windows(4800, T, seed=0)
+    ids = raw[:, :T]
+    objective = build_objective("mlm", tiny_model(T), options=ObjectiveConfig(mask_prob=mask_prob))
+    batch = objective.make_batch(raw, torch.Generator().manual_seed(1), lengths=lengths)
+    inputs, labels = batch["input_ids"], batch["labels"]
+    chosen = labels != IGNORE
+    real = torch.arange(T)[None, :] < lengths[:, None]
+    eligible = real & (ids >= NUM_SPECIAL)
+    assert 1_000_000 <= eligible.sum() <= 1_100_000                          # about a million eligible tokens
+    # chosen share of eligible tokens: std 0.00036 at p=0.15, 0.00049 at p=0.4
+    assert abs(chosen.sum().item() / eligible.sum().item() - mask_prob) < 0.0015
+    # 80/10/10 among chosen (a random draw equal to the original counts as unchanged: 1/8077 of 10%)
+    masked, random, kept = shares(ids, inputs, chosen)
+    assert abs(masked - 0.8) < 0.004 and abs(random - 0.1) < 0.004 and abs(kept - 0.1) < 0.004
+    # labels: the original id exactly where chosen, ignored elsewhere
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert (labels[~chosen] == IGNORE).all()
+    assert torch.equal(batch["targets"], ids.flatten()[batch["positions"]])
+    assert torch.equal(batch["positions"], chosen.flatten().nonzero().squeeze(1))
+    assert batch["counts"]["targets"] == chosen.sum()
+    # special tokens (<eos> inside windows) and padding are never chosen and never changed
+    assert not (chosen & ~eligible).any()
+    assert torch.equal(inputs[~eligible], ids[~eligible])
+    assert (ids[real & ~eligible] == EOS_ID).sum() > 10_000 and (~real).sum() > 100_000  # both were present
+    # random replacements are never special tokens; unchosen tokens are untouched
+    replaced = chosen & (inputs != MASK_ID) & (inputs != ids)
+    assert replaced.sum() > 10_000 and (inputs[replaced] >= NUM_SPECIAL).all()
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_replacement_proportions_are_configurable():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(NUM_SPECIAL, V, (4000, 256), generator=g)
+    chosen = torch.ones_like(ids, dtype=torch.bool)
+    random_ids = torch.arange(NUM_SPECIAL, V)
+    inputs, kind = masking.replace(ids, chosen, g, MASK_ID, random_ids, mask_replace_prob=0.5,
+                                   random_replace_prob=0.3)
+    n = chosen.sum().item()
+    for value, want in ((masking.MASKED, 0.5), (masking.RANDOM, 0.3), (masking.KEPT, 0.2)):
+        assert abs((kind == value).sum().item() / n - want) < 0.004
+    # kind says what happened, exactly
+    assert (inputs[kind == masking.MASKED] == MASK_ID).all()
+    assert torch.equal(inputs[kind == masking.KEPT], ids[kind == masking.KEPT])
+    assert (inputs[kind == masking.RANDOM] >= NUM_SPECIAL).all()
+
+
+def test_masks_are_dynamic_and_reproducible():
+    objective = build_objective("mlm", tiny_model(128))
+    raw = torch.randint(NUM_SPECIAL, V, (32, 129), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    first, second = objective.make_batch(raw, g), objective.make_batch(raw, g)
+    # the same windows drawn twice get different masks (RoBERTa's dynamic masking) ...
+    assert not torch.equal(first["labels"] != IGNORE, second["labels"] != IGNORE)
+    # ... and the same generator state gives the same mask (exact resume)
+    again = objective.make_batch(raw, torch.Generator().manual_seed(5))
+    assert torch.equal(again["input_ids"], first["input_ids"]) and torch.equal(again["labels"], first["labels"])
+
+
+@pytest.mark.parametrize("bad", [dict(mask_replace_prob=0.8, random_replace_prob=0.3), dict(mask_prob=0.0),
+                                 dict(mask_prob=1.5), dict(span_min_words=4, span_max_words=2),
+                                 dict(span_geometric_p=0.0)])
+def test_bad_masking_options_are_one_line_user_errors(bad):
+    with pytest.raises(UserError) as err:
+        build_objective("mlm", tiny_model(32), options=ObjectiveConfig(**bad))
+    assert "\n" not in str(err.value) and "--" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- whole words
+def sequential_greedy(lengths, budget):
+    """The reference: try items in order, take one when it fits in what is left, else skip it."""
+    accepted, left = [], budget
+    for n in lengths:
+        take = 0 < n <= left
+        accepted.append(take)
+        left -= n if take else 0
+    return accepted
+
+
+def test_vectorized_greedy_with_skip_equals_the_sequential_rule():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 7, (500, 40), generator=g)
+    lengths[torch.rand(lengths.shape, generator=g) < 0.3] = 0          # empty slots
+    budget = torch.randint(0, 45, (500,), generator=g)
+    accepted = masking.greedy_with_skip(lengths, budget)
+    for row in range(500):
+        assert accepted[row].tolist() == sequential_greedy(lengths[row].tolist(), int(budget[row])), row
+    # the case that needs the rounds: a row skips an item, then still takes a later, shorter one
+    def skips_then_takes(row):
+        items = [(n, a) for n, a in zip(lengths[row].tolist(), accepted[row].tolist()) if n > 0]
+        first_skip = next((i for i, (_, a) in enumerate(items) if not a), len(items))
+        return any(a for _, a in items[first_skip:])
+    assert sum(skips_then_takes(r) for r in range(500)) > 50
+
+
+def real_windows(prepared, rows, seq_len, seed):
+    from minilm.data import BlockSource
+    return BlockSource(prepared[0], "train", seq_len, rows, seed=seed).batch(0)
+
+
+def test_whole_word_masking_never_splits_a_word_nor_exceeds_its_budget(prepared, tokenizer):
+    T, p = 128, 0.15
+    raw = real_windows(prepared, 2500, T, seed=1)
+    ids = raw[:, :T]
+    eligible = masking.eligible_positions(ids, tokenizer.special_table)
+    starts = tokenizer.word_starts(ids)                 # sentencepiece "▁" flags, not "##"
+    # a piece that continues a word: eligible, after an eligible piece, and not flagged as a start
+    prev_eligible = torch.nn.functional.pad(eligible[:, :-1], (1, 0), value=False)
+    continues = eligible & prev_eligible & ~starts
+    assert continues.float().mean() > 0.2              # the text has many multi-piece words
+    g = torch.Generator().manual_seed(2)
+    total_chosen = total_eligible = 0
+    for _ in range(4):                                   # 10,000 rows in all
+        chosen = masking.whole_word_choice(starts, eligible, p, g)
+        assert not (chosen & ~eligible).any()
+        # every piece that continues a word has the state of the piece before it: words are whole
+        before = torch.nn.functional.pad(chosen[:, :-1], (1, 0), value=False)
+        assert torch.equal(chosen[continues], before[continues])
+        budget = torch.round(eligible.sum(1).double() * p).long()
+        count = chosen.sum(1)
+        assert (count <= budget).all()
+        total_chosen += count.sum().item()
+        total_eligible += eligible.sum().item()
+    # short words fill the gaps, so the rate is just under p (HF's test: within [p - 2/len, p])
+    assert p - 2 / T <= total_chosen / total_eligible <= p
+    # and multi-piece words were chosen whole (the test above is not vacuous)
+    assert (chosen & continues).sum() > 1000
+
+
+def test_whole_word_objective_masks_pieces_of_a_word_together(tokenizer):
+    text = "Unbelievably, the interpreter's documentation mentions subprocesses and coroutines. " * 6
+    ids = torch.tensor([tokenizer.encode(text)[:129]] * 64)
+    objective = build_objective("wwm", tiny_model(128, tokenizer.vocab_size), tokenizer)
+    batch = objective.make_batch(ids, torch.Generator().manual_seed(0))
+    chosen = batch["labels"] != IGNORE
+    starts = tokenizer.word_starts(ids[:, :128])
+    before = torch.nn.functional.pad(chosen[:, :-1], (1, 0), value=False)
+    assert torch.equal(chosen[~starts], before[~starts])  # no special tokens here: words split at starts only
+    assert (chosen & ~starts).any()                     # some chosen word had more than one piece
+
+
+# ----------------------------------------------------------------------------- SpanBERT spans
+def random_words(rows, T, seed):
+    """(rows, T) ids of words of random piece lengths (a piece starts a word with probability
+    0.45), some <eos> document boundaries, and a third of the rows padded after their length."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(NUM_SPECIAL, V, (rows, T), generator=g)
+    starts = torch.rand(rows, T, generator=g) < 0.45
+    starts[:, 0] = True
+    ids[torch.rand(rows, T, generator=g) < 0.005] = EOS_ID
+    lengths = torch.full((rows,), T)
+    padded = torch.rand(rows, generator=g) < 0.33
+    lengths[padded] = torch.randint(T // 4, T, (int(padded.sum()),), generator=g)
+    ids[torch.arange(T)[None, :] >= lengths[:, None]] = PAD_ID
+    return ids, starts, lengths
+
+
+def test_span_masking_budget_lengths_and_boundaries():
+    T, p = 512, 0.15
+    ids, starts, lengths = random_words(10_000, T, seed=0)
+    eligible = masking.eligible_positions(ids, torch.arange(V) < NUM_SPECIAL, lengths)
+    trace = []
+    chosen = masking.span_choice(starts, eligible, p, torch.Generator().manual_seed(0), trace=trace)
+    # exactly ceil(p * n) tokens per row, n = eligible tokens (computed exactly with fractions)
+    budget = torch.tensor([math.ceil(Fraction(str(p)) * int(n)) for n in eligible.sum(1)])
+    assert torch.equal(chosen.sum(1), budget)
+    assert not (chosen & ~eligible).any()               # never padding, never <eos>
+
+    # the drawn span lengths (before any cut) fit the clipped geometric: chi-square, df = 9
+    active = torch.stack([t["active"] for t in trace])
+    words = torch.stack([t["words"] for t in trace])[active]
+    assert len(words) > 60_000
+    k = torch.arange(1, 11, dtype=torch.float64)
+    pmf = 0.2 * 0.8 ** (k - 1)
+    pmf /= pmf.sum()
+    observed = torch.bincount(words - 1, minlength=10).double()
+    assert observed.sum() == len(words) and words.min() >= 1 and words.max() <= 10
+    expected = pmf * len(words)
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 27.88, chi2                           # chi-square critical value, df = 9, alpha = 0.001
+    assert abs(words.double().mean().item() - 3.797) < 0.02
+
+    # each span starts at a word start and covers its drawn number of whole words, unless its run
+    # of eligible tokens (ended by <eos>, padding or the row's end) ends first; it never crosses one
+    word_start = masking.word_starts_within(starts, eligible)
+    n_starts = torch.nn.functional.pad(torch.cumsum(word_start, dim=1), (1, 0))   # starts before position i
+    n_inel = torch.nn.functional.pad(torch.cumsum(~eligible, dim=1), (1, 0))
+    for t in trace[:6]:
+        rows = t["active"].nonzero().squeeze(1)
+        s, e, w = t["start"][rows], t["end"][rows], t["words"][rows]
+        assert word_start[rows, s].all()
+        covered = n_starts[rows, e] - n_starts[rows, s]
+        crosses = n_inel[rows, e] - n_inel[rows, s]
+        assert (crosses == 0).all()
+        at_run_end = (e == T) | ~eligible[rows, e.clamp(max=T - 1)]
+        assert ((covered == w) | ((covered < w) & at_run_end)).all()
+        assert (covered == w).float().mean() > 0.8
+
+
+def test_one_replacement_per_span():
+    T = 512
+    ids, starts, lengths = random_words(5000, T, seed=5)
+    eligible = masking.eligible_positions(ids, torch.arange(V) < NUM_SPECIAL, lengths)
+    g = torch.Generator().manual_seed(1)
+    chosen = masking.span_choice(starts, eligible, 0.15, g)
+    spans = masking.span_ids(chosen)
+    inputs, kind = masking.replace(ids, chosen, g, MASK_ID, torch.arange(NUM_SPECIAL, V), group_ids=spans)
+    # spans are maximal runs of chosen tokens (SpanBERT merges overlapping or touching spans)
+    prev = torch.nn.functional.pad(chosen[:, :-1], (1, 0), value=False)
+    run_first = chosen & ~prev
+    assert torch.equal(spans[run_first], run_first.flatten().nonzero().squeeze(1))
+    same_as_left = chosen & prev
+    assert torch.equal(spans[:, 1:][same_as_left[:, 1:]], spans[:, :-1][same_as_left[:, 1:]])
+    # every token of a span got the span's replacement type
+    flat_kind = kind.flatten()
+    assert torch.equal(kind[chosen], flat_kind[spans[chosen]])
+    assert (kind[~chosen] == 0).all()
+    # and per span, the types are 80/10/10
+    per_span = kind[run_first]
+    n = len(per_span)
+    assert n > 30_000
+    for value, want in ((masking.MASKED, 0.8), (masking.RANDOM, 0.1), (masking.KEPT, 0.1)):
+        assert abs((per_span == value).sum().item() / n - want) < 0.004
+    # a random span is random token by token, and never a special token
+    random = kind == masking.RANDOM
+    assert (inputs[random] >= NUM_SPECIAL).all() and (inputs[random] != ids[random]).float().mean() > 0.99
+
+
+def test_span_objective_on_text_chooses_exactly_the_budget(prepared, tokenizer):
+    T = 128
+    raw = real_windows(prepared, 200, T, seed=3)
+    objective = build_objective("span", tiny_model(T, tokenizer.vocab_size), tokenizer)
+    batch = objective.make_batch(raw, torch.Generator().manual_seed(0))
+    chosen = batch["labels"] != IGNORE
+    n = (~tokenizer.special_table[raw[:, :T]]).sum(1)
+    assert torch.equal(chosen.sum(1), torch.tensor([math.ceil(Fraction("0.15") * int(x)) for x in n]))
+    # spans start at word starts and a cut only shortens a span's end, so every run of chosen
+    # tokens (one merged span) begins at a word start
+    starts = masking.word_starts_within(tokenizer.word_starts(raw[:, :T]), ~tokenizer.special_table[raw[:, :T]])
+    prev = torch.nn.functional.pad(chosen[:, :-1], (1, 0), value=False)
+    assert (starts[chosen & ~prev]).all()
