@@ -39,7 +39,10 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False            # biases in linear layers and LayerNorm
     tie_embeddings: bool = True   # the LM head reuses the token embedding matrix
-    n_segment: int = 0            # segment (token-type) embeddings: 0 = none, 2 for sentence pairs
+    n_segment: int = 0            # segment (token-type) embeddings; 0 = none, but objectives that
+                                  # read sentence pairs (sop) use 2 (objectives/base.py, backbone_config)
+    embed_norm: bool = False      # a norm on the summed embeddings before the first block (BERT, RoBERTa,
+                                  # ModernBERT); the masked LMs turn it on for their encoder (objectives/mlm.py)
 
     @property
     def head_dim(self) -> int:

@@ -20,6 +20,9 @@ Decisions that matter later:
   * Word starts: a piece that begins with "▁" (U+2581, sentencepiece's space marker) starts a word;
     so does the first piece of a text and the piece after a newline or tab byte. Whole-word and
     span masking use these flags; we never rely on BERT's "##" convention.
+  * Sentence ends: per-id tables say which pieces can end a sentence, which are whitespace and
+    which are closing quotes or brackets glued to the previous piece; minilm/data.py combines
+    them with the following piece to split documents into sentences (see `_build_tables`).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ USER_DEFINED = (["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range
 WORD_MARK = "\u2581"
 # sentencepiece needs room for the specials, 256 byte pieces and some merges
 MIN_VOCAB = NUM_SPECIAL + 256 + 16
+SENTENCE_STOPS = ".!?\u2026\u3002\uff01\uff1f"   # . ! ? … and the CJK full-width 。！？
+CLOSERS = "\"')]}\u201d\u2019\u00bb"           # " ' ) ] } ” ’ »: may follow a stop (`He said "no."`)
 
 
 def _import_spm():
@@ -143,6 +148,12 @@ class Tokenizer:
         breaks_line = torch.zeros(V, dtype=torch.bool)   # newline/tab bytes: the next piece starts a word
         n_bytes = torch.zeros(V, dtype=torch.long)       # UTF-8 bytes this piece stands for
         special = torch.zeros(V, dtype=torch.bool)
+        # for sentence splitting (the rule itself is minilm/data.py, `split_sentences`):
+        ends_stop = torch.zeros(V, dtype=torch.bool)     # text ends in . ! ? (+ closers): `end.` `."` `).`
+        closer = torch.zeros(V, dtype=torch.bool)        # only closers, glued to the previous piece: `"` `)`
+        whitespace = torch.zeros(V, dtype=torch.bool)    # only spaces, tabs, newlines: `▁▁` <0x0A>
+        newline = torch.zeros(V, dtype=torch.bool)       # the newline byte (blank lines end paragraphs)
+        starts_lower = torch.zeros(V, dtype=torch.bool)  # first letter is lowercase: `▁the`, `os`
         for i in range(V):
             piece = self.sp.id_to_piece(i)
             if i < NUM_SPECIAL or self.sp.is_control(i) or self.sp.is_unknown(i):
@@ -153,26 +164,35 @@ class Tokenizer:
                 value = int(piece[3:5], 16)
                 n_bytes[i] = 1
                 breaks_line[i] = value in (0x0A, 0x09, 0x0D)
+                whitespace[i] = value in (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x20)
+                newline[i] = value == 0x0A
                 continue
             starts_word[i] = piece.startswith(WORD_MARK)
             n_bytes[i] = len(piece.replace(WORD_MARK, " ").encode("utf-8"))
+            text = piece.replace(WORD_MARK, " ")
+            whitespace[i] = text.isspace()
+            word = text.lstrip()
+            starts_lower[i] = word[:1].islower()
+            before_closers = word.rstrip(CLOSERS)
+            ends_stop[i] = before_closers != "" and before_closers[-1] in SENTENCE_STOPS
+            closer[i] = text == word and word != "" and word.strip(CLOSERS) == ""
         self.starts_word_table = starts_word
         self.breaks_line_table = breaks_line
         self.bytes_per_token = n_bytes
         self.special_table = special
+        self.ends_stop_table = ends_stop
+        self.closer_table = closer
+        self.whitespace_table = whitespace
+        self.newline_table = newline
+        self.starts_lower_table = starts_lower
 
     def word_starts(self, ids: torch.Tensor) -> torch.Tensor:
         """Bool tensor like `ids`: True where a piece begins a new word (see module docstring).
 
         Each row is taken to start a text, so its first piece always starts a word.
         """
-        table = self.starts_word_table.to(ids.device)
-        starts = table[ids]
-        after_break = torch.zeros_like(starts)
-        after_break[..., 1:] = self.breaks_line_table.to(ids.device)[ids[..., :-1]]
-        starts = starts | after_break
-        starts[..., 0] = True
-        return starts
+        return word_starts_from_tables(ids, self.starts_word_table.to(ids.device),
+                                       self.breaks_line_table.to(ids.device))
 
     def is_special(self, ids: torch.Tensor) -> torch.Tensor:
         return self.special_table.to(ids.device)[ids]
@@ -189,6 +209,18 @@ class Tokenizer:
                 return cls(f.read())
         except OSError as err:
             raise UserError(f"cannot read tokenizer {path}: {err.strerror}") from None
+
+
+def word_starts_from_tables(ids: torch.Tensor, starts_word_table: torch.Tensor,
+                            breaks_line_table: torch.Tensor) -> torch.Tensor:
+    """Tokenizer.word_starts from its two per-id tables, for callers that keep the tables on
+    their device as buffers (the masked-LM objectives) instead of copying them at every call."""
+    starts = starts_word_table[ids]
+    after_break = torch.zeros_like(starts)
+    after_break[..., 1:] = breaks_line_table[ids[..., :-1]]
+    starts = starts | after_break
+    starts[..., 0] = True
+    return starts
 
 
 def _lines_of(texts: Iterable[str]) -> Iterator[str]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import PRESETS, ModelConfig
-from minilm.model import KVCache, Transformer
+from minilm.model import KVCache, Pooler, Transformer, padding_mask
 
 V, S = 97, 32  # vocab and context window of the tiny test models
 
@@ -136,6 +136,29 @@ def test_encoder_padding_mask_hides_padded_positions(position):
     assert (h2[1, 9:] - h1[1, 9:]).abs().amax() > 1e-3
 
 
+@torch.no_grad()
+def test_padding_mask_helper_and_segment_embeddings():
+    lengths = torch.tensor([5, 2])
+    mask = padding_mask(lengths, 6)
+    assert mask.shape == (2, 1, 1, 6) and mask.dtype == torch.bool
+    assert mask[:, 0, 0].tolist() == [[True] * 5 + [False], [True, True] + [False] * 4]
+    assert torch.equal(padding_mask(mask[:, 0, 0]), mask)          # the (B, T) bool form
+    model = make_model(n_segment=2)
+    ids = random_ids(2, 12, seed=11)
+    zeros = torch.zeros_like(ids)
+    ones = zeros.clone()
+    ones[:, 6:] = 1
+    # no segment_ids means segment 0 everywhere (BERT's default token types) ...
+    torch.testing.assert_close(model(ids, causal=False), model(ids, causal=False, segment_ids=zeros), atol=0, rtol=0)
+    # ... and segment ids do reach every position: the B half directly, the A half through attention
+    diff = (model(ids, causal=False, segment_ids=ones) - model(ids, causal=False)).abs().amax(dim=-1)
+    assert diff.min() > 1e-3
+    with pytest.raises(ValueError, match="n_segment"):
+        make_model()(ids, segment_ids=zeros)
+    pooled = Pooler(model.cfg)(model(ids, causal=False))
+    assert pooled.shape == (2, model.cfg.n_embd) and pooled.abs().max() < 1
+
+
 # ----------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("position", ["rope", "learned"])
 @torch.no_grad()
@@ -226,6 +249,7 @@ def expected_num_params(cfg: ModelConfig) -> int:
         n += V_ * C                                              # separate LM head, no bias
     if cfg.position == "learned":
         n += cfg.seq_len * C
+    n += cfg.n_segment * C                                       # segment (token-type) table
     return n
 
 
@@ -235,6 +259,8 @@ VARIANTS = {
     "gelu-layernorm-bias": dict(norm="layernorm", bias=True),
     "swiglu-untied": dict(mlp="swiglu", tie_embeddings=False),
     "explicit-hidden": dict(mlp="swiglu", intermediate_size=100, bias=True),
+    "segments": dict(n_segment=2),
+    "segments-learned-untied": dict(n_segment=3, position="learned", tie_embeddings=False),
 }
 
 
@@ -248,7 +274,8 @@ def test_num_params_matches_closed_form(preset, variant):
     assert model.num_params() == expected
     assert sum(p.numel() for p in model.parameters()) == expected
     positions = cfg.seq_len * cfg.n_embd if cfg.position == "learned" else 0
-    assert model.num_params(non_embedding=True) == expected - positions
+    segments = cfg.n_segment * cfg.n_embd   # lookups like the position table: no matmul FLOPs
+    assert model.num_params(non_embedding=True) == expected - positions - segments
 
 
 def test_num_params_gpt2_small_is_124m():

@@ -1,5 +1,8 @@
 """Objectives by name. Adding one: write minilm/objectives/NAME.py with a subclass of
-`Objective` (see base.py for the contract), then add it to OBJECTIVES below."""
+`Objective` (see base.py for the contract), then add it to OBJECTIVES below.
+
+"a+b" (e.g. "mlm+sop") trains several objectives on one backbone, weighted by
+--objective_weights: see multitask.py."""
 from __future__ import annotations
 
 import difflib
@@ -7,9 +10,18 @@ import difflib
 from minilm.errors import UserError
 from minilm.objectives.base import IGNORE, Objective, finalize
 from minilm.objectives.clm import CausalLM
+from minilm.objectives.mlm import MaskedLM
+from minilm.objectives.multitask import MultiTask
+from minilm.objectives.sop import SentenceOrder
+from minilm.objectives.span import SpanMaskedLM
+from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
     CausalLM.name: CausalLM,
+    MaskedLM.name: MaskedLM,
+    WholeWordMaskedLM.name: WholeWordMaskedLM,
+    SpanMaskedLM.name: SpanMaskedLM,
+    SentenceOrder.name: SentenceOrder,
 }
 
 
@@ -18,11 +30,20 @@ def build_objective(name: str, model_cfg, tokenizer=None, options=None) -> Objec
     if options is None:
         from minilm.config import ObjectiveConfig
         options = ObjectiveConfig()
+    if "+" in name:
+        return MultiTask([objective_class(part) for part in name.split("+")], model_cfg, tokenizer, options)
+    if getattr(options, "objective_weights", "").strip():
+        raise UserError(f"--objective_weights is for combined objectives such as mlm+sop; {name} has one loss")
+    return objective_class(name)(model_cfg, tokenizer, options)
+
+
+def objective_class(name: str) -> type[Objective]:
     if name not in OBJECTIVES:
         close = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        raise UserError(f"unknown --objective {name!r}{hint} (available: {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[name](model_cfg, tokenizer, options)
+        raise UserError(f"unknown --objective {name!r}{hint} (available: {', '.join(OBJECTIVES)}, "
+                        "or several joined by +)")
+    return OBJECTIVES[name]
 
 
 __all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize"]

@@ -19,10 +19,13 @@ Metric sums use shared names so they aggregate by plain addition over batches:
     targets  number of predicted tokens
     correct  predicted tokens whose argmax was right
     bytes    UTF-8 bytes the targets stand for (for bits per byte)
-`finalize` turns such sums into loss, perplexity, accuracy and bits per byte.
+`finalize` turns such sums into loss, perplexity, accuracy and bits per byte. Combined
+objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
+"sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -45,8 +48,38 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+def backbone_config(model_cfg, data: str):
+    """The backbone's config for an objective that reads `data`: sentence pairs come with segment
+    ids, so there n_segment 0 becomes 2 (A and B); other data keeps the config as it is."""
+    if data == "segment_pairs" and model_cfg.n_segment < 2:
+        return dataclasses.replace(model_cfg, n_segment=2)
+    return model_cfg
+
+
 def finalize(sums: dict) -> dict:
-    """Metric sums -> readable metrics. Keys absent from `sums` are skipped."""
+    """Metric sums -> readable metrics. Keys absent from `sums` are skipped.
+
+    Keys "NAME/x" are a part of a combined objective: each NAME gets its own "NAME/loss",
+    "NAME/ppl", "NAME/acc", "NAME/bpb" from its own sums, and "loss" is the combined loss that
+    was trained, the sum over parts of weight * part loss, from the parts' "weighted_nll" sums
+    (nll times the part's weight: still additive over batches, unlike a ratio).
+    """
+    parts: dict[str, dict] = {}
+    for k, v in sums.items():
+        prefix, _, name = k.rpartition("/")
+        parts.setdefault(prefix, {})[name] = v
+    out = {}
+    weighted = [float(p["weighted_nll"]) / float(p["targets"]) for prefix, p in parts.items()
+                if prefix and "weighted_nll" in p and float(p.get("targets", 0)) > 0]
+    if weighted and "" not in parts:
+        out["loss"] = sum(weighted)
+    for prefix, part in parts.items():
+        label = prefix + "/" if prefix else ""
+        out.update({label + k: v for k, v in _finalize_one(part).items()})
+    return out
+
+
+def _finalize_one(sums: dict) -> dict:
     out = {}
     n = float(sums.get("targets", 0))
     if n > 0 and "nll" in sums:
@@ -58,6 +91,6 @@ def finalize(sums: dict) -> dict:
         if float(sums.get("bytes", 0)) > 0:
             out["bpb"] = float(sums["nll"]) / math.log(2) / float(sums["bytes"])
     for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
-        if k not in ("nll", "targets", "correct", "bytes"):
+        if k not in ("nll", "targets", "correct", "bytes", "weighted_nll"):
             out[k] = float(v)
     return out

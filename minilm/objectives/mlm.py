@@ -1,0 +1,174 @@
+"""Masked language modeling (BERT, Devlin et al. 2018; RoBERTa, Liu et al. 2019).
+
+The idea: hide some tokens of the input and train a bidirectional encoder to recover them from
+the context on both sides. Unlike a decoder, every position sees the whole window, so the
+representation of a token depends on what comes after it too; the price is that only the
+chosen tokens give a training signal.
+
+Numbers (ObjectiveConfig; defaults are BERT's and RoBERTa's):
+  * mask_prob = 0.15: each eligible token is chosen independently with this probability, so
+    the count per row is binomial (RoBERTa, HF's DataCollatorForLanguageModeling). Wettig et
+    al. 2023 ("Should You Mask 15% in Masked Language Modeling?") find that higher rates, e.g.
+    0.4, train better for larger models: try --mask_prob 0.4.
+  * 80/10/10 (mask_replace_prob 0.8, random_replace_prob 0.1): a chosen token is shown as
+    <mask>, as a random non-special token, or unchanged; the loss predicts the original in all
+    three cases (minilm/masking.py, `replace`).
+  * Dynamic masking (RoBERTa): make_batch draws a new mask every time a window is drawn, from
+    the generator the trainer seeds per step, so no two epochs see the same masks.
+Eligible: every token of the window that is not special. A document boundary <eos> inside a
+window stays in the input (the encoder sees where documents end) and is never chosen.
+
+The loss is the cross-entropy at the chosen positions only, summed and divided by the step's
+total count of chosen tokens (the contract in base.py).
+
+Sparse prediction head: the head (BERT's transform: Linear C->C, GELU, norm; then the tied
+output matrix plus a bias per vocabulary entry) runs only on the hidden states at the chosen
+positions: (N, C) -> (N, V) with N ~ 0.15 * B * T, instead of (B*T, C) -> (B*T, V). The head
+acts on each position alone and the other positions' losses are ignored anyway, so the loss
+and its gradients are exactly the dense ones (tests/test_mlm.py checks it) for about 15% of
+the head's FLOPs and memory. `predict` is the dense path (all positions; used by fill-mask).
+
+Shapes: raw (B, T+1) from the "blocks" source (the first T = seq_len tokens are used; the
+extra token exists for causal LM's shifted labels) -> input_ids (B, T), labels (B, T) (IGNORE
+where not chosen), positions (N,) flat indices b*T + t of the chosen tokens, targets (N,);
+hidden (B, T, C) -> picked (N, C) -> logits (N, V).
+
+Where we differ from the references:
+  * Random replacements are uniform over the non-special ids; HF draws over the whole vocab,
+    specials included (see masking.replace).
+  * No [CLS] ... [SEP] framing: a window is a plain stretch of the token stream that may cross
+    documents, separated by <eos> (RoBERTa's FULL-SENTENCES packing). With no padding there is
+    no attention mask and SDPA runs its fastest kernel.
+  * The encoder is minilm's Transformer with causal=False: pre-norm and, by default, RoPE and
+    RMSNorm, where BERT/RoBERTa are post-norm with learned positions and LayerNorm
+    (--position learned --norm layernorm --bias true gets closer). Like BERT, RoBERTa and
+    ModernBERT it normalizes the summed embeddings before the first block (embed_norm, always on
+    here). Without it a pre-norm encoder whose embeddings start at GPT's std 0.02 learns far
+    slower: a 2x64 encoder after 300 steps of 16 x 64 tokens predicted 7.5% of masked tokens
+    (the most-frequent-token rate: it had learned nothing but unigrams) against 11.6% with it,
+    and 10.5% for HF's RobertaForMaskedLM of the same size.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm import masking
+from minilm.errors import UserError
+from minilm.model import Transformer, make_norm, padding_mask
+from minilm.objectives.base import IGNORE, Objective, backbone_config
+from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
+
+
+def check_masking_options(opts) -> None:
+    """One-line UserErrors for impossible masking options."""
+    if not 0.0 < opts.mask_prob <= 1.0:
+        raise UserError(f"--mask_prob must be in (0, 1], got {opts.mask_prob}")
+    for name in ("mask_replace_prob", "random_replace_prob"):
+        if not 0.0 <= getattr(opts, name) <= 1.0:
+            raise UserError(f"--{name} must be in [0, 1], got {getattr(opts, name)}")
+    if opts.mask_replace_prob + opts.random_replace_prob > 1.0 + 1e-9:
+        raise UserError(f"--mask_replace_prob + --random_replace_prob must be at most 1, got "
+                        f"{opts.mask_replace_prob} + {opts.random_replace_prob}")
+    if not 0.0 < opts.span_geometric_p <= 1.0:
+        raise UserError(f"--span_geometric_p must be in (0, 1], got {opts.span_geometric_p}")
+    if not 1 <= opts.span_min_words <= opts.span_max_words:
+        raise UserError(f"span lengths need 1 <= --span_min_words <= --span_max_words, got "
+                        f"{opts.span_min_words} and {opts.span_max_words}")
+
+
+class MLMHead(nn.Module):
+    """BERT/RoBERTa's prediction head: transform (Linear C->C, GELU, norm), then the output matrix
+    (the tied token embeddings) and a bias per vocabulary entry. (..., C) -> (..., V)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.norm = make_norm(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        Transformer._init_weights(self.dense)
+
+    def forward(self, hidden, output_weight):
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), output_weight, self.bias)
+
+
+class MaskedLM(Objective):
+    name = "mlm"
+    data = "blocks"
+    model_kind = "encoder"
+
+    def __init__(self, model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        if options is None:
+            from minilm.config import ObjectiveConfig
+            options = ObjectiveConfig()
+        check_masking_options(options)
+        self.options = options
+        self.seq_len = model_cfg.seq_len
+        # the encoder normalizes its embeddings (see the module docstring)
+        self.backbone = Transformer(dataclasses.replace(backbone_config(model_cfg, self.data), embed_norm=True))
+        self.head = MLMHead(model_cfg)
+        # per-id tables as buffers, so they follow .to(device) and cost no copy per batch.
+        # Without a tokenizer (benchmarks, unit tests): ids below NUM_SPECIAL are special and
+        # every token starts a word.
+        V = model_cfg.vocab_size
+        if tokenizer is not None:
+            tables = (tokenizer.special_table, tokenizer.starts_word_table, tokenizer.breaks_line_table,
+                      tokenizer.bytes_per_token)
+        else:
+            tables = (torch.arange(V) < NUM_SPECIAL, torch.ones(V, dtype=torch.bool),
+                      torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.long))
+        for name, table in zip(("special_table", "starts_word_table", "breaks_line_table", "bytes_per_token"), tables):
+            self.register_buffer(name, table.clone(), persistent=False)
+        self.register_buffer("random_ids", torch.nonzero(~self.special_table).squeeze(1), persistent=False)
+
+    # --------------------------------------------------------------- which positions to predict
+    def word_starts(self, ids):
+        return word_starts_from_tables(ids, self.starts_word_table, self.breaks_line_table)
+
+    def choose(self, ids, eligible, generator):
+        """(chosen (B, T) bool, group ids for replacement or None = per token). WWM and span
+        masking override this and nothing else."""
+        return masking.choose_bernoulli(eligible, self.options.mask_prob, generator), None
+
+    def make_batch(self, raw, generator=None, lengths=None):
+        """raw (B, T+1) -> model inputs; `lengths` (B,) for right-padded rows."""
+        ids = raw[:, :self.seq_len]
+        eligible = masking.eligible_positions(ids, self.special_table, lengths)
+        chosen, groups = self.choose(ids, eligible, generator)
+        input_ids, _ = masking.replace(ids, chosen, generator, MASK_ID, self.random_ids,
+                                       self.options.mask_replace_prob, self.options.random_replace_prob, groups)
+        positions = torch.nonzero(chosen.flatten()).squeeze(1)      # (N,) flat indices b*T + t
+        batch = {"input_ids": input_ids, "labels": torch.where(chosen, ids, IGNORE), "positions": positions,
+                 "targets": ids.flatten()[positions], "counts": {"targets": chosen.sum()}}
+        if lengths is not None:
+            batch["attn_mask"] = padding_mask(lengths, ids.shape[1])
+        return batch
+
+    # --------------------------------------------------------------- model
+    def predict(self, input_ids, attn_mask=None, segment_ids=None):
+        """The dense path: logits at every position, (B, T) -> (B, T, V)."""
+        hidden = self.backbone(input_ids, causal=False, attn_mask=attn_mask, segment_ids=segment_ids)
+        return self.head(hidden, self.backbone.output_weight)
+
+    def forward(self, batch, totals=None):
+        # attn_mask: padded rows only; segment_ids: sentence pairs (mlm+sop, objectives/multitask.py)
+        hidden = self.backbone(batch["input_ids"], causal=False, attn_mask=batch.get("attn_mask"),
+                               segment_ids=batch.get("segment_ids"))                 # (B, T, C)
+        picked = hidden.flatten(0, 1).index_select(0, batch["positions"])      # (N, C)
+        # fp32 for a stable softmax: a no-op in fp32, an (N, V) cast under bf16 autocast
+        logits = self.head(picked, self.backbone.output_weight).float()        # (N, V)
+        targets = batch["targets"]
+        nll = F.cross_entropy(logits, targets, reduction="sum")
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"]}
+            if not self.training:
+                # bits per byte here are those of masked tokens given context on both sides:
+                # comparable between masked-LM runs, not with a causal LM's
+                sums["correct"] = (logits.argmax(-1) == targets).sum()
+                sums["bytes"] = self.bytes_per_token[targets].sum()
+        return nll / denominator, sums

@@ -1,0 +1,115 @@
+"""Several objectives trained together on one backbone: `--objective mlm+sop` (ALBERT's recipe),
+or any "a+b+...", with `--objective_weights 1,0.5` (one weight per part; empty = all 1).
+
+The loss is the weighted sum of the parts' losses, each its own summed loss over its own
+step-wide count (MLM: masked tokens; SOP: rows), so gradient accumulation stays exact part by
+part:  loss = sum_k weight_k * nll_k / total_targets_k.
+
+Each part runs its own forward pass over its own batch. That lets any objectives combine,
+whatever inputs and masks they need, at the price of one encoder pass per part; BERT and ALBERT
+run a single pass over the masked pair and put both heads on it, which is cheaper but only works
+when the parts agree on the input.
+
+One backbone: every part is built as usual, then each part's `backbone` is pointed at the first
+part's, which this module registers once as `self.backbone`. In the parts the attribute is a
+plain reference, not a registered submodule, so state_dict() holds "backbone.*" once and each
+part's heads under "parts.NAME.*", and parameters() lists every weight once (the optimizer
+asserts it). The parts' own backbones are built and dropped: a moment of extra memory at start.
+
+Data: the parts must read the same kind of data, with one exception: an objective that reads
+"blocks" can read sentence pairs as right-padded windows. It gets make_batch(pairs' input_ids,
+generator, lengths=pairs' lengths) (CLM and the masked LMs take `lengths`; specials and padding
+are never masked), plus the pairs' "segment_ids" in its batch. So in mlm+sop, MLM and SOP see the
+same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
+Sentence pairs make the shared backbone have segment embeddings (base.backbone_config).
+
+Metrics: each part's sums and counts are prefixed with its name ("mlm/nll", "sop/targets");
+finalize (base.py) reports "mlm/loss", "mlm/acc", "sop/loss", "sop/acc", ..., and "loss", the
+weighted sum that is trained.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+from minilm.errors import UserError
+from minilm.objectives.base import Objective, backbone_config
+
+
+def parse_weights(text: str, names: list[str]) -> list[float]:
+    """"1,0.5" -> [1.0, 0.5]; "" -> all ones. One-line UserErrors for anything else."""
+    if not text.strip():
+        return [1.0] * len(names)
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(f"--objective_weights takes numbers separated by commas, got {text!r}") from None
+    if len(weights) != len(names):
+        raise UserError(f"--objective_weights has {len(weights)} weight(s) for the {len(names)} objectives of "
+                        f"{'+'.join(names)}; give one per objective, e.g. {','.join('1' for _ in names)}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise UserError(f"--objective_weights must be finite, not negative, and not all 0; got {text!r}")
+    return weights
+
+
+def common_data(classes: list[type[Objective]]) -> str:
+    """The one data kind every part can read (see the module docstring)."""
+    kinds = {cls.data for cls in classes}
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds == {"blocks", "segment_pairs"}:
+        return "segment_pairs"
+    reads = ", ".join(f"{cls.name} reads {cls.data}" for cls in classes)
+    raise UserError(f"these objectives cannot train on the same batches ({reads}); combine objectives "
+                    "that read the same data")
+
+
+def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
+    """part.backbone = backbone as a plain reference, not a submodule of `part`: the MultiTask
+    registers it once, so it is saved and optimized once."""
+    del part.backbone                                  # the part's own, and its registration
+    object.__setattr__(part, "backbone", backbone)     # bypasses nn.Module's registration
+
+
+class MultiTask(Objective):
+    def __init__(self, classes: list[type[Objective]], model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        names = [cls.name for cls in classes]
+        if len(set(names)) != len(names):
+            raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
+                            "to weigh one more")
+        self.name = "+".join(names)
+        self.data = common_data(classes)
+        self.weights = parse_weights(getattr(options, "objective_weights", ""), names)
+        parts = [cls(backbone_config(model_cfg, self.data), tokenizer, options) for cls in classes]
+        self.model_kind = parts[0].model_kind
+        self.backbone = parts[0].backbone
+        for part in parts:
+            share_backbone(part, self.backbone)
+        self.parts = nn.ModuleDict(zip(names, parts))
+
+    def make_batch(self, raw, generator=None):
+        batch = {"counts": {}}
+        for name, part in self.parts.items():
+            if part.data == self.data:
+                part_batch = part.make_batch(raw, generator)
+            else:  # a "blocks" objective reading sentence pairs as right-padded windows
+                part_batch = part.make_batch(raw["input_ids"], generator, lengths=raw["lengths"])
+                part_batch["segment_ids"] = raw["segment_ids"]
+            batch[name] = part_batch
+            batch["counts"].update({f"{name}/{k}": v for k, v in part_batch["counts"].items()})
+        return batch
+
+    def forward(self, batch, totals=None):
+        loss, sums = 0.0, {}
+        for (name, part), weight in zip(self.parts.items(), self.weights):
+            # each part normalizes by its own step-wide counts
+            part_totals = None if totals is None else {
+                k[len(name) + 1:]: v for k, v in totals.items() if k.startswith(name + "/")}
+            part_loss, part_sums = part(batch[name], part_totals)
+            loss = loss + weight * part_loss
+            sums.update({f"{name}/{k}": v for k, v in part_sums.items()})
+            if "nll" in part_sums:
+                sums[f"{name}/weighted_nll"] = weight * part_sums["nll"]
+        return loss, sums

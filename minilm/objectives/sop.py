@@ -1,0 +1,107 @@
+"""Sentence-order prediction (SOP; Lan et al. 2019, "ALBERT: A Lite BERT for Self-supervised
+Learning of Language Representations"), with BERT's next-sentence prediction (NSP; Devlin et al.
+2018) as an option.
+
+The idea: show the encoder two consecutive runs of sentences A and B of one document, in their
+order or swapped, and let it tell which. Both halves come from the same document, so the topic
+gives nothing away (NSP's weakness: a random B is usually off-topic); only coherence does.
+
+Numbers (ALBERT's create_pretraining_data.py and modeling.py):
+  * layout [CLS] A [SEP] B [SEP] [PAD]..., segment ids 0 on [CLS] A [SEP], 1 on B [SEP], 0 on pad;
+  * swap probability 0.5, drawn per row in make_batch with the step's generator (dynamic, like
+    masking); label 1 = swapped (HF AlbertForPreTraining's sentence_order_label), 0 = in order.
+    A swapped row is [CLS] B [SEP] A [SEP] with segment ids recomputed: B is now segment 0;
+  * head: Pooler (dense + tanh on the [CLS] state, minilm/model.py) then Linear(n_embd, 2); the
+    loss is the cross-entropy summed over rows, divided by the step's row count (base.py);
+  * how A and B are chosen (chunks of whole sentences, the cut a_end = randint(1, len - 1),
+    longest-first truncation) is the data source's: minilm/data.py, SegmentPairSource.
+Single-sentence documents: the data source skips them (counted and reported when it is built).
+ALBERT instead pairs such a sentence with text from a random document and labels it "swapped",
+although nothing was swapped; minilm never makes such a pair.
+
+--sentence_task nsp (BERT): with probability 0.5 B is replaced by the B of another row of the
+batch that comes from a different document (cut at its end to fit); label 1 = random B, 0 = the
+real continuation. A row whose batch holds no other document (a corpus of one or two documents)
+keeps its B and label 0. ALBERT's paper shows NSP teaches little beyond topic; it is here to
+compare.
+
+Backbone: minilm's Transformer as an encoder (causal=False) with a padding mask and segment
+embeddings; n_segment 0 becomes 2 (base.backbone_config).
+
+Shapes: input_ids, segment_ids (B, T); lengths, labels (B,); hidden (B, T, C); pooled (B, C);
+logits (B, 2). Metrics: the shared sums (nll, targets = rows, correct), so finalize reports
+loss and acc (and a perplexity, exp(loss), which for two classes lies between 1 and 2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm.data import pack_pairs
+from minilm.errors import UserError
+from minilm.model import Pooler, Transformer, padding_mask
+from minilm.objectives.base import Objective, backbone_config
+
+SWAP_PROB = 0.5
+TASKS = ("sop", "nsp")
+
+
+def partners_from_other_documents(documents: torch.Tensor, generator=None):
+    """For each row, a random other row of the batch from another document: (partner (B,),
+    has_partner (B,) bool). A row with none gets itself and has_partner False."""
+    other = documents[:, None] != documents[None, :]                 # (B, B)
+    has_partner = other.any(dim=1)
+    eye = torch.eye(len(documents), dtype=torch.bool, device=documents.device)
+    weights = torch.where(has_partner[:, None], other, eye).float()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1), has_partner
+
+
+class SentenceOrder(Objective):
+    name = "sop"
+    data = "segment_pairs"
+    model_kind = "encoder"
+
+    def __init__(self, model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        self.task = getattr(options, "sentence_task", "sop")
+        if self.task not in TASKS:
+            raise UserError(f"--sentence_task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self.backbone = Transformer(backbone_config(model_cfg, self.data))
+        self.pooler = Pooler(model_cfg)
+        self.head = nn.Linear(model_cfg.n_embd, 2)
+        Transformer._init_weights(self.head)
+
+    def make_batch(self, raw, generator=None):
+        """raw: a SegmentPairSource batch (A then B, in order) -> inputs with labels."""
+        ids, a_len, b_len = raw["input_ids"], raw["a_lengths"], raw["b_lengths"]
+        B, T = ids.shape
+        flip = torch.rand(B, generator=generator, device=ids.device) < SWAP_PROB   # the label-1 rows
+        row = torch.arange(B, device=ids.device) * T          # where each row starts in ids.flatten()
+        a_start, b_start = row + 1, row + a_len + 2
+        if self.task == "sop":                                # [CLS] B [SEP] A [SEP]
+            new = pack_pairs(ids.flatten(), b_start, b_len, a_start, a_len, T)
+        else:                                                 # [CLS] A [SEP] B' [SEP], B' from another document
+            partner, has_partner = partners_from_other_documents(raw["documents"], generator)
+            flip &= has_partner
+            new = pack_pairs(ids.flatten(), a_start, a_len, b_start[partner],
+                             torch.minimum(b_len[partner], T - 3 - a_len), T)
+        new_ids, new_segments, new_lengths = new
+        return {"input_ids": torch.where(flip[:, None], new_ids, ids),
+                "segment_ids": torch.where(flip[:, None], new_segments, raw["segment_ids"]),
+                "lengths": torch.where(flip, new_lengths, raw["lengths"]),
+                "labels": flip.long(),
+                "counts": {"targets": torch.tensor(B, device=ids.device)}}
+
+    def forward(self, batch, totals=None):
+        ids = batch["input_ids"]
+        hidden = self.backbone(ids, causal=False, attn_mask=padding_mask(batch["lengths"], ids.shape[1]),
+                               segment_ids=batch["segment_ids"])                 # (B, T, C)
+        logits = self.head(self.pooler(hidden)).float()                          # (B, 2)
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits, labels, reduction="sum")
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"],
+                    "correct": (logits.argmax(-1) == labels).sum()}
+        return nll / denominator, sums
