@@ -8,9 +8,15 @@ the prompt. Each sample stops at the first end-of-document token it produces.
 
 flags: --ckpt --prompt --max_new_tokens --temperature --top_k --top_p --num_samples --seed --device
        --no_cache (recompute the whole prefix at every step; same tokens, slower)
+
+Encoder checkpoints (--objective mlm, wwm, span) fill in masks instead of generating:
+    python sample.py --ckpt out --fill "The dog chased the red <mask>." [--top_k 5]
+prints, for every <mask>, the top-k candidates with their probabilities (all masks are
+predicted at once, each from the text around it), then the text with each mask's best guess.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -21,11 +27,13 @@ from minilm.config import Config, parse_flags
 from minilm.errors import UserError
 from minilm.generate import generate
 from minilm.objectives import build_objective
-from minilm.tokenizer import EOS_ID, Tokenizer
+from minilm.tokenizer import EOS_ID, MASK_ID, Tokenizer
 from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
-                num_samples=3, seed=0, device="auto", no_cache=False)
+                num_samples=3, seed=0, device="auto", no_cache=False, fill="")
+MASK = "<mask>"
+FILL_TOP_K = 5  # --top_k when filling and none is given
 
 
 def load_for_inference(path: str, device):
@@ -48,6 +56,48 @@ def load_for_inference(path: str, device):
     return objective.to(device).eval(), tokenizer, cfg
 
 
+@torch.no_grad()
+def fill_mask(objective, tokenizer, text: str, top_k: int, device) -> tuple[list, list[int]]:
+    """The top_k candidates for every <mask> in `text`, from one pass of the encoder.
+
+    Returns ([[(token id, probability), ...] per mask, in text order], the input ids).
+    A space right before <mask> goes into the mask: in training, a masked word's first piece
+    ("▁cat") carries its space, so "the red <mask>" must read as "the red" + <mask>, not
+    "the red" + "▁" + <mask>. Write "red<mask>" to ask for the rest of a word.
+    """
+    if MASK not in text:
+        raise UserError(f'--fill needs at least one {MASK} in the text, e.g. --fill "The dog chased the red {MASK}."')
+    parts = text.split(MASK)
+    ids = [EOS_ID]  # as at the start of a document, which is how windows show the model a new text
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
+        if not last:
+            ids.append(MASK_ID)
+    seq_len = objective.backbone.cfg.seq_len
+    if len(ids) > seq_len:
+        raise UserError(f"--fill text is {len(ids)} tokens, longer than the model's context window ({seq_len}); "
+                        "shorten it")
+    input_ids = torch.tensor([ids], device=device)
+    logits = objective.predict(input_ids)[0]                        # (T, V)
+    where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
+    probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+    candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
+    return candidates, ids
+
+
+def print_fill(objective, tokenizer, text: str, top_k: int, device) -> None:
+    candidates, ids = fill_mask(objective, tokenizer, text, top_k, device)
+    for i, cands in enumerate(candidates):
+        print(f"{MASK} {i + 1} of {len(candidates)}:")
+        for token, p in cands:
+            print(f"  {p:.4f}  {json.dumps(tokenizer.decode([token]), ensure_ascii=False)}")
+    best = iter([c[0][0] for c in candidates])
+    filled = [next(best) if t == MASK_ID else t for t in ids[1:]]
+    # quoted, like the candidates: one line even when a guess is "\n"
+    print(f"filled: {json.dumps(tokenizer.decode(filled), ensure_ascii=False)}")
+
+
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
@@ -59,6 +109,17 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {args['top_p']}")
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
+    if args["fill"]:
+        if objective.model_kind != "encoder":
+            raise UserError(f"--fill needs an encoder checkpoint (--objective mlm, wwm or span); {args['ckpt']} "
+                            f"holds a {objective.model_kind} ({objective.name}): use --prompt to generate")
+        if args["top_k"] < 0:
+            raise UserError(f"--top_k must be >= 1 when filling, got {args['top_k']}")
+        print_fill(objective, tokenizer, args["fill"], args["top_k"] or FILL_TOP_K, device)
+        return
+    if objective.model_kind == "encoder":
+        raise UserError(f"{args['ckpt']} holds an encoder ({objective.name}), which cannot generate text; "
+                        f'fill in masks instead: --fill "text with {MASK}"')
     if objective.model_kind != "decoder":
         raise UserError(f"{args['ckpt']} holds a {objective.model_kind} ({objective.name}); "
                         "text generation needs a decoder checkpoint (--objective clm)")
