@@ -12,6 +12,10 @@ Rows (see benchmarks/README.md):
   gen-minilm            minilm.generate.generate, KV cache, 1 sequence          (peer: gen-hf-cache)
   gen-minilm-rope       the same with minilm's defaults
   gen-minilm-nocache    use_cache=False                                         (peer: gen-hf-nocache)
+  mlm-minilm            MaskedLM (sparse head), RoBERTa's layer shapes, masking in the step (peer: roberta-mlm)
+  bf16-mlm-minilm       mlm-minilm under torch.autocast('cpu', bfloat16)       (peer: bf16-roberta-mlm)
+  bf16-roberta-mlm      the harness's roberta-mlm under the same autocast (built here: the harness has none)
+  mask-minilm           MaskedLM.make_batch alone, per batch; wwm and span in its extra fields (peer: collator-mlm)
 Group `minilm` = all of them.
 """
 from __future__ import annotations
@@ -30,6 +34,10 @@ if _ROOT not in sys.path:
 from minilm.config import ModelConfig  # noqa: E402
 from minilm.generate import generate  # noqa: E402
 from minilm.objectives.clm import CausalLM  # noqa: E402
+from minilm.objectives.mlm import MaskedLM  # noqa: E402
+from minilm.objectives.span import SpanMaskedLM  # noqa: E402
+from minilm.objectives.wwm import WholeWordMaskedLM  # noqa: E402
+from minilm.tokenizer import CLS_ID, NUM_SPECIAL, SEP_ID  # noqa: E402
 
 # GPT-2's block (what gpt-hf-sdpa runs): learned absolute positions, LayerNorm with bias, biases in
 # every linear, GELU (minilm: exact erf GELU; HF: gelu_new, the tanh approximation; same FLOPs),
@@ -37,6 +45,10 @@ from minilm.objectives.clm import CausalLM  # noqa: E402
 GPT2_ARCH = dict(position="learned", norm="layernorm", bias=True, mlp="gelu")
 # minilm's defaults: RoPE, RMSNorm, no biases, GELU, tied LM head.
 MINILM_ARCH = dict(position="rope", norm="rmsnorm", bias=False, mlp="gelu")
+# RoBERTa's layers as far as minilm has them: learned positions, LayerNorm with bias, biases, exact
+# GELU, 4x MLP (intermediate 1536), tied head; MaskedLM adds the embedding norm RoBERTa also has.
+# Not the same: pre-norm (RoBERTa: post-norm), no token-type table.
+ROBERTA_ARCH = dict(position="learned", norm="layernorm", bias=True, mlp="gelu")
 
 
 def model_config(h, arch: dict) -> ModelConfig:
@@ -111,6 +123,120 @@ def _gen(h, args, name: str, arch: dict, use_cache: bool = True):
     return r
 
 
+# ----------------------------------------------------------------------------- masked LM
+def roberta_windows(h) -> torch.Tensor:
+    """The peer's MLM examples as minilm token windows, (64, 256).
+
+    roberta-mlm's collator cycles through h.example_pool(): rows <s> w..w </s> with ids 0 and 2
+    at the ends and regular ids 5..V-1 between. Here <s> and </s> become minilm's <cls> and <sep>
+    (special, never masked, as the collator's special_tokens_mask leaves them), and the 110
+    regular ids that are special ids in minilm (5..114) move up by NUM_SPECIAL into the regular
+    range. Same rows, same order, same number of maskable tokens (254 per row).
+    """
+    ids = torch.tensor([ex["input_ids"] for ex in h.example_pool()])
+    return torch.where(ids == 0, CLS_ID, torch.where(ids == 2, SEP_ID,
+                                                     torch.where(ids < NUM_SPECIAL, ids + NUM_SPECIAL, ids)))
+
+
+def mlm_batch_fn(h, objective):
+    """objective.make_batch over the peer's rows, B at a time in the collator's order, with one
+    generator for the whole run: a new mask every step (dynamic masking), as the collator does."""
+    windows, B = roberta_windows(h), h.CFG["batch"]
+    generator = torch.Generator().manual_seed(0)
+    state = {"i": 0}
+
+    def fn():
+        i = state["i"]
+        state["i"] = (i + B) % len(windows)
+        rows = windows[[(i + k) % len(windows) for k in range(B)]]
+        raw = torch.cat([rows, rows[:, -1:]], dim=1)  # (B, T+1), the window shape minilm's data yields
+        return objective.make_batch(raw, generator)
+    return fn
+
+
+def _mlm(h, args, name: str, autocast_dtype=None):
+    torch.manual_seed(0)
+    cfg = model_config(h, ROBERTA_ARCH)
+    obj = MaskedLM(cfg)  # no tokenizer: ids < NUM_SPECIAL are special, random replacements uniform above
+    pos = [obj.backbone.pos_emb.weight]
+    n_total, n_nonemb = h.nparams(obj, pos)
+    batch_fn = mlm_batch_fn(h, obj)
+    predicted = []
+
+    def loss_fn(model, batch):
+        predicted.append(len(batch["targets"]))
+        loss, _sums = model(batch)
+        return loss
+
+    r = h.run_train(
+        name, args, obj, loss_fn, batch_fn, h.CFG["batch"] * h.CFG["seq_len"],
+        n_nonemb=n_nonemb, n_total=n_total, attn_LHQT=h.LHQT(), autocast_dtype=autocast_dtype,
+        extra=dict(
+            impl="minilm MaskedLM: Transformer(causal=False, no mask: no padding) + BERT head "
+                 "(dense, GELU, LayerNorm, tied matrix + bias) on the masked positions only; "
+                 "make_batch (15%, 80/10/10, on tensors) inside the step ('data' phase)",
+            minilm_config=dataclasses.asdict(obj.backbone.cfg),
+            data="the peer's example_pool rows (<s>/</s> -> <cls>/<sep>, ids 5..114 -> +115), same order",
+            note="mfu_formula counts 6N with N including the tied token matrix, i.e. a dense LM head, as "
+                 "for roberta-mlm; minilm computes the head on ~15% of the positions, so util_counted "
+                 "(FLOPs actually run) is the honest utilization. Pre-norm vs RoBERTa's post-norm."))
+    r["predicted_tokens_per_step"] = sum(predicted) / max(1, len(predicted))
+    return r
+
+
+def _roberta_mlm_bf16(h, args):
+    """The harness's roberta-mlm (b_roberta_mlm), line for line, under bf16 autocast."""
+    from transformers import DataCollatorForLanguageModeling
+    torch.manual_seed(0)
+    tok = h.make_tokenizer()
+    coll = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15, seed=0)
+    m = h.roberta_model(args.roberta_attn)
+    e = m.roberta.embeddings
+    tot, nonemb = h.nparams(m, [e.position_embeddings.weight, e.token_type_embeddings.weight])
+
+    def loss_fn(model, b):
+        return model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"]).loss
+    return h.run_train("bf16-roberta-mlm", args, m, loss_fn, h.collator_batch_fn(coll),
+                       h.CFG["batch"] * h.CFG["seq_len"], n_nonemb=nonemb, n_total=tot, attn_LHQT=h.LHQT(), autocast_dtype=torch.bfloat16,
+                       extra=dict(impl=f"transformers RobertaForMaskedLM attn={args.roberta_attn} + "
+                                       "DataCollatorForLanguageModeling(0.15) in loop, under bf16 autocast "
+                                       "(roberta-mlm of peers.py with autocast_dtype; built by the minilm plugin)"))
+
+
+def _time_batches(h, args, fn, n=50):
+    """Median ms per call, timed exactly as the harness's collator-mlm row times its collator."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(args.repeats):
+        t0 = h.PC()
+        for _ in range(n):
+            fn()
+        times.append((h.PC() - t0) / n)
+    return times
+
+
+def _mask_only(h, args):
+    """make_batch alone (masking, labels, the chosen positions), per batch of the peer's rows.
+    collator-mlm is the peer (DataCollatorForLanguageModeling on lists of ids)."""
+    cfg = model_config(h, ROBERTA_ARCH)
+    V = cfg.vocab_size
+    times = _time_batches(h, args, mlm_batch_fn(h, MaskedLM(cfg)))
+    batch = mlm_batch_fn(h, MaskedLM(cfg))()
+    r = dict(bench="mask-minilm", kind="collator", batch_ms=h.summarize([1e3 * t for t in times]),
+             tokens_per_s=h.summarize([h.CFG["batch"] * h.CFG["seq_len"] / t for t in times]),
+             masked_frac=float((batch["labels"] != -100).float().mean()),
+             impl="minilm MaskedLM.make_batch: masking.choose_bernoulli + replace on a (B, T+1) tensor")
+    # whole-word and span masking need word starts; the peer's ids have none, so pretend 7 of every
+    # 10 ids start a word (about English BPE's share): words of 1.4 pieces on average
+    for objective_class, key in ((WholeWordMaskedLM, "wwm"), (SpanMaskedLM, "span")):
+        obj = objective_class(cfg)
+        obj.starts_word_table.copy_(torch.arange(V) % 10 < 7)
+        times = _time_batches(h, args, mlm_batch_fn(h, obj))
+        r[f"{key}_batch_ms"] = h.summarize([1e3 * t for t in times])
+    return r
+
+
 def register(registry, h):
     registry["gpt-minilm"] = lambda args: _train(h, args, "gpt-minilm", GPT2_ARCH)
     registry["gpt-minilm-rope"] = lambda args: _train(h, args, "gpt-minilm-rope", MINILM_ARCH)
@@ -119,5 +245,12 @@ def register(registry, h):
     registry["gen-minilm"] = lambda args: _gen(h, args, "gen-minilm", GPT2_ARCH)
     registry["gen-minilm-rope"] = lambda args: _gen(h, args, "gen-minilm-rope", MINILM_ARCH)
     registry["gen-minilm-nocache"] = lambda args: _gen(h, args, "gen-minilm-nocache", GPT2_ARCH, use_cache=False)
+    registry["mlm-minilm"] = lambda args: _mlm(h, args, "mlm-minilm")
+    registry["bf16-mlm-minilm"] = lambda args: _mlm(h, args, "bf16-mlm-minilm", torch.bfloat16)
+    registry["bf16-roberta-mlm"] = lambda args: _roberta_mlm_bf16(h, args)
+    registry["mask-minilm"] = lambda args: _mask_only(h, args)
     h.GROUPS["minilm"] = ["gpt-minilm", "gpt-minilm-rope", "bf16-minilm", "bf16-minilm-rope",
-                          "gen-minilm", "gen-minilm-rope", "gen-minilm-nocache"]
+                          "gen-minilm", "gen-minilm-rope", "gen-minilm-nocache",
+                          "mlm-minilm", "bf16-mlm-minilm", "bf16-roberta-mlm", "mask-minilm"]
+    h.GROUPS["minilm-mlm"] = ["roberta-mlm", "mlm-minilm", "bf16-roberta-mlm", "bf16-mlm-minilm",
+                              "collator-mlm", "mask-minilm"]

@@ -22,6 +22,9 @@ PAIRS = [  # (minilm row, peer row)
     ("gen-minilm", "gen-hf-cache"),
     ("gen-minilm-rope", "gen-hf-cache"),
     ("gen-minilm-nocache", "gen-hf-nocache"),
+    ("mlm-minilm", "roberta-mlm"),
+    ("bf16-mlm-minilm", "bf16-roberta-mlm"),
+    ("mask-minilm", "collator-mlm"),       # masking alone, tokens/s of batches made
 ]
 LOAD_LIMIT = 0.05
 
