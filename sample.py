@@ -27,7 +27,7 @@ from minilm.config import Config, parse_flags
 from minilm.errors import UserError
 from minilm.generate import generate
 from minilm.objectives import build_objective
-from minilm.tokenizer import EOS_ID, MASK_ID, Tokenizer
+from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, SEP_ID, Tokenizer
 from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
@@ -68,12 +68,17 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device) -> tuple[list
     if MASK not in text:
         raise UserError(f'--fill needs at least one {MASK} in the text, e.g. --fill "The dog chased the red {MASK}."')
     parts = text.split(MASK)
-    ids = [EOS_ID]  # as at the start of a document, which is how windows show the model a new text
+    # Frame the text as training showed texts: an encoder trained on plain windows saw a new
+    # document after <eos>; one trained on sentence pairs (mlm+sop) saw [CLS] A [SEP].
+    pairs = objective.data == "segment_pairs"
+    ids = [CLS_ID] if pairs else [EOS_ID]
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
         if not last:
             ids.append(MASK_ID)
+    if pairs:
+        ids.append(SEP_ID)
     seq_len = objective.backbone.cfg.seq_len
     if len(ids) > seq_len:
         raise UserError(f"--fill text is {len(ids)} tokens, longer than the model's context window ({seq_len}); "
@@ -93,7 +98,7 @@ def print_fill(objective, tokenizer, text: str, top_k: int, device) -> None:
         for token, p in cands:
             print(f"  {p:.4f}  {json.dumps(tokenizer.decode([token]), ensure_ascii=False)}")
     best = iter([c[0][0] for c in candidates])
-    filled = [next(best) if t == MASK_ID else t for t in ids[1:]]
+    filled = [next(best) if t == MASK_ID else t for t in ids if t not in (EOS_ID, CLS_ID, SEP_ID)]
     # quoted, like the candidates: one line even when a guess is "\n"
     print(f"filled: {json.dumps(tokenizer.decode(filled), ensure_ascii=False)}")
 
@@ -107,19 +112,24 @@ def main(argv: list[str]) -> None:
         raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
     if not 0.0 < args["top_p"] <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args['top_p']}")
+    if args["top_k"] < 0:
+        raise UserError(f"--top_k must be 0 (off) or a positive number of tokens, got {args['top_k']}")
+    if args["temperature"] < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {args['temperature']}")
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
     if args["fill"]:
-        if objective.model_kind != "encoder":
-            raise UserError(f"--fill needs an encoder checkpoint (--objective mlm, wwm or span); {args['ckpt']} "
-                            f"holds a {objective.model_kind} ({objective.name}): use --prompt to generate")
-        if args["top_k"] < 0:
-            raise UserError(f"--top_k must be >= 1 when filling, got {args['top_k']}")
+        if not objective.fills_masks:
+            hint = ("use --prompt to generate" if objective.model_kind == "decoder" else
+                    "it has no masked-LM head to fill masks with")
+            raise UserError(f"--fill needs a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop); "
+                            f"{args['ckpt']} holds a {objective.model_kind} ({objective.name}): {hint}")
         print_fill(objective, tokenizer, args["fill"], args["top_k"] or FILL_TOP_K, device)
         return
     if objective.model_kind == "encoder":
-        raise UserError(f"{args['ckpt']} holds an encoder ({objective.name}), which cannot generate text; "
-                        f'fill in masks instead: --fill "text with {MASK}"')
+        hint = (f'fill in masks instead: --fill "text with {MASK}"' if objective.fills_masks else
+                "and it has no masked-LM head either; its backbone is for fine-tuning")
+        raise UserError(f"{args['ckpt']} holds an encoder ({objective.name}), which cannot generate text; {hint}")
     if objective.model_kind != "decoder":
         raise UserError(f"{args['ckpt']} holds a {objective.model_kind} ({objective.name}); "
                         "text generation needs a decoder checkpoint (--objective clm)")

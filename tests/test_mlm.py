@@ -201,7 +201,44 @@ def test_fill_mask_refuses_what_it_cannot_do(encoder_run, tmp_path, prepared, to
     cfg = make_config(tmp_path, tokenizer.vocab_size, objective="clm", max_steps=1)
     make_trainer(cfg, prepared, tokenizer).save()                       # an untrained decoder
     assert_user_error(run("sample.py", "--ckpt", tmp_path, "--fill", "a <mask> b", "--device", "cpu"),
-                      "--fill needs an encoder", "clm")
+                      "--fill needs a masked-LM checkpoint", "clm")
+    # nor can an encoder without a masked-LM head (sentence order alone)
+    sop = tmp_path / "sop"
+    sop.mkdir()
+    cfg = make_config(sop, tokenizer.vocab_size, objective="sop", max_steps=1)
+    torch.manual_seed(0)
+    Trainer(cfg, build_objective("sop", cfg.model, tokenizer, cfg.obj), None, None, tokenizer,
+            log=lambda *_: None).save()
+    assert_user_error(run("sample.py", "--ckpt", sop, "--fill", "a <mask> b", "--device", "cpu"),
+                      "no masked-LM head")
+    assert_user_error(run("sample.py", "--ckpt", sop, "--device", "cpu"), "cannot generate", "no masked-LM head")
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm+sop"])
+def test_fill_mask_candidates_are_the_softmax_at_each_mask(name, tokenizer):
+    """fill_mask's candidates are, mask by mask and in text order, the top-k of the softmax of the
+    dense logits at that mask's position, with the framing the objective was trained on."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sample_script", os.path.join(os.path.dirname(__file__), "..", "sample.py"))
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, SEP_ID
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1, n_head=2, n_embd=32)
+    objective = build_objective(name, cfg, tokenizer).eval()
+    candidates, ids = sample.fill_mask(objective, tokenizer, "The value <mask> of a <mask>.", 4, "cpu")
+    framing = (CLS_ID, SEP_ID) if name == "mlm+sop" else (EOS_ID, None)
+    assert ids[0] == framing[0] and (framing[1] is None or ids[-1] == framing[1])
+    where = [i for i, t in enumerate(ids) if t == MASK_ID]
+    assert len(where) == 2 == len(candidates)
+    with torch.no_grad():
+        probs = objective.predict(torch.tensor([ids]))[0].softmax(-1)       # (T, V)
+    for position, cands in zip(where, candidates):
+        top = probs[position].topk(4)
+        assert [t for t, _ in cands] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([p for _, p in cands]), top.values, rtol=1e-5, atol=1e-6)
+    # the space before a mask goes into the mask: "value" + <mask>, not "value" + "▁" + <mask>
+    assert tokenizer.decode(ids[1:where[0]]) == "The value"
 
 
 def test_bad_masking_flag_is_one_line(encoder_run, corpus_dir):

@@ -187,6 +187,10 @@ def test_train_py_mlm_plus_sop(tmp_path, corpus_dir):
         assert key in val_line, val_line
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any("val_sop/acc" in r and "val_mlm/loss" in r for r in records)
+    # the ALBERT-style encoder fills masks through its MLM part
+    fill = run("sample.py", "--ckpt", out, "--fill", "a <mask> b <mask>", "--top_k", 2, "--device", "cpu")
+    assert fill.returncode == 0, fill.stderr[-3000:]
+    assert fill.stdout.splitlines()[0] == "<mask> 1 of 2:" and fill.stdout.splitlines()[-1].startswith('filled: "a')
     bad = run("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "bad", "--objective", "mlm+sop",
               "--objective_weights", "1", "--max_steps", 1, *TINY)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--objective_weights" in bad.stderr

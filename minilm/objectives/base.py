@@ -38,6 +38,7 @@ class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (see minilm/data.py)
     model_kind: str = "decoder"   # what sample.py can do with its backbone
+    fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
 
     backbone: nn.Module
 

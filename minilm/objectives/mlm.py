@@ -99,6 +99,7 @@ class MaskedLM(Objective):
     name = "mlm"
     data = "blocks"
     model_kind = "encoder"
+    fills_masks = True
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

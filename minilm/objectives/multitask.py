@@ -84,10 +84,18 @@ class MultiTask(Objective):
         self.weights = parse_weights(getattr(options, "objective_weights", ""), names)
         parts = [cls(backbone_config(model_cfg, self.data), tokenizer, options) for cls in classes]
         self.model_kind = parts[0].model_kind
+        self.fills_masks = any(part.fills_masks for part in parts)
         self.backbone = parts[0].backbone
         for part in parts:
             share_backbone(part, self.backbone)
         self.parts = nn.ModuleDict(zip(names, parts))
+
+    def predict(self, input_ids, attn_mask=None, segment_ids=None):
+        """The masked-LM part's dense logits (B, T, V), for fill-mask (sample.py)."""
+        for part in self.parts.values():
+            if part.fills_masks:
+                return part.predict(input_ids, attn_mask=attn_mask, segment_ids=segment_ids)
+        raise TypeError(f"{self.name} has no masked-LM part to predict with")
 
     def make_batch(self, raw, generator=None):
         batch = {"counts": {}}
