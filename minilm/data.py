@@ -236,7 +236,7 @@ def _init_worker(model_bytes: bytes) -> None:
 def _encode_job(job: list[tuple[str, bool, bool]]) -> list[tuple[np.ndarray, bool]]:
     """Encode a list of (text, ends_document, is_val); append <eos> where a document ends."""
     tok = _worker_tokenizer
-    ids = tok.sp.encode([text for text, _, _ in job])
+    ids = tok.encode_batch([text for text, _, _ in job])
     out = []
     for (_, ends, is_val), piece in zip(job, ids):
         if ends:

@@ -11,8 +11,9 @@ Decisions that matter later:
   * Normalization is the identity and whitespace is kept as is, with byte fallback for any
     character that did not make it into the vocabulary: decode(encode(text)) == text for every
     Unicode string (tabs, repeated spaces, newlines, emoji, CJK), and nothing ever maps to <unk>.
-    (One exception: a literal "\u2581" in the text is sentencepiece's own space marker and decodes
-    as a space.)
+    A literal "\u2581" in the text is sentencepiece's own space marker, which it would decode as a
+    space; encode writes it as its three UTF-8 bytes (byte-fallback pieces) instead, so it too
+    comes back as itself.
   * No "dummy prefix": sentencepiece would otherwise glue a "▁" the text does not have onto every
     encoded string, so "<mask>" would be two ids, the bytes of the pieces would not add up to the
     bytes of the text (bits per byte), and a document encoded in chunks would decode with an extra
@@ -27,6 +28,7 @@ Decisions that matter later:
 from __future__ import annotations
 
 import io
+import os
 import random
 from typing import Iterable, Iterator
 
@@ -75,6 +77,8 @@ class Tokenizer:
             raise UserError("this sentencepiece model was not trained by minilm (special ids differ); "
                             "let train.py train its own tokenizer")
         self.vocab_size = self.sp.get_piece_size()
+        # the byte-fallback ids of "▁" (E2 96 81), for texts that contain it literally
+        self.word_mark_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in WORD_MARK.encode("utf-8")]
         self._build_tables()
 
     # ------------------------------------------------------------------ training
@@ -103,7 +107,7 @@ class Tokenizer:
                 add_dummy_prefix=False,  # see the module docstring
                 allow_whitespace_only_pieces=True, split_digits=True,
                 character_coverage=character_coverage, max_sentence_length=1 << 16,
-                train_extremely_large_corpus=False, num_threads=2, minloglevel=2)
+                train_extremely_large_corpus=False, num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as err:
             msg = str(err)
             if "smaller than required_chars" in msg:
@@ -121,12 +125,23 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
-        return ([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else [])
+        return self.encode_batch([text], bos=bos, eos=eos)[0]
 
     def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
-        out = self.sp.encode(list(texts))
+        texts = list(texts)
+        out = self.sp.encode(texts)
+        for i, text in enumerate(texts):
+            if WORD_MARK in text:  # rare: re-encode around each literal "▁" (module docstring)
+                out[i] = self._encode_with_word_marks(text)
         return [([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else []) for ids in out]
+
+    def _encode_with_word_marks(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, part in enumerate(self.sp.encode(text.split(WORD_MARK))):
+            if i:
+                ids += self.word_mark_bytes
+            ids += part
+        return ids
 
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):

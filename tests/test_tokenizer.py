@@ -29,6 +29,7 @@ VARIED = {
     "control": "bell\x07 nul\x00 esc\x1b[31mred\x1b[0m del\x7f vt\x0b ff\x0c",
     "unicode_spaces": "nbsp\u00a0here ideographic\u3000space zwsp\u200bend rtl\u200fmark",
     "combining": "e\u0301 vs \u00e9, n\u0303, ﬁ ligature, ① circled",
+    "word_mark": "\u2581lead a\u2581b \u2581 \u2581\u2581 tail\u2581",  # sentencepiece's own space marker, literally
     "replacement_char": "a \ufffd b",
     "digits": "3.14159 and 1,000,000 and 2024-01-01",
 }
