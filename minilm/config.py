@@ -77,7 +77,7 @@ class ModelConfig:
 
 
 # Size presets. "base" is the GPT-2 124M shape (with GPT-2's 1024 context and 50k-ish vocab
-# it is 124M parameters; with our default 8192-token vocab it is about 92M).
+# it is 124M parameters; with the benchmarks' 8192-token vocab it is about 92M).
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, seq_len=128),     # ~0.9M with a 4096 vocab (tests)
     "small": dict(n_layer=6, n_head=6, n_embd=384, seq_len=256),    # ~10.6M + embeddings (the bench config)
@@ -100,6 +100,9 @@ class ObjectiveConfig:
     """Options of the objectives (masking rates, span laws, loss weights). Each objective reads
     the fields it needs and documents them in its own file."""
     objective_weights: str = ""   # for "a+b" objectives: comma-separated loss weights, e.g. "1,0.5"
+    # causal LM (minilm/objectives/clm.py)
+    predict_after_eos: bool = True    # predict a document's first token from the end of the one before;
+                                      # false ignores those targets (<eos> itself is always a target)
     # masked-LM family (mlm, wwm, span; minilm/objectives/mlm.py, minilm/masking.py)
     mask_prob: float = 0.15           # share of eligible tokens to predict (mlm: each independently;
                                       # wwm: round(p*n) tokens in whole words; span: exactly ceil(p*n))

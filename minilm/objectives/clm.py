@@ -12,6 +12,12 @@ Labels are masked by *position*, never by token id. Batches that carry padding g
 IGNORE. Document-end tokens (<eos>) are ordinary targets, so the model learns to stop. The trap
 this avoids: setting labels[labels == pad_id] = -100 when pad == eos silently removes every
 end-of-text target (transformers issue #23530).
+
+Document boundaries: windows are cut from the token stream without regard to documents
+(nanoGPT, GPT-2), so a window may read "...end of doc A <eos> start of doc B". By default the
+target after <eos> (doc B's first token, predicted from doc A) is kept, as nanoGPT does; with
+--predict_after_eos false it is ignored, since no context can predict it. Attention still
+crosses the boundary either way (no per-document mask).
 """
 from __future__ import annotations
 
@@ -20,15 +26,19 @@ import torch.nn.functional as F
 
 from minilm.model import Transformer
 from minilm.objectives.base import IGNORE, Objective
+from minilm.tokenizer import EOS_ID
 
 
-def causal_labels(raw: torch.Tensor, lengths: torch.Tensor | None = None):
+def causal_labels(raw: torch.Tensor, lengths: torch.Tensor | None = None, predict_after_eos: bool = True):
     """raw (B, T+1) -> input_ids (B, T), labels (B, T); labels[t] = raw[t+1] where real."""
     input_ids, labels = raw[:, :-1], raw[:, 1:].clone()
     if lengths is not None:
         # target t is real when token t+1 is real: t + 1 < length
         positions = torch.arange(labels.shape[1], device=raw.device)
         labels[positions[None, :] + 1 >= lengths[:, None]] = IGNORE
+    if not predict_after_eos:
+        # the position that *reads* <eos> would predict the next document's first token
+        labels[input_ids == EOS_ID] = IGNORE
     return input_ids, labels
 
 
@@ -43,9 +53,10 @@ class CausalLM(Objective):
         # UTF-8 bytes per token id, for bits per byte; a buffer so it follows .to(device)
         n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
         self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+        self.predict_after_eos = getattr(options, "predict_after_eos", True)
 
     def make_batch(self, raw, generator=None, lengths=None):
-        input_ids, labels = causal_labels(raw, lengths)
+        input_ids, labels = causal_labels(raw, lengths, self.predict_after_eos)
         return {"input_ids": input_ids, "labels": labels,
                 "counts": {"targets": (labels != IGNORE).sum()}}
 
