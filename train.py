@@ -106,7 +106,9 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         if resume == "auto":
             ckpt_path, state = newest_loadable(cfg.train.out_dir, log=log)
         else:
-            ckpt_path, state = resume, load_checkpoint(resume)
+            ckpt_path, state = resume, load_checkpoint(resume, resumable=True)
+        if state.get("tokenizer") is None:
+            raise UserError(f"{ckpt_path} carries no tokenizer, so train.py cannot resume from it; start a new run")
         fixed = explicit_flags(argv) & MODEL_FIELDS_FIXED_ON_RESUME
         if fixed:
             raise UserError(f"--{sorted(fixed)[0]} cannot change when resuming; the model's shape comes "

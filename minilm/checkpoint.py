@@ -52,7 +52,12 @@ def save_checkpoint(path: str, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+RESUME_KEYS = ("optimizer", "step", "rng")  # what resuming needs beyond config and model
+
+
+def load_checkpoint(path: str, map_location="cpu", resumable: bool = False) -> dict:
+    """The checkpoint's dict, loaded with weights_only=True; a one-line UserError for a missing,
+    truncated, unsafe or foreign file. resumable: also require what resuming training needs."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first with train.py, or pass --ckpt PATH")
     try:
@@ -70,8 +75,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             reason = "refused to unpickle: " + reason
         raise UserError(f"cannot load checkpoint {path}: it is truncated, corrupt, unsafe or not a minilm "
                         f"checkpoint ({reason[:200]})") from None
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
         raise UserError(f"{path} is not a minilm checkpoint (no config/model inside)")
+    missing = [k for k in RESUME_KEYS if state.get(k) is None] if resumable else []
+    if missing:
+        raise UserError(f"{path} cannot be resumed from: it has no {', '.join(missing)} (not written by "
+                        "train.py); start a new run instead")
     return state
 
 
@@ -121,7 +130,7 @@ def newest_loadable(out_dir: str, log=print) -> tuple[str, dict]:
         raise UserError(f"no checkpoint to resume in {out_dir}; train without --resume first")
     for path in reversed(paths):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, resumable=True)
         except UserError as err:
             log(f"note: skipping {path}: {err}")
     raise UserError(f"none of the {len(paths)} checkpoints in {out_dir} loads; they are all damaged")

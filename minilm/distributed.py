@@ -116,11 +116,19 @@ def shard_fsdp(objective: torch.nn.Module) -> None:
     fully_shard(objective)
 
 
+@contextlib.contextmanager
 def no_sync(model: torch.nn.Module, skip: bool):
-    """Context that suppresses DDP's gradient all-reduce when `skip` (micro-steps before the last)."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    """Suppress the gradient all-reduce (DDP) or reduce-scatter (FSDP2) when `skip` (micro-steps
+    before the last): gradients then accumulate locally and are synchronized once per step.
+    DDP decides at the forward whether the backward will sync, so the forward must run inside."""
+    if hasattr(model, "no_sync"):                              # DDP
+        with (model.no_sync() if skip else contextlib.nullcontext()):
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):         # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(not skip)
+        yield
+    else:
+        yield
 
 
 def full_state_dicts(objective: torch.nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:

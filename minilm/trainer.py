@@ -36,8 +36,8 @@ import time
 import numpy as np
 import torch
 
-from minilm.checkpoint import (bytes_to_tensor, checkpoint_path, load_checkpoint, newest_loadable,
-                               prune_checkpoints, save_checkpoint)
+from minilm.checkpoint import (bytes_to_tensor, checkpoint_path, list_checkpoints, load_checkpoint,
+                               newest_loadable, prune_checkpoints, save_checkpoint)
 from minilm.config import Config
 from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
@@ -47,6 +47,8 @@ from minilm.flops import flops_per_token, measure_peak_flops
 from minilm.objectives import finalize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ROLLBACKS_ALLOWED = 6                      # --on_nan rollback gives up below lr x 1/64
+MIN_LR_SCALE = 0.5 ** ROLLBACKS_ALLOWED
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -275,9 +277,10 @@ class Trainer:
             batch = self.objective.make_batch(raw, torch.Generator(device=self.device).manual_seed(i))
             with autocast(self.device, self.dtype):
                 _, batch_sums = self.objective(batch)
-            if counted:
-                for k, v in batch_sums.items():
-                    sums[k] = sums.get(k, 0) + v.detach().to("cpu", torch.float64)
+            # a padding batch (past eval_batches) adds zeros: every rank then holds the same keys,
+            # which the all-reduce below needs, even a rank with no counted batch at all
+            for k, v in batch_sums.items():
+                sums[k] = sums.get(k, 0) + v.detach().to("cpu", torch.float64) * float(counted)
         self.objective.train()
         if self.dist.enabled:  # NCCL reduces device tensors
             sums = all_reduce_dict({k: v.to(self.device) for k, v in sums.items()}, self.dist, self.device)
@@ -340,9 +343,15 @@ class Trainer:
         self.stop_signal = signum  # acted on after the current step: save, then exit
 
     def _stop_requested(self) -> bool:
-        """True on every rank when any rank got a signal, so all stop at the same step."""
+        """True on every rank when any rank got a signal, so all stop at the same step.
+
+        Under torchrun the ranks agree through an all-reduce, which waits for the device: asked
+        only every log_every steps (and at the last), so the steps in between stay asynchronous.
+        torchrun kills its workers 30 s after passing on a SIGTERM: keep log_every steps shorter."""
         if not self.dist.enabled:
             return self.stop_signal is not None
+        if self.step % self.tcfg.log_every and self.step % self.tcfg.ckpt_every:
+            return False
         flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
         return all_reduce_sum(flag, self.dist).item() > 0
 
@@ -396,9 +405,20 @@ class Trainer:
                     if tc.on_nan != "rollback":
                         raise UserError(f"the loss became {bad.value} at step {bad.step}; lower --lr or raise "
                                         "--warmup_steps and --resume, or pass --on_nan rollback") from None
+                    if not list_checkpoints(tc.out_dir):
+                        raise UserError(f"the loss became {bad.value} at step {bad.step}, before any checkpoint "
+                                        "to roll back to; lower --lr or raise --warmup_steps") from None
+                    scale = self.lr_scale
                     path, state = newest_loadable(tc.out_dir, log=self.log)
                     self.load(path, state)
-                    self.lr_scale *= 0.5
+                    # halve from the lowest scale reached so far: the checkpoint may predate the
+                    # last rollback, and its data, masks and random state would bring the same
+                    # NaN back at the same learning rate forever
+                    self.lr_scale = min(scale, self.lr_scale) * 0.5
+                    if self.lr_scale < MIN_LR_SCALE:
+                        raise UserError(f"the loss became {bad.value} at step {bad.step} again after rolling "
+                                        f"back {ROLLBACKS_ALLOWED} times; lower --lr, raise --warmup_steps or "
+                                        "check the data") from None
                     self.log(f"step {bad.step:>6} | loss {bad.value}: rolled back to {path} (step {self.step}), "
                              f"learning rate now x{self.lr_scale:g}")
                     self.history = self.history[:self.step]

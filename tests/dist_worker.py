@@ -1,9 +1,10 @@
 """One process of a distributed test run, started by torchrun from tests/test_distributed.py.
 
-usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME
-Trains the tiny test model with the real Trainer, then writes what the test compares:
-OUT_DIR/params-rank{R}.pt (full, unsharded weights as this rank sees them) and
-OUT_DIR/history-rank{R}.json (the losses of the steps this process trained).
+usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME [OBJECTIVE]
+Trains the tiny test model with the real Trainer (objective clm unless named), then writes what
+the test compares: OUT_DIR/params-rank{R}.pt (full, unsharded weights as this rank sees them),
+OUT_DIR/history-rank{R}.json (the losses of the steps this process trained) and, under DDP,
+OUT_DIR/allreduce-rank{R}.json (how many gradient all-reduce rounds ran).
 """
 import json
 import os
@@ -39,19 +40,36 @@ def tiny_config(out_dir, vocab_size, steps, accum, fsdp=False):
     return cfg
 
 
+def count_allreduce_rounds(model) -> list:
+    """Under DDP, a list that gains one entry per gradient all-reduce round (its bucket 0), through
+    a comm hook that otherwise does what DDP does by default (all-reduce, then average)."""
+    rounds: list = []
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(process_group, bucket):
+            if bucket.index() == 0:
+                rounds.append(1)
+            return allreduce_hook(process_group, bucket)
+        model.register_comm_hook(None, counting_hook)
+    return rounds
+
+
 def main():
     out_dir, data_dir, tok_path = sys.argv[1:4]
     steps, until, accum = (int(x) for x in sys.argv[4:7])
     fsdp, resume = sys.argv[7] == "1", sys.argv[8] == "1"
+    objective_name = sys.argv[9] if len(sys.argv) > 9 else "clm"
     torch.set_num_threads(1)
     info, _ = setup("cpu")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.load(tok_path)
     cfg = tiny_config(out_dir, tokenizer.vocab_size, steps, accum, fsdp)
     torch.manual_seed(0)
-    objective = build_objective("clm", cfg.model, tokenizer)
+    objective = build_objective(objective_name, cfg.model, tokenizer)
     train = BlockSource(data_dir, "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
     trainer = Trainer(cfg, objective, train, None, tokenizer, log=print, dist_info=info)
+    rounds = count_allreduce_rounds(trainer.model)
     if resume:
         path, state = newest_loadable(out_dir)
         trainer.load(path, state)
@@ -66,6 +84,8 @@ def main():
     torch.save({k: v.detach().cpu() for k, v in model_state.items()}, os.path.join(out_dir, f"params-rank{info.rank}.pt"))
     with open(os.path.join(out_dir, f"history-rank{info.rank}.json"), "w") as f:
         json.dump(history, f)
+    with open(os.path.join(out_dir, f"allreduce-rank{info.rank}.json"), "w") as f:
+        json.dump(len(rounds), f)
     teardown()
 
 

@@ -158,7 +158,18 @@ def test_sample_refuses_bad_checkpoints(tmp_path):
         pickle.dump({"config": {}, "model": Payload(str(marker))}, f)
     assert_user_error(run("sample.py", "--ckpt", tmp_path / "evil.pt"), "cannot load")
     assert not marker.exists()
+    # the same payload inside torch.save's zip format, met by train.py --resume (a file, then as
+    # the newest checkpoint of an out_dir, where it is skipped as unloadable)
+    torch.save({"config": {}, "model": Payload(str(marker))}, tmp_path / "evil-zip.pt")
+    assert_user_error(run("train.py", "--resume", tmp_path / "evil-zip.pt", "--out_dir", tmp_path / "o"),
+                      "cannot load", "refused to unpickle")
+    (tmp_path / "run").mkdir()
+    os.replace(tmp_path / "evil-zip.pt", tmp_path / "run" / "ckpt-00000009.pt")
+    assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "run"), "none of the 1 checkpoints")
+    assert not marker.exists()
     assert_user_error(run("sample.py", "--top_p", 0), "--top_p")
+    assert_user_error(run("sample.py", "--top_k", -1), "--top_k")
+    assert_user_error(run("sample.py", "--temperature", -0.5), "--temperature")
     assert_user_error(run("sample.py", "--temprature", 1), "did you mean --temperature")
 
 
@@ -175,7 +186,8 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_library_imports_no_hugging_face_package():
     import re
-    banned = re.compile(r"^\s*(from|import)\s+(transformers|tokenizers|datasets|accelerate)\b", re.M)
+    hf = r"(transformers|tokenizers|datasets|accelerate|huggingface_hub|safetensors)"
+    banned = re.compile(rf"^\s*(from|import)\s+{hf}\b|import_module\(\s*['\"]{hf}|__import__\(\s*['\"]{hf}", re.M)
     sources = [os.path.join(ROOT, f) for f in ("train.py", "sample.py")]
     for root, _, names in os.walk(os.path.join(ROOT, "minilm")):
         sources += [os.path.join(root, n) for n in names if n.endswith(".py")]

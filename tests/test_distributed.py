@@ -29,9 +29,9 @@ def torchrun(*args, nproc=2, timeout=240):
     return result
 
 
-def worker(out, prepared, tok_path, steps, until, accum, fsdp=False, resume=False):
+def worker(out, prepared, tok_path, steps, until, accum, fsdp=False, resume=False, objective="clm"):
     return torchrun(os.path.join(ROOT, "tests", "dist_worker.py"), out, prepared[0], tok_path, steps, until, accum,
-                    int(fsdp), int(resume))
+                    int(fsdp), int(resume), objective)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,13 @@ def tok_path(tmp_path_factory, tokenizer):
     return path
 
 
-def single_process(out, prepared, tokenizer, steps, accum, grads=None):
+def single_process(out, prepared, tokenizer, steps, accum, grads=None, objective="clm"):
     from minilm.data import BlockSource
     from minilm.objectives import build_objective
     from minilm.trainer import Trainer
     cfg = tiny_config(out, tokenizer.vocab_size, steps, accum)
     torch.manual_seed(0)
-    objective = build_objective("clm", cfg.model, tokenizer)
+    objective = build_objective(objective, cfg.model, tokenizer)
     train = BlockSource(prepared[0], "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
     trainer = Trainer(cfg, objective, train, None, tokenizer, log=lambda *_: None)
     if grads is not None:  # the first step's gradient, before training
@@ -62,14 +62,23 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, prepared, tokenizer, tok_path):
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_two_processes_equal_one_process_with_twice_the_accumulation(objective, tmp_path, prepared, tokenizer,
+                                                                     tok_path):
+    # clm: every micro-batch has the same number of targets; mlm: each masks a different number,
+    # so only a loss normalized by the step's global count (summed over ranks) matches one process.
+    # 2 processes x 2 micro-batches against 1 process x 4: the no_sync path is in the comparison.
     out = tmp_path / "ddp"
-    worker(out, prepared, tok_path, steps=5, until=5, accum=1)
+    worker(out, prepared, tok_path, steps=5, until=5, accum=2, objective=objective)
     rank0, rank1 = load(out / "params-rank0.pt"), load(out / "params-rank1.pt")
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name          # identical on both ranks
+    # one gradient all-reduce per step (5 steps + the first step's gradient taken before them),
+    # not one per micro-batch: no_sync held the first micro-batch's back
+    assert json.load(open(out / "allreduce-rank0.json")) == 6
     ref_grads = {}
-    reference, ref_history = single_process(tmp_path / "one", prepared, tokenizer, steps=5, accum=2, grads=ref_grads)
+    reference, ref_history = single_process(tmp_path / "one", prepared, tokenizer, steps=5, accum=4, grads=ref_grads,
+                                            objective=objective)
     # the gradient itself, not only the AdamW result (which barely notices a wrongly scaled gradient)
     for rank in (0, 1):
         grads = load(out / f"grads-rank{rank}.pt")
@@ -83,7 +92,7 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tmp_path, p
     # and the weights really moved (the comparison is not between two untouched initialisations)
     torch.manual_seed(0)
     from minilm.objectives import build_objective
-    init = build_objective("clm", tiny_config(out, tokenizer.vocab_size, 5, 1).model, tokenizer).state_dict()
+    init = build_objective(objective, tiny_config(out, tokenizer.vocab_size, 5, 1).model, tokenizer).state_dict()
     assert not torch.allclose(init["backbone.blocks.0.attn.qkv.weight"], rank0["backbone.blocks.0.attn.qkv.weight"])
 
 
@@ -103,7 +112,7 @@ def test_two_process_run_resumes_exactly(tmp_path, prepared, tok_path):
 
 def test_fsdp_checkpoint_loads_into_one_process(tmp_path, prepared, tokenizer, tok_path):
     out = tmp_path / "fsdp"
-    worker(out, prepared, tok_path, steps=3, until=3, accum=1, fsdp=True)
+    worker(out, prepared, tok_path, steps=3, until=3, accum=2, fsdp=True)
     sharded = load(out / "params-rank0.pt")
     from minilm.checkpoint import load_checkpoint
     from minilm.objectives import build_objective
@@ -112,9 +121,10 @@ def test_fsdp_checkpoint_loads_into_one_process(tmp_path, prepared, tokenizer, t
     fresh.load_state_dict(state["model"])                      # plain tensors, strict keys
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, sharded[name]), name
-    # FSDP computes the same steps as DDP / one process with 2 micro-batches
+    # FSDP (2 processes x 2 micro-batches, gradient sync on the last only) computes the same steps
+    # as one process with 4 micro-batches
     ref_grads = {}
-    reference, _ = single_process(tmp_path / "one", prepared, tokenizer, steps=3, accum=2, grads=ref_grads)
+    reference, _ = single_process(tmp_path / "one", prepared, tokenizer, steps=3, accum=4, grads=ref_grads)
     grads = load(out / "grads-rank0.pt")
     for name, value in ref_grads.items():
         assert torch.allclose(grads[name], value, atol=1e-6, rtol=1e-4), name
@@ -126,8 +136,10 @@ def test_train_py_runs_under_torchrun(tmp_path, corpus_dir):
     out = tmp_path / "run"
     result = torchrun(os.path.join(ROOT, "train.py"), "--data", corpus_dir, "--out_dir", out, "--max_steps", 3,
                       "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--seq_len", 32, "--batch_size", 2,
-                      "--vocab_size", 512, "--eval_every", 3, "--eval_batches", 3, "--log_every", 1,
+                      "--vocab_size", 512, "--eval_every", 3, "--eval_batches", 1, "--log_every", 1,
                       "--device", "cpu", "--threads", 1)
+    # --eval_batches 1 < 2 processes: the second evaluates a padding batch that counts for nothing
+    # (it once crashed there, holding no metric at all for the all-reduce)
     # one log, written by rank 0 only, that states the global batch
     assert result.stdout.count("[model]") == 1
     assert "world size 2" in result.stdout and "2 x accumulation 1 x 2 processes = 4 sequences" in result.stdout

@@ -104,9 +104,10 @@ def test_a_signal_saves_a_checkpoint_before_exiting(signum, tmp_path, corpus_dir
 
 # ----------------------------------------------------------------------------- non-finite loss
 class PoisonedCLM(CausalLM):
-    """Returns a NaN loss on its n-th training forward (once): the weights then turn NaN too."""
+    """Returns a NaN loss on the training forwards numbered in `poison_at` (counting from 1, over
+    the whole run, rollbacks included): the weights then turn NaN too."""
 
-    def __init__(self, *args, poison_at=7, **kwargs):
+    def __init__(self, *args, poison_at=(7,), **kwargs):
         super().__init__(*args, **kwargs)
         self.calls, self.poison_at = 0, poison_at
 
@@ -114,17 +115,17 @@ class PoisonedCLM(CausalLM):
         loss, sums = super().forward(batch, totals)
         if self.training:
             self.calls += 1
-            if self.calls == self.poison_at:
+            if self.calls in self.poison_at:
                 loss = loss * float("nan")
         return loss, sums
 
 
-def poisoned_trainer(tmp_path, prepared, tokenizer, on_nan):
+def poisoned_trainer(tmp_path, prepared, tokenizer, on_nan, poison_at=(7,)):
     from minilm.data import BlockSource
     from minilm.trainer import Trainer
     cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=10, ckpt_every=5, log_every=5, on_nan=on_nan)
     torch.manual_seed(0)
-    objective = PoisonedCLM(cfg.model, tokenizer)
+    objective = PoisonedCLM(cfg.model, tokenizer, poison_at=poison_at)
     source = BlockSource(prepared[0], "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
     return Trainer(cfg, objective, source, None, tokenizer, log=lambda *_: None)
 
@@ -150,6 +151,28 @@ def test_nan_rollback_reloads_halves_the_lr_and_finishes(tmp_path, prepared, tok
     last = [r for r in records if r.get("step") == 10 and "lr" in r][-1]
     assert last["lr"] == pytest.approx(0.5 * lr_at(9, trainer.tcfg))
     assert load_checkpoint(os.path.join(tmp_path, "ckpt-00000010.pt"))["lr_scale"] == 0.5
+
+
+def test_a_second_nan_before_the_next_checkpoint_halves_again(tmp_path, prepared, tokenizer):
+    # forward 7 = step 7 diverges, seen at the step-10 flush: back to step 5 at x0.5; forwards 11
+    # and 12 are steps 6 and 7 again, and 12 diverges too: back to step 5 once more. The checkpoint
+    # still says x1; the run must now say x0.25.
+    trainer = poisoned_trainer(tmp_path, prepared, tokenizer, "rollback", poison_at=(7, 12))
+    history = trainer.fit()
+    assert trainer.step == 10 and all(math.isfinite(x) for x in history)
+    assert trainer.lr_scale == 0.25
+
+
+def test_a_loss_that_stays_nan_gives_up_after_a_few_rollbacks(tmp_path, prepared, tokenizer):
+    trainer = poisoned_trainer(tmp_path, prepared, tokenizer, "rollback", poison_at=range(7, 1000))
+    with pytest.raises(UserError, match="again after rolling back 6 times"):
+        trainer.fit()
+
+
+def test_a_nan_before_the_first_checkpoint_says_so(tmp_path, prepared, tokenizer):
+    trainer = poisoned_trainer(tmp_path, prepared, tokenizer, "rollback", poison_at=(2,))
+    with pytest.raises(UserError, match="at step 2, before any checkpoint"):
+        trainer.fit()
 
 
 # ----------------------------------------------------------------------------- before training starts
@@ -190,6 +213,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus_dir):
     torch.save({"weights": torch.zeros(3)}, foreign)
     assert_user_error(run("sample.py", "--ckpt", foreign), "not a minilm checkpoint")
     assert_user_error(run("train.py", "--resume", foreign, "--out_dir", out), "not a minilm checkpoint")
+    # config and model, but nothing a resume needs (weights exported by hand, say)
+    weights_only = tmp_path / "weights.pt"
+    torch.save({"config": {"model": {}}, "model": {"w": torch.zeros(2)}}, weights_only)
+    assert_user_error(run("train.py", "--resume", weights_only, "--out_dir", out), "cannot be resumed from",
+                      "optimizer")
+    # a --resume that finds only such a file in out_dir skips it and says none loads
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "ckpt-00000004.pt").write_bytes(weights_only.read_bytes())
+    assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "only"), "none of the 1 checkpoints")
     assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "empty"), "no checkpoint to resume")
 
 
