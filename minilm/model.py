@@ -60,11 +60,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x, start: int = 0):
-        # x: (B, H, T, D); positions start .. start+T-1
-        T = x.shape[-2]
-        cos = self.cos[start:start + T].to(x.dtype)
-        sin = self.sin[start:start + T].to(x.dtype)
+    def forward(self, x, start: int = 0, positions=None):
+        # x: (B, H, T, D); positions start .. start+T-1, or `positions` (B, T) given row by row
+        if positions is None:
+            T = x.shape[-2]
+            cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+        else:
+            cos, sin = self.cos[positions][:, None].to(x.dtype), self.sin[positions][:, None].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -81,8 +83,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, *, rotary=None, attn_mask=None, causal=False, cache=None, layer=0, start=0):
-        # x: (B, T, C) -> (B, T, C)
+    def forward(self, x, *, rotary=None, attn_mask=None, causal=False, cache=None, layer=0, start=0, keep=None):
+        # x: (B, T, C) -> (B, T, C); with `keep`, (N, C): see attend_at
+        if keep is not None:
+            return self.attend_at(x, keep, rotary=rotary, attn_mask=attn_mask, causal=causal, cache=cache)
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if rotary is not None:
             q, k = rotary(q, start), rotary(k, start)
@@ -91,6 +95,38 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+    def attend_at(self, x, keep, *, rotary=None, attn_mask=None, causal=False, cache=None):
+        """The same attention, computed for the query positions `keep` only: (B, T, C) -> (N, C).
+
+        keep (N,): sorted flat indices b*T + t (what torch.nonzero gives). Keys and values come
+        from every position, as usual; only the queries (and so the outputs) are a subset. A
+        masked LM needs the last layer's output at its masked positions alone, so its last
+        block skips ~85% of the query, output-projection and MLP work, and the result is exactly
+        that of the full layer at those positions (tests/test_model.py).
+        The queries of each row are packed into (B, M, C), M = the most any row has; the few
+        padding slots read position 0 and are dropped.
+        """
+        if causal or cache is not None:
+            raise ValueError("attention at chosen positions is for encoders (no causal mask, no cache)")
+        B, T, C = x.shape
+        w_q, w_kv = self.qkv.weight.split([C, 2 * C])
+        b_q, b_kv = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
+        k, v = rearrange(F.linear(x, w_kv, b_kv), "b t (two h d) -> two b h t d", two=2, h=self.n_head)
+        rows, cols = keep // T, keep % T                            # (N,) each
+        counts = torch.bincount(rows, minlength=B)                  # queries per row
+        slot = torch.arange(len(keep), device=x.device) - (counts.cumsum(0) - counts)[rows]
+        M = max(1, int(counts.max())) if len(keep) else 1
+        query_cols = torch.zeros(B, M, dtype=torch.long, device=x.device)
+        query_cols[rows, slot] = cols                               # (B, M) positions of the queries
+        x_q = x.gather(1, query_cols[:, :, None].expand(B, M, C))   # (B, M, C)
+        q = rearrange(F.linear(x_q, w_q, b_q), "b m (h d) -> b h m d", h=self.n_head)
+        if rotary is not None:
+            q, k = rotary(q, positions=query_cols), rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = rearrange(y, "b h m d -> b m (h d)")[rows, slot]        # (N, C), in the order of keep
+        return self.proj(y)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -129,8 +165,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, **attn_args):
-        x = x + self.drop(self.attn(self.norm1(x), **attn_args))
+    def forward(self, x, keep=None, **attn_args):
+        # keep (N,) flat positions: compute only their outputs, (B, T, C) -> (N, C) (Attention.attend_at)
+        residual = x if keep is None else x.flatten(0, 1).index_select(0, keep)
+        x = residual + self.drop(self.attn(self.norm1(x), keep=keep, **attn_args))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -210,8 +248,12 @@ class Transformer(nn.Module):
         return self.drop(x)
 
     def forward(self, ids, *, causal: bool = True, attn_mask=None, cache=None, start: int = 0,
-                segment_ids=None):
-        """ids (B, T) -> hidden states (B, T, C). segment_ids (B, T), only with n_segment > 0."""
+                segment_ids=None, keep=None):
+        """ids (B, T) -> hidden states (B, T, C). segment_ids (B, T), only with n_segment > 0.
+
+        keep (N,), encoders only: sorted flat indices b*T + t of the only positions whose output
+        is wanted; returns (N, C), the rows of the full output at those positions, computing the
+        last block at those positions alone (a masked LM's masked tokens: objectives/mlm.py)."""
         T = ids.shape[1]
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than seq_len={self.cfg.seq_len}")
@@ -225,7 +267,11 @@ class Transformer(nn.Module):
             causal = False  # one new token attends to everything cached, itself included
         x = self.embed(ids, start, segment_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary=self.rotary, attn_mask=attn_mask, causal=causal, cache=cache, layer=i, start=start)
+            last = i == len(self.blocks) - 1
+            x = block(x, rotary=self.rotary, attn_mask=attn_mask, causal=causal, cache=cache, layer=i, start=start,
+                      keep=keep if last else None)
+        if keep is not None and not self.blocks:
+            x = x.flatten(0, 1).index_select(0, keep)
         if cache is not None:
             cache.length = start + T
         return self.norm(x)

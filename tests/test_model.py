@@ -136,6 +136,48 @@ def test_encoder_padding_mask_hides_padded_positions(position):
     assert (h2[1, 9:] - h1[1, 9:]).abs().amax() > 1e-3
 
 
+@pytest.mark.parametrize("arch", [dict(position="rope", bias=False), dict(position="learned", bias=True, norm="layernorm")],
+                         ids=["rope", "learned-bias"])
+def test_keep_computes_exactly_the_full_output_at_those_positions(arch):
+    """Transformer(keep=positions) == the full output's rows at those positions, gradients too,
+    with uneven counts per row (one row with none), padding and segment ids."""
+    model = make_model(**arch, n_segment=2, n_layer=3)
+    B, T = 4, 24
+    ids = random_ids(B, T, seed=5)
+    segments = (torch.arange(T) >= 10).long().expand(B, T)
+    lengths = torch.tensor([T, 17, 9, T])
+    mask = padding_mask(lengths, T)
+    chosen = (torch.rand(B, T, generator=torch.Generator().manual_seed(6)) < 0.3) & (torch.arange(T) < lengths[:, None])
+    chosen[2] = False                                     # a row with nothing chosen
+    chosen[0, :] = True                                   # and one with everything
+    keep = torch.nonzero(chosen.flatten()).squeeze(1)
+
+    def run(sparse):
+        model.zero_grad(set_to_none=True)
+        full = model(ids, causal=False, attn_mask=mask, segment_ids=segments, keep=keep if sparse else None)
+        out = full if sparse else full.flatten(0, 1)[keep]
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    dense_out, dense_grads = run(False)
+    sparse_out, sparse_grads = run(True)
+    assert sparse_out.shape == (len(keep), model.cfg.n_embd)
+    torch.testing.assert_close(sparse_out, dense_out, atol=1e-5, rtol=1e-5)
+    assert dense_grads.keys() == sparse_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(sparse_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # a subset of the positions gives the same rows (each row's output depends on its own query only)
+    assert (model(ids, causal=False, attn_mask=mask, segment_ids=segments, keep=keep[:-1])
+            - sparse_out[:-1]).abs().max() < 1e-5
+    # the comparison can fail: other positions give other rows
+    shifted = torch.nonzero(chosen.roll(1, dims=1).flatten()).squeeze(1)
+    assert (model(ids, causal=False, attn_mask=mask, segment_ids=segments, keep=shifted)[:len(keep)]
+            - sparse_out[:len(shifted)]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="encoders"):
+        model(ids, causal=True, keep=keep)
+
+
 @torch.no_grad()
 def test_padding_mask_helper_and_segment_embeddings():
     lengths = torch.tensor([5, 2])
