@@ -25,6 +25,17 @@ def corpus_texts(n_docs: int = 60) -> list[str]:
     return docs
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread: with two on a busy 2-core machine, OpenMP's
+    hand-offs made each forward pass of the test models ~100x slower (150 ms instead of 1 ms).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def texts() -> list[str]:
     return corpus_texts()

@@ -15,14 +15,7 @@ from minilm.model import Transformer
 N = 200_000  # draws per distribution: one standard deviation of a frequency is <= 0.0011
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with two on a busy 2-core machine, OpenMP's
-    hand-offs made each forward pass ~100x slower (150 ms instead of 1 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def softmax64(logits, temperature: float = 1.0, keep=None) -> torch.Tensor:

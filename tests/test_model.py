@@ -17,14 +17,7 @@ from minilm.model import KVCache, Pooler, Transformer, padding_mask
 V, S = 97, 32  # vocab and context window of the tiny test models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with two on a busy 2-core machine, OpenMP's
-    hand-offs made each forward pass ~100x slower (150 ms instead of 1 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_cfg(**overrides) -> ModelConfig:

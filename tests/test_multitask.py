@@ -22,13 +22,7 @@ from tests.test_cli import TINY, run
 from tests.test_sop import QUIET, numbered  # noqa: F401  (the module-scoped corpus fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (see tests/test_model.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_cfg(vocab_size: int, seq_len: int = 48) -> ModelConfig:

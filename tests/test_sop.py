@@ -24,13 +24,7 @@ QUIET = dict(log=lambda *_: None)
 T_PAIRS = 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (see tests/test_model.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def numbered_documents(n_docs: int = 240, seed: int = 0) -> list[str]:
