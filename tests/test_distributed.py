@@ -147,3 +147,36 @@ def test_train_py_runs_under_torchrun(tmp_path, corpus_dir):
     assert os.path.exists(out / "ckpt-00000003.pt")
     from minilm.checkpoint import load_checkpoint
     assert load_checkpoint(str(out / "ckpt-00000003.pt"))["info"]["world_size"] == 2
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank_and_stops(tmp_path, corpus_dir):
+    """A scheduler's preemption: SIGTERM to the torchrun launcher, which passes it on to both
+    processes. They agree on a step (at the next logging step), rank 0 saves, both exit."""
+    import signal
+    import time
+    from minilm.checkpoint import list_checkpoints, load_checkpoint
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--data", corpus_dir, "--out_dir", str(out), "--max_steps", "100000",
+           "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", "--batch_size", "2",
+           "--vocab_size", "512", "--log_every", "5", "--eval_every", "100000", "--ckpt_every", "100000",
+           "--device", "cpu", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    lines, deadline = [], time.time() + 120
+    try:
+        for line in proc.stdout:                       # wait until training runs
+            lines.append(line)
+            if line.startswith("step") and "tok/s" in line or time.time() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    text = "".join(lines)
+    assert "stopped by signal 15" in text, text[-3000:]
+    saved = list_checkpoints(str(out))
+    assert len(saved) == 1                             # the signal's checkpoint, nothing else was due
+    state = load_checkpoint(saved[0], resumable=True)
+    assert state["step"] % 5 == 0 and state["step"] >= 5 and state["info"]["world_size"] == 2
