@@ -293,6 +293,8 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        elif self.device.type == "mps":
+            rng["mps"] = torch.mps.get_rng_state()
         rng_per_rank = gather_objects(rng, self.dist)
         if not self.dist.is_main:
             return None
@@ -332,6 +334,8 @@ class Trainer:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
+            if "mps" in rng and self.device.type == "mps":
+                torch.mps.set_rng_state(rng["mps"])
         else:  # another world size: data and masks still follow (seed, step); dropout noise cannot
             self.log(f"note: checkpoint was written by {len(rngs)} processes, this run has "
                      f"{self.dist.world_size}; dropout randomness restarts from the seed")
