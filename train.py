@@ -5,6 +5,7 @@ prepares the data and writes logs and checkpoints (see minilm/distributed.py).
 
 1. resolve the config (preset, then flags; on --resume the checkpoint's config, then flags)
 2. train a sentencepiece tokenizer on the data, unless out_dir already has one for the same data
+   and preparation flags (see tokenizer_and_data)
 3. tokenize the data into out_dir/data/{train,val}.bin, unless already there
 4. build the objective (model + heads) and run the Trainer
 
@@ -34,31 +35,60 @@ MODEL_FIELDS_FIXED_ON_RESUME = {"vocab_size", "seq_len", "n_layer", "n_head", "n
                                 "mlp", "norm", "position", "bias", "tie_embeddings", "n_segment", "preset"}
 
 
-def data_signature(source: str) -> str:
+def data_signature(source: str, files: list[str]) -> str:
     """What the prepared data was made from: paths, sizes and modification times."""
     if source == BUILTIN:
         return BUILTIN + sys.version.split()[0]
     h = hashlib.sha256()
-    for path in resolve_files(source):
+    for path in files:
         st = os.stat(path)
         h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
+def prepare_settings(cfg: Config, files: list[str]) -> dict:
+    """The flags besides the files and vocab size that shape the tokenizer and the split; a change
+    to any of them means preparing again. --text_field counts only when there is .jsonl data."""
+    settings = {"val_fraction": cfg.data.val_fraction, "character_coverage": cfg.data.character_coverage,
+                "tokenizer_sample_lines": cfg.data.tokenizer_sample_lines}
+    if any(f.endswith(".jsonl") for f in files):
+        settings["text_field"] = cfg.data.text_field
+    return settings
+
+
+def why_prepare_again(meta: dict, signature: str, vocab_size: int, settings: dict, data_dir: str) -> str | None:
+    """Why out_dir's prepared data cannot be reused for this run, or None when it can."""
+    if meta.get("signature") != signature:
+        return f"the data files changed since {data_dir} was prepared"
+    if meta.get("vocab_size") != vocab_size:
+        return f"--vocab_size changed ({meta.get('vocab_size')} -> {vocab_size})"
+    old = meta.get("settings")
+    if old is None:
+        return f"{data_dir} does not record the flags it was prepared with (an older minilm made it)"
+    changed = [f"--{k} changed ({old.get(k, 'unset')} -> {v})" for k, v in settings.items() if old.get(k) != v]
+    return ", ".join(changed) or None
+
+
 def tokenizer_and_data(cfg: Config, log=print) -> Tokenizer:
-    """Reuse out_dir's tokenizer and token files when they were made from the same data and
-    vocab size; otherwise train the tokenizer and prepare the data again."""
+    """Reuse out_dir's tokenizer and token files when they were made from the same data, vocab
+    size and preparation flags (prepare_settings); otherwise train the tokenizer and prepare the
+    data again, saying why."""
     source = cfg.data.data or BUILTIN
     out = cfg.train.out_dir
     tok_path, data_dir = os.path.join(out, "tokenizer.model"), os.path.join(out, "data")
-    signature = data_signature(source)
+    files = [] if source == BUILTIN else resolve_files(source)
+    signature = data_signature(source, files)
+    settings = prepare_settings(cfg, files)
     meta = load_meta(data_dir)
-    if (meta is not None and os.path.exists(tok_path) and meta.get("signature") == signature
-            and meta.get("vocab_size") == cfg.model.vocab_size):
-        tokenizer = Tokenizer.load(tok_path)
-        if meta.get("tokenizer") == tokenizer_fingerprint(tokenizer):
-            log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
-            return tokenizer
+    if meta is not None and os.path.exists(tok_path):
+        reason = why_prepare_again(meta, signature, cfg.model.vocab_size, settings, data_dir)
+        if reason is None:
+            tokenizer = Tokenizer.load(tok_path)
+            if meta.get("tokenizer") == tokenizer_fingerprint(tokenizer):
+                log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
+                return tokenizer
+            reason = f"{tok_path} is not the tokenizer that prepared {data_dir}"
+        log(f"preparing again: {reason}")
     log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
         f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else source}")
     tokenizer = Tokenizer.train(iter_texts(source, cfg.data.text_field), cfg.model.vocab_size,
@@ -67,7 +97,7 @@ def tokenizer_and_data(cfg: Config, log=print) -> Tokenizer:
     tokenizer.save(tok_path)
     meta = prepare(source, tokenizer, data_dir, text_field=cfg.data.text_field,
                    val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, log=log)
-    meta["signature"] = signature
+    meta["signature"], meta["settings"] = signature, settings
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return tokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -52,10 +53,60 @@ def test_train_prints_config_progress_and_saves(trained):
     for field in ("loss", "lr", "tok/s", "MFU", "ETA"):
         assert field in step_lines[-1]
     assert "val loss" in stdout and "bpb" in stdout
+    # the run's provenance is printed once, before training
+    run_lines = [ln for ln in stdout.splitlines() if ln.startswith("run:")]
+    assert len(run_lines) == 1, run_lines
+    fields = dict(item.split("=", 1) for item in run_lines[0][len("run:"):].split())
+    assert fields["torch"] == torch.__version__ and fields["world_size"] == "1"
+    assert "git_commit" in fields
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any("val_bpb" in r for r in records)
     assert os.path.exists(os.path.join(out, "ckpt-00000004.pt"))
+
+
+def test_prepared_data_is_reused_only_for_the_same_flags(trained, tmp_path, corpus_dir):
+    """train.py's reuse decision (tokenizer_and_data, called in-process to keep this fast) on a
+    copy of the trained run's out_dir: the same flags reuse it; another --val_fraction or
+    --character_coverage prepares again and says why."""
+    import importlib.util
+    from minilm.config import parse_overrides
+    from minilm.data import load_meta
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    out, _ = trained
+    copy = tmp_path / "out"
+    copy.mkdir()
+    shutil.copy(os.path.join(out, "tokenizer.model"), copy)
+    shutil.copytree(os.path.join(out, "data"), copy / "data")
+    first = load_meta(copy / "data")
+
+    def rerun(*flags):
+        cfg = parse_overrides(["--data", corpus_dir, "--out_dir", str(copy), *map(str, TINY), "--num_workers", "1",
+                               *flags])
+        lines = []
+        train_script.tokenizer_and_data(cfg, log=lines.append)
+        return lines, load_meta(copy / "data")
+
+    lines, meta = rerun()
+    assert len(lines) == 1 and lines[0].startswith("reusing"), lines
+    assert meta == first
+    lines, meta = rerun("--text_field", "body")  # no .jsonl data: the field does not matter
+    assert len(lines) == 1 and lines[0].startswith("reusing"), lines
+
+    lines, meta = rerun("--val_fraction", "0.3")
+    assert lines[0] == "preparing again: --val_fraction changed (0.05 -> 0.3)", lines
+    assert any(ln.startswith("prepared ") for ln in lines)
+    assert first["val_documents"] == 3 and meta["val_documents"] == 18
+    assert meta["val_tokens"] > 3 * first["val_tokens"]
+    assert meta["settings"]["val_fraction"] == 0.3
+    lines, again = rerun("--val_fraction", "0.3")
+    assert len(lines) == 1 and lines[0].startswith("reusing"), lines
+    assert again == meta
+
+    lines, _ = rerun("--val_fraction", "0.3", "--character_coverage", "0.99")
+    assert lines[0] == "preparing again: --character_coverage changed (0.9995 -> 0.99)", lines
 
 
 def test_sample_prints_text_from_the_checkpoint_alone(trained):

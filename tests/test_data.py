@@ -12,7 +12,7 @@ import pytest
 
 from minilm.data import BlockSource, prepare, token_dtype
 from minilm.errors import UserError
-from minilm.tokenizer import EOS_ID
+from minilm.tokenizer import EOS_ID, Tokenizer
 
 QUIET = dict(log=lambda *_: None)
 
@@ -104,6 +104,25 @@ def test_token_dtype(prepared):
     assert token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
     assert token_dtype(70000) == np.uint32
+
+
+def test_vocab_above_uint16_is_stored_as_uint32(prepared, corpus_dir, tokenizer, tmp_path):
+    """prepare picks the token dtype from the tokenizer's size: past 65536 ids, 4 bytes a token,
+    with the same ids (only the size is patched, so the pieces are the session tokenizer's)."""
+    big = Tokenizer(tokenizer.model_bytes)
+    big.vocab_size = 70_000
+    folder, meta = prep(corpus_dir, big, tmp_path, val_fraction=0.1)
+    small_folder, small_meta = prepared
+    assert small_meta["dtype"] == "uint16" and meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000
+    for split in ("train", "val"):
+        n = meta[f"{split}_tokens"]
+        assert n == small_meta[f"{split}_tokens"] > 0
+        assert os.path.getsize(os.path.join(folder, f"{split}.bin")) == 4 * n
+        assert os.path.getsize(os.path.join(small_folder, f"{split}.bin")) == 2 * n
+        assert np.array_equal(read_split(folder, split), read_split(small_folder, split))
+    # and the windows read from either file are the same
+    wide = BlockSource(folder, "train", 32, 4, seed=5).batch(3)
+    assert np.array_equal(wide, BlockSource(small_folder, "train", 32, 4, seed=5).batch(3))
 
 
 def test_multiple_workers_give_identical_files(prepared, corpus_dir, tokenizer, tmp_path):

@@ -194,3 +194,62 @@ def test_learning_rate_schedule(schedule):
         assert middle == pytest.approx(0.55)  # both reach the midpoint of lr and min_lr halfway
         if schedule == "cosine":
             assert lrs[35] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+
+
+def test_compiled_trainer_saves_plain_weights(tmp_path, prepared, tokenizer, monkeypatch):
+    """Under compile=True the checkpoint holds the plain module's weights, which load strictly
+    into a fresh, uncompiled objective (no `_orig_mod.` prefixes from torch.compile's wrapper).
+    The "eager" backend keeps this fast and needs no C++ compiler; the wrapper is the same."""
+    real_compile, calls = torch.compile, []
+
+    def eager_compile(model, **kw):
+        calls.append(model)
+        return real_compile(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=2, compile=True)
+    trainer = make_trainer(cfg, prepared, tokenizer)
+    assert calls == [trainer.objective] and trainer.model is not trainer.objective
+    assert any(k.startswith("_orig_mod.") for k in trainer.model.state_dict())  # what must not be saved
+    initial = {k: v.clone() for k, v in trainer.objective.state_dict().items()}
+    trainer.peak_flops = 1e9  # skip measuring the matmul peak (only the MFU column uses it)
+    trainer.fit(until=1)
+    state = load_checkpoint(os.path.join(tmp_path, "ckpt-00000001.pt"))
+    fresh = CausalLM(cfg.model, tokenizer)
+    fresh.load_state_dict(state["model"], strict=True)
+    trained = trainer.objective.state_dict()
+    assert set(fresh.state_dict()) == set(trained)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    assert not torch.equal(trained["backbone.tok_emb.weight"], initial["backbone.tok_emb.weight"])  # it trained
+    torch._dynamo.reset()  # no eager-backend code cached for later tests that compile for real
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, prepared, tokenizer):
+    cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=30, lr=3e-3, min_lr=3e-4, dtype="bf16")
+    trainer = make_trainer(cfg, prepared, tokenizer)
+    assert trainer.dtype == torch.bfloat16
+    trainer.peak_flops = 1e9  # skip measuring the bf16 matmul peak (slow on CPU; only MFU uses it)
+    losses = trainer.fit()
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert losses[0] > math.log(tokenizer.vocab_size) - 0.3           # about uniform at the start
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.8, losses
+    # autocast really ran in bf16: the first step's loss (before any update, same weights and
+    # batch) differs from the fp32 one, but only by rounding
+    fp32 = make_trainer(make_config(tmp_path / "fp32", tokenizer.vocab_size, dtype="fp32"), prepared, tokenizer)
+    fp32_first = float(fp32.accumulate_gradients(0))
+    assert losses[0] != fp32_first and abs(losses[0] - fp32_first) < 0.05, (losses[0], fp32_first)
+
+
+def test_deterministic_flag_sets_global_state(tmp_path, prepared, tokenizer, monkeypatch):
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        make_trainer(make_config(tmp_path, tokenizer.vocab_size, deterministic=True), prepared, tokenizer)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")  # the values cuBLAS accepts
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")                  # a user's choice is kept
+        make_trainer(make_config(tmp_path, tokenizer.vocab_size, deterministic=True), prepared, tokenizer)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
