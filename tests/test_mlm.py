@@ -54,18 +54,32 @@ def one_thread():
 
 
 # ----------------------------------------------------------------------------- sparse head == dense head
-@pytest.mark.parametrize("name", ["mlm", "span"])
-def test_sparse_head_gives_exactly_the_dense_loss_and_gradients(name, tokenizer, prepared):
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=2, n_head=2, n_embd=32,
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("name", ["mlm", "wwm", "span"])
+def test_sparse_head_gives_exactly_the_dense_loss_and_gradients(name, padded, tokenizer, prepared, one_thread):
+    T = 64
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=T, n_layer=2, n_head=2, n_embd=32,
                       norm="layernorm", bias=True)
     torch.manual_seed(0)
     objective = build_objective(name, cfg, tokenizer)
-    with torch.no_grad():  # a non-zero output bias, so the test sees it
-        objective.head.bias.normal_(0, 0.5)
-    raw = BlockSource(prepared[0], "train", 64, 8, seed=0).batch(0)
-    batch = objective.make_batch(raw, torch.Generator().manual_seed(0))
-    labels = batch["labels"]
+    with torch.no_grad():
+        objective.head.bias.normal_(0, 0.5)            # a non-zero output bias, so the test sees it
+        for n, p in objective.backbone.named_parameters():
+            if ".attn." in n and p.dim() == 2:         # attention far from uniform (at init it nearly is),
+                p.add_(torch.randn_like(p), alpha=0.1)  # so which keys are seen changes the loss
+    raw = BlockSource(prepared[0], "train", T, 8, seed=0).batch(0)
+    lengths = None
+    if padded:  # right-padded rows; past its length a row keeps ordinary tokens, not <pad>, so only
+        # `lengths` can keep them from being chosen (the padding id may be a real token elsewhere)
+        lengths = torch.tensor([64, 50, 33, 64, 17, 64, 40, 25])
+    batch = objective.make_batch(raw, torch.Generator().manual_seed(0), lengths=lengths)
+    labels, attn_mask = batch["labels"], batch.get("attn_mask")
+    assert (attn_mask is not None) == padded
     assert 0 < batch["counts"]["targets"] < labels.numel() // 4   # only some positions are predicted
+    if padded:  # nothing at or beyond a row's length is chosen
+        rows, cols = batch["positions"] // T, batch["positions"] % T
+        assert (cols < lengths[rows]).all()
+        assert (labels[torch.arange(T)[None, :] >= lengths[:, None]] == IGNORE).all()
 
     def grads_of(loss):
         objective.zero_grad(set_to_none=True)
@@ -75,7 +89,7 @@ def test_sparse_head_gives_exactly_the_dense_loss_and_gradients(name, tokenizer,
     sparse_loss, sums = objective(batch)
     sparse = grads_of(sparse_loss)
     # the dense head: logits at every position, cross-entropy with the unchosen ones ignored
-    logits = objective.predict(batch["input_ids"])                      # (B, T, V)
+    logits = objective.predict(batch["input_ids"], attn_mask=attn_mask)          # (B, T, V)
     assert logits.shape == (*labels.shape, tokenizer.vocab_size)
     dense_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     dense_loss = dense_loss / (labels != IGNORE).sum()
@@ -83,12 +97,25 @@ def test_sparse_head_gives_exactly_the_dense_loss_and_gradients(name, tokenizer,
     assert sparse_loss.dtype == torch.float32
     assert abs(sparse_loss.item() - dense_loss.item()) < 1e-6
     assert sums["targets"] == (labels != IGNORE).sum()
+    assert sparse.keys() == dense.keys()
     for n in dense:
         assert (sparse[n] - dense[n]).abs().max() < 1e-6, n
     assert sparse["head.bias"].abs().sum() > 0 and sparse["backbone.tok_emb.weight"].abs().sum() > 0
     # the comparison can fail: predicting at the wrong positions gives another loss
     shifted = dict(batch, positions=(batch["positions"] + 1) % labels.numel())
     assert abs(objective(shifted)[0].item() - dense_loss.item()) > 1e-3
+    if padded:
+        with torch.no_grad():
+            # the mask matters: a dense pass that attends to the padding gives another loss ...
+            unmasked = F.cross_entropy(objective.predict(batch["input_ids"]).flatten(0, 1), labels.flatten(),
+                                       ignore_index=IGNORE, reduction="sum") / (labels != IGNORE).sum()
+            assert abs(unmasked.item() - dense_loss.item()) > 1e-5                # 10x the tolerance
+            # ... and whatever the padding holds, the sparse loss does not see it
+            pad = torch.arange(T)[None, :] >= lengths[:, None]
+            noise = torch.randint(NUM_SPECIAL, tokenizer.vocab_size, labels.shape,
+                                  generator=torch.Generator().manual_seed(1))
+            other = dict(batch, input_ids=torch.where(pad, noise, batch["input_ids"]))
+            assert abs(objective(other)[0].item() - sparse_loss.item()) < 1e-6
 
 
 def test_bf16_autocast_keeps_the_loss_in_fp32(tokenizer, prepared):
