@@ -10,27 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.config import Config, ModelConfig
+from minilm.config import ModelConfig
 from minilm.data import BlockSource
 from minilm.objectives import IGNORE, build_objective
 from minilm.tokenizer import NUM_SPECIAL
 from minilm.trainer import Trainer
 from tests.test_cli import TINY, assert_user_error, run
+from tests.test_trainer import make_config as trainer_config
 
 
 def make_config(out_dir, vocab_size, objective="mlm", **train):
-    cfg = Config()
-    cfg.model = ModelConfig(vocab_size=vocab_size, seq_len=64, n_layer=2, n_head=2, n_embd=64)
+    """test_trainer's tiny run, with 64-token windows (room for several masks per row)."""
+    cfg = trainer_config(out_dir, vocab_size, **{"log_every": 10, "warmup_steps": 10, **train})
+    cfg.model.seq_len = 64
     cfg.train.objective = objective
-    cfg.train.out_dir = str(out_dir)
-    cfg.train.batch_size = 8
-    cfg.train.device = "cpu"
-    cfg.train.log_every = 10
-    cfg.train.eval_every = 10_000
-    cfg.train.ckpt_every = 10_000
-    cfg.train.warmup_steps = 10
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
     return cfg
 
 
@@ -43,14 +36,7 @@ def make_trainer(cfg, prepared, tokenizer):
     return Trainer(cfg, objective, train, val, tokenizer, log=lambda *_: None)
 
 
-@pytest.fixture
-def one_thread():
-    """Models this small gain nothing from a second thread, and on a shared machine the second
-    thread's barrier waits made the training tests 4x slower (same numbers either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one_thread: tests/conftest.py (models this small gain nothing from a second thread)
 
 
 # ----------------------------------------------------------------------------- sparse head == dense head
@@ -95,7 +81,10 @@ def test_sparse_head_gives_exactly_the_dense_loss_and_gradients(name, padded, to
     dense_loss = dense_loss / (labels != IGNORE).sum()
     dense = grads_of(dense_loss)
     assert sparse_loss.dtype == torch.float32
-    assert abs(sparse_loss.item() - dense_loss.item()) < 1e-6
+    # 1e-6 relative: at a loss of ~7 an absolute 1e-6 is two float32 roundings, which a different
+    # matmul blocking (the sparse path multiplies other shapes) may legitimately spend
+    tolerance = 1e-6 * max(1.0, abs(dense_loss.item()))
+    assert abs(sparse_loss.item() - dense_loss.item()) < tolerance
     assert sums["targets"] == (labels != IGNORE).sum()
     assert sparse.keys() == dense.keys()
     for n in dense:
@@ -115,7 +104,7 @@ def test_sparse_head_gives_exactly_the_dense_loss_and_gradients(name, padded, to
             noise = torch.randint(NUM_SPECIAL, tokenizer.vocab_size, labels.shape,
                                   generator=torch.Generator().manual_seed(1))
             other = dict(batch, input_ids=torch.where(pad, noise, batch["input_ids"]))
-            assert abs(objective(other)[0].item() - sparse_loss.item()) < 1e-6
+            assert abs(objective(other)[0].item() - sparse_loss.item()) < tolerance
 
 
 def test_bf16_autocast_keeps_the_loss_in_fp32(tokenizer, prepared):
