@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # under bf16 autocast x arrives in bf16 while the weight stays fp32; with mixed dtypes
+        # torch falls back to an unfused kernel (a warning, and ~2x slower), with the same result
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
