@@ -43,7 +43,7 @@ from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
 from minilm.errors import UserError
-from minilm.flops import flops_per_token, measure_peak_flops
+from minilm.flops import measure_peak_flops
 from minilm.objectives import finalize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -200,8 +200,7 @@ class Trainer:
         backbone = objective.backbone
         mc = backbone.cfg
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size * mc.seq_len
-        self.flops_per_token = flops_per_token(backbone.num_params(non_embedding=True), mc.n_layer,
-                                               mc.n_head, mc.head_dim, mc.seq_len)
+        self.flops_per_token = objective.flops_per_token()   # what one token's step computes
         self.peak_flops = None
 
     # --------------------------------------------------------------- one step

@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn as nn
 
+from minilm.flops import flops_per_token
+
 IGNORE = -100  # label value for positions that are not predicted (PyTorch's cross_entropy default)
 
 
@@ -47,6 +49,14 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict, totals: dict | None = None):
         raise NotImplementedError
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per input token, the numerator of the trainer's MFU: nanoGPT's
+        6N + 12 L H D T (minilm/flops.py) for the backbone and its tied LM head. Objectives that
+        compute less (the masked LMs' sparse head and last layer) override it."""
+        cfg = self.backbone.cfg
+        return flops_per_token(self.backbone.num_params(non_embedding=True), cfg.n_layer, cfg.n_head,
+                               cfg.head_dim, cfg.seq_len)
 
 
 def backbone_config(model_cfg, data: str):

@@ -153,6 +153,20 @@ class MaskedLM(Objective):
             batch["attn_mask"] = padding_mask(lengths, ids.shape[1])
         return batch
 
+    def flops_per_token(self) -> float:
+        """What a step really computes, per input token (for MFU): every block but the last in
+        full; in the last, keys and values everywhere but queries, projection and MLP only at the
+        mask_prob share of positions that are predicted; the head (transform + tied output
+        matrix) at those positions too. 6 FLOPs per weight per token, 12 H D T for attention."""
+        cfg, p = self.backbone.cfg, self.options.mask_prob
+        blocks = self.backbone.blocks
+        per_block = sum(w.numel() for w in blocks[0].parameters())
+        key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))     # 2/3 of the qkv layer
+        head = sum(w.numel() for w in self.head.parameters()) + self.backbone.output_weight.numel()
+        attention = 12 * cfg.n_head * cfg.head_dim * cfg.seq_len
+        weights = (len(blocks) - 1) * per_block + key_value + p * (per_block - key_value + head)
+        return 6 * weights + (len(blocks) - 1 + p) * attention
+
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The dense path: logits at every position, (B, T) -> (B, T, V)."""

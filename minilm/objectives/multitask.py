@@ -90,6 +90,10 @@ class MultiTask(Objective):
             share_backbone(part, self.backbone)
         self.parts = nn.ModuleDict(zip(names, parts))
 
+    def flops_per_token(self) -> float:
+        """Each part runs its own pass over the batch: their FLOPs add up."""
+        return sum(part.flops_per_token() for part in self.parts.values())
+
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The masked-LM part's dense logits (B, T, V), for fill-mask (sample.py)."""
         for part in self.parts.values():
