@@ -46,10 +46,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save into memory, then write atomically."""
+    """torch.save into memory, then write atomically. A failed write (a disk that filled up
+    during the run, say) is a one-line UserError; the checkpoints already there are untouched."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:
+        older = list_checkpoints(os.path.dirname(path))
+        kept = f"; {older[-1]} is intact, resume from it with --resume" if older else ""
+        raise UserError(f"could not write checkpoint {path}: {err.strerror or err}{kept}") from None
 
 
 RESUME_KEYS = ("optimizer", "step", "rng")  # what resuming needs beyond config and model

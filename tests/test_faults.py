@@ -187,6 +187,36 @@ def test_full_disk_is_reported_before_training(tmp_path, prepared, tokenizer, mo
     assert trainer.step == 0
 
 
+def test_a_disk_that_fills_up_during_the_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, prepared, tokenizer,
+                                                                                      monkeypatch):
+    import errno
+    import minilm.checkpoint as checkpoint_module
+    trainer = make_trainer(make_config(tmp_path, tokenizer.vocab_size, max_steps=4, ckpt_every=2), prepared, tokenizer)
+    trainer.fit(until=2)                                   # ckpt-2 written while there was room
+    real_fdopen = checkpoint_module.os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_module.os, "fdopen", FullDisk)
+    with pytest.raises(UserError, match="No space left on device.*ckpt-00000002.pt is intact"):
+        trainer.fit()
+    monkeypatch.undo()
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["ckpt-00000002.pt"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]     # no half-written file left
+    assert load_checkpoint(os.path.join(tmp_path, "ckpt-00000002.pt"))["step"] == 2
+
+
 def test_unwritable_out_dir_is_one_line(tmp_path, corpus_dir):
     (tmp_path / "a_file").write_text("not a folder")
     assert_user_error(run("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "a_file" / "out"),
