@@ -369,7 +369,11 @@ class Trainer:
         if self.dist.is_main:
             check_writable(self.tcfg.out_dir)
             n_values = sum(p.numel() for p in self.objective.parameters()) * 3  # weights + 2 Adam moments
-            need = 4 * n_values * 2 + (64 << 20)  # a checkpoint and its temporary copy, plus slack
+            # at the peak, keep_checkpoints files plus the one being written (0 keeps every file:
+            # count two), less the ones already there, plus slack
+            files = (self.tcfg.keep_checkpoints if self.tcfg.keep_checkpoints > 0 else 1) + 1
+            files = max(1, files - len(list_checkpoints(self.tcfg.out_dir)))
+            need = 4 * n_values * files + (64 << 20)
             free = shutil.disk_usage(self.tcfg.out_dir).free
             if free < need:
                 raise UserError(f"--out_dir {self.tcfg.out_dir} has {free / 2**20:.0f} MiB free but a checkpoint "
