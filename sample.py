@@ -9,7 +9,7 @@ the prompt. Each sample stops at the first end-of-document token it produces.
 flags: --ckpt --prompt --max_new_tokens --temperature --top_k --top_p --num_samples --seed --device
        --no_cache (recompute the whole prefix at every step; same tokens, slower)
 
-Encoder checkpoints (--objective mlm, wwm, span) fill in masks instead of generating:
+Masked-LM checkpoints (--objective mlm, wwm, span, or mlm+sop) fill in masks instead of generating:
     python sample.py --ckpt out --fill "The dog chased the red <mask>." [--top_k 5]
 prints, for every <mask>, the top-k candidates with their probabilities (all masks are
 predicted at once, each from the text around it), then the text with each mask's best guess.
