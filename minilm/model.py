@@ -272,8 +272,6 @@ class Transformer(nn.Module):
             last = i == len(self.blocks) - 1
             x = block(x, rotary=self.rotary, attn_mask=attn_mask, causal=causal, cache=cache, layer=i, start=start,
                       keep=keep if last else None)
-        if keep is not None and not self.blocks:
-            x = x.flatten(0, 1).index_select(0, keep)
         if cache is not None:
             cache.length = start + T
         return self.norm(x)

@@ -349,7 +349,7 @@ class Trainer:
         """True on every rank when any rank got a signal, so all stop at the same step.
 
         Under torchrun the ranks agree through an all-reduce, which waits for the device: asked
-        only every log_every steps (and at the last), so the steps in between stay asynchronous.
+        only on logging and checkpoint steps, so the steps in between stay asynchronous.
         torchrun kills its workers 30 s after passing on a SIGTERM: keep log_every steps shorter."""
         if not self.dist.enabled:
             return self.stop_signal is not None
