@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -66,6 +68,29 @@ def setup(device_name: str) -> tuple[DistInfo, str]:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`. A torchrun worker leaves the process group, flushes its output and then
+    skips the interpreter's shutdown (os._exit).
+
+    Why: gloo runs collectives on its own C++ threads, and such a thread may still be releasing the
+    buffers of the last collective (FSDP's all-gathers, say) when the main thread ends. Releasing a
+    tensor that Python once held needs the GIL; a thread that asks a finalizing interpreter for it
+    is killed mid-destructor and the whole process aborts ("terminate called without an active
+    exception", SIGABRT) after all its work was done and written. destroy_process_group() does not
+    stop those threads while FSDP still holds the group, so the only sure way is not to finalize.
+    Everything this library writes is closed (and checkpoints fsynced) before we get here."""
+    if launched_by_torchrun():
+        teardown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -18,7 +18,7 @@ sys.path.insert(0, ROOT)
 from minilm.checkpoint import newest_loadable  # noqa: E402
 from minilm.config import Config, ModelConfig  # noqa: E402
 from minilm.data import BlockSource  # noqa: E402
-from minilm.distributed import full_state_dicts, setup, teardown  # noqa: E402
+from minilm.distributed import exit_process, full_state_dicts, setup  # noqa: E402
 from minilm.objectives import build_objective  # noqa: E402
 from minilm.tokenizer import Tokenizer  # noqa: E402
 from minilm.trainer import Trainer  # noqa: E402
@@ -86,7 +86,7 @@ def main():
         json.dump(history, f)
     with open(os.path.join(out_dir, f"allreduce-rank{info.rank}.json"), "w") as f:
         json.dump(len(rounds), f)
-    teardown()
+    exit_process(0)  # not a plain return: see exit_process for the gloo abort it avoids
 
 
 if __name__ == "__main__":
