@@ -244,3 +244,24 @@ def test_library_imports_no_hugging_face_package():
         sources += [os.path.join(root, n) for n in names if n.endswith(".py")]
     for path in sources:
         assert not banned.search(open(path).read()), path
+
+
+@pytest.mark.parametrize("outcome,code", [("return", 0), ("user_error", 2), ("stopped", 143)])
+def test_torchrun_worker_exit_keeps_output_and_code(outcome, code):
+    """Under torchrun, run_cli ends the process with os._exit (see minilm.distributed.exit_process):
+    output still buffered in Python must be flushed first, and the exit code must survive."""
+    script = (
+        "import sys\n"
+        "from minilm.cli import run_cli\n"
+        "from minilm.errors import UserError\n"
+        "def main(argv):\n"
+        "    sys.stdout.write('buffered line without a newline')\n"
+        f"    if {outcome!r} == 'user_error': raise UserError('bad flag; fix it')\n"
+        f"    if {outcome!r} == 'stopped': raise SystemExit(143)\n"
+        "run_cli(main)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    env.pop("PYTHONUNBUFFERED", None)   # buffered, as stdout to a pipe or a file normally is
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == code, result.stderr
+    assert result.stdout == "buffered line without a newline"
+    assert result.stderr == ("error: bad flag; fix it\n" if outcome == "user_error" else "")
