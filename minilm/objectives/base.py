@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from minilm.flops import flops_per_token
+from minilm.losses import IGNORE  # noqa: F401  (re-exported: objectives import it from here)
 
-IGNORE = -100  # label value for positions that are not predicted (PyTorch's cross_entropy default)
 
 
 class Objective(nn.Module):

@@ -22,8 +22,8 @@ crosses the boundary either way (no per-document mask).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from minilm.losses import cross_entropy_sum
 from minilm.model import Transformer
 from minilm.objectives.base import IGNORE, Objective
 from minilm.tokenizer import EOS_ID
@@ -62,9 +62,9 @@ class CausalLM(Objective):
 
     def forward(self, batch, totals=None):
         hidden = self.backbone(batch["input_ids"], causal=True)      # (B, T, C)
-        logits = self.backbone.logits(hidden).float()                 # (B, T, V), fp32 for a stable softmax
+        logits = self.backbone.logits(hidden)                         # (B, T, V), bf16 under autocast
         labels = batch["labels"]
-        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        nll = cross_entropy_sum(logits.flatten(0, 1), labels.flatten())  # softmax in fp32: minilm/losses.py
         denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             real = labels != IGNORE
