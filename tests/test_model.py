@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import PRESETS, ModelConfig
-from minilm.model import KVCache, Pooler, Transformer, padding_mask
+from minilm import model as model_module
+from minilm.model import KVCache, Pooler, Transformer, attention, attention_math, padding_mask
 
 V, S = 97, 32  # vocab and context window of the tiny test models
 
@@ -89,6 +90,60 @@ def test_decoder_is_causal(arch):
     first = ids.clone()
     first[:, 0] = different_tokens(ids[:, 0], seed=7)
     assert (model(first)[:, -1] - hidden[:, -1]).abs().amax(dim=-1).min() > 1e-4
+
+
+# ----------------------------------------------------------------------------- the attention function
+def attention_inputs(T=9, S=9, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(2 * torch.randn(2, 3, n, 8, generator=g)).to(dtype) for n in (T, S, S)]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "padding", "prefix", "additive"])
+def test_attention_math_equals_sdpa(mask_kind):
+    """attention_math (the plain-op path used on CPU in bf16) computes what SDPA computes, masks
+    included: fp32 inputs, so any difference is a semantic one, not rounding."""
+    T, S = (4, 9) if mask_kind == "prefix" else (9, 9)
+    q, k, v = attention_inputs(T, S)
+    kwargs = {}
+    if mask_kind == "causal":
+        kwargs["causal"] = True
+    elif mask_kind == "padding":                     # (B, 1, 1, S): row 1 has 5 real keys
+        kwargs["attn_mask"] = padding_mask(torch.tensor([9, 5]), S)
+    elif mask_kind == "prefix":                      # a chunk of 4 after 5 cached keys
+        kwargs["attn_mask"] = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    elif mask_kind == "additive":
+        kwargs["attn_mask"] = torch.randn(1, 3, T, S)
+    ours = attention_math(q, k, v, **kwargs)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=kwargs.get("attn_mask"),
+                                         is_causal=kwargs.get("causal", False))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    if mask_kind != "none":                          # the mask really mattered
+        assert (ours - attention_math(q, k, v)).abs().max() > 1e-2
+
+
+def test_attention_uses_plain_ops_only_for_short_low_precision_cpu_inputs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(model_module, "attention_math", lambda *a, **kw: calls.append(a[0].dtype) or a[0])
+    limit = model_module.CPU_MATH_ATTENTION_MAX_KEYS
+    for dtype, S, plain in [(torch.bfloat16, limit, True), (torch.float16, 8, True),
+                            (torch.bfloat16, limit + 1, False), (torch.float32, 8, False)]:
+        calls.clear()
+        attention(*attention_inputs(4, S, dtype=dtype))
+        assert bool(calls) == plain, (dtype, S)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_attention_is_close_to_fp32(causal):
+    """In bf16 the plain path and SDPA's fused kernel differ by rounding only, and by about the
+    same amount from the fp32 result."""
+    q, k, v = attention_inputs(64, 64, seed=3)
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    low = [t.bfloat16() for t in (q, k, v)]
+    plain = attention(*low, causal=causal).float()
+    fused = F.scaled_dot_product_attention(*low, is_causal=causal).float()
+    scale = exact.abs().max()
+    assert (plain - exact).abs().max() < 0.03 * scale
+    assert (fused - exact).abs().max() < 0.03 * scale
 
 
 # ----------------------------------------------------------------------------- encoder mode
