@@ -49,9 +49,9 @@ class _SummedCrossEntropy(torch.autograd.Function):
         minus_one = torch.full((logits.shape[0], 1), -1.0, device=logits.device)
         for start in range(0, logits.shape[0], ROWS_PER_BLOCK):
             rows = slice(start, start + ROWS_PER_BLOCK)
-            block = torch.exp(logits[rows].float() - lse[rows, None])     # softmax of the block
+            block = (logits[rows] - lse[rows, None]).exp_()               # softmax, fp32 (lse is fp32)
             block.scatter_add_(1, targets[rows, None], minus_one[rows])   # - onehot(target)
-            grad[rows] = block * weight[rows, None]
+            torch.mul(block, weight[rows, None], out=grad[rows])          # rounded once, into grad's dtype
         return grad, None
 
 

@@ -78,7 +78,7 @@ class Rotary(nn.Module):
 # ----------------------------------------------------------------------------- attention
 # Longest key length for which attention on CPU in bf16/fp16 is spelled out (attention_math)
 # instead of going through SDPA's fused CPU kernel; see attention().
-CPU_MATH_ATTENTION_MAX_KEYS = 256
+CPU_MATH_ATTENTION_MAX_KEYS = 512
 
 
 def attention(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
@@ -88,10 +88,14 @@ def attention(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
     causal: query i sees keys 0..i (SDPA's is_causal: the mask is aligned top-left).
 
     SDPA everywhere but one case. On CPU in bf16 or fp16, PyTorch's fused kernel (a flash-attention
-    port) is slower than the plain ops of attention_math for short sequences: forward + backward of
-    one layer at B 8, H 6, T 256, D 64 on 2 threads, 25 ms fused against about 16 ms plain, a 5-8%
-    faster training step; at T 512 the plain ops already lose (the (T, S) fp32 scores no longer
-    fit in cache), hence the cut at CPU_MATH_ATTENTION_MAX_KEYS keys. CUDA and fp32 always fuse.
+    port) is slower than the plain ops of attention_math for short sequences. Causal forward +
+    backward of one layer, H 6, D 64, 2,048 tokens, 2 threads: T 256, 24 ms fused against 12-16 ms
+    plain (a 5-10% faster training step); T 512, 40 against 21-32; T 1024, 47 against 57, where the
+    (B, H, T, S) scores outgrow the caches. Hence the cut at CPU_MATH_ATTENTION_MAX_KEYS keys.
+    CUDA and fp32 always fuse.
+    The price: the plain path rounds the scores to bf16 before the softmax (as eager attention
+    under autocast does; the fused kernel keeps them in fp32), about 2-3x the fused kernel's error
+    for large scores (tests/test_model.py). Set CPU_MATH_ATTENTION_MAX_KEYS = 0 to always fuse.
     """
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS):
@@ -100,19 +104,22 @@ def attention(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
 
 
 def attention_math(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
-    """The same attention as three plain ops. The scores come out of the matmul in q's dtype and
-    the softmax runs in fp32 (as eager attention under autocast does); the probabilities go back
-    to v's dtype for the second matmul, as fused kernels also do."""
+    """The same attention as three plain ops, in q's dtype. Under bf16 the scores come out of the
+    matmul in bf16 (as in eager attention under autocast); the softmax kernel reads them, sums in
+    fp32 and rounds each probability once, which equals an fp32 softmax cast back to bf16 (checked:
+    identical bits) without the two (B, H, T, S) casts."""
     T, S = q.shape[-2], k.shape[-2]
-    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()        # (B, H, T, S)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                    # (B, H, T, S)
     if causal:
         attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill_(~attn_mask, float("-inf"))  # in place: the fp32 copy is ours
-    elif attn_mask is not None:
-        scores = scores + attn_mask
-    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p) if dropout_p else torch.softmax(scores, dim=-1)
-    return probs.to(v.dtype) @ v
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:  # True = may attend: 0 there, -inf elsewhere (a small tensor)
+            attn_mask = torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+        scores = scores.add_(attn_mask.to(scores.dtype))  # in place: nothing else reads the raw scores
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
 
 
 class Attention(nn.Module):

@@ -132,18 +132,26 @@ def test_attention_uses_plain_ops_only_for_short_low_precision_cpu_inputs(monkey
         assert bool(calls) == plain, (dtype, S)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_bf16_attention_is_close_to_fp32(causal):
-    """In bf16 the plain path and SDPA's fused kernel differ by rounding only, and by about the
-    same amount from the fp32 result."""
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "padding", "additive"])
+def test_bf16_attention_is_close_to_fp32(mask_kind):
+    """In bf16 the plain path differs from fp32 by rounding only, the output stays bf16 whatever
+    the mask's dtype. Its scores are rounded to bf16 (the fused kernel keeps them in fp32), which
+    costs up to ~3% of the output's scale at these large scores (|s| up to ~20) against ~1% fused:
+    the price model.attention's docstring states. Bound both, so neither can silently degrade."""
     q, k, v = attention_inputs(64, 64, seed=3)
-    exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    causal = mask_kind == "causal"
+    g = torch.Generator().manual_seed(4)
+    mask = {"padding": padding_mask(torch.tensor([64, 40]), 64),
+            "additive": torch.randn(1, 3, 64, 64, generator=g)}.get(mask_kind)
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     low = [t.bfloat16() for t in (q, k, v)]
-    plain = attention(*low, causal=causal).float()
-    fused = F.scaled_dot_product_attention(*low, is_causal=causal).float()
+    low_mask = mask.bfloat16() if mask is not None and mask.is_floating_point() else mask
+    plain = attention(*low, attn_mask=mask, causal=causal)
+    fused = F.scaled_dot_product_attention(*low, attn_mask=low_mask, is_causal=causal).float()
+    assert plain.dtype == torch.bfloat16
     scale = exact.abs().max()
-    assert (plain - exact).abs().max() < 0.03 * scale
-    assert (fused - exact).abs().max() < 0.03 * scale
+    assert (plain.float() - exact).abs().max() < 0.05 * scale
+    assert (fused - exact).abs().max() < 0.02 * scale
 
 
 # ----------------------------------------------------------------------------- encoder mode
