@@ -81,3 +81,13 @@ def test_block_size_does_not_change_the_result(monkeypatch):
     for loss, grad in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=0)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-6, atol=1e-7)
+
+
+def test_blocking_is_for_cpu_only():
+    """Off the CPU (here the meta device stands in for CUDA) the loss is plain F.cross_entropy:
+    one fused kernel beats a Python loop of block launches on a GPU."""
+    def backward_name(device):
+        logits = torch.randn(4, 10, device=device, requires_grad=True)
+        return type(cross_entropy_sum(logits, torch.zeros(4, dtype=torch.long, device=device)).grad_fn).__name__
+    assert backward_name("meta") == "NllLossBackward0"
+    assert "SummedCrossEntropy" in backward_name("cpu")
