@@ -35,7 +35,6 @@ from minilm.flops import flops_per_token
 from minilm.losses import IGNORE  # noqa: F401  (re-exported: objectives import it from here)
 
 
-
 class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (see minilm/data.py)
