@@ -139,6 +139,10 @@ class TrainConfig:
     compile: bool = False
     resume: str = ""              # "" = start fresh; "auto" (or bare --resume) = newest checkpoint in out_dir
                                   # that loads; or the path of a checkpoint file
+    init_from: str = ""           # start a new run from a checkpoint's weights (continued pretraining):
+                                  # its tokenizer, step 0, a fresh optimizer and schedule
+    overwrite: bool = False       # allow a fresh run in an out_dir that already holds checkpoints
+                                  # (they are deleted first)
     keep_checkpoints: int = 3     # newest checkpoints kept in out_dir (older ones are deleted)
     on_nan: str = "stop"          # non-finite loss: "stop" with a message, or "rollback" to the last
                                   # checkpoint with half the learning rate
