@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from minilm.checkpoint import load_checkpoint, resolve_checkpoint, tensor_to_bytes
+from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import Config, parse_flags
 from minilm.errors import UserError
@@ -38,8 +38,8 @@ FILL_TOP_K = 5  # --top_k when filling and none is given
 
 def load_for_inference(path: str, device):
     """(objective with weights, tokenizer, config) from a checkpoint file."""
-    path = resolve_checkpoint(path)
-    state = load_checkpoint(path)
+    # a run folder means its newest checkpoint that loads: a damaged newer one is skipped, with a note
+    path, state = load_checkpoint_or_newest(path, log=lambda msg: print(msg, file=sys.stderr))
     cfg = Config.from_dict(state["config"])
     if state.get("tokenizer") is None:
         raise UserError(f"{path} carries no tokenizer; it was not written by train.py")

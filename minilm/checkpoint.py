@@ -61,11 +61,11 @@ def save_checkpoint(path: str, state: dict) -> None:
 RESUME_KEYS = ("optimizer", "step", "rng")  # what resuming needs beyond config and model
 
 
-def load_checkpoint(path: str, map_location="cpu", resumable: bool = False) -> dict:
+def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag: str = "--ckpt") -> dict:
     """The checkpoint's dict, loaded with weights_only=True; a one-line UserError for a missing,
     truncated, unsafe or foreign file. resumable: also require what resuming training needs."""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first with train.py, or pass --ckpt PATH")
+        raise UserError(f"no checkpoint at {path}; train one first with train.py, or pass {flag} PATH")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
@@ -116,9 +116,26 @@ def list_checkpoints(out_dir: str) -> list[str]:
     return [os.path.join(out_dir, n) for n in sorted(names)]
 
 
-def prune_checkpoints(out_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted paths."""
-    paths = list_checkpoints(out_dir)
+def checkpoint_loads(path: str) -> bool:
+    """Whether a checkpoint file opens: its zip directory and pickle read with weights_only, the
+    tensors memory-mapped rather than read, so this costs little even for a large file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state
+
+
+def prune_checkpoints(out_dir: str, keep: int, loads=checkpoint_loads) -> list[str]:
+    """Delete all but the newest `keep` checkpoints that load; returns the deleted paths.
+
+    Only loadable files count: a damaged file with a high step (a crash mid-copy, a disk error)
+    must not take a retention slot and push out the good checkpoints a resume would need. Damaged
+    files are left alone (resume and sample.py skip them, and a later save at that step replaces
+    them). `loads` is a path -> bool test (the trainer passes a cached one)."""
+    paths = [p for p in list_checkpoints(out_dir) if loads(p)]
     doomed = paths[:-keep] if keep > 0 else []
     for path in doomed:
         os.unlink(path)
@@ -129,24 +146,24 @@ def prune_checkpoints(out_dir: str, keep: int) -> list[str]:
     return doomed
 
 
-def newest_loadable(out_dir: str, log=print) -> tuple[str, dict]:
-    """(path, state) of the newest checkpoint in out_dir that loads; UserError when none does."""
+def newest_loadable(out_dir: str, log=print, resumable: bool = True) -> tuple[str, dict]:
+    """(path, state) of the newest checkpoint in out_dir that loads; UserError when none does.
+    A damaged newer file is skipped with a note. resumable: also require what resuming needs."""
     paths = list_checkpoints(out_dir)
     if not paths:
-        raise UserError(f"no checkpoint to resume in {out_dir}; train without --resume first")
+        raise UserError(f"no checkpoint to resume in {out_dir}; train without --resume first" if resumable
+                        else f"no checkpoint in {out_dir}; train one first with train.py, or pass a checkpoint file")
     for path in reversed(paths):
         try:
-            return path, load_checkpoint(path, resumable=True)
+            return path, load_checkpoint(path, resumable=resumable)
         except UserError as err:
             log(f"note: skipping {path}: {err}")
     raise UserError(f"none of the {len(paths)} checkpoints in {out_dir} loads; they are all damaged")
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A file path, or a run folder meaning its newest checkpoint (for sample.py)."""
+def load_checkpoint_or_newest(path: str, log=print) -> tuple[str, dict]:
+    """(path, state) for sample.py and --init_from: a file, or a run folder meaning its newest
+    checkpoint that loads (a damaged newest one is skipped with a note, as --resume does)."""
     if os.path.isdir(path):
-        paths = list_checkpoints(path)
-        if not paths:
-            raise UserError(f"no checkpoint in {path}; train one first with train.py, or pass --ckpt FILE")
-        return paths[-1]
-    return path
+        return newest_loadable(path, log=log, resumable=False)
+    return path, load_checkpoint(path)

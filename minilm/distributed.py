@@ -117,6 +117,25 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def on_main(fn, info: DistInfo):
+    """fn() on rank 0 only (checks, locks, data preparation); the others get None. A UserError on
+    rank 0 is raised on every rank, so no process waits forever at the next collective for one
+    that has already exited with its one-line error."""
+    if not info.enabled:
+        return fn()
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UserError(box[0])
+    return result
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

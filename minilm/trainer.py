@@ -36,8 +36,8 @@ import time
 import numpy as np
 import torch
 
-from minilm.checkpoint import (bytes_to_tensor, checkpoint_path, list_checkpoints, load_checkpoint,
-                               newest_loadable, prune_checkpoints, save_checkpoint)
+from minilm.checkpoint import (bytes_to_tensor, checkpoint_loads, checkpoint_path, list_checkpoints,
+                               load_checkpoint, newest_loadable, prune_checkpoints, save_checkpoint)
 from minilm.config import Config
 from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
@@ -167,8 +167,13 @@ class NonFiniteLoss(Exception):
 
 class Trainer:
     def __init__(self, cfg: Config, objective, train_source, val_source=None, tokenizer=None, log=print,
-                 dist_info: DistInfo | None = None):
+                 dist_info: DistInfo | None = None, provenance: dict | None = None):
+        """provenance: what the run was made from, stored in every checkpoint as is (train.py
+        records the prepared data's fingerprint, so --resume can tell when the data changed, and
+        an --init_from run's parent checkpoint)."""
         self.cfg, self.tcfg = cfg, cfg.train
+        self.provenance = dict(provenance or {})
+        self._loads_cache: dict = {}          # (path, size, mtime) -> whether it loads, for pruning
         self.dist = dist_info or DistInfo()
         self.log = log if self.dist.is_main else (lambda *_: None)  # only rank 0 talks
         self.device = resolve_device(self.tcfg.device)
@@ -301,7 +306,7 @@ class Trainer:
                 "model": model_state, "optimizer": optim_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step, "lr_scale": self.lr_scale, "rng": rng_per_rank,
-                "last_eval": self.last_eval, "info": self.info,
+                "last_eval": self.last_eval, "info": self.info, **self.provenance,
                 "tokenizer": bytes_to_tensor(self.tokenizer.model_bytes) if self.tokenizer else None}
 
     def save(self) -> str:
@@ -310,9 +315,17 @@ class Trainer:
         state = self.state()
         if self.dist.is_main:
             save_checkpoint(path, state)
-            prune_checkpoints(self.tcfg.out_dir, self.tcfg.keep_checkpoints)
+            prune_checkpoints(self.tcfg.out_dir, self.tcfg.keep_checkpoints, loads=self._checkpoint_loads)
         barrier(self.dist)
         return path
+
+    def _checkpoint_loads(self, path: str) -> bool:
+        """checkpoint_loads, asked once per file version: pruning runs at every save."""
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in self._loads_cache:
+            self._loads_cache[key] = checkpoint_loads(path)
+        return self._loads_cache[key]
 
     def load(self, path: str, state: dict | None = None) -> None:
         """Restore everything a checkpoint holds; `state` skips reading the file again."""
@@ -360,9 +373,29 @@ class Trainer:
 
     # --------------------------------------------------------------- the loop
     def _write_metrics(self, record: dict) -> None:
-        if self.dist.is_main:
-            with open(os.path.join(self.tcfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Append one JSON line with a single write; if it fails (a full disk), cut the file back
+        to its last whole line, so no torn row is left for a plot to choke on."""
+        if not self.dist.is_main:
+            return
+        path = os.path.join(self.tcfg.out_dir, "metrics.jsonl")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(28, "short write (disk full?)")
+            except OSError as err:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                older = list_checkpoints(self.tcfg.out_dir)
+                kept = (f"; {older[-1]} is the last good checkpoint, resume from it with --resume once there "
+                        "is space" if older else "; no checkpoint was written yet")
+                raise UserError(f"could not append to {path}: {err.strerror or err}{kept}") from None
+        finally:
+            os.close(fd)
 
     def preflight(self) -> None:
         """Refuse to start when checkpoints could not be written, rather than after an hour."""
