@@ -218,3 +218,29 @@ def test_fill_inserts_the_mask_by_id_and_typed_specials_as_text(any_tokenizer, n
            [any_tokenizer.decode([token], specials=True) for token, _ in candidates[0]]
     filled = "Use <cls> and <sep> around" + any_tokenizer.decode([best], specials=True) + " or <extra_id_0>."
     assert lines[4] == f"filled: {json.dumps(filled, ensure_ascii=False)}"
+
+
+class PredictsOneId:
+    """A stand-in masked LM whose every position puts nearly all probability on `token`."""
+
+    def __init__(self, token: int, vocab_size: int, data: str):
+        self.token, self.vocab_size, self.data = token, vocab_size, data
+        self.backbone = type("Backbone", (), {"cfg": ModelConfig(vocab_size=vocab_size, seq_len=64)})()
+
+    def predict(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.vocab_size)
+        logits[..., self.token] = 20.0
+        return logits
+
+
+@pytest.mark.parametrize("data", ["blocks", "segment_pairs"])
+@pytest.mark.parametrize("guess", [SEP_ID, CLS_ID, EOS_ID, SENTINEL_IDS[0]])
+def test_fill_shows_a_special_guess_by_name(tokenizer, data, guess, capsys):
+    """A guess that is a special id is printed by name, and stays in the filled text even when it
+    is the id fill_mask frames the text with (framing is removed by position, not by value)."""
+    sample = load_sample_script()
+    sample.print_fill(PredictsOneId(guess, tokenizer.vocab_size, data), tokenizer, "a <mask> b", 2, "cpu")
+    lines = capsys.readouterr().out.splitlines()
+    name = json.dumps(tokenizer.decode([guess], specials=True))
+    assert lines[1].split() == ["1.0000", name]
+    assert lines[-1] == "filled: " + json.dumps("a" + tokenizer.decode([guess], specials=True) + " b")
