@@ -64,6 +64,8 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device) -> tuple[list
     A space right before <mask> goes into the mask: in training, a masked word's first piece
     ("▁cat") carries its space, so "the red <mask>" must read as "the red" + <mask>, not
     "the red" + "▁" + <mask>. Write "red<mask>" to ask for the rest of a word.
+    Only the text "<mask>" becomes a mask (inserted by id); any other special name typed in the
+    text ("<sep>", "<cls>", "<extra_id_0>") is encoded as plain text, like in the training data.
     """
     if MASK not in text:
         raise UserError(f'--fill needs at least one {MASK} in the text, e.g. --fill "The dog chased the red {MASK}."')
@@ -93,14 +95,18 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device) -> tuple[list
 
 def print_fill(objective, tokenizer, text: str, top_k: int, device) -> None:
     candidates, ids = fill_mask(objective, tokenizer, text, top_k, device)
+    # a guess that is a special id shows its name ("<sep>"), not nothing; the text itself holds
+    # no special id but the masks, which are replaced, so names in the output are guesses
+    show = lambda tokens: json.dumps(tokenizer.decode(tokens, specials=True), ensure_ascii=False)  # noqa: E731
     for i, cands in enumerate(candidates):
         print(f"{MASK} {i + 1} of {len(candidates)}:")
         for token, p in cands:
-            print(f"  {p:.4f}  {json.dumps(tokenizer.decode([token]), ensure_ascii=False)}")
+            print(f"  {p:.4f}  {show([token])}")
     best = iter([c[0][0] for c in candidates])
-    filled = [next(best) if t == MASK_ID else t for t in ids if t not in (EOS_ID, CLS_ID, SEP_ID)]
+    inner = ids[1:-1] if ids[-1] == SEP_ID else ids[1:]  # without fill_mask's framing
+    filled = [next(best) if t == MASK_ID else t for t in inner]
     # quoted, like the candidates: one line even when a guess is "\n"
-    print(f"filled: {json.dumps(tokenizer.decode(filled), ensure_ascii=False)}")
+    print(f"filled: {show(filled)}")
 
 
 def main(argv: list[str]) -> None:

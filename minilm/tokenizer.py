@@ -6,8 +6,23 @@ Decisions that matter later:
         0 <pad>  1 <unk>  2 <bos>  3 <eos>  4 <mask>  5 <cls>  6 <sep>
         7 .. 106    <extra_id_0> .. <extra_id_99>   (T5 span-corruption sentinels)
         107 .. 114  <lang_0> .. <lang_7>            (language tags for translation LM)
-    They are sentencepiece "user-defined" pieces, so the text "<mask>" encodes to id 4 and
-    decodes back to "<mask>".
+    They are inserted by id only (by prepare, the objectives, sample.py), never produced from text:
+    the text "<mask>" in a corpus or a prompt is ordinary text and encodes to ordinary
+    pieces. The reserved pieces 4..114 are sentencepiece *control* symbols, like pad/bos/eos,
+    which sentencepiece never matches in its input. decode drops every special id (a control
+    piece decodes to ""); decode(ids, specials=True) writes the reserved ones by name, e.g.
+    "<mask>" or "<extra_id_0>", for a person reading fill-mask or span-corruption output.
+  * Tokenizers trained before that change (in existing out_dirs and checkpoints) made the reserved
+    pieces "user-defined" symbols, which sentencepiece does match in text: there "<mask>" typed
+    in a document encoded to id 4. Such a tokenizer keeps working with its ids unchanged; it is
+    recognised when loaded (`escapes_reserved_text`) and encode escapes the text instead: the "<"
+    that starts a reserved name is encoded on its own, so the name can never match (texts with a
+    "<" pay for one regex search; only those that spell a reserved name are encoded again). Its
+    decode drops reserved ids like a new tokenizer's does. Token files it prepared before may still
+    hold special ids where the corpus spelled a reserved name; train.py reuses an out_dir's
+    tokenizer and token files while the data and flags are unchanged, so run once in a fresh
+    --out_dir to get clean ones. A newly trained tokenizer has different model bytes, hence a
+    different fingerprint, so data it did not prepare is never taken for its own.
   * Normalization is the identity and whitespace is kept as is, with byte fallback for any
     character that did not make it into the vocabulary: decode(encode(text)) == text for every
     Unicode string (tabs, repeated spaces, newlines, emoji, CJK), and nothing ever maps to <unk>.
@@ -30,6 +45,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from typing import Iterable, Iterator
 
 import torch
@@ -43,8 +59,10 @@ NUM_LANG_TAGS = 8
 SENTINEL_IDS = list(range(7, 7 + NUM_SENTINELS))
 LANG_IDS = list(range(7 + NUM_SENTINELS, 7 + NUM_SENTINELS + NUM_LANG_TAGS))
 NUM_SPECIAL = 7 + NUM_SENTINELS + NUM_LANG_TAGS  # ids below this are special
-USER_DEFINED = (["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
-                + [f"<lang_{i}>" for i in range(NUM_LANG_TAGS)])
+# the pieces at ids 4 .. NUM_SPECIAL - 1, in id order (sentencepiece control symbols)
+RESERVED_PIECES = (["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
+                   + [f"<lang_{i}>" for i in range(NUM_LANG_TAGS)])
+USER_DEFINED = RESERVED_PIECES  # their old name, from when they were user-defined symbols
 WORD_MARK = "\u2581"
 # sentencepiece needs room for the specials, 256 byte pieces and some merges
 MIN_VOCAB = NUM_SPECIAL + 256 + 16
@@ -77,8 +95,11 @@ class Tokenizer:
             raise UserError("this sentencepiece model was not trained by minilm (special ids differ); "
                             "let train.py train its own tokenizer")
         self.vocab_size = self.sp.get_piece_size()
-        # the byte-fallback ids of "▁" (E2 96 81), for texts that contain it literally
-        self.word_mark_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in WORD_MARK.encode("utf-8")]
+        # reserved pieces that sentencepiece would match in text: all of them in a tokenizer
+        # trained before they were control symbols, none in a new one (module docstring)
+        matched = [self.sp.id_to_piece(i) for i in range(MASK_ID, NUM_SPECIAL) if not self.sp.is_control(i)]
+        self.escapes_reserved_text = bool(matched)
+        self._build_escapes(matched)
         self._build_tables()
 
     # ------------------------------------------------------------------ training
@@ -102,7 +123,7 @@ class Tokenizer:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
                 vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-                user_defined_symbols=USER_DEFINED, byte_fallback=True,
+                control_symbols=RESERVED_PIECES, byte_fallback=True,  # never matched in text
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 add_dummy_prefix=False,  # see the module docstring
                 allow_whitespace_only_pieces=True, split_digits=True,
@@ -129,28 +150,62 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
         texts = list(texts)
-        out = self.sp.encode(texts)
+        out = self.sp.encode(texts)  # one call for the whole batch
         for i, text in enumerate(texts):
-            if WORD_MARK in text:  # rare: re-encode around each literal "▁" (module docstring)
-                out[i] = self._encode_with_word_marks(text)
+            if self._needs_escapes(text):  # rare: re-encode it around what must not be matched
+                out[i] = self._encode_escaped(text)
         return [([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else []) for ids in out]
 
-    def _encode_with_word_marks(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for i, part in enumerate(self.sp.encode(text.split(WORD_MARK))):
-            if i:
-                ids += self.word_mark_bytes
-            ids += part
+    def _build_escapes(self, matched_pieces: list[str]) -> None:
+        """What encode cuts out of a text and encodes on its own (module docstring):
+        a literal "▁" becomes its three UTF-8 bytes; the "<" that starts a reserved name this model
+        would match (old tokenizers only) becomes the pieces of "<" alone."""
+        # the byte-fallback ids of "▁" (E2 96 81), for texts that contain it literally
+        self.word_mark_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in WORD_MARK.encode("utf-8")]
+        self._escape_ids = {WORD_MARK: self.word_mark_bytes}
+        pattern = re.escape(WORD_MARK)
+        self._reserved_name = None
+        if matched_pieces:
+            self._reserved_name = re.compile("|".join(re.escape(p) for p in matched_pieces))
+            # the "<" of a reserved name, not the name: "<<mask>" cuts at its second "<" only
+            pattern += "|<(?=" + "|".join(re.escape(p[1:]) for p in matched_pieces) + ")"
+            self._escape_ids["<"] = self.sp.encode("<")
+        # a capturing group: split() keeps what it cut at, between the pieces of text
+        self._escape_pattern = re.compile(f"({pattern})")
+
+    def _needs_escapes(self, text: str) -> bool:
+        return WORD_MARK in text or (self._reserved_name is not None and "<" in text
+                                     and self._reserved_name.search(text) is not None)
+
+    def _encode_escaped(self, text: str) -> list[int]:
+        # "a<mask>▁b" -> ["a", "<", "mask>", "▁", "b"]: text at even places, cut marks at odd ones.
+        # Reserved names start with "<" and hold no other "<", so no two overlap and none is left
+        # whole inside a piece of text: cutting off each one's "<" leaves nothing to match.
+        parts = self._escape_pattern.split(text)
+        encoded = self.sp.encode(parts[0::2])
+        ids = list(encoded[0])
+        for mark, piece in zip(parts[1::2], encoded[1:]):
+            ids += self._escape_ids[mark]
+            ids += piece
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, *, specials: bool = False) -> str:
+        """The text of `ids`. Special ids print nothing, unless specials=True: then the reserved ones
+        (<mask>, <cls>, <sep>, <extra_id_N>, <lang_N>) print their names; pad/bos/eos never do."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        # pad/bos/eos are control pieces that sentencepiece decodes to "", which is what we want
-        return self.sp.decode([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if not (specials or self.escapes_reserved_text):
+            return self.sp.decode(ids)  # every special id is a control piece, which decodes to ""
+        reserved = [k for k, i in enumerate(ids) if MASK_ID <= i < NUM_SPECIAL]
+        # decode the runs between reserved ids; each of those prints its name or nothing
+        cuts = [-1] + reserved + [len(ids)]
+        texts = self.sp.decode([ids[a + 1:b] for a, b in zip(cuts, cuts[1:])])
+        names = [self.sp.id_to_piece(ids[k]) if specials else "" for k in reserved] + [""]
+        return "".join(text + name for text, name in zip(texts, names))
 
-    def decode_batch(self, batch) -> list[str]:
-        return [self.decode(ids) for ids in batch]
+    def decode_batch(self, batch, *, specials: bool = False) -> list[str]:
+        return [self.decode(ids, specials=specials) for ids in batch]
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
