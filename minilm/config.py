@@ -40,7 +40,7 @@ class ModelConfig:
     bias: bool = False            # biases in linear layers and LayerNorm
     tie_embeddings: bool = True   # the LM head reuses the token embedding matrix
     n_segment: int = 0            # segment (token-type) embeddings; 0 = none, but objectives that
-                                  # read sentence pairs (sop) use 2 (objectives/base.py, backbone_config)
+                                  # read sentence pairs (sop) need 2 (objectives/base.py, model settings)
     embed_norm: bool = False      # a norm on the summed embeddings before the first block (BERT, RoBERTa,
                                   # ModernBERT); the masked LMs turn it on for their encoder (objectives/mlm.py)
 

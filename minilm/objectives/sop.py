@@ -26,7 +26,8 @@ keeps its B and label 0. ALBERT's paper shows NSP teaches little beyond topic; i
 compare.
 
 Backbone: minilm's Transformer as an encoder (causal=False) with a padding mask and segment
-embeddings; n_segment 0 becomes 2 (base.backbone_config).
+embeddings: sentence pairs need n_segment >= 2, so model_config_for turns 0 into 2
+(base.DATA_MODEL_MINIMUMS).
 
 Shapes: input_ids, segment_ids (B, T); lengths, labels (B,); hidden (B, T, C); pooled (B, C);
 logits (B, 2). Metrics: the shared sums (nll, targets = rows, correct), so finalize reports
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 from minilm.data import pack_pairs
 from minilm.errors import UserError
 from minilm.model import Pooler, Transformer, padding_mask
-from minilm.objectives.base import Objective, backbone_config
+from minilm.flops import flops_per_token, matmul_weights
+from minilm.objectives.base import Objective
 
 SWAP_PROB = 0.5
 TASKS = ("sop", "nsp")
@@ -67,10 +69,20 @@ class SentenceOrder(Objective):
         self.task = getattr(options, "sentence_task", "sop")
         if self.task not in TASKS:
             raise UserError(f"--sentence_task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        self.backbone = Transformer(backbone_config(model_cfg, self.data))
+        self.backbone = self.build_backbone(model_cfg)
         self.pooler = Pooler(model_cfg)
         self.head = nn.Linear(model_cfg.n_embd, 2)
         Transformer._init_weights(self.head)
+
+    def flops_per_token(self) -> float:
+        """What a step computes, per input token (for MFU): the encoder at every position but no
+        LM head (its output matrix is never used), then the pooler and the two-way head on one
+        position per row, shared by the row's seq_len tokens."""
+        cfg = self.backbone.cfg
+        heads = sum(w.numel() for w in self.pooler.parameters()) + sum(w.numel() for w in self.head.parameters())
+        encoder = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
+                                  cfg.head_dim, cfg.seq_len)
+        return encoder + 6 * heads / cfg.seq_len
 
     def make_batch(self, raw, generator=None):
         """raw: a SegmentPairSource batch (A then B, in order) -> inputs with labels."""
