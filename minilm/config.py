@@ -105,7 +105,7 @@ class ObjectiveConfig:
                                       # false ignores those targets (<eos> itself is always a target)
     # masked-LM family (mlm, wwm, span; minilm/objectives/mlm.py, minilm/masking.py)
     mask_prob: float = 0.15           # share of eligible tokens to predict (mlm: each independently;
-                                      # wwm: round(p*n) tokens in whole words; span: exactly ceil(p*n))
+                                      # wwm: max(1, round(p*n)) tokens in whole words; span: exactly ceil(p*n))
     mask_replace_prob: float = 0.8    # of the chosen tokens: shown as <mask> ...
     random_replace_prob: float = 0.1  # ... shown as a random non-special token; the rest stay unchanged
     span_geometric_p: float = 0.2     # span: span length in words ~ Geometric(p), clipped, renormalized
