@@ -33,7 +33,7 @@ def test_short_rows_predict_one_token_and_empty_rows_none():
 
 def test_longer_rows_keep_round_p_n():
     counts = [7, 10, 20, 40, 100, 117]                       # round(0.15 n): 1, 2, 3, 6, 15, 18
-    starts, eligible, n = rows_with_eligible(counts, T=128, repeats=100)
+    starts, eligible, _ = rows_with_eligible(counts, T=128, repeats=100)
     chosen = masking.whole_word_choice(starts, eligible, 0.15, torch.Generator().manual_seed(2))
     assert torch.equal(chosen.sum(1), torch.tensor([1, 2, 3, 6, 15, 18]).repeat(100))
 

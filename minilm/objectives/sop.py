@@ -47,8 +47,8 @@ import torch.nn.functional as F
 
 from minilm.data import pack_pairs
 from minilm.errors import UserError
-from minilm.model import Pooler, Transformer, padding_mask
 from minilm.flops import flops_per_token, matmul_weights
+from minilm.model import Pooler, Transformer, padding_mask
 from minilm.objectives.base import IGNORE, Objective
 
 SWAP_PROB = 0.5
