@@ -33,6 +33,7 @@ if _ROOT not in sys.path:
 
 from minilm.config import ModelConfig  # noqa: E402
 from minilm.generate import generate  # noqa: E402
+from minilm.objectives import model_config_for  # noqa: E402
 from minilm.objectives.clm import CausalLM  # noqa: E402
 from minilm.objectives.mlm import MaskedLM  # noqa: E402
 from minilm.objectives.span import SpanMaskedLM  # noqa: E402
@@ -156,7 +157,7 @@ def mlm_batch_fn(h, objective):
 
 def _mlm(h, args, name: str, autocast_dtype=None):
     torch.manual_seed(0)
-    cfg = model_config(h, ROBERTA_ARCH)
+    cfg = model_config_for("mlm", model_config(h, ROBERTA_ARCH))   # with the encoder's embed_norm
     obj = MaskedLM(cfg)  # no tokenizer: ids < NUM_SPECIAL are special, random replacements uniform above
     pos = [obj.backbone.pos_emb.weight]
     n_total, n_nonemb = h.nparams(obj, pos)
@@ -219,7 +220,7 @@ def _time_batches(h, args, fn, n=50):
 def _mask_only(h, args):
     """make_batch alone (masking, labels, the chosen positions), per batch of the peer's rows.
     collator-mlm is the peer (DataCollatorForLanguageModeling on lists of ids)."""
-    cfg = model_config(h, ROBERTA_ARCH)
+    cfg = model_config_for("mlm", model_config(h, ROBERTA_ARCH))
     V = cfg.vocab_size
     times = _time_batches(h, args, mlm_batch_fn(h, MaskedLM(cfg)))
     batch = mlm_batch_fn(h, MaskedLM(cfg))()

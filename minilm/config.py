@@ -40,7 +40,7 @@ class ModelConfig:
     bias: bool = False            # biases in linear layers and LayerNorm
     tie_embeddings: bool = True   # the LM head reuses the token embedding matrix
     n_segment: int = 0            # segment (token-type) embeddings; 0 = none, but objectives that
-                                  # read sentence pairs (sop) use 2 (objectives/base.py, backbone_config)
+                                  # read sentence pairs (sop) need 2 (objectives/base.py, model settings)
     embed_norm: bool = False      # a norm on the summed embeddings before the first block (BERT, RoBERTa,
                                   # ModernBERT); the masked LMs turn it on for their encoder (objectives/mlm.py)
 
@@ -105,7 +105,7 @@ class ObjectiveConfig:
                                       # false ignores those targets (<eos> itself is always a target)
     # masked-LM family (mlm, wwm, span; minilm/objectives/mlm.py, minilm/masking.py)
     mask_prob: float = 0.15           # share of eligible tokens to predict (mlm: each independently;
-                                      # wwm: round(p*n) tokens in whole words; span: exactly ceil(p*n))
+                                      # wwm: max(1, round(p*n)) tokens in whole words; span: exactly ceil(p*n))
     mask_replace_prob: float = 0.8    # of the chosen tokens: shown as <mask> ...
     random_replace_prob: float = 0.1  # ... shown as a random non-special token; the rest stay unchanged
     span_geometric_p: float = 0.2     # span: span length in words ~ Geometric(p), clipped, renormalized

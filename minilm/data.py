@@ -399,7 +399,9 @@ def split_sentences(tokens: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 
           `no."`, `(Yes.)`), begins a new word (whitespace between them), and does not begin
           with a lowercase letter; so "It ends. The next" splits, "os.path", "3.14" and
           "e.g. the" do not; or
-      (b) comes after a blank line (two newlines or more in the whitespace before it), so
+      (b) comes after a piece ending in a CJK stop 。！？ (closers such as 」 glued on are fine),
+          whatever follows: Chinese and Japanese write no space between sentences; or
+      (c) comes after a blank line (two newlines or more in the whitespace before it), so
           headings, list items and paragraphs that end without a stop are sentences too.
     Whitespace and glued closers between two sentences belong to the first. Abbreviations
     before a capital ("Mr. Smith") split wrongly: a heuristic, like any splitter that does not
@@ -412,6 +414,7 @@ def split_sentences(tokens: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 
     text = ~(whitespace | tokenizer.closer_table.numpy())   # pieces that say something
     text[EOS_ID] = False
     ends_stop = tokenizer.ends_stop_table.numpy()
+    ends_cjk_stop = tokenizer.ends_cjk_stop_table.numpy()
     starts_word = tokenizer.starts_word_table.numpy()
     starts_lower = tokenizer.starts_lower_table.numpy()
     newline = tokenizer.newline_table.numpy()
@@ -436,7 +439,7 @@ def split_sentences(tokens: np.ndarray, tokenizer: Tokenizer, chunk: int = 1 << 
         pos, piece, space, nl, eos = cols
         prev, cur = piece[:-1], piece[1:]                  # each text piece and the one before it
         new_word = starts_word[cur] | (space[1:] > space[:-1])
-        after_stop = ends_stop[prev] & new_word & ~starts_lower[cur]
+        after_stop = (ends_stop[prev] & new_word & ~starts_lower[cur]) | ends_cjk_stop[prev]
         after_blank_line = nl[1:] - nl[:-1] >= 2
         same_document = eos[1:] == eos[:-1]
         boundaries.append(pos[1:][same_document & (after_stop | after_blank_line)])

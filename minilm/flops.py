@@ -1,8 +1,10 @@
 """Model FLOPs utilization (MFU): how much of the machine's matmul throughput training uses.
 
 FLOPs per token follow nanoGPT's estimate (PaLM appendix B): 6 N for the weight matmuls (2 forward,
-4 backward, per parameter) plus 12 L H D T for attention scores and values, with N the parameter
-count without the position table (the tied embedding stays: it is the LM head's matmul).
+4 backward, per parameter) plus 12 L H D T for attention scores and values. N counts the weights
+a matmul really uses at every position (matmul_weights): the blocks, the norms, and the LM head
+when the objective runs one (tied: the token matrix, once; untied: lm_head). The token, position
+and segment tables are lookups and count nothing; an untied token table is not the head's matmul.
 
 The peak is *measured*, not looked up: the best throughput of a large square matmul in the
 training dtype on this device. So MFU = achieved / achievable-by-a-matmul here, comparable
@@ -17,6 +19,18 @@ import torch
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> int:
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
+
+
+def matmul_weights(backbone, lm_head: bool = True) -> int:
+    """Parameters of `backbone` (a minilm Transformer) that a matmul uses at every position: all
+    of them but the embedding tables, plus the output matrix when the LM head runs (`lm_head`).
+    nanoGPT's N (num_params(non_embedding=True)) is this for a tied decoder; for an untied one it
+    also counts the token table, and for an encoder without an LM head (sop) the output matrix,
+    overstating the FLOPs by V * C per token."""
+    n = backbone.num_params(non_embedding=True) - backbone.tok_emb.weight.numel()   # blocks, norms, lm_head
+    if backbone.lm_head is not None:
+        n -= backbone.lm_head.weight.numel()
+    return n + (backbone.output_weight.numel() if lm_head else 0)
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ Shapes: B rows, T positions. ids (B, T) long; every mask is a (B, T) bool tensor
 
     eligible_positions   tokens that may be chosen: not special (<eos>, <pad>, ...), not padding
     choose_bernoulli     BERT/RoBERTa: every eligible token independently with probability p
-    whole_word_choice    whole words, at most round(p * n) tokens (greedy, skipping misfits)
+    whole_word_choice    whole words, at most max(1, round(p * n)) tokens (greedy, skipping misfits)
     span_choice          SpanBERT: spans of geometric word length, exactly ceil(p * n) tokens
     span_ids             the (merged) span each chosen token belongs to
     replace              the 80/10/10 rule: <mask> / random token / unchanged, per token or per span
@@ -126,15 +126,18 @@ def whole_word_choice(word_starts: torch.Tensor, eligible: torch.Tensor, mask_pr
     """Whole-word masking: choose words, never parts of words.
 
     Words come from the tokenizer's word-start flags (sentencepiece's "▁"), never BERT's "##".
-    Budget: round(mask_prob * n) tokens per row (n = eligible tokens; HF counts [CLS]/[SEP] too,
-    our windows have none). Words are tried in a random order; a word that would overshoot
+    Budget: max(1, round(mask_prob * n)) tokens per row with n > 0 eligible tokens, 0 without
+    (BERT's create_pretraining_data and HF's collator; HF counts [CLS]/[SEP] in n too, our windows
+    have none). Without the floor a row of 3 eligible tokens or fewer (sentence pairs, padded
+    rows) would predict nothing at p = 0.15. Words are tried in a random order; a word that would overshoot
     what is left of the budget is skipped, not cut (greedy_with_skip). Every piece of a chosen
     word is chosen.
     """
     B, T = eligible.shape
     starts = word_starts_within(word_starts, eligible)
     lengths = word_lengths(starts, eligible)                        # (B, T), nonzero at word starts
-    budget = torch.round(_times(eligible.sum(dim=1), mask_prob)).long()
+    n = eligible.sum(dim=1)
+    budget = torch.where(n > 0, torch.round(_times(n, mask_prob)).long().clamp(min=1), 0)
     # a uniformly random order of each row's words: sort by a random key, non-starts last
     key = _rand((B, T), generator, eligible.device).masked_fill(~starts, 2.0)
     order = key.argsort(dim=1)                                      # (B, T) positions, in try order

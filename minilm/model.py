@@ -85,7 +85,10 @@ def attention(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
     """softmax(q k^T / sqrt(D) + mask) v: q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D).
 
     attn_mask: bool, True = may attend (broadcast to (B, H, T, S)), or float, added to the scores.
-    causal: query i sees keys 0..i (SDPA's is_causal: the mask is aligned top-left).
+    causal: query i sees keys 0..i (SDPA's is_causal: the mask is aligned top-left). With an
+    attn_mask too, both apply (a decoder over right-padded rows, a document mask): they are combined
+    into one mask first (with_causal), the same in both paths; SDPA is never handed the pair, which
+    older torch versions refuse.
 
     SDPA everywhere but one case. On CPU in bf16 or fp16, PyTorch's fused kernel (a flash-attention
     port) is slower than the plain ops of attention_math for short sequences. Causal forward +
@@ -100,7 +103,21 @@ def attention(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS):
         return attention_math(q, k, v, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p)
+    if causal and attn_mask is not None:  # one mask that says both
+        attn_mask, causal = with_causal(attn_mask, q.shape[-2], k.shape[-2], q.device), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
+
+
+def with_causal(attn_mask, T: int, S: int, device):
+    """The causal (T, S) mask, aligned top-left as SDPA's is_causal, combined with attn_mask:
+    bool (True = may attend) -> both must allow; float -> -inf added above the diagonal; None ->
+    the causal mask alone (bool). Broadcasts like attn_mask, e.g. (B, 1, 1, S) -> (B, 1, T, S)."""
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))
 
 
 def attention_math(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
@@ -110,8 +127,8 @@ def attention_math(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
     identical bits) without the two (B, H, T, S) casts."""
     T, S = q.shape[-2], k.shape[-2]
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                    # (B, H, T, S)
-    if causal:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if causal:  # with a given attn_mask too, both apply (as attention() does for SDPA)
+        attn_mask = with_causal(attn_mask, T, S, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:  # True = may attend: 0 there, -inf elsewhere (a small tensor)
             attn_mask = torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf"))
@@ -243,6 +260,7 @@ class Transformer(nn.Module):
 
     forward(ids, causal=True)                      decoder (GPT)
     forward(ids, causal=False, attn_mask=padmask)  encoder (BERT); padmask = padding_mask(lengths, T)
+    forward(ids, causal=True, attn_mask=padmask)   decoder over right-padded rows (both masks apply)
     forward(ids, ..., segment_ids=seg)             sentence pairs: seg (B, T) in 0..n_segment-1
     forward(ids, cache=kv, start=pos)              incremental decoding with a KVCache
 

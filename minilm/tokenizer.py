@@ -220,6 +220,10 @@ class Tokenizer:
         special = torch.zeros(V, dtype=torch.bool)
         # for sentence splitting (the rule itself is minilm/data.py, `split_sentences`):
         ends_stop = torch.zeros(V, dtype=torch.bool)     # text ends in . ! ? (+ closers): `end.` `."` `).`
+        ends_cjk_stop = torch.zeros(V, dtype=torch.bool)  # ... in a CJK 。！？: ends a sentence, no space needed
+        # Chinese and Japanese corner brackets and full-width closers close a quote after 。 as " does after .
+        closers = CLOSERS + "\u300d\u300f\u3011\u3015\u3009\u300b\uff09\uff02\uff07"   # 」』】〕〉》）＂＇
+        cjk_stops = "\u3002\uff01\uff1f\uff61"        # 。！？｡
         closer = torch.zeros(V, dtype=torch.bool)        # only closers, glued to the previous piece: `"` `)`
         whitespace = torch.zeros(V, dtype=torch.bool)    # only spaces, tabs, newlines: `▁▁` <0x0A>
         newline = torch.zeros(V, dtype=torch.bool)       # the newline byte (blank lines end paragraphs)
@@ -243,14 +247,16 @@ class Tokenizer:
             whitespace[i] = text.isspace()
             word = text.lstrip()
             starts_lower[i] = word[:1].islower()
-            before_closers = word.rstrip(CLOSERS)
-            ends_stop[i] = before_closers != "" and before_closers[-1] in SENTENCE_STOPS
-            closer[i] = text == word and word != "" and word.strip(CLOSERS) == ""
+            before_closers = word.rstrip(closers)
+            ends_stop[i] = before_closers != "" and before_closers[-1] in SENTENCE_STOPS + cjk_stops
+            ends_cjk_stop[i] = before_closers != "" and before_closers[-1] in cjk_stops
+            closer[i] = text == word and word != "" and word.strip(closers) == ""
         self.starts_word_table = starts_word
         self.breaks_line_table = breaks_line
         self.bytes_per_token = n_bytes
         self.special_table = special
         self.ends_stop_table = ends_stop
+        self.ends_cjk_stop_table = ends_cjk_stop
         self.closer_table = closer
         self.whitespace_table = whitespace
         self.newline_table = newline

@@ -2,16 +2,20 @@
 `Objective` (see base.py for the contract), then add it to OBJECTIVES below.
 
 "a+b" (e.g. "mlm+sop") trains several objectives on one backbone, weighted by
---objective_weights: see multitask.py."""
+--objective_weights: see multitask.py.
+
+model_config_for(name, model_cfg) is the model an objective really builds: the config with the
+settings the objective declares (base.py, "Declared model settings"). train.py resolves its
+config with it before printing and saving; build_objective applies it too (it is idempotent)."""
 from __future__ import annotations
 
 import difflib
 
 from minilm.errors import UserError
-from minilm.objectives.base import IGNORE, Objective, finalize
+from minilm.objectives.base import IGNORE, Objective, finalize, resolve_model_config
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
-from minilm.objectives.multitask import MultiTask
+from minilm.objectives.multitask import MultiTask, common_data
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.wwm import WholeWordMaskedLM
@@ -25,8 +29,19 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
+def model_config_for(name: str, model_cfg):
+    """The ModelConfig that objective `name` ("mlm", "mlm+sop", ...) builds from `model_cfg`: a
+    copy with the settings its parts declare and what its data needs. Idempotent, and the same
+    for "a+b" and "b+a". One-line UserErrors for an unknown name or parts that cannot share one
+    model."""
+    classes = [objective_class(part) for part in name.split("+")]
+    return resolve_model_config(classes, common_data(classes), model_cfg)
+
+
 def build_objective(name: str, model_cfg, tokenizer=None, options=None) -> Objective:
-    """`options` is the run's ObjectiveConfig (defaults when None)."""
+    """`options` is the run's ObjectiveConfig (defaults when None). The model is built from
+    model_config_for(name, model_cfg); `model_cfg` itself is not changed."""
+    model_cfg = model_config_for(name, model_cfg)
     if options is None:
         from minilm.config import ObjectiveConfig
         options = ObjectiveConfig()
@@ -46,4 +61,4 @@ def objective_class(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
-__all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize"]
+__all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize", "model_config_for"]

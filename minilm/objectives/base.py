@@ -22,6 +22,18 @@ Metric sums use shared names so they aggregate by plain addition over batches:
 `finalize` turns such sums into loss, perplexity, accuracy and bits per byte. Combined
 objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
 "sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
+
+Declared model settings (the saved config is the model). An objective that needs something of
+the network declares it instead of changing the config it is given:
+    model_settings = {"embed_norm": True}     # exact values, on the class (the masked LMs)
+    DATA_MODEL_MINIMUMS["segment_pairs"]      # what reading a kind of data needs: n_segment >= 2
+`minilm.objectives.model_config_for(name, model_cfg)` applies them once, before the model is
+built, printed and saved: for "a+b" the union of the parts' settings and of what their data
+kinds and the combined one need, whatever the order of the parts (a conflict is a UserError).
+It is idempotent, so a checkpoint's config (which may predate a setting) resolves to the same
+model again. An objective's constructor then builds exactly the config it is given
+(`build_backbone`), and refuses one that lacks a declared setting; build_objective resolves
+the config itself, so callers rarely call model_config_for directly.
 """
 from __future__ import annotations
 
@@ -31,8 +43,14 @@ import math
 import torch
 import torch.nn as nn
 
-from minilm.flops import flops_per_token
+from minilm.errors import UserError
+from minilm.flops import flops_per_token, matmul_weights
 from minilm.losses import IGNORE  # noqa: F401  (re-exported: objectives import it from here)
+from minilm.model import Transformer
+
+# What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
+# 0 (A) and 1 (B), so their backbone needs two segment embeddings (more are allowed).
+DATA_MODEL_MINIMUMS: dict[str, dict[str, int]] = {"segment_pairs": {"n_segment": 2}}
 
 
 class Objective(nn.Module):
@@ -40,8 +58,16 @@ class Objective(nn.Module):
     data: str = "blocks"          # the data source it reads (see minilm/data.py)
     model_kind: str = "decoder"   # what sample.py can do with its backbone
     fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
+    model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
+                                  # (see "Declared model settings" above; never mutated)
 
     backbone: nn.Module
+
+    def build_backbone(self, model_cfg) -> Transformer:
+        """The backbone, built from exactly `model_cfg`, which must already hold what this
+        objective declares (model_config_for / build_objective apply it)."""
+        check_model_config([type(self)], self.data, model_cfg)
+        return Transformer(model_cfg)
 
     def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
@@ -51,19 +77,56 @@ class Objective(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token, the numerator of the trainer's MFU: nanoGPT's
-        6N + 12 L H D T (minilm/flops.py) for the backbone and its tied LM head. Objectives that
-        compute less (the masked LMs' sparse head and last layer) override it."""
+        6N + 12 L H D T (minilm/flops.py), N counting the weights of the matmuls this objective
+        runs at every position: the blocks and the LM head (tied or not), never the token table
+        itself (a lookup). Objectives that compute less (no LM head: sop; the masked LMs' sparse
+        head and last layer) override it."""
         cfg = self.backbone.cfg
-        return flops_per_token(self.backbone.num_params(non_embedding=True), cfg.n_layer, cfg.n_head,
+        return flops_per_token(matmul_weights(self.backbone, lm_head=True), cfg.n_layer, cfg.n_head,
                                cfg.head_dim, cfg.seq_len)
 
 
-def backbone_config(model_cfg, data: str):
-    """The backbone's config for an objective that reads `data`: sentence pairs come with segment
-    ids, so there n_segment 0 becomes 2 (A and B); other data keeps the config as it is."""
-    if data == "segment_pairs" and model_cfg.n_segment < 2:
-        return dataclasses.replace(model_cfg, n_segment=2)
-    return model_cfg
+def model_requirements(classes, data: str) -> tuple[dict, dict]:
+    """(exact settings, minimums) that the objectives `classes`, reading `data` together, need of
+    the model: the union of their model_settings, and of DATA_MODEL_MINIMUMS for their own data
+    kinds and `data`. Two parts that need different values of one setting: a UserError."""
+    exact: dict = {}
+    wanted_by: dict = {}
+    for cls in classes:
+        for setting, value in cls.model_settings.items():
+            if setting in exact and exact[setting] != value:
+                raise UserError(f"{wanted_by[setting]} needs --{setting} {exact[setting]} but {cls.name} needs "
+                                f"--{setting} {value}; these objectives cannot share one model")
+            exact[setting], wanted_by[setting] = value, cls.name
+    minimums: dict = {}
+    for kind in sorted({data} | {cls.data for cls in classes}):
+        for setting, least in DATA_MODEL_MINIMUMS.get(kind, {}).items():
+            minimums[setting] = max(least, minimums.get(setting, least))
+            if setting in exact and exact[setting] < minimums[setting]:
+                raise UserError(f"{wanted_by[setting]} needs --{setting} {exact[setting]} but {kind} data needs "
+                                f"at least {minimums[setting]}; these objectives cannot share one model")
+    return exact, minimums
+
+
+def resolve_model_config(classes, data: str, model_cfg):
+    """A copy of model_cfg with what `classes` reading `data` need (model_requirements) applied:
+    exact settings set, minimums raised to. Idempotent: a resolved config resolves to itself."""
+    exact, minimums = model_requirements(classes, data)
+    changes = dict(exact)
+    changes.update({setting: max(getattr(model_cfg, setting), least) for setting, least in minimums.items()})
+    return dataclasses.replace(model_cfg, **changes)
+
+
+def check_model_config(classes, data: str, model_cfg) -> None:
+    """Refuse a config that lacks what `classes` reading `data` declare (a programming error: the
+    caller skipped model_config_for, so the model would not be the one its config says)."""
+    exact, minimums = model_requirements(classes, data)
+    missing = [f"{s}={v}" for s, v in exact.items() if getattr(model_cfg, s) != v]
+    missing += [f"{s}>={v}" for s, v in minimums.items() if getattr(model_cfg, s) < v]
+    if missing:
+        names = "+".join(cls.name for cls in classes)
+        raise ValueError(f"{names} needs a model config with {', '.join(missing)}; resolve it first with "
+                         "minilm.objectives.model_config_for (build_objective does)")
 
 
 def finalize(sums: dict) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from minilm.losses import cross_entropy_sum
-from minilm.model import Transformer
 from minilm.objectives.base import IGNORE, Objective
 from minilm.tokenizer import EOS_ID
 
@@ -49,7 +48,7 @@ class CausalLM(Objective):
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        self.backbone = Transformer(model_cfg)
+        self.backbone = self.build_backbone(model_cfg)
         # UTF-8 bytes per token id, for bits per byte; a buffer so it follows .to(device)
         n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
         self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)

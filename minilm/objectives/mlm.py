@@ -46,15 +46,13 @@ Where we differ from the references:
   * The encoder is minilm's Transformer with causal=False: pre-norm and, by default, RoPE and
     RMSNorm, where BERT/RoBERTa are post-norm with learned positions and LayerNorm
     (--position learned --norm layernorm --bias true gets closer). Like BERT, RoBERTa and
-    ModernBERT it normalizes the summed embeddings before the first block (embed_norm, always on
-    here). Without it a pre-norm encoder whose embeddings start at GPT's std 0.02 learns far
+    ModernBERT it normalizes the summed embeddings before the first block (embed_norm: declared in
+    model_settings, so the config that is printed and saved says so; objectives/base.py). Without it a pre-norm encoder whose embeddings start at GPT's std 0.02 learns far
     slower: a 2x64 encoder after 300 steps of 16 x 64 tokens predicted 7.5% of masked tokens
     (the most-frequent-token rate: it had learned nothing but unigrams) against 11.6% with it,
     and 10.5% for HF's RobertaForMaskedLM of the same size.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn as nn
@@ -63,7 +61,7 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.errors import UserError
 from minilm.model import Transformer, make_norm, padding_mask
-from minilm.objectives.base import IGNORE, Objective, backbone_config
+from minilm.objectives.base import IGNORE, Objective
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
 
 
@@ -104,6 +102,7 @@ class MaskedLM(Objective):
     data = "blocks"
     model_kind = "encoder"
     fills_masks = True
+    model_settings = {"embed_norm": True}   # the encoder normalizes its embeddings (module docstring)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
@@ -113,8 +112,7 @@ class MaskedLM(Objective):
         check_masking_options(options)
         self.options = options
         self.seq_len = model_cfg.seq_len
-        # the encoder normalizes its embeddings (see the module docstring)
-        self.backbone = Transformer(dataclasses.replace(backbone_config(model_cfg, self.data), embed_norm=True))
+        self.backbone = self.build_backbone(model_cfg)
         self.head = MLMHead(model_cfg)
         # per-id tables as buffers, so they follow .to(device) and cost no copy per batch.
         # Without a tokenizer (benchmarks, unit tests): ids below NUM_SPECIAL are special and

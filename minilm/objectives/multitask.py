@@ -21,7 +21,9 @@ Data: the parts must read the same kind of data, with one exception: an objectiv
 generator, lengths=pairs' lengths) (CLM and the masked LMs take `lengths`; specials and padding
 are never masked), plus the pairs' "segment_ids" in its batch. So in mlm+sop, MLM and SOP see the
 same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
-Sentence pairs make the shared backbone have segment embeddings (base.backbone_config).
+The shared backbone is built from a config that holds every part's declared settings and what
+the common data needs (model_config_for in objectives/__init__.py, base.py), so mlm+sop and
+sop+mlm build the same model: embed_norm for the masked LM, segment embeddings for the pairs.
 
 Metrics: each part's sums and counts are prefixed with its name ("mlm/nll", "sop/targets");
 finalize (base.py) reports "mlm/loss", "mlm/acc", "sop/loss", "sop/acc", ..., and "loss", the
@@ -34,7 +36,7 @@ import math
 import torch.nn as nn
 
 from minilm.errors import UserError
-from minilm.objectives.base import Objective, backbone_config
+from minilm.objectives.base import Objective, check_model_config
 
 
 def parse_weights(text: str, names: list[str]) -> list[float]:
@@ -82,7 +84,8 @@ class MultiTask(Objective):
         self.name = "+".join(names)
         self.data = common_data(classes)
         self.weights = parse_weights(getattr(options, "objective_weights", ""), names)
-        parts = [cls(backbone_config(model_cfg, self.data), tokenizer, options) for cls in classes]
+        check_model_config(classes, self.data, model_cfg)
+        parts = [cls(model_cfg, tokenizer, options) for cls in classes]
         self.model_kind = parts[0].model_kind
         self.fills_masks = any(part.fills_masks for part in parts)
         self.backbone = parts[0].backbone

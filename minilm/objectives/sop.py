@@ -21,12 +21,17 @@ although nothing was swapped; minilm never makes such a pair.
 
 --sentence_task nsp (BERT): with probability 0.5 B is replaced by the B of another row of the
 batch that comes from a different document (cut at its end to fit); label 1 = random B, 0 = the
-real continuation. A row whose batch holds no other document (a corpus of one or two documents)
-keeps its B and label 0. ALBERT's paper shows NSP teaches little beyond topic; it is here to
-compare.
+real continuation. A batch whose rows all come from one document (a split of one document,
+--batch_size 1) has no random B to offer: its labels would be 0 whatever happens, so its rows
+are no NSP examples and are left out of the loss and the metrics (label IGNORE), with a warning
+the first time. A one-document validation split used to report NSP accuracy 1.0 (every label
+0); now it reports no NSP metrics, and says why. (Drawing its negatives from the training
+documents instead needs the data source to know them; the objective only sees its batch.)
+ALBERT's paper shows NSP teaches little beyond topic; it is here to compare.
 
 Backbone: minilm's Transformer as an encoder (causal=False) with a padding mask and segment
-embeddings; n_segment 0 becomes 2 (base.backbone_config).
+embeddings: sentence pairs need n_segment >= 2, so model_config_for turns 0 into 2
+(base.DATA_MODEL_MINIMUMS).
 
 Shapes: input_ids, segment_ids (B, T); lengths, labels (B,); hidden (B, T, C); pooled (B, C);
 logits (B, 2). Metrics: the shared sums (nll, targets = rows, correct), so finalize reports
@@ -34,14 +39,17 @@ loss and acc (and a perplexity, exp(loss), which for two classes lies between 1 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.data import pack_pairs
 from minilm.errors import UserError
+from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import Pooler, Transformer, padding_mask
-from minilm.objectives.base import Objective, backbone_config
+from minilm.objectives.base import IGNORE, Objective
 
 SWAP_PROB = 0.5
 TASKS = ("sop", "nsp")
@@ -67,16 +75,29 @@ class SentenceOrder(Objective):
         self.task = getattr(options, "sentence_task", "sop")
         if self.task not in TASKS:
             raise UserError(f"--sentence_task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        self.backbone = Transformer(backbone_config(model_cfg, self.data))
+        self.backbone = self.build_backbone(model_cfg)
+        self.warned_without_negatives = False
         self.pooler = Pooler(model_cfg)
         self.head = nn.Linear(model_cfg.n_embd, 2)
         Transformer._init_weights(self.head)
 
+    def flops_per_token(self) -> float:
+        """What a step computes, per input token (for MFU): the encoder at every position but no
+        LM head (its output matrix is never used), then the pooler and the two-way head on one
+        position per row, shared by the row's seq_len tokens."""
+        cfg = self.backbone.cfg
+        heads = sum(w.numel() for w in self.pooler.parameters()) + sum(w.numel() for w in self.head.parameters())
+        encoder = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
+                                  cfg.head_dim, cfg.seq_len)
+        return encoder + 6 * heads / cfg.seq_len
+
     def make_batch(self, raw, generator=None):
-        """raw: a SegmentPairSource batch (A then B, in order) -> inputs with labels."""
+        """raw: a SegmentPairSource batch (A then B, in order) -> inputs with labels (B,): 0, 1,
+        or IGNORE for an NSP row that could not be a negative (the module docstring)."""
         ids, a_len, b_len = raw["input_ids"], raw["a_lengths"], raw["b_lengths"]
         B, T = ids.shape
         flip = torch.rand(B, generator=generator, device=ids.device) < SWAP_PROB   # the label-1 rows
+        counted = torch.ones(B, dtype=torch.bool, device=ids.device)               # rows that are examples
         row = torch.arange(B, device=ids.device) * T          # where each row starts in ids.flatten()
         a_start, b_start = row + 1, row + a_len + 2
         if self.task == "sop":                                # [CLS] B [SEP] A [SEP]
@@ -84,14 +105,25 @@ class SentenceOrder(Objective):
         else:                                                 # [CLS] A [SEP] B' [SEP], B' from another document
             partner, has_partner = partners_from_other_documents(raw["documents"], generator)
             flip &= has_partner
+            counted = has_partner
+            if not self.warned_without_negatives and not bool(has_partner.all()):
+                self.warn_without_negatives()
             new = pack_pairs(ids.flatten(), a_start, a_len, b_start[partner],
                              torch.minimum(b_len[partner], T - 3 - a_len), T)
         new_ids, new_segments, new_lengths = new
         return {"input_ids": torch.where(flip[:, None], new_ids, ids),
                 "segment_ids": torch.where(flip[:, None], new_segments, raw["segment_ids"]),
                 "lengths": torch.where(flip, new_lengths, raw["lengths"]),
-                "labels": flip.long(),
-                "counts": {"targets": torch.tensor(B, device=ids.device)}}
+                "labels": torch.where(counted, flip.long(), IGNORE),
+                "counts": {"targets": counted.sum()}}
+
+    def warn_without_negatives(self) -> None:
+        split = "a training" if self.training else "an evaluation"
+        warnings.warn(f"--sentence_task nsp: every row of {split} batch comes from one document, so none can "
+                      "get a random next segment from another; such rows are left out of the NSP loss and "
+                      "accuracy (a split of one document, or --batch_size 1, gives NSP nothing to measure)",
+                      stacklevel=3)
+        self.warned_without_negatives = True
 
     def forward(self, batch, totals=None):
         ids = batch["input_ids"]
@@ -99,7 +131,7 @@ class SentenceOrder(Objective):
                                segment_ids=batch["segment_ids"])                 # (B, T, C)
         logits = self.head(self.pooler(hidden)).float()                          # (B, 2)
         labels = batch["labels"]
-        nll = F.cross_entropy(logits, labels, reduction="sum")
+        nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE)
         denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"],

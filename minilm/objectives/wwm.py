@@ -5,7 +5,8 @@ The idea: predicting one piece of a word from its other pieces is often easy ("u
 ##able"), so choose whole words and hide all of their pieces together; the model must then use
 the context, not the rest of the word.
 
-Numbers: a budget of round(mask_prob * n) tokens per row (mask_prob 0.15; n = eligible tokens).
+Numbers: a budget of max(1, round(mask_prob * n)) tokens per row (mask_prob 0.15; n = eligible
+tokens, and a row with none gets 0), as BERT's create_pretraining_data.
 Words are tried in a random order and a word is taken whole when it fits in what is left of
 the budget; a word that would overshoot it is skipped, never cut, so a row gets at most the
 budget, and in practice exactly it (short words fill the gaps). Then the usual 80/10/10, per
