@@ -13,6 +13,8 @@ Every field of minilm/config.py is a flag. See README.md for the list.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,19 +22,17 @@ import sys
 
 import torch
 
-from minilm.checkpoint import load_checkpoint, newest_loadable, tensor_to_bytes
+from minilm.checkpoint import load_checkpoint, load_checkpoint_or_newest, newest_loadable, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import Config, explicit_flags, parse_overrides
 from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, mix_seed, prepare, resolve_files,
                          tokenizer_fingerprint)
-from minilm.distributed import DistInfo, barrier, setup, teardown
+from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
-from minilm.objectives import OBJECTIVES, build_objective
+from minilm.objectives import OBJECTIVES, build_objective, model_config_for
+from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, check_writable, run_info
-
-MODEL_FIELDS_FIXED_ON_RESUME = {"vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "intermediate_size",
-                                "mlp", "norm", "position", "bias", "tie_embeddings", "n_segment", "preset"}
 
 
 def data_signature(source: str, files: list[str]) -> str:
@@ -69,10 +69,11 @@ def why_prepare_again(meta: dict, signature: str, vocab_size: int, settings: dic
     return ", ".join(changed) or None
 
 
-def tokenizer_and_data(cfg: Config, log=print) -> Tokenizer:
+def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Tokenizer:
     """Reuse out_dir's tokenizer and token files when they were made from the same data, vocab
     size and preparation flags (prepare_settings); otherwise train the tokenizer and prepare the
-    data again, saying why."""
+    data again, saying why. A given `tokenizer` (an --init_from parent's, a resumed checkpoint's)
+    is never retrained: the data is prepared with it unless out_dir's was made by it."""
     source = cfg.data.data or BUILTIN
     out = cfg.train.out_dir
     tok_path, data_dir = os.path.join(out, "tokenizer.model"), os.path.join(out, "data")
@@ -83,17 +84,19 @@ def tokenizer_and_data(cfg: Config, log=print) -> Tokenizer:
     if meta is not None and os.path.exists(tok_path):
         reason = why_prepare_again(meta, signature, cfg.model.vocab_size, settings, data_dir)
         if reason is None:
-            tokenizer = Tokenizer.load(tok_path)
-            if meta.get("tokenizer") == tokenizer_fingerprint(tokenizer):
+            existing = tokenizer if tokenizer is not None else Tokenizer.load(tok_path)
+            if meta.get("tokenizer") == tokenizer_fingerprint(existing):
                 log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
-                return tokenizer
-            reason = f"{tok_path} is not the tokenizer that prepared {data_dir}"
+                return existing
+            reason = (f"{data_dir} was not made by the given tokenizer" if tokenizer is not None else
+                      f"{tok_path} is not the tokenizer that prepared {data_dir}")
         log(f"preparing again: {reason}")
-    log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
-        f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else source}")
-    tokenizer = Tokenizer.train(iter_texts(source, cfg.data.text_field), cfg.model.vocab_size,
-                                character_coverage=cfg.data.character_coverage,
-                                sample_lines=cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
+    if tokenizer is None:
+        log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
+            f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else source}")
+        tokenizer = Tokenizer.train(iter_texts(source, cfg.data.text_field), cfg.model.vocab_size,
+                                    character_coverage=cfg.data.character_coverage,
+                                    sample_lines=cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
     tokenizer.save(tok_path)
     meta = prepare(source, tokenizer, data_dir, text_field=cfg.data.text_field,
                    val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, log=log)
@@ -130,58 +133,107 @@ def main(argv: list[str]) -> None:
 
 
 def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
-    state, ckpt_path = None, None
+    state, ckpt_path, parent, parent_path = None, None, None, None
     resume = wants_resume(cfg.train.resume)
+    if resume is not None and cfg.train.init_from:
+        raise UserError("--resume continues a run, --init_from starts a new one from a checkpoint's weights; "
+                        "pass one of them")
     if resume is not None:
         if resume == "auto":
             ckpt_path, state = newest_loadable(cfg.train.out_dir, log=log)
         else:
-            ckpt_path, state = resume, load_checkpoint(resume, resumable=True)
+            ckpt_path, state = resume, load_checkpoint(resume, resumable=True, flag="--resume")
         if state.get("tokenizer") is None:
             raise UserError(f"{ckpt_path} carries no tokenizer, so train.py cannot resume from it; start a new run")
-        fixed = explicit_flags(argv) & MODEL_FIELDS_FIXED_ON_RESUME
-        if fixed:
-            raise UserError(f"--{sorted(fixed)[0]} cannot change when resuming; the model's shape comes "
-                            f"from {ckpt_path}")
-        # the checkpoint's config, with this command line's flags on top (e.g. a larger --max_steps)
-        cfg = parse_overrides(argv, base=Config.from_dict(state["config"]))
+        cfg = config_for_resume(argv, state, ckpt_path)
         cfg.train.device = setup_device_name(cfg.train.device, dist_info)
+    elif cfg.train.init_from:
+        parent_path, parent = load_checkpoint_or_newest(cfg.train.init_from, log=log)
+        if parent.get("tokenizer") is None:
+            raise UserError(f"{parent_path} carries no tokenizer, so --init_from cannot reuse it; pass a "
+                            "checkpoint written by train.py")
+        cfg = config_for_init(argv, parent, parent_path)
+    # the objective's model settings are applied here, once: what is printed and saved is the model
+    cfg.model = model_config_for(cfg.train.objective, cfg.model)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg.model.validate()
     if cfg.train.fsdp and cfg.train.compile:
         raise UserError("--fsdp and --compile together are not supported yet; drop one of them")
-    if dist_info.is_main:
-        check_writable(cfg.train.out_dir)
+    # one run per folder: rank 0 holds the lock until this process ends
+    lock = on_main(lambda: claim_out_dir(cfg, resumed=state is not None, parent_path=parent_path, log=log),
+                   dist_info)
+    try:
+        prepare_and_train(cfg, dist_info, log, state, ckpt_path, parent, parent_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_out_dir(cfg: Config, resumed: bool, parent_path: str | None, log) -> RunLock:
+    """Lock out_dir for this run; a fresh run refuses a folder holding checkpoints (minilm/run_dir.py)."""
+    check_writable(cfg.train.out_dir)
+    lock = RunLock.acquire(cfg.train.out_dir)
+    try:
+        if not resumed:
+            deleted = check_fresh_start(cfg.train.out_dir, cfg.train.overwrite,
+                                        keep=(parent_path,) if parent_path else ())
+            if deleted:
+                log(f"--overwrite: deleted {len(deleted)} checkpoint(s) of the previous run in {cfg.train.out_dir}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, parent, parent_path) -> None:
     info = run_info(dist_info.world_size)
     log(cfg.describe())
     log("run: " + "  ".join(f"{k}={v}" for k, v in info.items()))
 
+    given = None
     if state is not None:
-        tokenizer = Tokenizer(tensor_to_bytes(state["tokenizer"]))
+        given = Tokenizer(tensor_to_bytes(state["tokenizer"]))
+    elif parent is not None:
+        given = Tokenizer(tensor_to_bytes(parent["tokenizer"]))
+    # rank 0 trains the tokenizer (unless given one) and tokenizes the data; the others wait, then
+    # load what it wrote
+    if state is not None:
+        tokenizer = on_main(lambda: data_for_resume(cfg, given, state, ckpt_path, log), dist_info)
     else:
-        # rank 0 trains the tokenizer and tokenizes the data; the others wait, then reuse it
-        if dist_info.is_main:
-            tokenizer = tokenizer_and_data(cfg, log)
-        barrier(dist_info)
-        if not dist_info.is_main:
-            tokenizer = Tokenizer.load(os.path.join(cfg.train.out_dir, "tokenizer.model"))
+        tokenizer = on_main(lambda: tokenizer_and_data(cfg, log, tokenizer=given), dist_info)
+    data_dir = os.path.join(cfg.train.out_dir, "data")
+    if tokenizer is None:
+        tokenizer = given if given is not None else Tokenizer.load(os.path.join(cfg.train.out_dir, "tokenizer.model"))
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model expects vocab_size "
                         f"{cfg.model.vocab_size}; use a fresh --out_dir")
+    if cfg.train.max_steps == 0:
+        log(f"--max_steps 0: the tokenizer and token files are ready in {cfg.train.out_dir}; nothing to train")
+        return
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
-    data_dir = os.path.join(cfg.train.out_dir, "data")
+    if parent is not None:
+        load_parent_weights(objective, parent, parent_path, log)
     train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
                                seed=cfg.train.seed, log=log)
     # validation windows do not depend on the training seed: runs with different seeds compare
     val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0,
                              log=log)
     torch.manual_seed(mix_seed(cfg.train.seed, dist_info.rank))  # dropout noise differs across ranks
-    trainer = Trainer(cfg, objective, train_source, val_source, tokenizer, log=log, dist_info=dist_info)
+    provenance = {"data": data_provenance(data_dir) if dist_info.is_main else None}
+    if parent is not None:
+        provenance["parent"] = {"path": os.path.abspath(parent_path), "step": int(parent.get("step") or 0),
+                                "objective": parent.get("objective", "")}
+    trainer = Trainer(cfg, objective, train_source, val_source, tokenizer, log=log, dist_info=dist_info,
+                      provenance=provenance)
     if state is not None:
         trainer.load(ckpt_path, state)
         log(f"resumed from {ckpt_path} at step {trainer.step}")
+        if dist_info.is_main:
+            dropped = keep_metrics_up_to(cfg.train.out_dir, trainer.step)
+            if dropped:
+                log(f"metrics.jsonl: dropped {dropped} row(s) logged after step {trainer.step}, which this run redoes")
     trainer.fit()
     if trainer.stop_signal is not None:
         raise SystemExit(128 + int(trainer.stop_signal))
@@ -189,6 +241,146 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     if ev and "loss" in ev:
         log(f"done: val loss {ev['loss']:.4f}" + (f", bits per byte {ev['bpb']:.4f}" if "bpb" in ev else "")
             + f"; checkpoints in {cfg.train.out_dir}")
+
+
+# ----------------------------------------------------------------------------- resume and --init_from
+MODEL_FIELDS_FREE = {"dropout"}   # the only model field a resumed or --init_from run may change
+DATA_FIELDS_FREE = {"num_workers"}
+
+
+def differing_fields(section_a, section_b, free: set[str]) -> list[tuple[str, object, object]]:
+    """(name, value in a, value in b) for the fields of two config sections that differ."""
+    return [(f.name, getattr(section_a, f.name), getattr(section_b, f.name)) for f in dataclasses.fields(section_a)
+            if f.name not in free and getattr(section_a, f.name) != getattr(section_b, f.name)]
+
+
+def config_for_resume(argv: list[str], state: dict, ckpt_path: str) -> Config:
+    """The checkpoint's config with this command line's flags on top (a longer --max_steps, a new
+    --lr). What made the checkpoint cannot change: the model (every field that changes the
+    computed function; dropout may), the objective and the data. Values are compared, not flag
+    names, so repeating the original command with --resume added is fine."""
+    saved = Config.from_dict(state["config"])
+    cfg = parse_overrides(argv, base=saved)
+    objective = state.get("objective") or saved.train.objective
+    if cfg.train.objective != objective:
+        raise UserError(f"--objective cannot change when resuming ({ckpt_path} trains {objective}); to train "
+                        f"{cfg.train.objective} from its weights, start a new run with --init_from {ckpt_path}")
+    before = model_config_for(objective, saved.model)
+    changed = differing_fields(before, model_config_for(objective, cfg.model), MODEL_FIELDS_FREE)
+    if changed:
+        name, old, new = changed[0]
+        raise UserError(f"--{name} cannot change when resuming ({old} in {ckpt_path}, {new} asked): the model's "
+                        "shape and function come from the checkpoint; start a new run to train another model")
+    changed = differing_fields(saved.data, cfg.data, DATA_FIELDS_FREE)
+    if changed:
+        name, old, new = changed[0]
+        raise UserError(f"--{name} cannot change when resuming ({old or 'the built-in corpus'!s} in {ckpt_path}, "
+                        f"{new or 'the built-in corpus'!s} asked); to continue pretraining on new text, start a new "
+                        f"run from its weights: --init_from {ckpt_path} --data NEW --out_dir NEW_FOLDER")
+    return cfg
+
+
+def data_for_resume(cfg: Config, tokenizer: Tokenizer, state: dict, ckpt_path: str, log) -> Tokenizer:
+    """Make sure out_dir/data holds the tokens the checkpoint trained on, tokenized by its own
+    tokenizer: reuse them when they are; otherwise prepare them again from --data with that
+    tokenizer (a deleted or damaged data folder, data re-prepared by another tokenizer), but only
+    when the source files are still the ones the checkpoint recorded."""
+    data_dir = os.path.join(cfg.train.out_dir, "data")
+    recorded = state.get("data") or {}
+    meta = load_meta(data_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    source = cfg.data.data or BUILTIN
+
+    def source_changed() -> bool:
+        files = [] if source == BUILTIN else resolve_files(source)
+        return data_signature(source, files) != recorded["signature"]
+
+    if (meta is not None and meta.get("tokenizer") == fingerprint
+            and meta.get("signature") == recorded.get("signature", meta.get("signature"))):
+        log(f"reusing {data_dir} ({meta['train_tokens']:,} train tokens), made by the checkpoint's tokenizer")
+        try:
+            if "signature" in recorded and source_changed():
+                log(f"note: --data {source} changed since {ckpt_path} was written; this run goes on with the tokens "
+                    f"the checkpoint trained on (to train on the new text: --init_from {ckpt_path})")
+        except UserError:
+            log(f"note: --data {source} is gone; this run goes on with the prepared tokens in {data_dir}")
+        return tokenizer
+    why = ("is missing" if meta is None else "was made by another tokenizer" if meta.get("tokenizer") != fingerprint
+           else "was made from other data")
+    if "signature" in recorded:
+        if source_changed():
+            raise UserError(f"{data_dir} {why} and --data {source} changed since {ckpt_path} was written, so the "
+                            f"tokens it trained on cannot be made again; to continue pretraining on this text, start "
+                            f"a new run from its weights: --init_from {ckpt_path} --out_dir NEW_FOLDER")
+    log(f"{data_dir} {why}: preparing it again with the checkpoint's tokenizer")
+    return tokenizer_and_data(cfg, log, tokenizer=tokenizer)
+
+
+def data_provenance(data_dir: str) -> dict | None:
+    """What a checkpoint records of its data, for --resume to check: meta.json's fingerprints."""
+    meta = load_meta(data_dir) or {}
+    keys = ("signature", "tokenizer", "train_tokens", "val_tokens", "source")
+    return {k: meta[k] for k in keys if k in meta} or None
+
+
+def config_for_init(argv: list[str], parent: dict, parent_path: str) -> Config:
+    """A new run's config for --init_from: the parent's model (its tokenizer fixes vocab_size, its
+    weights the shape; dropout may change), everything else from this command line."""
+    saved = Config.from_dict(parent["config"])
+    wanted = parse_overrides(argv, base=Config(model=copy.deepcopy(saved.model)))
+    parent_objective = parent.get("objective") or saved.train.objective
+    parent_model = model_config_for(parent_objective, saved.model)
+    new_model = model_config_for(wanted.train.objective, wanted.model)
+    changed = differing_fields(parent_model, new_model, MODEL_FIELDS_FREE)
+    if changed:
+        name, old, new = changed[0]
+        asked = f"--{name} {new} was asked" if name in explicit_flags(argv) or "preset" in explicit_flags(argv) \
+            else f"{wanted.train.objective} needs {name}={new}"
+        raise UserError(f"--init_from {parent_path}: its {parent_objective} backbone has {name}={old} but {asked}; "
+                        "the weights only fit the same model (pick an objective with a matching backbone, or "
+                        "train from scratch)")
+    wanted.model = new_model
+    wanted.train.init_from = parent_path
+    return wanted
+
+
+def load_parent_weights(objective, parent: dict, parent_path: str, log) -> None:
+    """--init_from: the parent's backbone, all of it, and the head tensors whose names and shapes
+    match (the same objective, or a masked LM into another masked LM, keeps its LM head); any other
+    head starts from scratch. Keys are compared per part: "backbone.*", and a head's name inside
+    its objective (a single objective's "head.x" is part NAME's "parts.NAME.head.x" in a+b)."""
+    parent_objective = parent.get("objective") or Config.from_dict(parent["config"]).train.objective
+
+    def by_part(state: dict, name: str) -> dict:
+        out = {}
+        for key in state:
+            if key.startswith("backbone."):
+                out[("", key)] = key
+            elif key.startswith("parts."):
+                part, _, rest = key[len("parts."):].partition(".")
+                out[(part, rest)] = key
+            else:
+                out[(name, key)] = key
+        return out
+
+    source, own = parent["model"], objective.state_dict()
+    parent_keys, own_keys = by_part(source, parent_objective), by_part(own, objective.name)
+    single = "+" not in parent_objective and "+" not in objective.name
+    take, missing = {}, []
+    for (part, rest), key in own_keys.items():
+        match = parent_keys.get((part, rest)) or (parent_keys.get((parent_objective, rest)) if single and part else None)
+        if match is not None and source[match].shape == own[key].shape:
+            take[key] = source[match]
+        elif not part:
+            missing.append(key)
+    if missing:
+        raise UserError(f"--init_from {parent_path}: its backbone does not fit a {objective.name} model "
+                        f"({missing[0]} missing or shaped differently); the backbones must match")
+    objective.load_state_dict(take, strict=False)
+    heads = sum(1 for key in take if not key.startswith("backbone."))
+    fresh = sum(1 for key in own if key not in take)
+    log(f"initialized from {parent_path} (step {int(parent.get('step') or 0)}, {parent_objective}): the backbone"
+        + (f", {heads} head tensor(s)" if heads else "") + (f"; {fresh} tensor(s) start from scratch" if fresh else ""))
 
 
 def setup_device_name(name: str, dist_info: DistInfo) -> str:
