@@ -22,7 +22,7 @@ import torch
 
 from minilm.checkpoint import load_checkpoint, newest_loadable, tensor_to_bytes
 from minilm.cli import run_cli
-from minilm.config import Config, explicit_flags, parse_overrides
+from minilm.config import PRESETS, Config, explicit_flags, help_text, parse_overrides
 from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, mix_seed, prepare, resolve_files,
                          tokenizer_fingerprint)
 from minilm.distributed import DistInfo, barrier, setup, teardown
@@ -116,8 +116,10 @@ def wants_resume(value: str) -> str | None:
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
-        print("\nflags (with defaults):\n" + Config().describe())
-        print(f"presets: tiny, small, base; objectives: {', '.join(OBJECTIVES)}")
+        print("\nFlags, with their defaults (--name value or --name=value; a bool flag alone means true):")
+        print(help_text())
+        print(f"\nobjectives: {', '.join(OBJECTIVES)}, or several joined by + (e.g. mlm+sop); "
+              f"presets: {', '.join(PRESETS)}")
         return
     cfg = parse_overrides(argv)
     dist_info, device_name = setup(cfg.train.device)
