@@ -75,23 +75,24 @@ def check_value(name: str, value, *, at_least=None, above=None, within: str | No
         raise UserError(f"--{name} must be {requirement}, got {value}")
 
 
-TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}  # the annotations, as strings
+ARTICLE = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _fits(value, kind: type) -> bool:
+    if isinstance(value, bool):  # bool is a subclass of int: True is no n_layer
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 def check_fields(section) -> None:
     """Each field of a config section alone: its type, then its rule (option's metadata)."""
     for f in fields(section):
-        value, kind = getattr(section, f.name), TYPES[f.type]
-        # bool is a subclass of int, and an int is a fine float
-        fits = (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-                or kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if not fits:
+        value = getattr(section, f.name)
+        if not _fits(value, TYPES[f.type]):
             raise UserError(f"--{f.name} expects {ARTICLE[f.type]}, got {value!r}")
         rule = {k: v for k, v in f.metadata.items() if k != "help"}
         check_value(f.name, value, **rule)
-
-
-ARTICLE = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 # ----------------------------------------------------------------------------- the four sections
