@@ -23,7 +23,7 @@ import torch
 
 from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
 from minilm.cli import run_cli
-from minilm.config import Config, parse_flags
+from minilm.config import Config, check_value, parse_flags
 from minilm.errors import UserError
 from minilm.generate import generate
 from minilm.objectives import build_objective
@@ -32,6 +32,11 @@ from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False, fill="")
+# what each number accepts (config.check_value): a one-line error naming the flag otherwise
+FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
+                  temperature=dict(at_least=0),          # 0 = greedy
+                  top_k=dict(at_least=0),                # 0 = off
+                  top_p=dict(within="(0, 1]"), seed=dict(within="[0, 2**64)"))
 MASK = "<mask>"
 FILL_TOP_K = 5  # --top_k when filling and none is given
 
@@ -114,14 +119,8 @@ def main(argv: list[str]) -> None:
         print(__doc__.strip())
         return
     args = parse_flags(argv, DEFAULTS)
-    if args["num_samples"] < 1 or args["max_new_tokens"] < 0:
-        raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
-    if not 0.0 < args["top_p"] <= 1.0:
-        raise UserError(f"--top_p must be in (0, 1], got {args['top_p']}")
-    if args["top_k"] < 0:
-        raise UserError(f"--top_k must be 0 (off) or a positive number of tokens, got {args['top_k']}")
-    if args["temperature"] < 0:
-        raise UserError(f"--temperature must be 0 (greedy) or positive, got {args['temperature']}")
+    for name, rule in FLAG_RULES.items():
+        check_value(name, args[name], **rule)
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
     if args["fill"]:

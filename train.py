@@ -24,7 +24,7 @@ import torch
 
 from minilm.checkpoint import load_checkpoint, load_checkpoint_or_newest, newest_loadable, tensor_to_bytes
 from minilm.cli import run_cli
-from minilm.config import Config, explicit_flags, parse_overrides
+from minilm.config import FRESH_START, PRESETS, Config, explicit_flags, help_text, parse_overrides
 from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, mix_seed, prepare, resolve_files,
                          tokenizer_fingerprint)
 from minilm.distributed import DistInfo, on_main, setup, teardown
@@ -109,7 +109,7 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
 def wants_resume(value: str) -> str | None:
     """--resume value -> None (fresh start), "auto" or a checkpoint path."""
     low = value.strip().lower()
-    if low in ("", "false", "0", "no", "off"):
+    if low in FRESH_START:
         return None
     if low in ("auto", "true", "1", "yes", "on"):
         return "auto"
@@ -119,8 +119,10 @@ def wants_resume(value: str) -> str | None:
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
-        print("\nflags (with defaults):\n" + Config().describe())
-        print(f"presets: tiny, small, base; objectives: {', '.join(OBJECTIVES)}")
+        print("\nFlags, with their defaults (--name value or --name=value; a bool flag alone means true):")
+        print(help_text())
+        print(f"\nobjectives: {', '.join(OBJECTIVES)}, or several joined by + (e.g. mlm+sop); "
+              f"presets: {', '.join(PRESETS)}")
         return
     cfg = parse_overrides(argv)
     dist_info, device_name = setup(cfg.train.device)

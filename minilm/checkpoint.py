@@ -63,24 +63,17 @@ RESUME_KEYS = ("optimizer", "step", "rng")  # what resuming needs beyond config 
 
 def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag: str = "--ckpt") -> dict:
     """The checkpoint's dict, loaded with weights_only=True; a one-line UserError for a missing,
-    truncated, unsafe or foreign file. resumable: also require what resuming training needs."""
+    truncated, unsafe or foreign file. resumable: also require what resuming training needs.
+    flag: the caller's flag that names the file, for the message about a missing one."""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first with train.py, or pass {flag} PATH")
+        raise UserError(f"no checkpoint at {path}; pass an existing checkpoint file to {flag}, or train one "
+                        "first with train.py")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        # weights_only refusals give the reason after "WeightsUnpickler error:", maybe on the next line
-        at = next((i for i, ln in enumerate(lines) if "WeightsUnpickler error" in ln), None)
-        if at is None:
-            reason = lines[0]
-        else:
-            reason = lines[at].split("WeightsUnpickler error:", 1)[1].strip() or lines[min(at + 1, len(lines) - 1)]
-            reason = "refused to unpickle: " + reason
-        raise UserError(f"cannot load checkpoint {path}: it is truncated, corrupt, unsafe or not a minilm "
-                        f"checkpoint ({reason[:200]})") from None
+        raise UserError(f"cannot load checkpoint {path}: {why_unloadable(err)}") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
         raise UserError(f"{path} is not a minilm checkpoint (no config/model inside)")
     missing = [k for k in RESUME_KEYS if state.get(k) is None] if resumable else []
@@ -88,6 +81,24 @@ def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag
         raise UserError(f"{path} cannot be resumed from: it has no {', '.join(missing)} (not written by "
                         "train.py); start a new run instead")
     return state
+
+
+def why_unloadable(err: Exception) -> str:
+    """torch.load's error in one line: its first sentence. For a weights_only refusal, only torch's
+    reason (the first sentence after "WeightsUnpickler error:"): the rest of torch's text advises
+    loading with weights_only=False or allowlisting globals, either of which runs the file's code."""
+    text = str(err)
+    refused = "WeightsUnpickler error" in text or "Weights only load failed" in text
+    if refused:
+        text = text.partition("WeightsUnpickler error:")[2]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = lines[0].split(". ")[0].rstrip(".")[:200] if lines else ""
+    if not refused:
+        return f"it is truncated, corrupt or not a minilm checkpoint ({reason or type(err).__name__})"
+    if not reason or "weights_only" in reason:  # never pass on advice to unpickle it anyway
+        reason = "it holds more than tensors and plain data"
+    return (f"it is corrupt, unsafe or not a minilm checkpoint; minilm refused to unpickle it ({reason}), "
+            "since a file holding more than tensors and plain data can run code when loaded")
 
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:

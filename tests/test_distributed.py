@@ -137,7 +137,7 @@ def test_train_py_runs_under_torchrun(tmp_path, corpus_dir):
     result = torchrun(os.path.join(ROOT, "train.py"), "--data", corpus_dir, "--out_dir", out, "--max_steps", 3,
                       "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--seq_len", 32, "--batch_size", 2,
                       "--vocab_size", 512, "--eval_every", 3, "--eval_batches", 1, "--log_every", 1,
-                      "--device", "cpu", "--threads", 1)
+                      "--warmup_steps", 1, "--device", "cpu", "--threads", 1)
     # --eval_batches 1 < 2 processes: the second evaluates a padding batch that counts for nothing
     # (it once crashed there, holding no metric at all for the all-reduce)
     # one log, written by rank 0 only, that states the global batch

@@ -261,7 +261,7 @@ def test_a_corrupt_tokenizer_file_is_one_line(tmp_path, corpus_dir):
     first = run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, *TINY)
     assert first.returncode == 0, first.stderr[-2000:]
     (out / "tokenizer.model").write_bytes(b"\x00garbage, not a sentencepiece model")
-    assert_user_error(run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, *TINY),
+    assert_user_error(run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, "--overwrite", *TINY),
                       "not a sentencepiece model")
 
 

@@ -59,27 +59,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
-from minilm.errors import UserError
 from minilm.model import Transformer, make_norm, padding_mask
 from minilm.objectives.base import IGNORE, Objective
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
 
 
 def check_masking_options(opts) -> None:
-    """One-line UserErrors for impossible masking options."""
-    if not 0.0 < opts.mask_prob <= 1.0:
-        raise UserError(f"--mask_prob must be in (0, 1], got {opts.mask_prob}")
-    for name in ("mask_replace_prob", "random_replace_prob"):
-        if not 0.0 <= getattr(opts, name) <= 1.0:
-            raise UserError(f"--{name} must be in [0, 1], got {getattr(opts, name)}")
-    if opts.mask_replace_prob + opts.random_replace_prob > 1.0 + 1e-9:
-        raise UserError(f"--mask_replace_prob + --random_replace_prob must be at most 1, got "
-                        f"{opts.mask_replace_prob} + {opts.random_replace_prob}")
-    if not 0.0 < opts.span_geometric_p <= 1.0:
-        raise UserError(f"--span_geometric_p must be in (0, 1], got {opts.span_geometric_p}")
-    if not 1 <= opts.span_min_words <= opts.span_max_words:
-        raise UserError(f"span lengths need 1 <= --span_min_words <= --span_max_words, got "
-                        f"{opts.span_min_words} and {opts.span_max_words}")
+    """One-line UserErrors for impossible masking options. The rules live with the fields
+    (ObjectiveConfig.validate, which parse_overrides runs on every command line); this runs them
+    for options built in Python too."""
+    opts.validate()
 
 
 class MLMHead(nn.Module):
