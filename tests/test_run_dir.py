@@ -191,7 +191,7 @@ def test_resume_compares_values_not_flag_names(first_run, tmp_path, corpus_dir):
     path = os.path.join(out, "ckpt-00000005.pt")
     state = load_checkpoint(path)
     train_script = load_train_script()
-    assert train_script.config_for_resume(["--dropout", "0.1", "--lr", "1e-4"], state, path).train.lr == 1e-4
+    assert train_script.config_for_resume(["--dropout", "0.1", "--lr", "1e-3"], state, path).train.lr == 1e-3
     for flag, value in (("--norm_eps", "1e-6"), ("--embed_norm", "true"), ("--n_layer", "2"),
                         ("--position", "learned"), ("--tie_embeddings", "false"), ("--preset", "small")):
         with pytest.raises(UserError, match="cannot change when resuming"):
