@@ -178,6 +178,52 @@ def test_optimizer_groups_cover_each_parameter_once(tokenizer):
     assert grouped.count(id(objective.backbone.tok_emb.weight)) == 1
 
 
+def test_two_steps_are_hand_computed_clipped_adamw_updates(tmp_path, prepared, tokenizer):
+    """The parameters and Adam moments after each Trainer step equal AdamW written out by hand:
+    the gradient (from a separate copy of the model) clipped to a global norm, exp_avg and
+    exp_avg_sq with beta1 and beta2, bias correction, weight decay decoupled and only on
+    matrices, the learning rate of the warmup. Distinctive settings, so that swapped betas, a
+    missing clip or decay on the norms each change the numbers."""
+    import copy
+    beta1, beta2, eps, decay, clip, peak, warmup = 0.8, 0.9, 1e-8, 0.1, 0.05, 1e-2, 4
+    cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=10, lr=peak, beta1=beta1, beta2=beta2,
+                      weight_decay=decay, grad_clip=clip, warmup_steps=warmup)
+    trainer = make_trainer(cfg, prepared, tokenizer)
+    twin = copy.deepcopy(trainer.objective)            # computes the reference gradients
+    names = [n for n, _ in twin.named_parameters()]
+    params = {n: p.detach().double().clone() for n, p in twin.named_parameters()}
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+    clipped = []
+    for step in range(2):
+        with torch.no_grad():
+            for n, p in twin.named_parameters():
+                p.copy_(params[n])
+        twin.zero_grad(set_to_none=True)
+        twin(twin.make_batch(trainer.train_source.batch(step, 0)))[0].backward()
+        grads = {n: p.grad.double() for n, p in twin.named_parameters()}
+        norm = math.sqrt(sum((g ** 2).sum().item() for g in grads.values()))
+        clipped.append(norm > clip)
+        grads = {n: g * min(1.0, clip / (norm + 1e-6)) for n, g in grads.items()}
+        lr = peak * (step + 1) / warmup
+        t = step + 1
+        for n in names:
+            m, v = moments[n]
+            m = beta1 * m + (1 - beta1) * grads[n]
+            v = beta2 * v + (1 - beta2) * grads[n] ** 2
+            moments[n] = (m, v)
+            if params[n].dim() >= 2:
+                params[n] = params[n] * (1 - lr * decay)
+            params[n] = params[n] - lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+        trainer.train_step(step)
+        state = trainer.optimizer.state
+        for n, p in trainer.objective.named_parameters():
+            torch.testing.assert_close(state[p]["exp_avg"].double(), moments[n][0], atol=1e-9, rtol=1e-4, msg=n)
+            torch.testing.assert_close(state[p]["exp_avg_sq"].double(), moments[n][1], atol=1e-12, rtol=1e-4, msg=n)
+            torch.testing.assert_close(p.detach().double(), params[n], atol=2e-6, rtol=0, msg=n)
+    assert clipped == [True, True]                     # the clip did bind
+    assert any(p.dim() < 2 for p in params.values())   # and there were vectors to leave undecayed
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_learning_rate_schedule(schedule):
     cfg = Config().train
