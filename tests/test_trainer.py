@@ -162,10 +162,14 @@ def recorded(objective) -> list[dict]:
 
 def summed_loss_and_count(objective, batch):
     """(summed loss, number of targets) of one batch, computed without the objective's forward:
-    the dense masked-LM head or the sentence-order head, and F.cross_entropy with reduction sum."""
-    if "labels" in batch and batch["labels"].dim() == 2:          # a masked LM: every position's logits
-        logits = objective.predict(batch["input_ids"], attn_mask=batch.get("attn_mask"),
-                                   segment_ids=batch.get("segment_ids"))
+    the LM head at every position (causal LM), the dense masked-LM head, or the sentence-order
+    head, and F.cross_entropy with reduction sum."""
+    if batch["labels"].dim() == 2:                                # a token per position: every position's logits
+        if hasattr(objective, "predict"):                         # masked LM
+            logits = objective.predict(batch["input_ids"], attn_mask=batch.get("attn_mask"),
+                                       segment_ids=batch.get("segment_ids"))
+        else:                                                     # causal LM
+            logits = objective.backbone.logits(objective.backbone(batch["input_ids"], causal=True))
         labels = batch["labels"].flatten()
         return F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum"), (labels != IGNORE).sum()
     ids = batch["input_ids"]                                      # sentence order: one label per row
