@@ -87,11 +87,12 @@ def test_an_overwrite_cut_off_at_any_byte_leaves_the_previous_file_whole(tmp_pat
     at the first byte). The checkpoint already at that path is untouched and loads, no
     temporary file is left behind, and the error is one line."""
     import builtins
+
     import minilm.checkpoint as checkpoint_module
     folder = tmp_path / "run"
     path = str(folder / "ckpt-00000007.pt")
     save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(1000)}, "version": 0})
-    before = open(path, "rb").read()
+    before = (folder / "ckpt-00000007.pt").read_bytes()
     newer = {"config": {}, "model": {"w": torch.ones(3000)}, "version": 1}
     save_checkpoint(str(tmp_path / "size-probe.pt"), newer)
     new_size = os.path.getsize(tmp_path / "size-probe.pt")
@@ -114,7 +115,7 @@ def test_an_overwrite_cut_off_at_any_byte_leaves_the_previous_file_whole(tmp_pat
         save_checkpoint(path, newer)
     monkeypatch.undo()
     assert cut and "\n" not in str(err.value)
-    assert open(path, "rb").read() == before
+    assert (folder / "ckpt-00000007.pt").read_bytes() == before
     assert load_checkpoint(path)["version"] == 0
     assert os.listdir(folder) == ["ckpt-00000007.pt"]                  # no temporary file left
     # and without the cut the same call replaces it whole

@@ -125,8 +125,9 @@ def test_rotary_is_the_closed_form_rotation(head_dim, base):
         want = rotary_closed_form(x[row], positions[row].tolist(), base)
         torch.testing.assert_close(got[row].double(), want, atol=1e-4, rtol=0)
     # a rotation: lengths of every pair are kept
-    pairs = lambda y: y[..., :head_dim // 2] ** 2 + y[..., head_dim // 2:] ** 2   # noqa: E731
-    torch.testing.assert_close(pairs(rotary(x, 5)), pairs(x), atol=1e-5, rtol=1e-5)
+    def pair_lengths(y):
+        return y[..., :head_dim // 2] ** 2 + y[..., head_dim // 2:] ** 2
+    torch.testing.assert_close(pair_lengths(rotary(x, 5)), pair_lengths(x), atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_scores_depend_only_on_the_distance():

@@ -130,7 +130,7 @@ def span_batch(monkeypatch, flags, raw, seed=0):
                          ids=["default", "p=0.5", "p=0.05-3..5"])
 def test_span_length_flags_reach_the_span_law(monkeypatch, flags, p, low, high):
     raw = word_rows(1000, 256, seed=0)
-    batch, drawn, trace = span_batch(monkeypatch, flags, raw)
+    _, drawn, trace = span_batch(monkeypatch, flags, raw)
     assert len(drawn) > 5000
     assert drawn.min() >= low and drawn.max() <= high
     assert set(drawn.unique().tolist()) == set(range(low, high + 1))          # every length occurs
