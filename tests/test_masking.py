@@ -7,7 +7,6 @@ All statistical tests use fixed seeds; tolerances are about 4 standard deviation
 from __future__ import annotations
 
 import math
-import re
 from fractions import Fraction
 
 import pytest
@@ -111,12 +110,12 @@ def test_masks_are_dynamic_and_reproducible():
 
 
 @pytest.mark.parametrize("bad,message", [(dict(mask_replace_prob=0.8, random_replace_prob=0.3),
-                                          "--mask_replace_prob + --random_replace_prob"),
+                                          "--mask_replace_prob.*--random_replace_prob"),
                                          (dict(mask_prob=0.0), "--mask_prob"), (dict(mask_prob=1.5), "--mask_prob"),
                                          (dict(span_min_words=4, span_max_words=2), "--span_min_words"),
                                          (dict(span_geometric_p=0.0), "--span_geometric_p")])
 def test_bad_masking_options_are_one_line_user_errors(bad, message):
-    with pytest.raises(UserError, match=re.escape(message)) as err:
+    with pytest.raises(UserError, match=message) as err:
         build_objective("mlm", tiny_model(32), options=ObjectiveConfig(**bad))
     assert "\n" not in str(err.value) and "--" in str(err.value)
 
