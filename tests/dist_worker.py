@@ -1,10 +1,11 @@
 """One process of a distributed test run, started by torchrun from tests/test_distributed.py.
 
-usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME [OBJECTIVE]
-Trains the tiny test model with the real Trainer (objective clm unless named), then writes what
-the test compares: OUT_DIR/params-rank{R}.pt (full, unsharded weights as this rank sees them),
-OUT_DIR/history-rank{R}.json (the losses of the steps this process trained) and, under DDP,
-OUT_DIR/allreduce-rank{R}.json (how many gradient all-reduce rounds ran).
+usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME [OBJECTIVE [DROPOUT]]
+Trains the tiny test model with the real Trainer (objective clm and dropout 0 unless given), then
+writes what the test compares: OUT_DIR/params-rank{R}.pt (full, unsharded weights as this rank sees
+them), OUT_DIR/history-rank{R}.json (the losses of the steps this process trained),
+OUT_DIR/rng-rank{R}.pt (this process's torch RNG state at the end: its dropout noise) and, under
+DDP, OUT_DIR/allreduce-rank{R}.json (how many gradient all-reduce rounds ran).
 """
 import json
 import os
@@ -17,16 +18,16 @@ sys.path.insert(0, ROOT)
 
 from minilm.checkpoint import newest_loadable  # noqa: E402
 from minilm.config import Config, ModelConfig  # noqa: E402
-from minilm.data import BlockSource  # noqa: E402
+from minilm.data import BlockSource, mix_seed  # noqa: E402
 from minilm.distributed import exit_process, full_state_dicts, setup  # noqa: E402
 from minilm.objectives import build_objective  # noqa: E402
 from minilm.tokenizer import Tokenizer  # noqa: E402
 from minilm.trainer import Trainer  # noqa: E402
 
 
-def tiny_config(out_dir, vocab_size, steps, accum, fsdp=False):
+def tiny_config(out_dir, vocab_size, steps, accum, fsdp=False, dropout=0.0):
     cfg = Config()
-    cfg.model = ModelConfig(vocab_size=vocab_size, seq_len=32, n_layer=2, n_head=2, n_embd=64)
+    cfg.model = ModelConfig(vocab_size=vocab_size, seq_len=32, n_layer=2, n_head=2, n_embd=64, dropout=dropout)
     cfg.train.out_dir = str(out_dir)
     cfg.train.batch_size = 4
     cfg.train.grad_accum = accum
@@ -60,14 +61,16 @@ def main():
     steps, until, accum = (int(x) for x in sys.argv[4:7])
     fsdp, resume = sys.argv[7] == "1", sys.argv[8] == "1"
     objective_name = sys.argv[9] if len(sys.argv) > 9 else "clm"
+    dropout = float(sys.argv[10]) if len(sys.argv) > 10 else 0.0
     torch.set_num_threads(1)
     info, _ = setup("cpu")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.load(tok_path)
-    cfg = tiny_config(out_dir, tokenizer.vocab_size, steps, accum, fsdp)
+    cfg = tiny_config(out_dir, tokenizer.vocab_size, steps, accum, fsdp, dropout)
     torch.manual_seed(0)
     objective = build_objective(objective_name, cfg.model, tokenizer)
     train = BlockSource(data_dir, "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
+    torch.manual_seed(mix_seed(cfg.train.seed, info.rank))  # as train.py: dropout noise differs across ranks
     trainer = Trainer(cfg, objective, train, None, tokenizer, log=print, dist_info=info)
     rounds = count_allreduce_rounds(trainer.model)
     if resume:
@@ -82,6 +85,7 @@ def main():
     history = trainer.fit(until=until)
     model_state, _ = full_state_dicts(trainer.objective, trainer.optimizer, fsdp)
     torch.save({k: v.detach().cpu() for k, v in model_state.items()}, os.path.join(out_dir, f"params-rank{info.rank}.pt"))
+    torch.save(torch.get_rng_state(), os.path.join(out_dir, f"rng-rank{info.rank}.pt"))
     with open(os.path.join(out_dir, f"history-rank{info.rank}.json"), "w") as f:
         json.dump(history, f)
     with open(os.path.join(out_dir, f"allreduce-rank{info.rank}.json"), "w") as f:

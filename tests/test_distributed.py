@@ -29,9 +29,9 @@ def torchrun(*args, nproc=2, timeout=240):
     return result
 
 
-def worker(out, prepared, tok_path, steps, until, accum, fsdp=False, resume=False, objective="clm"):
+def worker(out, prepared, tok_path, steps, until, accum, fsdp=False, resume=False, objective="clm", dropout=0.0):
     return torchrun(os.path.join(ROOT, "tests", "dist_worker.py"), out, prepared[0], tok_path, steps, until, accum,
-                    int(fsdp), int(resume), objective)
+                    int(fsdp), int(resume), objective, dropout)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,26 @@ def tok_path(tmp_path_factory, tokenizer):
 
 
 def single_process(out, prepared, tokenizer, steps, accum, grads=None, objective="clm"):
+    """One process with `accum` micro-batches: its weights and losses after `steps` steps. With
+    `grads`, also the first step's gradient computed by hand from the micro-batches that process
+    makes: the summed token losses of all of them over their total count (tests/test_trainer.py),
+    a reference that shares no normalization code with the objectives or the trainer."""
     from minilm.data import BlockSource
     from minilm.objectives import build_objective
     from minilm.trainer import Trainer
+    from tests.test_trainer import recorded, summed_loss_and_count
     cfg = tiny_config(out, tokenizer.vocab_size, steps, accum)
     torch.manual_seed(0)
     objective = build_objective(objective, cfg.model, tokenizer)
     train = BlockSource(prepared[0], "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
     trainer = Trainer(cfg, objective, train, None, tokenizer, log=lambda *_: None)
     if grads is not None:  # the first step's gradient, before training
+        made = recorded(objective)
         trainer.accumulate_gradients(0)
+        del objective.make_batch                                # stop recording
+        trainer.optimizer.zero_grad(set_to_none=True)
+        per_batch = [summed_loss_and_count(objective, batch) for batch in made]
+        (sum(loss for loss, _ in per_batch) / sum(count for _, count in per_batch)).backward()
         grads.update({n: p.grad.clone() for n, p in objective.named_parameters()})
         trainer.optimizer.zero_grad(set_to_none=True)
     history = trainer.fit()
@@ -66,7 +76,8 @@ def load(path):
 def test_two_processes_equal_one_process_with_twice_the_accumulation(objective, tmp_path, prepared, tokenizer,
                                                                      tok_path):
     # clm: every micro-batch has the same number of targets; mlm: each masks a different number,
-    # so only a loss normalized by the step's global count (summed over ranks) matches one process.
+    # so only a loss normalized by the step's global count (summed over ranks) matches the
+    # hand-computed gradient of one process.
     # 2 processes x 2 micro-batches against 1 process x 4: the no_sync path is in the comparison.
     out = tmp_path / "ddp"
     worker(out, prepared, tok_path, steps=5, until=5, accum=2, objective=objective)
@@ -97,17 +108,23 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(objective, 
 
 
 def test_two_process_run_resumes_exactly(tmp_path, prepared, tok_path):
+    """With dropout, seeded per rank as train.py does: each rank must get its own random state
+    back from the checkpoint, not rank 0's."""
     straight = tmp_path / "straight"
-    worker(straight, prepared, tok_path, steps=6, until=6, accum=2)
+    worker(straight, prepared, tok_path, steps=6, until=6, accum=2, dropout=0.1)
     stopped = tmp_path / "stopped"
-    worker(stopped, prepared, tok_path, steps=6, until=3, accum=2)
+    worker(stopped, prepared, tok_path, steps=6, until=3, accum=2, dropout=0.1)
     assert os.path.exists(stopped / "ckpt-00000003.pt")
-    worker(stopped, prepared, tok_path, steps=6, until=6, accum=2, resume=True)
+    worker(stopped, prepared, tok_path, steps=6, until=6, accum=2, resume=True, dropout=0.1)
     full = json.load(open(straight / "history-rank0.json"))
     assert json.load(open(stopped / "history-rank0.json")) == full[3:]
     a, b = load(straight / "params-rank0.pt"), load(stopped / "params-rank0.pt")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    rng = {(run, rank): load(run / f"rng-rank{rank}.pt") for run in (straight, stopped) for rank in (0, 1)}
+    for rank in (0, 1):
+        assert torch.equal(rng[stopped, rank], rng[straight, rank]), rank
+    assert not torch.equal(rng[straight, 0], rng[straight, 1])          # the ranks' noise differs
 
 
 def test_fsdp_checkpoint_loads_into_one_process(tmp_path, prepared, tokenizer, tok_path):

@@ -2,6 +2,7 @@
 the newest loadable file, signals, non-finite losses, full disks, and one-line errors."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -46,6 +47,80 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
         assert state["version"] >= 1           # one of the child's saves, whole
     # no temporary files are mistaken for checkpoints
     assert list_checkpoints(str(tmp_path)) == [path]
+
+
+def full_disk(*_):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class WriteCutOff:
+    """A file opened for writing whose writes stop, as on a full disk or a crash, once `limit`
+    bytes have gone through: the bytes up to the limit reach the file, then OSError."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.left = f, limit
+
+    def write(self, data):
+        if len(data) > self.left:
+            self.f.write(bytes(data[:self.left]))
+            self.f.flush()
+            self.left = 0
+            full_disk()
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("short_by", [None, 1, 4096, 0], ids=["nothing-written", "all-but-one-byte", "4KiB-short",
+                                                              "all-bytes-then-fail"])
+def test_an_overwrite_cut_off_at_any_byte_leaves_the_previous_file_whole(tmp_path, monkeypatch, short_by):
+    """Deterministic: every file the checkpoint module opens for writing (through os.fdopen or
+    open) stops accepting bytes `short_by` bytes before the end of the new checkpoint (None:
+    at the first byte). The checkpoint already at that path is untouched and loads, no
+    temporary file is left behind, and the error is one line."""
+    import builtins
+
+    import minilm.checkpoint as checkpoint_module
+    folder = tmp_path / "run"
+    path = str(folder / "ckpt-00000007.pt")
+    save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(1000)}, "version": 0})
+    before = (folder / "ckpt-00000007.pt").read_bytes()
+    newer = {"config": {}, "model": {"w": torch.ones(3000)}, "version": 1}
+    save_checkpoint(str(tmp_path / "size-probe.pt"), newer)
+    new_size = os.path.getsize(tmp_path / "size-probe.pt")
+    assert new_size > 4096 + len(before) // 2
+    limit = 0 if short_by is None else new_size - short_by
+    real_fdopen, real_open, cut = os.fdopen, builtins.open, []
+
+    def cut_off(f, mode):
+        if any(c in mode for c in "wax+"):
+            cut.append(mode)
+            return WriteCutOff(f, limit)
+        return f
+
+    monkeypatch.setattr(checkpoint_module.os, "fdopen", lambda fd, mode="r", *a, **kw: cut_off(real_fdopen(fd, mode, *a, **kw), mode))
+    monkeypatch.setattr(checkpoint_module, "open", lambda file, mode="r", *a, **kw: cut_off(real_open(file, mode, *a, **kw), mode),
+                        raising=False)
+    with pytest.raises(UserError, match="could not write checkpoint .*ckpt-00000007.pt: No space left") as err:
+        if short_by == 0:   # every byte written, then the disk fills: the fsync fails
+            monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+        save_checkpoint(path, newer)
+    monkeypatch.undo()
+    assert cut and "\n" not in str(err.value)
+    assert (folder / "ckpt-00000007.pt").read_bytes() == before
+    assert load_checkpoint(path)["version"] == 0
+    assert os.listdir(folder) == ["ckpt-00000007.pt"]                  # no temporary file left
+    # and without the cut the same call replaces it whole
+    save_checkpoint(path, newer)
+    assert load_checkpoint(path)["version"] == 1 and os.listdir(folder) == ["ckpt-00000007.pt"]
 
 
 def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, prepared, tokenizer):

@@ -109,11 +109,13 @@ def test_masks_are_dynamic_and_reproducible():
     assert torch.equal(again["input_ids"], first["input_ids"]) and torch.equal(again["labels"], first["labels"])
 
 
-@pytest.mark.parametrize("bad", [dict(mask_replace_prob=0.8, random_replace_prob=0.3), dict(mask_prob=0.0),
-                                 dict(mask_prob=1.5), dict(span_min_words=4, span_max_words=2),
-                                 dict(span_geometric_p=0.0)])
-def test_bad_masking_options_are_one_line_user_errors(bad):
-    with pytest.raises(UserError) as err:
+@pytest.mark.parametrize("bad,message", [(dict(mask_replace_prob=0.8, random_replace_prob=0.3),
+                                          "--mask_replace_prob.*--random_replace_prob"),
+                                         (dict(mask_prob=0.0), "--mask_prob"), (dict(mask_prob=1.5), "--mask_prob"),
+                                         (dict(span_min_words=4, span_max_words=2), "--span_min_words"),
+                                         (dict(span_geometric_p=0.0), "--span_geometric_p")])
+def test_bad_masking_options_are_one_line_user_errors(bad, message):
+    with pytest.raises(UserError, match=message) as err:
         build_objective("mlm", tiny_model(32), options=ObjectiveConfig(**bad))
     assert "\n" not in str(err.value) and "--" in str(err.value)
 
@@ -177,6 +179,52 @@ def test_whole_word_masking_never_splits_a_word_nor_exceeds_its_budget(prepared,
     assert p - 2 / T <= total_chosen / total_eligible <= p
     # and multi-piece words were chosen whole (the test above is not vacuous)
     assert (chosen & continues).sum() > 1000
+
+
+def short_documents(tokenizer, texts, rows, T):
+    """(rows, T + 1) windows cut from a stream of short documents (the corpus' lines), each followed
+    by <eos>: about one document boundary every 25 tokens. A document's first piece has no "▁"
+    (no dummy prefix), so only the boundary says that it starts a word."""
+    lines = [line.strip() for text in texts for line in text.split("\n") if line.strip()]
+    stream = torch.tensor([t for ids in tokenizer.encode_batch(lines) for t in ids + [EOS_ID]][:rows * (T + 1)])
+    assert len(stream) == rows * (T + 1)
+    return stream.view(rows, T + 1)
+
+
+def test_the_token_after_a_document_boundary_starts_a_word(tokenizer, texts):
+    T = 128
+    ids = short_documents(tokenizer, texts, 400, T)[:, :T]
+    eligible = masking.eligible_positions(ids, tokenizer.special_table)
+    after_eos = eligible & F.pad(ids[:, :-1] == EOS_ID, (1, 0), value=False)
+    assert after_eos.sum() > 1000 and not tokenizer.word_starts(ids)[after_eos].all()   # no "▁" there
+    assert masking.word_starts_within(tokenizer.word_starts(ids), eligible)[after_eos].all()
+
+
+def test_whole_words_never_reach_across_a_document_boundary(tokenizer, texts):
+    """Rows `x <eos> y` with a budget of one token (p = 0.5 of 2 eligible): x and y are two
+    one-piece words, so every row gets exactly one of them. Were y glued to x across the <eos>,
+    the one "word" x y would not fit, and nothing would be chosen."""
+    pieces = [i for i in range(NUM_SPECIAL, tokenizer.vocab_size) if not tokenizer.special_table[i]]
+    g = torch.Generator().manual_seed(0)
+    raw = torch.tensor(pieces)[torch.randint(len(pieces), (2000, 4), generator=g)]
+    raw[:, 1] = EOS_ID
+    y_is_no_start = ~tokenizer.starts_word_table[raw[:, 2]]
+    assert y_is_no_start.sum() > 500                       # the case that matters: y has no "▁"
+    objective = build_objective("wwm", tiny_model(3, tokenizer.vocab_size), tokenizer, ObjectiveConfig(mask_prob=0.5))
+    chosen = objective.make_batch(raw, torch.Generator().manual_seed(1))["labels"] != IGNORE
+    assert torch.equal(chosen.sum(1), torch.ones(2000, dtype=torch.long)) and not chosen[:, 1].any()
+    assert 0.4 < chosen[:, 2][y_is_no_start].float().mean() < 0.6       # x or y, by chance
+    # in real text: whether a document's first word is chosen does not follow from whether the
+    # word before the <eos> was (glued, they would always agree)
+    T = 128
+    raw = short_documents(tokenizer, texts, 700, T)
+    batch = build_objective("wwm", tiny_model(T, tokenizer.vocab_size), tokenizer).make_batch(
+        raw, torch.Generator().manual_seed(2))
+    chosen, ids = batch["labels"] != IGNORE, raw[:, :T]
+    boundary = (ids[:, 1:-1] == EOS_ID) & (ids[:, :-2] != EOS_ID) & (ids[:, 2:] != EOS_ID)
+    before, after = chosen[:, :-2][boundary], chosen[:, 2:][boundary]
+    assert before.sum() > 200
+    assert after[before].float().mean() < 0.5 and after[~before].any()
 
 
 def test_whole_word_objective_masks_pieces_of_a_word_together(tokenizer):

@@ -161,12 +161,33 @@ def test_a_tiny_encoder_learns_to_fill_masks(tmp_path, prepared, tokenizer, one_
 
 @pytest.mark.parametrize("name", ["wwm", "span"])
 def test_whole_word_and_span_objectives_train(name, tmp_path, prepared, tokenizer, one_thread):
+    """They train through the Trainer; and exactly: the first step's loss is the masked tokens'
+    mean cross-entropy (dense head, F.cross_entropy) of the initial model on the batch the
+    trainer made, and the final evaluation is that of the trained model on its fixed masks."""
+    import copy
+    from tests.test_trainer import recorded, summed_loss_and_count
     cfg = make_config(tmp_path, tokenizer.vocab_size, objective=name, max_steps=40, lr=3e-3, eval_batches=2)
     trainer = make_trainer(cfg, prepared, tokenizer)
+    initial = copy.deepcopy(trainer.objective)
+    made = recorded(trainer.objective)
     losses = trainer.fit()
     assert len(losses) == 40 and all(np.isfinite(losses))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
-    assert {"loss", "acc", "bpb"} <= set(trainer.last_eval)
+    objective = trainer.objective.eval()
+    del objective.make_batch                          # stop recording
+    nll = targets = correct = 0
+    with torch.no_grad():
+        loss, count = summed_loss_and_count(initial, made[0])
+        assert losses[0] == pytest.approx((loss / count).item(), rel=1e-5)
+        for i in range(cfg.train.eval_batches):     # evaluation's masks: a generator seeded by the batch index
+            batch = objective.make_batch(trainer.val_source.batch(i, 0), torch.Generator().manual_seed(i))
+            loss, count = summed_loss_and_count(objective, batch)
+            chosen = batch["labels"] != IGNORE
+            nll, targets = nll + loss.item(), targets + int(count)
+            correct += int((objective.predict(batch["input_ids"])[chosen].argmax(-1) == batch["labels"][chosen]).sum())
+    assert trainer.last_eval["loss"] == pytest.approx(nll / targets, rel=1e-5)
+    assert trainer.last_eval["acc"] == correct / targets
+    assert trainer.last_eval["bpb"] > 0
 
 
 # ----------------------------------------------------------------------------- command line

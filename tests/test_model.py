@@ -92,6 +92,76 @@ def test_decoder_is_causal(arch):
     assert (model(first)[:, -1] - hidden[:, -1]).abs().amax(dim=-1).min() > 1e-4
 
 
+# ----------------------------------------------------------------------------- rotary positions
+def rotary_closed_form(x: torch.Tensor, positions, base: float) -> torch.Tensor:
+    """RoPE written out from its definition, in float64 and one pair at a time: the pair
+    (x[i], x[i + D/2]) ("rotate half" layout, as minilm/model.py documents) is the complex number
+    x[i] + j x[i + D/2], multiplied by exp(j pos theta_i), theta_i = base^(-2i/D).
+    x (..., T, D), positions: T integers."""
+    D = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.float64)
+    x = x.double()
+    for t, pos in enumerate(positions):
+        for i in range(D // 2):
+            angle = pos * base ** (-2 * i / D)
+            a, b = x[..., t, i], x[..., t, i + D // 2]
+            out[..., t, i] = a * math.cos(angle) - b * math.sin(angle)
+            out[..., t, i + D // 2] = a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+@pytest.mark.parametrize("head_dim,base", [(8, 10000.0), (16, 100.0)])
+def test_rotary_is_the_closed_form_rotation(head_dim, base):
+    from minilm.model import Rotary
+    rotary = Rotary(head_dim, max_len=64, base=base)
+    x = torch.randn(2, 3, 10, head_dim, generator=torch.Generator().manual_seed(0))   # (B, H, T, D)
+    for start in (0, 7, 54):
+        want = rotary_closed_form(x, range(start, start + 10), base)
+        torch.testing.assert_close(rotary(x, start).double(), want, atol=1e-4, rtol=0)
+    # the per-row positions path (the sparse last layer's queries, Attention.attend_at) is the same map
+    positions = torch.tensor([[3, 9, 0, 63, 17, 5, 5, 40, 2, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    got = rotary(x, positions=positions)
+    for row in range(2):
+        want = rotary_closed_form(x[row], positions[row].tolist(), base)
+        torch.testing.assert_close(got[row].double(), want, atol=1e-4, rtol=0)
+    # a rotation: lengths of every pair are kept
+    def pair_lengths(y):
+        return y[..., :head_dim // 2] ** 2 + y[..., head_dim // 2:] ** 2
+    torch.testing.assert_close(pair_lengths(rotary(x, 5)), pair_lengths(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_the_distance():
+    """q·k after RoPE is a function of n - m alone: shifting both positions changes nothing, while
+    another distance does give another score (so the check is not vacuous)."""
+    from minilm.model import Rotary
+    D, T = 16, 64
+    rotary = Rotary(D, max_len=T, base=10000.0)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, T, D, generator=g), torch.randn(1, 1, T, D, generator=g)
+    q, k = q[..., :1, :].expand(1, 1, T, D), k[..., :1, :].expand(1, 1, T, D)   # one q, one k, at every position
+    scores = (rotary(q) @ rotary(k).transpose(-1, -2))[0, 0].double()          # (T, T): q at m, k at n
+    unrotated = (q[0, 0, 0] @ k[0, 0, 0]).item()
+    for distance in (-9, -1, 0, 1, 5, 30):
+        diagonal = scores.diagonal(distance)                                     # all (m, m + distance)
+        assert (diagonal - diagonal[0]).abs().max() < 1e-4, distance
+    assert scores.diagonal(0)[0].item() == pytest.approx(unrotated, abs=1e-5)    # same position: no rotation
+    assert (scores.diagonal(1)[0] - scores.diagonal(0)[0]).abs() > 1e-2
+    assert (scores.diagonal(5)[0] - scores.diagonal(-5)[0]).abs() > 1e-2        # the sign of the distance counts
+
+
+@torch.no_grad()
+def test_rope_decoder_does_not_depend_on_absolute_position():
+    """With RoPE as the only position signal, a decoder's outputs for a sequence are the same
+    wherever it sits in the context window (start=s shifts every rotary position by s)."""
+    model = make_model(position="rope")
+    ids = random_ids(2, 12, seed=12)
+    base = model(ids)
+    for start in (1, 9, S - 12):
+        torch.testing.assert_close(model(ids, start=start), base, atol=2e-5, rtol=0)
+    learned = make_model(position="learned")                     # a table of absolute positions does depend
+    assert (learned(ids, start=3) - learned(ids)).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- the attention function
 def attention_inputs(T=9, S=9, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

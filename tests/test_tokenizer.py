@@ -211,14 +211,14 @@ def test_bytes_per_token_sum_to_utf8_length(tokenizer, texts):
 
 # ----------------------------------------------------------------------------- errors
 def test_vocab_too_large_for_corpus_raises_user_error():
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError, match="vocab_size 4096 is more than this corpus supports") as err:
         Tokenizer.train(["a b c"], vocab_size=4096)
     msg = str(err.value)
     assert "\n" not in msg and "4096" in msg
 
 
 def test_vocab_below_minimum_raises_user_error(texts):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError, match=f"is too small: minilm needs at least {MIN_VOCAB}") as err:
         Tokenizer.train(texts[:5], vocab_size=MIN_VOCAB - 1)
     assert str(MIN_VOCAB) in str(err.value) and "\n" not in str(err.value)
 
@@ -237,7 +237,7 @@ def test_minimum_vocab_trains_on_a_small_alphabet():
 
 
 def test_vocab_too_small_for_the_characters_names_a_size_that_works(texts):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError, match="too small for the characters of this corpus") as err:
         Tokenizer.train(texts[:20], vocab_size=MIN_VOCAB)
     msg = str(err.value)
     assert "\n" not in msg and "too small" in msg
@@ -247,7 +247,7 @@ def test_vocab_too_small_for_the_characters_names_a_size_that_works(texts):
 
 
 def test_empty_corpus_raises_user_error():
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="no text to train a tokenizer on"):
         Tokenizer.train(["", "   \n\n"], vocab_size=1024)
 
 
@@ -255,14 +255,14 @@ def test_empty_corpus_raises_user_error():
 def test_loading_non_model_bytes_raises_user_error(tmp_path, data):
     path = tmp_path / "bad.model"
     path.write_bytes(data)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="not a sentencepiece model"):
         Tokenizer.load(str(path))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="not a sentencepiece model"):
         Tokenizer(data)
 
 
 def test_loading_missing_file_raises_user_error(tmp_path):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="cannot read tokenizer .*nope.model"):
         Tokenizer.load(str(tmp_path / "nope.model"))
 
 
@@ -272,5 +272,5 @@ def test_foreign_sentencepiece_model_is_rejected(texts):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts[:20]), model_writer=model,
                                    vocab_size=400, minloglevel=2)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="not trained by minilm"):
         Tokenizer(model.getvalue())

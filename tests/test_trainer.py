@@ -8,17 +8,21 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minilm.checkpoint import load_checkpoint, tensor_to_bytes
 from minilm.config import Config, ModelConfig
-from minilm.data import BlockSource
+from minilm.data import BlockSource, SegmentPairSource
+from minilm.model import padding_mask
 from minilm.objectives import IGNORE, build_objective
 from minilm.objectives.clm import CausalLM
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, build_optimizer, lr_at
+from tests.test_sop import numbered  # noqa: F401  (the module-scoped corpus of numbered sentences)
 
 
 def make_config(out_dir, vocab_size, **train):
+    """The tiny test run: clm unless train holds another `objective`."""
     cfg = Config()
     cfg.model = ModelConfig(vocab_size=vocab_size, seq_len=32, n_layer=2, n_head=2, n_embd=64)
     cfg.train.out_dir = str(out_dir)
@@ -36,7 +40,7 @@ def make_config(out_dir, vocab_size, **train):
 def make_trainer(cfg, prepared, tokenizer, val=False):
     folder, _ = prepared
     torch.manual_seed(0)
-    objective = build_objective("clm", cfg.model, tokenizer)
+    objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     train = BlockSource(folder, "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
     val_source = BlockSource(folder, "val", cfg.model.seq_len, cfg.train.batch_size) if val else None
     return Trainer(cfg, objective, train, val_source, tokenizer, log=lambda *_: None)
@@ -145,6 +149,107 @@ def test_accumulation_equals_one_big_batch(tmp_path, prepared, tokenizer):
     assert (naive - exact).norm() > 0.02 * exact.norm()
 
 
+def recorded(objective) -> list[dict]:
+    """Keep every batch the objective's make_batch returns (the trainer's calls), in order."""
+    made, make_batch = [], objective.make_batch
+
+    def recording(*args, **kwargs):
+        made.append(make_batch(*args, **kwargs))
+        return made[-1]
+    objective.make_batch = recording
+    return made
+
+
+def summed_loss_and_count(objective, batch):
+    """(summed loss, number of targets) of one batch, computed without the objective's forward:
+    the LM head at every position (causal LM), the dense masked-LM head, or the sentence-order
+    head, and F.cross_entropy with reduction sum."""
+    if batch["labels"].dim() == 2:                                # a token per position: every position's logits
+        if hasattr(objective, "predict"):                         # masked LM
+            logits = objective.predict(batch["input_ids"], attn_mask=batch.get("attn_mask"),
+                                       segment_ids=batch.get("segment_ids"))
+        else:                                                     # causal LM
+            logits = objective.backbone.logits(objective.backbone(batch["input_ids"], causal=True))
+        labels = batch["labels"].flatten()
+        return F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum"), (labels != IGNORE).sum()
+    ids = batch["input_ids"]                                      # sentence order: one label per row
+    hidden = objective.backbone(ids, causal=False, attn_mask=padding_mask(batch["lengths"], ids.shape[1]),
+                                segment_ids=batch["segment_ids"])
+    logits = objective.head(objective.pooler(hidden))
+    return F.cross_entropy(logits, batch["labels"], reduction="sum"), torch.tensor(len(ids))
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm+sop"])
+def test_accumulated_gradient_is_the_global_mean_over_the_step(name, tmp_path, prepared, tokenizer, numbered,
+                                                              one_thread):
+    """The gradient of one step of 3 micro-batches equals that of sum(token losses of all
+    micro-batches) / (their total count), each part of a combined objective on its own, computed
+    here from the batches the trainer made, with the dense heads and F.cross_entropy: a
+    reference that cannot share a normalization bug with the objective's forward or the trainer."""
+    cfg = make_config(tmp_path, tokenizer.vocab_size, grad_accum=3, batch_size=4, objective=name)
+    if name == "mlm+sop":
+        _, tokenizer, folder = numbered
+        cfg.model.vocab_size, cfg.obj.objective_weights = tokenizer.vocab_size, "1,0.5"
+        source = SegmentPairSource(folder, "train", cfg.model.seq_len, 4, seed=1, log=None)
+    else:
+        source = BlockSource(prepared[0], "train", cfg.model.seq_len, 4, seed=1)
+    torch.manual_seed(0)
+    objective = build_objective(name, cfg.model, tokenizer, cfg.obj)
+    trainer = Trainer(cfg, objective, source, None, tokenizer, log=lambda *_: None)
+    made = recorded(objective)
+    step_loss = trainer.accumulate_gradients(0)
+    got = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    assert len(made) == 3
+    objective.zero_grad(set_to_none=True)
+    parts = objective.parts if name == "mlm+sop" else {name: objective}
+    weights = objective.weights if name == "mlm+sop" else [1.0]
+    reference = 0.0
+    for (part_name, part), weight in zip(parts.items(), weights):
+        per_batch = [summed_loss_and_count(part, batch[part_name] if name == "mlm+sop" else batch) for batch in made]
+        counts = [int(count) for _, count in per_batch]
+        assert len(set(counts)) > 1 or part_name == "sop", counts   # masked tokens: unequal counts
+        reference = reference + weight * sum(loss for loss, _ in per_batch) / sum(counts)
+    reference.backward()
+    assert step_loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for n, p in objective.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+    assert got.keys() == {n for n, p in objective.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["mlm", "span"])
+def test_masked_lm_resumes_exactly_and_masks_depend_on_the_step_alone(name, tmp_path, prepared, tokenizer,
+                                                                     one_thread):
+    """Stop a masked LM with dropout at step 3 and resume it in a fresh Trainer: the same inputs and
+    masks at every step, the same losses. And a trainer that starts at step 4 without running the
+    steps before builds exactly step 4's batch: masks come from the step, not from a run-long
+    stream of random numbers."""
+    def trainer_for(out):
+        cfg = make_config(out, tokenizer.vocab_size, max_steps=6, objective=name)
+        cfg.model.dropout = 0.1
+        trainer = make_trainer(cfg, prepared, tokenizer)
+        trainer.peak_flops = 1e9  # skip measuring the matmul peak (only the MFU column uses it)
+        torch.manual_seed(99)     # what train.py does per rank after building the model
+        return trainer, recorded(trainer.objective)
+
+    straight, straight_batches = trainer_for(tmp_path / "a")
+    losses = straight.fit()
+    first, _ = trainer_for(tmp_path / "b")
+    first.fit(until=3)
+    second, resumed_batches = trainer_for(tmp_path / "b")
+    torch.manual_seed(12345)                              # scramble the global RNG: resume restores it
+    second.load(os.path.join(tmp_path / "b", "ckpt-00000003.pt"))
+    assert second.fit() == losses[3:]
+    for want, got in zip(straight_batches[3:], resumed_batches, strict=True):
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+    jumped, jumped_batches = trainer_for(tmp_path / "c")
+    jumped.step = 4                                       # no checkpoint, no steps run before
+    jumped.fit(until=5)
+    assert torch.equal(jumped_batches[0]["input_ids"], straight_batches[4]["input_ids"])
+    assert torch.equal(jumped_batches[0]["labels"], straight_batches[4]["labels"])
+    assert not torch.equal(straight_batches[4]["labels"] != IGNORE, straight_batches[5]["labels"] != IGNORE)
+
+
 def test_checkpoint_is_self_contained(tmp_path, prepared, tokenizer):
     cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=3)
     trainer = make_trainer(cfg, prepared, tokenizer)
@@ -176,6 +281,52 @@ def test_optimizer_groups_cover_each_parameter_once(tokenizer):
     # the tied embedding/LM-head matrix is one parameter, listed once
     assert objective.backbone.output_weight is objective.backbone.tok_emb.weight
     assert grouped.count(id(objective.backbone.tok_emb.weight)) == 1
+
+
+def test_two_steps_are_hand_computed_clipped_adamw_updates(tmp_path, prepared, tokenizer, one_thread):
+    """The parameters and Adam moments after each Trainer step equal AdamW written out by hand:
+    the gradient (from a separate copy of the model) clipped to a global norm, exp_avg and
+    exp_avg_sq with beta1 and beta2, bias correction, weight decay decoupled and only on
+    matrices, the learning rate of the warmup. Distinctive settings, so that swapped betas, a
+    missing clip or decay on the norms each change the numbers."""
+    import copy
+    beta1, beta2, eps, decay, clip, peak, warmup = 0.8, 0.9, 1e-8, 0.1, 0.05, 1e-2, 4
+    cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=10, lr=peak, beta1=beta1, beta2=beta2,
+                      weight_decay=decay, grad_clip=clip, warmup_steps=warmup)
+    trainer = make_trainer(cfg, prepared, tokenizer)
+    twin = copy.deepcopy(trainer.objective)            # computes the reference gradients
+    names = [n for n, _ in twin.named_parameters()]
+    params = {n: p.detach().double().clone() for n, p in twin.named_parameters()}
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+    clipped = []
+    for step in range(2):
+        with torch.no_grad():
+            for n, p in twin.named_parameters():
+                p.copy_(params[n])
+        twin.zero_grad(set_to_none=True)
+        twin(twin.make_batch(trainer.train_source.batch(step, 0)))[0].backward()
+        grads = {n: p.grad.double() for n, p in twin.named_parameters()}
+        norm = math.sqrt(sum((g ** 2).sum().item() for g in grads.values()))
+        clipped.append(norm > clip)
+        grads = {n: g * min(1.0, clip / (norm + 1e-6)) for n, g in grads.items()}
+        lr = peak * (step + 1) / warmup
+        t = step + 1
+        for n in names:
+            m, v = moments[n]
+            m = beta1 * m + (1 - beta1) * grads[n]
+            v = beta2 * v + (1 - beta2) * grads[n] ** 2
+            moments[n] = (m, v)
+            if params[n].dim() >= 2:
+                params[n] = params[n] * (1 - lr * decay)
+            params[n] = params[n] - lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
+        trainer.train_step(step)
+        state = trainer.optimizer.state
+        for n, p in trainer.objective.named_parameters():
+            torch.testing.assert_close(state[p]["exp_avg"].double(), moments[n][0], atol=1e-9, rtol=1e-4, msg=n)
+            torch.testing.assert_close(state[p]["exp_avg_sq"].double(), moments[n][1], atol=1e-12, rtol=1e-4, msg=n)
+            torch.testing.assert_close(p.detach().double(), params[n], atol=2e-6, rtol=0, msg=n)
+    assert clipped == [True, True]                     # the clip did bind
+    assert any(p.dim() < 2 for p in params.values())   # and there were vectors to leave undecayed
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
