@@ -88,6 +88,28 @@ def test_train_refuses_a_folder_another_run_holds(tmp_path, corpus_dir):
     assert sorted(os.listdir(out)) == [".lock"]
 
 
+def test_under_torchrun_every_process_stops_when_rank_0_refuses(tmp_path, corpus_dir):
+    """Rank 0 alone takes the lock; its one-line refusal must reach every process, or the others
+    would wait at the next collective until its 30-minute timeout."""
+    out = tmp_path / "run"
+    out.mkdir()
+    child = hold_lock_in_child(out)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    try:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 os.path.join(ROOT, "train.py"), "--data", corpus_dir, "--out_dir", str(out),
+                                 "--max_steps", "1", *map(str, TINY)],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("in use by another run" in line for line in errors), result.stderr[-2000:]
+    assert sorted(os.listdir(out)) == [".lock"]
+
+
 # ----------------------------------------------------------------------------- fresh runs, --overwrite
 def fake_checkpoint(folder, step):
     save_checkpoint(checkpoint_path(str(folder), step), {"config": {}, "model": {"w": torch.full((2,), step)}})
@@ -259,6 +281,12 @@ def test_sample_falls_back_past_a_damaged_newest_checkpoint(first_run, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "skipping" in result.stderr and "ckpt-00000004.pt" in result.stderr
     assert result.stdout.count("--- sample") == 1
+    # resuming from step 2 redoes steps 3 and 4: each step's row appears once in metrics.jsonl
+    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 4)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "dropped 3 row(s) logged after step 2" in resumed.stdout   # steps 3, 4 and the val row of 4
+    train_rows = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert train_rows == [1, 2, 3, 4]
 
 
 def test_max_steps_zero_prepares_and_stops(tmp_path, corpus_dir):
