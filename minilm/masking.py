@@ -14,6 +14,7 @@ Shapes: B rows, T positions. ids (B, T) long; every mask is a (B, T) bool tensor
     span_choice          SpanBERT: spans of geometric word length, exactly ceil(p * n) tokens
     span_ids             the (merged) span each chosen token belongs to
     replace              the 80/10/10 rule: <mask> / random token / unchanged, per token or per span
+    t5_span_corruption   T5: noise spans -> one sentinel each in the input; target = sentinel + span, ...
 
 Here n is the number of eligible tokens of a row. Choosing is separate from replacing: the
 objective decides *which* positions to predict, `replace` decides what the encoder sees there.
@@ -22,6 +23,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from minilm.errors import UserError
+from minilm.tokenizer import EOS_ID, SENTINEL_IDS
 
 # what `replace` did at each position (its `kind` output); 0 = not chosen
 MASKED, RANDOM, KEPT = 1, 2, 3
@@ -262,3 +266,208 @@ def replace(ids: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator 
     input_ids = torch.where(to_mask, mask_id, torch.where(to_random, random_ids[pick], ids))
     kind = torch.where(to_mask, MASKED, torch.where(to_random, RANDOM, torch.where(chosen, KEPT, 0)))
     return input_ids, kind.to(torch.int8)
+
+
+# ============================================================================= T5 span corruption
+# T5 (Raffel et al. 2020), google-research/text-to-text-transfer-transformer preprocessors.py:
+# random_spans_noise_mask, _random_segmentation, noise_span_to_unique_sentinel,
+# nonnoise_span_to_unique_sentinel, random_spans_helper; the same as HF's run_t5_mlm_flax.py.
+# Example, sentinels written <0>, <1>:
+#     raw      a b c d e f g h i j
+#     noise    . . x x . . . . x x    (starts with non-noise, ends with noise: t5_noise_mask)
+#     input    a b <0> e f g h <1> <eos>
+#     target   <0> c d <1> i j <eos>
+# Unlike the masked-LM functions above, no token is "eligible" or not: every raw token may be
+# noise, <eos> document boundaries included (T5 corrupts packed windows the same way), and
+# every row of a window of L tokens gets exactly the same counts, so inputs and targets are
+# rectangular with no padding.
+
+
+class SpanCorruptionError(UserError, ValueError):
+    """Span-corruption settings that cannot work. A UserError, so the command line prints it
+    on one line; also a ValueError, since it is one for a library caller."""
+
+
+def _t5_counts_unchecked(raw_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    # round() is Python's, half to even on the float product, like numpy's np.round and TF's tf.round
+    num_noise = min(max(round(raw_length * noise_density), 1), raw_length - 1)
+    num_spans = max(1, round(num_noise / mean_noise_span_length))
+    return num_noise, num_spans
+
+
+def t5_noise_counts(raw_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                    num_sentinels: int = len(SENTINEL_IDS)) -> tuple[int, int]:
+    """(num_noise_tokens, num_noise_spans) for a window of raw_length tokens, the same for every row.
+
+    num_noise_tokens = round(L * density) clamped to 1..L-1 (at least one token of each kind);
+    num_noise_spans = max(1, round(num_noise_tokens / mean_noise_span_length)). For L = 568 and
+    the defaults: 85 noise tokens in 28 spans, 483 non-noise tokens in 28 segments.
+
+    Raises SpanCorruptionError when the settings cannot work: a density outside (0, 1), a mean
+    span length below 1, a window shorter than 2 tokens, more spans than non-noise tokens (every
+    non-noise segment must be non-empty; HF's script instead rounds min(noise, non-noise) / mean,
+    which changes the span law and the lengths its own length helper computed), or more spans
+    than sentinel ids (each span needs its own).
+    """
+    if not 0.0 < noise_density < 1.0:
+        raise SpanCorruptionError(f"T5 noise density must be between 0 and 1 (exclusive), got {noise_density}")
+    if not mean_noise_span_length >= 1.0:
+        raise SpanCorruptionError(f"T5 mean noise span length must be at least 1 token, got {mean_noise_span_length}")
+    if raw_length < 2:
+        raise SpanCorruptionError(f"T5 span corruption needs windows of at least 2 tokens, got {raw_length}")
+    num_noise, num_spans = _t5_counts_unchecked(raw_length, noise_density, mean_noise_span_length)
+    if num_spans > raw_length - num_noise:
+        raise SpanCorruptionError(
+            f"T5 span corruption of {raw_length} tokens at noise density {noise_density} makes {num_spans} noise "
+            f"spans but only {raw_length - num_noise} non-noise tokens to separate them; use a lower noise "
+            f"density or a longer mean span length")
+    if num_spans > num_sentinels:
+        raise SpanCorruptionError(
+            f"T5 span corruption of {raw_length} tokens needs {num_spans} noise spans but there are only "
+            f"{num_sentinels} sentinel ids, one per span; use a shorter input length, a lower noise density "
+            f"or a longer mean span length")
+    return num_noise, num_spans
+
+
+def t5_output_lengths(raw_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                      num_sentinels: int = len(SENTINEL_IDS)) -> tuple[int, int]:
+    """(input_length, target_length) that a window of raw_length tokens corrupts into:
+    input = non-noise tokens + one sentinel per span + <eos>; target = noise tokens + one
+    sentinel per span + <eos>. 568 -> (512, 114) with the defaults."""
+    num_noise, num_spans = t5_noise_counts(raw_length, noise_density, mean_noise_span_length, num_sentinels)
+    return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def t5_lengths(input_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+               num_sentinels: int = len(SENTINEL_IDS)) -> tuple[int, int]:
+    """(raw_length, target_length): the longest raw window whose input comes out at exactly
+    input_length tokens, and the target length it gives (T5's random_spans_helper, HF's
+    compute_input_and_target_lengths). 512 -> (568, 114), 256 -> (284, 58), 128 -> (141, 29).
+
+    Why an exact answer always exists: from L to L + 1 raw tokens, either the noise count stays
+    (one more non-noise token: input + 1) or it grows by one (the non-noise count stays and the
+    span count, a function of the noise count, grows by 0 or 1 when mean >= 1). So the input
+    length climbs through every integer from 3 (L = 2) on, and the raw lengths that give a
+    given input length form a run; we take its longest. Also input <= L + 1 (a span costs a
+    sentinel but hides at least one token), so the search can start at input_length - 1.
+
+    Unlike HF's helper we count with the same clamps as the mask (at least one noise token,
+    one span) and check the result, so the lengths are those t5_span_corruption really makes;
+    we also skip HF's density-0.5 adjustment (it shortens the raw window by one token when
+    the target would outgrow the input).
+    """
+    t5_noise_counts(2, noise_density, mean_noise_span_length, num_sentinels)  # validates density and mean
+    if input_length < 3:
+        raise SpanCorruptionError(f"T5 inputs hold at least 3 tokens (a token, a sentinel, <eos>), got {input_length}")
+
+    def input_of(raw_length: int) -> int:
+        num_noise, num_spans = _t5_counts_unchecked(raw_length, noise_density, mean_noise_span_length)
+        return raw_length - num_noise + num_spans + 1
+
+    raw_length = max(2, input_length - 1)
+    while input_of(raw_length + 1) <= input_length:
+        raw_length += 1
+    assert input_of(raw_length) == input_length, (input_length, raw_length)  # see the docstring
+    return raw_length, t5_output_lengths(raw_length, noise_density, mean_noise_span_length, num_sentinels)[1]
+
+
+def random_segmentation(num_items: int, num_segments: int, rows: int, generator: torch.Generator | None,
+                        device) -> torch.Tensor:
+    """(rows, num_segments) long: for each row, num_items split into num_segments positive parts,
+    a uniformly random composition (T5's _random_segmentation).
+
+    Items 0..n-1 in a line have n-1 gaps between them; cutting at k-1 distinct gaps, chosen
+    uniformly among all such sets, makes every composition of n into k positive parts equally
+    likely (there are C(n-1, k-1) of both). One part then has length j with probability
+    C(n-j-1, k-2) / C(n-1, k-1): close to, but not, geometric (no part exceeds n-k+1).
+    The k-1 gaps with the smallest random keys are a uniformly random set of k-1 gaps (topk, not
+    a full argsort: 5x faster for 27 of 482). Keys are float64 (float32 on MPS, which has none)
+    so that ties, which topk breaks by position, are negligible.
+    """
+    assert 1 <= num_segments <= num_items, (num_segments, num_items)
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    keys = torch.rand((rows, num_items - 1), generator=generator, device=device, dtype=dtype)
+    cut_gaps = keys.topk(num_segments - 1, dim=1, largest=False, sorted=False).indices
+    cuts = cut_gaps + 1                                              # first item of segments 1..k-1
+    bounds = torch.cat([torch.zeros(rows, 1, dtype=torch.long, device=device), cuts.sort(dim=1).values,
+                        torch.full((rows, 1), num_items, dtype=torch.long, device=device)], dim=1)
+    return bounds.diff(dim=1)                                        # (rows, k), every part >= 1
+
+
+def t5_noise_mask(rows: int, raw_length: int, generator: torch.Generator | None, device,
+                  noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+                  num_sentinels: int = len(SENTINEL_IDS)) -> torch.Tensor:
+    """(rows, raw_length) bool, True on noise tokens (T5's random_spans_noise_mask), every row
+    with the counts of t5_noise_counts.
+
+    The noise tokens and the non-noise tokens are each split into num_spans non-empty segments
+    (random_segmentation, independently), then laid out alternately starting with non-noise:
+    nonnoise_0, noise_0, nonnoise_1, noise_1, ..., nonnoise_{k-1}, noise_{k-1}. So position 0
+    is never noise and the last position always is (T5's random_roll, off by default there and
+    absent here, would rotate the pattern).
+    """
+    num_noise, num_spans = t5_noise_counts(raw_length, noise_density, mean_noise_span_length, num_sentinels)
+    noise_lengths = random_segmentation(num_noise, num_spans, rows, generator, device)
+    nonnoise_lengths = random_segmentation(raw_length - num_noise, num_spans, rows, generator, device)
+    lengths = torch.stack([nonnoise_lengths, noise_lengths], dim=2).view(rows, 2 * num_spans)
+    # mark where segments 1..2k-1 begin, count the marks: odd segment numbers are noise
+    segment_starts = lengths.cumsum(dim=1)[:, :-1]                   # (rows, 2k-1), distinct, in 1..L-1
+    marks = torch.zeros(rows, raw_length, dtype=torch.long, device=device).scatter_(1, segment_starts, 1)
+    return marks.cumsum(dim=1) % 2 == 1
+
+
+def t5_span_corruption(raw: torch.Tensor, generator: torch.Generator | None, noise_density: float = 0.15,
+                       mean_noise_span_length: float = 3.0, sentinel_ids: list[int] = SENTINEL_IDS,
+                       eos_id: int = EOS_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """T5 span corruption of a batch of raw windows. raw (B, L) long, on any device; generator
+    on that device.
+
+    Returns (inputs, targets, noise):
+      inputs  (B, input_length) long: the non-noise tokens, each noise span replaced by one
+              sentinel, then <eos>;
+      targets (B, target_length) long: each span's sentinel followed by the tokens it hides,
+              span after span, then <eos>;
+      noise   (B, L) bool: the noise mask (t5_noise_mask).
+    (input_length, target_length) = t5_output_lengths(L): (512, 114) for L = 568, and t5_lengths
+    goes the other way. Span s (counting from 0, left to right) gets sentinel_ids[s], so the first
+    span of every row is <extra_id_0> (id 7), the next <extra_id_1>, and so on.
+
+    Where this differs from HF's run_t5_mlm_flax.py: nowhere in the result, only in the ids. HF
+    numbers sentinels down from the end of the vocabulary (<extra_id_0> = len(tokenizer) - 1,
+    then - 2, ...); ours are reserved at 7..106, counting up. HF's labels also read
+    <extra_id_0> span_0 <extra_id_1> span_1 ... <eos> with no final sentinel, since the mask ends
+    in noise. (The T5 paper's example ends its target with a sentinel because its text ends in
+    non-noise; random_spans_noise_mask never does that without random_roll.) See t5_noise_counts
+    for the one count that differs from HF at noise density above 0.5.
+
+    No Python loop over rows, tokens or spans: every token's place in the input and in the
+    target is a running count, and scatters put the tokens there.
+    """
+    B, L = raw.shape
+    device = raw.device
+    num_noise, num_spans = t5_noise_counts(L, noise_density, mean_noise_span_length, len(sentinel_ids))
+    input_length, target_length = L - num_noise + num_spans + 1, num_noise + num_spans + 1
+    noise = t5_noise_mask(B, L, generator, device, noise_density, mean_noise_span_length, len(sentinel_ids))
+    span_start = noise & ~F.pad(noise[:, :-1], (1, 0), value=False)  # first token of each noise span
+    span_number = span_start.cumsum(dim=1) - 1                        # at noise tokens: 0..k-1
+    sentinel = torch.tensor(sentinel_ids[:num_spans], dtype=raw.dtype, device=device)[span_number.clamp(min=0)]
+
+    # Input: a non-noise token stays, the first token of a span becomes its sentinel, the rest
+    # of the span goes. A kept token's slot is the number of kept tokens before it. Every row
+    # keeps exactly input_length - 1 tokens, so slots 0..input_length-2 are all filled and the
+    # last slot is free for <eos>; the dropped tokens are sent there too (scatter needs a place
+    # for every element) and <eos> overwrites them.
+    keep = ~noise | span_start
+    slot = torch.where(keep, keep.cumsum(dim=1) - 1, input_length - 1)
+    inputs = raw.new_empty(B, input_length).scatter_(1, slot, torch.where(span_start, sentinel, raw))
+    inputs[:, -1] = eos_id
+
+    # Target: noise token t goes after the noise tokens before it and after the sentinels of
+    # spans 0..span_number[t]; a span's sentinel goes just before its first token. Non-noise
+    # tokens go to the <eos> slot, overwritten as above.
+    token_slot = noise.cumsum(dim=1) - 1 + span_number + 1
+    targets = raw.new_empty(B, target_length)
+    targets.scatter_(1, torch.where(noise, token_slot, target_length - 1), raw)
+    targets.scatter_(1, torch.where(span_start, token_slot - 1, target_length - 1), sentinel)
+    targets[:, -1] = eos_id
+    return inputs, targets, noise
