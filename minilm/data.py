@@ -58,6 +58,7 @@ import itertools
 import json
 import lzma
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import re
 import shutil
@@ -126,19 +127,20 @@ def open_data_file(path: str):
     """A binary file over the text of `path`: gzip, bzip2 and xz data (told by the first bytes,
     whatever the name) is decompressed as it is read; zstd, zip and 7-Zip are refused."""
     f = open(path, "rb")
-    head = f.peek(10)[:10]
-    for magic, opener in DECOMPRESSORS:
-        if head.startswith(magic):
-            f.close()
-            return opener(path, "rb")
-    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
-        f.close()
-        return bz2.open(path, "rb")
-    for magic, name in UNREADABLE_COMPRESSION:
-        if head.startswith(magic):
-            f.close()
-            raise UserError(f"{display(path)} is {name}-compressed, which minilm cannot read; decompress it "
-                            "first (or compress it with gzip, bzip2 or xz, which are read as they are)")
+    with contextlib.ExitStack() as closing:  # closes f on every way out but the last line
+        closing.callback(f.close)
+        head = f.peek(10)[:10]
+        # bzip2: "BZh", the block size digit, then the magic of a block or of the stream's end
+        if head[:3] == b"BZh" and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+            return bz2.open(path, "rb")
+        for magic, opener in DECOMPRESSORS:
+            if head.startswith(magic):
+                return opener(path, "rb")
+        for magic, name in UNREADABLE_COMPRESSION:
+            if head.startswith(magic):
+                raise UserError(f"{display(path)} is {name}-compressed, which minilm cannot read; decompress "
+                                "it first (or compress it with gzip, bzip2 or xz, which are read as they are)")
+        closing.pop_all()  # plain text: f itself is the file to read
     return f
 
 
@@ -209,9 +211,9 @@ def resolve_files(path: str, exclude: str | None = None, log=None) -> list[str]:
     elif any(ch in path for ch in "*?["):
         files = []
         for match in sorted(glob.glob(path, recursive=True)):
-            why = _why_not_regular(match)
             if _inside(match, exclude):
                 continue
+            why = _why_not_regular(match)
             if why is None:
                 files.append(match)
             elif why != "a folder":  # a pattern like data/* matches folders too
@@ -274,27 +276,36 @@ def _last_space_run(text: str) -> int:
 
 
 def _segments_of_text_file(f, stats: ReadStats) -> Iterator[tuple[str, bool]]:
-    """(text, starts_a_line) segments of a text file: its lines, with their newline; a line longer
-    than READ_BYTES comes in parts, each cut before a run of spaces (or where the read ended, if
-    the part has none), the bytes of a character split by the read carried to the next part."""
-    carry, pending, starts_line, first = "", b"", True, True
+    """(text, starts_a_line) segments of a text file: its lines, with their newline, except that
+    a line longer than READ_BYTES comes in parts (_parts_of_long_line)."""
+    if f.peek(3)[:3] == BOM.encode("utf-8"):
+        f.read(3)
     while raw := f.readline(READ_BYTES):
+        if raw.endswith(b"\n"):
+            yield _decode(raw, stats), True
+        else:  # the read stopped before the line's end (or the file ends without a newline)
+            yield from _parts_of_long_line(f, raw, stats)
+
+
+def _parts_of_long_line(f, raw: bytes, stats: ReadStats) -> Iterator[tuple[str, bool]]:
+    """The rest of a line whose first READ_BYTES bytes are `raw`, read READ_BYTES at a time, each
+    part cut before its last run of spaces (or where the read ended, if it has none); the bytes
+    of a character that a read cut in two wait for the next read."""
+    carry, pending, starts_line = "", b"", True
+    while raw:
         raw = pending + raw
         complete = raw.endswith(b"\n")
         raw, pending = (raw, b"") if complete else _split_utf8_tail(raw)
         text = carry + _decode(raw, stats)
-        if first:
-            text, first = text.removeprefix(BOM), False
-        if complete:
-            yield text, starts_line
-            carry, starts_line = "", True
-            continue
-        cut = _last_space_run(text)
+        cut = len(text) if complete else _last_space_run(text)
         cut = cut if cut > 0 else len(text)
-        carry = text[cut:]
         if cut:
             yield text[:cut], starts_line
             starts_line = False
+        carry = text[cut:]
+        if complete:
+            return
+        raw = f.readline(READ_BYTES)
     rest = carry + _decode(pending, stats)
     if rest:
         yield rest, starts_line
@@ -579,18 +590,6 @@ def _init_worker(model_bytes: bytes) -> None:
     _worker_tokenizer = Tokenizer(model_bytes)
 
 
-def _init_pool_worker(model_bytes: bytes) -> None:
-    # Ctrl-C reaches every process of the terminal's process group; only the parent decides to
-    # stop, and terminates the pool. pool.terminate() sends SIGTERM, which must just end a worker
-    # (not raise the Stopped it inherited from the parent's handler). The parent blocked both
-    # signals around the fork (see _encoder), so none arrives before these lines.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    _init_worker(model_bytes)
-
-
 def _encode_job(job: list[tuple[str, bool, bool]]) -> tuple[list[tuple[np.ndarray, bool]], int]:
     """Encode a list of (text, ends_document, is_val); append <eos> where a document ends.
     Returns the encoded pieces and the characters they hold (for the progress line)."""
@@ -617,26 +616,118 @@ def _signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _worker_main(model_bytes: bytes, conn) -> None:
+    """A tokenizing process: encode each job that comes down `conn` and send back (True, result),
+    or (False, the exception); None ends it, and so does its parent going away."""
+    # Ctrl-C reaches every process of the terminal's process group: only the parent decides to
+    # stop (and kills its workers). A SIGTERM just ends a worker, not raising the Stopped of the
+    # parent's handler that a forked worker inherits. The parent blocked both signals around the
+    # start (_signals_blocked), so none arrives before these lines.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        _init_worker(model_bytes)
+        while (job := conn.recv()) is not None:
+            try:
+                reply = (True, _encode_job(job))
+            except Exception as err:  # noqa: BLE001 - handed to the parent, which raises it
+                reply = (False, err)
+            conn.send(reply)
+    except (EOFError, OSError):
+        pass  # the parent is gone: nothing left to do, and nobody to print a traceback for
+
+
+class _EncoderPool:
+    """Worker processes that encode jobs; `map` hands back the results in the order of the jobs.
+
+    Not multiprocessing.Pool: its workers wait for jobs holding one shared lock, and a worker
+    killed while waiting (a SIGTERM to the whole process group kills the idle ones) holds it
+    forever, so Pool.terminate() hangs. Here each worker has its own pipe, and stopping is a
+    kill. A worker gets a job only when it is idle, and at most 2 jobs per worker are read ahead
+    of the oldest unfinished one, so memory stays bounded whatever the corpus size.
+    """
+
+    def __init__(self, model_bytes: bytes, workers: int):
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.processes, self.conns = [], []
+        with _signals_blocked():  # the workers unblock them in _worker_main
+            for _ in range(workers):
+                parent_end, child_end = ctx.Pipe()
+                process = ctx.Process(target=_worker_main, args=(model_bytes, child_end), daemon=True)
+                process.start()
+                child_end.close()
+                self.processes.append(process)
+                self.conns.append(parent_end)
+
+    def map(self, jobs) -> Iterator:
+        jobs = iter(jobs)
+        idle = list(range(len(self.conns)))
+        running: dict[int, int] = {}      # worker -> index of its job
+        finished: dict[int, object] = {}  # job index -> result, until its turn comes
+        handed_out, handed_back = 0, 0
+        while True:
+            while idle and handed_out - handed_back < 2 * len(self.conns):
+                job = next(jobs, None)
+                if job is None:
+                    break
+                worker = idle.pop()
+                self.conns[worker].send(job)
+                running[worker] = handed_out
+                handed_out += 1
+            if not running:
+                return
+            for conn in mp.connection.wait([self.conns[w] for w in running]):
+                worker = self.conns.index(conn)
+                finished[running.pop(worker)] = self._receive(worker)
+                idle.append(worker)
+            while handed_back in finished:
+                yield finished.pop(handed_back)
+                handed_back += 1
+
+    def _receive(self, worker: int):
+        try:
+            ok, result = self.conns[worker].recv()
+        except (EOFError, OSError):  # the worker died
+            process = self.processes[worker]
+            process.join(1)
+            if process.exitcode in (-signal.SIGTERM, -signal.SIGINT):
+                raise Stopped(-process.exitcode) from None  # told to stop, like the rest of its group
+            raise UserError(f"a tokenizing worker process ended unexpectedly (exit code {process.exitcode}, "
+                            "out of memory?); try a smaller --num_workers") from None
+        if not ok:
+            raise result
+        return result
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for process in self.processes:
+            process.join()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.join()
+
+
 @contextlib.contextmanager
 def _encoder(tokenizer: Tokenizer, workers: int):
     """A function jobs -> their _encode_job results, in order: in this process for one worker,
-    else from a pool of processes, torn down on the way out however that happens: on an error,
-    Ctrl-C or SIGTERM its workers are terminated, not waited for (a join would wait forever)."""
+    else from worker processes, which are killed, not waited for, on an error, Ctrl-C or SIGTERM."""
     if workers <= 1:
         _init_worker(tokenizer.model_bytes)
         yield lambda jobs: map(_encode_job, jobs)
         return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with _signals_blocked():  # the workers unblock them in _init_pool_worker
-        pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tokenizer.model_bytes,))
+    pool = _EncoderPool(tokenizer.model_bytes, workers)
     try:
-        yield lambda jobs: pool.imap(_encode_job, jobs, chunksize=1)
-        pool.close()
+        yield pool.map
     except BaseException:
-        pool.terminate()
+        pool.kill()
         raise
-    finally:
-        pool.join()
+    pool.close()
 
 
 def token_dtype(vocab_size: int):

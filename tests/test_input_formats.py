@@ -278,11 +278,15 @@ def test_file_name_that_is_not_utf8_is_read_and_printed(tokenizer, tmp_path, tex
     assert str(err.value).encode("utf-8").decode().startswith(f"{folder}/rows\\xe9.jsonl:1: this line is not valid JSON")
 
 
-def test_jsonl_starting_with_a_byte_order_mark(tokenizer, tmp_path):
-    path = tmp_path / "bom.jsonl"
-    path.write_bytes("\ufeff".encode() + b'{"text": "First."}\n{"text": "Second."}\n')
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt.gz"])
+def test_a_byte_order_mark_is_dropped(tokenizer, tmp_path, suffix):
+    path = tmp_path / f"bom{suffix}"
+    if suffix == ".jsonl":
+        path.write_bytes("\ufeff".encode() + b'{"text": "First."}\n{"text": "Second."}\n')
+    else:
+        path.write_bytes(gzip.compress("\ufeff".encode() + b"First.\n<|endoftext|>\nSecond.\n"))
     folder, _ = prep(path, tokenizer, tmp_path, val_fraction=0.5)
-    assert sorted(documents(tokenizer, folder)) == ["First.", "Second."]
+    assert sorted(d.strip() for d in documents(tokenizer, folder)) == ["First.", "Second."]
 
 
 def test_deeply_nested_json_is_one_line_naming_file_and_line(tokenizer, tmp_path):
@@ -433,7 +437,7 @@ run_cli(train.main)
 """
 
 
-@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)])
 def test_signal_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, texts, signum, to_group):
     """Ctrl-C reaches the whole process group (workers included); `kill` only the main process."""
     folder = small_folder(tmp_path, texts, n=30)
@@ -467,6 +471,19 @@ def test_signal_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, texts,
     leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
     assert leftovers == [] and not (out / "data" / "meta.json").exists()
     assert not (out / "tokenizer.model").exists()
+
+
+def test_a_worker_that_dies_is_one_line_not_a_hang(tokenizer, tmp_path, texts, monkeypatch):
+    """A worker killed from outside (the out-of-memory killer, say): multiprocessing.Pool waited
+    for its job forever."""
+    folder = small_folder(tmp_path, texts, n=30)
+    monkeypatch.setattr(data, "_encode_job", lambda job: os._exit(3))  # forked workers see it
+    finished, result = _in_thread(lambda: prep(folder, tokenizer, tmp_path, num_workers=2))
+    assert finished, "tokenizing hung"
+    assert isinstance(result, UserError), result
+    assert str(result) == ("a tokenizing worker process ended unexpectedly (exit code 3, out of memory?); "
+                           "try a smaller --num_workers")
+    assert not [n for n in os.listdir(tmp_path / "out") if ".tmp" in n]
 
 
 # ----------------------------------------------------------------------------- a full disk
