@@ -64,7 +64,6 @@ import re
 import shutil
 import signal
 import stat
-import sys
 import sysconfig
 import threading
 import time
@@ -96,6 +95,8 @@ UNREADABLE_COMPRESSION = ((b"\x28\xb5\x2f\xfd", "zstd"), (b"PK\x03\x04", "zip"),
 # errors of reading a file: the OS, and a compressed stream that is cut short or corrupt
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+BEFORE_SPACE = re.compile(r"[^ ](?= )")  # the last character before a run of spaces
+SEPARATOR_LINE = re.compile(r"^<\|endoftext\|>\r*(?:\n|\Z)", re.MULTILINE)  # a line that is just DOC_SEPARATOR
 
 
 # ----------------------------------------------------------------------------- reading text
@@ -275,77 +276,69 @@ def _last_space_run(text: str) -> int:
     return -1 if last < 0 else len(text[:last].rstrip(" "))
 
 
-def _segments_of_text_file(f, stats: ReadStats) -> Iterator[tuple[str, bool]]:
-    """(text, starts_a_line) segments of a text file: its lines, with their newline, except that
-    a line longer than READ_BYTES comes in parts (_parts_of_long_line)."""
-    if f.peek(3)[:3] == BOM.encode("utf-8"):
-        f.read(3)
-    while raw := f.readline(READ_BYTES):
-        if raw.endswith(b"\n"):
-            yield _decode(raw, stats), True
-        else:  # the read stopped before the line's end (or the file ends without a newline)
-            yield from _parts_of_long_line(f, raw, stats)
-
-
-def _parts_of_long_line(f, raw: bytes, stats: ReadStats) -> Iterator[tuple[str, bool]]:
-    """The rest of a line whose first READ_BYTES bytes are `raw`, read READ_BYTES at a time, each
-    part cut before its last run of spaces (or where the read ended, if it has none); the bytes
-    of a character that a read cut in two wait for the next read."""
-    carry, pending, starts_line = "", b"", True
-    while raw:
-        raw = pending + raw
-        complete = raw.endswith(b"\n")
-        raw, pending = (raw, b"") if complete else _split_utf8_tail(raw)
+def _blocks_of_text_file(f, stats: ReadStats) -> Iterator[str]:
+    """A text file's text in blocks of about READ_BYTES, each ending after a newline; a line
+    longer than a block is cut just before a run of spaces (anywhere, if it has none). Bytes of
+    a character that a read cut in two wait for the next read. A byte order mark is dropped."""
+    carry, pending, first = "", b"", True
+    while raw := f.read(READ_BYTES):
+        raw, pending = _split_utf8_tail(pending + raw)
         text = carry + _decode(raw, stats)
-        cut = len(text) if complete else _last_space_run(text)
-        cut = cut if cut > 0 else len(text)
+        if first:
+            text, first = text.removeprefix(BOM), False
+        cut = text.rfind("\n") + 1                  # after the last whole line
+        if cut == 0:                                # all of it is inside one long line
+            cut = _last_space_run(text)
+            cut = cut if cut > 0 else len(text)
         if cut:
-            yield text[:cut], starts_line
-            starts_line = False
+            yield text[:cut]
         carry = text[cut:]
-        if complete:
-            return
-        raw = f.readline(READ_BYTES)
     rest = carry + _decode(pending, stats)
     if rest:
-        yield rest, starts_line
+        yield rest
 
 
 def _pieces_of_text_file(f, stats: ReadStats, chunk_chars: int) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of a text file, each about chunk_chars (at most chunk_chars
-    + 2 * READ_BYTES), cut after a newline, or inside a long line before a space.
+    """(text, ends_document) pieces of a text file, cut like _cut_document cuts a document, so
+    at most chunk_chars + SLACK_CHARS long. Documents end at the separator lines.
 
     A document that is only whitespace (e.g. blank lines after the last separator) is dropped,
     unless part of it was already handed out, which then still needs its end.
     """
     parts, size, has_text, started = [], 0, False, False  # started: a piece of it was yielded
-    for segment, starts_line in _segments_of_text_file(f, stats):
-        if starts_line and segment.rstrip("\r\n") == DOC_SEPARATOR:
-            if has_text or started:
-                yield "".join(parts), True
-            parts, size, has_text, started = [], 0, False, False
-            continue
-        parts.append(segment)
-        size += len(segment)
-        has_text = has_text or bool(segment.strip())
-        if size >= chunk_chars:
-            yield "".join(parts), False
-            parts, size, started = [], 0, True
+    for block in _blocks_of_text_file(f, stats):
+        sections = SEPARATOR_LINE.split(block) if DOC_SEPARATOR in block else [block]
+        for i, section in enumerate(sections):
+            if i:  # a separator line came before this section: the document ends there
+                if has_text or started:
+                    yield from _cut_document("".join(parts), chunk_chars)
+                parts, size, has_text, started = [], 0, False, False
+            if not section:
+                continue
+            parts.append(section)
+            size += len(section)
+            has_text = has_text or not section.isspace()
+            if size >= chunk_chars + SLACK_CHARS:  # enough text to place the cuts _cut_document would
+                *pieces, (rest, _) = _cut_document("".join(parts), chunk_chars)
+                yield from ((piece, False) for piece, _ in pieces)
+                started = started or bool(pieces)
+                parts, size = [rest], len(rest)
     if has_text or started:
-        yield "".join(parts), True
+        yield from _cut_document("".join(parts), chunk_chars)
 
 
 def _cut_document(text: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
-    """One document as (text, ends_document) pieces of about chunk_chars, so a single-row corpus
-    can be split for validation and no piece handed to the encoder is huge: each cut just after
-    the first newline past chunk_chars; if none comes within SLACK_CHARS, before a space."""
+    """One document as (text, ends_document) pieces of about chunk_chars, so a single-document
+    corpus can be split for validation and no piece handed to the encoder is huge: each cut just
+    after the first newline past chunk_chars, or if none comes within SLACK_CHARS, before the
+    first space past it, or if there is none either, SLACK_CHARS further."""
     start = 0
     while len(text) - start > chunk_chars:
         limit = start + chunk_chars
         cut = text.find("\n", limit - 1, limit + SLACK_CHARS) + 1  # just after the newline
-        if cut == 0:
-            space = _last_space_run(text[limit:limit + SLACK_CHARS])
-            cut = limit + (space if space > 0 else SLACK_CHARS)
+        if cut == 0:  # a long line: before the first run of spaces instead (where a ▁word starts)
+            before_space = BEFORE_SPACE.search(text, limit - 1, limit + SLACK_CHARS)
+            cut = before_space.end() if before_space else limit + SLACK_CHARS
         if cut >= len(text):
             break
         yield text[start:cut], False
