@@ -101,10 +101,10 @@ def tokenizer_and_data(cfg: Config, log=print, progress_every: float = PROGRESS_
             reason = f"{tok_path} is not the tokenizer that prepared {data_dir}"
     if reason is not None:
         log(f"preparing again: {reason}")
+    corpus = "the built-in corpus (pydoc topics + stdlib docstrings)" if source == BUILTIN else display(source)
+    log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on {corpus}")
     try:
         with stop_on_sigterm():
-            log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
-                f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else display(source)}")
             texts = tokenizer_texts(source, cfg.data.text_field, files=files, log=log, progress_every=progress_every)
             tokenizer = Tokenizer.train(texts, cfg.model.vocab_size, character_coverage=cfg.data.character_coverage,
                                         sample_lines=cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)

@@ -275,7 +275,8 @@ def test_file_name_that_is_not_utf8_is_read_and_printed(tokenizer, tmp_path, tex
         f.write(b'{"text": oops}\n')
     with pytest.raises(UserError) as err:
         prep(os.fsdecode(bad), tokenizer, tmp_path, name="out2")
-    assert str(err.value).encode("utf-8").decode().startswith(f"{folder}/rows\\xe9.jsonl:1: this line is not valid JSON")
+    message = str(err.value).encode("utf-8").decode()   # printable as it is
+    assert message.startswith(f"{folder}/rows\\xe9.jsonl:1: this line is not valid JSON")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt.gz"])
@@ -595,7 +596,8 @@ def test_progress_lines_give_share_speed_and_time_left(tokenizer, tmp_path, text
     _, meta = prep(folder, tokenizer, tmp_path, log=lines.append, progress_every=0)
     counting = [ln for ln in lines if ln.startswith("counting documents: ")]
     tokenizing = [ln for ln in lines if ln.startswith("tokenizing: ")]
-    assert len(counting) == 30 and counting[-1].startswith(f"counting documents: {meta['chars'] / 1e6:,.1f} M characters, ")
+    assert len(counting) == 30
+    assert counting[-1].startswith(f"counting documents: {meta['chars'] / 1e6:,.1f} M characters, ")
     assert len(tokenizing) >= 1 and "M/s, ETA " in tokenizing[0]
     assert tokenizing[-1].startswith(f"tokenizing: {meta['chars'] / 1e6:,.1f} of {meta['chars'] / 1e6:,.1f} "
                                      "M characters (100%), ")
