@@ -28,7 +28,8 @@ to validation.
 
 Streaming: text files are read at most READ_BYTES at a time; a longer line is cut just before a
 run of spaces, where sentencepiece starts a new piece anyway (anywhere, if it has no space), so
-a corpus that is one 50 MB line costs no more memory than any other. The text goes to worker
+a corpus that is one 50 MB line costs no more memory than any other (a JSON Lines or CSV row is
+one value, read whole; so is a .json array). The text goes to worker
 processes in chunks of about 1 MB, which encode them while the main process appends the ids to
 the memmaps, so neither the text nor the tokens ever need to fit in memory. Bytes that are not
 valid UTF-8 (and lone surrogates like "\\ud800" in JSON strings, which are no characters) are
