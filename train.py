@@ -16,8 +16,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import os
+import signal
 import sys
 
 import torch
@@ -25,8 +25,8 @@ import torch
 from minilm.checkpoint import load_checkpoint, load_checkpoint_or_newest, newest_loadable, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import FRESH_START, PRESETS, Config, explicit_flags, help_text, parse_overrides
-from minilm.data import (BUILTIN, iter_texts, load_meta, make_source, mix_seed, prepare, resolve_files,
-                         tokenizer_fingerprint)
+from minilm.data import (BUILTIN, PROGRESS_EVERY, Stopped, display, file_format, inspect_prepared, make_source,
+                         mix_seed, prepare, resolve_files, stop_on_sigterm, tokenizer_fingerprint, tokenizer_texts)
 from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
 from minilm.objectives import OBJECTIVES, build_objective, model_config_for
@@ -42,68 +42,107 @@ def data_signature(source: str, files: list[str]) -> str:
     h = hashlib.sha256()
     for path in files:
         st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # os.fsencode: the path's own bytes, also for a file name that is not UTF-8
+        h.update(os.fsencode(os.path.abspath(path)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
 def prepare_settings(cfg: Config, files: list[str]) -> dict:
     """The flags besides the files and vocab size that shape the tokenizer and the split; a change
-    to any of them means preparing again. --text_field counts only when there is .jsonl data."""
+    to any of them means preparing again. --text_field counts only when there is structured data
+    (JSON Lines, JSON, CSV or TSV, compressed or not)."""
     settings = {"val_fraction": cfg.data.val_fraction, "character_coverage": cfg.data.character_coverage,
                 "tokenizer_sample_lines": cfg.data.tokenizer_sample_lines}
-    if any(f.endswith(".jsonl") for f in files):
+    if any(file_format(f) != "text" for f in files):
         settings["text_field"] = cfg.data.text_field
     return settings
 
 
 def why_prepare_again(meta: dict, signature: str, vocab_size: int, settings: dict, data_dir: str) -> str | None:
     """Why out_dir's prepared data cannot be reused for this run, or None when it can."""
+    missing = [key for key in ("train_tokens", "val_tokens", "tokenizer") if key not in meta]
+    if missing:
+        return f"{data_dir}/meta.json lacks {missing[0]!r}"
     if meta.get("signature") != signature:
         return f"the data files changed since {data_dir} was prepared"
     if meta.get("vocab_size") != vocab_size:
         return f"--vocab_size changed ({meta.get('vocab_size')} -> {vocab_size})"
     old = meta.get("settings")
-    if old is None:
+    if not isinstance(old, dict):
         return f"{data_dir} does not record the flags it was prepared with (an older minilm made it)"
     changed = [f"--{k} changed ({old.get(k, 'unset')} -> {v})" for k, v in settings.items() if old.get(k) != v]
     return ", ".join(changed) or None
 
 
-def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Tokenizer:
+def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = None,
+                       progress_every: float = PROGRESS_EVERY) -> Tokenizer:
     """Reuse out_dir's tokenizer and token files when they were made from the same data, vocab
-    size and preparation flags (prepare_settings); otherwise train the tokenizer and prepare the
-    data again, saying why. A given `tokenizer` (an --init_from parent's, a resumed checkpoint's)
-    is never retrained: the data is prepared with it unless out_dir's was made by it."""
+    size and preparation flags (prepare_settings) and are intact; otherwise train the tokenizer
+    and prepare the data again, saying why. Files under out_dir are never read as data. A given
+    `tokenizer` (an --init_from parent's, a resumed checkpoint's) is never retrained: the data is
+    prepared with it unless out_dir's was made by it.
+
+    Ctrl-C or SIGTERM while preparing: one line on stderr, nothing half-written left behind,
+    and exit code 130 or 143 (128 + the signal)."""
     source = cfg.data.data or BUILTIN
     out = cfg.train.out_dir
     tok_path, data_dir = os.path.join(out, "tokenizer.model"), os.path.join(out, "data")
-    files = [] if source == BUILTIN else resolve_files(source)
+    files = [] if source == BUILTIN else resolve_files(source, exclude=out, log=log)
     signature = data_signature(source, files)
     settings = prepare_settings(cfg, files)
-    meta = load_meta(data_dir)
+    meta, reason = inspect_prepared(data_dir)
     if meta is not None and os.path.exists(tok_path):
         reason = why_prepare_again(meta, signature, cfg.model.vocab_size, settings, data_dir)
         if reason is None:
-            existing = tokenizer if tokenizer is not None else Tokenizer.load(tok_path)
-            if meta.get("tokenizer") == tokenizer_fingerprint(existing):
-                log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
-                return existing
-            reason = (f"{data_dir} was not made by the given tokenizer" if tokenizer is not None else
-                      f"{tok_path} is not the tokenizer that prepared {data_dir}")
+            try:
+                existing = tokenizer if tokenizer is not None else Tokenizer.load(tok_path)
+            except UserError:
+                existing = None
+            if existing is not None and meta.get("tokenizer") == tokenizer_fingerprint(existing):
+                if not typed_specials_may_be_ids(meta, existing):
+                    log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
+                    return existing
+                tokenizer = existing   # the same tokenizer, the same ids: only the tokens are redone
+                reason = TYPED_SPECIALS_REASON.format(data_dir=data_dir)
+            else:
+                reason = (f"{data_dir} was not made by the given tokenizer" if tokenizer is not None else
+                          f"{tok_path} is not the tokenizer that prepared {data_dir}")
+    if reason is not None:
         log(f"preparing again: {reason}")
-    if tokenizer is None:
-        log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
-            f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else source}")
-        tokenizer = Tokenizer.train(iter_texts(source, cfg.data.text_field), cfg.model.vocab_size,
-                                    character_coverage=cfg.data.character_coverage,
-                                    sample_lines=cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
-    tokenizer.save(tok_path)
-    meta = prepare(source, tokenizer, data_dir, text_field=cfg.data.text_field,
-                   val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, log=log)
-    meta["signature"], meta["settings"] = signature, settings
-    with open(os.path.join(data_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    try:
+        with stop_on_sigterm():
+            if tokenizer is None:
+                log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
+                    f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else display(source)}")
+                texts = tokenizer_texts(source, cfg.data.text_field, files=files, log=log,
+                                        progress_every=progress_every)
+                tokenizer = Tokenizer.train(texts, cfg.model.vocab_size, character_coverage=cfg.data.character_coverage,
+                                            sample_lines=cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
+            # meta.json is written once, atomically, with what the data was made from
+            prepare(source, tokenizer, data_dir, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
+                    num_workers=cfg.data.num_workers, log=log, files=files, progress_every=progress_every,
+                    extra_meta={"signature": signature, "settings": settings, "typed_specials_escaped": True})
+            try:
+                tokenizer.save(tok_path)  # last: a stop before here leaves no new tokenizer beside old data
+            except OSError as err:
+                raise UserError(f"cannot write {tok_path}: {err.strerror or err}") from None
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = int(stop.signum if isinstance(stop, Stopped) else signal.SIGINT)
+        print(f"stopped by signal {signum} while preparing data; nothing was saved", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
     return tokenizer
+
+
+TYPED_SPECIALS_REASON = ("{data_dir} was tokenized before typed special tokens were kept out of the special ids "
+                         "(text saying <mask> or <sep> became those ids); tokenizing it again with the same tokenizer")
+
+
+def typed_specials_may_be_ids(meta: dict, tokenizer: Tokenizer) -> bool:
+    """True for token files an older minilm made with a tokenizer whose reserved pieces text can
+    spell (user-defined symbols, before they became control symbols): such files may hold mask or
+    separator ids where the text only said "<mask>". The tokenizer itself stays (a checkpoint's
+    ids depend on it): it escapes such text now, so tokenizing again makes the files clean."""
+    return tokenizer.escapes_reserved_text and not meta.get("typed_specials_escaped")
 
 
 def wants_resume(value: str) -> str | None:
@@ -289,15 +328,15 @@ def data_for_resume(cfg: Config, tokenizer: Tokenizer, state: dict, ckpt_path: s
     when the source files are still the ones the checkpoint recorded."""
     data_dir = os.path.join(cfg.train.out_dir, "data")
     recorded = state.get("data") or {}
-    meta = load_meta(data_dir)
+    meta, damage = inspect_prepared(data_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
     source = cfg.data.data or BUILTIN
 
     def source_changed() -> bool:
-        files = [] if source == BUILTIN else resolve_files(source)
+        files = [] if source == BUILTIN else resolve_files(source, exclude=cfg.train.out_dir)
         return data_signature(source, files) != recorded["signature"]
 
-    if (meta is not None and meta.get("tokenizer") == fingerprint
+    if (meta is not None and meta.get("tokenizer") == fingerprint and not typed_specials_may_be_ids(meta, tokenizer)
             and meta.get("signature") == recorded.get("signature", meta.get("signature"))):
         log(f"reusing {data_dir} ({meta['train_tokens']:,} train tokens), made by the checkpoint's tokenizer")
         try:
@@ -307,8 +346,10 @@ def data_for_resume(cfg: Config, tokenizer: Tokenizer, state: dict, ckpt_path: s
         except UserError:
             log(f"note: --data {source} is gone; this run goes on with the prepared tokens in {data_dir}")
         return tokenizer
-    why = ("is missing" if meta is None else "was made by another tokenizer" if meta.get("tokenizer") != fingerprint
-           else "was made from other data")
+    why = (f"is damaged ({damage})" if damage else "is missing" if meta is None
+           else "was made by another tokenizer" if meta.get("tokenizer") != fingerprint
+           else "was made from other data" if meta.get("signature") != recorded.get("signature", meta.get("signature"))
+           else "was tokenized before typed special tokens were kept out of the special ids")
     if "signature" in recorded:
         if source_changed():
             raise UserError(f"{data_dir} {why} and --data {source} changed since {ckpt_path} was written, so the "
@@ -320,7 +361,7 @@ def data_for_resume(cfg: Config, tokenizer: Tokenizer, state: dict, ckpt_path: s
 
 def data_provenance(data_dir: str) -> dict | None:
     """What a checkpoint records of its data, for --resume to check: meta.json's fingerprints."""
-    meta = load_meta(data_dir) or {}
+    meta = inspect_prepared(data_dir)[0] or {}
     keys = ("signature", "tokenizer", "train_tokens", "val_tokens", "source")
     return {k: meta[k] for k in keys if k in meta} or None
 

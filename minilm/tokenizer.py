@@ -299,11 +299,26 @@ def word_starts_from_tables(ids: torch.Tensor, starts_word_table: torch.Tensor,
     return starts
 
 
-def _lines_of(texts: Iterable[str]) -> Iterator[str]:
+MAX_LINE_CHARS = 4096  # sentencepiece skips lines over max_sentence_length (64 KB): cut them first
+
+
+def _lines_of(texts: Iterable[str], max_chars: int = MAX_LINE_CHARS) -> Iterator[str]:
+    """The non-blank lines of the texts, sentencepiece's training unit. A line longer than
+    max_chars is cut into parts of at most max_chars, each just before a run of spaces (where a
+    `▁word` piece starts; anywhere if the part has no space): sentencepiece would skip the whole
+    line, and a corpus with no newlines at all would leave it nothing to train on."""
     for text in texts:
         for line in text.split("\n"):
-            if line.strip():
-                yield line
+            start = 0
+            while len(line) - start > max_chars:
+                last = line.rfind(" ", start + 1, start + max_chars + 1)  # a run may start at max_chars
+                run = len(line[start:last].rstrip(" ")) if last > 0 else 0
+                cut = start + (run or max_chars)
+                if line[start:cut].strip():
+                    yield line[start:cut]
+                start = cut
+            if line[start:].strip():
+                yield line[start:]
 
 
 def _reservoir(items: Iterable[str], k: int, seed: int) -> list[str]:
