@@ -244,3 +244,45 @@ def test_fill_shows_a_special_guess_by_name(tokenizer, data, guess, capsys):
     name = json.dumps(tokenizer.decode([guess], specials=True))
     assert lines[1].split() == ["1.0000", name]
     assert lines[-1] == "filled: " + json.dumps("a" + tokenizer.decode([guess], specials=True) + " b")
+
+
+def test_token_files_from_before_the_fix_are_tokenized_again_with_the_same_tokenizer(tmp_path, old_tokenizer):
+    """An out_dir an older minilm prepared with an old-style tokenizer may hold <mask>/<sep> ids
+    where the text only typed them. train.py keeps that tokenizer (a checkpoint's ids depend on
+    it) but tokenizes the data again, now escaped; files it made since are reused."""
+    from minilm.checkpoint import atomic_write_bytes
+    from minilm.config import parse_overrides
+    from tests.conftest import ROOT
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"Document {i} writes <mask> and <sep> in its HTML.\n" * 20)
+    out = tmp_path / "out"
+    cfg = parse_overrides(["--data", str(corpus), "--out_dir", str(out), "--vocab_size", "1024",
+                           "--num_workers", "1"])
+    lines = []
+    train_script.tokenizer_and_data(cfg, log=lines.append, tokenizer=old_tokenizer)
+    meta_path = out / "data" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["typed_specials_escaped"] is True
+    tokens = np.fromfile(out / "data" / "train.bin", dtype=np.uint16)
+    assert not ((tokens < NUM_SPECIAL) & (tokens != EOS_ID)).any()
+    # what an older minilm left: the typed <mask> as the mask id, and no mark in meta.json
+    dirty = tokens.copy()
+    dirty[5] = MASK_ID
+    dirty.tofile(out / "data" / "train.bin")
+    del meta["typed_specials_escaped"]
+    atomic_write_bytes(str(meta_path), json.dumps(meta).encode())
+    lines = []
+    again = train_script.tokenizer_and_data(cfg, log=lines.append)
+    assert lines[0].startswith("preparing again: ") and "typed special tokens" in lines[0], lines
+    assert not any(line.startswith("training a") for line in lines)      # the tokenizer is kept
+    assert again.model_bytes == old_tokenizer.model_bytes == (out / "tokenizer.model").read_bytes()
+    assert np.array_equal(np.fromfile(out / "data" / "train.bin", dtype=np.uint16), tokens)
+    lines = []
+    train_script.tokenizer_and_data(cfg, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("reusing"), lines

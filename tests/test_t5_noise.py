@@ -197,6 +197,7 @@ def test_same_seed_same_corruption_other_seed_other():
     first, second, other = corrupt(8, 568, seed=7), corrupt(8, 568, seed=7), corrupt(8, 568, seed=8)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    assert not torch.equal(other[3], first[3])   # another seed: other windows, other noise
     raw = first[0]
     g = torch.Generator().manual_seed(9)
     again = masking.t5_span_corruption(raw, g)
