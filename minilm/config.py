@@ -158,7 +158,7 @@ PRESETS: dict[str, dict] = {
 @dataclass
 class DataConfig:
     data: str = option("", "text file, folder, glob or .jsonl; empty = the built-in corpus")
-    text_field: str = option("text", "the field holding the text in .jsonl rows")
+    text_field: str = option("text", "the field (JSON, JSON Lines) or column (CSV, TSV) holding the text")
     character_coverage: float = option(0.9995, "share of characters sentencepiece gives their own piece; "
                                                "the rest use byte fallback", within="(0, 1]")
     tokenizer_sample_lines: int = option(2_000_000, "lines the tokenizer trains on, sampled uniformly "
