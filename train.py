@@ -96,9 +96,11 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
         if reason is None:
             try:
                 existing = tokenizer if tokenizer is not None else Tokenizer.load(tok_path)
-            except UserError:
-                existing = None
-            if existing is not None and meta.get("tokenizer") == tokenizer_fingerprint(existing):
+            except UserError as err:   # a damaged tokenizer.model: made again with the data
+                existing, damaged = None, str(err)
+            if existing is None:
+                reason = f"{tok_path} is damaged ({damaged})"
+            elif meta.get("tokenizer") == tokenizer_fingerprint(existing):
                 if not typed_specials_may_be_ids(meta, existing):
                     log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
                     return existing

@@ -331,13 +331,25 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus_dir):
     assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "empty"), "no checkpoint to resume")
 
 
-def test_a_corrupt_tokenizer_file_is_one_line(tmp_path, corpus_dir):
+def test_a_corrupt_tokenizer_file_is_made_again_with_its_data(tmp_path, corpus_dir):
+    """A damaged out_dir/tokenizer.model is a damaged prepared folder: prepared again, saying why
+    (train.py's tokenizer_and_data, in-process to keep this fast)."""
+    import importlib.util
+
+    from minilm.config import parse_overrides
+    from minilm.tokenizer import Tokenizer
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
     out = tmp_path / "run"
-    first = run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, *TINY)
-    assert first.returncode == 0, first.stderr[-2000:]
+    cfg = parse_overrides(["--data", corpus_dir, "--out_dir", str(out), "--num_workers", "1", *map(str, TINY)])
+    train_script.tokenizer_and_data(cfg, log=lambda *_: None)
     (out / "tokenizer.model").write_bytes(b"\x00garbage, not a sentencepiece model")
-    assert_user_error(run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, "--overwrite", *TINY),
-                      "not a sentencepiece model")
+    lines = []
+    train_script.tokenizer_and_data(cfg, log=lines.append)
+    assert lines[0].startswith("preparing again: ") and "tokenizer.model is damaged" in lines[0], lines
+    assert "not a sentencepiece model" in lines[0]
+    Tokenizer.load(str(out / "tokenizer.model"))   # a sound one again
 
 
 # ----------------------------------------------------------------------------- reproducibility
