@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", "--batch_size", "4",
         "--vocab_size", "512", "--eval_batches", "1", "--log_every", "1", "--warmup_steps", "1",
@@ -69,12 +69,9 @@ def test_prepared_data_is_reused_only_for_the_same_flags(trained, tmp_path, corp
     """train.py's reuse decision (tokenizer_and_data, called in-process to keep this fast) on a
     copy of the trained run's out_dir: the same flags reuse it; another --val_fraction or
     --character_coverage prepares again and says why."""
-    import importlib.util
     from minilm.config import parse_overrides
     from minilm.data import load_meta
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_script("train.py")
     out, _ = trained
     copy = tmp_path / "out"
     copy.mkdir()

@@ -4,8 +4,6 @@ Also the two checkpoint-loading messages that reach users (missing file, refused
 `train.py --help`, which prints every field's meaning."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import pickle
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from minilm.checkpoint import load_checkpoint
 from minilm.config import PRESETS, Config, ModelConfig, help_text, parse_overrides
 from minilm.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import load_script
 from tests.test_cli import TINY, assert_user_error, run
 
 # (flags, the message they must give). Each rule of config.py has a case; the first group is the
@@ -156,13 +154,6 @@ def test_train_py_refuses_a_bad_flag_before_any_work(flags, tmp_path):
     out = tmp_path / "out"
     assert_user_error(run("train.py", "--out_dir", out, *TINY, *flags), flags[0])
     assert not out.exists()  # no tokenizer, no data, no checkpoint
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name.replace(".py", "_script"), os.path.join(ROOT, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -17,7 +17,7 @@ from minilm.checkpoint import (list_checkpoints, load_checkpoint, newest_loadabl
                                save_checkpoint)
 from minilm.errors import UserError
 from minilm.objectives.clm import CausalLM
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 from tests.test_cli import TINY, assert_user_error, run
 from tests.test_trainer import make_config, make_trainer
 
@@ -334,13 +334,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus_dir):
 def test_a_corrupt_tokenizer_file_is_made_again_with_its_data(tmp_path, corpus_dir):
     """A damaged out_dir/tokenizer.model is a damaged prepared folder: prepared again, saying why
     (train.py's tokenizer_and_data, in-process to keep this fast)."""
-    import importlib.util
-
     from minilm.config import parse_overrides
     from minilm.tokenizer import Tokenizer
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_script("train.py")
     out = tmp_path / "run"
     cfg = parse_overrides(["--data", corpus_dir, "--out_dir", str(out), "--num_workers", "1", *map(str, TINY)])
     train_script.tokenizer_and_data(cfg, log=lambda *_: None)

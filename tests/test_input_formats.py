@@ -7,7 +7,6 @@ from __future__ import annotations
 import bz2
 import errno
 import gzip
-import importlib.util
 import json
 import lzma
 import os
@@ -27,7 +26,7 @@ from minilm.data import (CHUNK_CHARS, READ_BYTES, BlockSource, iter_texts, load_
                          tokenizer_texts)
 from minilm.errors import UserError
 from minilm.tokenizer import EOS_ID, MAX_LINE_CHARS, Tokenizer, _lines_of
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 QUIET = dict(log=lambda *_: None)
 
@@ -59,10 +58,7 @@ def prep(source, tokenizer, tmp_path, name="out", **kw):
 @pytest.fixture(scope="module")
 def train_script():
     """train.py as a module, to call tokenizer_and_data in-process (fast; no subprocess)."""
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py")
 
 
 def config(data_path, out_dir, *flags):

@@ -15,6 +15,7 @@ from minilm.data import BlockSource
 from minilm.objectives import IGNORE, build_objective
 from minilm.tokenizer import NUM_SPECIAL
 from minilm.trainer import Trainer
+from tests.conftest import load_script
 from tests.test_cli import TINY, assert_user_error, run
 from tests.test_trainer import make_config as trainer_config
 
@@ -255,10 +256,7 @@ def test_fill_mask_refuses_what_it_cannot_do(encoder_run, tmp_path, prepared, to
 def test_fill_mask_candidates_are_the_softmax_at_each_mask(name, tokenizer):
     """fill_mask's candidates are, mask by mask and in text order, the top-k of the softmax of the
     dense logits at that mask's position, with the framing the objective was trained on."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sample_script", os.path.join(os.path.dirname(__file__), "..", "sample.py"))
-    sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample)
+    sample = load_script("sample.py")
     from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, SEP_ID
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1, n_head=2, n_embd=32)

@@ -20,7 +20,7 @@ from minilm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from minilm.errors import UserError
 from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 from tests.test_cli import TINY, assert_user_error, run
 from tests.test_trainer import make_config, make_trainer
 
@@ -228,12 +228,7 @@ def test_resume_compares_values_not_flag_names(first_run, tmp_path, corpus_dir):
 
 
 def load_train_script():
-    """train.py as a module, to call its functions in-process."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py")
 
 
 def test_resume_prepares_missing_or_foreign_data_with_its_own_tokenizer(first_run, tmp_path, corpus_dir):

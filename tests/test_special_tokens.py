@@ -8,7 +8,6 @@ symbols), which lives on in existing checkpoints and out_dirs and must escape th
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from minilm.data import prepare
 from minilm.objectives import build_objective
 from minilm.tokenizer import (BOS_ID, CLS_ID, EOS_ID, LANG_IDS, MASK_ID, NUM_SPECIAL, PAD_ID, RESERVED_PIECES,
                               SENTINEL_IDS, SEP_ID, UNK_ID, WORD_MARK, Tokenizer, _lines_of)
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,11 +187,7 @@ def test_prepared_corpus_holds_no_special_id_but_eos_at_document_ends(any_tokeni
 
 # ----------------------------------------------------------------------------- sample.py --fill
 def load_sample_script():
-    spec = importlib.util.spec_from_file_location(
-        "sample_script", os.path.join(os.path.dirname(__file__), "..", "sample.py"))
-    sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample)
-    return sample
+    return load_script("sample.py")
 
 
 @pytest.mark.parametrize("name", ["mlm", "mlm+sop"])
@@ -252,10 +248,7 @@ def test_token_files_from_before_the_fix_are_tokenized_again_with_the_same_token
     it) but tokenizes the data again, now escaped; files it made since are reused."""
     from minilm.checkpoint import atomic_write_bytes
     from minilm.config import parse_overrides
-    from tests.conftest import ROOT
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
+    train_script = load_script("train.py")
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
