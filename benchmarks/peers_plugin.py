@@ -173,7 +173,7 @@ def _mlm(h, args, name: str, autocast_dtype=None):
         name, args, obj, loss_fn, batch_fn, h.CFG["batch"] * h.CFG["seq_len"],
         n_nonemb=n_nonemb, n_total=n_total, attn_LHQT=h.LHQT(), autocast_dtype=autocast_dtype,
         extra=dict(
-            impl="minilm MaskedLM: Transformer(causal=False, no mask: no padding) + BERT head "
+            impl="minilm MaskedLM: Transformer(mask=None, no mask: no padding) + BERT head "
                  "(dense, GELU, LayerNorm, tied matrix + bias) on the masked positions only; "
                  "make_batch (15%, 80/10/10, on tensors) inside the step ('data' phase)",
             minilm_config=dataclasses.asdict(obj.backbone.cfg),

@@ -123,6 +123,9 @@ class ModelConfig:
     # the masked LMs turn it on for their encoder (objectives/mlm.py)
     embed_norm: bool = option(False, "a norm on the summed embeddings before the first block (BERT, "
                                      "RoBERTa, ModernBERT); the masked LMs always use it")
+    # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/base.py)
+    n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder (t5), which has n_layer encoder "
+                                     "blocks; 0 = no decoder stack (t5 then uses n_layer)", at_least=0)
 
     @property
     def head_dim(self) -> int:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from minilm.model import KVCache, Transformer
+from minilm.model import CAUSAL, KVCache, Transformer, decoding_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -80,12 +80,12 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
         if tokens.shape[1] > window:
             cache = None  # from here on, a sliding window without a cache
         if cache is not None:
-            new = tokens[:, cache.length:]
-            hidden = model(new, causal=True, cache=cache, start=cache.length)
+            new = tokens[:, cache.length:]     # the whole prompt first, then one token at a time
+            hidden = model(new, cache=cache, mask=decoding_mask(new.shape[1], cache.length) if cache.length else CAUSAL)
         else:
             if tokens.shape[1] > window:
                 note_overflow()
-            hidden = model(tokens[:, -window:], causal=True)
+            hidden = model(tokens[:, -window:])
         logits = model.logits(hidden[:, -1])
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)

@@ -1,11 +1,12 @@
 """The Transformer: one set of blocks for decoders, encoders and (later) encoder-decoders.
 
 Read top to bottom: norms -> rotary positions -> attention -> MLP -> Block -> padding mask ->
-Transformer -> Pooler -> KV cache.
+Transformer -> EncoderDecoder -> Pooler -> KV cache.
 
 Whether a model is a decoder or an encoder is not a property of its layers: it is the attention
-mask passed in at call time. `Transformer.forward(ids, causal=True)` is a GPT-style decoder;
-`causal=False` with a padding mask is a BERT-style encoder. Attention goes through
+mask passed in at call time. `Transformer.forward(ids)` (mask=CAUSAL) is a GPT-style decoder;
+`mask=padding_mask(...)` or None is a BERT-style encoder. An encoder-decoder is two such stacks,
+the decoder's blocks with a cross-attention sub-layer. Attention goes through
 torch.nn.functional.scaled_dot_product_attention (SDPA), which picks a fused kernel (flash /
 memory-efficient on CUDA, a fused CPU kernel) when the mask allows it; the one exception, short
 bf16 sequences on CPU, is explained in attention().
@@ -14,6 +15,7 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -63,76 +65,83 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x, start: int = 0, positions=None):
-        # x: (B, H, T, D); positions start .. start+T-1, or `positions` (B, T) given row by row
+    def forward(self, x, positions=None):
+        # x: (B, H, T, D); positions (B, T) row by row, (T,) for every row, or None: 0..T-1
         if positions is None:
             T = x.shape[-2]
-            cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
+            cos, sin = self.cos[:T], self.sin[:T]                            # (T, D)
+        elif positions.dim() == 1:
+            cos, sin = self.cos[positions], self.sin[positions]              # (T, D)
         else:
-            cos, sin = self.cos[positions][:, None].to(x.dtype), self.sin[positions][:, None].to(x.dtype)
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
 
 # ----------------------------------------------------------------------------- attention
+# The mask argument's one value that is not a tensor: query i sees keys 0..i (a decoder). Kept
+# symbolic, not spelled out as a (T, S) tensor, so SDPA can run its fused causal kernel.
+CAUSAL = "causal"
+
 # Longest key length for which attention on CPU in bf16/fp16 is spelled out (attention_math)
 # instead of going through SDPA's fused CPU kernel; see attention().
 CPU_MATH_ATTENTION_MAX_KEYS = 512
 
 
-def attention(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
+def attention(q, k, v, *, mask=None, dropout_p=0.0):
     """softmax(q k^T / sqrt(D) + mask) v: q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D).
 
-    attn_mask: bool, True = may attend (broadcast to (B, H, T, S)), or float, added to the scores.
-    causal: query i sees keys 0..i (SDPA's is_causal: the mask is aligned top-left). With an
-    attn_mask too, both apply (a decoder over right-padded rows, a document mask): they are combined
-    into one mask first (with_causal), the same in both paths; SDPA is never handed the pair, which
-    older torch versions refuse.
+    mask: None (every query sees every key), CAUSAL (query i sees keys 0..i, aligned top-left as
+    SDPA's is_causal), a bool tensor (True = may attend, broadcast to (B, H, T, S)) or a float one
+    (added to the scores). A decoder over right-padded rows or a cached chunk states its mask as
+    one bool tensor (causal_mask, padding_mask, decoding_mask combine with &).
 
     SDPA everywhere but one case. On CPU in bf16 or fp16, PyTorch's fused kernel (a flash-attention
-    port) is slower than the plain ops of attention_math for short sequences. Causal forward +
-    backward of one layer, H 6, D 64, 2,048 tokens, 2 threads: T 256, 24 ms fused against 12-16 ms
-    plain (a 5-10% faster training step); T 512, 40 against 21-32; T 1024, 47 against 57, where the
-    (B, H, T, S) scores outgrow the caches. Hence the cut at CPU_MATH_ATTENTION_MAX_KEYS keys.
-    CUDA and fp32 always fuse.
+    port) is slower than the plain ops of attention_math for short sequences (benchmarks/README.md
+    has the measurements), hence the cut at CPU_MATH_ATTENTION_MAX_KEYS keys, beyond which the
+    (B, H, T, S) scores outgrow the caches. CUDA and fp32 always fuse.
     The price: the plain path rounds the scores to bf16 before the softmax (as eager attention
     under autocast does; the fused kernel keeps them in fp32), about 2-3x the fused kernel's error
     for large scores (tests/test_model.py). Set CPU_MATH_ATTENTION_MAX_KEYS = 0 to always fuse.
     """
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS):
-        return attention_math(q, k, v, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p)
-    if causal and attn_mask is not None:  # one mask that says both
-        attn_mask, causal = with_causal(attn_mask, q.shape[-2], k.shape[-2], q.device), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
+        return attention_math(q, k, v, mask=mask, dropout_p=dropout_p)
+    causal = isinstance(mask, str)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                          dropout_p=dropout_p)
 
 
-def with_causal(attn_mask, T: int, S: int, device):
-    """The causal (T, S) mask, aligned top-left as SDPA's is_causal, combined with attn_mask:
-    bool (True = may attend) -> both must allow; float -> -inf added above the diagonal; None ->
-    the causal mask alone (bool). Broadcasts like attn_mask, e.g. (B, 1, 1, S) -> (B, 1, T, S)."""
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril()
-    if attn_mask is None:
-        return causal
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & causal
-    return attn_mask.masked_fill(~causal, float("-inf"))
+def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
+    """(T, S) bool, True = may attend: query i sees keys 0..i (top-left aligned, as CAUSAL).
+    `causal_mask(T, device=d) & padding_mask(lengths, T)` is a decoder over right-padded rows."""
+    return torch.ones(T, T if S is None else S, dtype=torch.bool, device=device).tril()
 
 
-def attention_math(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
+def decoding_mask(n_new: int, n_cached: int, device=None):
+    """The mask of n_new tokens that follow n_cached tokens already in a KV cache: new token i
+    sees every cached key and the new keys 0..i, (n_new, n_cached + n_new) bool. One new token
+    sees everything, so that case is None (no mask at all, the fastest path)."""
+    if n_new == 1:
+        return None
+    return torch.ones(n_new, n_cached + n_new, dtype=torch.bool, device=device).tril(diagonal=n_cached)
+
+
+def attention_math(q, k, v, *, mask=None, dropout_p=0.0):
     """The same attention as three plain ops, in q's dtype. Under bf16 the scores come out of the
     matmul in bf16 (as in eager attention under autocast); the softmax kernel reads them, sums in
     fp32 and rounds each probability once, which equals an fp32 softmax cast back to bf16 (checked:
     identical bits) without the two (B, H, T, S) casts."""
     T, S = q.shape[-2], k.shape[-2]
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)                    # (B, H, T, S)
-    if causal:  # with a given attn_mask too, both apply (as attention() does for SDPA)
-        attn_mask = with_causal(attn_mask, T, S, q.device)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:  # True = may attend: 0 there, -inf elsewhere (a small tensor)
-            attn_mask = torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf"))
-        scores = scores.add_(attn_mask.to(scores.dtype))  # in place: nothing else reads the raw scores
+    if isinstance(mask, str):
+        mask = causal_mask(T, S, q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:  # True = may attend: 0 there, -inf elsewhere (a small tensor)
+            mask = torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = scores.add_(mask.to(scores.dtype))  # in place: nothing else reads the raw scores
     probs = torch.softmax(scores, dim=-1)
     if dropout_p:
         probs = F.dropout(probs, p=dropout_p)
@@ -140,57 +149,55 @@ def attention_math(q, k, v, *, attn_mask=None, causal=False, dropout_p=0.0):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. The mask is an argument, never baked into the layer."""
+    """Multi-head attention: queries from x, keys and values from `memory` (x itself by default).
+
+    That one idea covers every use in minilm:
+      self-attention          attn(x)                         memory is x
+      cross-attention (T5)    attn(x, encoder_output)          keys/values from the other stack
+      queries at a subset     attn(x_picked, x)                a masked LM's last layer computes
+                              (Transformer's outputs_at)       only the positions it predicts
+    The mask and the positions are arguments, never baked into the layer. One (3C, C) weight holds
+    the query, key and value projections: a single matmul when memory is x, split otherwise.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # one matmul for q, k, v
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, *, rotary=None, attn_mask=None, causal=False, cache=None, layer=0, start=0, keep=None):
-        # x: (B, T, C) -> (B, T, C); with `keep`, (N, C): see attend_at
-        if keep is not None:
-            return self.attend_at(x, keep, rotary=rotary, attn_mask=attn_mask, causal=causal, cache=cache)
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        if rotary is not None:
-            q, k = rotary(q, start), rotary(k, start)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # all keys/values so far: (B, H, start+T, D)
-        y = attention(q, k, v, attn_mask=attn_mask, causal=causal, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+    def forward(self, x, memory=None, *, mask=None, rotary=None, positions=None, memory_positions=None,
+                cache=None, layer: int = 0):
+        """x (B, T, C), memory (B, S, C) -> (B, T, C).
 
-    def attend_at(self, x, keep, *, rotary=None, attn_mask=None, causal=False, cache=None):
-        """The same attention, computed for the query positions `keep` only: (B, T, C) -> (N, C).
-
-        keep (N,): sorted flat indices b*T + t (what torch.nonzero gives). Keys and values come
-        from every position, as usual; only the queries (and so the outputs) are a subset. A
-        masked LM needs the last layer's output at its masked positions alone, so its last
-        block skips ~85% of the query, output-projection and MLP work, and the result is exactly
-        that of the full layer at those positions (tests/test_model.py).
-        The queries of each row are packed into (B, M, C), M = the most any row has; the few
-        padding slots read position 0 and are dropped.
+        positions (B, T) or (T,): x's positions for the rotary embedding (0..T-1 when None);
+        memory_positions: memory's (x's when memory is None; 0..S-1 otherwise).
+        cache (KVCache): without memory, this call's keys/values are appended to layer `layer`'s
+        and attention runs over all of them; with memory (cross-attention), the memory's
+        keys/values are computed on the first call and reused after (the encoder output does not
+        change while a decoder generates).
         """
-        if causal or cache is not None:
-            raise ValueError("attention at chosen positions is for encoders (no causal mask, no cache)")
-        B, T, C = x.shape
-        w_q, w_kv = self.qkv.weight.split([C, 2 * C])
-        b_q, b_kv = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
-        k, v = rearrange(F.linear(x, w_kv, b_kv), "b t (two h d) -> two b h t d", two=2, h=self.n_head)
-        rows, cols = keep // T, keep % T                            # (N,) each
-        counts = torch.bincount(rows, minlength=B)                  # queries per row
-        slot = torch.arange(len(keep), device=x.device) - (counts.cumsum(0) - counts)[rows]
-        M = max(1, int(counts.max())) if len(keep) else 1
-        query_cols = torch.zeros(B, M, dtype=torch.long, device=x.device)
-        query_cols[rows, slot] = cols                               # (B, M) positions of the queries
-        x_q = x.gather(1, query_cols[:, :, None].expand(B, M, C))   # (B, M, C)
-        q = rearrange(F.linear(x_q, w_q, b_q), "b m (h d) -> b h m d", h=self.n_head)
+        C = x.shape[-1]
+        if memory is None:
+            q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+            memory_positions = positions
+        else:
+            w_q, w_kv = self.qkv.weight.split([C, 2 * C])
+            b_q, b_kv = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
+            q = rearrange(F.linear(x, w_q, b_q), "b t (h d) -> b h t d", h=self.n_head)
+
+            def keys_values():
+                kv = F.linear(memory, w_kv, b_kv)
+                return tuple(rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=self.n_head))
+
+            k, v = keys_values() if cache is None else cache.memory(layer, keys_values)
         if rotary is not None:
-            q, k = rotary(q, positions=query_cols), rotary(k)
-        y = attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
-        y = rearrange(y, "b h m d -> b m (h d)")[rows, slot]        # (N, C), in the order of keep
-        return self.proj(y)
+            q, k = rotary(q, positions), rotary(k, memory_positions)
+        if cache is not None and memory is None:
+            k, v = cache.append(layer, k, v)  # every key/value so far: (B, H, cached + T, D)
+        y = attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -219,20 +226,39 @@ class MLP(nn.Module):
 
 # ----------------------------------------------------------------------------- block
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block, the only one: encoders, decoders and encoder-decoders all use it.
 
-    def __init__(self, cfg: ModelConfig):
+        x = x + self_attention(norm1(x))                      keys/values: norm1(context or x)
+        x = x + cross_attention(norm_cross(x), memory)        only in an encoder-decoder's decoder
+        x = x + mlp(norm2(x))
+
+    context (B, S, C): the stream the self-attention reads its keys and values from when x holds
+    only some of its positions (queries at a subset: the masked LM's last layer); it goes through
+    the same norm1. memory (B, S', C): the encoder's output, already normed by the encoder; the
+    cross-attention has no rotary positions (the decoder attends to the encoder by content).
+    """
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
         super().__init__()
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
+        self.norm_cross = make_norm(cfg) if cross_attention else None
+        self.cross = Attention(cfg) if cross_attention else None
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, keep=None, **attn_args):
-        # keep (N,) flat positions: compute only their outputs, (B, T, C) -> (N, C) (Attention.attend_at)
-        residual = x if keep is None else x.flatten(0, 1).index_select(0, keep)
-        x = residual + self.drop(self.attn(self.norm1(x), keep=keep, **attn_args))
+    def forward(self, x, *, mask=None, rotary=None, positions=None, context=None, context_positions=None,
+                memory=None, memory_mask=None, cache=None, layer: int = 0):
+        h = self.norm1(x)
+        keys_from = None if context is None else self.norm1(context)
+        x = x + self.drop(self.attn(h, keys_from, mask=mask, rotary=rotary, positions=positions,
+                                    memory_positions=context_positions, cache=cache, layer=layer))
+        if self.cross is not None:
+            if memory is None:
+                raise ValueError("this block cross-attends: pass memory (the encoder's output)")
+            x = x + self.drop(self.cross(self.norm_cross(x), memory, mask=memory_mask,
+                                         cache=cache, layer=layer))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -258,20 +284,26 @@ class Transformer(nn.Module):
     """Token embedding (+ positions, + segments) -> n_layer Blocks -> final norm; `logits()`
     applies the (tied) LM head.
 
-    forward(ids, causal=True)                      decoder (GPT)
-    forward(ids, causal=False, attn_mask=padmask)  encoder (BERT); padmask = padding_mask(lengths, T)
-    forward(ids, causal=True, attn_mask=padmask)   decoder over right-padded rows (both masks apply)
-    forward(ids, ..., segment_ids=seg)             sentence pairs: seg (B, T) in 0..n_segment-1
-    forward(ids, cache=kv, start=pos)              incremental decoding with a KVCache
+    forward(ids)                                   decoder (GPT): mask=CAUSAL is the default
+    forward(ids, mask=padding_mask(lengths, T))    encoder (BERT); mask=None: no padding
+    forward(ids, mask=causal_mask(T) & padmask)    decoder over right-padded rows
+    forward(ids, positions=p)                      positions (B, T) or (T,), e.g. restarting at a
+                                                   second segment; 0..T-1 by default
+    forward(ids, segment_ids=seg)                  sentence pairs: seg (B, T) in 0..n_segment-1
+    forward(ids, mask=m, cache=kv)                 incremental decoding with a KVCache: positions
+                                                   continue after what the cache holds; the mask
+                                                   is stated (decoding_mask), never guessed
+    forward(ids, memory=enc, memory_mask=pad)      a decoder that cross-attends (EncoderDecoder)
+    forward(ids, mask=padmask, outputs_at=flat)    only the outputs at flat positions b*T + t, (N, C)
 
     Segment (token-type) embeddings exist when cfg.n_segment > 0 (BERT's two: sentence A and B).
     A model that has them always adds them; without segment_ids every token is segment 0, as in
     BERT, so a pair-pretrained encoder also reads single texts.
     With cfg.embed_norm the summed embeddings go through a norm before the first block, as in
-    BERT/RoBERTa/ModernBERT; the masked-LM encoders use it.
+    BERT/RoBERTa/ModernBERT; the masked LMs use it.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -281,14 +313,14 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base) if cfg.position == "rope" else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, cross_attention) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2's depth scaling: each residual branch adds to the stream, so the layers that write
         # into it start smaller, keeping the variance of the stream independent of depth.
         for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.down):
+            for proj in (block.attn.proj, block.mlp.down) + ((block.cross.proj,) if block.cross else ()):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -298,10 +330,11 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def embed(self, ids, start: int = 0, segment_ids=None):
+    def embed(self, ids, positions=None, segment_ids=None):
+        """ids (B, T) -> (B, T, C); positions (B, T) or (T,), 0..T-1 when None."""
         x = self.tok_emb(ids)                                  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + ids.shape[1], device=ids.device))
+            x = x + self.pos_emb(torch.arange(ids.shape[1], device=ids.device) if positions is None else positions)
         if self.seg_emb is not None:
             # no segment_ids: all segment 0 (BERT's default token_type_ids)
             x = x + (self.seg_emb(segment_ids) if segment_ids is not None else self.seg_emb.weight[0])
@@ -312,32 +345,74 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         return self.drop(x)
 
-    def forward(self, ids, *, causal: bool = True, attn_mask=None, cache=None, start: int = 0,
-                segment_ids=None, keep=None):
-        """ids (B, T) -> hidden states (B, T, C). segment_ids (B, T), only with n_segment > 0.
+    def forward(self, ids, *, mask=CAUSAL, positions=None, segment_ids=None, cache=None, memory=None,
+                memory_mask=None, outputs_at=None):
+        """ids (B, T) -> hidden states (B, T, C), after the final norm.
 
-        keep (N,), encoders only: sorted flat indices b*T + t of the only positions whose output
-        is wanted; returns (N, C), the rows of the full output at those positions, computing the
-        last block at those positions alone (a masked LM's masked tokens: objectives/mlm.py)."""
+        mask: CAUSAL (default), None, or a bool/float tensor broadcast to (B, H, T, S) (attention()).
+        positions: (B, T) or (T,), each < seq_len; by default 0..T-1, after a cache's contents.
+        segment_ids (B, T): only with n_segment > 0.
+        cache: a KVCache this call appends to; a non-empty cache needs an explicit mask (a chunk
+        of new tokens: decoding_mask(T, cache.length); one token: None).
+        memory (B, S, C), memory_mask (B, 1, 1, S): the encoder's output and its padding mask, for a
+        decoder built with cross_attention.
+        outputs_at (N,): sorted flat indices b*T + t (torch.nonzero's order) of the only positions
+        whose output is wanted; returns (N, C), the rows of the full output there, computing the
+        last block's queries, output projection and MLP at those positions alone (keys and values
+        still come from every position). A masked LM predicts ~15% of positions, so its last block
+        skips ~85% of that work, exactly (tests/test_model.py).
+        """
         T = ids.shape[1]
-        if start + T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {start + T} tokens is longer than seq_len={self.cfg.seq_len}")
+        cached = 0 if cache is None else cache.length
+        if positions is None:
+            if cached + T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {cached + T} tokens is longer than seq_len={self.cfg.seq_len}")
+            if cached:
+                positions = torch.arange(cached, cached + T, device=ids.device)
+        if cached and isinstance(mask, str):
+            raise ValueError("a cache that already holds keys needs an explicit mask: "
+                             "decoding_mask(new tokens, cache.length) (None for one new token)")
         if segment_ids is not None and self.seg_emb is None:
             raise ValueError("segment_ids were given but this model has no segment embeddings (n_segment=0)")
-        if cache is not None and causal and start > 0 and T > 1:
-            # a chunk after a cached prefix: query i may see keys 0 .. start+i
-            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(diagonal=start)
-            causal = False
-        elif cache is not None and start > 0:
-            causal = False  # one new token attends to everything cached, itself included
-        x = self.embed(ids, start, segment_ids)
+        if outputs_at is not None and cache is not None:
+            raise ValueError("outputs_at computes a subset of one full pass; it cannot append to a cache")
+        x = self.embed(ids, positions, segment_ids)
+        shared = dict(rotary=self.rotary, memory=memory, memory_mask=memory_mask, cache=cache)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            x = block(x, rotary=self.rotary, attn_mask=attn_mask, causal=causal, cache=cache, layer=i, start=start,
-                      keep=keep if last else None)
+            if i == last and outputs_at is not None:
+                x = self._last_block_at(block, x, outputs_at, mask, positions, shared)
+            else:
+                x = block(x, mask=mask, positions=positions, layer=i, **shared)
         if cache is not None:
-            cache.length = start + T
+            cache.length = cached + T
         return self.norm(x)
+
+    def _last_block_at(self, block, x, outputs_at, mask, positions, shared):
+        """The last block at the positions outputs_at only: (B, T, C) -> (N, C).
+
+        Each row's queries are packed into (B, M, C), M = the most any row has, and attend to the
+        whole row (context=x); the few padding slots read position 0 and are dropped. The mask
+        keeps its meaning: a causal or per-query mask is cut down to the packed queries' rows."""
+        B, T, C = x.shape
+        rows, columns = outputs_at // T, outputs_at % T                  # (N,) each
+        counts = torch.bincount(rows, minlength=B)                       # queries per row
+        slot = torch.arange(len(outputs_at), device=x.device) - (counts.cumsum(0) - counts)[rows]
+        M = max(1, int(counts.max())) if len(outputs_at) else 1
+        query_columns = torch.zeros(B, M, dtype=torch.long, device=x.device)
+        query_columns[rows, slot] = columns                              # (B, M)
+        picked = x.gather(1, query_columns[:, :, None].expand(B, M, C))  # (B, M, C)
+        all_positions = torch.arange(T, device=x.device) if positions is None else positions
+        query_positions = all_positions.expand(B, T).gather(1, query_columns)
+        if isinstance(mask, str):          # causal: packed query q sees keys 0..its column
+            mask = torch.arange(T, device=x.device)[None, None, None, :] <= query_columns[:, None, :, None]
+        elif mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:  # a mask with a row per query
+            rows_mask = mask[(None,) * (4 - mask.dim())]                 # (b, h, T, S), b and h maybe 1
+            rows_mask = rows_mask.expand(B, rows_mask.shape[1], T, rows_mask.shape[-1])
+            mask = rows_mask.gather(2, query_columns[:, None, :, None].expand(B, rows_mask.shape[1], M, T))
+        out = block(picked, mask=mask, positions=query_positions, context=x, context_positions=all_positions,
+                    layer=len(self.blocks) - 1, **shared)
+        return out[rows, slot]                                           # (N, C), in the order of outputs_at
 
     @property
     def output_weight(self):
@@ -355,6 +430,62 @@ class Transformer(nn.Module):
         if non_embedding:
             for table in (self.pos_emb, self.seg_emb):
                 n -= table.weight.numel() if table is not None else 0
+        return n
+
+
+# ----------------------------------------------------------------------------- encoder-decoder
+class EncoderDecoder(nn.Module):
+    """T5's shape (Raffel et al. 2020): an encoder reads the input in both directions, a decoder
+    writes the output causally and cross-attends to the encoder's output in every block.
+
+    Both stacks are minilm Transformers of the same Block; they share one token embedding (the
+    same Parameter) and the output matrix is that embedding (tied). cfg.n_layer encoder blocks,
+    cfg.n_decoder_layer decoder blocks. Each stack has its own positions (rotary or learned):
+    the encoder's 0..S-1, the decoder's 0..T-1.
+
+    encode(input_ids, input_mask) -> memory (B, S, C)              once per example
+    decode(decoder_ids, memory, memory_mask, ...) -> (B, T, C)     per step when generating, with a
+                                                                    KVCache whose cross-attention
+                                                                    keys/values are computed once
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.n_decoder_layer < 1:
+            raise ValueError("an encoder-decoder needs n_decoder_layer >= 1")
+        self.cfg = cfg
+        self.encoder = Transformer(cfg)
+        self.decoder = Transformer(dataclasses.replace(cfg, n_layer=cfg.n_decoder_layer), cross_attention=True)
+        self.decoder.tok_emb = self.encoder.tok_emb      # one table for both sides
+        if self.decoder.lm_head is not None:             # untied: the output matrix is the decoder's alone
+            self.encoder.lm_head = None
+
+    def encode(self, input_ids, input_mask=None, positions=None):
+        """input_ids (B, S), input_mask (B, 1, 1, S) bool padding mask or None -> memory (B, S, C)."""
+        return self.encoder(input_ids, mask=input_mask, positions=positions)
+
+    def decode(self, decoder_ids, memory, memory_mask=None, *, mask=CAUSAL, positions=None, cache=None):
+        """decoder_ids (B, T), memory (B, S, C) -> hidden states (B, T, C)."""
+        return self.decoder(decoder_ids, mask=mask, positions=positions, cache=cache, memory=memory,
+                            memory_mask=memory_mask)
+
+    def forward(self, input_ids, decoder_ids, input_mask=None):
+        return self.decode(decoder_ids, self.encode(input_ids, input_mask), input_mask)
+
+    @property
+    def output_weight(self):
+        return self.decoder.output_weight
+
+    def logits(self, hidden):
+        return self.decoder.logits(hidden)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the shared table once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            for stack in (self.encoder, self.decoder):
+                for table in (stack.pos_emb, stack.seg_emb):
+                    n -= table.weight.numel() if table is not None else 0
         return n
 
 
@@ -377,20 +508,40 @@ class Pooler(nn.Module):
 
 # ----------------------------------------------------------------------------- KV cache
 class KVCache:
-    """Keys and values of every layer for positions already processed, preallocated.
+    """What a decoder keeps between generation steps, preallocated.
 
-    k, v: (n_layer, B, H, max_len, D). Decoding step t writes position t and attends over 0..t,
-    so each new token costs O(t) instead of recomputing the whole prefix.
+    k, v: (n_layer, B, H, max_len, D), the self-attention keys/values of the positions processed
+    so far, so each new token costs O(t) instead of recomputing the whole prefix. `length` is how
+    many positions it holds; Transformer.forward advances it after each call.
+    cross: per layer, the cross-attention keys/values of the encoder's output (an encoder-decoder's
+    decoder), computed on the first step and reused: the encoder output does not change.
+    reorder(index) keeps the rows `index` (beam search: each surviving beam takes its parent's cache).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.seq_len, cfg.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.cross: list = [None] * cfg.n_layer
         self.length = 0
 
-    def update(self, layer: int, start: int, k, v):
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+    def append(self, layer: int, k, v):
+        """Write (B, H, T, D) keys/values at positions length .. length+T-1 of `layer`; returns
+        that layer's keys/values so far, (B, H, length+T, D)."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"the KV cache holds {self.k.shape[3]} positions; {end} do not fit")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def memory(self, layer: int, compute):
+        """Layer `layer`'s cross-attention (keys, values): compute() the first time, then stored."""
+        if self.cross[layer] is None:
+            self.cross[layer] = compute()
+        return self.cross[layer]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B',) of the batch, in that order (B' may differ from B)."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]

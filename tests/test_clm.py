@@ -59,7 +59,7 @@ def test_loss_is_the_mean_cross_entropy_over_real_targets():
     lengths = torch.tensor([17, 15, 10, 4])
     batch = objective.make_batch(raw, lengths=lengths)
     loss, sums = objective(batch)
-    logits = objective.backbone.logits(objective.backbone(batch["input_ids"], causal=True))
+    logits = objective.backbone.logits(objective.backbone(batch["input_ids"]))
     expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     # 16 + 14 + 9 + 3 real targets, minus the rows' targets after <eos> at position 8 (rows 0-2)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from minilm.checkpoint import load_checkpoint, save_checkpoint
 from minilm.config import PRESETS, ModelConfig
 from minilm import model as model_module
-from minilm.model import KVCache, Pooler, Transformer, attention, attention_math, padding_mask
+from minilm.model import (CAUSAL, KVCache, Pooler, Transformer, attention, attention_math, decoding_mask,
+                          padding_mask)
 
 V, S = 97, 32  # vocab and context window of the tiny test models
 
@@ -117,17 +118,17 @@ def test_rotary_is_the_closed_form_rotation(head_dim, base):
     x = torch.randn(2, 3, 10, head_dim, generator=torch.Generator().manual_seed(0))   # (B, H, T, D)
     for start in (0, 7, 54):
         want = rotary_closed_form(x, range(start, start + 10), base)
-        torch.testing.assert_close(rotary(x, start).double(), want, atol=1e-4, rtol=0)
-    # the per-row positions path (the sparse last layer's queries, Attention.attend_at) is the same map
+        torch.testing.assert_close(rotary(x, torch.arange(start, start + 10)).double(), want, atol=1e-4, rtol=0)
+    # per-row positions (B, T) (the sparse last layer's queries, outputs_at) are the same map
     positions = torch.tensor([[3, 9, 0, 63, 17, 5, 5, 40, 2, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
-    got = rotary(x, positions=positions)
+    got = rotary(x, positions)
     for row in range(2):
         want = rotary_closed_form(x[row], positions[row].tolist(), base)
         torch.testing.assert_close(got[row].double(), want, atol=1e-4, rtol=0)
     # a rotation: lengths of every pair are kept
     def pair_lengths(y):
         return y[..., :head_dim // 2] ** 2 + y[..., head_dim // 2:] ** 2
-    torch.testing.assert_close(pair_lengths(rotary(x, 5)), pair_lengths(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pair_lengths(rotary(x, torch.arange(5, 15))), pair_lengths(x), atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_scores_depend_only_on_the_distance():
@@ -152,14 +153,17 @@ def test_rotary_scores_depend_only_on_the_distance():
 @torch.no_grad()
 def test_rope_decoder_does_not_depend_on_absolute_position():
     """With RoPE as the only position signal, a decoder's outputs for a sequence are the same
-    wherever it sits in the context window (start=s shifts every rotary position by s)."""
+    wherever it sits in the context window (positions s..s+T-1 instead of 0..T-1)."""
     model = make_model(position="rope")
     ids = random_ids(2, 12, seed=12)
     base = model(ids)
     for start in (1, 9, S - 12):
-        torch.testing.assert_close(model(ids, start=start), base, atol=2e-5, rtol=0)
+        torch.testing.assert_close(model(ids, positions=torch.arange(start, start + 12)), base, atol=2e-5, rtol=0)
     learned = make_model(position="learned")                     # a table of absolute positions does depend
-    assert (learned(ids, start=3) - learned(ids)).abs().max() > 1e-3
+    assert (learned(ids, positions=torch.arange(3, 15)) - learned(ids)).abs().max() > 1e-3
+    # per-row positions: each row as if it alone were shifted
+    shifted = model(ids, positions=torch.stack([torch.arange(12), torch.arange(5, 17)]))
+    torch.testing.assert_close(shifted, base, atol=2e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the attention function
@@ -174,18 +178,13 @@ def test_attention_math_equals_sdpa(mask_kind):
     included: fp32 inputs, so any difference is a semantic one, not rounding."""
     T, S = (4, 9) if mask_kind == "prefix" else (9, 9)
     q, k, v = attention_inputs(T, S)
-    kwargs = {}
-    if mask_kind == "causal":
-        kwargs["causal"] = True
-    elif mask_kind == "padding":                     # (B, 1, 1, S): row 1 has 5 real keys
-        kwargs["attn_mask"] = padding_mask(torch.tensor([9, 5]), S)
-    elif mask_kind == "prefix":                      # a chunk of 4 after 5 cached keys
-        kwargs["attn_mask"] = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
-    elif mask_kind == "additive":
-        kwargs["attn_mask"] = torch.randn(1, 3, T, S)
-    ours = attention_math(q, k, v, **kwargs)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=kwargs.get("attn_mask"),
-                                         is_causal=kwargs.get("causal", False))
+    mask = {"none": None, "causal": CAUSAL,
+            "padding": padding_mask(torch.tensor([9, 5]), S),      # (B, 1, 1, S): row 1 has 5 real keys
+            "prefix": decoding_mask(T, S - T),                      # a chunk of 4 after 5 cached keys
+            "additive": torch.randn(1, 3, T, S)}[mask_kind]
+    ours = attention_math(q, k, v, mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask_kind == "causal" else mask,
+                                         is_causal=mask_kind == "causal")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     if mask_kind != "none":                          # the mask really mattered
         assert (ours - attention_math(q, k, v)).abs().max() > 1e-2
@@ -216,7 +215,7 @@ def test_bf16_attention_is_close_to_fp32(mask_kind):
     exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     low = [t.bfloat16() for t in (q, k, v)]
     low_mask = mask.bfloat16() if mask is not None and mask.is_floating_point() else mask
-    plain = attention(*low, attn_mask=mask, causal=causal)
+    plain = attention(*low, mask=CAUSAL if causal else mask)
     fused = F.scaled_dot_product_attention(*low, attn_mask=low_mask, is_causal=causal).float()
     assert plain.dtype == torch.bfloat16
     scale = exact.abs().max()
@@ -231,13 +230,13 @@ def test_encoder_sees_later_tokens(position):
     model = make_model(position=position)
     T = 16
     ids = random_ids(2, T, seed=2)
-    hidden = model(ids, causal=False)
+    hidden = model(ids, mask=None)
     for t in (0, 5, T - 2):
         later = ids.clone()
         later[:, t + 1:] = different_tokens(ids[:, t + 1:], seed=t)
-        h2 = model(later, causal=False)
+        h2 = model(later, mask=None)
         assert (h2[:, t] - hidden[:, t]).abs().amax(dim=-1).min() > 1e-3
-        # causal=True on the same inputs does not see them: the difference is the mask alone
+        # the causal default on the same inputs does not see them: the difference is the mask alone
         torch.testing.assert_close(model(later)[:, t], model(ids)[:, t], atol=1e-6, rtol=0)
 
 
@@ -252,11 +251,11 @@ def test_encoder_padding_mask_hides_padded_positions(position):
     ids = random_ids(2, T, seed=3)
     other = ids.clone()
     other[~real] = different_tokens(ids[~real], seed=4)               # change the pads only
-    h1 = model(ids, causal=False, attn_mask=mask)
-    h2 = model(other, causal=False, attn_mask=mask)
+    h1 = model(ids, mask=mask)
+    h2 = model(other, mask=mask)
     torch.testing.assert_close(h2[real], h1[real], atol=1e-6, rtol=0)
     # without the mask the same change does leak into the real positions of row 1
-    leak = model(other, causal=False)[1, :9] - model(ids, causal=False)[1, :9]
+    leak = model(other, mask=None)[1, :9] - model(ids, mask=None)[1, :9]
     assert leak.abs().amax() > 1e-3
     # and a padded position itself does change with its token (its output is just ignored)
     assert (h2[1, 9:] - h1[1, 9:]).abs().amax() > 1e-3
@@ -264,8 +263,8 @@ def test_encoder_padding_mask_hides_padded_positions(position):
 
 @pytest.mark.parametrize("arch", [dict(position="rope", bias=False), dict(position="learned", bias=True, norm="layernorm")],
                          ids=["rope", "learned-bias"])
-def test_keep_computes_exactly_the_full_output_at_those_positions(arch):
-    """Transformer(keep=positions) == the full output's rows at those positions, gradients too,
+def test_outputs_at_computes_exactly_the_full_output_at_those_positions(arch):
+    """Transformer(outputs_at=positions) == the full output's rows at those positions, gradients too,
     with uneven counts per row (one row with none), padding and segment ids."""
     model = make_model(**arch, n_segment=2, n_layer=3)
     B, T = 4, 24
@@ -280,7 +279,7 @@ def test_keep_computes_exactly_the_full_output_at_those_positions(arch):
 
     def run(sparse):
         model.zero_grad(set_to_none=True)
-        full = model(ids, causal=False, attn_mask=mask, segment_ids=segments, keep=keep if sparse else None)
+        full = model(ids, mask=mask, segment_ids=segments, outputs_at=keep if sparse else None)
         out = full if sparse else full.flatten(0, 1)[keep]
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
         (out * weights).sum().backward()
@@ -294,14 +293,20 @@ def test_keep_computes_exactly_the_full_output_at_those_positions(arch):
     for name in dense_grads:
         torch.testing.assert_close(sparse_grads[name], dense_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     # a subset of the positions gives the same rows (each row's output depends on its own query only)
-    assert (model(ids, causal=False, attn_mask=mask, segment_ids=segments, keep=keep[:-1])
+    assert (model(ids, mask=mask, segment_ids=segments, outputs_at=keep[:-1])
             - sparse_out[:-1]).abs().max() < 1e-5
     # the comparison can fail: other positions give other rows
     shifted = torch.nonzero(chosen.roll(1, dims=1).flatten()).squeeze(1)
-    assert (model(ids, causal=False, attn_mask=mask, segment_ids=segments, keep=shifted)[:len(keep)]
+    assert (model(ids, mask=mask, segment_ids=segments, outputs_at=shifted)[:len(keep)]
             - sparse_out[:len(shifted)]).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="encoders"):
-        model(ids, causal=True, keep=keep)
+    # a causal mask and a per-query mask are cut down to the picked queries' rows, exactly
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, outputs_at=keep), model(ids).flatten(0, 1)[keep], atol=1e-5, rtol=1e-5)
+        per_query = (torch.rand(B, 1, T, T, generator=torch.Generator().manual_seed(8)) < 0.5) | torch.eye(T, dtype=torch.bool)
+        torch.testing.assert_close(model(ids, mask=per_query, outputs_at=keep),
+                                   model(ids, mask=per_query).flatten(0, 1)[keep], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="cache"):
+            model(ids, outputs_at=keep, cache=KVCache(model.cfg, B, "cpu", torch.float32))
 
 
 @torch.no_grad()
@@ -317,13 +322,13 @@ def test_padding_mask_helper_and_segment_embeddings():
     ones = zeros.clone()
     ones[:, 6:] = 1
     # no segment_ids means segment 0 everywhere (BERT's default token types) ...
-    torch.testing.assert_close(model(ids, causal=False), model(ids, causal=False, segment_ids=zeros), atol=0, rtol=0)
+    torch.testing.assert_close(model(ids, mask=None), model(ids, mask=None, segment_ids=zeros), atol=0, rtol=0)
     # ... and segment ids do reach every position: the B half directly, the A half through attention
-    diff = (model(ids, causal=False, segment_ids=ones) - model(ids, causal=False)).abs().amax(dim=-1)
+    diff = (model(ids, mask=None, segment_ids=ones) - model(ids, mask=None)).abs().amax(dim=-1)
     assert diff.min() > 1e-3
     with pytest.raises(ValueError, match="n_segment"):
         make_model()(ids, segment_ids=zeros)
-    pooled = Pooler(model.cfg)(model(ids, causal=False))
+    pooled = Pooler(model.cfg)(model(ids, mask=None))
     assert pooled.shape == (2, model.cfg.n_embd) and pooled.abs().max() < 1
 
 
@@ -335,11 +340,11 @@ def test_kv_cache_token_by_token_matches_full_forward(position):
     ids = random_ids(2, S, seed=5)
     cache = KVCache(model.cfg, batch_size=2, device="cpu", dtype=torch.float32)
     prompt = 5
-    hidden = model(ids[:, :prompt], cache=cache, start=0)
+    hidden = model(ids[:, :prompt], cache=cache)
     assert cache.length == prompt
     torch.testing.assert_close(model.logits(hidden), model.logits(model(ids[:, :prompt])), atol=1e-5, rtol=0)
     for t in range(prompt, S):  # up to and including the last position of the window
-        hidden = model(ids[:, t:t + 1], cache=cache, start=cache.length)
+        hidden = model(ids[:, t:t + 1], cache=cache, mask=None)   # one new token sees everything
         assert cache.length == t + 1
         full = model.logits(model(ids[:, :t + 1]))[:, -1]
         torch.testing.assert_close(model.logits(hidden)[:, -1], full, atol=1e-5, rtol=0)
@@ -356,7 +361,7 @@ def test_kv_cache_chunks_after_a_prefix_match_full_forward(position):
     # that ends exactly at seq_len
     bounds = [0, 7, 13, 18, 19, S]
     for start, end in zip(bounds, bounds[1:]):
-        hidden = model(ids[:, start:end], cache=cache, start=start)
+        hidden = model(ids[:, start:end], cache=cache, mask=decoding_mask(end - start, start) if start else CAUSAL)
         assert cache.length == end
         torch.testing.assert_close(model.logits(hidden), full[:, start:end], atol=1e-5, rtol=0)
 
@@ -372,8 +377,8 @@ def test_kv_cache_holds_the_prefix():
     outs = []
     for prefix_source in (ids, other):
         cache = KVCache(model.cfg, batch_size=1, device="cpu", dtype=torch.float32)
-        model(prefix_source[:, :10], cache=cache, start=0)
-        outs.append(model(ids[:, 10:], cache=cache, start=10))
+        model(prefix_source[:, :10], cache=cache)
+        outs.append(model(ids[:, 10:], cache=cache, mask=decoding_mask(10, 10)))
     assert (outs[0] - outs[1]).abs().amax() > 1e-3
 
 
@@ -382,15 +387,16 @@ def test_forward_past_the_context_window_raises():
     model = make_model()
     with torch.no_grad():
         model(random_ids(1, S, seed=0))                      # exactly seq_len: fine
-        model(random_ids(1, 2, seed=0), start=S - 2)         # ends exactly at seq_len: fine
+        model(random_ids(1, 2, seed=0), positions=torch.arange(S - 2, S))   # ends exactly at seq_len: fine
         with pytest.raises(ValueError, match="seq_len"):
             model(random_ids(1, S + 1, seed=0))
-        with pytest.raises(ValueError, match="seq_len"):
-            model(random_ids(1, 3, seed=0), start=S - 2)
         cache = KVCache(model.cfg, batch_size=1, device="cpu", dtype=torch.float32)
-        model(random_ids(1, S, seed=0), cache=cache, start=0)
+        model(random_ids(1, S - 2, seed=0), cache=cache)
+        with pytest.raises(ValueError, match="explicit mask"):   # the cache never rewrites a mask
+            model(random_ids(1, 2, seed=0), cache=cache)
+        model(random_ids(1, 2, seed=0), cache=cache, mask=decoding_mask(2, S - 2))   # ends at seq_len
         with pytest.raises(ValueError, match="seq_len"):
-            model(random_ids(1, 1, seed=0), cache=cache, start=cache.length)
+            model(random_ids(1, 1, seed=0), cache=cache, mask=None)
 
 
 # ----------------------------------------------------------------------------- parameter count

@@ -268,11 +268,11 @@ def test_encoder_ignores_padding_of_segment_pairs(numbered):
     mask = padding_mask(batch["lengths"], 64)
 
     def hidden(b):
-        return sop.backbone(b["input_ids"], causal=False, attn_mask=mask, segment_ids=b["segment_ids"])
+        return sop.backbone(b["input_ids"], mask=mask, segment_ids=b["segment_ids"])
     torch.testing.assert_close(hidden(noisy)[real], hidden(batch)[real], atol=1e-5, rtol=0)
     torch.testing.assert_close(sop(noisy)[0], sop(batch)[0], atol=1e-6, rtol=0)
     # without the mask the pads do leak in: the check above can fail
-    leak = sop.backbone(noisy["input_ids"], causal=False, segment_ids=noisy["segment_ids"])[real]
+    leak = sop.backbone(noisy["input_ids"], mask=None, segment_ids=noisy["segment_ids"])[real]
     assert (leak - hidden(batch)[real]).abs().max() > 1e-3
 
 
@@ -284,7 +284,7 @@ def test_sop_head_on_the_pooled_output_and_its_loss(numbered):
     raw = SegmentPairSource(folder, "train", 64, 32, **QUIET).batch(0)
     batch = sop.make_batch(raw, torch.Generator().manual_seed(0))
     loss, sums = sop(batch)
-    hidden = sop.backbone(batch["input_ids"], causal=False, attn_mask=padding_mask(batch["lengths"], 64),
+    hidden = sop.backbone(batch["input_ids"], mask=padding_mask(batch["lengths"], 64),
                           segment_ids=batch["segment_ids"])
     logits = sop.head(torch.tanh(sop.pooler.dense(hidden[:, 0])))
     want = torch.nn.functional.cross_entropy(logits, batch["labels"])

@@ -169,11 +169,11 @@ def summed_loss_and_count(objective, batch):
             logits = objective.predict(batch["input_ids"], attn_mask=batch.get("attn_mask"),
                                        segment_ids=batch.get("segment_ids"))
         else:                                                     # causal LM
-            logits = objective.backbone.logits(objective.backbone(batch["input_ids"], causal=True))
+            logits = objective.backbone.logits(objective.backbone(batch["input_ids"]))
         labels = batch["labels"].flatten()
         return F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum"), (labels != IGNORE).sum()
     ids = batch["input_ids"]                                      # sentence order: one label per row
-    hidden = objective.backbone(ids, causal=False, attn_mask=padding_mask(batch["lengths"], ids.shape[1]),
+    hidden = objective.backbone(ids, mask=padding_mask(batch["lengths"], ids.shape[1]),
                                 segment_ids=batch["segment_ids"])
     logits = objective.head(objective.pooler(hidden))
     return F.cross_entropy(logits, batch["labels"], reduction="sum"), torch.tensor(len(ids))

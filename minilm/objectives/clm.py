@@ -60,7 +60,7 @@ class CausalLM(Objective):
                 "counts": {"targets": (labels != IGNORE).sum()}}
 
     def forward(self, batch, totals=None):
-        hidden = self.backbone(batch["input_ids"], causal=True)      # (B, T, C)
+        hidden = self.backbone(batch["input_ids"])      # (B, T, C)
         logits = self.backbone.logits(hidden)                         # (B, T, V), bf16 under autocast
         labels = batch["labels"]
         nll = cross_entropy_sum(logits.flatten(0, 1), labels.flatten())  # softmax in fp32: minilm/losses.py

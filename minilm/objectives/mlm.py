@@ -28,7 +28,7 @@ acts on each position alone and the other positions' losses are ignored anyway, 
 and its gradients are exactly the dense ones (tests/test_mlm.py checks it) for about 15% of
 the head's FLOPs and memory. The same holds one layer further down: the last block's output is
 only read at the chosen positions, so it computes its queries, attention output, projection and
-MLP there alone (keys and values still come from every position; Transformer's `keep`). At the
+MLP there alone (keys and values still come from every position; Transformer's `outputs_at`). At the
 benchmark shape that removes ~12% of the blocks' FLOPs on top of ~85% of the head's.
 `predict` is the dense path (all positions; used by fill-mask).
 
@@ -43,7 +43,7 @@ Where we differ from the references:
   * No [CLS] ... [SEP] framing: a window is a plain stretch of the token stream that may cross
     documents, separated by <eos> (RoBERTa's FULL-SENTENCES packing). With no padding there is
     no attention mask and SDPA runs its fastest kernel.
-  * The encoder is minilm's Transformer with causal=False: pre-norm and, by default, RoPE and
+  * The encoder is minilm's Transformer with no causal mask: pre-norm and, by default, RoPE and
     RMSNorm, where BERT/RoBERTa are post-norm with learned positions and LayerNorm
     (--position learned --norm layernorm --bias true gets closer). Like BERT, RoBERTa and
     ModernBERT it normalizes the summed embeddings before the first block (embed_norm: declared in
@@ -157,14 +157,14 @@ class MaskedLM(Objective):
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The dense path: logits at every position, (B, T) -> (B, T, V)."""
-        hidden = self.backbone(input_ids, causal=False, attn_mask=attn_mask, segment_ids=segment_ids)
+        hidden = self.backbone(input_ids, mask=attn_mask, segment_ids=segment_ids)
         return self.head(hidden, self.backbone.output_weight)
 
     def forward(self, batch, totals=None):
         # attn_mask: padded rows only; segment_ids: sentence pairs (mlm+sop, objectives/multitask.py)
-        # only the chosen positions' outputs: the last block computes them alone (model.py, keep)
-        picked = self.backbone(batch["input_ids"], causal=False, attn_mask=batch.get("attn_mask"),
-                               segment_ids=batch.get("segment_ids"), keep=batch["positions"])  # (N, C)
+        # only the chosen positions' outputs: the last block computes them alone (model.py, outputs_at)
+        picked = self.backbone(batch["input_ids"], mask=batch.get("attn_mask"),
+                               segment_ids=batch.get("segment_ids"), outputs_at=batch["positions"])  # (N, C)
         # fp32 for a stable softmax: a no-op in fp32, an (N, V) cast under bf16 autocast
         logits = self.head(picked, self.backbone.output_weight).float()        # (N, V)
         targets = batch["targets"]

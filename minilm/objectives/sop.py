@@ -29,7 +29,7 @@ the first time. A one-document validation split used to report NSP accuracy 1.0 
 documents instead needs the data source to know them; the objective only sees its batch.)
 ALBERT's paper shows NSP teaches little beyond topic; it is here to compare.
 
-Backbone: minilm's Transformer as an encoder (causal=False) with a padding mask and segment
+Backbone: minilm's Transformer as an encoder (mask=None) with a padding mask and segment
 embeddings: sentence pairs need n_segment >= 2, so model_config_for turns 0 into 2
 (base.DATA_MODEL_MINIMUMS).
 
@@ -130,7 +130,7 @@ class SentenceOrder(Objective):
 
     def forward(self, batch, totals=None):
         ids = batch["input_ids"]
-        hidden = self.backbone(ids, causal=False, attn_mask=padding_mask(batch["lengths"], ids.shape[1]),
+        hidden = self.backbone(ids, mask=padding_mask(batch["lengths"], ids.shape[1]),
                                segment_ids=batch["segment_ids"])                 # (B, T, C)
         logits = self.head(self.pooler(hidden)).float()                          # (B, 2)
         labels = batch["labels"]
