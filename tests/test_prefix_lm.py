@@ -117,7 +117,9 @@ def test_only_targets_after_the_prefix_count(monkeypatch):
     to 5 real tokens, 3. Position t predicts raw[t+1]; it counts when t >= P-1."""
     monkeypatch.setattr(prefix_lm, "draw_prefix_lengths", lambda lengths, generator: torch.tensor([1, 3, 6, 3]))
     torch.manual_seed(0)
-    objective = PrefixLM(ModelConfig(vocab_size=500, seq_len=6, n_layer=1, n_head=2, n_embd=32))
+    # two layers: with one, a causal mask gives the same outputs at the target positions (each
+    # already sees the whole prefix); with two, they read prefix states that saw the whole prefix
+    objective = PrefixLM(ModelConfig(vocab_size=500, seq_len=6, n_layer=2, n_head=2, n_embd=32))
     raw = 100 * torch.arange(1, 5)[:, None] + torch.arange(7)[None, :]
     batch = objective.make_batch(raw, lengths=torch.tensor([7, 7, 7, 5]))
     x = IGNORE
