@@ -16,6 +16,7 @@ from minilm.objectives.base import IGNORE, Objective, finalize, resolve_model_co
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
 from minilm.objectives.multitask import MultiTask, common_data
+from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.wwm import WholeWordMaskedLM
@@ -26,6 +27,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     WholeWordMaskedLM.name: WholeWordMaskedLM,
     SpanMaskedLM.name: SpanMaskedLM,
     SentenceOrder.name: SentenceOrder,
+    PrefixLM.name: PrefixLM,
 }
 
 

@@ -1,0 +1,121 @@
+"""Prefix language modeling (T5's "prefix LM", Raffel et al. 2020 sec. 3.2; UL2's S-denoiser,
+Tay et al. 2022): a decoder-only model reads a prefix in both directions and predicts the rest
+left to right.
+
+The idea: split each window at a random point. The tokens before it are context, read the way an
+encoder reads them (every prefix token sees every other prefix token); the tokens after it are
+written the way a decoder writes them (each sees the whole prefix and the tokens before itself).
+One Transformer does both: the difference is only the attention mask (prefix_lm_mask). The loss
+covers the tokens after the prefix alone, since inside the prefix a position already sees the
+token it would predict.
+
+Split law (the reference law, T5's `random_prefix_noise_mask`, which UL2's S-denoiser reuses
+through T5's `prefix_lm` preprocessor): a row of L real raw tokens gets a prefix length P drawn
+uniformly from {1, ..., L-1}, independently per row. Without padding L = T+1 (the raw window), so
+P is uniform on {1, ..., T} and every row keeps at least one target. The draw comes from the
+step's generator, on the raw tensor's device, so a step's split points are reproducible.
+
+Which targets count. Inputs are raw[:, :-1], labels raw[:, 1:] (clm.causal_labels: padding by
+length, --predict_after_eos). Input positions 0..P-1 hold the prefix raw[0..P-1]; position t
+predicts raw[t+1]. Targets are the tokens after the prefix, raw[P..L-1], so labels count at
+positions t >= P-1: the position that reads the last prefix token predicts the first target
+(as T5's decoder predicts targets[0] after reading the inputs). Labels at t < P-1 are IGNORE:
+their target raw[t+1] is itself a prefix token that position t attends to. A row has L-P
+targets, exactly T5's target length for the same split.
+
+Where we differ from T5 and UL2:
+  - This is T5's decoder-only "prefix LM" architecture (its Figures 3 and 4, sec. 3.2.1); T5's
+    `prefix_lm` preprocessor is written for an encoder-decoder (inputs to the encoder,
+    targets to the decoder). Here the two halves stay one sequence in one stack.
+  - No <eos> is appended to the prefix or the targets, and no mode token (UL2's "[S2S]") is
+    prepended: the window is the raw token stream, cut from the blocks data without regard to
+    documents (as clm's), where T5/UL2 select one document's chunk per example.
+  - Each row gets its own split (T5 too, per example); UL2 also trains other denoisers in the
+    same mixture, which here would be "prefix_lm+..." (multitask.py).
+
+Shapes: raw (B, T+1) -> input_ids (B, T), labels (B, T), prefix_lengths (B,); the attention mask
+(B, 1, T, T) bool, built in forward from prefix_lengths (a small tensor in the batch instead of
+a (B, T, T) one). The LM head runs at the target positions alone (about half of them).
+"""
+from __future__ import annotations
+
+import torch
+
+from minilm.flops import matmul_weights
+from minilm.losses import cross_entropy_sum
+from minilm.objectives.base import IGNORE, Objective
+from minilm.objectives.clm import causal_labels
+
+
+def prefix_lm_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, T) bool, True = may attend: query i sees key j iff j < prefix_lengths[b] (the
+    prefix, in both directions) or j <= i (causal after it). prefix_lengths (B,) int, on the
+    mask's device. A prefix of 0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
+    index = torch.arange(T, device=prefix_lengths.device)
+    causal = index[None, :] <= index[:, None]                      # (T, T): key j <= query i
+    in_prefix = index[None, :] < prefix_lengths[:, None]           # (B, T): key j is a prefix token
+    return (causal[None, :, :] | in_prefix[:, None, :])[:, None]   # (B, 1, T, T)
+
+
+def draw_prefix_lengths(real_lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """P (B,) uniform on {1, ..., L-1} per row, L = real_lengths (B,) raw tokens (T5's law; see
+    the module docstring). A row with L < 2 has no target either way and gets P = 1.
+
+    floor(u * (L-1)) + 1 with u uniform in [0, 1) in float64: each of the L-1 values has
+    probability 1/(L-1) up to float64 rounding (about 1e-16 relative), one draw per row."""
+    u = torch.rand(real_lengths.shape, generator=generator, device=real_lengths.device, dtype=torch.float64)
+    choices = (real_lengths - 1).clamp(min=1)
+    return (u * choices).floor().long() + 1
+
+
+class PrefixLM(Objective):
+    name = "prefix_lm"
+    data = "blocks"
+    model_kind = "prefix_decoder"
+
+    def __init__(self, model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        self.backbone = self.build_backbone(model_cfg)
+        # UTF-8 bytes per token id, for bits per byte; a buffer so it follows .to(device)
+        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
+        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+        self.predict_after_eos = getattr(options, "predict_after_eos", True)
+
+    def make_batch(self, raw, generator=None, lengths=None):
+        """raw (B, T+1) -> input_ids, labels (B, T), prefix_lengths (B,), counts. lengths (B,):
+        real raw tokens per row (right padding), T+1 for every row when None."""
+        B, T = raw.shape[0], raw.shape[1] - 1
+        input_ids, labels = causal_labels(raw, lengths, self.predict_after_eos)
+        real_lengths = torch.full((B,), T + 1, device=raw.device) if lengths is None else lengths.to(raw.device)
+        prefix_lengths = draw_prefix_lengths(real_lengths, generator)
+        # position t predicts raw[t+1]; only targets after the prefix (t + 1 >= P) count
+        inside_prefix = torch.arange(T, device=raw.device)[None, :] + 1 < prefix_lengths[:, None]
+        labels[inside_prefix] = IGNORE
+        return {"input_ids": input_ids, "labels": labels, "prefix_lengths": prefix_lengths,
+                "counts": {"targets": (labels != IGNORE).sum()}}
+
+    def forward(self, batch, totals=None):
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        mask = prefix_lm_mask(batch["prefix_lengths"], input_ids.shape[1])
+        hidden = self.backbone(input_ids, mask=mask)                  # (B, T, C)
+        real = labels != IGNORE                                       # (B, T)
+        targets = labels[real]                                        # (N,)
+        logits = self.backbone.logits(hidden[real])                   # (N, V): the head at targets only
+        nll = cross_entropy_sum(logits, targets)                      # softmax in fp32: minilm/losses.py
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            sums = {"nll": nll.detach(), "targets": real.sum()}
+            if not self.training:  # accuracy and bytes are evaluation metrics: skip the extra passes
+                sums["correct"] = (logits.argmax(-1) == targets).sum()
+                sums["bytes"] = self.bytes_per_token[targets].sum()
+        return nll / denominator, sums
+
+    def flops_per_token(self) -> float:
+        """nanoGPT's 6N + 12 L H D T (minilm/flops.py), with the LM head counted at the share of
+        positions that are targets: (T+1)/2 of T on average under the split law (E[L-P] with P
+        uniform on 1..T, L = T+1)."""
+        cfg = self.backbone.cfg
+        head = self.backbone.output_weight.numel()
+        blocks = matmul_weights(self.backbone, lm_head=False)
+        target_share = (cfg.seq_len + 1) / (2 * cfg.seq_len)
+        return 6 * (blocks + target_share * head) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len
