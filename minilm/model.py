@@ -381,19 +381,20 @@ class Transformer(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i == last and outputs_at is not None:
-                x = self._last_block_at(block, x, outputs_at, mask, positions, shared)
+                x = self._last_block_at(block, x, outputs_at, mask, positions)
             else:
                 x = block(x, mask=mask, positions=positions, layer=i, **shared)
         if cache is not None:
             cache.length = cached + T
         return self.norm(x)
 
-    def _last_block_at(self, block, x, outputs_at, mask, positions, shared):
+    def _last_block_at(self, block, x, outputs_at, mask, positions):
         """The last block at the positions outputs_at only: (B, T, C) -> (N, C).
 
         Each row's queries are packed into (B, M, C), M = the most any row has, and attend to the
-        whole row (context=x); the few padding slots read position 0 and are dropped. The mask
-        keeps its meaning: a causal or per-query mask is cut down to the packed queries' rows."""
+        whole row (keys and values from x, as Block's context); the few padding slots read
+        position 0 and are dropped. The mask keeps its meaning: a causal or per-query mask is cut
+        down to the packed queries' rows."""
         B, T, C = x.shape
         rows, columns = outputs_at // T, outputs_at % T                  # (N,) each
         counts = torch.bincount(rows, minlength=B)                       # queries per row
@@ -410,9 +411,14 @@ class Transformer(nn.Module):
             rows_mask = mask[(None,) * (4 - mask.dim())]                 # (b, h, T, S), b and h maybe 1
             rows_mask = rows_mask.expand(B, rows_mask.shape[1], T, rows_mask.shape[-1])
             mask = rows_mask.gather(2, query_columns[:, None, :, None].expand(B, rows_mask.shape[1], M, T))
-        out = block(picked, mask=mask, positions=query_positions, context=x, context_positions=all_positions,
-                    layer=len(self.blocks) - 1, **shared)
-        return out[rows, slot]                                           # (N, C), in the order of outputs_at
+        if block.cross is not None:
+            raise ValueError("outputs_at is for encoders and decoders, not a cross-attending decoder")
+        # Block.forward spelled out, so that after attention the rows go back to one per wanted
+        # position, (N, C): the MLP (most of the block's work) never runs on the padding slots
+        attended = block.attn(block.norm1(picked), block.norm1(x), mask=mask, rotary=self.rotary,
+                              positions=query_positions, memory_positions=all_positions)   # (B, M, C)
+        out = picked[rows, slot] + block.drop(attended[rows, slot])                        # (N, C)
+        return out + block.drop(block.mlp(block.norm2(out)))
 
     @property
     def output_weight(self):

@@ -59,4 +59,6 @@ def test_flops_per_token_counts_what_each_objective_computes(monkeypatch):
               for name, changes in (("clm", {}), ("clm", dict(tie_embeddings=False)), ("sop", {}),
                                     ("sop", dict(tie_embeddings=False)), ("mlm+sop", {}),
                                     ("mlm", dict(tie_embeddings=False)))}
-    assert all(1.0 <= ratio < 1.02 for ratio in ratios.values()), ratios
+    # at most 2% over (norms and biases); a hair under 1.0 for the masked LMs, whose packed queries'
+    # few padding slots (outputs_at: up to the most any row has) also go through two projections
+    assert all(0.997 <= ratio < 1.02 for ratio in ratios.values()), ratios
