@@ -177,6 +177,22 @@ def test_length_penalty_favours_longer_sequences_as_it_grows():
         assert toy_beam(SHORT_OR_LONG, 2, 4, length_penalty)[0] == want, length_penalty
 
 
+# eos at once (0.5) is finished first; A eos (0.45 * 0.3) one step later fills the two beams'
+# hypotheses; A A eos (0.45 * 0.7 * 0.95) comes a step after that and has the best mean.
+LATE_BEST = {(): [0.0, 0.5, 0.45, 0.05], (2,): [0.0, 0.3, 0.7, 0.0], (3,): [0.04, 0.9, 0.03, 0.03],
+             (2, 2): [0.02, 0.95, 0.02, 0.01]}
+
+
+def test_early_stopping_stops_at_beam_size_hypotheses_and_false_searches_on():
+    best = brute_force_best(LATE_BEST, 4, 1.0)[0][1]
+    assert best == [2, 2, TOY_EOS]
+    # True: done once 2 hypotheses are finished (eos, A eos), before A A eos is reached
+    assert toy_beam(LATE_BEST, 2, 4, 1.0, early_stopping=True)[0] == [TOY_EOS]
+    # False: a running beam (A A, log-prob sum log 0.315) could still reach -1.155 / 4 > the worst
+    # kept score log(0.135) / 2, so the search goes on and finds the best
+    assert toy_beam(LATE_BEST, 2, 4, 1.0, early_stopping=False)[0] == best
+
+
 # ----------------------------------------------------------------------------- eos
 def test_eos_ends_each_row_and_the_rest_is_padding():
     model = make_seq2seq(3)
