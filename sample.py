@@ -23,7 +23,8 @@ Encoder-decoders (--objective t5) fill in sentinels, each hiding a span of any l
 prints the text with every span filled in. Number the sentinels <extra_id_0>, <extra_id_1>, ...
 in order, as in training; any other text is plain text. --num_samples N prints N sampled
 fillings (--temperature, --top_k, --top_p as above); --temperature 0 prints the one greedy
-filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search, ranked by
+filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search (no sampling:
+--temperature, --top_k and --top_p are unused), ranked by
 sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans).
 """
 from __future__ import annotations
