@@ -2,9 +2,13 @@
 
 --ckpt is a checkpoint file or a run folder (then its newest checkpoint).
 
-The checkpoint alone is enough: it carries the config and the tokenizer. Generation starts from
-an end-of-document token, so the model begins as it would begin a new document, then continues
-the prompt. Each sample stops at the first end-of-document token it produces.
+The checkpoint alone is enough: it carries the config and the tokenizer. What it can do depends on
+the objective it was trained with:
+
+Decoders (--objective clm) and prefix LMs (--objective prefix_lm) continue a --prompt. Generation
+starts from an end-of-document token, so the model begins as it would begin a new document, then
+continues the prompt (a prefix LM reads the prompt in both directions, as in training). Each
+sample stops at the first end-of-document token it produces.
 
 flags: --ckpt --prompt --max_new_tokens --temperature --top_k --top_p --num_samples --seed --device
        --no_cache (recompute the whole prefix at every step; same tokens, slower)
@@ -13,10 +17,20 @@ Masked-LM checkpoints (--objective mlm, wwm, span, or mlm+sop) fill in masks ins
     python sample.py --ckpt out --fill "The dog chased the red <mask>." [--top_k 5]
 prints, for every <mask>, the top-k candidates with their probabilities (all masks are
 predicted at once, each from the text around it), then the text with each mask's best guess.
+
+Encoder-decoders (--objective t5) fill in sentinels, each hiding a span of any length:
+    python sample.py --ckpt out --infill "The cat <extra_id_0> on the <extra_id_1>."
+prints the text with every span filled in. Number the sentinels <extra_id_0>, <extra_id_1>, ...
+in order, as in training; any other text is plain text. --num_samples N prints N sampled
+fillings (--temperature, --top_k, --top_p as above); --temperature 0 prints the one greedy
+filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search (no sampling:
+--temperature, --top_k and --top_p are unused), ranked by
+sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans).
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import torch
@@ -25,20 +39,24 @@ from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
 from minilm.cli import run_cli
 from minilm.config import Config, check_value, parse_flags
 from minilm.errors import UserError
-from minilm.generate import generate
+from minilm.generate import beam_search, generate, generate_seq2seq
 from minilm.objectives import build_objective
-from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, SEP_ID, Tokenizer
+from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, SENTINEL_IDS, SEP_ID, Tokenizer
 from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
-                num_samples=3, seed=0, device="auto", no_cache=False, fill="")
+                num_samples=3, seed=0, device="auto", no_cache=False, fill="", infill="", beam_size=1,
+                length_penalty=1.0)
 # what each number accepts (config.check_value): a one-line error naming the flag otherwise
 FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
                   top_k=dict(at_least=0),                # 0 = off
-                  top_p=dict(within="(0, 1]"), seed=dict(within="[0, 2**64)"))
+                  top_p=dict(within="(0, 1]"), seed=dict(within="[0, 2**64)"),
+                  beam_size=dict(at_least=1), length_penalty=dict())  # any finite number
 MASK = "<mask>"
 FILL_TOP_K = 5  # --top_k when filling and none is given
+SENTINEL = re.compile(r"<extra_id_(\d+)>")
+INFILL_EXAMPLE = '--infill "The cat <extra_id_0> on the <extra_id_1>."'
 
 
 def load_for_inference(path: str, device):
@@ -114,6 +132,130 @@ def print_fill(objective, tokenizer, text: str, top_k: int, device) -> None:
     print(f"filled: {show(filled)}")
 
 
+# ----------------------------------------------------------------------------- infill (seq2seq)
+def infill_parts(text: str) -> list[str]:
+    """--infill text -> [text, text, ...]: the plain text between its sentinels, one more part than
+    sentinels. The sentinels must be <extra_id_0>, <extra_id_1>, ... in that order: span
+    corruption always numbers a window's spans from 0 (minilm/objectives/t5.py), so the model has
+    seen no other order. A space right before a sentinel goes into the span, as a hidden word's
+    first piece ("▁sat") carries its space in training (fill_mask does the same for <mask>)."""
+    numbers = [int(n) for n in SENTINEL.findall(text)]
+    if not numbers:
+        raise UserError(f"--infill needs at least one <extra_id_0> in the text, e.g. {INFILL_EXAMPLE}")
+    for expected, number in enumerate(numbers):
+        if number != expected:
+            raise UserError(f"--infill sentinels must be numbered in order from <extra_id_0>: "
+                            f"<extra_id_{number}> is where <extra_id_{expected}> should be")
+    if len(numbers) > NUM_SENTINELS:
+        raise UserError(f"--infill has {len(numbers)} sentinels; the tokenizer has {NUM_SENTINELS}")
+    parts = SENTINEL.split(text)[0::2]   # split() also returns the captured numbers, at odd places
+    return [part[:-1] if i < len(parts) - 1 and part.endswith(" ") else part for i, part in enumerate(parts)]
+
+
+def infill_input_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The encoder's input for --infill text: its plain text encoded, each sentinel by id, then eos
+    (T5 appends eos to every input)."""
+    parts = infill_parts(text)
+    ids = []
+    for i, part in enumerate(parts):
+        ids += tokenizer.encode(part)
+        if i < len(parts) - 1:
+            ids.append(SENTINEL_IDS[i])
+    return ids + [EOS_ID]
+
+
+def sentinel_spans(generated_ids: list[int]) -> dict[int, list[int]]:
+    """A decoder's output `<extra_id_0> span0 <extra_id_1> span1 ... eos` -> {sentinel id: span ids}.
+
+    Read up to the first eos (all of it when there is none). Tokens before the first sentinel
+    belong to no span and are dropped; a sentinel given twice keeps its first span."""
+    if EOS_ID in generated_ids:
+        generated_ids = generated_ids[:generated_ids.index(EOS_ID)]
+    sentinels = set(SENTINEL_IDS)
+    spans: dict[int, list[int]] = {}
+    current = None
+    for token in generated_ids:
+        if token in sentinels:
+            current = [] if token not in spans else None
+            if current is not None:
+                spans[token] = current
+        elif current is not None:
+            current.append(token)
+    return spans
+
+
+def infill_text(tokenizer: Tokenizer, text: str, generated_ids: list[int]) -> str:
+    """--infill text with each sentinel replaced by the span the decoder wrote for it (nothing for
+    a sentinel it skipped). The ids are joined first and decoded once, so a span's leading space
+    and a character split over pieces come out as one text."""
+    parts, spans = infill_parts(text), sentinel_spans(list(generated_ids))
+    ids = []
+    for i, part in enumerate(parts):
+        ids += tokenizer.encode(part)
+        if i < len(parts) - 1:
+            ids += spans.get(SENTINEL_IDS[i], [])
+    return tokenizer.decode(ids)
+
+
+def print_infill(objective, tokenizer, args: dict, device) -> None:
+    """Encode the --infill text once, decode (sampling, greedy or beam search), print the texts."""
+    from minilm.objectives.t5 import DECODER_START_ID  # only a t5 checkpoint gets here
+    model = objective.backbone
+    ids = infill_input_ids(tokenizer, args["infill"])
+    if len(ids) > model.cfg.seq_len:
+        raise UserError(f"--infill text is {len(ids)} tokens with its eos, longer than the model's input window "
+                        f"({model.cfg.seq_len}); shorten it")
+    max_new_tokens = args["max_new_tokens"]
+    if max_new_tokens > model.decoder.cfg.seq_len:
+        max_new_tokens = model.decoder.cfg.seq_len
+        print(f"note: the decoder writes at most {max_new_tokens} tokens (its context window); "
+              f"--max_new_tokens {args['max_new_tokens']} is cut to that", file=sys.stderr)
+    input_ids = torch.tensor([ids], device=device)
+    shared = dict(start_id=DECODER_START_ID, eos_id=EOS_ID, use_cache=not args["no_cache"])
+    if args["beam_size"] > 1:
+        tokens, scores = beam_search(model, input_ids, max_new_tokens, beam_size=args["beam_size"],
+                                     length_penalty=args["length_penalty"], **shared)
+        count = min(args["num_samples"], args["beam_size"])
+        rows, labels = tokens[0, :count], [f" (score {s:.3f})" for s in scores[0, :count].tolist()]
+    else:
+        # greedy has one answer, printed once
+        count = 1 if args["temperature"] == 0 else args["num_samples"]
+        generator = torch.Generator(device=device).manual_seed(args["seed"])
+        rows = generate_seq2seq(model, input_ids, max_new_tokens, num_samples=count, temperature=args["temperature"],
+                                top_k=args["top_k"], top_p=args["top_p"], generator=generator, **shared)[0]
+        labels = [""] * count
+    for i, (row, label) in enumerate(zip(rows.tolist(), labels)):
+        print(f"--- filling {i + 1}{label}")
+        print(infill_text(tokenizer, args["infill"], row))
+
+
+def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str) -> None:
+    """One-line UserError when the flags ask for something this checkpoint's model cannot do, naming
+    the flag that fits (--prompt for decoders and prefix LMs, --fill for masked LMs, --infill for
+    encoder-decoders)."""
+    held = f"{ckpt} holds a {model_kind} ({name})"
+    if args["infill"] and model_kind != "seq2seq":
+        hint = ('use --fill "text with <mask>" instead' if fills_masks else
+                "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
+                "it cannot fill in text")
+        raise UserError(f"--infill needs an encoder-decoder checkpoint (--objective t5); {held}: {hint}")
+    if args["fill"] and not fills_masks:
+        hint = (f"use {INFILL_EXAMPLE} instead" if model_kind == "seq2seq" else
+                "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
+                "it has no masked-LM head to fill masks with")
+        raise UserError(f"--fill needs a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop); {held}: {hint}")
+    if args["fill"] or args["infill"]:
+        return
+    if model_kind == "seq2seq":
+        raise UserError(f"{held}, which fills in sentinels rather than continuing a prompt: {INFILL_EXAMPLE}")
+    if model_kind == "encoder":
+        hint = (f'fill in masks instead: --fill "text with {MASK}"' if fills_masks else
+                "and it has no masked-LM head either; its backbone is for fine-tuning")
+        raise UserError(f"{ckpt} holds an encoder ({name}), which cannot generate text; {hint}")
+    if model_kind not in ("decoder", "prefix_decoder"):
+        raise UserError(f"{held}; text generation needs a decoder checkpoint (--objective clm or prefix_lm)")
+
+
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
@@ -121,29 +263,29 @@ def main(argv: list[str]) -> None:
     args = parse_flags(argv, DEFAULTS)
     for name, rule in FLAG_RULES.items():
         check_value(name, args[name], **rule)
+    if args["fill"] and args["infill"]:
+        raise UserError("--fill (masked LMs) and --infill (encoder-decoders) exclude each other; give one")
+    if args["beam_size"] > 1 and not args["infill"]:
+        raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
+                        "do not search beams")
+    if args["infill"]:
+        infill_parts(args["infill"])  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
+    check_flags_fit(args, objective.name, objective.model_kind, objective.fills_masks, args["ckpt"])
     if args["fill"]:
-        if not objective.fills_masks:
-            hint = ("use --prompt to generate" if objective.model_kind == "decoder" else
-                    "it has no masked-LM head to fill masks with")
-            raise UserError(f"--fill needs a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop); "
-                            f"{args['ckpt']} holds a {objective.model_kind} ({objective.name}): {hint}")
         print_fill(objective, tokenizer, args["fill"], args["top_k"] or FILL_TOP_K, device)
         return
-    if objective.model_kind == "encoder":
-        hint = (f'fill in masks instead: --fill "text with {MASK}"' if objective.fills_masks else
-                "and it has no masked-LM head either; its backbone is for fine-tuning")
-        raise UserError(f"{args['ckpt']} holds an encoder ({objective.name}), which cannot generate text; {hint}")
-    if objective.model_kind != "decoder":
-        raise UserError(f"{args['ckpt']} holds a {objective.model_kind} ({objective.name}); "
-                        "text generation needs a decoder checkpoint (--objective clm)")
+    if args["infill"]:
+        print_infill(objective, tokenizer, args, device)
+        return
     prompt_ids = [EOS_ID] + tokenizer.encode(args["prompt"])
     prompt = torch.tensor([prompt_ids] * args["num_samples"], device=device)
     generator = torch.Generator(device=device).manual_seed(args["seed"])
     out = generate(objective.backbone, prompt, args["max_new_tokens"], temperature=args["temperature"],
                    top_k=args["top_k"], top_p=args["top_p"], generator=generator,
-                   use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr))
+                   use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr),
+                   prompt_is_prefix=objective.model_kind == "prefix_decoder")
     for i, row in enumerate(out.tolist()):
         new = row[len(prompt_ids):]
         if EOS_ID in new:
