@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 
 from minilm.errors import UserError
-from minilm.model import (CAUSAL, EncoderDecoder, KVCache, Transformer, causal_mask, decoding_mask,
-                          padding_mask)
+from minilm.model import (CAUSAL, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
+                          prefix_lm_mask)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -106,20 +106,13 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
             mask = CAUSAL
             if prompt_is_prefix:  # the prompt tokens still inside the window are the prefix
                 prefix_len = max(0, prompt_len - (tokens.shape[1] - visible.shape[1]))
-                mask = prefix_lm_mask(visible.shape[1], prefix_len, tokens.device)
+                mask = prefix_lm_mask(torch.tensor([prefix_len], device=tokens.device), visible.shape[1])
             hidden = model(visible, mask=mask)
         logits = model.logits(hidden[:, -1])
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     model.train(was_training)
     return tokens
-
-
-def prefix_lm_mask(length: int, prefix_len: int, device=None) -> torch.Tensor:
-    """(T, T) bool, True = may attend: query i sees key j when j <= i (causal) or when j is in the
-    prefix (j < prefix_len), so the prefix attends to itself both ways and the rest causally."""
-    keys = torch.arange(length, device=device)
-    return causal_mask(length, device=device) | (keys < prefix_len)[None, :]
 
 
 # ----------------------------------------------------------------------------- encoder-decoders

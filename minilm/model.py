@@ -129,6 +129,17 @@ def decoding_mask(n_new: int, n_cached: int, device=None):
     return torch.ones(n_new, n_cached + n_new, dtype=torch.bool, device=device).tril(diagonal=n_cached)
 
 
+def prefix_lm_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, T) bool, True = may attend: query i sees key j iff j < prefix_lengths[b] (the
+    prefix, in both directions) or j <= i (causal after it): a prefix LM (objectives/prefix_lm.py)
+    and its generation (generate.py). prefix_lengths (B,) int, on the mask's device. A prefix of
+    0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
+    index = torch.arange(T, device=prefix_lengths.device)
+    causal = index[None, :] <= index[:, None]                      # (T, T): key j <= query i
+    in_prefix = index[None, :] < prefix_lengths[:, None]           # (B, T): key j is a prefix token
+    return (causal[None, :, :] | in_prefix[:, None, :])[:, None]   # (B, 1, T, T)
+
+
 def attention_math(q, k, v, *, mask=None, dropout_p=0.0):
     """The same attention as three plain ops, in q's dtype. Under bf16 the scores come out of the
     matmul in bf16 (as in eager attention under autocast); the softmax kernel reads them, sums in

@@ -15,11 +15,12 @@ from minilm.data import BlockSource
 from minilm.model import Transformer
 from minilm.objectives import IGNORE, build_objective
 from minilm.objectives import prefix_lm
-from minilm.objectives.prefix_lm import PrefixLM, prefix_lm_mask
+from minilm.model import prefix_lm_mask
+from minilm.objectives.prefix_lm import PrefixLM
 from minilm.tokenizer import EOS_ID, NUM_SPECIAL
 from minilm.trainer import Trainer
 from tests.test_cli import TINY, run
-from tests.test_trainer import make_config, make_trainer, recorded
+from tests.test_trainer import make_config, recorded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,9 @@ import torch
 
 from minilm.config import ModelConfig
 from minilm.errors import UserError
-from minilm.generate import (beam_loop, beam_search, generate, generate_seq2seq, prefix_lm_mask, sample_loop,
+from minilm.generate import (beam_loop, beam_search, generate, generate_seq2seq, sample_loop,
                              seq2seq_step)
-from minilm.model import EncoderDecoder, KVCache, Transformer
+from minilm.model import EncoderDecoder, KVCache, Transformer, prefix_lm_mask
 from minilm.tokenizer import EOS_ID, MASK_ID, SENTINEL_IDS
 from tests.conftest import load_script
 
@@ -270,8 +270,8 @@ def test_prefix_lm_mask():
                          [1, 1, 1, 0, 0],
                          [1, 1, 1, 1, 0],
                          [1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(prefix_lm_mask(5, 3), want)
-    assert torch.equal(prefix_lm_mask(4, 0), torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.equal(prefix_lm_mask(torch.tensor([3]), 5)[0, 0], want)
+    assert torch.equal(prefix_lm_mask(torch.tensor([0]), 4)[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 @torch.no_grad()

@@ -44,17 +44,8 @@ import torch
 from minilm.flops import matmul_weights
 from minilm.losses import cross_entropy_sum
 from minilm.objectives.base import IGNORE, Objective
+from minilm.model import prefix_lm_mask
 from minilm.objectives.clm import causal_labels
-
-
-def prefix_lm_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, 1, T, T) bool, True = may attend: query i sees key j iff j < prefix_lengths[b] (the
-    prefix, in both directions) or j <= i (causal after it). prefix_lengths (B,) int, on the
-    mask's device. A prefix of 0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
-    index = torch.arange(T, device=prefix_lengths.device)
-    causal = index[None, :] <= index[:, None]                      # (T, T): key j <= query i
-    in_prefix = index[None, :] < prefix_lengths[:, None]           # (B, T): key j is a prefix token
-    return (causal[None, :, :] | in_prefix[:, None, :])[:, None]   # (B, 1, T, T)
 
 
 def draw_prefix_lengths(real_lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
