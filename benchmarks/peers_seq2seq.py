@@ -129,8 +129,9 @@ def _beam_minilm(h, args):
 
     def run(warm):
         n = 20 if warm else args.new_tokens
-        out = beam_search(model, source, n, beam_size=BEAM_SIZE, start_id=0, eos_id=None)
-        return out.shape[1] - 1       # without the start token
+        # eos_id -1: no token ends a beam, so every run makes exactly n tokens (as HF's eos None)
+        tokens, _scores = beam_search(model, source, n, beam_size=BEAM_SIZE, start_id=0, eos_id=-1, pad_id=0)
+        return tokens.shape[2]
     return h.time_generate("beam-minilm", args, run, args.new_tokens,
                            extra=dict(impl=f"minilm.generate.beam_search beam {BEAM_SIZE}, KV cache, cross-attention "
                                            "keys/values once per decode, eos disabled", input_len=h.CFG["seq_len"]))
