@@ -18,6 +18,7 @@ from minilm.objectives.mlm import MaskedLM
 from minilm.objectives.multitask import MultiTask, common_data
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
+from minilm.objectives.t5 import SpanCorruption
 from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -26,6 +27,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     WholeWordMaskedLM.name: WholeWordMaskedLM,
     SpanMaskedLM.name: SpanMaskedLM,
     SentenceOrder.name: SentenceOrder,
+    SpanCorruption.name: SpanCorruption,
 }
 
 
