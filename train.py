@@ -29,7 +29,7 @@ from minilm.data import (BUILTIN, PROGRESS_EVERY, Stopped, display, file_format,
                          mix_seed, prepare, resolve_files, stop_on_sigterm, tokenizer_fingerprint, tokenizer_texts)
 from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
-from minilm.objectives import OBJECTIVES, build_objective, model_config_for
+from minilm.objectives import OBJECTIVES, build_objective, is_encoder_decoder, model_config_for, window_length_for
 from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, check_writable, run_info
@@ -201,6 +201,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg.model.validate()
+    window_length_for(cfg.train.objective, cfg.model, cfg.obj)   # its options fit the model: before any data work
     if cfg.train.fsdp and cfg.train.compile:
         raise UserError("--fsdp and --compile together are not supported yet; drop one of them")
     # one run per folder: rank 0 holds the lock until this process ends
@@ -258,11 +259,13 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
     objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     if parent is not None:
         load_parent_weights(objective, parent, parent_path, log)
+    # the raw tokens a row takes: seq_len + 1, or more for t5 (its spans shrink into sentinels)
+    window = window_length_for(cfg.train.objective, cfg.model, cfg.obj)
     train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
-                               seed=cfg.train.seed, log=log)
+                               seed=cfg.train.seed, log=log, window_length=window)
     # validation windows do not depend on the training seed: runs with different seeds compare
     val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0,
-                             log=log)
+                             log=log, window_length=window)
     torch.manual_seed(mix_seed(cfg.train.seed, dist_info.rank))  # dropout noise differs across ranks
     provenance = {"data": data_provenance(data_dir) if dist_info.is_main else None}
     if parent is not None:
@@ -374,6 +377,12 @@ def config_for_init(argv: list[str], parent: dict, parent_path: str) -> Config:
     saved = Config.from_dict(parent["config"])
     wanted = parse_overrides(argv, base=Config(model=copy.deepcopy(saved.model)))
     parent_objective = parent.get("objective") or saved.train.objective
+    if is_encoder_decoder(parent_objective) != is_encoder_decoder(wanted.train.objective):
+        shapes = ("an encoder-decoder", "a single stack") if is_encoder_decoder(parent_objective) else \
+            ("a single stack", "an encoder-decoder")
+        raise UserError(f"--init_from {parent_path}: its {parent_objective} model is {shapes[0]} but "
+                        f"{wanted.train.objective} trains {shapes[1]}; the weights do not carry over (start from a "
+                        f"checkpoint of the same kind, or train from scratch)")
     parent_model = model_config_for(parent_objective, saved.model)
     new_model = model_config_for(wanted.train.objective, wanted.model)
     changed = differing_fields(parent_model, new_model, MODEL_FIELDS_FREE)

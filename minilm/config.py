@@ -197,6 +197,11 @@ class ObjectiveConfig:
                                      within="(0, 1]")
     span_min_words: int = option(1, "span: the shortest span, in words", at_least=1)
     span_max_words: int = option(10, "span: the longest span, in words", at_least=1)
+    # T5 span corruption (minilm/objectives/t5.py, minilm/masking.py)
+    noise_density: float = option(0.15, "t5: share of each window's tokens hidden in noise spans (each span "
+                                        "becomes one sentinel in the input)", within="(0, 1)")
+    mean_noise_span_length: float = option(3.0, "t5: mean length of a noise span, in tokens; spans = "
+                                                "round(noise tokens / this)", at_least=1)
     sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
                                        "(BERT: B random?)", choices=("sop", "nsp"))
 

@@ -3,6 +3,7 @@
     prepare(source, tokenizer, folder)  ->  folder/train.bin, folder/val.bin, folder/meta.json,
                                             folder/tokenizer.model (the tokenizer that made them)
     BlockSource(folder, "train", ...)   ->  .batch(step) = LongTensor (batch_size, seq_len + 1)
+                                            (or the objective's window_length: t5 reads more)
     SegmentPairSource(folder, "train", ...)  ->  .batch(step) = {"input_ids": [CLS] A [SEP] B [SEP], ...}
 
 What counts as a document depends on the file name (file_format):
@@ -40,10 +41,11 @@ and meta.json is written last, atomically; a failure, Ctrl-C or SIGTERM removes 
 load_meta checks meta.json against the sizes of the token files, so damaged prepared data is a
 one-line error (and train.py prepares it again), never a traceback or a silently short corpus.
 
-Batches: a window of seq_len + 1 tokens starting at a uniformly random offset; the offsets of a
-batch are a pure function of (seed, rank, step, micro-step), so a resumed run reads exactly the
-windows an uninterrupted one would have read. Segment pairs (for sentence-order prediction) are
-drawn the same way, from sentences found once, with numpy, when the source is built.
+Batches: a window of seq_len + 1 tokens (or the objective's window_length) starting at a
+uniformly random offset; the offsets of a batch are a pure function of (seed, rank, step,
+micro-step), so a resumed run reads exactly the windows an uninterrupted one would have read.
+Segment pairs (for sentence-order prediction) are drawn the same way, from sentences found once,
+with numpy, when the source is built.
 """
 from __future__ import annotations
 
@@ -913,29 +915,36 @@ def mix_seed(*parts: int) -> int:
 
 
 class BlockSource:
-    """Random windows of seq_len + 1 tokens from a token memmap ("blocks" data)."""
+    """Random windows of window_length tokens from a token memmap ("blocks" data).
 
-    def __init__(self, folder: str, split: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0):
+    window_length is what the objective reads (Objective.window_length): seq_len + 1 by default
+    (a causal LM's shifted labels), more for t5, whose noise spans shrink into sentinels."""
+
+    def __init__(self, folder: str, split: str, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 window_length: int | None = None):
         meta = load_meta(folder)
         if meta is None:
             raise UserError(f"no prepared data in {folder}; run train.py with --data to prepare it")
         self.path = os.path.join(folder, f"{split}.bin")
         self.seq_len, self.batch_size, self.seed, self.rank = seq_len, batch_size, seed, rank
+        self.window_length = seq_len + 1 if window_length is None else window_length
         self.split_id = 0 if split == "train" else 1
         dtype = np.dtype(meta["dtype"])
         n_tokens = os.path.getsize(self.path) // dtype.itemsize  # checked first: numpy cannot map an empty file
-        if n_tokens < seq_len + 2:
-            raise UserError(f"the {split} split has {n_tokens} tokens, fewer than seq_len+2 = "
-                            f"{seq_len + 2}; give more text, lower --seq_len or raise --val_fraction")
+        if n_tokens < self.window_length + 1:
+            needed = (f"seq_len+2 = {seq_len + 2}" if window_length is None else
+                      f"the {self.window_length + 1} that windows of {self.window_length} tokens need")
+            raise UserError(f"the {split} split has {n_tokens} tokens, fewer than {needed}; give more text, "
+                            "lower --seq_len or raise --val_fraction")
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
 
     def batch(self, step: int, micro: int = 0) -> torch.Tensor:
-        """LongTensor (batch_size, seq_len + 1), a pure function of (seed, rank, step, micro)."""
+        """LongTensor (batch_size, window_length), a pure function of (seed, rank, step, micro)."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, self.split_id, step, micro))
-        high = len(self.tokens) - (self.seq_len + 1)
+        high = len(self.tokens) - self.window_length
         starts = torch.randint(0, high + 1, (self.batch_size,), generator=g).numpy()
-        # one fancy-index read: (B, 1) + (1, T+1) offsets
-        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        # one fancy-index read: (B, 1) + (1, window) offsets
+        idx = starts[:, None] + np.arange(self.window_length)[None, :]
         return torch.from_numpy(self.tokens[idx].astype(np.int64))
 
 
@@ -1138,10 +1147,12 @@ class SegmentPairSource:
 
 
 def make_source(kind: str, folder: str, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                rank: int = 0, log=print):
-    """The data source an objective reads (its `data` attribute), over prepared token files."""
+                rank: int = 0, log=print, window_length: int | None = None):
+    """The data source an objective reads (its `data` attribute), over prepared token files.
+    window_length: the raw tokens per row a "blocks" reader takes (Objective.window_length;
+    seq_len + 1 when None)."""
     if kind == "blocks":
-        return BlockSource(folder, split, seq_len, batch_size, seed=seed, rank=rank)
+        return BlockSource(folder, split, seq_len, batch_size, seed=seed, rank=rank, window_length=window_length)
     if kind == "segment_pairs":
         return SegmentPairSource(folder, split, seq_len, batch_size, seed=seed, rank=rank, log=log)
     raise UserError(f"no data source named {kind!r}")

@@ -33,6 +33,30 @@ def matmul_weights(backbone, lm_head: bool = True) -> int:
     return n + (backbone.output_weight.numel() if lm_head else 0)
 
 
+def encoder_decoder_flops(model, input_length: int, target_length: int) -> int:
+    """Training FLOPs of one example through an EncoderDecoder (minilm/model.py): input_length
+    (S) encoder tokens, target_length (T) decoder tokens, the LM head on the decoder's tokens.
+
+        encoder    6 N_enc S + 12 L_enc H D S^2       every token attends to all S inputs
+        decoder    6 (N_dec - N_kv) T + 6 N_kv S      the cross-attention keys/values project the
+                                                      encoder's S outputs, once, not the T tokens
+                   + 12 L_dec H D T (T + S)           self-attention over T, cross-attention over S
+    N_enc, N_dec: matmul_weights of each stack (the decoder's with its cross-attention and the
+    output matrix), N_kv: the decoder's cross-attention key/value weights. Divide by S for the
+    FLOPs per input token (what the trainer's tokens/s counts)."""
+    cfg = model.cfg
+    attention = 12 * cfg.n_head * cfg.head_dim
+    encoder = matmul_weights(model.encoder, lm_head=False)
+    decoder = matmul_weights(model.decoder, lm_head=True)
+    cross_key_value = sum(block.cross.qkv.weight.numel() * 2 // 3 +
+                          (block.cross.qkv.bias.numel() * 2 // 3 if block.cross.qkv.bias is not None else 0)
+                          for block in model.decoder.blocks)
+    flops = 6 * encoder * input_length + cfg.n_layer * attention * input_length ** 2
+    flops += 6 * (decoder - cross_key_value) * target_length + 6 * cross_key_value * input_length
+    flops += cfg.n_decoder_layer * attention * target_length * (target_length + input_length)
+    return flops
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -204,6 +204,8 @@ class Trainer:
         self.stop_signal: int | None = None
         backbone = objective.backbone
         mc = backbone.cfg
+        # tokens counted as the model's input tokens, seq_len per row (t5: the encoder's input;
+        # its flops_per_token spreads the decoder's work over them, so MFU stays exact)
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size * mc.seq_len
         self.flops_per_token = objective.flops_per_token()   # what one token's step computes
         self.peak_flops = None

@@ -12,7 +12,7 @@ import torch
 import minilm.objectives as objectives
 from minilm.config import Config, ModelConfig
 from minilm.errors import UserError
-from minilm.model import Transformer
+from minilm.model import EncoderDecoder, Transformer
 from minilm.objectives import OBJECTIVES, build_objective
 from minilm.objectives.base import Objective
 from minilm.objectives.mlm import MaskedLM
@@ -54,9 +54,10 @@ def test_the_saved_config_rebuilds_the_model_strictly(name):
     saved = Config(model=resolved).to_dict()                  # as a checkpoint stores it
     reloaded = Config.from_dict(saved).model
     assert reloaded == resolved
-    # the config alone describes the backbone: a bare Transformer takes its weights strictly
+    # the config alone describes the backbone: a bare Transformer (t5: EncoderDecoder) takes its weights strictly
     backbone_state = {k[len("backbone."):]: v for k, v in built.state_dict().items() if k.startswith("backbone.")}
-    Transformer(reloaded).load_state_dict(backbone_state, strict=True)
+    backbone_class = EncoderDecoder if built.model_kind == "seq2seq" else Transformer
+    backbone_class(reloaded).load_state_dict(backbone_state, strict=True)
     # and the whole objective rebuilt from it takes every weight strictly, heads included
     rebuilt = build_objective(name, reloaded)
     rebuilt.load_state_dict(built.state_dict(), strict=True)

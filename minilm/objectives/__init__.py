@@ -19,6 +19,7 @@ from minilm.objectives.multitask import MultiTask, common_data
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
+from minilm.objectives.t5 import SpanCorruption
 from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -28,6 +29,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SpanMaskedLM.name: SpanMaskedLM,
     SentenceOrder.name: SentenceOrder,
     PrefixLM.name: PrefixLM,
+    SpanCorruption.name: SpanCorruption,
 }
 
 
@@ -38,6 +40,19 @@ def model_config_for(name: str, model_cfg):
     model."""
     classes = [objective_class(part) for part in name.split("+")]
     return resolve_model_config(classes, common_data(classes), model_cfg)
+
+
+def window_length_for(name: str, model_cfg, options=None) -> int:
+    """Raw tokens per row that objective `name` reads from a "blocks" source (Objective.
+    window_length: seq_len + 1, or t5's longer window). Checks the objective's options against
+    the model, so train.py calls it before preparing any data. `model_cfg`: resolved."""
+    classes = [objective_class(part) for part in name.split("+")]
+    return classes[0].window_length(model_cfg, options) if len(classes) == 1 else Objective.window_length(model_cfg)
+
+
+def is_encoder_decoder(name: str) -> bool:
+    """Whether objective `name` trains an encoder-decoder (model_kind "seq2seq": t5)."""
+    return any(objective_class(part).model_kind == "seq2seq" for part in name.split("+"))
 
 
 def build_objective(name: str, model_cfg, tokenizer=None, options=None) -> Objective:
@@ -63,4 +78,5 @@ def objective_class(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
-__all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize", "model_config_for"]
+__all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize", "is_encoder_decoder",
+           "model_config_for", "window_length_for"]

@@ -31,7 +31,10 @@ the network declares it instead of changing the config it is given:
 built, printed and saved: for "a+b" the union of the parts' settings and of what their data
 kinds and the combined one need, whatever the order of the parts (a conflict is a UserError).
 It is idempotent, so a checkpoint's config (which may predate a setting) resolves to the same
-model again. An objective's constructor then builds exactly the config it is given
+model again. A setting that defaults to another one (t5's decoder depth: n_decoder_layer 0 means
+n_layer) is a `derived_model_settings` hook, applied after the exact values and minimums. Only
+an encoder-decoder (model_kind "seq2seq") has a decoder stack: it cannot share a backbone with
+another objective, and any other objective refuses --n_decoder_layer. An objective's constructor then builds exactly the config it is given
 (`build_backbone`), and refuses one that lacks a declared setting; build_objective resolves
 the config itself, so callers rarely call model_config_for directly.
 """
@@ -62,6 +65,21 @@ class Objective(nn.Module):
                                   # (see "Declared model settings" above; never mutated)
 
     backbone: nn.Module
+
+    @classmethod
+    def derived_model_settings(cls, model_cfg) -> dict:
+        """Settings this objective fills in from the others when `model_cfg` leaves them unset
+        (t5: n_decoder_layer 0 -> n_layer). Must return {} for a config it has resolved already
+        (model_config_for is idempotent). None by default."""
+        return {}
+
+    @classmethod
+    def window_length(cls, model_cfg, options=None) -> int:
+        """Raw tokens per row this objective reads from a "blocks" source: seq_len + 1 by default
+        (a causal LM's labels are its inputs shifted by one; the encoders use the first seq_len).
+        t5 reads more, since its noise spans collapse into one sentinel each. A classmethod, so
+        train.py can check the options before it prepares any data."""
+        return model_cfg.seq_len + 1
 
     def build_backbone(self, model_cfg) -> Transformer:
         """The backbone, built from exactly `model_cfg`, which must already hold what this
@@ -108,13 +126,32 @@ def model_requirements(classes, data: str) -> tuple[dict, dict]:
     return exact, minimums
 
 
+def check_backbone_kinds(classes, model_cfg) -> None:
+    """One-line UserErrors for objectives whose backbones cannot be one model: an encoder-decoder
+    (t5) with anything else, and a decoder stack (--n_decoder_layer) for an objective without one."""
+    names = "+".join(cls.name for cls in classes)
+    seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
+    if seq2seq and len(classes) > 1:
+        others = ", ".join(cls.name for cls in classes if cls.name != seq2seq[0])
+        raise UserError(f"--objective {names}: {seq2seq[0]} trains an encoder-decoder and {others} another "
+                        f"backbone, so they cannot share one model; train {seq2seq[0]} on its own")
+    if not seq2seq and model_cfg.n_decoder_layer:
+        raise UserError(f"--n_decoder_layer is for encoder-decoder objectives (t5); {names} builds one stack of "
+                        f"--n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")
+
+
 def resolve_model_config(classes, data: str, model_cfg):
     """A copy of model_cfg with what `classes` reading `data` need (model_requirements) applied:
-    exact settings set, minimums raised to. Idempotent: a resolved config resolves to itself."""
+    exact settings set, minimums raised to, then each class's derived settings. Idempotent: a
+    resolved config resolves to itself."""
+    check_backbone_kinds(classes, model_cfg)
     exact, minimums = model_requirements(classes, data)
     changes = dict(exact)
     changes.update({setting: max(getattr(model_cfg, setting), least) for setting, least in minimums.items()})
-    return dataclasses.replace(model_cfg, **changes)
+    resolved = dataclasses.replace(model_cfg, **changes)
+    for cls in classes:
+        resolved = dataclasses.replace(resolved, **cls.derived_model_settings(resolved))
+    return resolved
 
 
 def check_model_config(classes, data: str, model_cfg) -> None:
@@ -123,6 +160,7 @@ def check_model_config(classes, data: str, model_cfg) -> None:
     exact, minimums = model_requirements(classes, data)
     missing = [f"{s}={v}" for s, v in exact.items() if getattr(model_cfg, s) != v]
     missing += [f"{s}>={v}" for s, v in minimums.items() if getattr(model_cfg, s) < v]
+    missing += [f"{s}={v}" for cls in classes for s, v in cls.derived_model_settings(model_cfg).items()]
     if missing:
         names = "+".join(cls.name for cls in classes)
         raise ValueError(f"{names} needs a model config with {', '.join(missing)}; resolve it first with "
