@@ -408,10 +408,4 @@ def test_print_infill_wiring_with_a_stand_in_t5_module(sample_script, tokenizer,
     # more new tokens than the decoder's window: cut to it, with a note
     sample_script.print_infill(objective, tokenizer, dict(base, temperature=0.0, max_new_tokens=100), "cpu")
     assert "note: the decoder writes at most 16 tokens" in capsys.readouterr().err
-
-
-# TODO(main): end-to-end once the t5 and prefix_lm objectives are merged (they are written in
-# other worktrees): train a tiny --objective t5 model on a memorised sentence, then
-# `sample.py --infill "... <extra_id_0> ..."` restores the hidden words (greedy, --beam_size 2,
-# --num_samples 2 with sampling), and `sample.py --prompt` on a --objective prefix_lm checkpoint
-# continues text (prompt_is_prefix). The sentinel parsing and the flag checks are tested above.
+# End to end (a trained checkpoint through sample.py): tests/test_seq2seq_end_to_end.py.
