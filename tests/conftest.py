@@ -2,6 +2,7 @@
 so each test file does not pay for sentencepiece training again."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -79,6 +80,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device: str, dtype: torch.dtype) -> float:
+    from minilm.flops import measure_peak_flops
+    return measure_peak_flops(device, dtype)
+
+
+@pytest.fixture
+def peak_flops_once(monkeypatch):
+    """Trainer.fit measures the matmul peak, for the MFU column only, at every start (~0.5 s of
+    large matmuls); a module that starts many runs measures it once per device and dtype for the
+    whole session (as test_trainer.py sets trainer.peak_flops to skip it). Opt in with
+    `pytestmark = pytest.mark.usefixtures("peak_flops_once")`; the MFU column is still computed."""
+    import minilm.trainer
+    monkeypatch.setattr(minilm.trainer, "measure_peak_flops",
+                        lambda device, dtype=torch.float32: _peak_flops(str(torch.device(device)), dtype))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", 
         "--vocab_size", "512", "--eval_batches", "1", "--log_every", "1", "--warmup_steps", "1",
         "--device", "cpu", "--threads", "1"]
 
+pytestmark = pytest.mark.usefixtures("peak_flops_once")   # for the runs in this process
+
 
 def run(script, *args, timeout=300):
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -24,7 +24,7 @@ from tests.conftest import ROOT, load_script, run_in_process
 from tests.test_cli import TINY, assert_user_error, run
 from tests.test_trainer import make_config, make_trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")
 
 
 # ----------------------------------------------------------------------------- checkpoint files
