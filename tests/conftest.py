@@ -2,7 +2,9 @@
 so each test file does not pay for sentencepiece training again."""
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import sys
 
 import pytest
@@ -22,6 +24,40 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
+    """`python script args` without a new interpreter: the script's main goes through run_cli, as
+    its last line does, with sys.argv set and stdout and stderr captured, and the exit code
+    (sys.exit in exit_process) caught. Returns what tests.test_cli.run returns, in ~1 s instead of
+    5-10 s (no interpreter and torch start-up, no first-use costs paid again).
+
+    For what the checks need of the command line (exit code, one `error:` line, output); keep
+    run() for what needs a real process: signals, torchrun, exit_process's own wiring, and one
+    end-to-end run per kind of command. What a run changes in this process is put back: the
+    thread count (--threads) and torch's random state (train.py seeds it)."""
+    import contextlib
+    import io
+    from minilm.cli import run_cli
+    from minilm.distributed import launched_by_torchrun
+    assert not launched_by_torchrun(), "run_cli would end this process with os._exit"
+    module = load_script(script)
+    argv = [os.path.join(ROOT, script), *map(str, args)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, threads, rng = sys.argv, torch.get_num_threads(), torch.random.get_rng_state()
+    sys.argv = argv
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                run_cli(module.main)
+                code = 0
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def corpus_texts(n_docs: int = 60) -> list[str]:
@@ -44,6 +80,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device: str, dtype: torch.dtype) -> float:
+    from minilm.flops import measure_peak_flops
+    return measure_peak_flops(device, dtype)
+
+
+@pytest.fixture
+def peak_flops_once(monkeypatch):
+    """Trainer.fit measures the matmul peak, for the MFU column only, at every start (~0.5 s of
+    large matmuls); a module that starts many runs measures it once per device and dtype for the
+    whole session (as test_trainer.py sets trainer.peak_flops to skip it). Opt in with
+    `pytestmark = pytest.mark.usefixtures("peak_flops_once")`; the MFU column is still computed."""
+    import minilm.trainer
+    monkeypatch.setattr(minilm.trainer, "measure_peak_flops",
+                        lambda device, dtype=torch.float32: _peak_flops(str(torch.device(device)), dtype))
 
 
 @pytest.fixture(scope="session")

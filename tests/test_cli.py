@@ -1,5 +1,9 @@
 """train.py and sample.py as a user runs them: the happy path end to end, and every bad input
-answered by one line on stderr with exit code 2, never a traceback."""
+answered by one line on stderr with exit code 2, never a traceback.
+
+run() starts a real process; run_in_process() (tests/conftest.py) runs the same command line in
+this one, for checks that need no process of their own. One end-to-end run per kind of command
+stays a real process: training, sampling, resuming, a training error and the exit wiring."""
 from __future__ import annotations
 
 import json
@@ -12,11 +16,13 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, load_script, run_in_process
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--seq_len", "32", "--batch_size", "4",
         "--vocab_size", "512", "--eval_batches", "1", "--log_every", "1", "--warmup_steps", "1",
         "--device", "cpu", "--threads", "1"]
+
+pytestmark = pytest.mark.usefixtures("peak_flops_once")   # for the runs in this process
 
 
 def run(script, *args, timeout=300):
@@ -119,8 +125,8 @@ def test_sample_prints_text_from_the_checkpoint_alone(trained):
 
 def test_sample_past_the_context_window_says_so_once(trained):
     out, _ = trained
-    result = run("sample.py", "--ckpt", os.path.join(out, "ckpt-00000004.pt"), "--num_samples", 1,
-                 "--max_new_tokens", 50, "--device", "cpu", "--top_k", 5)
+    result = run_in_process("sample.py", "--ckpt", os.path.join(out, "ckpt-00000004.pt"), "--num_samples", 1,
+                            "--max_new_tokens", 50, "--device", "cpu", "--top_k", 5)
     assert result.returncode == 0, result.stderr
     notes = [ln for ln in result.stderr.splitlines() if ln.startswith("note:")]
     assert len(notes) == 1 and "context window (32 tokens)" in notes[0]
@@ -132,7 +138,7 @@ def test_resume_continues_and_refuses_a_new_shape(trained, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 4" in resumed.stdout and "resumed from" in resumed.stdout
     assert "step      6/6" in resumed.stdout
-    assert_user_error(run("train.py", "--out_dir", out, "--resume", "--n_layer", 3), "--n_layer", "resum")
+    assert_user_error(run_in_process("train.py", "--out_dir", out, "--resume", "--n_layer", 3), "--n_layer", "resum")
 
 
 def test_invalid_utf8_is_replaced_and_reported(tmp_path, corpus_dir):
@@ -141,7 +147,7 @@ def test_invalid_utf8_is_replaced_and_reported(tmp_path, corpus_dir):
     for name in sorted(os.listdir(corpus_dir))[:30]:
         (folder / name).write_bytes(open(os.path.join(corpus_dir, name), "rb").read())
     (folder / "broken.txt").write_bytes(b"caf\xe9 and na\xefve text\n" * 3)
-    result = run("train.py", "--data", folder, "--out_dir", tmp_path / "out", "--max_steps", 1, *TINY)
+    result = run_in_process("train.py", "--data", folder, "--out_dir", tmp_path / "out", "--max_steps", 1, *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "6 invalid UTF-8 bytes replaced" in result.stdout
 
@@ -176,7 +182,9 @@ def test_bad_training_input_is_one_line(case, tmp_path, corpus_dir):
     elif case == "preset":
         args += ["--preset", "huge"]
         expect = ["--preset", "tiny"]
-    assert_user_error(run("train.py", *args), *expect)
+    # one case through a real process, so the CLI's error wiring stays covered end to end
+    runner = run if case == "flag" else run_in_process
+    assert_user_error(runner("train.py", *args), *expect)
 
 
 def test_checkpoint_whose_vocab_does_not_match_its_tokenizer(trained, tmp_path):
@@ -184,7 +192,7 @@ def test_checkpoint_whose_vocab_does_not_match_its_tokenizer(trained, tmp_path):
     state = torch.load(os.path.join(out, "ckpt-00000004.pt"), weights_only=True)
     state["config"]["model"]["vocab_size"] = 640
     torch.save(state, tmp_path / "bad.pt")
-    assert_user_error(run("sample.py", "--ckpt", tmp_path / "bad.pt"), "512", "640")
+    assert_user_error(run_in_process("sample.py", "--ckpt", tmp_path / "bad.pt"), "512", "640")
 
 
 class Payload:
@@ -198,27 +206,28 @@ class Payload:
 
 
 def test_sample_refuses_bad_checkpoints(tmp_path):
-    assert_user_error(run("sample.py", "--ckpt", tmp_path / "none.pt"), "no checkpoint")
+    assert_user_error(run_in_process("sample.py", "--ckpt", tmp_path / "none.pt"), "no checkpoint")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    assert_user_error(run("sample.py", "--ckpt", tmp_path / "junk.pt"), "cannot load")
+    assert_user_error(run_in_process("sample.py", "--ckpt", tmp_path / "junk.pt"), "cannot load")
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"config": {}, "model": Payload(str(marker))}, f)
-    assert_user_error(run("sample.py", "--ckpt", tmp_path / "evil.pt"), "cannot load")
+    assert_user_error(run_in_process("sample.py", "--ckpt", tmp_path / "evil.pt"), "cannot load")
     assert not marker.exists()
     # the same payload inside torch.save's zip format, met by train.py --resume (a file, then as
     # the newest checkpoint of an out_dir, where it is skipped as unloadable)
     torch.save({"config": {}, "model": Payload(str(marker))}, tmp_path / "evil-zip.pt")
-    assert_user_error(run("train.py", "--resume", tmp_path / "evil-zip.pt", "--out_dir", tmp_path / "o"),
+    assert_user_error(run_in_process("train.py", "--resume", tmp_path / "evil-zip.pt", "--out_dir", tmp_path / "o"),
                       "cannot load", "refused to unpickle")
     (tmp_path / "run").mkdir()
     os.replace(tmp_path / "evil-zip.pt", tmp_path / "run" / "ckpt-00000009.pt")
-    assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "run"), "none of the 1 checkpoints")
+    assert_user_error(run_in_process("train.py", "--resume", "--out_dir", tmp_path / "run"),
+                      "none of the 1 checkpoints")
     assert not marker.exists()
-    assert_user_error(run("sample.py", "--top_p", 0), "--top_p")
-    assert_user_error(run("sample.py", "--top_k", -1), "--top_k")
-    assert_user_error(run("sample.py", "--temperature", -0.5), "--temperature")
-    assert_user_error(run("sample.py", "--temprature", 1), "did you mean --temperature")
+    assert_user_error(run_in_process("sample.py", "--top_p", 0), "--top_p")
+    assert_user_error(run_in_process("sample.py", "--top_k", -1), "--top_k")
+    assert_user_error(run_in_process("sample.py", "--temperature", -0.5), "--temperature")
+    assert_user_error(run_in_process("sample.py", "--temprature", 1), "did you mean --temperature")
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

@@ -12,7 +12,7 @@ import torch
 from minilm.checkpoint import load_checkpoint
 from minilm.config import PRESETS, Config, ModelConfig, help_text, parse_overrides
 from minilm.errors import UserError
-from tests.conftest import load_script
+from tests.conftest import load_script, run_in_process
 from tests.test_cli import TINY, assert_user_error, run
 
 # (flags, the message they must give). Each rule of config.py has a case; the first group is the
@@ -151,8 +151,10 @@ def test_field_types_are_checked_and_flags_convert_to_the_declared_type():
 
 @pytest.mark.parametrize("flags", [["--batch_size", "0"], ["--schedule", "bogus"], ["--lr", "nan"]])
 def test_train_py_refuses_a_bad_flag_before_any_work(flags, tmp_path):
+    """The command line run in-process (fast); test_cli.py and test_faults.py keep a real
+    process for train.py's one-line errors."""
     out = tmp_path / "out"
-    assert_user_error(run("train.py", "--out_dir", out, *TINY, *flags), flags[0])
+    assert_user_error(run_in_process("train.py", "--out_dir", out, *TINY, *flags), flags[0])
     assert not out.exists()  # no tokenizer, no data, no checkpoint
 
 

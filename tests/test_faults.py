@@ -1,5 +1,8 @@
 """Runs that survive crashes, bad data and bad files: atomic checkpoints, retention, resume from
-the newest loadable file, signals, non-finite losses, full disks, and one-line errors."""
+the newest loadable file, signals, non-finite losses, full disks, and one-line errors.
+
+Command lines run in this process (run_in_process) unless a real process is the point: a save
+killed mid-write, signals, and one end-to-end one-line error."""
 from __future__ import annotations
 
 import errno
@@ -17,9 +20,11 @@ from minilm.checkpoint import (list_checkpoints, load_checkpoint, newest_loadabl
                                save_checkpoint)
 from minilm.errors import UserError
 from minilm.objectives.clm import CausalLM
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, load_script, run_in_process
 from tests.test_cli import TINY, assert_user_error, run
 from tests.test_trainer import make_config, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -138,12 +143,12 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, prepared, tokenize
 
 def test_resume_cli_uses_the_previous_checkpoint(tmp_path, corpus_dir):
     out = tmp_path / "run"
-    first = run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 4, "--ckpt_every", 2,
-                "--eval_every", 100, *TINY)
+    first = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 4, "--ckpt_every", 2,
+                           "--eval_every", 100, *TINY)
     assert first.returncode == 0, first.stderr[-2000:]
     with open(out / "ckpt-00000004.pt", "r+b") as f:
         f.truncate(1000)
-    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 5, "--eval_every", 100)
+    resumed = run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 5, "--eval_every", 100)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "skipping" in resumed.stdout and "ckpt-00000002.pt at step 2" in resumed.stdout
     assert "step      5/5" in resumed.stdout
@@ -304,31 +309,36 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus_dir):
     out = tmp_path / "out"
     bad_json = tmp_path / "rows.jsonl"
     bad_json.write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json at all\n')
-    assert_user_error(run("train.py", "--data", bad_json, "--out_dir", out), "rows.jsonl:3", "not valid JSON")
+    assert_user_error(run_in_process("train.py", "--data", bad_json, "--out_dir", out), "rows.jsonl:3",
+                      "not valid JSON")
     no_field = tmp_path / "fields.jsonl"
     no_field.write_text('{"text": "fine"}\n{"body": "elsewhere"}\n')
-    assert_user_error(run("train.py", "--data", no_field, "--out_dir", out), "fields.jsonl:2", "--text_field")
+    assert_user_error(run_in_process("train.py", "--data", no_field, "--out_dir", out), "fields.jsonl:2",
+                      "--text_field")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Les élèves étudièrent à l'école française. ".encode("latin-1") * 50)
-    assert_user_error(run("train.py", "--data", latin1, "--out_dir", out), "not UTF-8", "iconv")
-    assert_user_error(run("train.py", "--objective", "clmm", "--out_dir", out), "did you mean clm")
-    assert_user_error(run("train.py", "--fsdp", "--out_dir", out, "--data", corpus_dir), "torchrun")
-    assert_user_error(run("train.py", "--fsdp", "--compile", "--out_dir", out), "--fsdp and --compile")
-    assert_user_error(run("train.py", "--on_nan", "retry", "--out_dir", out, "--data", corpus_dir, *TINY), "--on_nan")
+    assert_user_error(run_in_process("train.py", "--data", latin1, "--out_dir", out), "not UTF-8", "iconv")
+    assert_user_error(run_in_process("train.py", "--objective", "clmm", "--out_dir", out), "did you mean clm")
+    assert_user_error(run_in_process("train.py", "--fsdp", "--out_dir", out, "--data", corpus_dir), "torchrun")
+    assert_user_error(run_in_process("train.py", "--fsdp", "--compile", "--out_dir", out), "--fsdp and --compile")
+    assert_user_error(run_in_process("train.py", "--on_nan", "retry", "--out_dir", out, "--data", corpus_dir, *TINY),
+                      "--on_nan")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    assert_user_error(run("sample.py", "--ckpt", foreign), "not a minilm checkpoint")
-    assert_user_error(run("train.py", "--resume", foreign, "--out_dir", out), "not a minilm checkpoint")
+    assert_user_error(run_in_process("sample.py", "--ckpt", foreign), "not a minilm checkpoint")
+    assert_user_error(run_in_process("train.py", "--resume", foreign, "--out_dir", out), "not a minilm checkpoint")
     # config and model, but nothing a resume needs (weights exported by hand, say)
     weights_only = tmp_path / "weights.pt"
     torch.save({"config": {"model": {}}, "model": {"w": torch.zeros(2)}}, weights_only)
-    assert_user_error(run("train.py", "--resume", weights_only, "--out_dir", out), "cannot be resumed from",
+    assert_user_error(run_in_process("train.py", "--resume", weights_only, "--out_dir", out), "cannot be resumed from",
                       "optimizer")
     # a --resume that finds only such a file in out_dir skips it and says none loads
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "ckpt-00000004.pt").write_bytes(weights_only.read_bytes())
-    assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "only"), "none of the 1 checkpoints")
-    assert_user_error(run("train.py", "--resume", "--out_dir", tmp_path / "empty"), "no checkpoint to resume")
+    assert_user_error(run_in_process("train.py", "--resume", "--out_dir", tmp_path / "only"),
+                      "none of the 1 checkpoints")
+    assert_user_error(run_in_process("train.py", "--resume", "--out_dir", tmp_path / "empty"),
+                      "no checkpoint to resume")
 
 
 def test_a_corrupt_tokenizer_file_is_made_again_with_its_data(tmp_path, corpus_dir):

@@ -1,6 +1,9 @@
 """One run folder, one run: the lock, fresh runs among old checkpoints (--overwrite), resume that
 checks its data and its model, retention that counts only loadable files, metrics without
-duplicate rows, and continued pretraining with --init_from."""
+duplicate rows, and continued pretraining with --init_from.
+
+The command lines run in this process (run_in_process) unless a real process is the point: a lock
+held by another process, torchrun, and one end-to-end --init_from run."""
 from __future__ import annotations
 
 import errno
@@ -20,9 +23,11 @@ from minilm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from minilm.errors import UserError
 from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
-from tests.conftest import ROOT, load_script
+from tests.conftest import ROOT, load_script, run_in_process
 from tests.test_cli import TINY, assert_user_error, run
 from tests.test_trainer import make_config, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -78,7 +83,7 @@ def test_train_refuses_a_folder_another_run_holds(tmp_path, corpus_dir):
     out.mkdir()
     child = hold_lock_in_child(out)
     try:
-        result = run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, *TINY)
+        result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 1, *TINY)
     finally:
         child.kill()
         child.wait()
@@ -179,8 +184,8 @@ def test_a_full_disk_while_logging_names_the_last_checkpoint(tmp_path, prepared,
 def first_run(tmp_path_factory, corpus_dir):
     """A tiny clm run of 4 steps with a checkpoint every 2, through the command line."""
     out = tmp_path_factory.mktemp("first") / "run"
-    result = run("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 4, "--ckpt_every", 2,
-                 "--eval_every", 100, *TINY)
+    result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--max_steps", 4, "--ckpt_every", 2,
+                            "--eval_every", 100, *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -194,8 +199,8 @@ def copy_run(first_run, tmp_path):
 def test_a_fresh_run_in_a_used_folder_is_refused_then_overwritten(first_run, tmp_path, corpus_dir):
     out = copy_run(first_run, tmp_path)
     args = ["--data", corpus_dir, "--out_dir", out, "--max_steps", 1, *TINY]
-    assert_user_error(run("train.py", *args), "already holds 2 checkpoint(s)", "--overwrite")
-    result = run("train.py", *args, "--overwrite")
+    assert_user_error(run_in_process("train.py", *args), "already holds 2 checkpoint(s)", "--overwrite")
+    result = run_in_process("train.py", *args, "--overwrite")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "deleted 2 checkpoint(s)" in result.stdout
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["ckpt-00000001.pt"]
@@ -205,11 +210,11 @@ def test_a_fresh_run_in_a_used_folder_is_refused_then_overwritten(first_run, tmp
 def test_resume_compares_values_not_flag_names(first_run, tmp_path, corpus_dir):
     out = copy_run(first_run, tmp_path)
     # the original command again, plus --resume: nothing changes, so it goes on
-    same = run("train.py", "--data", corpus_dir, "--out_dir", out, "--ckpt_every", 2, "--eval_every", 100, *TINY,
-               "--resume", "--max_steps", 5)
+    same = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--ckpt_every", 2, "--eval_every", 100,
+                          *TINY, "--resume", "--max_steps", 5)
     assert same.returncode == 0, same.stderr[-2000:]
     assert "resumed from" in same.stdout and "at step 4" in same.stdout
-    assert_user_error(run("train.py", "--out_dir", out, "--resume", "--rope_base", 500000),
+    assert_user_error(run_in_process("train.py", "--out_dir", out, "--resume", "--rope_base", 500000),
                       "--rope_base cannot change", "resuming")
     # the same rule in-process (fast): what changes the computed function, the objective or the data
     path = os.path.join(out, "ckpt-00000005.pt")
@@ -235,7 +240,7 @@ def test_resume_prepares_missing_or_foreign_data_with_its_own_tokenizer(first_ru
     out = copy_run(first_run, tmp_path)
     original = (out / "data" / "train.bin").read_bytes()
     shutil.rmtree(out / "data")
-    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 5)
+    resumed = run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 5)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "is missing: preparing it again with the checkpoint's tokenizer" in resumed.stdout
     assert (out / "data" / "train.bin").read_bytes() == original    # the very tokens it trained on
@@ -246,7 +251,7 @@ def test_resume_prepares_missing_or_foreign_data_with_its_own_tokenizer(first_ru
     other = Tokenizer.train(corpus_texts(80)[40:], 512)
     prepare(corpus_dir, other, str(out / "data"), num_workers=1, log=lambda *_: None)
     assert (out / "data" / "train.bin").read_bytes() != original
-    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 6)
+    resumed = run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 6)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "was made by another tokenizer: preparing it again" in resumed.stdout
     assert (out / "data" / "train.bin").read_bytes() == original
@@ -256,17 +261,17 @@ def test_resume_refuses_edited_source_it_cannot_reproduce(first_run, tmp_path, c
     data = tmp_path / "corpus"
     shutil.copytree(corpus_dir, data)
     out = tmp_path / "run"
-    first = run("train.py", "--data", data, "--out_dir", out, "--max_steps", 2, "--eval_every", 100, *TINY)
+    first = run_in_process("train.py", "--data", data, "--out_dir", out, "--max_steps", 2, "--eval_every", 100, *TINY)
     assert first.returncode == 0, first.stderr[-2000:]
     with open(data / "doc000.txt", "a") as f:
         f.write("\nAn edit made after the checkpoint.\n")
     # prepared tokens intact: resume goes on with them and says the source changed
-    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 3)
+    resumed = run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 3)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "changed since" in resumed.stdout and "--init_from" in resumed.stdout
     # prepared tokens gone and the source edited: they cannot be made again
     shutil.rmtree(out / "data")
-    assert_user_error(run("train.py", "--out_dir", out, "--resume", "--max_steps", 4), "changed since",
+    assert_user_error(run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 4), "changed since",
                       "--init_from")
 
 
@@ -274,12 +279,12 @@ def test_sample_falls_back_past_a_damaged_newest_checkpoint(first_run, tmp_path)
     out = copy_run(first_run, tmp_path)
     with open(out / "ckpt-00000004.pt", "r+b") as f:
         f.truncate(1000)
-    result = run("sample.py", "--ckpt", out, "--num_samples", 1, "--max_new_tokens", 3, "--device", "cpu")
+    result = run_in_process("sample.py", "--ckpt", out, "--num_samples", 1, "--max_new_tokens", 3, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "skipping" in result.stderr and "ckpt-00000004.pt" in result.stderr
     assert result.stdout.count("--- sample") == 1
     # resuming from step 2 redoes steps 3 and 4: each step's row appears once in metrics.jsonl
-    resumed = run("train.py", "--out_dir", out, "--resume", "--max_steps", 4)
+    resumed = run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 4)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "dropped 3 row(s) logged after step 2" in resumed.stdout   # steps 3, 4 and the val row of 4
     train_rows = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
@@ -288,7 +293,8 @@ def test_sample_falls_back_past_a_damaged_newest_checkpoint(first_run, tmp_path)
 
 def test_max_steps_zero_prepares_and_stops(tmp_path, corpus_dir):
     out = tmp_path / "run"
-    result = run("train.py", "--data", corpus_dir, "--out_dir", out, *TINY, "--max_steps", 0, "--warmup_steps", 0)
+    result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, *TINY, "--max_steps", 0,
+                            "--warmup_steps", 0)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nothing to train" in result.stdout
     assert (out / "tokenizer.model").exists() and (out / "data" / "train.bin").stat().st_size > 0
@@ -332,7 +338,7 @@ def test_init_from_continues_pretraining_on_new_text(first_run, tmp_path):
 def test_init_from_refuses_a_backbone_that_does_not_fit(first_run, tmp_path):
     out = tmp_path / "child"
     # a clm backbone has no embedding norm, which the masked LMs' encoder needs
-    assert_user_error(run("train.py", "--init_from", first_run, "--out_dir", out, "--objective", "mlm"),
+    assert_user_error(run_in_process("train.py", "--init_from", first_run, "--out_dir", out, "--objective", "mlm"),
                       "--init_from", "embed_norm")
     parent_path = os.path.join(first_run, "ckpt-00000004.pt")
     with pytest.raises(UserError, match="n_layer=1 but --n_layer 3 was asked"):
@@ -347,13 +353,13 @@ def test_init_from_refuses_a_backbone_that_does_not_fit(first_run, tmp_path):
 
 def test_init_from_moves_a_masked_lm_backbone_and_head_into_span(tmp_path, corpus_dir):
     parent_dir = tmp_path / "mlm"
-    first = run("train.py", "--data", corpus_dir, "--out_dir", parent_dir, "--objective", "mlm", "--max_steps", 1,
-                "--eval_every", 100, *TINY)
+    first = run_in_process("train.py", "--data", corpus_dir, "--out_dir", parent_dir, "--objective", "mlm",
+                           "--max_steps", 1, "--eval_every", 100, *TINY)
     assert first.returncode == 0, first.stderr[-2000:]
     child_dir = tmp_path / "span"
-    result = run("train.py", "--init_from", parent_dir, "--data", corpus_dir, "--out_dir", child_dir, "--objective",
-                 "span", "--max_steps", 1, "--eval_every", 100, "--batch_size", 4, "--warmup_steps", 1,
-                 "--device", "cpu", "--threads", 1, "--lr", 1e-9, "--min_lr", 0)
+    result = run_in_process("train.py", "--init_from", parent_dir, "--data", corpus_dir, "--out_dir", child_dir,
+                            "--objective", "span", "--max_steps", 1, "--eval_every", 100, "--batch_size", 4,
+                            "--warmup_steps", 1, "--device", "cpu", "--threads", 1, "--lr", 1e-9, "--min_lr", 0)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(step 1, mlm): the backbone, " in result.stdout and "head tensor(s)" in result.stdout
     assert "start from scratch" not in result.stdout        # the span objective has the very same head
