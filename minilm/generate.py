@@ -160,7 +160,7 @@ class Seq2SeqSteps:
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.cache is not None:
-            self.cache.reorder(index)
+            self.cache.reorder(index, cross_too=False)   # a beam never leaves its example: same memory
 
 
 def encode_inputs(model: EncoderDecoder, input_ids: torch.Tensor, input_lengths: torch.Tensor | None,

@@ -558,7 +558,15 @@ class KVCache:
             self.cross[layer] = compute()
         return self.cross[layer]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (B',) of the batch, in that order (B' may differ from B)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
-        self.cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]
+    def reorder(self, index: torch.Tensor, cross_too: bool = True) -> None:
+        """Keep rows `index` (B',) of the batch, in that order (B' may differ from B). Only the
+        positions held so far are copied. cross_too=False leaves the cross-attention keys/values
+        as they are: right when every row moves only among rows with the same memory (the beams of
+        one example), where copying them, (B, H, S, D) per layer each step, would change nothing."""
+        filled = slice(0, self.length)
+        k = self.k.new_empty((self.k.shape[0], len(index)) + self.k.shape[2:])
+        v = self.v.new_empty(k.shape)
+        k[:, :, :, filled], v[:, :, :, filled] = self.k[:, index, :, filled], self.v[:, index, :, filled]
+        self.k, self.v = k, v
+        if cross_too:
+            self.cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]
