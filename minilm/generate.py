@@ -119,7 +119,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
 # An encoder-decoder (minilm.model.EncoderDecoder) decodes in three ways, greedy, sampling and
 # beam search, all driven by one step function, seq2seq_step: the decoder tokens so far in, the
 # next token's logits out. The encoder runs once per example (encode_inputs); beams and multiple
-# samples share that encoding by repeating its rows (repeat_interleave), after it.
+# samples share that encoding: decoder rows b*copies .. b*copies+copies-1 read memory row b.
 
 
 def seq2seq_step(model: EncoderDecoder, tokens: torch.Tensor, memory: torch.Tensor,
@@ -141,19 +141,21 @@ def seq2seq_step(model: EncoderDecoder, tokens: torch.Tensor, memory: torch.Tens
 
 
 class Seq2SeqSteps:
-    """One decode's state between steps: the memory (N, S, C), its mask and the decoder's KV cache.
+    """One decode's state between steps: the memory (B, S, C), its mask and the decoder's KV cache
+    over N = B * copies rows (copies: beams or samples per example).
 
     step(tokens) -> (N, V) logits (seq2seq_step); reorder(index) keeps rows `index` of the cache
-    (beam search: each surviving beam takes its parent's keys/values). The memory rows of one
-    example's beams are equal, and reordering never moves a beam to another example, so the
-    memory itself is never reordered.
+    (beam search: each surviving beam takes its parent's keys/values). Reordering never moves a
+    beam to another example, so the memory and its cross-attention keys/values, one row per
+    example, are never reordered.
     """
 
-    def __init__(self, model: EncoderDecoder, memory, memory_mask, use_cache: bool, max_len: int):
+    def __init__(self, model: EncoderDecoder, memory, memory_mask, use_cache: bool, max_len: int, rows: int):
+        # rows: decoder rows, a whole multiple of memory's (the beams or samples of each example)
         self.model, self.memory, self.memory_mask = model, memory, memory_mask
         self.cache = None
         if use_cache:
-            self.cache = KVCache(model.decoder.cfg, memory.shape[0], memory.device, memory.dtype, max_len=max_len)
+            self.cache = KVCache(model.decoder.cfg, rows, memory.device, memory.dtype, max_len=max_len)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return seq2seq_step(self.model, tokens, self.memory, self.memory_mask, self.cache)
@@ -163,17 +165,13 @@ class Seq2SeqSteps:
             self.cache.reorder(index, cross_too=False)   # a beam never leaves its example: same memory
 
 
-def encode_inputs(model: EncoderDecoder, input_ids: torch.Tensor, input_lengths: torch.Tensor | None,
-                  copies: int):
+def encode_inputs(model: EncoderDecoder, input_ids: torch.Tensor, input_lengths: torch.Tensor | None):
     """Run the encoder once: input_ids (B, S), right-padded to S when input_lengths (B,) is given
-    -> memory (B * copies, S, C) and its padding mask (B * copies, 1, 1, S) or None, each
-    example's rows repeated `copies` times in a row (row b * copies + i is example b)."""
+    -> memory (B, S, C) and its padding mask (B, 1, 1, S) or None. It is not repeated for the
+    beams or samples: decoder rows b*copies .. b*copies+copies-1 all read memory row b
+    (Attention, memory with fewer rows than x)."""
     mask = None if input_lengths is None else padding_mask(input_lengths.to(input_ids.device), input_ids.shape[1])
-    memory = model.encode(input_ids, mask)
-    if copies > 1:
-        memory = memory.repeat_interleave(copies, dim=0)
-        mask = None if mask is None else mask.repeat_interleave(copies, dim=0)
-    return memory, mask
+    return model.encode(input_ids, mask), mask
 
 
 def check_decoder_length(model: EncoderDecoder, max_new_tokens: int) -> None:
@@ -222,9 +220,10 @@ def generate_seq2seq(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tok
     check_decoder_length(model, max_new_tokens)
     was_training = model.training
     model.eval()
-    memory, memory_mask = encode_inputs(model, input_ids, input_lengths, num_samples)
-    steps = Seq2SeqSteps(model, memory, memory_mask, use_cache, max_len=max(1, max_new_tokens))
-    out = sample_loop(steps.step, memory.shape[0], max_new_tokens, start_id=start_id, eos_id=eos_id,
+    memory, memory_mask = encode_inputs(model, input_ids, input_lengths)
+    rows = input_ids.shape[0] * num_samples
+    steps = Seq2SeqSteps(model, memory, memory_mask, use_cache, max_len=max(1, max_new_tokens), rows=rows)
+    out = sample_loop(steps.step, rows, max_new_tokens, start_id=start_id, eos_id=eos_id,
                       pad_id=eos_id if pad_id is None else pad_id, temperature=temperature, top_k=top_k,
                       top_p=top_p, generator=generator, device=input_ids.device)
     model.train(was_training)
@@ -334,8 +333,9 @@ def beam_search(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tokens: 
     check_decoder_length(model, max_new_tokens)
     was_training = model.training
     model.eval()
-    memory, memory_mask = encode_inputs(model, input_ids, input_lengths, beam_size)
-    steps = Seq2SeqSteps(model, memory, memory_mask, use_cache, max_len=max(1, max_new_tokens))
+    memory, memory_mask = encode_inputs(model, input_ids, input_lengths)
+    steps = Seq2SeqSteps(model, memory, memory_mask, use_cache, max_len=max(1, max_new_tokens),
+                         rows=input_ids.shape[0] * beam_size)
     out = beam_loop(steps.step, steps.reorder, input_ids.shape[0], beam_size, max_new_tokens,
                     start_id=start_id, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id,
                     length_penalty=length_penalty, early_stopping=early_stopping, device=input_ids.device)

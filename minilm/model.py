@@ -188,6 +188,8 @@ class Attention(nn.Module):
         and attention runs over all of them; with memory (cross-attention), the memory's
         keys/values are computed on the first call and reused after (the encoder output does not
         change while a decoder generates).
+        memory may hold fewer rows than x, B = g * B_memory: then rows b*g .. b*g+g-1 of x all
+        read memory row b (several beams or samples of one encoded example).
         """
         C = x.shape[-1]
         if memory is None:
@@ -207,7 +209,14 @@ class Attention(nn.Module):
             q, k = rotary(q, positions), rotary(k, memory_positions)
         if cache is not None and memory is None:
             k, v = cache.append(layer, k, v)  # every key/value so far: (B, H, cached + T, D)
+        shared = q.shape[0] // k.shape[0]   # rows of x per memory row: 1, or several beams/samples
+        if shared > 1:
+            # rows b*g .. b*g+g-1 of x (the beams of example b) share memory row b: their queries
+            # attend together, so each example's keys/values are read once, not once per beam
+            q = rearrange(q, "(b g) h t d -> b h (g t) d", g=shared)
         y = attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if shared > 1:
+            y = rearrange(y, "b h (g t) d -> (b g) h t d", g=shared)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
