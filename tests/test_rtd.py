@@ -64,6 +64,12 @@ def test_pads_are_never_chosen_nor_labelled_and_every_changed_token_is_replaced(
     assert batch["valid"].sum() == 25 and batch["counts"]["tokens"] == 25
     _, sums = objective(batch)
     assert sums["discriminator/targets"] == 25                      # pads not labelled
+    with torch.no_grad():   # nor in the loss: its sum runs over the 25 real tokens only
+        corrupted, replaced = objective.corrupt(batch, torch.full_like(batch["targets"], 150))
+        detector = objective.discriminator_logits(corrupted, batch["attn_mask"])
+    valid = batch["valid"]
+    by_hand = F.binary_cross_entropy_with_logits(detector[valid], replaced[valid].float(), reduction="sum")
+    torch.testing.assert_close(sums["discriminator/nll"], by_hand)
     assert sums["discriminator/positives"] == 25 - 2                # all but the two 150s
     assert sums["generator/targets"] == 25
 
@@ -241,6 +247,9 @@ def test_init_from_an_rtd_checkpoint_takes_the_discriminator():
     train_script = load_script("train.py")
     from minilm.config import Config
     parent = make()
+    with torch.no_grad():   # every tensor unlike a fresh one, so whatever is taken shows
+        for p in parent.parameters():
+            p.add_(torch.randn_like(p))
     parent_cfg = Config(model=CFG)
     parent_cfg.train.objective = "rtd"
     state = {"model": parent.state_dict(), "config": parent_cfg.to_dict(), "objective": "rtd", "step": 5}
