@@ -26,6 +26,11 @@ fillings (--temperature, --top_k, --top_p as above); --temperature 0 prints the 
 filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search (no sampling:
 --temperature, --top_k and --top_p are unused), ranked by
 sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans).
+
+Replaced-token detectors (--objective rtd, ELECTRA's discriminator) score text instead:
+    python sample.py --ckpt out --score "The chef cooked the meal."
+prints one line per token: the discriminator's probability that the token was replaced (by the
+generator in training), then the piece. Write a wrong word in to see it stand out.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False, fill="", infill="", beam_size=1,
-                length_penalty=1.0)
+                length_penalty=1.0, score="")
 # what each number accepts (config.check_value): a one-line error naming the flag otherwise
 FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
@@ -130,6 +135,30 @@ def print_fill(objective, tokenizer, text: str, top_k: int, device) -> None:
     filled = [next(best) if t == MASK_ID else t for t in inner]
     # quoted, like the candidates: one line even when a guess is "\n"
     print(f"filled: {show(filled)}")
+
+
+# ----------------------------------------------------------------------------- score (rtd)
+@torch.no_grad()
+def score_tokens(objective, tokenizer, text: str, device) -> list[tuple[int, float]]:
+    """[(token id, probability the discriminator gives to "replaced")] for every token of `text`,
+    from one pass. The text is framed as training framed a new document: after <eos>, whose own
+    score is not returned."""
+    if not text.strip():
+        raise UserError('--score needs some text, e.g. --score "The chef cooked the meal."')
+    ids = [EOS_ID] + tokenizer.encode(text)
+    seq_len = objective.backbone.cfg.seq_len
+    if len(ids) > seq_len:
+        raise UserError(f"--score text is {len(ids)} tokens, longer than the model's context window ({seq_len}); "
+                        "shorten it")
+    probabilities = objective.replaced_probabilities(torch.tensor([ids], device=device))[0]   # (T,)
+    return list(zip(ids[1:], probabilities[1:].tolist()))
+
+
+def print_scores(objective, tokenizer, text: str, device) -> None:
+    """One line per token: P(replaced) with 4 decimals, then the piece, quoted (one line even for
+    a piece holding a newline)."""
+    for token, probability in score_tokens(objective, tokenizer, text, device):
+        print(f"{probability:.4f}  {json.dumps(tokenizer.id_to_piece(token), ensure_ascii=False)}")
 
 
 # ----------------------------------------------------------------------------- infill (seq2seq)
@@ -229,11 +258,23 @@ def print_infill(objective, tokenizer, args: dict, device) -> None:
         print(infill_text(tokenizer, args["infill"], row))
 
 
-def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str) -> None:
+def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str,
+                    scores_tokens: bool = False) -> None:
     """One-line UserError when the flags ask for something this checkpoint's model cannot do, naming
     the flag that fits (--prompt for decoders and prefix LMs, --fill for masked LMs, --infill for
-    encoder-decoders)."""
+    encoder-decoders, --score for replaced-token detectors)."""
     held = f"{ckpt} holds a {model_kind} ({name})"
+    if args["score"] and not scores_tokens:
+        hint = (f"use {INFILL_EXAMPLE} instead" if model_kind == "seq2seq" else
+                f'use --fill "text with {MASK}" instead' if fills_masks else
+                "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
+                "it has no replaced-token detector")
+        raise UserError(f"--score needs a replaced-token detection checkpoint (--objective rtd); {held}: {hint}")
+    if scores_tokens and not args["score"]:
+        raise UserError(f'{held}, a replaced-token detector: it cannot generate or fill in text; score text '
+                        f'with --score "The chef cooked the meal."')
+    if args["score"]:
+        return
     if args["infill"] and model_kind != "seq2seq":
         hint = ('use --fill "text with <mask>" instead' if fills_masks else
                 "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
@@ -263,8 +304,10 @@ def main(argv: list[str]) -> None:
     args = parse_flags(argv, DEFAULTS)
     for name, rule in FLAG_RULES.items():
         check_value(name, args[name], **rule)
-    if args["fill"] and args["infill"]:
-        raise UserError("--fill (masked LMs) and --infill (encoder-decoders) exclude each other; give one")
+    given = [f"--{flag} ({kind})" for flag, kind in (("fill", "masked LMs"), ("infill", "encoder-decoders"),
+                                                      ("score", "replaced-token detectors")) if args[flag]]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)} exclude each other; give one")
     if args["beam_size"] > 1 and not args["infill"]:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
@@ -272,7 +315,11 @@ def main(argv: list[str]) -> None:
         infill_parts(args["infill"])  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
-    check_flags_fit(args, objective.name, objective.model_kind, objective.fills_masks, args["ckpt"])
+    check_flags_fit(args, objective.name, objective.model_kind, objective.fills_masks, args["ckpt"],
+                    objective.scores_tokens)
+    if args["score"]:
+        print_scores(objective, tokenizer, args["score"], device)
+        return
     if args["fill"]:
         print_fill(objective, tokenizer, args["fill"], args["top_k"] or FILL_TOP_K, device)
         return

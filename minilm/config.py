@@ -202,6 +202,17 @@ class ObjectiveConfig:
                                         "becomes one sentinel in the input)", within="(0, 1)")
     mean_noise_span_length: float = option(3.0, "t5: mean length of a noise span, in tokens; spans = "
                                                 "round(noise tokens / this)", at_least=1)
+    # replaced-token detection (ELECTRA; minilm/objectives/rtd.py); its masking reads --mask_prob too
+    generator_fraction: float = option(0.25, "rtd: the generator's width as a share of the discriminator's "
+                                             "(head size kept, so its heads are scaled; at least one)",
+                                       within="(0, 1]")
+    rtd_weight: float = option(50.0, "rtd: loss = generator MLM loss + this x discriminator loss",
+                               at_least=0)
+    rtd_replacement: str = option("electra", "rtd: what the generator sees at a chosen token: electra (85% "
+                                             "<mask>, 15% unchanged) or bert (--mask_replace_prob / "
+                                             "--random_replace_prob, 80/10/10)", choices=("electra", "bert"))
+    generator_temperature: float = option(1.0, "rtd: replacements are sampled from softmax(generator logits "
+                                               "/ this)", above=0)
     sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
                                        "(BERT: B random?)", choices=("sop", "nsp"))
 

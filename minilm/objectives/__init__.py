@@ -17,6 +17,7 @@ from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
 from minilm.objectives.multitask import MultiTask, common_data
 from minilm.objectives.prefix_lm import PrefixLM
+from minilm.objectives.rtd import ReplacedTokenDetection
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
@@ -30,6 +31,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SentenceOrder.name: SentenceOrder,
     PrefixLM.name: PrefixLM,
     SpanCorruption.name: SpanCorruption,
+    ReplacedTokenDetection.name: ReplacedTokenDetection,
 }
 
 

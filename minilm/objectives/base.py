@@ -19,7 +19,11 @@ Metric sums use shared names so they aggregate by plain addition over batches:
     targets  number of predicted tokens
     correct  predicted tokens whose argmax was right
     bytes    UTF-8 bytes the targets stand for (for bits per byte)
-`finalize` turns such sums into loss, perplexity, accuracy and bits per byte. Combined
+    true_positives, predicted_positives, positives
+             a binary detector's counts (rtd: tokens it calls replaced that were, tokens it
+             calls replaced, tokens that were), for precision, recall and positive_share
+             (positives / targets)
+`finalize` turns such sums into loss, perplexity, accuracy, bits per byte, precision and recall. Combined
 objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
 "sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
 
@@ -61,6 +65,8 @@ class Objective(nn.Module):
     data: str = "blocks"          # the data source it reads (see minilm/data.py)
     model_kind: str = "decoder"   # what sample.py can do with its backbone
     fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
+    scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`
+                                  # gives (B, T) probabilities (rtd; sample.py --score)
     model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
                                   # (see "Declared model settings" above; never mutated)
 
@@ -201,7 +207,14 @@ def _finalize_one(sums: dict) -> dict:
             out["acc"] = float(sums["correct"]) / n
         if float(sums.get("bytes", 0)) > 0:
             out["bpb"] = float(sums["nll"]) / math.log(2) / float(sums["bytes"])
+    if "true_positives" in sums:  # a binary detector (rtd): precision, recall, share of positives
+        true_positives = float(sums["true_positives"])
+        out["precision"] = true_positives / max(float(sums["predicted_positives"]), 1.0)
+        out["recall"] = true_positives / max(float(sums["positives"]), 1.0)
+        if n > 0:
+            out["positive_share"] = float(sums["positives"]) / n
     for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
-        if k not in ("nll", "targets", "correct", "bytes", "weighted_nll"):
+        if k not in ("nll", "targets", "correct", "bytes", "weighted_nll", "true_positives",
+                     "predicted_positives", "positives"):
             out[k] = float(v)
     return out

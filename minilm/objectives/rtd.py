@@ -1,0 +1,286 @@
+"""Replaced-token detection (ELECTRA, Clark et al. 2020, "ELECTRA: Pre-training Text Encoders as
+Discriminators Rather Than Generators").
+
+The idea: a small masked LM (the generator) fills in ~15% of the tokens with plausible samples, and
+the encoder we keep (the discriminator) is trained to tell, for every token, whether it is the
+original or a replacement. The discriminator thus learns from all positions, not only the 15% a
+masked LM predicts, which makes it far more sample-efficient for the same compute.
+
+One training step, as in google-research/electra (run_pretraining.py, pretrain_helpers.mask):
+  1. choose: each eligible (non-special, non-padding) token independently with probability
+     mask_prob = 0.15 (--mask_prob; the masked-LM family's rule, minilm/masking.py);
+  2. mask: of the chosen, 85% are shown to the generator as <mask> and 15% unchanged; ELECTRA uses
+     no random replacement (pretrain_helpers.mask: tf.less(uniform, 0.85)). --rtd_replacement bert
+     restores BERT's 80/10/10 (--mask_replace_prob, --random_replace_prob);
+  3. the generator predicts the original token at every chosen position (cross-entropy);
+  4. sample: each chosen position gets a token drawn from the generator's softmax at temperature 1
+     (--generator_temperature), with no gradient through the sampling (ELECTRA's _get_fake_data:
+     tf.stop_gradient). The chosen positions shown unchanged are resampled too, as in ELECTRA
+     (it unmasks, then scatters the samples into every chosen position);
+  5. the discriminator reads the corrupted input (the original with the samples in place) and
+     labels every non-pad token: replaced iff it differs from the original. A sample that equals
+     the original counts as original (ELECTRA: labels = masked * (updated != original)).
+Loss = generator MLM loss + rtd_weight (50, ELECTRA's disc_weight; gen_weight is 1) x
+discriminator binary cross-entropy. The generator's loss is summed over the chosen tokens and
+divided by the step's chosen count, the discriminator's summed over every non-pad token and
+divided by the step's non-pad count (two entries of batch["counts"], so gradient accumulation and
+DDP give exactly the gradient of one big batch; base.py).
+
+The networks (configure_pretraining.py: generator_hidden_size 0.25, generator_layers 1.0):
+  * discriminator = `backbone`, a minilm Transformer encoder (mask None, or a padding mask) with
+    ELECTRA's per-token head: Linear C->C, GELU, Linear C->1 (discriminator_predictions). It is
+    what fine-tuning and --init_from take: "backbone.*" in the checkpoint.
+  * generator: an encoder of the same depth, width generator_fraction (0.25) of the
+    discriminator's with the head size D kept, i.e. max(1, round(H * fraction)) heads of D (for a
+    4-head 256-wide discriminator: 1 head, 64 wide; MLP 4x its own width, or the discriminator's
+    --intermediate_size scaled by the same ratio), and BERT's MLM head (mlm.py's MLMHead) whose
+    transform maps its width back to the embedding width, tied to the token matrix (ELECTRA's
+    get_token_logits on the shared embedding table). Like the masked LMs, its head and last block
+    run only at the chosen positions (Transformer's outputs_at).
+  * shared embeddings: the token table, the position table (--position learned), the segment
+    table and the embedding norm are the SAME Parameter objects in both networks (ELECTRA's
+    untied_generator_embeddings = False). The generator reads them through a Linear projection
+    from the embedding width (= the discriminator's width) to its own (ELECTRA's
+    "embeddings_project"), when the widths differ. RoPE has no parameters: each network rotates
+    with its own (identical) tables.
+
+Sampling is exact and reproducible: make_batch draws one uniform u per chosen position from the
+step's torch.Generator (so a resumed run samples what it would have sampled), and the forward
+takes the first id whose cumulative probability exceeds u (inverse-CDF sampling, on (N, V)
+tensors, no Python loop). make_batch cannot sample itself: the logits do not exist yet.
+
+Shapes: raw (B, T+1) from "blocks" (the first T = seq_len used) -> input_ids (B, T) (original),
+masked_ids (B, T) (what the generator reads), positions (N,) flat indices b*T + t of the chosen
+tokens, targets (N,), sample_noise (N,), valid (B, T) bool (non-pad). Forward: generator (N, C_g)
+-> logits (N, V) -> sampled (N,) -> corrupted (B, T) -> discriminator (B, T, C) -> logits (B, T).
+
+Metrics: "generator/*" (loss, acc: argmax == original at the chosen positions) and
+"discriminator/*" (loss, acc over non-pad tokens, precision and recall of "replaced", and
+positive_share: the share of tokens actually replaced); "loss" is the trained sum
+gen loss + rtd_weight x disc loss.
+
+Where we differ from the references:
+  * Choosing: each eligible token independently with p = 0.15 (a binomial count, as our other
+    masked LMs and HF's collator). ELECTRA draws round(0.15 * n) positions per row with
+    replacement (tf.random.categorical), so duplicates make the distinct count slightly smaller;
+    its n also counts [CLS] and [SEP]. We have no [CLS]/[SEP] framing (see mlm.py).
+  * Embedding width: ELECTRA-Small factorizes the embeddings (embedding_size 128, projected up to
+    the discriminator's 256 and down to the generator's 64); here the embeddings are the
+    discriminator's width, so only the generator projects.
+  * The encoders are minilm's pre-norm Transformer (RoPE, RMSNorm by default), with the masked LMs'
+    embedding norm (embed_norm, declared in model_settings), not BERT's post-norm.
+  * HF's transformers has no ELECTRA pretraining loop; its examples (and the peers benchmark)
+    sample with torch.multinomial, which is the same law.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm import masking
+from minilm.model import Transformer, padding_mask
+from minilm.objectives.base import Objective
+from minilm.objectives.mlm import MLMHead
+from minilm.tokenizer import MASK_ID, NUM_SPECIAL
+
+ELECTRA_MASK_SHARE = 0.85   # of the chosen tokens, shown as <mask>; the rest unchanged (no random)
+
+
+def generator_config(cfg, fraction: float):
+    """The generator's ModelConfig: the discriminator's `cfg` with max(1, round(n_head * fraction))
+    heads of the same size, so n_embd = heads * head_dim; an explicit intermediate_size is scaled
+    by the same width ratio (0 keeps the 4x default). Always tied: its head is the token matrix."""
+    n_head = max(1, round(cfg.n_head * fraction))
+    width = n_head * cfg.head_dim
+    intermediate = max(1, round(cfg.intermediate_size * width / cfg.n_embd)) if cfg.intermediate_size else 0
+    return dataclasses.replace(cfg, n_head=n_head, n_embd=width, intermediate_size=intermediate,
+                               tie_embeddings=True)
+
+
+class Generator(Transformer):
+    """ELECTRA's generator: a (narrower) Transformer encoder whose embeddings are the
+    discriminator's, the very same modules, followed by a projection to its own width."""
+
+    def __init__(self, cfg, shared: Transformer):
+        super().__init__(cfg)
+        # replace the tables built for cfg by the discriminator's: one Parameter each, in both networks
+        self.tok_emb, self.pos_emb, self.seg_emb, self.embed_norm = (shared.tok_emb, shared.pos_emb,
+                                                                     shared.seg_emb, shared.embed_norm)
+        width = shared.cfg.n_embd
+        self.embed_project = nn.Linear(width, cfg.n_embd, bias=cfg.bias) if width != cfg.n_embd else None
+        if self.embed_project is not None:
+            Transformer._init_weights(self.embed_project)
+
+    def embed(self, ids, positions=None, segment_ids=None):
+        """(B, T) -> (B, T, C_g): the shared embeddings (B, T, C), projected."""
+        x = super().embed(ids, positions, segment_ids)
+        return x if self.embed_project is None else self.embed_project(x)
+
+
+class GeneratorHead(MLMHead):
+    """BERT's MLM head with its transform from the generator's width to the embedding width, so
+    the tied token matrix (V, C) applies: (N, C_g) -> (N, V)."""
+
+    def __init__(self, cfg, generator_width: int):
+        super().__init__(cfg)                          # cfg: the discriminator's (norm, bias of V)
+        self.dense = nn.Linear(generator_width, cfg.n_embd, bias=cfg.bias)
+        Transformer._init_weights(self.dense)
+
+
+class DiscriminatorHead(nn.Module):
+    """ELECTRA's discriminator_predictions: Linear C->C, GELU, Linear C->1. (..., C) -> (...) logits
+    of "this token was replaced". With biases, as ELECTRA's dense layers."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.out = nn.Linear(cfg.n_embd, 1)
+        for layer in (self.dense, self.out):
+            Transformer._init_weights(layer)
+
+    def forward(self, hidden):
+        return self.out(F.gelu(self.dense(hidden))).squeeze(-1)
+
+
+def sample_from_logits(logits: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One id per row from softmax(logits / temperature), by inverse CDF: logits (N, V), noise (N,)
+    uniform in [0, 1) -> (N,) long, the first id whose cumulative (unnormalized) probability exceeds
+    noise * total. Ids of probability 0 are never drawn. No gradient (the caller passes detached
+    logits)."""
+    weights = torch.exp((logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature)  # (N, V)
+    cumulative = weights.cumsum(dim=-1)                                                      # (N, V)
+    threshold = noise[:, None].to(cumulative.dtype) * cumulative[:, -1:]                     # (N, 1)
+    return torch.searchsorted(cumulative, threshold, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+
+class ReplacedTokenDetection(Objective):
+    name = "rtd"
+    data = "blocks"
+    model_kind = "encoder"
+    fills_masks = False
+    scores_tokens = True
+    # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
+    # so the discriminator needs no separate LM head either
+    model_settings = {"embed_norm": True, "tie_embeddings": True}
+
+    def __init__(self, model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        if options is None:
+            from minilm.config import ObjectiveConfig
+            options = ObjectiveConfig()
+        options.validate()
+        self.options = options
+        self.seq_len = model_cfg.seq_len
+        self.backbone = self.build_backbone(model_cfg)                     # the discriminator
+        self.discriminator_head = DiscriminatorHead(model_cfg)
+        self.generator = Generator(generator_config(model_cfg, options.generator_fraction), self.backbone)
+        self.generator_head = GeneratorHead(model_cfg, self.generator.cfg.n_embd)
+        V = model_cfg.vocab_size
+        special = tokenizer.special_table if tokenizer is not None else torch.arange(V) < NUM_SPECIAL
+        self.register_buffer("special_table", special.clone(), persistent=False)
+        self.register_buffer("random_ids", torch.nonzero(~special).squeeze(1), persistent=False)
+
+    def replacement_shares(self) -> tuple[float, float]:
+        """(shown as <mask>, shown as a random token) among the chosen; the rest are unchanged."""
+        if self.options.rtd_replacement == "bert":
+            return self.options.mask_replace_prob, self.options.random_replace_prob
+        return ELECTRA_MASK_SHARE, 0.0
+
+    # --------------------------------------------------------------- data
+    def make_batch(self, raw, generator=None, lengths=None):
+        """raw (B, T+1) -> model inputs (module docstring); `lengths` (B,) for right-padded rows."""
+        ids = raw[:, :self.seq_len]
+        B, T = ids.shape
+        eligible = masking.eligible_positions(ids, self.special_table, lengths)
+        chosen = masking.choose_bernoulli(eligible, self.options.mask_prob, generator)
+        mask_share, random_share = self.replacement_shares()
+        masked_ids, _ = masking.replace(ids, chosen, generator, MASK_ID, self.random_ids, mask_share, random_share)
+        positions = torch.nonzero(chosen.flatten()).squeeze(1)                 # (N,) flat b*T + t
+        valid = (torch.ones_like(chosen) if lengths is None
+                 else torch.arange(T, device=ids.device)[None, :] < lengths[:, None])
+        batch = {"input_ids": ids, "masked_ids": masked_ids, "positions": positions,
+                 "targets": ids.flatten()[positions], "valid": valid,
+                 # drawn here, from the step's generator, so that resuming reproduces the samples
+                 "sample_noise": torch.rand(len(positions), generator=generator, device=ids.device),
+                 "counts": {"targets": chosen.sum(), "tokens": valid.sum()}}
+        if lengths is not None:
+            batch["attn_mask"] = padding_mask(lengths, T)
+        return batch
+
+    # --------------------------------------------------------------- model
+    def corrupt(self, batch, sampled):
+        """The discriminator's input and labels: the original ids with `sampled` (N,) at the chosen
+        positions, (B, T); replaced (B, T) bool, True where the sample differs from the original
+        (never at a pad: nothing is chosen there)."""
+        ids, positions = batch["input_ids"], batch["positions"]
+        corrupted = ids.flatten().scatter(0, positions, sampled).view_as(ids)
+        return corrupted, corrupted != ids
+
+    def generator_logits(self, batch):
+        """The generator's logits at the chosen positions, (N, V), fp32 for a stable softmax."""
+        picked = self.generator(batch["masked_ids"], mask=batch.get("attn_mask"),
+                                outputs_at=batch["positions"])                 # (N, C_g)
+        return self.generator_head(picked, self.backbone.tok_emb.weight).float()
+
+    def discriminator_logits(self, ids, attn_mask=None):
+        """(B, T) ids -> (B, T) logits of "replaced"."""
+        return self.discriminator_head(self.backbone(ids, mask=attn_mask)).float()
+
+    @torch.no_grad()
+    def replaced_probabilities(self, input_ids, attn_mask=None):
+        """What sample.py --score shows: (B, T) -> (B, T), the discriminator's P(replaced)."""
+        return torch.sigmoid(self.discriminator_logits(input_ids, attn_mask))
+
+    def forward(self, batch, totals=None):
+        targets, valid = batch["targets"], batch["valid"]
+        logits = self.generator_logits(batch)                                           # (N, V)
+        generator_nll = F.cross_entropy(logits, targets, reduction="sum")
+        with torch.no_grad():   # no gradient flows through the sampling (ELECTRA's stop_gradient)
+            sampled = sample_from_logits(logits, batch["sample_noise"], self.options.generator_temperature)
+            corrupted, replaced = self.corrupt(batch, sampled)
+        detector_logits = self.discriminator_logits(corrupted, batch.get("attn_mask"))  # (B, T)
+        per_token = F.binary_cross_entropy_with_logits(detector_logits, replaced.float(), reduction="none")
+        discriminator_nll = (per_token * valid).sum()
+        counts = totals or batch["counts"]
+        weight = self.options.rtd_weight
+        loss = (generator_nll / counts["targets"].clamp(min=1)
+                + weight * discriminator_nll / counts["tokens"].clamp(min=1))
+        with torch.no_grad():
+            called = (detector_logits > 0) & valid
+            replaced &= valid
+            sums = {"generator/nll": generator_nll.detach(), "generator/targets": batch["counts"]["targets"],
+                    "generator/correct": (logits.argmax(-1) == targets).sum(),
+                    "generator/weighted_nll": generator_nll.detach(),
+                    "discriminator/nll": discriminator_nll.detach(), "discriminator/targets": batch["counts"]["tokens"],
+                    "discriminator/correct": ((called == replaced) & valid).sum(),
+                    "discriminator/weighted_nll": weight * discriminator_nll.detach(),
+                    "discriminator/true_positives": (called & replaced).sum(),
+                    "discriminator/predicted_positives": called.sum(),
+                    "discriminator/positives": replaced.sum()}
+        return loss, sums
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per input token (for MFU), 6 per weight per token plus 12 H D T per block
+        for attention: the discriminator and its head everywhere; the generator's embedding
+        projection and every block but the last everywhere, its last block's keys and values
+        everywhere and the rest of that block and its head (with the tied token matrix) at the
+        mask_prob share of positions (as mlm.py counts). The sampling is not counted."""
+        p = self.options.mask_prob
+        disc, gen = self.backbone, self.generator
+        dcfg, gcfg = disc.cfg, gen.cfg
+
+        def block_weights(model):
+            return sum(w.numel() for w in model.blocks[0].parameters())
+        discriminator = (len(disc.blocks) * block_weights(disc)
+                         + sum(w.numel() for w in self.discriminator_head.parameters()))
+        key_value = 2 * gcfg.n_embd * (gcfg.n_embd + (1 if gcfg.bias else 0))
+        project = sum(w.numel() for w in gen.embed_project.parameters()) if gen.embed_project is not None else 0
+        head = sum(w.numel() for w in self.generator_head.parameters()) + disc.tok_emb.weight.numel()
+        generator = (project + (len(gen.blocks) - 1) * block_weights(gen) + key_value
+                     + p * (block_weights(gen) - key_value + head))
+        attention = (len(disc.blocks) * 12 * dcfg.n_head * dcfg.head_dim * dcfg.seq_len
+                     + (len(gen.blocks) - 1 + p) * 12 * gcfg.n_head * gcfg.head_dim * gcfg.seq_len)
+        return 6 * (discriminator + generator) + attention
