@@ -202,6 +202,11 @@ class ObjectiveConfig:
                                         "becomes one sentinel in the input)", within="(0, 1)")
     mean_noise_span_length: float = option(3.0, "t5: mean length of a noise span, in tokens; spans = "
                                                 "round(noise tokens / this)", at_least=1)
+    # permutation LM (minilm/objectives/plm.py)
+    plm_partial_k: int = option(6, "plm: predict the last 1/K of each sequence's random factorization order "
+                                   "(XLNet's K): round(seq_len / K) targets per row", at_least=2)
+    plm_span_targets: bool = option(False, "plm: choose the targets as XLNet's spans (n = 1..5 tokens with p ~ 1/n, "
+                                           "one per stretch of 7n tokens) instead of uniformly")
     sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
                                        "(BERT: B random?)", choices=("sop", "nsp"))
 

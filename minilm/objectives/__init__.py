@@ -15,6 +15,7 @@ from minilm.errors import UserError
 from minilm.objectives.base import IGNORE, Objective, finalize, resolve_model_config
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
+from minilm.objectives.plm import PermutationLM
 from minilm.objectives.multitask import MultiTask, common_data
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.sop import SentenceOrder
@@ -30,6 +31,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SentenceOrder.name: SentenceOrder,
     PrefixLM.name: PrefixLM,
     SpanCorruption.name: SpanCorruption,
+    PermutationLM.name: PermutationLM,
 }
 
 
