@@ -158,6 +158,9 @@ def test_predicted_fraction_is_one_in_k_and_every_target_has_one_slot_in_the_ord
     assert ((ranks > 0).sum(1) == M).all()                               # the same M in every row
     assert torch.equal(ranks.gather(1, target_positions), torch.arange(1, M + 1).expand(B, M))
     assert torch.equal(batch["targets"], ids.gather(1, target_positions))
+    # spans: a target's right neighbour is a target far more often than the M/T of a uniform choice
+    neighbour_too = ((ranks[:, :-1] > 0) & (ranks[:, 1:] > 0)).sum() / (ranks[:, :-1] > 0).sum()
+    assert (neighbour_too > 0.4) if span else (neighbour_too < 0.3), float(neighbour_too)
 
 
 def test_the_order_among_the_targets_is_uniformly_random():
