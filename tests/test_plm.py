@@ -147,7 +147,7 @@ def test_query_stream_at_the_targets_alone_equals_the_full_two_stream_computatio
 
 
 # ----------------------------------------------------------------------------- which tokens are targets
-@pytest.mark.parametrize("k, span", [(6, False), (7, False), (6, True), (3, True)])
+@pytest.mark.parametrize("k, span", [(6, False), (7, False), (6, True), (8, True)])
 def test_predicted_fraction_is_one_in_k_and_every_target_has_one_slot_in_the_order(k, span):
     objective = plm(seq_len=128, options=ObjectiveConfig(plm_partial_k=k, plm_span_targets=span))
     batch = random_batch(objective, rows=8)
