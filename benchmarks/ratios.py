@@ -25,6 +25,8 @@ PAIRS = [  # (minilm row, peer row)
     ("mlm-minilm", "roberta-mlm"),
     ("bf16-mlm-minilm", "bf16-roberta-mlm"),
     ("mask-minilm", "collator-mlm"),       # masking alone, tokens/s of batches made
+    ("plm-minilm", "xlnet-plm"),
+    ("bf16-plm-minilm", "bf16-xlnet-plm"),
 ]
 LOAD_LIMIT = 0.05
 

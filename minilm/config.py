@@ -213,6 +213,11 @@ class ObjectiveConfig:
                                              "--random_replace_prob, 80/10/10)", choices=("electra", "bert"))
     generator_temperature: float = option(1.0, "rtd: replacements are sampled from softmax(generator logits "
                                                "/ this)", above=0)
+    # permutation LM (minilm/objectives/plm.py)
+    plm_partial_k: int = option(6, "plm: predict the last 1/K of each sequence's random factorization order "
+                                   "(XLNet's K): round(seq_len / K) targets per row", at_least=2)
+    plm_span_targets: bool = option(False, "plm: choose the targets as XLNet's spans (n = 1..5 tokens with p ~ 1/n, "
+                                           "one per stretch of 7n tokens) instead of uniformly")
     sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
                                        "(BERT: B random?)", choices=("sop", "nsp"))
 

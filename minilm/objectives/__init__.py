@@ -16,6 +16,7 @@ from minilm.objectives.base import IGNORE, Objective, finalize, resolve_model_co
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
 from minilm.objectives.multitask import MultiTask, common_data
+from minilm.objectives.plm import PermutationLM
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.rtd import ReplacedTokenDetection
 from minilm.objectives.sop import SentenceOrder
@@ -32,6 +33,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     PrefixLM.name: PrefixLM,
     SpanCorruption.name: SpanCorruption,
     ReplacedTokenDetection.name: ReplacedTokenDetection,
+    PermutationLM.name: PermutationLM,
 }
 
 

@@ -1,0 +1,250 @@
+"""Permutation language modeling with two-stream attention (XLNet, Yang et al. 2019).
+
+The idea: a causal LM predicts each token from the tokens to its left; XLNet predicts each token
+from the tokens before it in a *random factorization order*, sampled anew for every sequence, so
+in expectation every token learns from context on both sides without a <mask> token in the
+input. The positions stay where they are; only the attention masks follow the order.
+
+The order, per row (make_batch; vectorized, from the step's generator):
+  * Partial prediction (XLNet sec. 2.3): only the last 1/K of the order are targets, K = 6 by
+    default (--plm_partial_k; XLNet's num_predict = 85 of 512 tokens, 512/85 ~ 6). A row of T
+    tokens has M = round(T / K) targets (at least 1, at most T-1), the same M in every row, so the
+    query stream is a dense (B, M, C) tensor with no padding. The early part of the order is all
+    context: as in XLNet's `_local_perm` (and HF's collator), every non-target gets the smallest
+    rank, so the non-targets read each other in both directions and none of them reads a target.
+  * Which tokens are targets: by default a uniform random M of T (the last M of a uniformly random
+    permutation, argsort of uniform noise). --plm_span_targets true is XLNet's `_sample_mask`:
+    walk the row in stretches of 7n tokens, n in 1..5 drawn with probability proportional to 1/n
+    (0.44, 0.22, 0.15, 0.11, 0.09); in each stretch a span of n tokens starts after a left context
+    l uniform in {0, ..., 6n-1} (XLNet's "context of 6n": mask_alpha 6 / mask_beta 1 tokens, the
+    right context is 6n - l); the span that reaches M targets is cut to fit; a span must end before
+    the row's last token (XLNet's `end >= seg_len: break`); the rest of the M targets are then drawn
+    uniformly among the other tokens. Spans cover about 1/7 of the row, so roughly 6/7 of the
+    targets come from spans at K = 6.
+  * The order among the targets is uniformly random: ranks[b, i] = 0 for a non-target, 1..M for
+    the targets in the order they are predicted.
+
+Two streams through the same blocks and weights (XLNet sec. 2.3, Figure 1):
+  content stream h (B, T, C)   starts from the token embeddings; position i attends to every j
+                               with rank[j] <= rank[i] (itself included): an ordinary encoder
+                               under a permuted mask. It is what fine-tuning and --init_from take.
+  query stream g (B, M, C)     one row per target, starting from a learned vector (`query_start`,
+                               XLNet's mask_emb) plus the target's position: rotary positions rotate
+                               its queries at the target's own position, or with --position learned
+                               the position embedding is added. Target i attends to the content
+                               stream at every j with rank[j] < rank[i]: it knows *where* it
+                               predicts but never sees its own token.
+Layer l: g_l = block(g_{l-1}, keys/values from h_{l-1}), h_l = block(h_{l-1}); the query stream at
+a position depends on nothing but its own state and the content stream, so it runs at the M
+targets only: 1/K of the query work of computing it at every position (the harness's Hugging Face
+peer does that). The last block's content output is read by nobody, so it is not computed.
+Logits: final norm, tied output matrix, at the (B, M) targets; the loss is their summed
+cross-entropy over the step's target count (objectives/base.py).
+
+Shapes: raw (B, T+1) from the "blocks" source (the first T = seq_len tokens are used) ->
+input_ids (B, T), ranks (B, T) long, target_positions (B, M) (listed in factorization order:
+target m has rank m+1), targets (B, M); masks content (B, 1, T, T) and query (B, 1, M, T) bool,
+built in forward from ranks (True = may attend).
+
+Where Hugging Face's DataCollatorForPermutationLanguageModeling differs from the original:
+  * it replaces the targets by <mask> in the input (`inputs[masked_indices] = mask_token_id`), so
+    its content stream never sees a target's own token; XLNet's content stream reads the real
+    tokens (its query stream is what hides them), and so does ours;
+  * it never hides special tokens (perm_mask is ANDed with the targets), where XLNet's functional
+    tokens (<sep>, <cls>) take part in the order like any other;
+  * its spans have a length uniform in 1..max_span_length in a context of length / plm_probability,
+    so the target count varies per row; XLNet fixes num_predict and draws n with p ~ 1/n;
+  * it shuffles the two halves of the row with one shared permutation of T/2 (its stand-in for
+    XLNet's reuse_len), so every target of the second half comes after those of the first.
+Where we differ from the original XLNet:
+  * no Transformer-XL memory (recurrence over segments), hence no reuse_len split of the row: one
+    order over the whole window (XLNet's perm_size = the window);
+  * no relative positional encoding and no relative segment encoding: minilm's rotary (or learned
+    absolute) positions, and no <sep>/<cls>-framed segment pairs: a window is a plain stretch of
+    the token stream that may cross documents (<eos> is a token like any other, as XLNet's <eod>);
+  * no bidirectional data (XLNet's bi_data feeds half the rows reversed);
+  * span targets are placed on tokens, where XLNet first moves a span's start to the next word
+    start (its end test then counts tokens, not words, so its spans are n tokens long too);
+  * minilm's pre-norm blocks (RMSNorm, GELU) instead of XLNet's post-norm Transformer-XL layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from minilm.flops import matmul_weights
+from minilm.losses import cross_entropy_sum
+from minilm.objectives.base import Objective
+
+MAX_SPAN = 5          # XLNet's max_gram: n-gram spans of 1..5 tokens
+CONTEXT_PER_TOKEN = 6  # XLNet's mask_alpha / mask_beta: a span of n sits in 6n tokens of context
+
+
+def targets_per_row(seq_len: int, partial_k: int) -> int:
+    """M = round(T / K), kept in 1..T-1: at least one target, and at least one non-target, so
+    every target's query sees some context (a query that sees nothing would be a softmax over
+    an empty set)."""
+    return min(max(1, round(seq_len / partial_k)), seq_len - 1)
+
+
+def draw_spans(batch: int, seq_len: int, num_targets: int, generator=None, device=None):
+    """XLNet's `_sample_mask` spans for `batch` rows, all at once: (begin, length), each (B, S).
+
+    Row b is cut into stretches of 7n tokens (n in 1..5, p ~ 1/n); stretch s holds the span
+    [begin, begin + length) after a left context uniform in {0, ..., 6n-1}. length is n, cut to
+    the targets still missing when the span reaches num_targets, and 0 for a span that does not
+    end before the row's last token or is not needed. S = seq_len // 7 + 1 stretches always
+    cover the row (each is at least 7 tokens long)."""
+    stretches = seq_len // (CONTEXT_PER_TOKEN + 1) + 1
+    law = 1.0 / torch.arange(1, MAX_SPAN + 1, dtype=torch.float, device=device)        # p(n) ~ 1/n
+    n = torch.multinomial((law / law.sum()).expand(batch, MAX_SPAN), stretches, replacement=True,
+                          generator=generator) + 1                                        # (B, S)
+    before = n.cumsum(1) - n                          # targets the earlier spans hold, if kept whole
+    length = (num_targets - before).clamp(min=0).minimum(n)  # the span that reaches M is cut to fit
+    stretch_start = (n * (CONTEXT_PER_TOKEN + 1)).cumsum(1) - n * (CONTEXT_PER_TOKEN + 1)
+    u = torch.rand(n.shape, generator=generator, device=device)
+    left = (u * (CONTEXT_PER_TOKEN * length)).long()  # uniform in {0, ..., 6 * length - 1}
+    begin = stretch_start + left
+    length = torch.where(begin + length < seq_len, length, 0)  # XLNet: `if end >= seg_len: break`
+    return begin, length
+
+
+def span_targets(batch: int, seq_len: int, num_targets: int, generator=None, device=None) -> torch.Tensor:
+    """(B, T) bool with exactly num_targets True per row: XLNet's spans (draw_spans), then the
+    rest drawn uniformly among the other tokens (XLNet's final `while num_predict < goal` loop)."""
+    begin, length = draw_spans(batch, seq_len, num_targets, generator, device)
+    offset = torch.arange(MAX_SPAN, device=device)                                   # (5,)
+    position = begin[:, :, None] + offset                                            # (B, S, 5)
+    inside = offset < length[:, :, None]
+    painted = torch.zeros(batch, seq_len + 1, dtype=torch.bool, device=device)       # column T: a dump
+    painted.scatter_(1, torch.where(inside, position, seq_len).flatten(1), True)
+    chosen = painted[:, :seq_len]
+    missing = num_targets - chosen.sum(1, keepdim=True)                              # (B, 1), >= 0
+    noise = torch.rand(batch, seq_len, generator=generator, device=device).masked_fill(chosen, 2.0)
+    noise_rank = noise.argsort(1).argsort(1)           # 0 = the smallest noise among the free tokens
+    return chosen | (noise_rank < missing)
+
+
+def factorization_order(is_target: torch.Tensor | None, batch: int, seq_len: int, num_targets: int,
+                        generator=None, device=None):
+    """(ranks (B, T) long, target_positions (B, M)) of a random factorization order whose last M
+    positions are the targets: `is_target` (B, T) bool with M True per row, or None for the last M
+    of a uniformly random permutation. Targets are listed in the order they are predicted; the
+    target in slot m has rank m+1, every non-target rank 0 (XLNet's `_local_perm`: the smallest
+    index, seen by all, seeing no target)."""
+    noise = torch.rand(batch, seq_len, generator=generator, device=device)      # the permutation
+    if is_target is not None:
+        noise = noise + is_target.float()            # targets after the context, random among themselves
+    order = noise.argsort(1)                                                       # (B, T)
+    target_positions = order[:, seq_len - num_targets:]                            # (B, M)
+    ranks = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    slot_ranks = torch.arange(1, num_targets + 1, device=device).expand(batch, num_targets)
+    ranks.scatter_(1, target_positions, slot_ranks)
+    return ranks, target_positions
+
+
+def two_stream_masks(ranks: torch.Tensor, num_targets: int):
+    """ranks (B, T) -> content mask (B, 1, T, T), query mask (B, 1, M, T); True = may attend.
+    Content i sees j iff rank[j] <= rank[i]; the query of target slot m (rank m+1) sees j iff
+    rank[j] < m+1, i.e. rank[j] <= m: everything before it in the order, not itself."""
+    content = ranks[:, None, :] <= ranks[:, :, None]                                 # (B, T, T)
+    slots = torch.arange(num_targets, device=ranks.device)
+    query = ranks[:, None, :] <= slots[None, :, None]                                # (B, M, T)
+    return content[:, None], query[:, None]
+
+
+class PermutationLM(Objective):
+    name = "plm"
+    data = "blocks"
+    model_kind = "encoder"
+    fills_masks = False
+
+    def __init__(self, model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        if options is None:
+            from minilm.config import ObjectiveConfig
+            options = ObjectiveConfig()
+        options.validate()
+        self.seq_len = model_cfg.seq_len
+        self.partial_k = options.plm_partial_k
+        self.num_targets = targets_per_row(model_cfg.seq_len, options.plm_partial_k)   # M at full length
+        self.span_targets = options.plm_span_targets
+        self.backbone = self.build_backbone(model_cfg)
+        # the query stream's input (XLNet's mask_emb): one learned vector, initialised as a token row
+        self.query_start = nn.Parameter(torch.randn(model_cfg.n_embd) * 0.02)
+        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
+        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+
+    def make_batch(self, raw, generator=None):
+        """raw (B, T+1) -> input_ids, ranks (B, T), target_positions, targets (B, M), counts."""
+        ids = raw[:, :self.seq_len]
+        B, T = ids.shape
+        M = targets_per_row(T, self.partial_k)
+        is_target = span_targets(B, T, M, generator, ids.device) if self.span_targets else None
+        ranks, target_positions = factorization_order(is_target, B, T, M, generator, ids.device)
+        return {"input_ids": ids, "ranks": ranks, "target_positions": target_positions,
+                "targets": ids.gather(1, target_positions),
+                "counts": {"targets": torch.tensor(B * M, device=ids.device)}}
+
+    # --------------------------------------------------------------- model
+    def query_input(self, target_positions):
+        """The query stream's first state, (B, M) -> (B, M, C): the learned vector in place of a
+        token's embedding, plus what the backbone adds to every token (a learned position, the
+        segment-0 embedding), through the same embedding norm and dropout."""
+        backbone = self.backbone
+        B, M = target_positions.shape
+        g = self.query_start.expand(B, M, -1)
+        if backbone.pos_emb is not None:
+            g = g + backbone.pos_emb(target_positions)
+        if backbone.seg_emb is not None:
+            g = g + backbone.seg_emb.weight[0]
+        if backbone.embed_norm is not None:
+            g = backbone.embed_norm(g)
+        return backbone.drop(g)
+
+    def query_hidden(self, input_ids, ranks, target_positions):
+        """The query stream's last hidden states at the targets, after the final norm: (B, M, C)."""
+        backbone = self.backbone
+        content_mask, query_mask = two_stream_masks(ranks, target_positions.shape[1])
+        h = backbone.embed(input_ids)                                       # content stream (B, T, C)
+        g = self.query_input(target_positions)                              # query stream (B, M, C)
+        last = len(backbone.blocks) - 1
+        for i, block in enumerate(backbone.blocks):
+            # both from the previous layer's h: the query stream reads the content stream as it was
+            g_next = block(g, context=h, mask=query_mask, rotary=backbone.rotary, positions=target_positions)
+            if i < last:  # the last content layer would feed no query layer: skip it
+                h = block(h, mask=content_mask, rotary=backbone.rotary)
+            g = g_next
+        return backbone.norm(g)
+
+    def query_logits(self, batch):
+        """(B, M, V): the prediction of each target from the tokens before it in the order."""
+        return self.backbone.logits(self.query_hidden(batch["input_ids"], batch["ranks"], batch["target_positions"]))
+
+    def forward(self, batch, totals=None):
+        logits = self.query_logits(batch).flatten(0, 1)                     # (B*M, V)
+        targets = batch["targets"].flatten()                                # (B*M,)
+        nll = cross_entropy_sum(logits, targets)                            # softmax in fp32: minilm/losses.py
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"]}
+            if not self.training:
+                sums["correct"] = (logits.argmax(-1) == targets).sum()
+                sums["bytes"] = self.bytes_per_token[targets].sum()
+        return nll / denominator, sums
+
+    def flops_per_token(self) -> float:
+        """What a step computes, per input token (for MFU), with f = M / T ~ 1/K:
+        content stream   L-1 blocks at every position (the last one is skipped)
+        query stream     L blocks at the f share of positions, except that each layer projects the
+                         keys and values of every content position again (Attention's memory path)
+        LM head          at the f share of positions
+        attention        (L-1 + L f) 12 H D T."""
+        cfg = self.backbone.cfg
+        L, f = cfg.n_layer, self.num_targets / cfg.seq_len
+        per_block = sum(w.numel() for w in self.backbone.blocks[0].parameters())
+        key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))
+        blocks_and_head = matmul_weights(self.backbone, lm_head=True)
+        norms_head = blocks_and_head - L * per_block                      # final norm + output matrix
+        weights = (L - 1) * per_block + L * (key_value + f * (per_block - key_value)) + f * norms_head
+        return 6 * weights + (L - 1 + L * f) * 12 * cfg.n_head * cfg.head_dim * cfg.seq_len
