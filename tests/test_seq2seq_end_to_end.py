@@ -23,6 +23,15 @@ SENTENCE = "The old miller carried seven sacks of grain across the narrow bridge
 def train_to_memorise(name: str, tokenizer, ids: list[int], steps: int, seq_len: int, options=None, **model):
     """A tiny model of objective `name` trained on one window (`ids`, 32 copies a step, fresh
     corruption or split each step); returns (config, objective, first loss, last loss)."""
+    threads = torch.get_num_threads()   # module fixtures run before the one_thread fixture
+    torch.set_num_threads(1)
+    try:
+        return _train_to_memorise(name, tokenizer, ids, steps, seq_len, options, **model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_to_memorise(name, tokenizer, ids, steps, seq_len, options, **model):
     torch.manual_seed(0)
     cfg = Config()
     cfg.model = model_config_for(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=seq_len, n_layer=2,

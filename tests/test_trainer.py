@@ -55,7 +55,7 @@ def unigram_entropy(folder) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def test_loss_falls_well_below_its_start(tmp_path, prepared, tokenizer):
+def test_loss_falls_well_below_its_start(tmp_path, prepared, tokenizer, one_thread):
     cfg = make_config(tmp_path, tokenizer.vocab_size, max_steps=200, lr=3e-3, min_lr=3e-4, eval_batches=4)
     cfg.model.seq_len, cfg.model.n_embd = 64, 128
     trainer = make_trainer(cfg, prepared, tokenizer, val=True)
