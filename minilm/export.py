@@ -79,6 +79,9 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if os.path.isdir(out_path):
         raise UserError(f"{out_path} is a folder; name the file to write, e.g. {os.path.join(out_path, 'model.safetensors')}")
+    if not os.path.exists(checkpoint):
+        raise UserError(f"no checkpoint at {checkpoint}; pass a checkpoint file or a run folder (train one "
+                        "first with train.py)")
     path, state = load_checkpoint_or_newest(checkpoint, log=log)
     weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
