@@ -257,6 +257,8 @@ class TrainConfig:
     deterministic: bool = option(False, "PyTorch's deterministic algorithms (CUDA); CPU runs are "
                                         "already deterministic")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default", at_least=0)
+    tensorboard: bool = option(False, "also log every metrics.jsonl row to out_dir/tensorboard (needs the "
+                                      "tensorboard package)")
 
     def validate(self) -> None:
         check_fields(self)
