@@ -101,13 +101,13 @@ def plot_runs(paths: list[str], out_path: str, log=None):
     names = run_names(paths)
     if len(set(names)) < len(names):
         raise UserError(f"a run is named twice: {' '.join(paths)}")
+    x_key, panels = curves({name: read_metrics(path, log) for name, path in zip(names, paths)}, log)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import EngFormatter
     except ImportError:
         raise UserError(MATPLOTLIB_HINT) from None
-    x_key, panels = curves({name: read_metrics(path, log) for name, path in zip(names, paths)}, log)
     figure = Figure(figsize=(11, 7.5), layout="constrained")
     FigureCanvasAgg(figure)
     colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
