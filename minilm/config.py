@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -215,6 +216,10 @@ class ObjectiveConfig:
                             f"{self.span_min_words} and {self.span_max_words}")
 
 
+TENSORBOARD_HINT = ('--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '
+                    '".[tensorboard]"), or leave out --tensorboard')
+
+
 @dataclass
 class TrainConfig:
     objective: str = option("clm", "the objective, or a+b for several on one backbone (the list is in "
@@ -262,6 +267,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_fields(self)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:   # before any data is prepared
+            raise UserError(TENSORBOARD_HINT)
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
         if self.max_steps > 0 and self.warmup_steps > self.max_steps:

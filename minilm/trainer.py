@@ -40,7 +40,7 @@ import torch
 
 from minilm.checkpoint import (bytes_to_tensor, checkpoint_loads, checkpoint_path, list_checkpoints,
                                load_checkpoint, newest_loadable, prune_checkpoints, save_checkpoint)
-from minilm.config import Config
+from minilm.config import TENSORBOARD_HINT, Config
 from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
@@ -164,8 +164,7 @@ def summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '
-                        '".[tensorboard]"), or leave out --tensorboard') from None
+        raise UserError(TENSORBOARD_HINT) from None
     return SummaryWriter
 
 

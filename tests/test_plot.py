@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minilm.cli import run_cli
-from minilm.config import Config, ModelConfig
+from minilm.config import Config, ModelConfig, parse_overrides
 from minilm.data import BlockSource
 from minilm.errors import UserError
 from minilm.objectives import build_objective, model_config_for
@@ -163,6 +163,11 @@ def test_tensorboard_without_the_package_is_one_line_before_training(tmp_path, p
                                         r'\(or pip install -e "\.\[tensorboard\]"\), or leave out --tensorboard$'):
         tiny_trainer(tmp_path, "clm", prepared, tokenizer, tensorboard=True)
     assert not (tmp_path / "tensorboard").exists()
+    # train.py finds out when it parses its flags, before preparing any data
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(UserError, match=r"^--tensorboard needs the tensorboard package: pip install tensorboard"):
+        parse_overrides(["--tensorboard", "--max_steps", "10", "--warmup_steps", "1"])
+    assert parse_overrides(["--tensorboard", "false"]).train.tensorboard is False
 
 
 def test_tensorboard_logs_every_metrics_row(tmp_path, prepared, tokenizer):
