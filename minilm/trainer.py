@@ -396,7 +396,6 @@ class Trainer:
         if not self.dist.is_main:
             return
         record = {"step": record["step"], "tokens": record["step"] * self.tokens_per_step, **record}
-        self._write_tensorboard(record)
         path = os.path.join(self.tcfg.out_dir, "metrics.jsonl")
         line = (json.dumps(record) + "\n").encode()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -416,6 +415,7 @@ class Trainer:
                 raise UserError(f"could not append to {path}: {err.strerror or err}{kept}") from None
         finally:
             os.close(fd)
+        self._write_tensorboard(record)
 
     def _write_tensorboard(self, record: dict) -> None:
         """Each number of a metrics row as a TensorBoard scalar at its step. The writer is made at
