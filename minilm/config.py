@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -231,6 +232,10 @@ class ObjectiveConfig:
                             f"{self.span_min_words} and {self.span_max_words}")
 
 
+TENSORBOARD_HINT = ('--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '
+                    '".[tensorboard]"), or leave out --tensorboard')
+
+
 @dataclass
 class TrainConfig:
     objective: str = option("clm", "the objective, or a+b for several on one backbone (the list is in "
@@ -273,9 +278,13 @@ class TrainConfig:
     deterministic: bool = option(False, "PyTorch's deterministic algorithms (CUDA); CPU runs are "
                                         "already deterministic")
     threads: int = option(0, "CPU threads for torch; 0 = torch's default", at_least=0)
+    tensorboard: bool = option(False, "also log every metrics.jsonl row to out_dir/tensorboard (needs the "
+                                      "tensorboard package)")
 
     def validate(self) -> None:
         check_fields(self)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:   # before any data is prepared
+            raise UserError(TENSORBOARD_HINT)
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
         if self.max_steps > 0 and self.warmup_steps > self.max_steps:

@@ -10,7 +10,9 @@ One optimizer step:
     5. clip the gradient norm, AdamW step, zero the gradients
 Every log_every steps a line with loss, lr, tokens/s, MFU and ETA; every eval_every steps the
 validation loss, perplexity, accuracy and bits per byte; every ckpt_every steps and at the end a
-checkpoint. metrics.jsonl gets every logged number, one JSON object per line, for plotting.
+checkpoint. metrics.jsonl gets every logged number, one JSON object per line, with the step and
+the tokens seen (step x tokens per step), for `python -m minilm.plot`; with --tensorboard each row
+also goes to out_dir/tensorboard.
 
 Under torchrun the same loop runs in every process (DDP or FSDP2, minilm/distributed.py): the
 counts of step 3 are summed over all processes, only rank 0 logs and writes checkpoints.
@@ -38,7 +40,7 @@ import torch
 
 from minilm.checkpoint import (bytes_to_tensor, checkpoint_loads, checkpoint_path, list_checkpoints,
                                load_checkpoint, newest_loadable, prune_checkpoints, save_checkpoint)
-from minilm.config import Config
+from minilm.config import TENSORBOARD_HINT, Config
 from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
@@ -156,6 +158,16 @@ def check_writable(folder: str) -> None:
         raise UserError(f"cannot write to --out_dir {folder}: {err.strerror}; choose another folder") from None
 
 
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter, imported only for --tensorboard: it needs the
+    tensorboard package, which minilm does not depend on."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(TENSORBOARD_HINT) from None
+    return SummaryWriter
+
+
 # ----------------------------------------------------------------------------- the trainer
 class NonFiniteLoss(Exception):
     """Raised inside fit() when a step's loss is NaN or infinite; carries the step number."""
@@ -209,6 +221,9 @@ class Trainer:
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size * mc.seq_len
         self.flops_per_token = objective.flops_per_token()   # what one token's step computes
         self.peak_flops = None
+        # --tensorboard: the package is checked now, not at the first log line; the writer is made then
+        self.summary_writer_class = summary_writer_class() if self.tcfg.tensorboard and self.dist.is_main else None
+        self.summary_writer = None
 
     # --------------------------------------------------------------- one step
     def _generator(self, step: int, micro: int) -> torch.Generator:
@@ -376,9 +391,11 @@ class Trainer:
     # --------------------------------------------------------------- the loop
     def _write_metrics(self, record: dict) -> None:
         """Append one JSON line with a single write; if it fails (a full disk), cut the file back
-        to its last whole line, so no torn row is left for a plot to choke on."""
+        to its last whole line, so no torn row is left for a plot to choke on. Every row gets the
+        tokens seen after its step; with --tensorboard it is also logged there."""
         if not self.dist.is_main:
             return
+        record = {"step": record["step"], "tokens": record["step"] * self.tokens_per_step, **record}
         path = os.path.join(self.tcfg.out_dir, "metrics.jsonl")
         line = (json.dumps(record) + "\n").encode()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -398,6 +415,21 @@ class Trainer:
                 raise UserError(f"could not append to {path}: {err.strerror or err}{kept}") from None
         finally:
             os.close(fd)
+        self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        """Each number of a metrics row as a TensorBoard scalar at its step. The writer is made at
+        the first row: purge_step drops the events a crashed run logged past the step this (resumed)
+        run starts logging from, so no curve holds the redone steps twice."""
+        if self.summary_writer_class is None:
+            return
+        if self.summary_writer is None:
+            self.summary_writer = self.summary_writer_class(os.path.join(self.tcfg.out_dir, "tensorboard"),
+                                                            purge_step=record["step"])
+        for key, value in record.items():
+            if key not in ("step", "tokens"):
+                self.summary_writer.add_scalar(key, value, record["step"])
+        self.summary_writer.flush()   # rows are rare (every log_every steps): a kill loses none
 
     def preflight(self) -> None:
         """Refuse to start when checkpoints could not be written, rather than after an hour."""

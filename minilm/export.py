@@ -1,0 +1,287 @@
+"""Export a checkpoint's model as one .safetensors file: the weights and the config, nothing else.
+
+    python -m minilm.export out/ model.safetensors        # a run folder: its newest checkpoint
+    import minilm; minilm.export("out/ckpt-00000600.pt", "model.safetensors")
+    state_dict, metadata = load_safetensors("model.safetensors")
+
+A checkpoint also holds the optimizer's moments (twice the weights again), RNG states and the
+data position: what resuming needs, not what using the model needs. The export keeps the
+objective's state_dict (exactly as the checkpoint saved it: the names a fresh objective's
+load_state_dict(strict=True) expects, the dtypes as trained) and enough to rebuild that objective.
+
+The format (the safetensors layout, written here with the standard library and torch, so minilm
+needs no new dependency; the `safetensors` package reads these files, and tests check that when
+it is installed):
+
+    8 bytes           N, the header's length, unsigned little-endian
+    N bytes           a JSON object, UTF-8, padded with spaces to a multiple of 8:
+                        {"__metadata__": {str: str},
+                         name: {"dtype": "F32", "shape": [V, C], "data_offsets": [begin, end]}, ...}
+    the data          every tensor's bytes, row-major, little-endian, back to back; offsets are
+                      relative to the data's start. Tensors are laid out as the safetensors
+                      package lays them: widest dtype first, then by name.
+
+The metadata (safetensors allows only string values):
+
+    format            "pt" (the safetensors convention for PyTorch weights)
+    minilm_version    METADATA_VERSION, bumped if these keys ever change meaning
+    objective         the objective's name, e.g. "mlm+sop"
+    config            the checkpoint's config as JSON (model, data, obj, train sections): the saved
+                      config is the model, so minilm.config.Config.from_dict(json.loads(...)) and
+                      build_objective(objective, cfg.model, tokenizer, cfg.obj) rebuild it
+    tokenizer         the sentencepiece model's bytes, base64: the file is self-contained
+                      (absent for a checkpoint that carries no tokenizer)
+    step              the training step the weights are from
+    aliases           JSON {name: stored name}, only where tensors share one storage (t5's encoder
+                      and decoder share the token embedding). safetensors refuses shared tensors, so
+                      each is stored once, under its first name in sorted order; load_safetensors
+                      puts the other names back, pointing at the same tensor, so tying survives.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import sys
+import tempfile
+import types
+
+import torch
+
+from minilm.errors import UserError
+
+METADATA_VERSION = "1"
+
+# torch dtype -> safetensors name. The order of SAFETENSORS_ORDER is the safetensors package's
+# Dtype enum, whose order (descending) decides the layout of the data: widest first, so every
+# tensor starts aligned to its element size.
+DTYPE_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32",
+    torch.float32: "F32", torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64",
+    torch.uint64: "U64", torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
+}
+SAFETENSORS_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+                     "F32", "C64", "F64", "I64", "U64"]
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+MAX_HEADER = 100 << 20   # the safetensors package's own limit on the header
+
+
+# ----------------------------------------------------------------------------- writing
+def export(checkpoint: str, out_path: str, log=None) -> str:
+    """Write `checkpoint`'s weights and config to `out_path` (.safetensors); returns out_path.
+
+    checkpoint: a checkpoint file, or a run folder (its newest checkpoint that loads; a damaged
+    newer one is skipped with a note on `log`, stderr by default). One-line UserErrors for a
+    missing or unloadable checkpoint and an unwritable `out_path`."""
+    from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if os.path.isdir(out_path):
+        raise UserError(f"{out_path} is a folder; name the file to write, e.g. {os.path.join(out_path, 'model.safetensors')}")
+    if not os.path.exists(checkpoint):
+        raise UserError(f"no checkpoint at {checkpoint}; pass a checkpoint file or a run folder (train one "
+                        "first with train.py)")
+    path, state = load_checkpoint_or_newest(checkpoint, log=log)
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UserError(f"{path} is not a minilm checkpoint (its model entry is not a state_dict)")
+    metadata = {"format": "pt", "minilm_version": METADATA_VERSION,
+                "objective": str(state.get("objective") or state["config"].get("train", {}).get("objective", "")),
+                "config": json.dumps(state["config"], sort_keys=True),
+                "step": str(int(state.get("step") or 0))}
+    if state.get("tokenizer") is not None:
+        metadata["tokenizer"] = base64.b64encode(tensor_to_bytes(state["tokenizer"])).decode("ascii")
+    save_safetensors(weights, out_path, metadata)
+    return out_path
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """`tensors` as a .safetensors file, written atomically (a temporary file, then a rename).
+    Tensors that share storage are stored once and named in metadata["aliases"] (see the top)."""
+    stored, aliases = split_aliases(tensors)
+    metadata = dict(metadata or {})
+    if aliases:   # only then: a file without shared tensors is exactly what safetensors would write
+        metadata["aliases"] = json.dumps(aliases, sort_keys=True)
+    header, order = build_header(stored, metadata)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+    except OSError as err:
+        raise UserError(f"could not write {path}: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            for name in order:
+                f.write(little_endian_bytes(stored[name]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"could not write {path}: {err.strerror or err}") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({name: tensor} with each shared tensor once, {alias: stored name}).
+
+    Two names are one tensor when they are the same view of the same storage (same start, shape
+    and strides): a tied weight. Tensors that overlap only in part (a slice of another) are
+    stored as copies of their own: correct values, without the sharing."""
+    stored, aliases, seen = {}, {}, {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in DTYPE_NAMES:
+            raise UserError(f"{name} has dtype {t.dtype}, which safetensors cannot store")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+               t.device) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+        else:
+            stored[name] = t
+            if key is not None:
+                seen[key] = name
+    return stored, aliases
+
+
+def build_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """(the padded JSON header, the names in data order). Compact JSON, UTF-8, padded with spaces
+    to a multiple of 8 so the data starts aligned: byte for byte what the safetensors package
+    writes (up to the order of the metadata keys, which it keeps in a hash map)."""
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata maps strings to strings")
+    rank = {name: i for i, name in enumerate(SAFETENSORS_ORDER)}
+    order = sorted(tensors, key=lambda n: (-rank[DTYPE_NAMES[tensors[n].dtype]], n))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return text + b" " * (-len(text) % 8), order
+
+
+def little_endian_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's elements, row-major, as little-endian bytes (any dtype: bf16 has no numpy
+    type, so the bytes come from a uint8 view of a contiguous CPU copy)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    raw = flat.view(torch.uint8)
+    if sys.byteorder == "big" and t.element_size() > 1:
+        raw = raw.reshape(-1, t.element_size()).flip(-1).reshape(-1)
+    return raw.numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------- reading
+def load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) of a .safetensors file, with metadata["aliases"] (if any) put back:
+    an alias is the very tensor of the name it points to. One-line UserErrors for a missing file
+    and for one that is not a well-formed safetensors file."""
+    if not os.path.isfile(path):
+        raise UserError(f"no file at {path}; export one with python -m minilm.export CKPT {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    header, body = parse_header(data, path)
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        tensors[name] = tensor_from_bytes(name, info, body, path)
+    ends = sorted(tuple(info["data_offsets"]) for info in header.values())
+    covered = 0
+    for begin, end in ends:   # the data is tensors back to back: no gaps, no overlaps, no tail
+        if begin != covered:
+            raise UserError(f"{path} is not a valid safetensors file: its tensors' data overlap or leave gaps")
+        covered = end
+    if covered != len(body):
+        raise UserError(f"{path} is not a valid safetensors file: {len(body) - covered} bytes past its last tensor")
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: its metadata's aliases are not JSON") from None
+    for alias, target in aliases.items():
+        if target not in tensors:
+            raise UserError(f"{path}: alias {alias} points to {target}, which the file does not hold")
+        tensors[alias] = tensors[target]
+    return tensors, metadata
+
+
+def parse_header(data: bytes, path: str) -> tuple[dict, memoryview]:
+    """(the header as a dict, the data after it)."""
+    bad = f"{path} is not a safetensors file"
+    if len(data) < 8:
+        raise UserError(f"{bad}: it is {len(data)} bytes long")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > min(MAX_HEADER, len(data) - 8):
+        raise UserError(f"{bad}: its header claims {length} bytes")
+    try:
+        header = json.loads(data[8:8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{bad}: its header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise UserError(f"{bad}: its header is not a JSON object of tensors")
+    return header, memoryview(data)[8 + length:]
+
+
+def tensor_from_bytes(name: str, info, body: memoryview, path: str) -> torch.Tensor:
+    """One tensor, checked against its header entry: known dtype, offsets inside the data, and a
+    byte count that is exactly shape x element size."""
+    try:
+        dtype = DTYPES[info["dtype"]]
+        shape = [int(n) for n in info["shape"]]
+        begin, end = (int(n) for n in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: tensor {name} has a malformed header entry ({str(info)[:80]})") from None
+    numel = 1
+    for n in shape:
+        numel *= n
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    if not 0 <= begin <= end <= len(body) or end - begin != size or min(shape, default=0) < 0:
+        raise UserError(f"{path}: tensor {name} ({info['dtype']} {shape}) needs {size} bytes but its offsets "
+                        f"{begin}..{end} do not fit them in the file's {len(body)} data bytes")
+    if size == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8)
+    if sys.byteorder == "big" and size // numel > 1:
+        raw = raw.reshape(-1, size // numel).flip(-1).reshape(-1).contiguous()
+    return raw.view(dtype).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- command line
+USAGE = "usage: python -m minilm.export CHECKPOINT_OR_RUN_FOLDER OUT.safetensors"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or any(a.startswith("-") for a in argv):
+        if argv in (["-h"], ["--help"]):
+            print(USAGE + "\n\nWrites the model's weights and config (no optimizer state) as one .safetensors "
+                  "file; see minilm/export.py for the metadata it carries.")
+            return
+        raise UserError(f"expected a checkpoint (or run folder) and an output file; {USAGE}")
+    out = export(argv[0], argv[1])
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+
+
+# `minilm.export(ckpt, path)`: Python binds the submodule minilm.export to the package's attribute
+# `export` when it is first imported (`from minilm.export import load_safetensors` does that), and
+# that would hide a function of the same name. So the module itself is callable, as export().
+class _CallableModule(types.ModuleType):
+    def __call__(self, checkpoint: str, out_path: str, log=None) -> str:
+        return export(checkpoint, out_path, log)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    from minilm.cli import run_cli
+    run_cli(main)

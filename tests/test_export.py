@@ -1,0 +1,248 @@
+"""minilm.export (minilm/export.py): a checkpoint's weights and config as one .safetensors file.
+
+The file rebuilds the model bit for bit from itself alone (config and tokenizer in its metadata),
+tied tensors stay tied, every dtype survives, the layout is the safetensors format's (checked by
+hand here, and against the safetensors package when it is installed), bad paths are one line."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minilm
+from minilm.checkpoint import load_checkpoint, tensor_to_bytes
+from minilm.config import Config, ModelConfig
+from minilm.data import BlockSource
+from minilm.errors import UserError
+from minilm.export import build_header, load_safetensors, main, save_safetensors
+from minilm.objectives import build_objective, model_config_for, window_length_for
+from minilm.tokenizer import Tokenizer
+from minilm.trainer import Trainer
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def train_one_step(out_dir, objective_name, prepared, tokenizer) -> str:
+    """A real checkpoint (weights after one AdamW step, optimizer state, tokenizer) of a tiny run."""
+    cfg = Config()
+    cfg.model = model_config_for(objective_name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32,
+                                                              n_layer=1, n_head=2, n_embd=32))
+    cfg.train.objective, cfg.train.out_dir, cfg.train.device = objective_name, str(out_dir), "cpu"
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 2, 1, 0
+    torch.manual_seed(0)
+    objective = build_objective(objective_name, cfg.model, tokenizer, cfg.obj)
+    window = window_length_for(objective_name, cfg.model, cfg.obj)
+    source = BlockSource(prepared[0], "train", cfg.model.seq_len, 2, seed=1, window_length=window)
+    trainer = Trainer(cfg, objective, source, None, tokenizer, log=lambda *_: None)
+    trainer.peak_flops = 1.0   # MFU's denominator: not measured, not checked here
+    trainer.fit()
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, prepared, tokenizer):
+    """Run folders: clm (its LM head is the tied token embedding) and t5 (encoder and decoder share
+    one token embedding: two state_dict names, one storage)."""
+    return {name: train_one_step(tmp_path_factory.mktemp(name), name, prepared, tokenizer) for name in ("clm", "t5")}
+
+
+def rebuild(path):
+    """A fresh objective built from the file alone, loaded strictly: (objective, metadata)."""
+    weights, metadata = load_safetensors(path)
+    cfg = Config.from_dict(json.loads(metadata["config"]))
+    tokenizer = Tokenizer(base64.b64decode(metadata["tokenizer"]))
+    torch.manual_seed(123)   # another initialisation than the run's: every value must come from the file
+    objective = build_objective(metadata["objective"], cfg.model, tokenizer, cfg.obj)
+    objective.load_state_dict(weights, strict=True)
+    return objective, metadata
+
+
+@pytest.mark.parametrize("name", ["clm", "t5"])
+def test_the_exported_file_rebuilds_the_model_bit_for_bit(runs, tmp_path, name):
+    out = str(tmp_path / "model.safetensors")
+    assert minilm.export(runs[name], out) == out          # a run folder: its newest checkpoint
+    saved = load_checkpoint(os.path.join(runs[name], "ckpt-00000001.pt"))
+    objective, metadata = rebuild(out)
+    rebuilt = objective.state_dict()
+    assert rebuilt.keys() == saved["model"].keys()
+    for key, tensor in saved["model"].items():
+        assert rebuilt[key].dtype == tensor.dtype and torch.equal(rebuilt[key], tensor), key
+    assert metadata["objective"] == name and metadata["step"] == "1" and metadata["format"] == "pt"
+    assert json.loads(metadata["config"]) == saved["config"]
+    assert base64.b64decode(metadata["tokenizer"]) == tensor_to_bytes(saved["tokenizer"])
+    # weights only: the checkpoint also holds AdamW's two moments per weight
+    n_bytes = sum(t.numel() * t.element_size() for t in objective.parameters())
+    assert n_bytes < os.path.getsize(out) < n_bytes + 200_000 < os.path.getsize(saved_path(runs[name]))
+
+
+def saved_path(run):
+    return os.path.join(run, "ckpt-00000001.pt")
+
+
+def test_a_shared_embedding_is_stored_once_and_stays_shared(runs, tmp_path):
+    out = str(tmp_path / "t5.safetensors")
+    minilm.export(saved_path(runs["t5"]), out)            # a checkpoint file works as well
+    encoder, decoder = "backbone.encoder.tok_emb.weight", "backbone.decoder.tok_emb.weight"
+    header = read_header(out)
+    assert decoder in header and encoder not in header   # stored under the first name in sorted order
+    weights, metadata = load_safetensors(out)
+    assert json.loads(metadata["aliases"]) == {encoder: decoder}
+    assert weights[decoder] is weights[encoder]
+    objective, _ = rebuild(out)
+    assert objective.backbone.encoder.tok_emb.weight is objective.backbone.decoder.tok_emb.weight
+
+
+def read_header(path) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length])
+
+
+def test_the_header_follows_the_safetensors_layout(runs, tmp_path):
+    out = str(tmp_path / "clm.safetensors")
+    minilm.export(runs["clm"], out)
+    data = open(out, "rb").read()
+    (length,) = struct.unpack("<Q", data[:8])
+    assert length % 8 == 0 and data[8 + length - 1:8 + length] in (b"}", b" ")   # padded with spaces
+    header = json.loads(data[8:8 + length])
+    metadata = header.pop("__metadata__")
+    assert set(metadata) == {"format", "minilm_version", "objective", "config", "tokenizer", "step"}
+    assert all(isinstance(v, str) for v in metadata.values())
+    saved = load_checkpoint(saved_path(runs["clm"]))["model"]
+    assert set(header) == set(saved)
+    offset = 0
+    for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        t = saved[name]
+        assert info["dtype"] == "F32" and info["shape"] == list(t.shape)
+        assert info["data_offsets"] == [offset, offset + 4 * t.numel()], name   # back to back
+        assert data[8 + length + offset:8 + length + offset + 4 * t.numel()] == t.numpy().astype("<f4").tobytes()
+        offset += 4 * t.numel()
+    assert 8 + length + offset == len(data)
+
+
+def every_dtype() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 4, generator=g)
+    shared = torch.randn(5, generator=g)
+    return {
+        "bf16": base.to(torch.bfloat16), "f16": base.half(), "f64": base.double(), "f32": base,
+        "i64": torch.arange(-6, 6).reshape(3, 4), "i32": torch.tensor([1, -2, 2**31 - 1], dtype=torch.int32),
+        "i16": torch.tensor([-3, 300], dtype=torch.int16), "i8": torch.tensor([-128, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "transposed": base.t(),
+        "tied.a": shared, "tied.b": shared, "slice": shared[1:3],
+    }
+
+
+def test_every_dtype_round_trips_exactly(tmp_path):
+    tensors = every_dtype()
+    path = str(tmp_path / "all.safetensors")
+    save_safetensors(tensors, path, {"note": "ünïcode ok"})
+    loaded, metadata = load_safetensors(path)
+    assert loaded.keys() == tensors.keys() and metadata["note"] == "ünïcode ok"
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape and torch.equal(loaded[name], t), name
+    assert json.loads(metadata["aliases"]) == {"tied.b": "tied.a"}   # a slice is stored as a copy
+    # little-endian whatever the machine: 1.0 in bf16 is 0x3F80, in int32 1 is 01 00 00 00
+    save_safetensors({"one": torch.ones(1, dtype=torch.bfloat16), "int": torch.ones(1, dtype=torch.int32)},
+                     path)
+    data = open(path, "rb").read()
+    assert data.endswith(b"\x01\x00\x00\x00\x80\x3f")   # I32 before BF16: widest dtype first
+
+
+def test_the_data_is_laid_out_widest_dtype_first_then_by_name():
+    tensors = {"b": torch.ones(1), "a": torch.ones(1, dtype=torch.bfloat16), "c": torch.ones(1, dtype=torch.int64),
+               "d": torch.ones(1), "e": torch.ones(1, dtype=torch.bool)}
+    header, order = build_header(tensors, {})
+    assert order == ["c", "b", "d", "a", "e"]
+    assert header.startswith(b'{"__metadata__":{},"c":{"dtype":"I64","shape":[1],"data_offsets":[0,8]},')
+
+
+def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
+    with pytest.raises(UserError, match="no checkpoint at .*nowhere; pass a checkpoint file or a run folder"):
+        minilm.export(str(tmp_path / "nowhere"), str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match="no checkpoint in .*train one first"):
+        minilm.export(str(tmp_path), str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match="is a folder; name the file to write"):
+        minilm.export(runs["clm"], str(tmp_path))
+    with pytest.raises(UserError, match="no file at .*missing.safetensors"):
+        load_safetensors(str(tmp_path / "missing.safetensors"))
+    not_safetensors = tmp_path / "ckpt.safetensors"
+    not_safetensors.write_bytes(open(saved_path(runs["clm"]), "rb").read())   # a zip, not safetensors
+    with pytest.raises(UserError, match="is not a safetensors file: its header"):
+        load_safetensors(str(not_safetensors))
+    good = tmp_path / "good.safetensors"
+    save_safetensors({"w": torch.ones(4)}, str(good))
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-3])
+    with pytest.raises(UserError, match="tensor w .*needs 16 bytes"):
+        load_safetensors(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "tail.safetensors").write_bytes(good.read_bytes() + b"xx")
+    with pytest.raises(UserError, match="2 bytes past its last tensor"):
+        load_safetensors(str(tmp_path / "tail.safetensors"))
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    with pytest.raises(UserError, match="tensors' data overlap or leave gaps"):
+        load_safetensors(str(tmp_path / "overlap.safetensors"))
+    with pytest.raises(UserError, match="expected a checkpoint .* and an output file; usage"):
+        main([runs["clm"]])
+    assert not list(tmp_path.glob(".tmp-*"))   # no temporary file left behind
+
+
+def test_the_command_line_and_a_light_import(runs, tmp_path):
+    """python -m minilm.export end to end, and `import minilm` without torch (names load lazily);
+    minilm.export stays callable when the submodule was imported first (as this file does)."""
+    out = tmp_path / "cli.safetensors"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-m", "minilm.export", runs["t5"], str(out)], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith(f"wrote {out} (") and out.exists()
+    light = subprocess.run([sys.executable, "-c", "import sys, minilm, minilm.config; "
+                            "assert 'torch' not in sys.modules; print(minilm.__all__)"],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert light.returncode == 0 and light.stdout.strip() == "['export']", light.stderr
+    assert callable(minilm.export) and minilm.export.load_safetensors is load_safetensors
+
+
+# ----------------------------------------------------------------------------- the safetensors package
+def test_the_safetensors_package_reads_and_writes_the_same_file(runs, tmp_path):
+    """Skipped unless `safetensors` is installed (minilm does not depend on it)."""
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+    out = str(tmp_path / "t5.safetensors")
+    minilm.export(runs["t5"], out)
+    ours, metadata = load_safetensors(out)
+    theirs = st.load_file(out)
+    assert theirs.keys() == ours.keys() - set(json.loads(metadata["aliases"]))
+    for name, t in theirs.items():
+        assert t.dtype == ours[name].dtype and torch.equal(t, ours[name]), name
+    with safe_open(out, "pt") as f:
+        assert f.metadata() == metadata
+    # what the package writes: the same bytes. It keeps metadata in a hash map, so with several
+    # keys only their order may differ: compare headers as JSON and the data as bytes.
+    stored = {k: v for k, v in ours.items() if k in theirs}
+    mine, written = open(out, "rb").read(), st.save(stored, metadata=metadata)
+    assert mine[:8] == written[:8] and read_header_bytes(mine) == read_header_bytes(written)
+    assert mine[8 + struct.unpack("<Q", mine[:8])[0]:] == written[8 + struct.unpack("<Q", written[:8])[0]:]
+    # every dtype, one metadata key: byte for byte
+    tensors = {k: v for k, v in every_dtype().items() if k not in ("tied.b", "slice")}
+    save_safetensors(tensors, str(tmp_path / "all.safetensors"), {"format": "pt"})
+    assert open(tmp_path / "all.safetensors", "rb").read() == st.save(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    loaded, _ = load_safetensors(str(tmp_path / "all.safetensors"))
+    theirs = st.load_file(str(tmp_path / "all.safetensors"))
+    assert all(torch.equal(theirs[k], loaded[k]) and theirs[k].dtype == loaded[k].dtype for k in tensors)
+
+
+def read_header_bytes(data: bytes) -> dict:
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length])
