@@ -1,4 +1,4 @@
-"""minilm.export (minilm/export.py): a checkpoint's weights and config as one .safetensors file.
+"""minilm.export (minilm/safetensors_io.py): a checkpoint's weights and config as one .safetensors file.
 
 The file rebuilds the model bit for bit from itself alone (config and tokenizer in its metadata),
 tied tensors stay tied, every dtype survives, the layout is the safetensors format's (checked by
@@ -20,7 +20,7 @@ from minilm.checkpoint import load_checkpoint, tensor_to_bytes
 from minilm.config import Config, ModelConfig
 from minilm.data import BlockSource
 from minilm.errors import UserError
-from minilm.export import build_header, load_safetensors, main, save_safetensors
+from minilm.safetensors_io import build_header, load_safetensors, main, save_safetensors
 from minilm.objectives import build_objective, model_config_for, window_length_for
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer
@@ -198,11 +198,11 @@ def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
 
 
 def test_the_command_line_and_a_light_import(runs, tmp_path):
-    """python -m minilm.export end to end, and `import minilm` without torch (names load lazily);
-    minilm.export stays callable when the submodule was imported first (as this file does)."""
+    """python -m minilm.safetensors_io end to end, and `import minilm` without torch (export
+    imports what it needs when called)."""
     out = tmp_path / "cli.safetensors"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, "-m", "minilm.export", runs["t5"], str(out)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "minilm.safetensors_io", runs["t5"], str(out)], capture_output=True,
                             text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.startswith(f"wrote {out} (") and out.exists()
@@ -210,7 +210,7 @@ def test_the_command_line_and_a_light_import(runs, tmp_path):
                             "assert 'torch' not in sys.modules; print(minilm.__all__)"],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert light.returncode == 0 and light.stdout.strip() == "['export']", light.stderr
-    assert callable(minilm.export) and minilm.export.load_safetensors is load_safetensors
+    assert callable(minilm.export)
 
 
 # ----------------------------------------------------------------------------- the safetensors package

@@ -1,6 +1,6 @@
 """Export a checkpoint's model as one .safetensors file: the weights and the config, nothing else.
 
-    python -m minilm.export out/ model.safetensors        # a run folder: its newest checkpoint
+    python -m minilm.safetensors_io out/ model.safetensors        # a run folder: its newest checkpoint
     import minilm; minilm.export("out/ckpt-00000600.pt", "model.safetensors")
     state_dict, metadata = load_safetensors("model.safetensors")
 
@@ -45,7 +45,6 @@ import os
 import struct
 import sys
 import tempfile
-import types
 
 import torch
 
@@ -189,7 +188,7 @@ def load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     an alias is the very tensor of the name it points to. One-line UserErrors for a missing file
     and for one that is not a well-formed safetensors file."""
     if not os.path.isfile(path):
-        raise UserError(f"no file at {path}; export one with python -m minilm.export CKPT {path}")
+        raise UserError(f"no file at {path}; export one with python -m minilm.safetensors_io CKPT {path}")
     with open(path, "rb") as f:
         data = f.read()
     header, body = parse_header(data, path)
@@ -258,29 +257,19 @@ def tensor_from_bytes(name: str, info, body: memoryview, path: str) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- command line
-USAGE = "usage: python -m minilm.export CHECKPOINT_OR_RUN_FOLDER OUT.safetensors"
+USAGE = "usage: python -m minilm.safetensors_io CHECKPOINT_OR_RUN_FOLDER OUT.safetensors"
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or any(a.startswith("-") for a in argv):
         if argv in (["-h"], ["--help"]):
             print(USAGE + "\n\nWrites the model's weights and config (no optimizer state) as one .safetensors "
-                  "file; see minilm/export.py for the metadata it carries.")
+                  "file; see minilm/safetensors_io.py for the metadata it carries.")
             return
         raise UserError(f"expected a checkpoint (or run folder) and an output file; {USAGE}")
     out = export(argv[0], argv[1])
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
 
-
-# `minilm.export(ckpt, path)`: Python binds the submodule minilm.export to the package's attribute
-# `export` when it is first imported (`from minilm.export import load_safetensors` does that), and
-# that would hide a function of the same name. So the module itself is callable, as export().
-class _CallableModule(types.ModuleType):
-    def __call__(self, checkpoint: str, out_path: str, log=None) -> str:
-        return export(checkpoint, out_path, log)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     from minilm.cli import run_cli
