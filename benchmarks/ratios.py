@@ -27,6 +27,11 @@ PAIRS = [  # (minilm row, peer row)
     ("mask-minilm", "collator-mlm"),       # masking alone, tokens/s of batches made
     ("plm-minilm", "xlnet-plm"),
     ("bf16-plm-minilm", "bf16-xlnet-plm"),
+    ("rtd-minilm", "electra"),
+    ("bf16-rtd-minilm", "bf16-electra"),
+    ("t5-minilm", "t5-hf-same"),           # the same corruption, no padding on either side
+    ("bf16-t5-minilm", "bf16-t5-hf-same"),
+    ("beam-minilm", "beam-hf"),
 ]
 LOAD_LIMIT = 0.05
 
