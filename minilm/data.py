@@ -648,14 +648,21 @@ class _EncoderPool:
     def __init__(self, model_bytes: bytes, workers: int):
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.processes, self.conns = [], []
-        with _signals_blocked():  # the workers unblock them in _worker_main
-            for _ in range(workers):
-                parent_end, child_end = ctx.Pipe()
-                process = ctx.Process(target=_worker_main, args=(model_bytes, child_end), daemon=True)
-                process.start()
-                child_end.close()
-                self.processes.append(process)
-                self.conns.append(parent_end)
+        try:
+            with _signals_blocked():  # the workers unblock them in _worker_main
+                for _ in range(workers):
+                    parent_end, child_end = ctx.Pipe()
+                    process = ctx.Process(target=_worker_main, args=(model_bytes, child_end), daemon=True)
+                    process.start()
+                    child_end.close()
+                    self.processes.append(process)
+                    self.conns.append(parent_end)
+        except BaseException:
+            # a Ctrl-C held back while the workers started is raised as the signals are unblocked,
+            # before the caller holds the pool: kill what was started here, or exit would wait
+            # for workers that may not have reached their own signal set-up yet
+            self.kill()
+            raise
 
     def map(self, jobs) -> Iterator:
         jobs = iter(jobs)

@@ -4,6 +4,7 @@ the data folder, Ctrl-C and SIGTERM while tokenizing, a full disk, damaged prepa
 progress lines. Small synthetic corpora; the session tokenizer from conftest.py where one is needed."""
 from __future__ import annotations
 
+import contextlib
 import bz2
 import errno
 import gzip
@@ -623,3 +624,20 @@ def test_tokenizer_reading_says_when_sentencepiece_starts(tmp_path, texts):
     assert lines[-1].startswith(f"read {chars / 1e6:,.1f} M characters in 0m00s; sentencepiece is training")
     lines = []
     assert list(tokenizer_texts(str(folder), log=lines.append)) == texts[:5] and lines == []
+
+
+def test_a_ctrl_c_while_the_workers_start_kills_the_ones_started(tokenizer, monkeypatch):
+    """Signals are held back while the workers fork and arrive as they are unblocked, inside the
+    pool's constructor, before any caller holds the pool to kill it: the constructor kills them,
+    or the interpreter's exit would wait on workers that may not yet ignore the signal."""
+    import multiprocessing
+
+    @contextlib.contextmanager
+    def interrupted_on_unblock():
+        yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_signals_blocked", interrupted_on_unblock)
+    with pytest.raises(KeyboardInterrupt):
+        data._EncoderPool(tokenizer.model_bytes, 2)
+    assert multiprocessing.active_children() == []
