@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
-from minilm.losses import IGNORE  # noqa: F401  (re-exported: objectives import it from here)
+from minilm.losses import IGNORE, cross_entropy_sum
 from minilm.model import Transformer
 
 # What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
@@ -98,6 +98,27 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict, totals: dict | None = None):
         raise NotImplementedError
+
+    def keep_bytes_per_token(self, tokenizer, vocab_size: int) -> None:
+        """The UTF-8 bytes each token id stands for (0 for specials), for bits per byte: a buffer,
+        so it follows .to(device), and not saved (it comes from the tokenizer; zeros without one)."""
+        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(vocab_size, dtype=torch.long)
+        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+
+    def token_loss(self, logits, labels, batch: dict, totals: dict | None):
+        """The usual (loss, sums) of predicting tokens: logits (N, V), labels (N,) with IGNORE
+        where nothing is predicted. The summed cross-entropy (softmax in fp32, minilm/losses.py)
+        over the step's target count (base contract); accuracy and bytes only in evaluation, where
+        they cost an extra pass. Needs keep_bytes_per_token."""
+        nll = cross_entropy_sum(logits, labels)
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            real = labels != IGNORE
+            sums = {"nll": nll.detach(), "targets": real.sum()}
+            if not self.training:
+                sums["correct"] = ((logits.argmax(-1) == labels) & real).sum()
+                sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
+        return nll / denominator, sums
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token, the numerator of the trainer's MFU: nanoGPT's

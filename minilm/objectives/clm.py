@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from minilm.losses import cross_entropy_sum
 from minilm.objectives.base import IGNORE, Objective
 from minilm.tokenizer import EOS_ID
 
@@ -49,9 +48,7 @@ class CausalLM(Objective):
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
         self.backbone = self.build_backbone(model_cfg)
-        # UTF-8 bytes per token id, for bits per byte; a buffer so it follows .to(device)
-        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
-        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+        self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
         self.predict_after_eos = getattr(options, "predict_after_eos", True)
 
     def make_batch(self, raw, generator=None, lengths=None):
@@ -62,13 +59,4 @@ class CausalLM(Objective):
     def forward(self, batch, totals=None):
         hidden = self.backbone(batch["input_ids"])      # (B, T, C)
         logits = self.backbone.logits(hidden)                         # (B, T, V), bf16 under autocast
-        labels = batch["labels"]
-        nll = cross_entropy_sum(logits.flatten(0, 1), labels.flatten())  # softmax in fp32: minilm/losses.py
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
-        with torch.no_grad():
-            real = labels != IGNORE
-            sums = {"nll": nll.detach(), "targets": real.sum()}
-            if not self.training:  # accuracy and bytes are evaluation metrics: skip the extra passes
-                sums["correct"] = ((logits.argmax(-1) == labels) & real).sum()
-                sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
-        return nll / denominator, sums
+        return self.token_loss(logits.flatten(0, 1), batch["labels"].flatten(), batch, totals)

@@ -73,7 +73,6 @@ import torch
 import torch.nn as nn
 
 from minilm.flops import matmul_weights
-from minilm.losses import cross_entropy_sum
 from minilm.objectives.base import Objective
 
 MAX_SPAN = 5          # XLNet's max_gram: n-gram spans of 1..5 tokens
@@ -224,14 +223,7 @@ class PermutationLM(Objective):
     def forward(self, batch, totals=None):
         logits = self.query_logits(batch).flatten(0, 1)                     # (B*M, V)
         targets = batch["targets"].flatten()                                # (B*M,)
-        nll = cross_entropy_sum(logits, targets)                            # softmax in fp32: minilm/losses.py
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
-        with torch.no_grad():
-            sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"]}
-            if not self.training:
-                sums["correct"] = (logits.argmax(-1) == targets).sum()
-                sums["bytes"] = self.bytes_per_token[targets].sum()
-        return nll / denominator, sums
+        return self.token_loss(logits, targets, batch, totals)
 
     def flops_per_token(self) -> float:
         """What a step computes, per input token (for MFU), with f = M / T ~ 1/K:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import torch
 
 from minilm.flops import matmul_weights
-from minilm.losses import cross_entropy_sum
 from minilm.objectives.base import IGNORE, Objective
 from minilm.model import prefix_lm_mask
 from minilm.objectives.clm import causal_labels
@@ -67,9 +66,7 @@ class PrefixLM(Objective):
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
         self.backbone = self.build_backbone(model_cfg)
-        # UTF-8 bytes per token id, for bits per byte; a buffer so it follows .to(device)
-        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
-        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+        self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
         self.predict_after_eos = getattr(options, "predict_after_eos", True)
 
     def make_batch(self, raw, generator=None, lengths=None):
@@ -92,14 +89,7 @@ class PrefixLM(Objective):
         real = labels != IGNORE                                       # (B, T)
         targets = labels[real]                                        # (N,)
         logits = self.backbone.logits(hidden[real])                   # (N, V): the head at targets only
-        nll = cross_entropy_sum(logits, targets)                      # softmax in fp32: minilm/losses.py
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
-        with torch.no_grad():
-            sums = {"nll": nll.detach(), "targets": real.sum()}
-            if not self.training:  # accuracy and bytes are evaluation metrics: skip the extra passes
-                sums["correct"] = (logits.argmax(-1) == targets).sum()
-                sums["bytes"] = self.bytes_per_token[targets].sum()
-        return nll / denominator, sums
+        return self.token_loss(logits, targets, batch, totals)
 
     def flops_per_token(self) -> float:
         """nanoGPT's 6N + 12 L H D T (minilm/flops.py), with the LM head counted at the share of

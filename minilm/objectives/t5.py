@@ -48,10 +48,9 @@ import torch.nn.functional as F
 
 from minilm import masking
 from minilm.flops import encoder_decoder_flops
-from minilm.losses import cross_entropy_sum
 from minilm.masking import SpanCorruptionError
 from minilm.model import EncoderDecoder
-from minilm.objectives.base import IGNORE, Objective, check_model_config
+from minilm.objectives.base import Objective, check_model_config
 from minilm.tokenizer import PAD_ID, SENTINEL_IDS
 
 # The decoder's first input token: <pad>, as in T5 (decoder_start_token_id = pad_token_id).
@@ -90,9 +89,7 @@ class SpanCorruption(Objective):
         self.options = options
         self.raw_length, self.target_length = span_corruption_lengths(model_cfg, options)
         self.backbone = self.build_backbone(model_cfg)
-        # UTF-8 bytes per token id (0 for specials), for bits per byte; a buffer so it follows .to(device)
-        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
-        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+        self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
 
     @classmethod
     def derived_model_settings(cls, model_cfg) -> dict:
@@ -124,16 +121,7 @@ class SpanCorruption(Objective):
         memory = self.backbone.encode(batch["input_ids"])                        # (B, S, C)
         hidden = self.backbone.decode(batch["decoder_input_ids"], memory)        # (B, T, C)
         logits = self.backbone.logits(hidden)                                    # (B, T, V)
-        labels = batch["labels"]
-        nll = cross_entropy_sum(logits.flatten(0, 1), labels.flatten())         # softmax in fp32
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
-        with torch.no_grad():
-            real = labels != IGNORE
-            sums = {"nll": nll.detach(), "targets": real.sum()}
-            if not self.training:  # accuracy and bytes are evaluation metrics: skip the extra passes
-                sums["correct"] = ((logits.argmax(-1) == labels) & real).sum()
-                sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
-        return nll / denominator, sums
+        return self.token_loss(logits.flatten(0, 1), batch["labels"].flatten(), batch, totals)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per encoder input token (what the trainer's tokens/s counts): one
