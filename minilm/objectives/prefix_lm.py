@@ -42,9 +42,9 @@ from __future__ import annotations
 import torch
 
 from minilm.flops import matmul_weights
-from minilm.objectives.base import IGNORE, Objective
 from minilm.model import prefix_lm_mask
-from minilm.objectives.clm import causal_labels
+from minilm.objectives.base import IGNORE
+from minilm.objectives.clm import CausalLM, causal_labels
 
 
 def draw_prefix_lengths(real_lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,16 +58,12 @@ def draw_prefix_lengths(real_lengths: torch.Tensor, generator: torch.Generator |
     return (u * choices).floor().long() + 1
 
 
-class PrefixLM(Objective):
+class PrefixLM(CausalLM):
+    """A causal LM (same backbone, labels, options) whose batches carry a prefix that attends
+    both ways and whose loss skips the prefix's targets."""
     name = "prefix_lm"
     data = "blocks"
     model_kind = "prefix_decoder"
-
-    def __init__(self, model_cfg, tokenizer=None, options=None):
-        super().__init__()
-        self.backbone = self.build_backbone(model_cfg)
-        self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
-        self.predict_after_eos = getattr(options, "predict_after_eos", True)
 
     def make_batch(self, raw, generator=None, lengths=None):
         """raw (B, T+1) -> input_ids, labels (B, T), prefix_lengths (B,), counts. lengths (B,):
