@@ -465,7 +465,8 @@ class Model:
     def embed(self, texts: list[str]) -> torch.Tensor:
         """(N, C) float32 on self.device: for each text, the mean of the encoder's final hidden
         states (after its final norm) over the text's positions, framing tokens included and
-        padding excluded (embed_texts), so a text's embedding does not depend on its batch."""
+        padding excluded (embed_texts), so a text's embedding does not depend on its batch.
+        A single str is one text: (1, C)."""
         self._check("embed")
         return embed_texts(self.objective, self.tokenizer, texts, self.device)
 
