@@ -35,18 +35,14 @@ generator in training), then the piece. Write a wrong word in to see it stand ou
 from __future__ import annotations
 
 import json
-import re
 import sys
 
-import torch
-
-from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
+from minilm.api import (MASK, fill, generate_texts, infill_decode, infill_input_ids,  # noqa: F401 (re-exported)
+                        infill_parts, infill_text, load_for_inference, score_tokens, sentinel_spans)
+from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
-from minilm.config import Config, check_value, parse_flags
+from minilm.config import check_value, parse_flags
 from minilm.errors import UserError
-from minilm.generate import beam_search, generate, generate_seq2seq
-from minilm.objectives import build_objective
-from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, SENTINEL_IDS, SEP_ID, Tokenizer
 from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
@@ -58,204 +54,47 @@ FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   top_k=dict(at_least=0),                # 0 = off
                   top_p=dict(within="(0, 1]"), seed=dict(within="[0, 2**64)"),
                   beam_size=dict(at_least=1), length_penalty=dict())  # any finite number
-MASK = "<mask>"
 FILL_TOP_K = 5  # --top_k when filling and none is given
-SENTINEL = re.compile(r"<extra_id_(\d+)>")
 INFILL_EXAMPLE = '--infill "The cat <extra_id_0> on the <extra_id_1>."'
+# The work is minilm/api.py's (the Python API); this script reads flags, calls it and prints.
 
 
-def load_for_inference(path: str, device):
-    """(objective with weights, tokenizer, config) from a checkpoint file."""
-    # a run folder means its newest checkpoint that loads: a damaged newer one is skipped, with a note
-    path, state = load_checkpoint_or_newest(path, log=lambda msg: print(msg, file=sys.stderr))
-    cfg = Config.from_dict(state["config"])
-    if state.get("tokenizer") is None:
-        raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
-    tokenizer = Tokenizer(tensor_to_bytes(state["tokenizer"]))
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} ids but its model "
-                        f"has vocab_size {cfg.model.vocab_size}; retrain or use the matching checkpoint")
-    objective = build_objective(state.get("objective", cfg.train.objective), cfg.model, tokenizer, cfg.obj)
-    try:
-        objective.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: the weights do not fit the model its config describes "
-                        f"({str(err).splitlines()[0]})") from None
-    return objective.to(device).eval(), tokenizer, cfg
-
-
-@torch.no_grad()
-def fill_mask(objective, tokenizer, text: str, top_k: int, device) -> tuple[list, list[int]]:
-    """The top_k candidates for every <mask> in `text`, from one pass of the encoder.
-
-    Returns ([[(token id, probability), ...] per mask, in text order], the input ids).
-    A space right before <mask> goes into the mask: in training, a masked word's first piece
-    ("▁cat") carries its space, so "the red <mask>" must read as "the red" + <mask>, not
-    "the red" + "▁" + <mask>. Write "red<mask>" to ask for the rest of a word.
-    Only the text "<mask>" becomes a mask (inserted by id); any other special name typed in the
-    text ("<sep>", "<cls>", "<extra_id_0>") is encoded as plain text, like in the training data.
-    """
-    if MASK not in text:
-        raise UserError(f'--fill needs at least one {MASK} in the text, e.g. --fill "The dog chased the red {MASK}."')
-    parts = text.split(MASK)
-    # Frame the text as training showed texts: an encoder trained on plain windows saw a new
-    # document after <eos>; one trained on sentence pairs (mlm+sop) saw [CLS] A [SEP].
-    pairs = objective.data == "segment_pairs"
-    ids = [CLS_ID] if pairs else [EOS_ID]
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
-        if not last:
-            ids.append(MASK_ID)
-    if pairs:
-        ids.append(SEP_ID)
-    seq_len = objective.backbone.cfg.seq_len
-    if len(ids) > seq_len:
-        raise UserError(f"--fill text is {len(ids)} tokens, longer than the model's context window ({seq_len}); "
-                        "shorten it")
-    input_ids = torch.tensor([ids], device=device)
-    logits = objective.predict(input_ids)[0]                        # (T, V)
-    where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
-    probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-    candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
-    return candidates, ids
+def fill_mask(objective, tokenizer, text: str, top_k: int, device):
+    """minilm.api.fill_mask, its errors worded as --fill's."""
+    return api_fill_mask(objective, tokenizer, text, top_k, device, flags=True)
 
 
 def print_fill(objective, tokenizer, text: str, top_k: int, device) -> None:
-    candidates, ids = fill_mask(objective, tokenizer, text, top_k, device)
-    # a guess that is a special id shows its name ("<sep>"), not nothing; the text itself holds
-    # no special id but the masks, which are replaced, so names in the output are guesses
-    show = lambda tokens: json.dumps(tokenizer.decode(tokens, specials=True), ensure_ascii=False)  # noqa: E731
-    for i, cands in enumerate(candidates):
-        print(f"{MASK} {i + 1} of {len(candidates)}:")
-        for token, p in cands:
-            print(f"  {p:.4f}  {show([token])}")
-    best = iter([c[0][0] for c in candidates])
-    inner = ids[1:-1] if ids[-1] == SEP_ID else ids[1:]  # without fill_mask's framing
-    filled = [next(best) if t == MASK_ID else t for t in inner]
-    # quoted, like the candidates: one line even when a guess is "\n"
-    print(f"filled: {show(filled)}")
-
-
-# ----------------------------------------------------------------------------- score (rtd)
-@torch.no_grad()
-def score_tokens(objective, tokenizer, text: str, device) -> list[tuple[int, float]]:
-    """[(token id, probability the discriminator gives to "replaced")] for every token of `text`,
-    from one pass. The text is framed as training framed a new document: after <eos>, whose own
-    score is not returned."""
-    if not text.strip():
-        raise UserError('--score needs some text, e.g. --score "The chef cooked the meal."')
-    ids = [EOS_ID] + tokenizer.encode(text)
-    seq_len = objective.backbone.cfg.seq_len
-    if len(ids) > seq_len:
-        raise UserError(f"--score text is {len(ids)} tokens, longer than the model's context window ({seq_len}); "
-                        "shorten it")
-    probabilities = objective.replaced_probabilities(torch.tensor([ids], device=device))[0]   # (T,)
-    return list(zip(ids[1:], probabilities[1:].tolist()))
+    """For every <mask>, its candidates with their probabilities, then the filled text; each text
+    quoted (one line even when a guess is "\n")."""
+    filled = fill(objective, tokenizer, text, top_k, device, flags=True)
+    show = lambda piece: json.dumps(piece, ensure_ascii=False)  # noqa: E731
+    for i, candidates in enumerate(filled.candidates):
+        print(f"{MASK} {i + 1} of {len(filled.candidates)}:")
+        for candidate in candidates:
+            print(f"  {candidate.probability:.4f}  {show(candidate.text)}")
+    print(f"filled: {show(filled.text)}")
 
 
 def print_scores(objective, tokenizer, text: str, device) -> None:
     """One line per token: P(replaced) with 4 decimals, then the piece, quoted (one line even for
     a piece holding a newline)."""
-    for token, probability in score_tokens(objective, tokenizer, text, device):
+    for token, probability in score_tokens(objective, tokenizer, text, device, flags=True):
         print(f"{probability:.4f}  {json.dumps(tokenizer.id_to_piece(token), ensure_ascii=False)}")
-
-
-# ----------------------------------------------------------------------------- infill (seq2seq)
-def infill_parts(text: str) -> list[str]:
-    """--infill text -> [text, text, ...]: the plain text between its sentinels, one more part than
-    sentinels. The sentinels must be <extra_id_0>, <extra_id_1>, ... in that order: span
-    corruption always numbers a window's spans from 0 (minilm/objectives/t5.py), so the model has
-    seen no other order. A space right before a sentinel goes into the span, as a hidden word's
-    first piece ("▁sat") carries its space in training (fill_mask does the same for <mask>)."""
-    numbers = [int(n) for n in SENTINEL.findall(text)]
-    if not numbers:
-        raise UserError(f"--infill needs at least one <extra_id_0> in the text, e.g. {INFILL_EXAMPLE}")
-    for expected, number in enumerate(numbers):
-        if number != expected:
-            raise UserError(f"--infill sentinels must be numbered in order from <extra_id_0>: "
-                            f"<extra_id_{number}> is where <extra_id_{expected}> should be")
-    if len(numbers) > NUM_SENTINELS:
-        raise UserError(f"--infill has {len(numbers)} sentinels; the tokenizer has {NUM_SENTINELS}")
-    parts = SENTINEL.split(text)[0::2]   # split() also returns the captured numbers, at odd places
-    return [part[:-1] if i < len(parts) - 1 and part.endswith(" ") else part for i, part in enumerate(parts)]
-
-
-def infill_input_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """The encoder's input for --infill text: its plain text encoded, each sentinel by id, then eos
-    (T5 appends eos to every input)."""
-    parts = infill_parts(text)
-    ids = []
-    for i, part in enumerate(parts):
-        ids += tokenizer.encode(part)
-        if i < len(parts) - 1:
-            ids.append(SENTINEL_IDS[i])
-    return ids + [EOS_ID]
-
-
-def sentinel_spans(generated_ids: list[int]) -> dict[int, list[int]]:
-    """A decoder's output `<extra_id_0> span0 <extra_id_1> span1 ... eos` -> {sentinel id: span ids}.
-
-    Read up to the first eos (all of it when there is none). Tokens before the first sentinel
-    belong to no span and are dropped; a sentinel given twice keeps its first span."""
-    if EOS_ID in generated_ids:
-        generated_ids = generated_ids[:generated_ids.index(EOS_ID)]
-    sentinels = set(SENTINEL_IDS)
-    spans: dict[int, list[int]] = {}
-    current = None
-    for token in generated_ids:
-        if token in sentinels:
-            current = [] if token not in spans else None
-            if current is not None:
-                spans[token] = current
-        elif current is not None:
-            current.append(token)
-    return spans
-
-
-def infill_text(tokenizer: Tokenizer, text: str, generated_ids: list[int]) -> str:
-    """--infill text with each sentinel replaced by the span the decoder wrote for it (nothing for
-    a sentinel it skipped). The ids are joined first and decoded once, so a span's leading space
-    and a character split over pieces come out as one text."""
-    parts, spans = infill_parts(text), sentinel_spans(list(generated_ids))
-    ids = []
-    for i, part in enumerate(parts):
-        ids += tokenizer.encode(part)
-        if i < len(parts) - 1:
-            ids += spans.get(SENTINEL_IDS[i], [])
-    return tokenizer.decode(ids)
 
 
 def print_infill(objective, tokenizer, args: dict, device) -> None:
     """Encode the --infill text once, decode (sampling, greedy or beam search), print the texts."""
-    from minilm.objectives.t5 import DECODER_START_ID  # only a t5 checkpoint gets here
-    model = objective.backbone
-    ids = infill_input_ids(tokenizer, args["infill"])
-    if len(ids) > model.cfg.seq_len:
-        raise UserError(f"--infill text is {len(ids)} tokens with its eos, longer than the model's input window "
-                        f"({model.cfg.seq_len}); shorten it")
-    max_new_tokens = args["max_new_tokens"]
-    if max_new_tokens > model.decoder.cfg.seq_len:
-        max_new_tokens = model.decoder.cfg.seq_len
-        print(f"note: the decoder writes at most {max_new_tokens} tokens (its context window); "
-              f"--max_new_tokens {args['max_new_tokens']} is cut to that", file=sys.stderr)
-    input_ids = torch.tensor([ids], device=device)
-    shared = dict(start_id=DECODER_START_ID, eos_id=EOS_ID, use_cache=not args["no_cache"])
-    if args["beam_size"] > 1:
-        tokens, scores = beam_search(model, input_ids, max_new_tokens, beam_size=args["beam_size"],
-                                     length_penalty=args["length_penalty"], **shared)
-        count = min(args["num_samples"], args["beam_size"])
-        rows, labels = tokens[0, :count], [f" (score {s:.3f})" for s in scores[0, :count].tolist()]
-    else:
-        # greedy has one answer, printed once
-        count = 1 if args["temperature"] == 0 else args["num_samples"]
-        generator = torch.Generator(device=device).manual_seed(args["seed"])
-        rows = generate_seq2seq(model, input_ids, max_new_tokens, num_samples=count, temperature=args["temperature"],
-                                top_k=args["top_k"], top_p=args["top_p"], generator=generator, **shared)[0]
-        labels = [""] * count
-    for i, (row, label) in enumerate(zip(rows.tolist(), labels)):
+    texts, scores = infill_decode(objective, tokenizer, args["infill"], max_new_tokens=args["max_new_tokens"],
+                                  temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
+                                  num_samples=args["num_samples"], seed=args["seed"], beam_size=args["beam_size"],
+                                  length_penalty=args["length_penalty"], device=device,
+                                  use_cache=not args["no_cache"], flags=True,
+                                  warn=lambda msg: print(msg, file=sys.stderr))
+    labels = [f" (score {s:.3f})" for s in scores] if scores is not None else [""] * len(texts)
+    for i, (text, label) in enumerate(zip(texts, labels)):
         print(f"--- filling {i + 1}{label}")
-        print(infill_text(tokenizer, args["infill"], row))
+        print(text)
 
 
 def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str,
@@ -312,7 +151,7 @@ def main(argv: list[str]) -> None:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
     if args["infill"]:
-        infill_parts(args["infill"])  # a malformed text is refused before the checkpoint is loaded
+        infill_parts(args["infill"], flags=True)  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
     check_flags_fit(args, objective.name, objective.model_kind, objective.fills_masks, args["ckpt"],
@@ -326,20 +165,13 @@ def main(argv: list[str]) -> None:
     if args["infill"]:
         print_infill(objective, tokenizer, args, device)
         return
-    prompt_ids = [EOS_ID] + tokenizer.encode(args["prompt"])
-    prompt = torch.tensor([prompt_ids] * args["num_samples"], device=device)
-    generator = torch.Generator(device=device).manual_seed(args["seed"])
-    out = generate(objective.backbone, prompt, args["max_new_tokens"], temperature=args["temperature"],
-                   top_k=args["top_k"], top_p=args["top_p"], generator=generator,
-                   use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr),
-                   prompt_is_prefix=objective.model_kind == "prefix_decoder")
-    for i, row in enumerate(out.tolist()):
-        new = row[len(prompt_ids):]
-        if EOS_ID in new:
-            new = new[:new.index(EOS_ID)]
+    texts = generate_texts(objective, tokenizer, args["prompt"], max_new_tokens=args["max_new_tokens"],
+                           temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
+                           num_samples=args["num_samples"], seed=args["seed"], device=device,
+                           use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr))
+    for i, text in enumerate(texts):
         print(f"--- sample {i + 1}")
-        print(tokenizer.decode(prompt_ids[1:] + new))
-
+        print(text)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,13 +1,23 @@
 """minilm: a readable from-scratch PyTorch library for pretraining Transformer language models.
 
     import minilm
+    m = minilm.load("out")                       # a run's newest checkpoint, ready for inference
+    m.generate("Once upon a time")               # fill, infill, score, embed: see minilm/api.py
     minilm.export("out", "model.safetensors")    # a run's newest checkpoint -> weights + config
 
-`import minilm` itself is light: what export needs is imported when it is called, so
+`import minilm` itself is light: what load and export need is imported when it is called, so
 `import minilm.config` still pulls in no torch. Submodules import as before (`import
 minilm.model`, `from minilm.objectives import build_objective`).
 """
 from __future__ import annotations
+
+
+def load(path: str, device="auto"):
+    """A checkpoint file or run folder (its newest checkpoint that loads) -> a minilm.api.Model
+    with generate, fill, infill, score and embed, each where the checkpoint's objective supports
+    it. device: "auto" (cuda, then mps, then cpu), a name, or a torch.device."""
+    from minilm.api import load as load_model
+    return load_model(path, device)
 
 
 def export(checkpoint: str, out_path: str, log=None) -> str:
@@ -18,4 +28,4 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
     return export_file(checkpoint, out_path, log)
 
 
-__all__ = ["export"]
+__all__ = ["export", "load"]

@@ -1,0 +1,478 @@
+"""The Python API, for notebooks: a checkpoint in, a model that generates, fills, scores and embeds.
+
+    import minilm
+    m = minilm.load("out")                       # a run folder (its newest checkpoint) or a file
+    m.generate("Once upon a time", num_samples=2, seed=0)   # decoders, prefix LMs -> [str, str]
+    m.fill("The dog chased the red <mask>.")     # masked LMs -> Filled(text, candidates)
+    m.infill("The cat <extra_id_0> on the mat.") # encoder-decoders (t5) -> [str]
+    m.score("The chef cooked the meal.")         # decoders: log p(token | tokens before);
+                                                 # rtd: P(replaced) -> [(piece, value)]
+    m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
+
+What a checkpoint can do depends on the objective it was trained with (Objective.model_kind,
+fills_masks, scores_tokens); a method it cannot serve raises a one-line UserError naming the
+method that fits. sample.py is a thin command line over this module: its flags are these
+methods' arguments, and the functions below take `flags=True` to word their errors as flags
+(`--fill needs ...`) rather than as methods (`fill() needs ...`).
+
+Framing: every method frames its text as training framed a new document, so the model reads it
+as it read its training windows: after an <eos> (plain windows), or as [CLS] text [SEP] for a
+model trained on sentence pairs (mlm+sop); t5's encoder reads text + <eos>.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable, NamedTuple
+
+import torch
+
+from minilm.errors import UserError
+from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SENTINEL_IDS, SEP_ID, Tokenizer
+
+MASK = "<mask>"
+SENTINEL = re.compile(r"<extra_id_(\d+)>")
+DECODER_KINDS = ("decoder", "prefix_decoder")
+FILL_EXAMPLE = "The dog chased the red <mask>."
+INFILL_EXAMPLE_TEXT = "The cat <extra_id_0> on the <extra_id_1>."
+SCORE_EXAMPLE = "The chef cooked the meal."
+# a method and the command-line flag that asks for it
+FLAG_OF = {"generate": "prompt", "fill": "fill", "infill": "infill", "score": "score", "embed": "embed"}
+
+
+def named(method: str, flags: bool) -> str:
+    """How an error names what was asked for: `fill()`, or the command line's `--fill`."""
+    return f"--{FLAG_OF[method]}" if flags else f"{method}()"
+
+
+def example(method: str, text: str, flags: bool) -> str:
+    """A call that works: `fill("text")`, or the command line's `--fill "text"`."""
+    return f'--{FLAG_OF[method]} "{text}"' if flags else f'{method}("{text}")'
+
+
+def stderr_note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note):
+    """(objective with weights, in eval mode on `device`, tokenizer, config) from a checkpoint
+    file, or a run folder: its newest checkpoint that loads (a damaged newer one is skipped,
+    with a note on `log`). Loaded with weights_only=True (minilm.checkpoint): a file holding
+    anything but tensors and plain data is refused, never unpickled."""
+    from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
+    from minilm.config import Config
+    from minilm.objectives import build_objective
+    path, state = load_checkpoint_or_newest(path, log=log)
+    cfg = Config.from_dict(state["config"])
+    if state.get("tokenizer") is None:
+        raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
+    tokenizer = Tokenizer(tensor_to_bytes(state["tokenizer"]))
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} ids but its model "
+                        f"has vocab_size {cfg.model.vocab_size}; retrain or use the matching checkpoint")
+    objective = build_objective(state.get("objective", cfg.train.objective), cfg.model, tokenizer, cfg.obj)
+    try:
+        objective.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: the weights do not fit the model its config describes "
+                        f"({str(err).splitlines()[0]})") from None
+    return objective.to(device).eval(), tokenizer, cfg
+
+
+def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> "Model":
+    """A Model from a checkpoint file or a run folder (its newest checkpoint that loads).
+    device: "auto" (cuda, then mps, then cpu), a name ("cpu", "cuda:1") or a torch.device."""
+    from minilm.trainer import resolve_device
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    objective, tokenizer, cfg = load_for_inference(str(path), device, log)
+    return Model(objective, tokenizer, cfg, str(path), device)
+
+
+# ----------------------------------------------------------------------------- which method fits
+def method_that_fits(objective) -> str:
+    """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
+    kind = objective.model_kind
+    if kind == "seq2seq":
+        return f"use {example('infill', INFILL_EXAMPLE_TEXT, False)} instead"
+    if kind in DECODER_KINDS:
+        return 'use generate("prompt") instead'
+    if getattr(objective, "fills_masks", False):
+        return f"use {example('fill', 'text with <mask>', False)} instead"
+    if getattr(objective, "scores_tokens", False):
+        return f"use {example('score', SCORE_EXAMPLE, False)} instead"
+    return "use embed(texts): its backbone is for embeddings and fine-tuning"
+
+
+def check_method_fits(method: str, objective, where: str) -> None:
+    """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
+    what the method needs and which method fits; the wording follows sample.py's flag checks."""
+    kind, name = objective.model_kind, objective.name
+    scores_tokens = getattr(objective, "scores_tokens", False)
+    needs = {
+        "generate": (kind in DECODER_KINDS, "a decoder checkpoint (--objective clm or prefix_lm)"),
+        "fill": (getattr(objective, "fills_masks", False),
+                 "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)"),
+        "infill": (kind == "seq2seq", "an encoder-decoder checkpoint (--objective t5)"),
+        "score": (kind == "decoder" or scores_tokens,
+                  "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)"),
+        "embed": (kind in ("encoder", "seq2seq"), "an encoder checkpoint (a masked/denoising objective, or t5)"),
+    }
+    fits, need = needs[method]
+    if not fits:
+        raise UserError(f"{method}() needs {need}; {where} holds a {kind} ({name}): {method_that_fits(objective)}")
+
+
+# ----------------------------------------------------------------------------- generate (decoders)
+def generate_texts(objective, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
+                   top_p: float, num_samples: int, seed: int, device, use_cache: bool = True,
+                   warn: Callable[[str], None] | None = None) -> list[str]:
+    """num_samples continuations of `prompt`, each the prompt's text followed by what the model
+    wrote, up to its first <eos>. Generation starts from <eos> (the model begins as it would
+    begin a new document); a prefix LM reads the prompt in both directions, as in training."""
+    from minilm.generate import generate
+    prompt_ids = [EOS_ID] + tokenizer.encode(prompt)
+    batch = torch.tensor([prompt_ids] * num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(objective.backbone, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   generator=generator, use_cache=use_cache, warn=warn,
+                   prompt_is_prefix=objective.model_kind == "prefix_decoder")
+    texts = []
+    for row in out.tolist():
+        new = row[len(prompt_ids):]
+        if EOS_ID in new:
+            new = new[:new.index(EOS_ID)]
+        texts.append(tokenizer.decode(prompt_ids[1:] + new))
+    return texts
+
+
+# ----------------------------------------------------------------------------- fill (masked LMs)
+class Candidate(NamedTuple):
+    text: str            # the token's text; a special id shows its name ("<sep>")
+    probability: float
+    token_id: int
+
+
+class Filled(NamedTuple):
+    text: str                          # the text with each <mask> replaced by its best candidate
+    candidates: list[list[Candidate]]  # per <mask>, in text order: the top_k, most probable first
+
+
+def check_fits_window(ids: list[int], objective, what: str) -> None:
+    window = objective.backbone.cfg.seq_len
+    if len(ids) > window:
+        raise UserError(f"{what} is {len(ids)} tokens, longer than the model's context window ({window}); "
+                        "shorten it")
+
+
+@torch.no_grad()
+def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool = False) -> tuple[list, list[int]]:
+    """The top_k candidates for every <mask> in `text`, from one pass of the encoder.
+
+    Returns ([[(token id, probability), ...] per mask, in text order], the input ids).
+    A space right before <mask> goes into the mask: in training, a masked word's first piece
+    ("▁cat") carries its space, so "the red <mask>" must read as "the red" + <mask>, not
+    "the red" + "▁" + <mask>. Write "red<mask>" to ask for the rest of a word.
+    Only the text "<mask>" becomes a mask (inserted by id); any other special name typed in the
+    text ("<sep>", "<cls>", "<extra_id_0>") is encoded as plain text, like in the training data.
+    """
+    if MASK not in text:
+        raise UserError(f"{named('fill', flags)} needs at least one {MASK} in the text, e.g. "
+                        f"{example('fill', FILL_EXAMPLE, flags)}")
+    parts = text.split(MASK)
+    # Frame the text as training showed texts: an encoder trained on plain windows saw a new
+    # document after <eos>; one trained on sentence pairs (mlm+sop) saw [CLS] A [SEP].
+    pairs = objective.data == "segment_pairs"
+    ids = [CLS_ID] if pairs else [EOS_ID]
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
+        if not last:
+            ids.append(MASK_ID)
+    if pairs:
+        ids.append(SEP_ID)
+    check_fits_window(ids, objective, f"{named('fill', flags)} text")
+    input_ids = torch.tensor([ids], device=device)
+    logits = objective.predict(input_ids)[0]                        # (T, V)
+    where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
+    probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+    candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
+    return candidates, ids
+
+
+def fill(objective, tokenizer, text: str, top_k: int, device, flags: bool = False) -> Filled:
+    """fill_mask's answer as texts: each candidate's text (special ids by name: the text itself
+    holds no special id but the masks, so a name in the output is a guess) and the filled text."""
+    candidates, ids = fill_mask(objective, tokenizer, text, top_k, device, flags)
+    show = lambda tokens: tokenizer.decode(tokens, specials=True)  # noqa: E731
+    best = iter([c[0][0] for c in candidates])
+    inner = ids[1:-1] if ids[-1] == SEP_ID else ids[1:]  # without fill_mask's framing
+    filled = [next(best) if t == MASK_ID else t for t in inner]
+    return Filled(show(filled), [[Candidate(show([token]), p, token) for token, p in cands]
+                                 for cands in candidates])
+
+
+# ----------------------------------------------------------------------------- score
+@torch.no_grad()
+def score_tokens(objective, tokenizer, text: str, device, flags: bool = False) -> list[tuple[int, float]]:
+    """[(token id, value)] for every token of `text`, from one pass, the text framed after <eos>
+    (whose own value is not returned):
+      replaced-token detectors (rtd): the discriminator's probability that the token was replaced;
+      decoders (clm): log p(token | <eos> and the tokens before it), in nats."""
+    if not text.strip():
+        raise UserError(f"{named('score', flags)} needs some text, e.g. {example('score', SCORE_EXAMPLE, flags)}")
+    ids = [EOS_ID] + tokenizer.encode(text)
+    check_fits_window(ids, objective, f"{named('score', flags)} text")
+    input_ids = torch.tensor([ids], device=device)
+    if getattr(objective, "scores_tokens", False):
+        values = objective.replaced_probabilities(input_ids)[0, 1:]                    # (T-1,)
+    else:
+        model = objective.backbone
+        log_probs = model.logits(model(input_ids)[0, :-1]).float().log_softmax(dim=-1)   # (T-1, V)
+        values = log_probs.gather(1, input_ids[0, 1:, None]).squeeze(1)                 # (T-1,)
+    return list(zip(ids[1:], values.tolist()))
+
+
+# ----------------------------------------------------------------------------- embed (encoders)
+@torch.no_grad()
+def embed_texts(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
+    """(N, C) float32: per text, the mean of the final hidden states (after the final norm) over
+    its real positions, framing tokens included (<eos> first, or [CLS] ... [SEP] for a model
+    trained on sentence pairs; t5: its encoder over text + <eos>). The texts are right-padded
+    into one batch; a padding mask hides the pad keys and the mean skips the pad positions, so
+    a text's embedding does not depend on the texts batched with it."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise UserError('embed() needs at least one text, e.g. embed(["The cat sat on the mat."])')
+    from minilm.model import padding_mask
+    seq2seq = objective.model_kind == "seq2seq"
+    pairs = objective.data == "segment_pairs"
+    rows = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        rows.append(ids + [EOS_ID] if seq2seq else [CLS_ID] + ids + [SEP_ID] if pairs else [EOS_ID] + ids)
+    longest = max(rows, key=len)
+    check_fits_window(longest, objective, f"embed() text {rows.index(longest) + 1}")
+    lengths = torch.tensor([len(row) for row in rows], device=device)                 # (N,)
+    T = int(lengths.max())
+    input_ids = torch.tensor([row + [PAD_ID] * (T - len(row)) for row in rows], device=device)   # (N, T)
+    mask = padding_mask(lengths, T)                                                     # (N, 1, 1, T)
+    model = objective.backbone
+    hidden = model.encode(input_ids, mask) if seq2seq else model(input_ids, mask=mask)  # (N, T, C)
+    real = mask[:, 0, 0, :, None].to(hidden.dtype)                                       # (N, T, 1)
+    return ((hidden * real).sum(dim=1) / lengths[:, None].to(hidden.dtype)).float()
+
+
+# ----------------------------------------------------------------------------- infill (seq2seq)
+def infill_parts(text: str, flags: bool = False) -> list[str]:
+    """infill text -> [text, text, ...]: the plain text between its sentinels, one more part than
+    sentinels. The sentinels must be <extra_id_0>, <extra_id_1>, ... in that order: span
+    corruption always numbers a window's spans from 0 (minilm/objectives/t5.py), so the model has
+    seen no other order. A space right before a sentinel goes into the span, as a hidden word's
+    first piece ("▁sat") carries its space in training (fill_mask does the same for <mask>)."""
+    name = named("infill", flags)
+    numbers = [int(n) for n in SENTINEL.findall(text)]
+    if not numbers:
+        raise UserError(f"{name} needs at least one <extra_id_0> in the text, e.g. "
+                        f"{example('infill', INFILL_EXAMPLE_TEXT, flags)}")
+    for expected, number in enumerate(numbers):
+        if number != expected:
+            raise UserError(f"{name} sentinels must be numbered in order from <extra_id_0>: "
+                            f"<extra_id_{number}> is where <extra_id_{expected}> should be")
+    if len(numbers) > NUM_SENTINELS:
+        raise UserError(f"{name} has {len(numbers)} sentinels; the tokenizer has {NUM_SENTINELS}")
+    parts = SENTINEL.split(text)[0::2]   # split() also returns the captured numbers, at odd places
+    return [part[:-1] if i < len(parts) - 1 and part.endswith(" ") else part for i, part in enumerate(parts)]
+
+
+def infill_input_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
+    """The encoder's input for an infill text: its plain text encoded, each sentinel by id, then
+    eos (T5 appends eos to every input)."""
+    parts = infill_parts(text, flags)
+    ids = []
+    for i, part in enumerate(parts):
+        ids += tokenizer.encode(part)
+        if i < len(parts) - 1:
+            ids.append(SENTINEL_IDS[i])
+    return ids + [EOS_ID]
+
+
+def sentinel_spans(generated_ids: list[int]) -> dict[int, list[int]]:
+    """A decoder's output `<extra_id_0> span0 <extra_id_1> span1 ... eos` -> {sentinel id: span ids}.
+
+    Read up to the first eos (all of it when there is none). Tokens before the first sentinel
+    belong to no span and are dropped; a sentinel given twice keeps its first span."""
+    if EOS_ID in generated_ids:
+        generated_ids = generated_ids[:generated_ids.index(EOS_ID)]
+    sentinels = set(SENTINEL_IDS)
+    spans: dict[int, list[int]] = {}
+    current = None
+    for token in generated_ids:
+        if token in sentinels:
+            current = [] if token not in spans else None
+            if current is not None:
+                spans[token] = current
+        elif current is not None:
+            current.append(token)
+    return spans
+
+
+def infill_text(tokenizer: Tokenizer, text: str, generated_ids: list[int]) -> str:
+    """The infill text with each sentinel replaced by the span the decoder wrote for it (nothing
+    for a sentinel it skipped). The ids are joined first and decoded once, so a span's leading
+    space and a character split over pieces come out as one text."""
+    parts, spans = infill_parts(text), sentinel_spans(list(generated_ids))
+    ids = []
+    for i, part in enumerate(parts):
+        ids += tokenizer.encode(part)
+        if i < len(parts) - 1:
+            ids += spans.get(SENTINEL_IDS[i], [])
+    return tokenizer.decode(ids)
+
+
+def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, temperature: float, top_k: int,
+                  top_p: float, num_samples: int, seed: int, beam_size: int, length_penalty: float, device,
+                  use_cache: bool = True, warn: Callable[[str], None] | None = None,
+                  flags: bool = False) -> tuple[list[str], list[float] | None]:
+    """Encode the infill text once, decode it; ([filled text, ...], beam scores or None).
+
+    beam_size > 1: the best min(num_samples, beam_size) fillings of a beam search, best first,
+    with their scores (sum of log-probabilities / length ** length_penalty); temperature, top_k
+    and top_p are unused. Otherwise num_samples sampled fillings, or the one greedy filling at
+    temperature 0. max_new_tokens past the decoder's window is cut to it, with a note on `warn`."""
+    from minilm.generate import beam_search, generate_seq2seq
+    from minilm.objectives.t5 import DECODER_START_ID  # only a t5 checkpoint gets here
+    model = objective.backbone
+    ids = infill_input_ids(tokenizer, text, flags)
+    if len(ids) > model.cfg.seq_len:
+        raise UserError(f"{named('infill', flags)} text is {len(ids)} tokens with its eos, longer than the model's "
+                        f"input window ({model.cfg.seq_len}); shorten it")
+    if max_new_tokens > model.decoder.cfg.seq_len:
+        option = "--max_new_tokens " if flags else "max_new_tokens="
+        if warn is not None:
+            warn(f"note: the decoder writes at most {model.decoder.cfg.seq_len} tokens (its context window); "
+                 f"{option}{max_new_tokens} is cut to that")
+        max_new_tokens = model.decoder.cfg.seq_len
+    input_ids = torch.tensor([ids], device=device)
+    shared = dict(start_id=DECODER_START_ID, eos_id=EOS_ID, use_cache=use_cache)
+    scores = None
+    if beam_size > 1:
+        tokens, beam_scores = beam_search(model, input_ids, max_new_tokens, beam_size=beam_size,
+                                          length_penalty=length_penalty, **shared)
+        count = min(num_samples, beam_size)
+        rows, scores = tokens[0, :count], beam_scores[0, :count].tolist()
+    else:
+        count = 1 if temperature == 0 else num_samples   # greedy has one answer
+        generator = torch.Generator(device=device).manual_seed(seed)
+        rows = generate_seq2seq(model, input_ids, max_new_tokens, num_samples=count, temperature=temperature,
+                                top_k=top_k, top_p=top_p, generator=generator, **shared)[0]
+    return [infill_text(tokenizer, text, row) for row in rows.tolist()], scores
+
+
+# ----------------------------------------------------------------------------- the model
+def check_number(name: str, value, **rule) -> None:
+    """config.check_value's rule, worded for a keyword argument (`top_p must be ...`)."""
+    from minilm.config import check_value
+    try:
+        check_value(name, value, **rule)
+    except UserError as err:
+        raise UserError(str(err).removeprefix("--")) from None
+
+
+class Model:
+    """A loaded checkpoint (minilm.load), ready for inference. Attributes: objective (the
+    nn.Module with its heads; .backbone the network), tokenizer, config, path, device, and
+    name / kind (the objective's name and model_kind: decoder, prefix_decoder, encoder, seq2seq).
+
+    Each method works where the objective supports it and raises a one-line UserError naming the
+    method that fits otherwise:
+      generate   decoders (clm) and prefix LMs (prefix_lm: the prompt is the prefix)
+      fill       masked LMs (mlm, wwm, span, mlm+sop)
+      infill     encoder-decoders (t5)
+      score      decoders (clm): log-probabilities; replaced-token detectors (rtd): P(replaced)
+      embed      encoders (every masked/denoising objective, rtd's discriminator, t5's encoder)
+    """
+
+    def __init__(self, objective, tokenizer: Tokenizer, config, path: str, device):
+        self.objective, self.tokenizer, self.config = objective, tokenizer, config
+        self.path, self.device = path, torch.device(device)
+
+    @property
+    def name(self) -> str:
+        return self.objective.name
+
+    @property
+    def kind(self) -> str:
+        return self.objective.model_kind
+
+    def __repr__(self) -> str:
+        return f"minilm.Model({self.path!r}, objective={self.name!r}, kind={self.kind!r}, device={str(self.device)!r})"
+
+    def _check(self, method: str) -> None:
+        check_method_fits(method, self.objective, self.path)
+
+    def generate(self, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
+                 top_p: float = 0.95, num_samples: int = 1, seed: int = 0, use_cache: bool = True) -> list[str]:
+        """num_samples texts: the prompt followed by the model's continuation, each cut at the
+        first <eos> it writes. temperature 0 is greedy; top_k 0 is off. The same seed gives the
+        same texts (and the same as `sample.py --seed`). A text past the context window is
+        continued from its last seq_len tokens, with a note on stderr."""
+        self._check("generate")
+        check_number("max_new_tokens", max_new_tokens, at_least=0)
+        self._check_sampling(temperature, top_k, top_p, num_samples, seed)
+        return generate_texts(self.objective, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
+                              device=self.device, use_cache=use_cache, warn=lambda msg: stderr_note(f"note: {msg}"))
+
+    def fill(self, text: str, top_k: int = 5) -> Filled:
+        """Every <mask> in `text` predicted at once, each from the text around it: Filled(text,
+        candidates), text with each mask's best guess, candidates the top_k Candidate(text,
+        probability, token_id) per mask, in text order, most probable first. A space right before
+        <mask> goes into the mask (write "red<mask>" for the rest of a word)."""
+        self._check("fill")
+        check_number("top_k", top_k, at_least=1)
+        return fill(self.objective, self.tokenizer, text, top_k, self.device)
+
+    def infill(self, text: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
+               top_p: float = 0.95, num_samples: int = 1, seed: int = 0, beam_size: int = 1,
+               length_penalty: float = 1.0, use_cache: bool = True) -> list[str]:
+        """`text` with every sentinel (<extra_id_0>, <extra_id_1>, ... in order) replaced by the
+        span the decoder writes for it. Sampling gives num_samples texts; temperature 0 the one
+        greedy text; beam_size > 1 the best min(num_samples, beam_size) of a beam search, best
+        first (ranked by sum of log-probabilities / length ** length_penalty)."""
+        self._check("infill")
+        check_number("max_new_tokens", max_new_tokens, at_least=0)
+        check_number("beam_size", beam_size, at_least=1)
+        check_number("length_penalty", length_penalty)
+        self._check_sampling(temperature, top_k, top_p, num_samples, seed)
+        texts, _scores = infill_decode(
+            self.objective, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, num_samples=num_samples, seed=seed, beam_size=beam_size, length_penalty=length_penalty,
+            device=self.device, use_cache=use_cache, warn=stderr_note)
+        return texts
+
+    def score(self, text: str) -> list[tuple[str, float]]:
+        """[(piece, value)] for every token of `text` (sentencepiece pieces, "▁" for a space):
+          decoders (clm): value = log p(token | the tokens before it), natural log; the text is
+            read as a new document (after <eos>), so the values sum to the text's log-likelihood;
+          replaced-token detectors (rtd): value = the discriminator's probability that the token
+            was replaced (what `sample.py --score` prints)."""
+        self._check("score")
+        return [(self.tokenizer.id_to_piece(token), value)
+                for token, value in score_tokens(self.objective, self.tokenizer, text, self.device)]
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """(N, C) float32 on self.device: for each text, the mean of the encoder's final hidden
+        states (after its final norm) over the text's positions, framing tokens included and
+        padding excluded (embed_texts), so a text's embedding does not depend on its batch.
+        A single str is one text: (1, C)."""
+        self._check("embed")
+        return embed_texts(self.objective, self.tokenizer, texts, self.device)
+
+    def _check_sampling(self, temperature, top_k, top_p, num_samples, seed) -> None:
+        check_number("temperature", temperature, at_least=0)
+        check_number("top_k", top_k, at_least=0)
+        check_number("top_p", top_p, within="(0, 1]")
+        check_number("num_samples", num_samples, at_least=1)
+        check_number("seed", seed, within="[0, 2**64)")

@@ -1,0 +1,169 @@
+"""The Python API (minilm/api.py): minilm.load from a run folder or a file, and each method on the
+checkpoints that support it: generate equals sample.py for the same flags, score's
+log-probabilities are the chain rule of the model's own predictions, fill is the softmax at each
+mask, embed does not depend on the batch, and a method a checkpoint cannot serve says in one line
+which method fits. Tiny untrained models, saved in-process as train.py saves them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import minilm
+from minilm.checkpoint import bytes_to_tensor, checkpoint_path, save_checkpoint
+from minilm.config import Config, ModelConfig
+from minilm.errors import UserError
+from minilm.objectives import build_objective, model_config_for
+from minilm.tokenizer import EOS_ID, MASK_ID
+from tests.conftest import run_in_process
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def save_tiny(path, name: str, tokenizer, seed: int = 0, step: int = 0) -> str:
+    """A freshly initialised model of objective `name` (seeded), saved as train.py saves it."""
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model = model_config_for(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
+                                                   n_head=2, n_embd=32))
+    cfg.train.objective = name
+    objective = build_objective(name, cfg.model, tokenizer, cfg.obj)
+    save_checkpoint(str(path), {"config": cfg.to_dict(), "objective": name, "model": objective.state_dict(),
+                                "step": step, "tokenizer": bytes_to_tensor(tokenizer.model_bytes)})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tokenizer, tmp_path_factory):
+    """{objective name: checkpoint file} for one model of each kind."""
+    folder = tmp_path_factory.mktemp("api")
+    return {name: save_tiny(folder / f"{name}.pt", name, tokenizer)
+            for name in ("clm", "prefix_lm", "mlm", "rtd", "t5")}
+
+
+def load_on_cpu(path):
+    return minilm.load(path, device="cpu")
+
+
+# ----------------------------------------------------------------------------- load
+def test_load_takes_a_run_folders_newest_checkpoint_or_the_file_named(tokenizer, tmp_path):
+    older = save_tiny(checkpoint_path(str(tmp_path), 1), "clm", tokenizer, seed=1, step=1)
+    newer = save_tiny(checkpoint_path(str(tmp_path), 2), "clm", tokenizer, seed=2, step=2)
+    weights = {path: torch.load(path, weights_only=True)["model"] for path in (older, newer)}
+    for path, expected in ((str(tmp_path), newer), (older, older), (newer, newer)):
+        model = load_on_cpu(path)
+        assert (model.name, model.kind, model.path) == ("clm", "decoder", path)
+        for key, tensor in model.objective.state_dict().items():
+            assert torch.equal(tensor, weights[expected][key]), (path, key)
+    with pytest.raises(UserError, match="no checkpoint at"):
+        load_on_cpu(os.path.join(tmp_path, "missing.pt"))
+
+
+# ----------------------------------------------------------------------------- generate
+@pytest.mark.parametrize("name", ["clm", "prefix_lm"])
+def test_generate_is_reproducible_by_seed_and_equals_sample_py(name, checkpoints):
+    model = load_on_cpu(checkpoints[name])
+    flags = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, num_samples=3)
+    first, again, other = (model.generate("The cat", seed=seed, **flags) for seed in (7, 7, 8))
+    assert first == again and first != other
+    assert len(first) == 3 and all(text.startswith("The cat") for text in first)
+    result = run_in_process("sample.py", "--ckpt", checkpoints[name], "--prompt", "The cat", "--seed", 7,
+                            "--device", "cpu", *[f"--{k}={v}" for k, v in flags.items()])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(f"--- sample {i + 1}\n{text}\n" for i, text in enumerate(first))
+
+
+# ----------------------------------------------------------------------------- score
+def test_score_log_probabilities_sum_to_the_sequence_log_likelihood(checkpoints, tokenizer):
+    """score's values are log p(token | tokens before), framed after <eos>: their sum equals the
+    chain rule computed token by token, each from a fresh pass over the tokens before it only."""
+    model = load_on_cpu(checkpoints["clm"])
+    text = "The chef cooked the meal."
+    scored = model.score(text)
+    ids = [EOS_ID] + tokenizer.encode(text)
+    assert [piece for piece, _ in scored] == [tokenizer.id_to_piece(t) for t in ids[1:]]
+    backbone = model.objective.backbone
+    with torch.no_grad():
+        direct = sum(backbone.logits(backbone(torch.tensor([ids[:t]]))[0, -1]).log_softmax(-1)[ids[t]].item()
+                     for t in range(1, len(ids)))
+    assert sum(value for _, value in scored) == pytest.approx(direct, abs=1e-4)
+    assert all(value < 0 for _, value in scored)
+
+
+def test_score_on_rtd_is_the_replaced_probability(checkpoints, tokenizer):
+    model = load_on_cpu(checkpoints["rtd"])
+    text = "The chef cooked the meal."
+    ids = [EOS_ID] + tokenizer.encode(text)
+    expected = model.objective.replaced_probabilities(torch.tensor([ids]))[0, 1:]
+    scored = model.score(text)
+    assert [piece for piece, _ in scored] == [tokenizer.id_to_piece(t) for t in ids[1:]]
+    torch.testing.assert_close(torch.tensor([value for _, value in scored]), expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fill
+def test_fill_gives_the_softmax_top_k_at_each_mask_and_the_filled_text(checkpoints, tokenizer):
+    model = load_on_cpu(checkpoints["mlm"])
+    filled = model.fill("The value <mask> of a <mask>.", top_k=3)
+    ids = [EOS_ID] + tokenizer.encode("The value") + [MASK_ID] + tokenizer.encode(" of a") + [MASK_ID] + \
+        tokenizer.encode(".")
+    with torch.no_grad():
+        probs = model.objective.predict(torch.tensor([ids]))[0].softmax(-1)      # (T, V)
+    where = [i for i, t in enumerate(ids) if t == MASK_ID]
+    assert len(filled.candidates) == 2
+    for position, candidates in zip(where, filled.candidates):
+        top = probs[position].topk(3)
+        assert [c.token_id for c in candidates] == top.indices.tolist()
+        assert [c.text for c in candidates] == [tokenizer.decode([t], specials=True) for t in top.indices.tolist()]
+        torch.testing.assert_close(torch.tensor([c.probability for c in candidates]), top.values)
+    best = iter(c[0].token_id for c in filled.candidates)
+    assert filled.text == tokenizer.decode([next(best) if t == MASK_ID else t for t in ids[1:]], specials=True)
+
+
+# ----------------------------------------------------------------------------- embed
+@pytest.mark.parametrize("name", ["mlm", "t5"])
+def test_embed_is_the_mean_over_real_positions_whatever_the_batch(name, checkpoints, tokenizer):
+    model = load_on_cpu(checkpoints[name])
+    short, longer = "A cat.", "A much longer sentence about a dog that ran across the field."
+    alone = model.embed([short])
+    batched = model.embed([short, longer])
+    assert alone.shape == (1, model.config.model.n_embd) and alone.dtype == torch.float32
+    torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-5)
+    # the pooling: a plain mean of the final hidden states of the framed text, nothing else
+    ids = tokenizer.encode(short)
+    backbone = model.objective.backbone
+    with torch.no_grad():
+        hidden = backbone.encode(torch.tensor([ids + [EOS_ID]])) if name == "t5" else \
+            backbone(torch.tensor([[EOS_ID] + ids]), mask=None)
+    torch.testing.assert_close(alone[0], hidden[0].mean(0), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the wrong method
+@pytest.mark.parametrize("name, call, message", [
+    ("clm", lambda m: m.fill("a <mask>"), r"fill\(\) needs a masked-LM checkpoint .*decoder \(clm\): use generate"),
+    ("clm", lambda m: m.embed(["a"]), r"embed\(\) needs an encoder checkpoint .*decoder \(clm\): use generate"),
+    ("clm", lambda m: m.infill("a <extra_id_0>"), r"infill\(\) needs an encoder-decoder .*: use generate"),
+    ("prefix_lm", lambda m: m.score("a"), r"score\(\) needs a decoder .*prefix_decoder \(prefix_lm\): use generate"),
+    ("mlm", lambda m: m.generate("a"), r"generate\(\) needs a decoder .*encoder \(mlm\): use fill\(\"text with"),
+    ("mlm", lambda m: m.score("a"), r"score\(\) needs .*replaced-token detection .*: use fill\("),
+    ("rtd", lambda m: m.fill("a <mask>"), r"fill\(\) needs a masked-LM .*encoder \(rtd\): use score\("),
+    ("t5", lambda m: m.generate("a"), r"generate\(\) needs a decoder .*seq2seq \(t5\): use infill\("),
+    ("t5", lambda m: m.fill("a <mask>"), r"fill\(\) needs .*seq2seq \(t5\): use infill\("),
+])
+def test_a_method_the_checkpoint_cannot_serve_names_the_one_that_fits(name, call, message, checkpoints):
+    model = load_on_cpu(checkpoints[name])
+    with pytest.raises(UserError, match=message) as err:
+        call(model)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_arguments_are_one_line_errors_worded_for_python(checkpoints, tokenizer):
+    decoder, encoder = load_on_cpu(checkpoints["clm"]), load_on_cpu(checkpoints["mlm"])
+    with pytest.raises(UserError, match=r"^top_p must be in \(0, 1\], got 0$"):
+        decoder.generate("a", top_p=0)
+    with pytest.raises(UserError, match=r'^fill\(\) needs at least one <mask> in the text, e\.g\. fill\("The dog'):
+        encoder.fill("no mask")
+    long = " ".join(["word"] * 39)
+    with pytest.raises(UserError, match=rf"^embed\(\) text 2 is {len(tokenizer.encode(long)) + 1} tokens, longer "
+                                        r"than the model's context window \(32\); shorten it$"):
+        encoder.embed(["short", long])
