@@ -4,6 +4,7 @@ E-wide tables."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -146,25 +147,26 @@ def test_no_weight_is_left_without_a_gradient(name):
     assert every_parameter_gets_a_gradient(objective, batch) == []
 
 
-@pytest.mark.parametrize("name, share", [("clm", 0.5), ("rtd", 0.65)])
-def test_a_tiny_factorized_model_learns(name, share):
+@pytest.mark.parametrize("name", ["clm", "rtd"])
+def test_a_tiny_factorized_model_learns(name):
     """Rows of one repeated token: clm learns to copy, rtd's generator to fill the row's token in
-    and its discriminator to spot the odd one out; the trained loss falls far below its start
-    (measured: clm 5.2 -> 1.9, rtd 37 -> 21)."""
+    (which needs the token embeddings: the discriminator alone lowers rtd's loss by learning the
+    share of replaced tokens). Blind to the tokens, the best either can do is log(64) = 4.16 nats
+    (64 ordinary ids); each ends more than a nat below (measured: clm 1.9, rtd's generator 2.9)."""
     torch.manual_seed(0)
     objective = build_objective(name, dataclasses.replace(CFG, embedding_size=16))
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-2)
-    losses = []
+    nll = []     # per predicted token: clm's loss, rtd's generator loss
     for step in range(80):
         g = torch.Generator().manual_seed(step)
-        rows = torch.randint(NUM_SPECIAL, V, (8, 1), generator=g).expand(8, 17).clone()
-        loss, _ = objective(objective.make_batch(rows, g))
+        rows = torch.randint(NUM_SPECIAL, V, (16, 1), generator=g).expand(16, 17).clone()
+        loss, sums = objective(objective.make_batch(rows, g))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert end < share * start, (start, end)
+        nll.append(loss.item() if name == "clm" else (sums["generator/nll"] / sums["generator/targets"]).item())
+    end = sum(nll[-5:]) / 5
+    assert end < math.log(V - NUM_SPECIAL) - 1, nll
 
 
 # ----------------------------------------------------------------------------- rtd's shared tables
