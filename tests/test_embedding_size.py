@@ -195,3 +195,20 @@ def test_rtd_generator_narrower_than_the_tables_projects_down():
     assert objective.generator.embed_project.weight.shape == (64, 128)
     assert objective.generator_head.dense.weight.shape == (128, 64)
     assert objective.backbone.embed_project.weight.shape == (256, 128)
+
+
+def test_init_from_a_factorized_rtd_checkpoint_into_a_masked_lm():
+    """rtd's discriminator has no LM head, so no head_project: a masked LM started from it takes
+    the whole backbone and starts its head, C -> E projection included, from scratch."""
+    from minilm.config import Config
+    from tests.conftest import load_script
+    train_script = load_script("train.py")
+    torch.manual_seed(0)
+    parent = build_objective("rtd", CFG)
+    parent_cfg = Config(model=CFG)
+    parent_cfg.train.objective = "rtd"
+    state = {"model": parent.state_dict(), "config": parent_cfg.to_dict(), "objective": "rtd", "step": 5}
+    child = build_objective("mlm", CFG)
+    train_script.load_parent_weights(child, state, "parent.pt", log=lambda *_: None)
+    for key, value in parent.backbone.state_dict().items():
+        assert torch.equal(child.backbone.state_dict()[key], value), key
