@@ -425,8 +425,8 @@ def load_parent_weights(objective, parent: dict, parent_path: str, log) -> None:
         match = parent_keys.get((part, rest)) or (parent_keys.get((parent_objective, rest)) if single and part else None)
         if match is not None and source[match].shape == own[key].shape:
             take[key] = source[match]
-        elif not part:
-            missing.append(key)
+        elif not part and not key.startswith("backbone.head_project."):   # the LM head's C -> E (model.py),
+            missing.append(key)                                           # absent where no LM head ran (rtd)
     if missing:
         raise UserError(f"--init_from {parent_path}: its backbone does not fit a {objective.name} model "
                         f"({missing[0]} missing or shaped differently); the backbones must match")

@@ -106,6 +106,9 @@ class ModelConfig:
     n_layer: int = option(4, "depth: the number of Transformer blocks", at_least=1)
     n_head: int = option(4, "attention heads; n_embd must be divisible by n_head", at_least=1)
     n_embd: int = option(256, "model width; head size is n_embd // n_head", at_least=1)
+    # ALBERT/ELECTRA's factorized embeddings: E-wide tables projected up to n_embd (model.py)
+    embedding_size: int = option(0, "width E of the token/position/segment tables, projected to n_embd (ALBERT, "
+                                    "ELECTRA: 128); 0 = n_embd, no projection", at_least=0)
     intermediate_size: int = option(0, "MLP hidden width; 0 = 4 x n_embd (GELU) or 8/3 x n_embd (SwiGLU)",
                                     at_least=0)
     mlp: str = option("gelu", "the MLP: gelu or swiglu", choices=("gelu", "swiglu"))
@@ -133,6 +136,11 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def embedding_width(self) -> int:
+        """E, the width of the embedding tables: embedding_size, or n_embd when it is 0."""
+        return self.embedding_size or self.n_embd
+
+    @property
     def mlp_hidden(self) -> int:
         if self.intermediate_size:
             return self.intermediate_size
@@ -148,6 +156,9 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2 != 0:
             raise UserError(f"RoPE needs an even head size, got n_embd/n_head = {self.head_dim}; "
                             "change n_embd or n_head, or pass --position learned")
+        if self.embedding_size > self.n_embd:
+            raise UserError(f"embedding_size ({self.embedding_size}) must be 0 (= n_embd) or at most n_embd "
+                            f"({self.n_embd}); try --embedding_size {min(128, self.n_embd)}")
 
 
 # Size presets. "base" is the GPT-2 124M shape (with GPT-2's 1024 context and 50k-ish vocab

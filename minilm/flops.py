@@ -2,9 +2,10 @@
 
 FLOPs per token follow nanoGPT's estimate (PaLM appendix B): 6 N for the weight matmuls (2 forward,
 4 backward, per parameter) plus 12 L H D T for attention scores and values. N counts the weights
-a matmul really uses at every position (matmul_weights): the blocks, the norms, and the LM head
-when the objective runs one (tied: the token matrix, once; untied: lm_head). The token, position
-and segment tables are lookups and count nothing; an untied token table is not the head's matmul.
+a matmul really uses at every position (matmul_weights): the blocks, the norms, a factorized
+model's embed_project (E -> C), and the LM head when the objective runs one (tied: head_project
+C -> E if factorized, then the token matrix, once; untied: lm_head). The token, position and
+segment tables are lookups and count nothing; an untied token table is not the head's matmul.
 
 The peak is *measured*, not looked up: the best throughput of a large square matmul in the
 training dtype on this device. So MFU = achieved / achievable-by-a-matmul here, comparable
@@ -27,10 +28,25 @@ def matmul_weights(backbone, lm_head: bool = True) -> int:
     nanoGPT's N (num_params(non_embedding=True)) is this for a tied decoder; for an untied one it
     also counts the token table, and for an encoder without an LM head (sop) the output matrix,
     overstating the FLOPs by V * C per token."""
-    n = backbone.num_params(non_embedding=True) - backbone.tok_emb.weight.numel()   # blocks, norms, lm_head
+    n = backbone.num_params(non_embedding=True) - backbone.tok_emb.weight.numel()   # blocks, norms, projections
     if backbone.lm_head is not None:
         n -= backbone.lm_head.weight.numel()
-    return n + (backbone.output_weight.numel() if lm_head else 0)
+    n -= lm_head_weights(backbone)              # added back just below when the head runs
+    return n + (lm_head_weights(backbone) + backbone.output_weight.numel() if lm_head else 0)
+
+
+def embed_project_weights(backbone) -> int:
+    """Parameters of a factorized model's embed_project (E -> C, with its bias), 0 otherwise: a
+    matmul at every position, unlike the tables it reads."""
+    project = backbone.embed_project
+    return 0 if project is None else sum(w.numel() for w in project.parameters())
+
+
+def lm_head_weights(backbone) -> int:
+    """Parameters of the LM head's matmuls before the output matrix: a factorized tied model's
+    head_project (C -> E, with its bias), 0 otherwise. The output matrix is backbone.output_weight."""
+    project = backbone.head_project
+    return 0 if project is None else sum(w.numel() for w in project.parameters())
 
 
 def encoder_decoder_flops(model, input_length: int, target_length: int) -> int:

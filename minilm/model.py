@@ -11,7 +11,8 @@ torch.nn.functional.scaled_dot_product_attention (SDPA), which picks a fused ker
 memory-efficient on CUDA, a fused CPU kernel) when the mask allows it; the one exception, short
 bf16 sequences on CPU, is explained in attention().
 
-Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size, V vocab.
+Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size, V vocab,
+E = the embedding tables' width (cfg.embedding_width: C unless factorized, see Transformer).
 """
 from __future__ import annotations
 
@@ -41,10 +42,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, width: int | None = None) -> nn.Module:
+    """cfg's norm over the last dimension, `width` wide (n_embd by default)."""
+    width = width or cfg.n_embd
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(width, cfg.norm_eps)
+    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 # ----------------------------------------------------------------------------- rotary positions
@@ -321,21 +324,35 @@ class Transformer(nn.Module):
     BERT, so a pair-pretrained encoder also reads single texts.
     With cfg.embed_norm the summed embeddings go through a norm before the first block, as in
     BERT/RoBERTa/ModernBERT; the masked LMs use it.
+
+    Factorized embeddings (ALBERT, Lan et al. 2019; ELECTRA), cfg.embedding_size = E < C: the
+    tables are E wide, the embedding norm acts at E, and `embed_project` (Linear E -> C) maps the
+    sum to the stream. The tables cost V x E instead of V x C, and a tied LM head multiplies by
+    the V x E matrix after `head_project` (Linear C -> E): logits = head_project(h) W^T, 2 (C + V) E
+    FLOPs per token instead of 2 V C. With E == C (or 0) neither projection exists and the model
+    (its parameter names included) is exactly the unfactorized one. An untied head stays C -> V.
     """
 
     def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.n_embd) if cfg.position == "learned" else None
-        self.seg_emb = nn.Embedding(cfg.n_segment, cfg.n_embd) if cfg.n_segment > 0 else None
+        E = cfg.embedding_width
+        factorized = E != cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size, E)
+        self.pos_emb = nn.Embedding(cfg.seq_len, E) if cfg.position == "learned" else None
+        self.seg_emb = nn.Embedding(cfg.n_segment, E) if cfg.n_segment > 0 else None
         self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base) if cfg.position == "rope" else None
-        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.embed_norm = make_norm(cfg, E) if cfg.embed_norm else None
+        # projections only when factorized (None is a plain attribute, not a module), so an
+        # unfactorized model has exactly the parameters, and state_dict keys, it always had
+        self.embed_project = nn.Linear(E, cfg.n_embd, bias=cfg.bias) if factorized else None  # E -> C
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cross_attention) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # the tied matrix is V x E, so the stream goes down to E first
+        self.head_project = nn.Linear(cfg.n_embd, E, bias=cfg.bias) if factorized and cfg.tie_embeddings else None
         self.apply(self._init_weights)
         # GPT-2's depth scaling: each residual branch adds to the stream, so the layers that write
         # into it start smaller, keeping the variance of the stream independent of depth.
@@ -351,8 +368,9 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, ids, positions=None, segment_ids=None):
-        """ids (B, T) -> (B, T, C); positions (B, T) or (T,), 0..T-1 when None."""
-        x = self.tok_emb(ids)                                  # (B, T, C)
+        """ids (B, T) -> (B, T, C); positions (B, T) or (T,), 0..T-1 when None. The tables are
+        E wide; a factorized model sums and norms at E, then embed_project maps E -> C."""
+        x = self.tok_emb(ids)                                  # (B, T, E)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(ids.shape[1], device=ids.device) if positions is None else positions)
         if self.seg_emb is not None:
@@ -363,6 +381,8 @@ class Transformer(nn.Module):
             # embeddings; at std 0.02 they are soon drowned in what the blocks add to the stream,
             # and a pre-norm encoder then learns far slower (measured in objectives/mlm.py)
             x = self.embed_norm(x)
+        if self.embed_project is not None:
+            x = self.embed_project(x)                          # (B, T, E) -> (B, T, C)
         return self.drop(x)
 
     def forward(self, ids, *, mask=CAUSAL, positions=None, segment_ids=None, cache=None, memory=None,
@@ -442,16 +462,23 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self):
+        """The LM head's matrix: (V, E) tied (the token table), (V, C) untied."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def to_output_width(self, hidden):
+        """(..., C) -> (..., output_weight's width): head_project when the tied matrix is
+        factorized (E < C), the identity otherwise. Every LM head reads the stream through it."""
+        return hidden if self.head_project is None else self.head_project(hidden)
 
     def logits(self, hidden):
         """(..., C) -> (..., V)."""
-        return F.linear(hidden, self.output_weight)
+        return F.linear(self.to_output_width(hidden), self.output_weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied matrix once). non_embedding drops the position and segment
         tables, as nanoGPT drops the position table: they are lookups, no matmul FLOPs. The tied
-        token matrix stays: it is also the LM head's matmul."""
+        token matrix stays: it is also the LM head's matmul; so do a factorized model's
+        embed_project and head_project, matmuls at every position."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             for table in (self.pos_emb, self.seg_emb):
@@ -485,6 +512,7 @@ class EncoderDecoder(nn.Module):
         self.decoder.tok_emb = self.encoder.tok_emb      # one table for both sides
         if self.decoder.lm_head is not None:             # untied: the output matrix is the decoder's alone
             self.encoder.lm_head = None
+        self.encoder.head_project = None                 # the LM head (factorized, tied) is the decoder's
 
     def encode(self, input_ids, input_mask=None, positions=None):
         """input_ids (B, S), input_mask (B, 1, 1, S) bool padding mask or None -> memory (B, S, C)."""

@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
+from minilm.flops import embed_project_weights, lm_head_weights
 from minilm.model import Transformer, make_norm, padding_mask
 from minilm.objectives.base import IGNORE, Objective
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
@@ -72,13 +73,19 @@ def check_masking_options(opts) -> None:
 
 
 class MLMHead(nn.Module):
-    """BERT/RoBERTa's prediction head: transform (Linear C->C, GELU, norm), then the output matrix
-    (the tied token embeddings) and a bias per vocabulary entry. (..., C) -> (..., V)."""
+    """BERT/RoBERTa's prediction head: transform (Linear W->W, GELU, norm), then the output matrix
+    (the tied token embeddings) and a bias per vocabulary entry. (..., W) -> (..., V).
 
-    def __init__(self, cfg):
+    W is the output matrix's width: C, or E when the tied embeddings are factorized (model.py),
+    where the head reads backbone.to_output_width(hidden), the backbone's C -> E projection, so
+    every weight of the backbone is used (DDP needs that) and an LM head on the same backbone
+    (mlm+clm) shares it. ALBERT folds that projection into the transform (one Linear C -> E)."""
+
+    def __init__(self, cfg, width: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.norm = make_norm(cfg)
+        width = width or cfg.n_embd
+        self.dense = nn.Linear(width, width, bias=cfg.bias)
+        self.norm = make_norm(cfg, width)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         Transformer._init_weights(self.dense)
 
@@ -102,7 +109,7 @@ class MaskedLM(Objective):
         self.options = options
         self.seq_len = model_cfg.seq_len
         self.backbone = self.build_backbone(model_cfg)
-        self.head = MLMHead(model_cfg)
+        self.head = MLMHead(model_cfg, self.backbone.output_weight.shape[1])
         # per-id tables as buffers, so they follow .to(device) and cost no copy per batch.
         # Without a tokenizer (benchmarks, unit tests): ids below NUM_SPECIAL are special and
         # every token starts a word.
@@ -144,21 +151,24 @@ class MaskedLM(Objective):
         """What a step really computes, per input token (for MFU): every block but the last in
         full; in the last, keys and values everywhere but queries, projection and MLP only at the
         mask_prob share of positions that are predicted; the head (transform + tied output
-        matrix) at those positions too. 6 FLOPs per weight per token, 12 H D T for attention."""
+        matrix, after the C -> E projection when factorized) at those positions too; a factorized
+        embedding's E -> C projection everywhere. 6 FLOPs per weight per token, 12 H D T for attention."""
         cfg, p = self.backbone.cfg, self.options.mask_prob
         blocks = self.backbone.blocks
         per_block = sum(w.numel() for w in blocks[0].parameters())
         key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))     # 2/3 of the qkv layer
-        head = sum(w.numel() for w in self.head.parameters()) + self.backbone.output_weight.numel()
+        head = (lm_head_weights(self.backbone) + sum(w.numel() for w in self.head.parameters())
+                + self.backbone.output_weight.numel())
         attention = 12 * cfg.n_head * cfg.head_dim * cfg.seq_len
-        weights = (len(blocks) - 1) * per_block + key_value + p * (per_block - key_value + head)
+        weights = (embed_project_weights(self.backbone) + (len(blocks) - 1) * per_block + key_value
+                   + p * (per_block - key_value + head))
         return 6 * weights + (len(blocks) - 1 + p) * attention
 
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The dense path: logits at every position, (B, T) -> (B, T, V)."""
         hidden = self.backbone(input_ids, mask=attn_mask, segment_ids=segment_ids)
-        return self.head(hidden, self.backbone.output_weight)
+        return self.head(self.backbone.to_output_width(hidden), self.backbone.output_weight)
 
     def forward(self, batch, totals=None):
         # attn_mask: padded rows only; segment_ids: sentence pairs (mlm+sop, objectives/multitask.py)
@@ -166,7 +176,7 @@ class MaskedLM(Objective):
         picked = self.backbone(batch["input_ids"], mask=batch.get("attn_mask"),
                                segment_ids=batch.get("segment_ids"), outputs_at=batch["positions"])  # (N, C)
         # fp32 for a stable softmax: a no-op in fp32, an (N, V) cast under bf16 autocast
-        logits = self.head(picked, self.backbone.output_weight).float()        # (N, V)
+        logits = self.head(self.backbone.to_output_width(picked), self.backbone.output_weight).float()  # (N, V)
         targets = batch["targets"]
         nll = F.cross_entropy(logits, targets, reduction="sum")
         denominator = (totals or batch["counts"])["targets"].clamp(min=1)

@@ -171,8 +171,7 @@ class PermutationLM(Objective):
         self.backbone = self.build_backbone(model_cfg)
         # the query stream's input (XLNet's mask_emb): one learned vector, initialised as a token row
         self.query_start = nn.Parameter(torch.randn(model_cfg.n_embd) * 0.02)
-        n_bytes = tokenizer.bytes_per_token if tokenizer is not None else torch.zeros(model_cfg.vocab_size, dtype=torch.long)
-        self.register_buffer("bytes_per_token", n_bytes.clone(), persistent=False)
+        self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
 
     def make_batch(self, raw, generator=None):
         """raw (B, T+1) -> input_ids, ranks (B, T), target_positions, targets (B, M), counts."""

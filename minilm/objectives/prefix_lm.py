@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from minilm.flops import matmul_weights
+from minilm.flops import lm_head_weights, matmul_weights
 from minilm.model import prefix_lm_mask
 from minilm.objectives.base import IGNORE
 from minilm.objectives.clm import CausalLM, causal_labels
@@ -92,7 +92,7 @@ class PrefixLM(CausalLM):
         positions that are targets: (T+1)/2 of T on average under the split law (E[L-P] with P
         uniform on 1..T, L = T+1)."""
         cfg = self.backbone.cfg
-        head = self.backbone.output_weight.numel()
+        head = lm_head_weights(self.backbone) + self.backbone.output_weight.numel()
         blocks = matmul_weights(self.backbone, lm_head=False)
         target_share = (cfg.seq_len + 1) / (2 * cfg.seq_len)
         return 6 * (blocks + target_share * head) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len

@@ -34,15 +34,16 @@ The networks (configure_pretraining.py: generator_hidden_size 0.25, generator_la
     discriminator's with the head size D kept, i.e. max(1, round(H * fraction)) heads of D (for a
     4-head 256-wide discriminator: 1 head, 64 wide; MLP 4x its own width, or the discriminator's
     --intermediate_size scaled by the same ratio), and BERT's MLM head (mlm.py's MLMHead) whose
-    transform maps its width back to the embedding width, tied to the token matrix (ELECTRA's
-    get_token_logits on the shared embedding table). Like the masked LMs, its head and last block
+    transform maps its width to the embedding width E, tied to the E-wide token matrix (ELECTRA's
+    get_masked_lm_output: dense to embedding_size, GELU, LayerNorm, then the shared table). Like the masked LMs, its head and last block
     run only at the chosen positions (Transformer's outputs_at).
   * shared embeddings: the token table, the position table (--position learned), the segment
     table and the embedding norm are the SAME Parameter objects in both networks (ELECTRA's
-    untied_generator_embeddings = False). The generator reads them through a Linear projection
-    from the embedding width (= the discriminator's width) to its own (ELECTRA's
-    "embeddings_project"), when the widths differ. RoPE has no parameters: each network rotates
-    with its own (identical) tables.
+    untied_generator_embeddings = False). They are E = --embedding_size wide (0: the
+    discriminator's width C, unfactorized). Each network reads them through its own Linear
+    projection E -> its width when the two differ (ELECTRA's "embeddings_project"): the
+    discriminator through its backbone's embed_project (model.py), the generator through its
+    own. RoPE has no parameters: each network rotates with its own (identical) tables.
 
 Sampling is exact and reproducible: make_batch draws one uniform u per chosen position from the
 step's torch.Generator (so a resumed run samples what it would have sampled), and the forward
@@ -64,9 +65,13 @@ Where we differ from the references:
     masked LMs and HF's collator). ELECTRA draws round(0.15 * n) positions per row with
     replacement (tf.random.categorical), so duplicates make the distinct count slightly smaller;
     its n also counts [CLS] and [SEP]. We have no [CLS]/[SEP] framing (see mlm.py).
-  * Embedding width: ELECTRA-Small factorizes the embeddings (embedding_size 128, projected up to
-    the discriminator's 256 and down to the generator's 64); here the embeddings are the
-    discriminator's width, so only the generator projects.
+  * Embedding width: by default (--embedding_size 0) the tables are the discriminator's width and
+    only the generator projects. ELECTRA-Small factorizes them (configure_pretraining.py's "small"
+    overrides: embedding_size 128, hidden_size 256, 12 layers, 4 heads, intermediate 1024,
+    generator 0.25 -> 64 wide), projected up to the discriminator's 256 and down to the
+    generator's 64; Base and Large do not (embedding = hidden). ELECTRA-Small's shape:
+    --objective rtd --n_layer 12 --n_embd 256 --n_head 4 --embedding_size 128 --seq_len 128
+    (--generator_fraction 0.25, --intermediate_size 0 = 1024 are the defaults).
   * The encoders are minilm's pre-norm Transformer (RoPE, RMSNorm by default), with the masked LMs'
     embedding norm (embed_norm, declared in model_settings), not BERT's post-norm.
   * HF's transformers has no ELECTRA pretraining loop; its examples (and the peers benchmark)
@@ -81,6 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
+from minilm.flops import embed_project_weights
 from minilm.model import Transformer, padding_mask
 from minilm.objectives.base import Objective
 from minilm.objectives.mlm import MLMHead
@@ -92,41 +98,41 @@ ELECTRA_MASK_SHARE = 0.85   # of the chosen tokens, shown as <mask>; the rest un
 def generator_config(cfg, fraction: float):
     """The generator's ModelConfig: the discriminator's `cfg` with max(1, round(n_head * fraction))
     heads of the same size, so n_embd = heads * head_dim; an explicit intermediate_size is scaled
-    by the same width ratio (0 keeps the 4x default). Always tied: its head is the token matrix."""
+    by the same width ratio (0 keeps the 4x default). Always tied: its head is the token matrix.
+    Unfactorized: the Generator itself projects the shared E-wide tables to its width."""
     n_head = max(1, round(cfg.n_head * fraction))
     width = n_head * cfg.head_dim
     intermediate = max(1, round(cfg.intermediate_size * width / cfg.n_embd)) if cfg.intermediate_size else 0
     return dataclasses.replace(cfg, n_head=n_head, n_embd=width, intermediate_size=intermediate,
-                               tie_embeddings=True)
+                               tie_embeddings=True, embedding_size=0)   # its projection: Generator
 
 
 class Generator(Transformer):
     """ELECTRA's generator: a (narrower) Transformer encoder whose embeddings are the
-    discriminator's, the very same modules, followed by a projection to its own width."""
+    discriminator's, the very same modules, E wide, followed by its projection E -> C_g.
+
+    Built unfactorized (cfg.embedding_size 0: ELECTRA-Small's E = 128 is wider than its 64-wide
+    generator, which a factorized ModelConfig does not allow), then given the shared tables and
+    its own embed_project when E != C_g. Its head (GeneratorHead) maps C_g -> E itself."""
 
     def __init__(self, cfg, shared: Transformer):
         super().__init__(cfg)
         # replace the tables built for cfg by the discriminator's: one Parameter each, in both networks
         self.tok_emb, self.pos_emb, self.seg_emb, self.embed_norm = (shared.tok_emb, shared.pos_emb,
                                                                      shared.seg_emb, shared.embed_norm)
-        width = shared.cfg.n_embd
+        width = shared.cfg.embedding_width
         self.embed_project = nn.Linear(width, cfg.n_embd, bias=cfg.bias) if width != cfg.n_embd else None
         if self.embed_project is not None:
             Transformer._init_weights(self.embed_project)
 
-    def embed(self, ids, positions=None, segment_ids=None):
-        """(B, T) -> (B, T, C_g): the shared embeddings (B, T, C), projected."""
-        x = super().embed(ids, positions, segment_ids)
-        return x if self.embed_project is None else self.embed_project(x)
-
 
 class GeneratorHead(MLMHead):
-    """BERT's MLM head with its transform from the generator's width to the embedding width, so
-    the tied token matrix (V, C) applies: (N, C_g) -> (N, V)."""
+    """BERT's MLM head with its transform from the generator's width to the embedding width E, so
+    the tied token matrix (V, E) applies: (N, C_g) -> (N, V)."""
 
     def __init__(self, cfg, generator_width: int):
-        super().__init__(cfg)                          # cfg: the discriminator's (norm, bias of V)
-        self.dense = nn.Linear(generator_width, cfg.n_embd, bias=cfg.bias)
+        super().__init__(cfg, cfg.embedding_width)     # cfg: the discriminator's (norm, bias of V)
+        self.dense = nn.Linear(generator_width, cfg.embedding_width, bias=cfg.bias)
         Transformer._init_weights(self.dense)
 
 
@@ -175,6 +181,9 @@ class ReplacedTokenDetection(Objective):
         self.options = options
         self.seq_len = model_cfg.seq_len
         self.backbone = self.build_backbone(model_cfg)                     # the discriminator
+        # no LM head on the discriminator: a factorized backbone's C -> E projection would be a
+        # weight that no loss reaches (DDP refuses those); the generator's head maps to E itself
+        self.backbone.head_project = None
         self.discriminator_head = DiscriminatorHead(model_cfg)
         self.generator = Generator(generator_config(model_cfg, options.generator_fraction), self.backbone)
         self.generator_head = GeneratorHead(model_cfg, self.generator.cfg.n_embd)
@@ -264,9 +273,9 @@ class ReplacedTokenDetection(Objective):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token (for MFU), 6 per weight per token plus 12 H D T per block
-        for attention: the discriminator and its head everywhere; the generator's embedding
-        projection and every block but the last everywhere, its last block's keys and values
-        everywhere and the rest of that block and its head (with the tied token matrix) at the
+        for attention: the discriminator (with its embedding projection E -> C when factorized)
+        and its head everywhere; the generator's embedding projection and every block but the
+        last everywhere, its last block's keys and values everywhere and the rest of that block and its head (with the tied token matrix) at the
         mask_prob share of positions (as mlm.py counts). The sampling is not counted."""
         p = self.options.mask_prob
         disc, gen = self.backbone, self.generator
@@ -274,10 +283,10 @@ class ReplacedTokenDetection(Objective):
 
         def block_weights(model):
             return sum(w.numel() for w in model.blocks[0].parameters())
-        discriminator = (len(disc.blocks) * block_weights(disc)
+        discriminator = (embed_project_weights(disc) + len(disc.blocks) * block_weights(disc)
                          + sum(w.numel() for w in self.discriminator_head.parameters()))
         key_value = 2 * gcfg.n_embd * (gcfg.n_embd + (1 if gcfg.bias else 0))
-        project = sum(w.numel() for w in gen.embed_project.parameters()) if gen.embed_project is not None else 0
+        project = embed_project_weights(gen)
         head = sum(w.numel() for w in self.generator_head.parameters()) + disc.tok_emb.weight.numel()
         generator = (project + (len(gen.blocks) - 1) * block_weights(gen) + key_value
                      + p * (block_weights(gen) - key_value + head))
