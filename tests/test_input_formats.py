@@ -418,7 +418,12 @@ def test_out_dir_inside_the_data_folder_is_not_read_as_data(tmp_path, texts, tra
 
 # ----------------------------------------------------------------------------- signals
 SLOW_TRAIN = """
-import importlib.util, sys, time
+import importlib.util, signal, sys, time
+# as started from a terminal, whatever the test runner's own signal state: an ignored or blocked
+# SIGINT is inherited through fork and exec, and Python installs no KeyboardInterrupt then
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 import minilm.data as data
 from minilm.cli import run_cli
 
@@ -457,7 +462,12 @@ def test_signal_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, texts,
         else:
             proc.send_signal(signum)
         sent = time.monotonic()
-        code = proc.wait(timeout=30)
+        parent_state = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 30 s after signal {int(signum)}; the test runner's SIGINT handler and "
+                                 f"blocked signals: {parent_state}") from None
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
