@@ -72,7 +72,6 @@ def _t5_minilm(h, args, name, autocast_dtype=None):
     objective = build_objective("t5", t5_model_config(h), None, ObjectiveConfig())
     next_windows = raw_windows(h)
     generator = torch.Generator().manual_seed(0)
-    target_length = t5_lengths(h.CFG["seq_len"])[1]
 
     def batch_fn():
         return objective.make_batch(next_windows(), generator)
@@ -81,14 +80,9 @@ def _t5_minilm(h, args, name, autocast_dtype=None):
         loss, _sums = model(batch)
         return loss
 
-    n_total = sum(p.numel() for p in objective.parameters())
-    tokens = h.CFG["batch"] * (h.CFG["seq_len"] + target_length)
-    return h.run_train(name, args, objective, loss_fn, batch_fn, tokens, n_nonemb=n_total, n_total=n_total,
-                       autocast_dtype=autocast_dtype,
-                       extra=dict(impl="minilm SpanCorruption: EncoderDecoder 3+3 (RoPE, RMSNorm, GELU, tied), "
-                                       "make_batch = t5_span_corruption on tensors inside the step",
-                                  enc_len=h.CFG["seq_len"], dec_len=target_length,
-                                  note="tokens/s = encoder input + decoder target tokens"))
+    return _run_t5_row(h, args, name, objective, loss_fn, batch_fn, autocast_dtype,
+                       "minilm SpanCorruption: EncoderDecoder 3+3 (RoPE, RMSNorm, GELU, tied), "
+                       "make_batch = t5_span_corruption on tensors inside the step")
 
 
 def _t5_hf_same(h, args, name, autocast_dtype=None):
@@ -96,7 +90,6 @@ def _t5_hf_same(h, args, name, autocast_dtype=None):
     model = hf_t5(h)
     next_windows = raw_windows(h)
     generator = torch.Generator().manual_seed(0)
-    target_length = t5_lengths(h.CFG["seq_len"])[1]
 
     def batch_fn():
         inputs, targets, _noise = t5_span_corruption(next_windows(), generator)
@@ -105,13 +98,19 @@ def _t5_hf_same(h, args, name, autocast_dtype=None):
     def loss_fn(model, batch):
         return model(input_ids=batch[0], labels=batch[1]).loss   # no padding: no attention mask needed
 
+    return _run_t5_row(h, args, name, model, loss_fn, batch_fn, autocast_dtype,
+                       "transformers T5ForConditionalGeneration 3+3 relu d_ff 1536 tied, fed minilm's "
+                       "t5_span_corruption (same corruption, no padding) inside the step")
+
+
+def _run_t5_row(h, args, name, model, loss_fn, batch_fn, autocast_dtype, impl: str):
+    """One training row through the harness: tokens/s counts encoder input + decoder target tokens."""
+    target_length = t5_lengths(h.CFG["seq_len"])[1]
     n_total = sum(p.numel() for p in model.parameters())
     tokens = h.CFG["batch"] * (h.CFG["seq_len"] + target_length)
     return h.run_train(name, args, model, loss_fn, batch_fn, tokens, n_nonemb=n_total, n_total=n_total,
                        autocast_dtype=autocast_dtype,
-                       extra=dict(impl="transformers T5ForConditionalGeneration 3+3 relu d_ff 1536 tied, fed "
-                                       "minilm's t5_span_corruption (same corruption, no padding) inside the step",
-                                  enc_len=h.CFG["seq_len"], dec_len=target_length,
+                       extra=dict(impl=impl, enc_len=h.CFG["seq_len"], dec_len=target_length,
                                   note="tokens/s = encoder input + decoder target tokens"))
 
 

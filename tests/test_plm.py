@@ -18,11 +18,9 @@ from minilm.objectives import build_objective
 from minilm.objectives.plm import (CONTEXT_PER_TOKEN, MAX_SPAN, PermutationLM, draw_spans, span_targets,
                                    two_stream_masks)
 from minilm.tokenizer import NUM_SPECIAL
-from minilm.trainer import Trainer
 from tests.conftest import run_in_process
 from tests.test_cli import TINY
-from tests.test_t5 import Slices
-from tests.test_trainer import make_config
+from tests.test_trainer import accumulated_gradients, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -215,11 +213,7 @@ def test_accumulation_of_two_micro_batches_equals_one_big_batch(tmp_path):
 
     def gradients(accum):
         cfg = make_config(tmp_path, V, objective="plm", grad_accum=accum, batch_size=8 // accum)
-        torch.manual_seed(0)
-        objective = RowSeeded(cfg.model, None, cfg.obj)
-        trainer = Trainer(cfg, objective, Slices(big, 8 // accum), None, None, log=lambda *_: None)
-        loss = trainer.accumulate_gradients(0)
-        return loss, {n: p.grad.clone() for n, p in objective.named_parameters()}
+        return accumulated_gradients(cfg, lambda c: RowSeeded(c.model, None, c.obj), big, accum)
 
     loss1, g1 = gradients(1)
     loss2, g2 = gradients(2)

@@ -24,7 +24,7 @@ from minilm.trainer import Trainer, build_optimizer
 from tests.conftest import load_script
 from tests.test_cli import TINY, run
 from tests.test_t5_noise import reconstruct
-from tests.test_trainer import make_config
+from tests.test_trainer import accumulated_gradients, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -135,14 +135,6 @@ class RowSeeded(SpanCorruption):
         return {**batch, "counts": {"targets": sum(r["counts"]["targets"] for r in rows)}}
 
 
-class Slices:
-    def __init__(self, big, size):
-        self.big, self.size = big, size
-
-    def batch(self, step, micro=0):
-        return self.big[micro * self.size:(micro + 1) * self.size]
-
-
 def test_accumulation_equals_one_big_batch(tmp_path):
     g = torch.Generator().manual_seed(4)
     big = torch.cat([torch.arange(8)[:, None], torch.randint(NUM_SPECIAL, V, (8, 34), generator=g)], dim=1)
@@ -150,11 +142,7 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     def gradients(accum):
         cfg = make_config(tmp_path, V, objective="t5", grad_accum=accum, batch_size=8 // accum)
         cfg.model = model_config_for("t5", cfg.model)
-        torch.manual_seed(0)
-        objective = RowSeeded(cfg.model, None, cfg.obj)
-        trainer = Trainer(cfg, objective, Slices(big, 8 // accum), None, None, log=lambda *_: None)
-        loss = trainer.accumulate_gradients(0)
-        return loss, {n: p.grad.clone() for n, p in objective.named_parameters()}
+        return accumulated_gradients(cfg, lambda c: RowSeeded(c.model, None, c.obj), big, accum)
 
     loss1, g1 = gradients(1)
     loss2, g2 = gradients(2)

@@ -37,6 +37,26 @@ def make_config(out_dir, vocab_size, **train):
     return cfg
 
 
+class Slices:
+    """A data source over fixed rows: micro-batch m of every step is rows m*size .. (m+1)*size-1."""
+
+    def __init__(self, big, size):
+        self.big, self.size = big, size
+
+    def batch(self, step, micro=0):
+        return self.big[micro * self.size:(micro + 1) * self.size]
+
+
+def accumulated_gradients(cfg, make_objective, rows, accum: int):
+    """(loss, {parameter name: gradient}) of one step's accumulation over `rows`, split into
+    `accum` micro-batches; the objective from make_objective(cfg) after torch.manual_seed(0)."""
+    torch.manual_seed(0)
+    objective = make_objective(cfg)
+    trainer = Trainer(cfg, objective, Slices(rows, len(rows) // accum), None, None, log=lambda *_: None)
+    loss = trainer.accumulate_gradients(0)
+    return loss, {n: p.grad.clone() for n, p in objective.named_parameters()}
+
+
 def make_trainer(cfg, prepared, tokenizer, val=False):
     folder, _ = prepared
     torch.manual_seed(0)
