@@ -26,10 +26,12 @@ from minilm.checkpoint import load_checkpoint, load_checkpoint_or_newest, newest
 from minilm.cli import run_cli
 from minilm.config import FRESH_START, PRESETS, Config, explicit_flags, help_text, parse_overrides
 from minilm.data import (BUILTIN, PROGRESS_EVERY, Stopped, display, file_format, inspect_prepared, make_source,
-                         mix_seed, prepare, resolve_files, stop_on_sigterm, tokenizer_fingerprint, tokenizer_texts)
+                         mix_seed, prepare, prepare_rows, resolve_files, row_texts, source_class, stop_on_sigterm,
+                         tokenizer_fingerprint, tokenizer_texts)
 from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
-from minilm.objectives import OBJECTIVES, build_objective, is_encoder_decoder, model_config_for, window_length_for
+from minilm.objectives import (OBJECTIVES, build_objective, data_kind_for, is_encoder_decoder, model_config_for,
+                               window_length_for)
 from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, check_writable, run_info
@@ -47,15 +49,41 @@ def data_signature(source: str, files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def row_spec(cfg: Config):
+    """How the objective's source wants the data prepared: None for running text (documents),
+    else (columns, optional columns, label column) of a table's rows (minilm/data/rows.py)."""
+    cls = source_class(data_kind_for(cfg.train.objective))
+    if cls.prepares != "rows":
+        if cfg.data.val_data:
+            raise UserError(f"--val_data names a file of validation rows, for objectives that read rows of a "
+                            f"table; {cfg.train.objective} reads running text, split by --val_fraction")
+        return None
+    return cls.row_columns(cfg.data)
+
+
 def prepare_settings(cfg: Config, files: list[str]) -> dict:
     """The flags besides the files and vocab size that shape the tokenizer and the split; a change
     to any of them means preparing again. --text_field counts only when there is structured data
-    (JSON Lines, JSON, CSV or TSV, compressed or not)."""
+    (JSON Lines, JSON, CSV or TSV, compressed or not); row data records its columns."""
     settings = {"val_fraction": cfg.data.val_fraction, "character_coverage": cfg.data.character_coverage,
                 "tokenizer_sample_lines": cfg.data.tokenizer_sample_lines}
     if any(file_format(f) != "text" for f in files):
         settings["text_field"] = cfg.data.text_field
+    spec = row_spec(cfg)
+    if spec is not None:
+        columns, optional, label_column = spec
+        settings["rows"] = {"columns": [name for name, _ in columns], "optional": sorted(optional),
+                            "label": label_column, "val_data": cfg.data.val_data}
     return settings
+
+
+def source_files(cfg: Config, log=None) -> list[str]:
+    """The files of --data, then those of --val_data: what the prepared data is made from."""
+    out = cfg.train.out_dir
+    files = [] if not cfg.data.data else resolve_files(cfg.data.data, exclude=out, log=log)
+    if cfg.data.val_data:
+        files = files + resolve_files(cfg.data.val_data, exclude=out, log=log)
+    return files
 
 
 def why_prepare_again(meta: dict, signature: str, vocab_size: int, settings: dict, data_dir: str) -> str | None:
@@ -87,7 +115,8 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
     source = cfg.data.data or BUILTIN
     out = cfg.train.out_dir
     tok_path, data_dir = os.path.join(out, "tokenizer.model"), os.path.join(out, "data")
-    files = [] if source == BUILTIN else resolve_files(source, exclude=out, log=log)
+    files = source_files(cfg, log)
+    spec = row_spec(cfg)
     signature = data_signature(source, files)
     settings = prepare_settings(cfg, files)
     meta, reason = inspect_prepared(data_dir)
@@ -116,14 +145,28 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
             if tokenizer is None:
                 log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on "
                     f"{'the built-in corpus (pydoc topics + stdlib docstrings)' if source == BUILTIN else display(source)}")
-                texts = tokenizer_texts(source, cfg.data.text_field, files=files, log=log,
-                                        progress_every=progress_every)
+                if spec is None:
+                    texts = tokenizer_texts(source, cfg.data.text_field, files=files, log=log,
+                                            progress_every=progress_every)
+                else:   # the text cells of the training rows (not --val_data's)
+                    train_files = resolve_files(source, exclude=out) if source != BUILTIN else []
+                    texts = row_texts(source, spec[0], optional=spec[1], files=train_files, log=log,
+                                      progress_every=progress_every)
                 tokenizer = Tokenizer.train(texts, cfg.model.vocab_size, character_coverage=cfg.data.character_coverage,
                                             sample_lines=cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
             # meta.json is written once, atomically, with what the data was made from
-            prepare(source, tokenizer, data_dir, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
-                    num_workers=cfg.data.num_workers, log=log, files=files, progress_every=progress_every,
-                    extra_meta={"signature": signature, "settings": settings, "typed_specials_escaped": True})
+            extra_meta = {"signature": signature, "settings": settings, "typed_specials_escaped": True}
+            if spec is None:
+                prepare(source, tokenizer, data_dir, text_field=cfg.data.text_field, val_fraction=cfg.data.val_fraction,
+                        num_workers=cfg.data.num_workers, log=log, files=files, progress_every=progress_every,
+                        extra_meta=extra_meta)
+            else:
+                columns, optional, label_column = spec
+                prepare_rows(source, tokenizer, data_dir, columns=columns, optional=optional,
+                             label_column=label_column, val_source=cfg.data.val_data or None,
+                             val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, log=log,
+                             files=resolve_files(source, exclude=out) if source != BUILTIN else None,
+                             progress_every=progress_every, extra_meta=extra_meta)
             try:
                 tokenizer.save(tok_path)  # last: a stop before here leaves no new tokenizer beside old data
             except OSError as err:
@@ -338,8 +381,7 @@ def data_for_resume(cfg: Config, tokenizer: Tokenizer, state: dict, ckpt_path: s
     source = cfg.data.data or BUILTIN
 
     def source_changed() -> bool:
-        files = [] if source == BUILTIN else resolve_files(source, exclude=cfg.train.out_dir)
-        return data_signature(source, files) != recorded["signature"]
+        return data_signature(source, source_files(cfg)) != recorded["signature"]
 
     if (meta is not None and meta.get("tokenizer") == fingerprint and not typed_specials_may_be_ids(meta, tokenizer)
             and meta.get("signature") == recorded.get("signature", meta.get("signature"))):

@@ -174,11 +174,17 @@ PRESETS: dict[str, dict] = {
 class DataConfig:
     data: str = option("", "text file, folder, glob or .jsonl; empty = the built-in corpus")
     text_field: str = option("text", "the field (JSON, JSON Lines) or column (CSV, TSV) holding the text")
+    label_field: str = option("label", "classify: the field or column holding each row's label (any string)")
+    pair_field: str = option("", "row data with two texts: the second text's field or column (tlm: the "
+                                 "translation; simcse pairs: the positive)")
+    negative_field: str = option("", "simcse pairs: the hard negative's field or column (optional)")
+    val_data: str = option("", "row data: a file of validation rows; empty: a split of --data (stratified "
+                               "by label for classify)")
     character_coverage: float = option(0.9995, "share of characters sentencepiece gives their own piece; "
                                                "the rest use byte fallback", within="(0, 1]")
     tokenizer_sample_lines: int = option(2_000_000, "lines the tokenizer trains on, sampled uniformly "
                                                     "from large corpora", at_least=1)
-    val_fraction: float = option(0.05, "share of documents held out for validation", within="(0, 1)")
+    val_fraction: float = option(0.05, "share of documents (or rows) held out for validation", within="(0, 1)")
     num_workers: int = option(0, "processes for tokenizing the data; 0 = every core", at_least=0)
 
     def validate(self) -> None:

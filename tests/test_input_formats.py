@@ -21,7 +21,8 @@ import time
 import numpy as np
 import pytest
 
-import minilm.data as data
+import minilm.data.preparation as data  # the module that tokenizes and writes
+import minilm.data.reading as reading  # the module that opens and reads the source
 from minilm.config import parse_overrides
 from minilm.data import (CHUNK_CHARS, READ_BYTES, BlockSource, iter_texts, load_meta, prepare, resolve_files,
                          tokenizer_texts)
@@ -239,7 +240,7 @@ def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
         if str(path).endswith("locked.txt"):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(data, "open", refusing_open, raising=False)
+    monkeypatch.setattr(reading, "open", refusing_open, raising=False)
     with pytest.raises(UserError, match=r"cannot read .*locked.txt: Permission denied$"):
         resolve_files(str(folder))
 
@@ -376,7 +377,7 @@ def test_a_single_line_corpus_is_read_and_encoded_in_bounded_pieces(tokenizer, t
     def recording_encode(job):
         pieces.extend(len(piece) for piece, _, _ in job)
         return real_encode(job)
-    monkeypatch.setattr(data, "open", recording_open, raising=False)
+    monkeypatch.setattr(reading, "open", recording_open, raising=False)
     monkeypatch.setattr(data, "_encode_job", recording_encode)
     folder, meta = prep(path, tokenizer, tmp_path, val_fraction=0.1)
     assert max(reads) <= READ_BYTES
@@ -424,7 +425,7 @@ import importlib.util, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-import minilm.data as data
+import minilm.data.preparation as data
 from minilm.cli import run_cli
 
 real_encode = data._encode_job

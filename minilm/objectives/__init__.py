@@ -54,6 +54,11 @@ def window_length_for(name: str, model_cfg, options=None) -> int:
     return classes[0].window_length(model_cfg, options) if len(classes) == 1 else Objective.window_length(model_cfg)
 
 
+def data_kind_for(name: str) -> str:
+    """The data source objective `name` reads (a key of minilm.data.SOURCES)."""
+    return common_data([objective_class(part) for part in name.split("+")])
+
+
 def is_encoder_decoder(name: str) -> bool:
     """Whether objective `name` trains an encoder-decoder (model_kind "seq2seq": t5)."""
     return any(objective_class(part).model_kind == "seq2seq" for part in name.split("+"))
@@ -82,5 +87,5 @@ def objective_class(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
-__all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "finalize", "is_encoder_decoder",
+__all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "data_kind_for", "finalize", "is_encoder_decoder",
            "model_config_for", "window_length_for"]
