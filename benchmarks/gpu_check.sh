@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 out=${1:-${OUT:-/tmp/gpu-check}}; mkdir -p "$out"
 work=/tmp/gpu-check-runs
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_t5_noise.py 2>&1 | tail -25 | tee "$out/pytest.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_t5_noise.py > "$out/pytest.txt" 2>&1; tail -8 "$out/pytest.txt"
 
 run() {  # run NAME ARGS...: one training run; its last log lines (tok/s, MFU) and its metrics
     local name=$1; shift
@@ -23,5 +23,5 @@ python3 train.py --max_steps 0 --out_dir "$work" > "$out/prepare.log" 2>&1 || { 
 run small-bf16-eager python3 train.py --preset small --device cuda --dtype bf16 --batch_size 64 --max_steps 200
 run small-bf16-compiled python3 train.py --preset small --device cuda --dtype bf16 --batch_size 64 --max_steps 200 --compile true
 run base-bf16-compiled python3 train.py --preset base --device cuda --dtype bf16 --batch_size 16 --max_steps 120 --compile true
-run small-ddp-nccl torchrun --standalone --nproc_per_node 1 train.py --preset small --device cuda --batch_size 64 --max_steps 60
-run small-fsdp2-nccl torchrun --standalone --nproc_per_node 1 train.py --preset small --device cuda --batch_size 64 --max_steps 60 --fsdp true
+run small-ddp-nccl torchrun --standalone --nproc_per_node 1 train.py --preset small --device cuda --batch_size 64 --max_steps 100 --warmup_steps 20
+run small-fsdp2-nccl torchrun --standalone --nproc_per_node 1 train.py --preset small --device cuda --batch_size 64 --max_steps 100 --warmup_steps 20 --fsdp true

@@ -97,7 +97,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
             if prompt_is_prefix:
                 mask = None                    # the prompt sees itself both ways; one new token sees all
             else:
-                mask = decoding_mask(new.shape[1], cache.length) if cache.length else CAUSAL
+                mask = decoding_mask(new.shape[1], cache.length, device=new.device) if cache.length else CAUSAL
             hidden = model(new, cache=cache, mask=mask)
         else:
             if tokens.shape[1] > window:
@@ -135,7 +135,7 @@ def seq2seq_step(model: EncoderDecoder, tokens: torch.Tensor, memory: torch.Tens
         hidden = model.decode(tokens, memory, memory_mask, mask=CAUSAL)
     else:
         new = tokens[:, cache.length:]
-        mask = decoding_mask(new.shape[1], cache.length) if cache.length else CAUSAL
+        mask = decoding_mask(new.shape[1], cache.length, device=new.device) if cache.length else CAUSAL
         hidden = model.decode(new, memory, memory_mask, mask=mask, cache=cache)
     return model.logits(hidden[:, -1]).float()
 
