@@ -13,12 +13,7 @@ import torch
 from minilm.config import ModelConfig
 from minilm.data import make_source, source_class
 from minilm.model import CAUSAL, KVCache, Transformer, decoding_mask
-from minilm.objectives import (
-    OBJECTIVES,
-    build_objective,
-    model_config_for,
-    window_length_for,
-)
+from minilm.objectives import OBJECTIVES, build_objective, data_kind_for, model_config_for, window_length_for
 from minilm.trainer import Trainer
 from tests.test_trainer import make_config
 
