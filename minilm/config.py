@@ -238,6 +238,12 @@ class ObjectiveConfig:
                                            "one per stretch of 7n tokens) instead of uniformly")
     sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
                                        "(BERT: B random?)", choices=("sop", "nsp"))
+    # contrastive sentence embeddings (simcse, simcse_sup; minilm/objectives/simcse.py)
+    simcse_pooling: str = option("first", "simcse: the sentence vector: first ([CLS], with an MLP in training "
+                                          "only) or mean (over the real tokens)", choices=("first", "mean"))
+    simcse_temperature: float = option(0.05, "simcse: InfoNCE logits are cosine similarities / this", above=0)
+    simcse_hard_negative_weight: float = option(0.0, "simcse_sup: added to each row's logit of its own hard "
+                                                     "negative (SimCSE's hard_negative_weight)")
 
     def validate(self) -> None:
         check_fields(self)
