@@ -380,6 +380,8 @@ def test_train_simcse_sup_retrieves_positives_far_above_chance(tmp_path, texts):
     (["--objective", "simcse_sup"], ["--pair_field naming the positive's column"]),
     (["--objective", "simcse", "--simcse_pooling", "last"], ["--simcse_pooling must be one of first, mean"]),
     (["--objective", "simcse", "--simcse_temperature", "0"], ["--simcse_temperature must be > 0"]),
+    (["--objective", "simcse", "--seq_len", "2"], ["simcse frames each text as [CLS] text [SEP]: it needs "
+                                                   "--seq_len 3 or more, got 2"]),
 ])
 def test_bad_simcse_input_is_one_line(flags, fragments, tmp_path, corpus_dir):
     result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "out", *TINY, *flags)

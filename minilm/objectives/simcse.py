@@ -159,6 +159,14 @@ class SimCSE(Objective):
         if self.mlp is not None:
             Transformer._init_weights(self.mlp[0])
 
+    @classmethod
+    def window_length(cls, model_cfg, options=None) -> int:
+        """Checked before any data is prepared (train.py): a row is `[CLS] sentence [SEP]`."""
+        if model_cfg.seq_len < 3:
+            raise UserError(f"{cls.name} frames each text as [CLS] text [SEP]: it needs --seq_len 3 or more, "
+                            f"got {model_cfg.seq_len}")
+        return super().window_length(model_cfg, options)
+
     def flops_per_token(self) -> float:
         """Per input token (seq_len per row, what the trainer's tokens/s counts): every row runs
         through the encoder twice (its two views), with no LM head, and the MLP twice on one
