@@ -110,14 +110,16 @@ def main():
     mfu = objective.flops_per_token() * tokens_per_s / peak
     one_pass_flops = flops_per_token(matmul_weights(objective.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
                                      cfg.head_dim, T)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu, {torch.get_num_threads()} threads")
     print(f"simcse {cfg.n_layer}x{cfg.n_embd} ({cfg.n_head} heads), batch {B} x seq_len {T}, {args.pooling} pooling, "
           f"{args.dtype}, {device_name}; measured matmul peak {peak / 1e12:.2f} TFLOP/s")
-    print(f"  simcse step       {1e3 * simcse:8.2f} ms   {B / simcse:10,.0f} sentences/s   {tokens_per_s:12,.0f} tok/s   "
-          f"MFU {100 * mfu:5.1f}% (two passes per sentence)")
-    print(f"  one encoder pass  {1e3 * single:8.2f} ms   {B / single:10,.0f} sentences/s   {B * T / single:12,.0f} tok/s   "
-          f"MFU {100 * one_pass_flops * B * T / single / peak:5.1f}%   (simcse / one pass = {simcse / single:.2f}x)")
-
+    rows = (("simcse step", simcse, mfu, "(two passes per sentence)"),
+            ("one encoder pass", single, one_pass_flops * B * T / single / peak,
+             f"(simcse / one pass = {simcse / single:.2f}x)"))
+    for name, seconds, utilization, note in rows:
+        print(f"  {name:<17} {1e3 * seconds:8.2f} ms   {B / seconds:10,.0f} sentences/s   "
+              f"{B * T / seconds:12,.0f} tok/s   MFU {100 * utilization:5.1f}% {note}")
 
 if __name__ == "__main__":
     main()

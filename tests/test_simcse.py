@@ -370,8 +370,9 @@ def test_train_simcse_sup_retrieves_positives_far_above_chance(tmp_path, texts):
     result = run_in_process("train.py", "--objective", "simcse_sup", "--data", path, "--text_field", "anchor",
                             "--pair_field", "positive", "--negative_field", "negative", "--out_dir", out, *TINY,
                             "--batch_size", 16, "--max_steps", 30, "--eval_every", 30, "--eval_batches", 4,
-                            "--val_fraction", 0.3)
+                            "--val_fraction", 0.3, "--dropout", 0.05)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "dropout=0.05" in result.stdout                # an explicit --dropout beats the objective's default
     last = val_rows(out)[-1]
     assert last["val_retrieval_acc"] > 4 * last["val_retrieval_chance"]
 
