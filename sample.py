@@ -27,6 +27,12 @@ filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search
 --temperature, --top_k and --top_p are unused), ranked by
 sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans).
 
+Encoders embed texts (--objective simcse or simcse_sup: the sentence vectors they were trained
+for; any other encoder: the mean of its final hidden states, untrained as a sentence embedding):
+    python sample.py --ckpt out --embed "A man plays a guitar." "Someone plays music." "It rains."
+prints the cosine-similarity matrix of the texts' embeddings, one row per text. Every argument
+after --embed up to the next --flag is one text.
+
 Replaced-token detectors (--objective rtd, ELECTRA's discriminator) score text instead:
     python sample.py --ckpt out --score "The chef cooked the meal."
 prints one line per token: the discriminator's probability that the token was replaced (by the
@@ -105,26 +111,17 @@ def print_infill(objective, tokenizer, args: dict, device) -> None:
 CLASSIFY_EXAMPLE = '--classify "The match ended in a draw."'
 
 
-def split_classify_texts(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the texts after --classify, the other arguments): --classify "a" "b" --top_k 3 -> (["a", "b"],
-    ["--top_k", "3"]); --classify=TEXT gives one text. A --classify with no text is a UserError."""
-    texts, rest, i, given = [], [], 0, False
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--classify" or arg.startswith("--classify="):
-            given = True
-            if arg.startswith("--classify="):
-                texts.append(arg.partition("=")[2])
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                texts.append(argv[i])
-                i += 1
-            continue
-        rest.append(arg)
-        i += 1
-    if given and not texts:
-        raise UserError(f"--classify needs a text or more, e.g. {CLASSIFY_EXAMPLE}")
-    return texts, rest
+def take_texts(argv: list[str], flag: str) -> tuple[list[str], list[str] | None]:
+    """(argv without --FLAG and its texts, the texts or None when --FLAG is absent): every argument
+    after --FLAG up to the next --option is a text (--FLAG=TEXT gives the first), so --classify "a"
+    "b" --top_k 3 -> ["--top_k", "3"], ["a", "b"]. Used by --classify and --embed."""
+    for i, arg in enumerate(argv):
+        if arg == f"--{flag}" or arg.startswith(f"--{flag}="):
+            end = i + 1
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+            return argv[:i] + argv[end:], ([arg.partition("=")[2]] if "=" in arg else []) + argv[i + 1:end]
+    return argv, None
 
 
 def print_classes(objective, tokenizer, texts: list[str], device) -> None:
@@ -179,19 +176,50 @@ def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, c
         raise UserError(f"{held}, which fills in sentinels rather than continuing a prompt: {INFILL_EXAMPLE}")
     if model_kind == "encoder":
         hint = (f'fill in masks instead: --fill "text with {MASK}"' if fills_masks else
-                "and it has no masked-LM head either; its backbone is for fine-tuning")
+                'and it has no masked-LM head either; embed texts with --embed "text" "text" ... or fine-tune it')
         raise UserError(f"{ckpt} holds an encoder ({name}), which cannot generate text; {hint}")
     if model_kind not in ("decoder", "prefix_decoder"):
         raise UserError(f"{held}; text generation needs a decoder checkpoint (--objective clm or prefix_lm)")
+
+
+# ---- simcse: --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
+def print_embeddings(args: dict, texts: list[str]) -> None:
+    """Load the checkpoint, embed the texts (minilm.api), print their cosine similarities: a header
+    of column numbers, then per text its row and the text, quoted."""
+    from minilm.api import cosine_similarities, embed_texts
+    if not texts:
+        raise UserError('--embed needs at least one text, e.g. --embed "A man plays a guitar." "Someone plays music."')
+    others = [f"--{flag}" for flag in ("prompt", "fill", "infill", "score", "classify") if args[flag]]
+    if others:
+        raise UserError(f"--embed and {others[0]} exclude each other; give one")
+    device = resolve_device(args["device"])
+    objective, tokenizer, _ = load_for_inference(args["ckpt"], device)
+    if objective.model_kind not in ("encoder", "seq2seq"):
+        raise UserError(f"--embed needs an encoder checkpoint (--objective simcse, or any masked/denoising "
+                        f"objective); {args['ckpt']} holds a {objective.model_kind} ({objective.name}): use --prompt "
+                        "to generate")
+    similarity = cosine_similarities(embed_texts(objective, tokenizer, texts, device)).tolist()
+    how = (f"{objective.pooling} pooling" if getattr(objective, "embeds_sentences", False)
+           else "mean of the final hidden states: not trained as a sentence embedding")
+    print(f"cosine similarity of {len(texts)} texts ({objective.name}, {how}):")
+    print("    " + "".join(f"{j + 1:>7}" for j in range(len(texts))))
+    for i, (row, text) in enumerate(zip(similarity, texts)):
+        print(f"{i + 1:>4}" + "".join(f"{value:>7.3f}" for value in row) + "  " + json.dumps(text, ensure_ascii=False))
 
 
 def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
         return
-    classify_texts_given, argv = split_classify_texts(argv)   # classify
+    argv, texts_to_classify = take_texts(argv, "classify")   # both take several texts
+    argv, texts_to_embed = take_texts(argv, "embed")
     args = parse_flags(argv, DEFAULTS)
-    args["classify"] = classify_texts_given
+    if texts_to_classify is not None and not texts_to_classify:
+        raise UserError(f"--classify needs a text or more, e.g. {CLASSIFY_EXAMPLE}")
+    args["classify"] = texts_to_classify or []
+    if texts_to_embed is not None:
+        print_embeddings(args, texts_to_embed)
+        return
     for name, rule in FLAG_RULES.items():
         check_value(name, args[name], **rule)
     given = [f"--{flag} ({kind})" for flag, kind in (("fill", "masked LMs"), ("infill", "encoder-decoders"),

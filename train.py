@@ -33,6 +33,7 @@ from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
 from minilm.objectives import (OBJECTIVES, build_objective, data_kind_for, is_encoder_decoder, model_config_for,
                                window_length_for)
+from minilm.objectives import model_defaults_for  # simcse
 from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, check_writable, run_info
@@ -245,6 +246,9 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         cfg = config_for_init(argv, parent, parent_path)
     if cfg.train.objective == "classify" and state is None:   # classify: its `auto` options made concrete
         cfg.obj = classifier_options(cfg.obj, parent)
+    # simcse: an objective's model defaults (its dropout 0.1) where a fresh run's flags leave them out
+    if resume is None:
+        cfg.model = model_defaults_for(cfg.train.objective, cfg.model, explicit_flags(argv))
     # the objective's model settings are applied here, once: what is printed and saved is the model
     cfg.model = model_config_for(cfg.train.objective, cfg.model)
     if cfg.train.threads:

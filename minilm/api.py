@@ -251,6 +251,8 @@ def embed_texts(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
         texts = [texts]
     if not texts:
         raise UserError('embed() needs at least one text, e.g. embed(["The cat sat on the mat."])')
+    if getattr(objective, "embeds_sentences", False):   # simcse: its own framing and pooling
+        return sentence_embeddings(objective, tokenizer, texts, device)
     from minilm.model import padding_mask
     seq2seq = objective.model_kind == "seq2seq"
     pairs = objective.data == "segment_pairs"
@@ -268,6 +270,30 @@ def embed_texts(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
     hidden = model.encode(input_ids, mask) if seq2seq else model(input_ids, mask=mask)  # (N, T, C)
     real = mask[:, 0, 0, :, None].to(hidden.dtype)                                       # (N, T, 1)
     return ((hidden * real).sum(dim=1) / lengths[:, None].to(hidden.dtype)).float()
+
+
+# ---- simcse: embeddings of a sentence-embedding checkpoint, and their cosine similarities
+@torch.no_grad()
+def sentence_embeddings(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
+    """(N, C) float32 from an objective trained for sentence embeddings (simcse, simcse_sup):
+    each text framed `[CLS] text [SEP]` as its training sentences were, pooled as it was trained
+    (--simcse_pooling: [CLS] before the training-only MLP, or the mean over real tokens). Padding
+    changes nothing, so a text's vector does not depend on its batch."""
+    from minilm.data.sentences import frame_sentences
+    rows = [tokenizer.encode(text) for text in texts]
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    check_fits_window(rows[longest] + [CLS_ID, SEP_ID], objective, f"embed() text {longest + 1}")
+    lengths = torch.tensor([len(row) for row in rows], device=device)                   # (N,)
+    width = max(1, int(lengths.max()))
+    ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows], device=device)   # (N, W)
+    input_ids, framed_lengths = frame_sentences(ids, lengths, width + 2)                # (N, W + 2)
+    return objective.embed(input_ids, framed_lengths).float()
+
+
+def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
+    """(N, C) -> (N, N) cosine similarity of every pair of rows."""
+    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    return unit @ unit.T
 
 
 # ----------------------------------------------------------------------------- infill (seq2seq)
@@ -494,10 +520,12 @@ class Model:
                 for token, value in score_tokens(self.objective, self.tokenizer, text, self.device)]
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """(N, C) float32 on self.device: for each text, the mean of the encoder's final hidden
-        states (after its final norm) over the text's positions, framing tokens included and
-        padding excluded (embed_texts), so a text's embedding does not depend on its batch.
-        A single str is one text: (1, C)."""
+        """(N, C) float32 on self.device. A sentence-embedding checkpoint (simcse, simcse_sup)
+        pools as it was trained (sentence_embeddings); any other encoder gives, for each text, the
+        mean of its final hidden states (after its final norm) over the text's positions, framing
+        tokens included and padding excluded (embed_texts), a reasonable but untrained embedding.
+        Either way a text's embedding does not depend on its batch. A single str is one text:
+        (1, C). Compare them with minilm.api.cosine_similarities."""
         self._check("embed")
         return embed_texts(self.objective, self.tokenizer, texts, self.device)
 

@@ -252,6 +252,12 @@ class ObjectiveConfig:
                                           "as loaded, in eval mode")
     head_lr: float = option(0.0, "classify: the head's peak learning rate; 0 = --lr (the schedule scales both)",
                             at_least=0)
+    # contrastive sentence embeddings (simcse, simcse_sup; minilm/objectives/simcse.py)
+    simcse_pooling: str = option("first", "simcse: the sentence vector: first ([CLS], with an MLP in training "
+                                          "only) or mean (over the real tokens)", choices=("first", "mean"))
+    simcse_temperature: float = option(0.05, "simcse: InfoNCE logits are cosine similarities / this", above=0)
+    simcse_hard_negative_weight: float = option(0.0, "simcse_sup: added to each row's logit of its own hard "
+                                                     "negative (SimCSE's hard_negative_weight)")
 
     def validate(self) -> None:
         check_fields(self)

@@ -197,3 +197,39 @@ def load_full_state_dicts(objective, optimizer, model_state: dict, optim_state: 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(objective, model_state, options=options)
     set_optimizer_state_dict(objective, optimizer, optim_state, options=options)
+
+
+# ----------------------------------------------------------------------------- contrastive losses (simcse)
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own slice summed over every
+    rank's loss: rank r's loss uses all ranks' rows (as negatives), so rows of rank s receive
+    gradient from the losses of every rank. A plain dist.all_gather returns tensors with no
+    gradient (SimCSE's reference then puts its own grad-carrying slice back, which loses the other
+    ranks' terms; it computes the whole global loss on every rank instead)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ctx.rows, ctx.rank = local.shape[0], rank
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_gradient(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(every rank's `local` rows concatenated in rank order, the index where this rank's rows
+    start) — differentiable: the backward sums the gradients of all ranks for this rank's rows.
+    Every rank must call it with the same shape. Without a process group: (local, 0).
+
+    Contrastive losses use it so the negatives come from the global batch; each rank then takes
+    its own rows as queries (loss = its share of the global loss), and with DDP's averaged
+    gradients times the trainer's world_size factor the result is the gradient of the global loss."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local, 0
+    return _GatherWithGradient.apply(local), dist.get_rank() * local.shape[0]

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 from minilm.checkpoint import newest_loadable  # noqa: E402
 from minilm.config import Config, ModelConfig  # noqa: E402
-from minilm.data import BlockSource, mix_seed  # noqa: E402
+from minilm.data import make_source, mix_seed  # noqa: E402
 from minilm.distributed import exit_process, full_state_dicts, setup  # noqa: E402
 from minilm.objectives import build_objective  # noqa: E402
 from minilm.tokenizer import Tokenizer  # noqa: E402
@@ -100,7 +100,8 @@ def main():
     cfg = tiny_config(out_dir, tokenizer.vocab_size, steps, accum, fsdp, dropout)
     torch.manual_seed(0)
     objective = build_objective(objective_name, cfg.model, tokenizer)
-    train = BlockSource(data_dir, "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
+    train = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
+                        seed=cfg.train.seed, log=None)   # blocks, or simcse's sentences
     torch.manual_seed(mix_seed(cfg.train.seed, info.rank))  # as train.py: dropout noise differs across ranks
     trainer = Trainer(cfg, objective, train, None, tokenizer, log=print, dist_info=info)
     rounds = count_allreduce_rounds(trainer.model)

@@ -107,6 +107,31 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(objective, 
     assert not torch.allclose(init["backbone.blocks.0.attn.qkv.weight"], rank0["backbone.blocks.0.attn.qkv.weight"])
 
 
+def test_simcse_negatives_from_two_processes_equal_one_process_with_the_whole_batch(tmp_path, prepared, tokenizer,
+                                                                                   tok_path):
+    """simcse gathers its keys across ranks (minilm.distributed.gather_with_gradient): 2 processes
+    of 4 sentences each must give the gradient and the loss of one process over all 8 in one
+    InfoNCE (every sentence a negative for every other), not two separate InfoNCEs of 4. Dropout
+    0, so the two processes' noise cannot differ from the single one's."""
+    from minilm.data import SentenceSource
+    from minilm.objectives import build_objective
+    out = tmp_path / "ddp"
+    worker(out, prepared, tok_path, steps=1, until=1, accum=1, objective="simcse")
+    cfg = tiny_config(tmp_path / "one", tokenizer.vocab_size, 1, 1)
+    torch.manual_seed(0)
+    objective = build_objective("simcse", cfg.model, tokenizer)
+    source = SentenceSource(prepared[0], "train", cfg.model.seq_len, cfg.train.batch_size, seed=cfg.train.seed)
+    parts = [source.batch(0, rank) for rank in (0, 1)]    # rank r reads micro-batch r of the step
+    whole = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    loss, _ = objective(objective.make_batch(whole))
+    loss.backward()
+    for rank in (0, 1):
+        grads = load(out / f"grads-rank{rank}.pt")
+        for name, parameter in objective.named_parameters():
+            assert torch.allclose(grads[name], parameter.grad, atol=1e-6, rtol=1e-4), (rank, name)
+    assert json.load(open(out / "history-rank0.json"))[0] == pytest.approx(loss.item(), abs=1e-5)
+
+
 def test_two_process_run_resumes_exactly(tmp_path, prepared, tok_path):
     """With dropout, seeded per rank as train.py does: each rank must get its own random state
     back from the checkpoint, not rank 0's."""

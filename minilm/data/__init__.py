@@ -7,6 +7,8 @@ One module per step, one per source:
     blocks.py         BlockSource: random windows of running text      ("blocks")
     segment_pairs.py  SegmentPairSource: [CLS] A [SEP] B [SEP]          ("segment_pairs")
     labelled.py       LabelledSource: [CLS] text [SEP] with a label      ("labelled"; classify)
+    sentences.py      SentenceSource: [CLS] sentence [SEP]              ("sentences", simcse)
+    pairs.py          PairSource: (anchor, positive[, hard negative])   ("pairs", simcse_sup)
 SOURCES maps the name an objective declares (its `data` attribute) to the class that reads it;
 each class says which preparation it reads (`prepares`: "documents" or "rows").
 
@@ -95,12 +97,18 @@ from minilm.data.segment_pairs import (
     truncate_longest_first,
 )
 from minilm.errors import UserError
+# simcse: single sentences and (anchor, positive[, negative]) rows
+from minilm.data.sentences import SentenceSource, frame_sentences
+from minilm.data.pairs import PairSource
 
 # name -> the class that reads it; an objective names its source in its `data` attribute
 SOURCES = {
     "blocks": BlockSource,
     "segment_pairs": SegmentPairSource,
     "labelled": LabelledSource,   # classify: [CLS] text [SEP] rows with a label (labelled.py)
+    # simcse (objectives/simcse.py)
+    "sentences": SentenceSource,
+    "pairs": PairSource,
 }
 
 
@@ -125,3 +133,4 @@ __all__ = ["BUILTIN", "CHUNK_CHARS", "DOC_SEPARATOR", "PROGRESS_EVERY", "READ_BY
            "pack_pairs", "prepare", "prepare_rows", "resolve_files", "row_texts", "source_class", "split_sentences",
            "stop_on_sigterm", "token_dtype", "tokenizer_fingerprint", "tokenizer_of", "tokenizer_texts",
            "truncate_longest_first"]
+__all__ += ["PairSource", "SentenceSource", "frame_sentences"]   # simcse

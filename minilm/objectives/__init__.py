@@ -9,6 +9,7 @@ settings the objective declares (base.py, "Declared model settings"). train.py r
 config with it before printing and saving; build_objective applies it too (it is idempotent)."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 from minilm.errors import UserError
@@ -20,6 +21,7 @@ from minilm.objectives.multitask import MultiTask, common_data
 from minilm.objectives.plm import PermutationLM
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.rtd import ReplacedTokenDetection
+from minilm.objectives.simcse import SimCSE, SupervisedSimCSE
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
@@ -36,6 +38,9 @@ OBJECTIVES: dict[str, type[Objective]] = {
     ReplacedTokenDetection.name: ReplacedTokenDetection,
     PermutationLM.name: PermutationLM,
     Classifier.name: Classifier,   # classify: fine-tuning a classification head (classify.py)
+    # simcse: contrastive sentence embeddings, from sentences or from (anchor, positive) rows
+    SimCSE.name: SimCSE,
+    SupervisedSimCSE.name: SupervisedSimCSE,
 }
 
 
@@ -46,6 +51,23 @@ def model_config_for(name: str, model_cfg):
     model."""
     classes = [objective_class(part) for part in name.split("+")]
     return resolve_model_config(classes, common_data(classes), model_cfg)
+
+
+# simcse: model defaults (base.py), e.g. its dropout 0.1, for the fields a command line leaves out
+def model_defaults_for(name: str, model_cfg, given: set[str]):
+    """A copy of model_cfg with objective `name`'s model_defaults for the fields not in `given`
+    (the flags on the command line, config.explicit_flags). train.py applies it to a fresh run,
+    never on --resume, whose checkpoint's config already holds what its run chose. Parts of "a+b"
+    that default one field differently: a UserError asking for the flag."""
+    chosen: dict = {}
+    for cls in (objective_class(part) for part in name.split("+")):
+        for setting, value in cls.model_defaults.items():
+            if setting in chosen and chosen[setting][1] != value and setting not in given:
+                raise UserError(f"{chosen[setting][0]} defaults --{setting} to {chosen[setting][1]} but {cls.name} "
+                                f"to {value}; pass --{setting} to choose")
+            chosen[setting] = (cls.name, value)
+    changes = {setting: value for setting, (_, value) in chosen.items() if setting not in given}
+    return dataclasses.replace(model_cfg, **changes)
 
 
 def window_length_for(name: str, model_cfg, options=None) -> int:
@@ -91,3 +113,4 @@ def objective_class(name: str) -> type[Objective]:
 
 __all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "data_kind_for", "finalize", "is_encoder_decoder",
            "model_config_for", "window_length_for"]
+__all__ += ["model_defaults_for"]   # simcse

@@ -44,6 +44,10 @@ an encoder-decoder (model_kind "seq2seq") has a decoder stack: it cannot share a
 another objective, and any other objective refuses --n_decoder_layer. An objective's constructor then builds exactly the config it is given
 (`build_backbone`), and refuses one that lacks a declared setting; build_objective resolves
 the config itself, so callers rarely call model_config_for directly.
+A default is weaker than a setting: `model_defaults = {"dropout": 0.1}` (simcse, whose only
+noise is dropout) is what the run gets when its command line does not give --dropout; train.py
+applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
+so the saved config still says what the model is, and an explicit flag wins.
 """
 from __future__ import annotations
 
@@ -72,6 +76,9 @@ class Objective(nn.Module):
                                   # gives (B, T) probabilities (rtd; sample.py --score)
     model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
                                   # (see "Declared model settings" above; never mutated)
+    # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
+    # by train.py to a fresh run only where the flag was not given (objectives.model_defaults_for)
+    model_defaults: dict = {}
 
     backbone: nn.Module
 
@@ -242,6 +249,9 @@ def _finalize_one(sums: dict) -> dict:
         out["macro_f1"] = confusion_metrics(sums["confusion"])["macro_f1"]
         sums = {k: v for k, v in sums.items() if k != "confusion"}
     # --- end classify ---
+    # simcse: alignment, uniformity and retrieval from their additive sums (objectives/simcse.py)
+    out.update(embedding_metrics(sums))
+    sums = {k: v for k, v in sums.items() if k not in EMBEDDING_SUMS}
     for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
         if k not in ("nll", "targets", "correct", "bytes", "weighted_nll", "true_positives",
                      "predicted_positives", "positives"):
@@ -263,3 +273,22 @@ def confusion_metrics(confusion) -> dict:
     total = float(confusion.sum())
     return {"acc": float(true_positives.sum()) / total if total else 0.0,
             "macro_f1": float(f1.mean()) if bool(present.any()) else 0.0}
+# ----------------------------------------------------------------------------- simcse
+# Sentence-embedding quality (objectives/simcse.py, which computes the sums per batch): Wang and
+# Isola's alignment and uniformity and nearest-neighbour retrieval, kept as sums that add over
+# batches and ranks; the ratios and the log are taken here, once.
+def embedding_metrics(sums: dict) -> dict:
+    """embedding_sums (added over batches) -> align, uniform, retrieval_acc, retrieval_chance."""
+    out = {}
+    if float(sums.get("align_count", 0)) > 0:
+        out["align"] = float(sums["align_sum"]) / float(sums["align_count"])
+    if float(sums.get("uniform_count", 0)) > 0 and float(sums["uniform_sum"]) > 0:
+        out["uniform"] = math.log(float(sums["uniform_sum"]) / float(sums["uniform_count"]))
+    if float(sums.get("retrieval_count", 0)) > 0:
+        out["retrieval_acc"] = float(sums["retrieval_correct"]) / float(sums["retrieval_count"])
+        out["retrieval_chance"] = float(sums["retrieval_chance_sum"]) / float(sums["retrieval_count"])
+    return out
+
+
+EMBEDDING_SUMS = ("align_sum", "align_count", "uniform_sum", "uniform_count", "retrieval_correct",
+                  "retrieval_count", "retrieval_chance_sum")
