@@ -31,13 +31,17 @@ Replaced-token detectors (--objective rtd, ELECTRA's discriminator) score text i
     python sample.py --ckpt out --score "The chef cooked the meal."
 prints one line per token: the discriminator's probability that the token was replaced (by the
 generator in training), then the piece. Write a wrong word in to see it stand out.
+
+Classifiers (--objective classify, fine-tuned on labelled rows) classify texts instead:
+    python sample.py --ckpt out --classify "The match ended in a draw." ["another text" ...]
+prints, for each text, every label with its probability, most probable first.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from minilm.api import (MASK, fill, generate_texts, infill_decode, infill_input_ids,  # noqa: F401 (re-exported)
+from minilm.api import (MASK, classify_texts, fill, generate_texts, infill_decode, infill_input_ids,  # noqa: F401 (re-exported)
                         infill_parts, infill_text, load_for_inference, score_tokens, sentinel_spans)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
@@ -97,12 +101,57 @@ def print_infill(objective, tokenizer, args: dict, device) -> None:
         print(text)
 
 
+# --- classify: --classify takes one text or more, up to the next flag ---
+CLASSIFY_EXAMPLE = '--classify "The match ended in a draw."'
+
+
+def split_classify_texts(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the texts after --classify, the other arguments): --classify "a" "b" --top_k 3 -> (["a", "b"],
+    ["--top_k", "3"]); --classify=TEXT gives one text. A --classify with no text is a UserError."""
+    texts, rest, i, given = [], [], 0, False
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--classify" or arg.startswith("--classify="):
+            given = True
+            if arg.startswith("--classify="):
+                texts.append(arg.partition("=")[2])
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                texts.append(argv[i])
+                i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    if given and not texts:
+        raise UserError(f"--classify needs a text or more, e.g. {CLASSIFY_EXAMPLE}")
+    return texts, rest
+
+
+def print_classes(objective, tokenizer, texts: list[str], device) -> None:
+    """For each text, a header line with the text (quoted), then every label and its probability,
+    most probable first."""
+    for i, (text, ranked) in enumerate(zip(texts, classify_texts(objective, tokenizer, texts, device, flags=True))):
+        print(f"--- text {i + 1}: {json.dumps(text, ensure_ascii=False)}")
+        for label, probability in ranked:
+            print(f"  {probability:.4f}  {label}")
+# --- end classify ---
+
+
 def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str,
                     scores_tokens: bool = False) -> None:
     """One-line UserError when the flags ask for something this checkpoint's model cannot do, naming
     the flag that fits (--prompt for decoders and prefix LMs, --fill for masked LMs, --infill for
     encoder-decoders, --score for replaced-token detectors)."""
     held = f"{ckpt} holds a {model_kind} ({name})"
+    # --- classify ---
+    if args.get("classify") and model_kind != "classifier":
+        raise UserError(f"--classify needs a classifier checkpoint (--objective classify); {held}")
+    if model_kind == "classifier":
+        if not args.get("classify"):
+            raise UserError(f"{held}: it cannot generate, fill in or score text; classify text with "
+                            f"{CLASSIFY_EXAMPLE}")
+        return
+    # --- end classify ---
     if args["score"] and not scores_tokens:
         hint = (f"use {INFILL_EXAMPLE} instead" if model_kind == "seq2seq" else
                 f'use --fill "text with {MASK}" instead' if fills_masks else
@@ -140,11 +189,14 @@ def main(argv: list[str]) -> None:
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
         return
+    classify_texts_given, argv = split_classify_texts(argv)   # classify
     args = parse_flags(argv, DEFAULTS)
+    args["classify"] = classify_texts_given
     for name, rule in FLAG_RULES.items():
         check_value(name, args[name], **rule)
     given = [f"--{flag} ({kind})" for flag, kind in (("fill", "masked LMs"), ("infill", "encoder-decoders"),
-                                                      ("score", "replaced-token detectors")) if args[flag]]
+                                                      ("score", "replaced-token detectors"),
+                                                      ("classify", "classifiers")) if args[flag]]
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} exclude each other; give one")
     if args["beam_size"] > 1 and not args["infill"]:
@@ -156,6 +208,9 @@ def main(argv: list[str]) -> None:
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
     check_flags_fit(args, objective.name, objective.model_kind, objective.fills_masks, args["ckpt"],
                     objective.scores_tokens)
+    if args["classify"]:
+        print_classes(objective, tokenizer, args["classify"], device)
+        return
     if args["score"]:
         print_scores(objective, tokenizer, args["score"], device)
         return

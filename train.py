@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -239,6 +240,8 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
             raise UserError(f"{parent_path} carries no tokenizer, so --init_from cannot reuse it; pass a "
                             "checkpoint written by train.py")
         cfg = config_for_init(argv, parent, parent_path)
+    if cfg.train.objective == "classify" and state is None:   # classify: its `auto` options made concrete
+        cfg.obj = classifier_options(cfg.obj, parent)
     # the objective's model settings are applied here, once: what is printed and saved is the model
     cfg.model = model_config_for(cfg.train.objective, cfg.model)
     if cfg.train.threads:
@@ -298,6 +301,8 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
     if cfg.train.max_steps == 0:
         log(f"--max_steps 0: the tokenizer and token files are ready in {cfg.train.out_dir}; nothing to train")
         return
+    if cfg.train.objective == "classify":
+        cfg.obj.labels = labels_of_data(cfg, data_dir, log)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     if parent is not None:
@@ -327,9 +332,45 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
     if trainer.stop_signal is not None:
         raise SystemExit(128 + int(trainer.stop_signal))
     ev = trainer.last_eval
+    if "confusion" in trainer.last_eval_sums:   # classify: the confusion matrix of the last evaluation
+        from minilm.objectives.classify import format_confusion
+        log("confusion matrix of the validation rows (rows: true label, columns: predicted):\n"
+            + format_confusion(trainer.last_eval_sums["confusion"], objective.label_names))
     if ev and "loss" in ev:
         log(f"done: val loss {ev['loss']:.4f}" + (f", bits per byte {ev['bpb']:.4f}" if "bpb" in ev else "")
+            + (f", acc {ev['acc']:.4f}, macro-F1 {ev['macro_f1']:.4f} (best {trainer.best_value:.4f}: "
+               f"{os.path.join(cfg.train.out_dir, 'best.pt')})" if "macro_f1" in ev else "")
             + f"; checkpoints in {cfg.train.out_dir}")
+
+
+# ----------------------------------------------------------------------------- classify
+def classifier_options(options, parent: dict | None):
+    """classify's `auto` options made concrete (minilm/objectives/classify.py, resolve_options):
+    an --init_from parent's backbone says how the classifier reads (causal for clm)."""
+    from minilm.objectives import objective_class
+    from minilm.objectives.classify import resolve_options
+    if parent is None:
+        return resolve_options(options)
+    parent_cfg = Config.from_dict(parent["config"])
+    parent_objective = parent.get("objective") or parent_cfg.train.objective
+    kind = objective_class(parent_objective.split("+")[0]).model_kind
+    return resolve_options(options, kind, parent_cfg.obj)
+
+
+def labels_of_data(cfg: Config, data_dir: str, log) -> str:
+    """The label names of the prepared labelled data, as --labels' JSON list. A run that already
+    has labels (given as --labels, or a resumed checkpoint's) must find exactly those, in that
+    order: the head's outputs mean those labels."""
+    from minilm.data import load_meta
+    from minilm.objectives.classify import parse_labels
+    names = list((load_meta(data_dir) or {}).get("labels") or [])
+    found = json.dumps(names, ensure_ascii=False)
+    parse_labels(found)   # two labels or more
+    if cfg.obj.labels and parse_labels(cfg.obj.labels) != names:
+        raise UserError(f"the labelled data has the labels {found} but the model's are {cfg.obj.labels}; "
+                        "the head's outputs mean those labels: give data with the same labels (or drop --labels)")
+    log(f"classify: {len(names)} labels: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}")
+    return found
 
 
 # ----------------------------------------------------------------------------- resume and --init_from
@@ -415,17 +456,25 @@ def data_provenance(data_dir: str) -> dict | None:
 
 def config_for_init(argv: list[str], parent: dict, parent_path: str) -> Config:
     """A new run's config for --init_from: the parent's model (its tokenizer fixes vocab_size, its
-    weights the shape; dropout may change), everything else from this command line."""
+    weights the shape; dropout may change), everything else from this command line. classify
+    takes an encoder-decoder's (t5's) encoder stack: the parent's model without its decoder."""
     saved = Config.from_dict(parent["config"])
-    wanted = parse_overrides(argv, base=Config(model=copy.deepcopy(saved.model)))
     parent_objective = parent.get("objective") or saved.train.objective
-    if is_encoder_decoder(parent_objective) != is_encoder_decoder(wanted.train.objective):
+    base_model = copy.deepcopy(saved.model)
+    encoder_only = (parse_overrides(argv).train.objective == "classify"   # classify: t5's encoder
+                    and is_encoder_decoder(parent_objective))
+    if encoder_only:
+        base_model.n_decoder_layer = 0
+    wanted = parse_overrides(argv, base=Config(model=base_model))
+    if not encoder_only and is_encoder_decoder(parent_objective) != is_encoder_decoder(wanted.train.objective):
         shapes = ("an encoder-decoder", "a single stack") if is_encoder_decoder(parent_objective) else \
             ("a single stack", "an encoder-decoder")
         raise UserError(f"--init_from {parent_path}: its {parent_objective} model is {shapes[0]} but "
                         f"{wanted.train.objective} trains {shapes[1]}; the weights do not carry over (start from a "
                         f"checkpoint of the same kind, or train from scratch)")
     parent_model = model_config_for(parent_objective, saved.model)
+    if encoder_only:
+        parent_model = dataclasses.replace(parent_model, n_decoder_layer=0)
     new_model = model_config_for(wanted.train.objective, wanted.model)
     changed = differing_fields(parent_model, new_model, MODEL_FIELDS_FREE)
     if changed:
@@ -460,6 +509,16 @@ def load_parent_weights(objective, parent: dict, parent_path: str, log) -> None:
         return out
 
     source, own = parent["model"], objective.state_dict()
+    # --- classify: t5's encoder stack is the backbone; another label set's head starts afresh ---
+    encoder_only = is_encoder_decoder(parent_objective) and not is_encoder_decoder(objective.name)
+    if encoder_only:   # backbone.encoder.X -> backbone.X (the token table is shared with the decoder)
+        source = {"backbone." + key[len("backbone.encoder."):]: value for key, value in source.items()
+                  if key.startswith("backbone.encoder.")}
+    if parent_objective == "classify" and hasattr(objective, "label_names"):
+        parent_labels = Config.from_dict(parent["config"]).obj.labels
+        if parent_labels != json.dumps(objective.label_names, ensure_ascii=False):
+            source = {key: value for key, value in source.items() if not key.startswith("label_head.")}
+    # --- end classify ---
     parent_keys, own_keys = by_part(source, parent_objective), by_part(own, objective.name)
     single = "+" not in parent_objective and "+" not in objective.name
     take, missing = {}, []
@@ -476,6 +535,7 @@ def load_parent_weights(objective, parent: dict, parent_path: str, log) -> None:
     heads = sum(1 for key in take if not key.startswith("backbone."))
     fresh = sum(1 for key in own if key not in take)
     log(f"initialized from {parent_path} (step {int(parent.get('step') or 0)}, {parent_objective}): the backbone"
+        + (" (its encoder stack)" if encoder_only else "")
         + (f", {heads} head tensor(s)" if heads else "") + (f"; {fresh} tensor(s) start from scratch" if fresh else ""))
 
 

@@ -8,6 +8,7 @@
     m.score("The chef cooked the meal.")         # decoders: log p(token | tokens before);
                                                  # rtd: P(replaced) -> [(piece, value)]
     m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
+    m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
 
 What a checkpoint can do depends on the objective it was trained with (Objective.model_kind,
 fills_masks, scores_tokens); a method it cannot serve raises a one-line UserError naming the
@@ -36,8 +37,10 @@ DECODER_KINDS = ("decoder", "prefix_decoder")
 FILL_EXAMPLE = "The dog chased the red <mask>."
 INFILL_EXAMPLE_TEXT = "The cat <extra_id_0> on the <extra_id_1>."
 SCORE_EXAMPLE = "The chef cooked the meal."
+CLASSIFY_EXAMPLE = "The match ended in a draw."
 # a method and the command-line flag that asks for it
-FLAG_OF = {"generate": "prompt", "fill": "fill", "infill": "infill", "score": "score", "embed": "embed"}
+FLAG_OF = {"generate": "prompt", "fill": "fill", "infill": "infill", "score": "score", "embed": "embed",
+           "classify": "classify"}   # classify
 
 
 def named(method: str, flags: bool) -> str:
@@ -93,6 +96,8 @@ def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> 
 def method_that_fits(objective) -> str:
     """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
     kind = objective.model_kind
+    if kind == "classifier":   # classify
+        return f"use {example('classify', CLASSIFY_EXAMPLE, False)} instead"
     if kind == "seq2seq":
         return f"use {example('infill', INFILL_EXAMPLE_TEXT, False)} instead"
     if kind in DECODER_KINDS:
@@ -117,6 +122,7 @@ def check_method_fits(method: str, objective, where: str) -> None:
         "score": (kind == "decoder" or scores_tokens,
                   "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)"),
         "embed": (kind in ("encoder", "seq2seq"), "an encoder checkpoint (a masked/denoising objective, or t5)"),
+        "classify": (kind == "classifier", "a classifier checkpoint (--objective classify)"),   # classify
     }
     fits, need = needs[method]
     if not fits:
@@ -370,6 +376,30 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
     return [infill_text(tokenizer, text, row) for row in rows.tolist()], scores
 
 
+# ----------------------------------------------------------------------------- classify (classifiers)
+@torch.no_grad()
+def classify_texts(objective, tokenizer, texts, device, flags: bool = False) -> list[list[tuple[str, float]]]:
+    """Per text, [(label, probability)] over every label, most probable first. Each text is framed
+    as in fine-tuning, [CLS] text [SEP], its first seq_len - 2 tokens kept (as LabelledSource
+    truncates); the texts are right-padded into one batch, and the classifier's padding mask and
+    pooling skip the padding, so a text's answer does not depend on the texts batched with it."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise UserError(f"{named('classify', flags)} needs some text, e.g. "
+                        f"{example('classify', CLASSIFY_EXAMPLE, flags)}")
+    keep = objective.backbone.cfg.seq_len - 2
+    rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
+    lengths = torch.tensor([len(row) for row in rows], device=device)                  # (N,)
+    T = int(lengths.max())
+    input_ids = torch.tensor([row + [PAD_ID] * (T - len(row)) for row in rows], device=device)   # (N, T)
+    probabilities = objective.logits(input_ids, lengths).softmax(dim=-1)               # (N, n_labels)
+    ranked, order = probabilities.sort(dim=-1, descending=True)
+    names = objective.label_names
+    return [[(names[i], p) for i, p in zip(row_order, row_probs)]
+            for row_order, row_probs in zip(order.tolist(), ranked.tolist())]
+
+
 # ----------------------------------------------------------------------------- the model
 def check_number(name: str, value, **rule) -> None:
     """config.check_value's rule, worded for a keyword argument (`top_p must be ...`)."""
@@ -392,6 +422,7 @@ class Model:
       infill     encoder-decoders (t5)
       score      decoders (clm): log-probabilities; replaced-token detectors (rtd): P(replaced)
       embed      encoders (every masked/denoising objective, rtd's discriminator, t5's encoder)
+      classify   classifiers (--objective classify): label probabilities
     """
 
     def __init__(self, objective, tokenizer: Tokenizer, config, path: str, device):
@@ -469,6 +500,14 @@ class Model:
         A single str is one text: (1, C)."""
         self._check("embed")
         return embed_texts(self.objective, self.tokenizer, texts, self.device)
+
+    def classify(self, texts):   # classify
+        """Label probabilities, most probable first: a str gives [(label, probability), ...] over
+        every label; a list of texts gives one such list per text. The texts are framed as in
+        fine-tuning ([CLS] text [SEP]); a text past the context window keeps its first tokens."""
+        self._check("classify")
+        answers = classify_texts(self.objective, self.tokenizer, texts, self.device)
+        return answers[0] if isinstance(texts, str) else answers
 
     def _check_sampling(self, temperature, top_k, top_p, num_samples, seed) -> None:
         check_number("temperature", temperature, at_least=0)

@@ -238,6 +238,20 @@ class ObjectiveConfig:
                                            "one per stretch of 7n tokens) instead of uniformly")
     sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
                                        "(BERT: B random?)", choices=("sop", "nsp"))
+    # --- classify (fine-tuning a classification head; minilm/objectives/classify.py) ---
+    pooling: str = option("auto", "classify: the one vector per text the head reads: first ([CLS]), mean (over "
+                                  "the real tokens) or last (the last real token, for causal decoders); auto = "
+                                  "last for a causal backbone, first otherwise", choices=("auto", "first", "mean", "last"))
+    classifier_attention: str = option("auto", "classify: how the backbone reads: bidirectional (an encoder) or "
+                                               "causal (a decoder: clm); auto = the --init_from parent's way, "
+                                               "bidirectional from scratch",
+                                       choices=("auto", "bidirectional", "causal"))
+    labels: str = option("", "classify: the label names in id order, a JSON list; filled in from the data and "
+                             "saved with the model (give it only to insist on exactly these labels)")
+    freeze_backbone: bool = option(False, "classify: train the head only (a linear probe); the backbone stays "
+                                          "as loaded, in eval mode")
+    head_lr: float = option(0.0, "classify: the head's peak learning rate; 0 = --lr (the schedule scales both)",
+                            at_least=0)
 
     def validate(self) -> None:
         check_fields(self)

@@ -51,6 +51,7 @@ from minilm.objectives import finalize
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLLBACKS_ALLOWED = 6                      # --on_nan rollback gives up below lr x 1/64
 MIN_LR_SCALE = 0.5 ** ROLLBACKS_ALLOWED
+BEST_NAME = "best.pt"                      # the best checkpoint by the objective's best_metric
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -103,15 +104,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
 # ----------------------------------------------------------------------------- optimizer and schedule
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (dim >= 2: linear weights, embeddings) and none on
-    vectors (norm gains, biases). A tied parameter appears once: named_parameters() deduplicates."""
+    vectors (norm gains, biases). A tied parameter appears once: named_parameters() deduplicates.
+    Frozen parameters (requires_grad False) are left out. An objective whose parameters learn at
+    different rates (classify's --head_lr) says so with lr_scales(lr) -> {id(param): scale}: each
+    scale gets its own pair of groups, whose "lr_scale" train_step multiplies the schedule by."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    ids = [id(p) for p in decay + no_decay]
+    scales = model.lr_scales(cfg.lr) if hasattr(model, "lr_scales") else {}
+    groups = []
+    for scale in [1.0] + sorted(set(scales.values()) - {1.0}):
+        chosen = [p for p in params.values() if scales.get(id(p), 1.0) == scale]
+        decay = [p for p in chosen if p.dim() >= 2]
+        no_decay = [p for p in chosen if p.dim() < 2]
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
+    groups = groups[:2] + [g for g in groups[2:] if g["params"]]   # the plain pair always (resume compatibility)
+    ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters() if p.requires_grad}), \
         "every trainable parameter must be in exactly one optimizer group"
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda" or None)
 
@@ -212,6 +221,8 @@ class Trainer:
         self.lr_scale = 1.0                   # halved by each --on_nan rollback
         self.history: list[float] = []        # training loss of every step (for tests and plots)
         self.last_eval: dict = {}
+        self.last_eval_sums: dict = {}        # the raw sums behind last_eval (a confusion matrix)
+        self.best_value: float | None = None  # the best value of the objective's best_metric so far
         self.info = run_info(self.dist.world_size)
         self.stop_signal: int | None = None
         backbone = objective.backbone
@@ -263,7 +274,7 @@ class Trainer:
     def train_step(self, step: int):
         lr = lr_at(step, self.tcfg) * self.lr_scale
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss = self.accumulate_gradients(step)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)   # clip the true gradient, not the scaled one
@@ -281,19 +292,29 @@ class Trainer:
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation metrics over eval_batches fixed batches, split across ranks and summed.
+        """Validation metrics, summed over batches and ranks, then finalized.
 
-        Every rank runs the same number of forwards (FSDP's forward is collective), through the
-        unwrapped module (DDP's forward would wait for a backward that never comes)."""
+        A source that can enumerate its rows (eval_batch_count / eval_batch: labelled rows for
+        classify) is visited whole, every row exactly once: batch i goes to rank i % world_size,
+        and the rows past the end are padding rows the objective counts nowhere. Otherwise
+        eval_batches fixed batches (random windows, the same at every evaluation), split across
+        ranks. Every rank runs the same number of forwards (FSDP's forward is collective), through
+        the unwrapped module (DDP's forward would wait for a backward that never comes).
+        The raw sums are kept in self.last_eval_sums (a classifier's confusion matrix)."""
         if self.val_source is None:
             return {}
         self.objective.eval()
         sums: dict = {}
-        per_rank = -(-self.tcfg.eval_batches // self.dist.world_size)
+        whole = hasattr(self.val_source, "eval_batch")
+        n_batches = self.val_source.eval_batch_count() if whole else self.tcfg.eval_batches
+        per_rank = -(-n_batches // self.dist.world_size)
         for j in range(per_rank):
             i = j * self.dist.world_size + self.dist.rank
-            counted = i < self.tcfg.eval_batches
-            raw = to_device(self.val_source.batch(i if counted else 0, 0), self.device)
+            counted = i < n_batches
+            if whole:   # past the end: a batch of padding rows, which adds zeros
+                raw = to_device(self.val_source.eval_batch(i), self.device)
+            else:
+                raw = to_device(self.val_source.batch(i if counted else 0, 0), self.device)
             # a fixed generator per eval batch: every evaluation sees the same inputs and masks
             batch = self.objective.make_batch(raw, torch.Generator(device=self.device).manual_seed(i))
             with autocast(self.device, self.dtype):
@@ -303,9 +324,37 @@ class Trainer:
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0) + v.detach().to("cpu", torch.float64) * float(counted)
         self.objective.train()
-        if self.dist.enabled:  # NCCL reduces device tensors
-            sums = all_reduce_dict({k: v.to(self.device) for k, v in sums.items()}, self.dist, self.device)
-        return finalize({k: float(v) for k, v in sums.items()})
+        sums = self._all_reduce_sums(sums)
+        self.last_eval_sums = sums
+        return finalize({k: float(v) if v.numel() == 1 else v for k, v in sums.items()})
+
+    def _all_reduce_sums(self, sums: dict) -> dict:
+        """Metric sums added up over ranks in one collective: scalars and tensors (a confusion
+        matrix) alike, flattened into one float64 vector and cut back to their shapes."""
+        if not self.dist.enabled:
+            return sums
+        keys = sorted(sums)
+        shapes = [torch.as_tensor(sums[k]).shape for k in keys]
+        flat = torch.cat([torch.as_tensor(sums[k], dtype=torch.float64).reshape(-1) for k in keys])
+        flat = all_reduce_sum(flat.to(self.device), self.dist).cpu()   # NCCL reduces device tensors
+        sizes = [int(math.prod(shape)) for shape in shapes]
+        return {k: part.reshape(shape) for k, part, shape in zip(keys, flat.split(sizes), shapes)}
+
+    def keep_best(self) -> None:
+        """When the objective names a metric to keep the best checkpoint by (classify: macro_f1),
+        write out_dir/best.pt whenever the last evaluation beats every earlier one. Collective, like
+        save(): every rank has the same (all-reduced) metrics, so all take the same branch."""
+        metric = getattr(self.objective, "best_metric", None)
+        value = self.last_eval.get(metric) if metric else None
+        if value is None or (self.best_value is not None and value <= self.best_value):
+            return
+        self.best_value = value
+        state = self.state()
+        if self.dist.is_main:
+            save_checkpoint(os.path.join(self.tcfg.out_dir, BEST_NAME), state)
+            self.log(f"step {self.step:>6} | best val {metric} so far ({value:.4f}): saved "
+                     f"{os.path.join(self.tcfg.out_dir, BEST_NAME)}")
+        barrier(self.dist)
 
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict | None:
@@ -323,7 +372,7 @@ class Trainer:
                 "model": model_state, "optimizer": optim_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step, "lr_scale": self.lr_scale, "rng": rng_per_rank,
-                "last_eval": self.last_eval, "info": self.info, **self.provenance,
+                "last_eval": self.last_eval, "best_value": self.best_value, "info": self.info, **self.provenance,
                 "tokenizer": bytes_to_tensor(self.tokenizer.model_bytes) if self.tokenizer else None}
 
     def save(self) -> str:
@@ -370,6 +419,7 @@ class Trainer:
                      f"{self.dist.world_size}; dropout randomness restarts from the seed")
             torch.manual_seed(mix_seed(self.tcfg.seed, self.dist.rank, self.step))
         self.last_eval = state.get("last_eval", {})
+        self.best_value = state.get("best_value")
 
     # --------------------------------------------------------------- signals
     def _on_signal(self, signum, frame):
@@ -547,6 +597,7 @@ class Trainer:
                 ev = self.last_eval
                 self.log(f"step {self.step:>6} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 self._write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
+                self.keep_best()
             if saving:
                 path = self.save()
                 self.log(f"step {self.step:>6} | saved {path}")

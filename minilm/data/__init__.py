@@ -6,6 +6,7 @@ One module per step, one per source:
     rows.py           rows of a table -> the same token files plus an (n_rows, n_columns, 2) index
     blocks.py         BlockSource: random windows of running text      ("blocks")
     segment_pairs.py  SegmentPairSource: [CLS] A [SEP] B [SEP]          ("segment_pairs")
+    labelled.py       LabelledSource: [CLS] text [SEP] with a label      ("labelled"; classify)
 SOURCES maps the name an objective declares (its `data` attribute) to the class that reads it;
 each class says which preparation it reads (`prepares`: "documents" or "rows").
 
@@ -86,6 +87,7 @@ from minilm.data.reading import (
     tokenizer_texts,
 )
 from minilm.data.rows import RowTable, prepare_rows, row_texts
+from minilm.data.labelled import LabelledSource  # classify
 from minilm.data.segment_pairs import (
     SegmentPairSource,
     pack_pairs,
@@ -98,6 +100,7 @@ from minilm.errors import UserError
 SOURCES = {
     "blocks": BlockSource,
     "segment_pairs": SegmentPairSource,
+    "labelled": LabelledSource,   # classify: [CLS] text [SEP] rows with a label (labelled.py)
 }
 
 
@@ -117,7 +120,7 @@ def make_source(kind: str, folder: str, split: str, seq_len: int, batch_size: in
 
 
 __all__ = ["BUILTIN", "CHUNK_CHARS", "DOC_SEPARATOR", "PROGRESS_EVERY", "READ_BYTES", "SOURCES", "BlockSource",
-           "RowTable", "SegmentPairSource", "Stopped", "builtin_documents", "display", "file_format",
+           "LabelledSource", "RowTable", "SegmentPairSource", "Stopped", "builtin_documents", "display", "file_format",
            "inspect_prepared", "iter_pieces", "iter_rows", "iter_texts", "load_meta", "make_source", "mix_seed",
            "pack_pairs", "prepare", "prepare_rows", "resolve_files", "row_texts", "source_class", "split_sentences",
            "stop_on_sigterm", "token_dtype", "tokenizer_fingerprint", "tokenizer_of", "tokenizer_texts",

@@ -13,6 +13,7 @@ import difflib
 
 from minilm.errors import UserError
 from minilm.objectives.base import IGNORE, Objective, finalize, resolve_model_config
+from minilm.objectives.classify import Classifier  # classify
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
 from minilm.objectives.multitask import MultiTask, common_data
@@ -34,6 +35,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SpanCorruption.name: SpanCorruption,
     ReplacedTokenDetection.name: ReplacedTokenDetection,
     PermutationLM.name: PermutationLM,
+    Classifier.name: Classifier,   # classify: fine-tuning a classification head (classify.py)
 }
 
 

@@ -23,7 +23,10 @@ Metric sums use shared names so they aggregate by plain addition over batches:
              a binary detector's counts (rtd: tokens it calls replaced that were, tokens it
              calls replaced, tokens that were), for precision, recall and positive_share
              (positives / targets)
-`finalize` turns such sums into loss, perplexity, accuracy, bits per byte, precision and recall. Combined
+    confusion
+             a classifier's (n_labels, n_labels) counts, rows true, columns predicted: the one
+             sum that is a tensor, not a scalar; finalize derives macro_f1 from it
+`finalize` turns such sums into loss, perplexity, accuracy, bits per byte, precision, recall and macro-F1. Combined
 objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
 "sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
 
@@ -234,8 +237,29 @@ def _finalize_one(sums: dict) -> dict:
         out["recall"] = true_positives / max(float(sums["positives"]), 1.0)
         if n > 0:
             out["positive_share"] = float(sums["positives"]) / n
+    # --- classify: macro-F1 from the additive confusion matrix (objectives/classify.py) ---
+    if "confusion" in sums:
+        out["macro_f1"] = confusion_metrics(sums["confusion"])["macro_f1"]
+        sums = {k: v for k, v in sums.items() if k != "confusion"}
+    # --- end classify ---
     for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
         if k not in ("nll", "targets", "correct", "bytes", "weighted_nll", "true_positives",
                      "predicted_positives", "positives"):
             out[k] = float(v)
     return out
+
+
+# --- classify (objectives/classify.py): metrics of a confusion matrix ---
+def confusion_metrics(confusion) -> dict:
+    """acc and macro_f1 of a confusion matrix (n_labels, n_labels), rows = true label, columns =
+    predicted. Macro-F1 is the unweighted mean over labels of F1 = 2 tp / (2 tp + fp + fn); a label
+    that occurs neither in the truth nor in the predictions has no F1 (0 / 0) and is left out of
+    the mean (as scikit-learn's f1_score with labels=None, which only knows the labels it sees)."""
+    confusion = torch.as_tensor(confusion, dtype=torch.float64)
+    true_positives = confusion.diagonal()
+    occurrences = confusion.sum(1) + confusion.sum(0)          # 2 tp + fp + fn, per label
+    present = occurrences > 0
+    f1 = 2 * true_positives[present] / occurrences[present]
+    total = float(confusion.sum())
+    return {"acc": float(true_positives.sum()) / total if total else 0.0,
+            "macro_f1": float(f1.mean()) if bool(present.any()) else 0.0}

@@ -1,0 +1,190 @@
+"""Fine-tuning a classifier on labelled text (BERT's sequence classification: Devlin et al. 2019,
+"BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding", section 4.1;
+GPT's last-token head: Radford et al. 2018, "Improving Language Understanding by Generative
+Pre-Training", section 3.3).
+
+The idea: pretraining has taught a backbone what text means; a classification head on top of it
+then needs few labelled rows. The head reads one vector per text and maps it to a score per label;
+the backbone is fine-tuned with it (all weights train), or frozen (--freeze_backbone: a linear
+probe, which measures what pretraining alone put into the representation).
+
+The network:
+  * backbone: any minilm Transformer, loaded with --init_from from any pretraining checkpoint
+    (train.py maps rtd's discriminator and t5's encoder stack onto it), or trained from scratch
+    with the same flags. It reads the row in both directions (an encoder: mask = the padding
+    mask) or causally (a decoder: clm's backbone), --classifier_attention; auto takes the parent's
+    way (causal for clm, bidirectional for the masked/denoising objectives and prefix_lm, whose
+    prefix is read both ways), bidirectional from scratch. No LM head runs: the backbone's
+    lm_head / head_project are dropped (a weight no loss reaches is refused by DDP).
+  * pooling (minilm/pooling.py), --pooling: first (the [CLS] position, BERT's choice: an encoder
+    can gather the whole row there), mean (over the real tokens, padding excluded: better for a
+    linear probe of a masked LM, which never learned to summarize into [CLS]) or last (the last
+    real token, [SEP]: the only position of a causal decoder that has seen the whole row). auto =
+    last for a causal backbone, first otherwise.
+  * head: dropout (--dropout, BERT's hidden_dropout_prob) then Linear(n_embd, n_labels), weights
+    normal(0, 0.02), bias 0, as BERT's classifier. Its own learning rate: --head_lr (0 = --lr).
+The label names come from the data (sorted; minilm/data/rows.py) and live in the config
+(ObjectiveConfig.labels, a JSON list): the saved config is the model, so n_labels, and what each
+id means, survive save and load.
+
+Loss: cross-entropy summed over the rows, divided by the step's row count (base.py's contract).
+
+Evaluation visits every validation row once (LabelledSource.eval_batch; padding rows, row_valid
+False, count nowhere) and adds up, besides nll, targets (rows) and correct, a confusion matrix
+(n_labels, n_labels), rows = true label, columns = predicted: additive over batches and ranks,
+from which finalize derives accuracy and macro-F1 (the unweighted mean of the per-label F1,
+2 tp / (2 tp + fp + fn), over the labels that occur in the truth or the predictions).
+
+Shapes: input_ids (B, T) [CLS] text [SEP] [PAD]..., lengths, labels, row_valid (B,); the batch is
+cut to its longest row (the padding columns change nothing but cost time); hidden (B, T', C);
+pooled (B, C); logits (B, n_labels); confusion (n_labels, n_labels).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm.errors import UserError
+from minilm.flops import flops_per_token, matmul_weights
+from minilm.model import CAUSAL, Transformer, padding_mask
+from minilm.objectives.base import IGNORE, Objective, confusion_metrics  # noqa: F401 (re-exported)
+from minilm.pooling import pool
+
+# the parent objectives' model_kind -> how a classifier on their backbone reads (auto)
+ATTENTION_OF_KIND = {"decoder": "causal", "prefix_decoder": "bidirectional", "encoder": "bidirectional",
+                     "seq2seq": "bidirectional", "classifier": None}
+
+
+def parse_labels(text: str) -> list[str]:
+    """--labels (a JSON list of two or more distinct strings) -> the label names in id order."""
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f'--labels must be a JSON list of label names, e.g. ["negative", "positive"]; got {text!r}')
+    if len(set(names)) != len(names):
+        raise UserError(f"--labels names a label twice: {text}")
+    if len(names) < 2:
+        raise UserError(f"a classifier needs two labels or more; the data has {len(names)} ({text}): add rows of "
+                        "another label")
+    return names
+
+
+def resolve_options(options, parent_kind: str | None = None, parent_options=None):
+    """A copy of `options` with classify's `auto` settings made concrete, so the printed and saved
+    config says what the model does: attention from the --init_from parent's model_kind
+    (`parent_kind`; a classify parent passes its own options) or bidirectional, pooling from it."""
+    options = copy.deepcopy(options)
+    if options.classifier_attention == "auto":
+        kind = ATTENTION_OF_KIND.get(parent_kind) if parent_kind else "bidirectional"
+        if kind is None and parent_options is not None:
+            kind = parent_options.classifier_attention
+        options.classifier_attention = kind if kind in ("bidirectional", "causal") else "bidirectional"
+    if options.pooling == "auto":
+        options.pooling = "last" if options.classifier_attention == "causal" else "first"
+    return options
+
+
+class Classifier(Objective):
+    name = "classify"
+    data = "labelled"
+    model_kind = "classifier"
+    best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
+
+    def __init__(self, model_cfg, tokenizer=None, options=None):
+        super().__init__()
+        if options is None:
+            from minilm.config import ObjectiveConfig
+            options = ObjectiveConfig()
+        if not options.labels:
+            raise UserError("--objective classify needs its label names (--labels); train.py fills them in from "
+                            "the labelled --data")
+        options = resolve_options(options)
+        self.label_names = parse_labels(options.labels)
+        self.causal = options.classifier_attention == "causal"
+        self.pooling = options.pooling
+        self.freeze_backbone = options.freeze_backbone
+        self.head_lr = options.head_lr
+        self.backbone = self.build_backbone(model_cfg)
+        # no LM head runs: drop its own weights (tied: the token table stays, as the input table)
+        self.backbone.lm_head = None
+        self.backbone.head_project = None
+        self.head_dropout = nn.Dropout(model_cfg.dropout)
+        self.label_head = nn.Linear(model_cfg.n_embd, len(self.label_names))
+        Transformer._init_weights(self.label_head)
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    def train(self, mode: bool = True):
+        """A frozen backbone stays in eval mode (no dropout): a linear probe reads fixed features."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def lr_scales(self, lr: float) -> dict[int, float]:
+        """{id(parameter): its learning rate / --lr}, for the parameters that differ (the head's,
+        with --head_lr); read by the trainer's build_optimizer."""
+        if not self.head_lr:
+            return {}
+        return {id(p): self.head_lr / lr for p in self.label_head.parameters()}
+
+    def flops_per_token(self) -> float:
+        """Per input token: the backbone at every position (no LM head), the head once per row;
+        a frozen backbone runs forward only (2 N, not 6 N, and no attention backward)."""
+        cfg = self.backbone.cfg
+        backbone = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
+                                   cfg.head_dim, cfg.seq_len)
+        head = 6 * self.label_head.weight.numel() / cfg.seq_len
+        return backbone / 3 + head if self.freeze_backbone else backbone + head
+
+    def make_batch(self, raw, generator=None):
+        """raw: a LabelledSource batch -> the same, cut to its longest row, labels IGNORE on padding
+        rows, counts {"targets": real rows}."""
+        valid = raw["row_valid"].bool()
+        T = max(1, int(raw["lengths"].max()))      # one host sync per batch; the columns past it are padding
+        return {"input_ids": raw["input_ids"][:, :T], "lengths": raw["lengths"], "row_valid": valid,
+                "labels": torch.where(valid, raw["labels"], IGNORE), "counts": {"targets": valid.sum()}}
+
+    def logits(self, input_ids, lengths):
+        """input_ids (B, T) framed [CLS] text [SEP], right-padded; lengths (B,) -> (B, n_labels) fp32."""
+        mask = CAUSAL if self.causal else padding_mask(lengths, input_ids.shape[1])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            hidden = self.backbone(input_ids, mask=mask)                       # (B, T, C)
+            pooled = pool(hidden, lengths, self.pooling)                        # (B, C)
+        return self.label_head(self.head_dropout(pooled)).float()              # (B, n_labels)
+
+    def forward(self, batch, totals=None):
+        logits = self.logits(batch["input_ids"], batch["lengths"])
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE)
+        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
+        with torch.no_grad():
+            valid = labels != IGNORE
+            predicted = logits.argmax(-1)
+            sums = {"nll": nll.detach(), "targets": valid.sum(), "correct": ((predicted == labels) & valid).sum()}
+            if not self.training:   # (true, predicted) pairs of the real rows, counted
+                K = self.n_labels
+                pairs = (labels.clamp(min=0) * K + predicted)[valid]
+                sums["confusion"] = torch.bincount(pairs, minlength=K * K).view(K, K)
+        return nll / denominator, sums
+
+
+def format_confusion(confusion: torch.Tensor, label_names: list[str]) -> str:
+    """The confusion matrix as text: one row per true label, one column per predicted label."""
+    names = [str(n) for n in label_names]
+    width = max([len(n) for n in names] + [len(str(int(confusion.max()))) if confusion.numel() else 1, 4])
+    header = " " * width + " | " + " ".join(n[:width].rjust(width) for n in names) + "   (columns: predicted)"
+    lines = [header]
+    for name, row in zip(names, confusion.long().tolist()):
+        lines.append(name[:width].rjust(width) + " | " + " ".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
