@@ -3,28 +3,35 @@
     python benchmarks/compare_objectives.py --budget tiny --work cmp-tiny          # CPU, 2 cores
     python benchmarks/compare_objectives.py --budget gpu --device cuda --work cmp-gpu
 
-The experiment, all through train.py (one subprocess per run, the same python):
+The experiment, all through train.py (one subprocess per run, this same python):
 
 1. A labelled task, built without a download and without importing anything: which standard-
-   library package a docstring comes from (asyncio, email, http, ...). Docstrings are read with
-   `ast`. The split is by MODULE: each package's modules are dealt to validation or training, so
-   a validation docstring comes from a file no training row comes from, and no text is in both
-   (texts found in two packages are dropped; a text found in a validation and a training module
-   stays in validation only). Balanced: --labelled_per_class training rows and --val_per_class
-   validation rows per package, drawn with --task_seed. Written to WORK/task/{train,val}.tsv.
+   library package a docstring comes from (asyncio, email, importlib, ...: DEFAULT_PACKAGES).
+   Docstrings are read with `ast`. The split is by MODULE: each package's modules are dealt to
+   validation or training, so a validation docstring comes from a file no training row comes
+   from, and no text is in both (texts found in two packages are dropped; a text found in a
+   validation and a training module stays in validation only). Balanced: --labelled_per_class
+   training and --val_per_class validation rows per package, drawn with --task_seed. Written to
+   WORK/task/{train,val}.tsv. The stdlib differs between Python versions, so the task does too:
+   the table says which Python made it.
 2. A pretraining corpus: the built-in one (pydoc topics + stdlib docstrings, what train.py reads
-   without --data) MINUS every document that holds a docstring of a validation module, so the
-   pretrained models never saw a validation text. Training docstrings stay in (unlabelled text
-   from the task's domain is what pretraining is for). Written to WORK/task/pretrain.txt.
-3. The same small encoder shape pretrained with each objective for the same number of input
-   tokens (steps x batch_size x seq_len), --seeds seeds each, then fine-tuned on the labelled
-   task from each checkpoint (train.py --objective classify --init_from ...), and the same shape
-   fine-tuned from scratch. Optionally a linear probe (--freeze_backbone) beside each.
-4. One table (mean +- half the range over seeds: with 2 seeds, each seed is one end of it) printed
-   and written to WORK/table.md, and the curves drawn with minilm.plot.
+   without --data) MINUS every document that holds a docstring of a held-out (validation) module,
+   so no pretrained model has seen a validation text. Training docstrings stay in: unlabelled
+   text from the task's domain is what pretraining is for. Written to WORK/task/pretrain.txt.
+3. One tokenizer and one set of token files for every pretraining run (WORK/prepared), then the
+   same small encoder shape pretrained with each objective for the same number of input tokens
+   (steps x batch_size x seq_len), --seeds seeds each; then each checkpoint fine-tuned on the
+   task (train.py --objective classify --init_from ...: rtd's discriminator, t5's encoder), and
+   the same shape fine-tuned from scratch (no --init_from: its tokenizer is trained on the
+   labelled rows, as a user without pretraining would have it). --probe adds a linear probe
+   (--freeze_backbone) of each pretrained backbone.
+4. One table, printed and written to WORK/table.md: mean +- half the range over the seeds (with
+   two seeds, each seed sits at one end), the last evaluation of each run (no choice made on the
+   validation set). Curves drawn with minilm.plot into WORK/pretraining.png and finetuning.png.
 
-Every run has its own out_dir under --work; a run whose final checkpoint exists is not run again,
-so an interrupted comparison picks up where it stopped.
+Every run has its own out_dir under WORK/runs and a compare.json beside its checkpoint; a run that
+finished with the same command and the same input files is not run again, so an interrupted
+comparison picks up where it stopped (and a changed flag reruns only what it changes).
 """
 from __future__ import annotations
 
@@ -255,10 +262,16 @@ BUDGETS = {
     "micro": Budget(dict(n_layer=1, n_head=2, n_embd=64, seq_len=64, vocab_size=1024), batch_size=8,
                     pretrain_tokens=8 * 64 * 6, pretrain_lr=2e-3, finetune_epochs=0.1, finetune_lr=1e-3, evals=2,
                     note="a smoke test: the numbers mean nothing"),
-    # the CPU table: the tiny preset's shape, ~15 minutes on 2 cores (7 objectives x 2 seeds)
+    # the CPU table: the tiny preset's shape, ~0.65 epoch of the corpus per objective; about 15-20
+    # minutes on 2 quiet cores (7 objectives x 2 seeds: 14 pretraining and 16 fine-tuning runs)
     "tiny": Budget(dict(n_layer=2, n_head=4, n_embd=128, seq_len=128, vocab_size=2048), batch_size=16,
-                   pretrain_tokens=1_000_000, pretrain_lr=2e-3, finetune_epochs=4, finetune_lr=1e-3, evals=8,
-                   note="CPU, about 15 minutes on 2 cores"),
+                   pretrain_tokens=400_000, pretrain_lr=2e-3, finetune_epochs=5, finetune_lr=1e-3, evals=6,
+                   note="CPU, about 15-20 minutes on 2 cores"),
+    # the same shape pretrained 5x longer (~3 epochs): where the tiny table shows no gain, this asks
+    # whether more pretraining buys one; about an hour on 2 cores
+    "cpu": Budget(dict(n_layer=2, n_head=4, n_embd=128, seq_len=128, vocab_size=2048), batch_size=16,
+                  pretrain_tokens=2_000_000, pretrain_lr=2e-3, finetune_epochs=5, finetune_lr=1e-3, evals=6,
+                  note="CPU, about an hour on 2 cores"),
     # one GPU: the small preset's shape (the bench config), ~25 epochs of the 1.9 MB corpus per run
     "gpu": Budget(dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=4096), batch_size=64,
                   pretrain_tokens=16_000_000, pretrain_lr=1e-3, finetune_epochs=10, finetune_lr=2e-4, evals=10,
@@ -455,8 +468,8 @@ def plan(objectives: list[str], seeds: list[int], budget: Budget, files: TaskFil
                          "--lr", str(args.finetune_lr), "--min_lr", str(args.finetune_lr / 10),
                          *step_flags(finetune_steps, budget.evals), *common]
                 inputs = [files.train, files.val]
-                if objective == SCRATCH:
-                    flags += model_flags(budget)
+                if objective == SCRATCH:   # the masked LMs' shape: they all add a norm on the embeddings
+                    flags += model_flags(budget) + ["--embed_norm", "true"]
                 else:
                     parent = pretraining[objective, seed].final_checkpoint
                     flags += ["--init_from", parent]
@@ -511,7 +524,7 @@ def table(objectives, seeds, records, pretraining, finetuning, probe: bool) -> l
             runs = [pretraining[objective, seed] for seed in seeds]
             last = [evaluations(run.out_dir)[-1] for run in runs]
             tokens = max(r["tokens"] for r in read_metrics(runs[0].out_dir, log=lambda msg: None))
-            row += [cell([records[run.name]["wall_s"] for run in runs], 0), f"{tokens / 1e6:.2f} M",
+            row += [cell([records[run.name]["wall_s"] for run in runs], 0), human(tokens),
                     cell([bpb_of(r) for r in last], 3)]
         for kind in (["finetune", "probe"] if probe else ["finetune"]):
             if (kind, objective, seeds[0]) not in finetuning:
@@ -521,6 +534,10 @@ def table(objectives, seeds, records, pretraining, finetuning, probe: bool) -> l
             row += [cell([r.get(ACCURACY) for r in last], 1, 100), cell([r.get(MACRO_F1) for r in last], 1, 100)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def human(count: int) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 1e6 else f"{count / 1e3:.1f} k"
 
 
 def draw(paths: list[str], out: str, log=print) -> None:
