@@ -97,7 +97,7 @@ def test_hold_out_takes_whole_modules_until_validation_is_full_and_leaves_traini
     held_count = sum(len(modules[m]) for m in held)
     assert held_count >= 10 and 53 - held_count >= 20
     assert held == compare.hold_out_modules(dict(reversed(modules.items())), 10, 20)   # not the dict's order
-    # the 30-docstring module would leave training 23 - ... : it is never held when that starves training
+    # holding the 30-docstring module would leave training 23 < 30: it stays in training
     assert "pkg/m1.py" not in compare.hold_out_modules(modules, val_needed=10, train_needed=30)
 
 
@@ -109,3 +109,35 @@ def test_bad_packages_and_sizes_are_one_line_errors():
     with pytest.raises(UserError, match=r"^logging has \d+ training and \d+ validation docstrings .* lower "
                                         r"--labelled_per_class \(5000\)"):
         compare.build_task(("logging", "xml"), 5000, 4)
+
+
+def fake_stdlib(root, packages: dict[str, dict[str, list[str]]]) -> str:
+    """A folder laid out like the standard library: {package: {module file: [docstrings]}}."""
+    for package, modules in packages.items():
+        os.makedirs(os.path.join(root, package), exist_ok=True)
+        for module, docstrings in modules.items():
+            body = "".join(f"def f{i}():\n    {text!r}\n" for i, text in enumerate(docstrings))
+            with open(os.path.join(root, package, module), "w", encoding="utf-8") as f:
+                f.write(body)
+    return str(root)
+
+
+def test_a_text_of_two_packages_is_dropped_and_one_of_two_splits_stays_in_validation(tmp_path):
+    shared_in_a = "This sentence is repeated in every module of package a, word for word."
+    in_both = "This sentence is found in package a and in package b, so it has no single label."
+    unique = lambda package, module, i: f"Docstring {i} of {package}/{module}, long enough to be kept here."
+    layout = {package: {f"m{m}.py": [unique(package, m, i) for i in range(3)] for m in range(4)}
+              for package in ("a", "b")}
+    for docstrings in layout["a"].values():
+        docstrings.append(shared_in_a)
+    layout["a"]["m1.py"].append(in_both)
+    layout["b"]["m2.py"].append(in_both)
+    stdlib = fake_stdlib(tmp_path, layout)
+    for seed in range(5):
+        task = compare.build_task(("a", "b"), labelled_per_class=9, val_per_class=3, seed=seed, stdlib=stdlib)
+        train_texts, val_texts = {t for t, _ in task.train}, {t for t, _ in task.val}
+        assert shared_in_a not in train_texts
+        assert in_both not in train_texts | val_texts
+        assert len(task.val_modules) == 2   # one whole module per package holds 3 texts or more
+    with pytest.raises(UserError, match=r"^a has 9 training and 4 validation docstrings"):
+        compare.build_task(("a", "b"), labelled_per_class=10, val_per_class=3, stdlib=stdlib)
