@@ -27,7 +27,7 @@ from minilm.checkpoint import load_checkpoint, load_checkpoint_or_newest, newest
 from minilm.cli import run_cli
 from minilm.config import FRESH_START, PRESETS, Config, explicit_flags, help_text, parse_overrides
 from minilm.data import (BUILTIN, PROGRESS_EVERY, Stopped, display, file_format, inspect_prepared, make_source,
-                         mix_seed, prepare, prepare_rows, resolve_files, row_texts, source_class, stop_on_sigterm,
+                         iter_rows, mix_seed, prepare, prepare_rows, resolve_files, row_texts, source_class, stop_on_sigterm,
                          tokenizer_fingerprint, tokenizer_texts)
 from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
@@ -151,6 +151,9 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
                                             progress_every=progress_every)
                 else:   # the text cells of the training rows (not --val_data's)
                     train_files = resolve_files(source, exclude=out) if source != BUILTIN else []
+                    if spec[2]:   # a missing label column is refused now, not after the tokenizer trained
+                        next(iter_rows(source, spec[0] + [(spec[2], "--label_field")], optional=spec[1],
+                                       files=train_files), None)
                     texts = row_texts(source, spec[0], optional=spec[1], files=train_files, log=log,
                                       progress_every=progress_every)
                 tokenizer = Tokenizer.train(texts, cfg.model.vocab_size, character_coverage=cfg.data.character_coverage,

@@ -1,6 +1,8 @@
 """One process of a distributed test run, started by torchrun from tests/test_distributed.py.
 
 usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME [OBJECTIVE [DROPOUT]]
+       dist_worker.py OUT_DIR DATA_DIR classify_eval   (DATA_DIR: prepared labelled rows; one evaluation,
+                      OUT_DIR/eval-rank{R}.json: the validation rows this rank visited and the metrics)
 Trains the tiny test model with the real Trainer (objective clm and dropout 0 unless given), then
 writes what the test compares: OUT_DIR/params-rank{R}.pt (full, unsharded weights as this rank sees
 them), OUT_DIR/history-rank{R}.json (the losses of the steps this process trained),
@@ -56,7 +58,36 @@ def count_allreduce_rounds(model) -> list:
     return rounds
 
 
+def classify_eval(out_dir, data_dir):
+    """One Trainer.evaluate of a fresh classifier over labelled validation rows (batches of 4)."""
+    from minilm.data import LabelledSource, load_meta
+    torch.set_num_threads(1)
+    info, _ = setup("cpu")
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer = Tokenizer.load(os.path.join(data_dir, "tokenizer.model"))
+    cfg = tiny_config(out_dir, tokenizer.vocab_size, 1, 1)
+    cfg.obj.labels = json.dumps(load_meta(data_dir)["labels"])
+    torch.manual_seed(0)
+    objective = build_objective("classify", cfg.model, tokenizer, cfg.obj)
+    val = LabelledSource(data_dir, "val", cfg.model.seq_len, cfg.train.batch_size)
+    seen, original = [], val.eval_batch
+
+    def recording(i):
+        batch = original(i)
+        seen.extend(batch["rows"][batch["row_valid"]].tolist())
+        return batch
+    val.eval_batch = recording
+    trainer = Trainer(cfg, objective, LabelledSource(data_dir, "train", 32, 4), val, tokenizer, log=print, dist_info=info)
+    metrics = trainer.evaluate()
+    with open(os.path.join(out_dir, f"eval-rank{info.rank}.json"), "w") as f:
+        json.dump({"rows": seen, "metrics": metrics,
+                   "confusion": trainer.last_eval_sums["confusion"].tolist()}, f)
+    exit_process(0)
+
+
 def main():
+    if sys.argv[3] == "classify_eval":
+        return classify_eval(sys.argv[1], sys.argv[2])
     out_dir, data_dir, tok_path = sys.argv[1:4]
     steps, until, accum = (int(x) for x in sys.argv[4:7])
     fsdp, resume = sys.argv[7] == "1", sys.argv[8] == "1"

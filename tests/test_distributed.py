@@ -197,3 +197,40 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank_and_stops(tmp_path
     assert len(saved) == 1                             # the signal's checkpoint, nothing else was due
     state = load_checkpoint(saved[0], resumable=True)
     assert state["step"] % 5 == 0 and state["step"] >= 5 and state["info"]["world_size"] == 2
+
+
+def one_process_classify_eval(out, data):
+    """dist_worker.classify_eval's evaluation in this process: the same weights (seed 0), one rank."""
+    from minilm.data import LabelledSource, load_meta
+    from minilm.objectives import build_objective
+    from minilm.tokenizer import Tokenizer
+    from minilm.trainer import Trainer
+    tokenizer = Tokenizer.load(os.path.join(data, "tokenizer.model"))
+    cfg = tiny_config(out, tokenizer.vocab_size, 1, 1)
+    cfg.obj.labels = json.dumps(load_meta(data)["labels"])
+    torch.manual_seed(0)
+    objective = build_objective("classify", cfg.model, tokenizer, cfg.obj)
+    val = LabelledSource(data, "val", cfg.model.seq_len, cfg.train.batch_size)
+    trainer = Trainer(cfg, objective, val, val, tokenizer, log=lambda *_: None)
+    metrics = trainer.evaluate()
+    return {"rows": list(range(len(val))), "metrics": metrics, "confusion": trainer.last_eval_sums["confusion"].tolist()}
+
+
+def test_classify_evaluation_visits_every_row_once_across_processes(tmp_path, tokenizer):
+    """Two processes split the labelled validation rows (batch i to rank i % 2, padding rows past
+    the end): together they visit each of the 31 rows exactly once, and the all-reduced metrics
+    and confusion matrix equal one process's."""
+    from tests.test_classify import write_labelled
+    from minilm.data import prepare_rows
+    data = str(tmp_path / "data")
+    prepare_rows(write_labelled(tmp_path / "train.tsv", 60, 0), tokenizer, data, columns=[("text", "--text_field")],
+                 label_column="label", val_source=write_labelled(tmp_path / "val.tsv", 31, 1), num_workers=1,
+                 log=lambda _: None)
+    torchrun(os.path.join(ROOT, "tests", "dist_worker.py"), tmp_path / "two", data, "classify_eval")
+    ranks = [json.load(open(tmp_path / "two" / f"eval-rank{r}.json")) for r in range(2)]
+    one = one_process_classify_eval(tmp_path / "one", data)
+    assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == list(range(31)) == sorted(one["rows"])
+    assert ranks[0]["rows"] and ranks[1]["rows"]                   # both ranks did a share
+    for r in ranks:
+        assert r["confusion"] == one["confusion"] and sum(map(sum, r["confusion"])) == 31
+        assert r["metrics"] == pytest.approx(one["metrics"])

@@ -1,0 +1,241 @@
+"""--objective classify (minilm/objectives/classify.py, minilm/data/labelled.py): a fine-tuned head
+learns a learnable task, --init_from really loads mlm's, rtd's and t5's backbones and refuses a
+model that does not fit, the label mapping survives save and load, acc and macro-F1 are the
+hand-computed ones, evaluation visits every validation row once, --freeze_backbone freezes, and
+bad input is one line."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from minilm.objectives import finalize
+from tests.conftest import load_script, run_in_process
+from tests.test_cli import TINY, assert_user_error
+
+pytestmark = pytest.mark.usefixtures("peak_flops_once")
+
+TOPICS = {"sport": "ball goal team match player score coach field win run".split(),
+          "food": "bread cheese apple soup salad cook taste dinner sugar rice".split(),
+          "space": "star planet orbit rocket moon galaxy comet launch sky sun".split()}
+COMMON = "the a of and to in is it was very with for on that this".split()
+# the labelled runs: TINY's shape, eval once at the end over the whole validation file
+FLAGS = [*TINY, "--batch_size", "16", "--lr", "3e-3", "--warmup_steps", "5"]
+
+
+def write_labelled(path, n_rows: int, seed: int) -> str:
+    """Rows of 3 topic words among 5 common ones, labelled by the topic: clearly learnable,
+    classes balanced (in turn), so the majority class is right a third of the time."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("text\tlabel\n")
+        for i in range(n_rows):
+            label = list(TOPICS)[i % 3]
+            words = [rng.choice(TOPICS[label]) for _ in range(3)] + [rng.choice(COMMON) for _ in range(5)]
+            rng.shuffle(words)
+            f.write(" ".join(words) + f"\t{label}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("labelled")
+    return write_labelled(folder / "train.tsv", 240, 0), write_labelled(folder / "val.tsv", 31, 1)
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory, labelled):
+    out = tmp_path_factory.mktemp("classify")
+    result = run_in_process("train.py", "--objective", "classify", "--data", labelled[0], "--val_data", labelled[1],
+                            "--out_dir", out, "--max_steps", 60, "--eval_every", 30, "--log_every", 10, *FLAGS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return str(out), result.stdout
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory, corpus_dir):
+    """Tiny pretraining runs (3 steps) of mlm, rtd and t5: their checkpoints are --init_from's parents."""
+    out = {}
+    for objective in ("mlm", "rtd", "t5"):
+        folder = tmp_path_factory.mktemp(f"parent-{objective}")
+        result = run_in_process("train.py", "--objective", objective, "--data", corpus_dir, "--out_dir", folder,
+                                "--max_steps", 3, *TINY)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[objective] = str(folder / "ckpt-00000003.pt")
+    return out
+
+
+def test_fine_tuned_head_beats_the_majority_class(fine_tuned):
+    out, stdout = fine_tuned
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in records if "val_acc" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    majority = 11 / 31                       # the largest class of the 31 validation rows
+    assert evals[-1]["val_acc"] >= majority + 0.4, evals
+    assert evals[-1]["val_macro_f1"] >= 0.7, evals
+    # the confusion matrix at the end: one row per label, summing to the 31 validation rows
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("confusion matrix"))
+    matrix = [[int(v) for v in line.split("|")[1].split()] for line in lines[at + 2:at + 5]]
+    assert [line.split("|")[0].strip() for line in lines[at + 2:at + 5]] == ["food", "space", "sport"]
+    assert sum(map(sum, matrix)) == 31 and sum(matrix[i][i] for i in range(3)) / 31 == pytest.approx(evals[-1]["val_acc"])
+    assert any(line.startswith("done: val loss") and "macro-F1" in line for line in lines)
+    assert os.path.exists(os.path.join(out, "best.pt"))
+
+
+def test_label_mapping_survives_save_and_load(fine_tuned):
+    import minilm
+    out, _ = fine_tuned
+    model = minilm.load(out, device="cpu")
+    assert model.objective.label_names == ["food", "space", "sport"]
+    assert model.config.obj.labels == '["food", "space", "sport"]'
+    ranked = model.classify("rocket moon orbit of the star")
+    assert [label for label, _ in ranked][0] == "space"
+    assert sorted(label for label, _ in ranked) == ["food", "space", "sport"]
+    assert sum(p for _, p in ranked) == pytest.approx(1.0)
+    # a text's answer does not depend on the texts batched with it
+    together = model.classify(["rocket moon orbit of the star", "bread and cheese and a very long dinner of soup"])
+    assert [label for label, _ in together[0]] == [label for label, _ in ranked]
+    assert [p for _, p in together[0]] == pytest.approx([p for _, p in ranked], abs=1e-5)
+    best = minilm.load(os.path.join(out, "best.pt"), device="cpu")
+    assert best.objective.label_names == ["food", "space", "sport"]
+    # sample.py --classify: every label with its probability, best first, per text
+    result = run_in_process("sample.py", "--ckpt", out, "--device", "cpu", "--classify", "goal for the team", "soup")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == '--- text 1: "goal for the team"' and lines[1].split()[1] == "sport"
+    assert lines[4] == '--- text 2: "soup"' and len(lines) == 8
+
+
+def test_a_classifier_refuses_other_methods_in_one_line(fine_tuned):
+    import minilm
+    from minilm.errors import UserError
+    out, _ = fine_tuned
+    model = minilm.load(out, device="cpu")
+    with pytest.raises(UserError, match=r"embed\(\) needs an encoder .* holds a classifier \(classify\): use classify"):
+        model.embed(["text"])
+    assert_user_error(run_in_process("sample.py", "--ckpt", out, "--device", "cpu", "--prompt", "hi"),
+                      "holds a classifier", "--classify")
+
+
+def test_accuracy_and_macro_f1_are_the_hand_computed_ones():
+    # rows: true label, columns: predicted; label 3 occurs nowhere, so it has no F1 and is left out
+    confusion = torch.tensor([[5, 1, 0, 0], [2, 3, 1, 0], [0, 0, 4, 0], [0, 0, 0, 0]])
+    metrics = finalize({"nll": torch.tensor(8.0), "targets": torch.tensor(16), "correct": torch.tensor(12),
+                        "confusion": confusion})
+    f1 = [2 * 5 / (2 * 5 + 1 + 2), 2 * 3 / (2 * 3 + 3 + 1), 2 * 4 / (2 * 4 + 1 + 0)]
+    assert metrics["acc"] == 12 / 16
+    assert metrics["macro_f1"] == pytest.approx(sum(f1) / 3, abs=1e-12)
+    assert metrics["loss"] == 0.5 and "confusion" not in metrics
+
+
+def test_evaluation_visits_every_validation_row_once(tmp_path, labelled, tokenizer):
+    from minilm.config import Config
+    from minilm.data import LabelledSource, prepare_rows
+    from minilm.objectives import build_objective
+    from minilm.trainer import Trainer
+    data = str(tmp_path / "data")
+    meta = prepare_rows(labelled[0], tokenizer, data, columns=[("text", "--text_field")], label_column="label",
+                        val_source=labelled[1], num_workers=1, log=lambda _: None)
+    cfg = Config()
+    cfg.model.vocab_size, cfg.model.n_layer, cfg.model.n_embd, cfg.model.seq_len = tokenizer.vocab_size, 1, 32, 32
+    cfg.train.device, cfg.train.out_dir, cfg.train.batch_size, cfg.train.eval_batches = "cpu", str(tmp_path), 4, 1
+    cfg.obj.labels = json.dumps(meta["labels"])
+    objective = build_objective("classify", cfg.model, tokenizer, cfg.obj)
+    val = LabelledSource(data, "val", 32, 4)
+    seen = []
+    original = val.eval_batch
+
+    def recording(i):
+        batch = original(i)
+        seen.extend(batch["rows"][batch["row_valid"]].tolist())
+        return batch
+    val.eval_batch = recording
+    trainer = Trainer(cfg, objective, LabelledSource(data, "train", 32, 4), val, tokenizer, log=lambda *_: None)
+    metrics = trainer.evaluate()
+    assert sorted(seen) == list(range(31))           # 8 batches of 4, the last with one padding row
+    assert int(trainer.last_eval_sums["confusion"].sum()) == 31 == int(trainer.last_eval_sums["targets"])
+    assert metrics["acc"] == float(trainer.last_eval_sums["correct"]) / 31
+
+
+def backbone_of(state: dict, prefix: str = "backbone.") -> dict:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+@pytest.mark.parametrize("parent", ["mlm", "rtd", "t5"])
+def test_init_from_loads_the_parents_backbone(parent, parents, labelled, tmp_path):
+    """train.py's --init_from path in this process: the classifier's backbone holds exactly the
+    parent's tensors (rtd: its discriminator; t5: its encoder stack and the shared token table)."""
+    from minilm.checkpoint import load_checkpoint
+    from minilm.objectives import build_objective
+    train_script = load_script("train.py")
+    state = load_checkpoint(parents[parent])
+    argv = ["--objective", "classify", "--data", labelled[0], "--init_from", parents[parent], "--out_dir", str(tmp_path)]
+    cfg = train_script.config_for_init(argv, state, parents[parent])
+    cfg.obj = train_script.classifier_options(cfg.obj, state)
+    cfg.obj.labels = '["food", "space", "sport"]'
+    objective = build_objective("classify", cfg.model, None, cfg.obj)
+    before = {k: v.clone() for k, v in objective.state_dict().items()}
+    train_script.load_parent_weights(objective, state, parents[parent], log=lambda _: None)
+    own = backbone_of(objective.state_dict())
+    expected = backbone_of(state["model"], "backbone.encoder." if parent == "t5" else "backbone.")
+    assert set(own) <= set(expected) and own
+    for key, value in own.items():
+        assert torch.equal(value, expected[key]), key
+        assert not torch.equal(value, before["backbone." + key]) or value.dim() < 2, key   # it did change
+    assert cfg.obj.classifier_attention == "bidirectional" and cfg.obj.pooling == "first"
+
+
+def test_init_from_refuses_another_shape_or_vocabulary_in_one_line(parents, labelled, tmp_path):
+    base = ["train.py", "--objective", "classify", "--data", labelled[0], "--init_from", parents["mlm"], *TINY]
+    assert_user_error(run_in_process(*base, "--out_dir", tmp_path / "a", "--n_embd", 64),
+                      "its mlm backbone has n_embd=32 but --n_embd 64 was asked")
+    assert_user_error(run_in_process(*base, "--out_dir", tmp_path / "b", "--vocab_size", 1024),
+                      "its mlm backbone has vocab_size=512 but --vocab_size 1024 was asked")
+
+
+def test_freeze_backbone_trains_the_head_only(parents, labelled, tmp_path):
+    from minilm.checkpoint import load_checkpoint
+    result = run_in_process("train.py", "--objective", "classify", "--data", labelled[0], "--val_data", labelled[1],
+                            "--init_from", parents["mlm"], "--freeze_backbone", "--head_lr", "1e-2",
+                            "--out_dir", tmp_path, "--max_steps", 5, *FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent = load_checkpoint(parents["mlm"])["model"]
+    child = load_checkpoint(str(tmp_path / "ckpt-00000005.pt"))
+    own = backbone_of(child["model"])
+    assert own and all(torch.equal(value, parent["backbone." + key]) for key, value in own.items())
+    head = child["model"]["label_head.weight"]
+    assert head.shape == (3, 32) and child["optimizer"]["state"]           # the head did train
+    lrs = sorted({group["lr"] for group in child["optimizer"]["param_groups"] if group["params"]})
+    assert len(lrs) == 1 and lrs[0] > 2e-3   # only the head's groups hold parameters, at --head_lr's scale
+
+
+def test_resume_continues_a_classify_run(fine_tuned, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(fine_tuned[0], out)
+    result = run_in_process("train.py", "--out_dir", out, "--resume", "--max_steps", 62, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "done: val loss" in result.stdout and "macro-F1" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["plain_text", "no_label_column", "builtin_corpus", "one_label"])
+def test_bad_classify_input_is_one_line(case, tmp_path, labelled):
+    flags = ["--objective", "classify", "--out_dir", tmp_path / "out", *TINY]
+    if case == "plain_text":
+        (tmp_path / "t.txt").write_text("just some text\nand more\n")
+        result, fragments = run_in_process("train.py", *flags, "--data", tmp_path / "t.txt"), ["is plain text", "table"]
+    elif case == "no_label_column":
+        (tmp_path / "t.tsv").write_text("text\tcategory\nhello\ta\nworld\tb\n")
+        result = run_in_process("train.py", *flags, "--data", tmp_path / "t.tsv")
+        fragments = ["label", "--label_field"]
+    elif case == "builtin_corpus":
+        result, fragments = run_in_process("train.py", *flags), ["built-in corpus", "--data FILE"]
+    else:
+        rows = open(labelled[0]).read().splitlines()[1:]   # enough text for the tokenizer, one label
+        (tmp_path / "t.tsv").write_text("text\tlabel\n" + "".join(row.split("\t")[0] + "\tonly\n" for row in rows))
+        result, fragments = run_in_process("train.py", *flags, "--data", tmp_path / "t.tsv"), ["two labels or more"]
+    assert_user_error(result, *fragments)
