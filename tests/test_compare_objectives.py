@@ -1,0 +1,143 @@
+"""benchmarks/compare_objectives.py's data: the labelled task (which stdlib package a docstring
+comes from) and the pretraining corpus without its validation modules. The runs themselves are
+train.py's and tested there; what this file pins is that the comparison is honest: balanced
+classes, the same task on every run, no text in both splits, no validation text in pretraining."""
+from __future__ import annotations
+
+import collections
+import csv
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from minilm.errors import UserError
+from tests.conftest import ROOT
+
+PACKAGES = ("logging", "unittest", "xml")   # three packages keep the stdlib parse short
+
+
+def load_benchmark():
+    path = os.path.join(ROOT, "benchmarks", "compare_objectives.py")
+    spec = importlib.util.spec_from_file_location("compare_objectives", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_benchmark()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("task")
+    files = compare.prepare_task(str(folder), PACKAGES, labelled_per_class=20, val_per_class=10, seed=3,
+                                 log=lambda msg: None)
+    return files, compare.build_task(PACKAGES, labelled_per_class=20, val_per_class=10, seed=3)
+
+
+def read_tsv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert rows[0] == ["text", "label"]
+    return [tuple(row) for row in rows[1:]]
+
+
+def test_task_is_balanced_deterministic_and_written_as_built(written):
+    files, task = written
+    assert collections.Counter(label for _, label in task.train) == {p: 20 for p in PACKAGES}
+    assert collections.Counter(label for _, label in task.val) == {p: 10 for p in PACKAGES}
+    again = compare.build_task(PACKAGES, labelled_per_class=20, val_per_class=10, seed=3)
+    assert (again.train, again.val) == (task.train, task.val)
+    other = compare.build_task(PACKAGES, labelled_per_class=20, val_per_class=10, seed=4)
+    assert set(other.train) != set(task.train)   # the seed draws the rows
+    # one row per line, two cells: normalized texts hold no tab or newline
+    assert read_tsv(files.train) == task.train and read_tsv(files.val) == task.val
+
+
+def test_no_text_in_both_splits_and_validation_only_from_held_out_modules(written):
+    _, task = written
+    train_texts, val_texts = {t for t, _ in task.train}, {t for t, _ in task.val}
+    assert len(train_texts) == len(task.train) and len(val_texts) == len(task.val)   # no duplicates
+    assert not train_texts & val_texts
+    held_out = {t for texts in task.val_modules.values() for t in texts}
+    assert val_texts <= held_out and not train_texts & held_out
+    for label in PACKAGES:   # each package holds out whole modules of its own
+        assert any(module.startswith(label + os.sep) for module in task.val_modules)
+    for text, label in task.val:
+        assert any(text in texts for module, texts in task.val_modules.items()
+                   if module.startswith(label + os.sep))
+
+
+def test_pretraining_corpus_holds_no_held_out_docstring(written):
+    files, task = written
+    with open(files.corpus, encoding="utf-8") as f:
+        corpus = f.read()
+    documents = corpus.split("\n" + compare.DOC_SEPARATOR + "\n")
+    flat = compare.normalized(corpus)
+    held_out = {t for texts in task.val_modules.values() for t in texts}
+    assert held_out and not [text for text in held_out if text in flat]
+    # what was dropped is only that: the rest of the built-in corpus, training docstrings included, is there
+    assert len(documents) > 300
+    assert sum(text in flat for text, _ in task.train) >= 0.9 * len(task.train)
+
+
+def test_whitespace_does_not_hide_a_held_out_docstring():
+    documents = ["Intro.\n\nReturn the   answer,\n    computed once.", "Unrelated text."]
+    kept, dropped = compare.pretraining_documents(["Return the answer, computed once."], documents)
+    assert (kept, dropped) == (["Unrelated text."], 1)
+
+
+def test_hold_out_takes_whole_modules_until_validation_is_full_and_leaves_training_enough():
+    modules = {f"pkg/m{i}.py": [f"text {i}.{j}" for j in range(size)]
+               for i, size in enumerate([5, 30, 4, 6, 8])}
+    held = compare.hold_out_modules(modules, val_needed=10, train_needed=20)
+    held_count = sum(len(modules[m]) for m in held)
+    assert held_count >= 10 and 53 - held_count >= 20
+    assert held == compare.hold_out_modules(dict(reversed(modules.items())), 10, 20)   # not the dict's order
+    # holding the 30-docstring module would leave training 23 < 30: it stays in training
+    assert "pkg/m1.py" not in compare.hold_out_modules(modules, val_needed=10, train_needed=30)
+
+
+def test_bad_packages_and_sizes_are_one_line_errors():
+    with pytest.raises(UserError, match=r"--packages: 'nosuchpackage' is not a package folder"):
+        compare.build_task(("logging", "nosuchpackage"), 4, 4)
+    with pytest.raises(UserError, match=r"--packages needs at least two different packages"):
+        compare.build_task(("logging", "logging"), 4, 4)
+    with pytest.raises(UserError, match=r"^logging has \d+ training and \d+ validation docstrings .* lower "
+                                        r"--labelled_per_class \(5000\)"):
+        compare.build_task(("logging", "xml"), 5000, 4)
+
+
+def fake_stdlib(root, packages: dict[str, dict[str, list[str]]]) -> str:
+    """A folder laid out like the standard library: {package: {module file: [docstrings]}}."""
+    for package, modules in packages.items():
+        os.makedirs(os.path.join(root, package), exist_ok=True)
+        for module, docstrings in modules.items():
+            body = "".join(f"def f{i}():\n    {text!r}\n" for i, text in enumerate(docstrings))
+            with open(os.path.join(root, package, module), "w", encoding="utf-8") as f:
+                f.write(body)
+    return str(root)
+
+
+def test_a_text_of_two_packages_is_dropped_and_one_of_two_splits_stays_in_validation(tmp_path):
+    shared_in_a = "This sentence is repeated in every module of package a, word for word."
+    in_both = "This sentence is found in package a and in package b, so it has no single label."
+    unique = lambda package, module, i: f"Docstring {i} of {package}/{module}, long enough to be kept here."
+    layout = {package: {f"m{m}.py": [unique(package, m, i) for i in range(3)] for m in range(4)}
+              for package in ("a", "b")}
+    for docstrings in layout["a"].values():
+        docstrings.append(shared_in_a)
+    layout["a"]["m1.py"].append(in_both)
+    layout["b"]["m2.py"].append(in_both)
+    stdlib = fake_stdlib(tmp_path, layout)
+    for seed in range(5):
+        task = compare.build_task(("a", "b"), labelled_per_class=9, val_per_class=3, seed=seed, stdlib=stdlib)
+        train_texts, val_texts = {t for t, _ in task.train}, {t for t, _ in task.val}
+        assert shared_in_a not in train_texts
+        assert in_both not in train_texts | val_texts
+        assert len(task.val_modules) == 2   # one whole module per package holds 3 texts or more
+    with pytest.raises(UserError, match=r"^a has 9 training and 4 validation docstrings"):
+        compare.build_task(("a", "b"), labelled_per_class=10, val_per_class=3, stdlib=stdlib)
