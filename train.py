@@ -244,6 +244,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
             raise UserError(f"{parent_path} carries no tokenizer, so --init_from cannot reuse it; pass a "
                             "checkpoint written by train.py")
         cfg = config_for_init(argv, parent, parent_path)
+    given_tokenizer = given_tokenizer_of(cfg, argv, parent) if state is None else None
     if cfg.train.objective == "classify" and state is None:   # classify: its `auto` options made concrete
         cfg.obj = classifier_options(cfg.obj, parent)
     # simcse: an objective's model defaults (its dropout 0.1) where a fresh run's flags leave them out
@@ -261,10 +262,27 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     lock = on_main(lambda: claim_out_dir(cfg, resumed=state is not None, parent_path=parent_path, log=log),
                    dist_info)
     try:
-        prepare_and_train(cfg, dist_info, log, state, ckpt_path, parent, parent_path)
+        prepare_and_train(cfg, dist_info, log, state, ckpt_path, parent, parent_path, given_tokenizer)
     finally:
         if lock is not None:
             lock.release()
+
+
+def given_tokenizer_of(cfg: Config, argv: list[str], parent) -> Tokenizer | None:
+    """The tokenizer --tokenizer names, for a fresh run (a resumed one has its checkpoint's); it
+    fixes vocab_size. Two runs that should differ only in their weights (pretrained vs from
+    scratch) then see the same ids. An --init_from parent brings its own tokenizer: both is an error."""
+    if not cfg.data.tokenizer:
+        return None
+    if parent is not None:
+        raise UserError("--tokenizer and --init_from both give a tokenizer; the checkpoint's is the one its "
+                        "weights were trained with: drop --tokenizer")
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    if "vocab_size" in explicit_flags(argv) and cfg.model.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"--vocab_size {cfg.model.vocab_size} does not match --tokenizer {cfg.data.tokenizer} "
+                        f"({tokenizer.vocab_size} ids); drop --vocab_size")
+    cfg.model.vocab_size = tokenizer.vocab_size
+    return tokenizer
 
 
 def claim_out_dir(cfg: Config, resumed: bool, parent_path: str | None, log) -> RunLock:
@@ -283,7 +301,8 @@ def claim_out_dir(cfg: Config, resumed: bool, parent_path: str | None, log) -> R
     return lock
 
 
-def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, parent, parent_path) -> None:
+def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, parent, parent_path,
+                      given_tokenizer: Tokenizer | None = None) -> None:
     info = run_info(dist_info.world_size)
     log(cfg.describe())
     log("run: " + "  ".join(f"{k}={v}" for k, v in info.items()))
@@ -293,6 +312,8 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
         given = Tokenizer(tensor_to_bytes(state["tokenizer"]))
     elif parent is not None:
         given = Tokenizer(tensor_to_bytes(parent["tokenizer"]))
+    elif given_tokenizer is not None:
+        given = given_tokenizer
     # rank 0 trains the tokenizer (unless given one) and tokenizes the data; the others wait, then
     # load what it wrote
     if state is not None:

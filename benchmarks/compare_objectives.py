@@ -22,8 +22,8 @@ The experiment, all through train.py (one subprocess per run, this same python):
    same small encoder shape pretrained with each objective for the same number of input tokens
    (steps x batch_size x seq_len), --seeds seeds each; then each checkpoint fine-tuned on the
    task (train.py --objective classify --init_from ...: rtd's discriminator, t5's encoder), and
-   the same shape fine-tuned from scratch (no --init_from: its tokenizer is trained on the
-   labelled rows, as a user without pretraining would have it). --probe adds a linear probe
+   the same shape fine-tuned from scratch (no --init_from, but --tokenizer: the pretraining runs'
+   tokenizer, so scratch and pretrained differ in their weights alone). --probe adds a linear probe
    (--freeze_backbone) of each pretrained backbone.
 4. One table, printed and written to WORK/table.md: mean +- half the range over the seeds (with
    two seeds, each seed sits at one end), the last evaluation of each run (no choice made on the
@@ -469,7 +469,10 @@ def plan(objectives: list[str], seeds: list[int], budget: Budget, files: TaskFil
                          *step_flags(finetune_steps, budget.evals), *common]
                 inputs = [files.train, files.val]
                 if objective == SCRATCH:   # the masked LMs' shape: they all add a norm on the embeddings
-                    flags += model_flags(budget) + ["--embed_norm", "true"]
+                    # and the pretraining runs' tokenizer: the same ids, so only the weights differ
+                    tokenizer = os.path.join(prepare.out_dir, "tokenizer.model")
+                    flags += model_flags(budget) + ["--embed_norm", "true", "--tokenizer", tokenizer]
+                    inputs.append(tokenizer)
                 else:
                     parent = pretraining[objective, seed].final_checkpoint
                     flags += ["--init_from", parent]

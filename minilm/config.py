@@ -180,6 +180,8 @@ class DataConfig:
     negative_field: str = option("", "simcse pairs: the hard negative's field or column (optional)")
     val_data: str = option("", "row data: a file of validation rows; empty: a split of --data (stratified "
                                "by label for classify)")
+    tokenizer: str = option("", "a tokenizer.model to use (e.g. another run's out_dir/tokenizer.model) instead of "
+                                "training one on --data; it sets --vocab_size")
     character_coverage: float = option(0.9995, "share of characters sentencepiece gives their own piece; "
                                                "the rest use byte fallback", within="(0, 1]")
     tokenizer_sample_lines: int = option(2_000_000, "lines the tokenizer trains on, sampled uniformly "
