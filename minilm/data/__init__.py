@@ -6,6 +6,7 @@ One module per step, one per source:
     rows.py           rows of a table -> the same token files plus an (n_rows, n_columns, 2) index
     blocks.py         BlockSource: random windows of running text      ("blocks")
     segment_pairs.py  SegmentPairSource: [CLS] A [SEP] B [SEP]          ("segment_pairs")
+    parallel.py       ParallelSource: <eos> src <eos> <eos> tgt <eos>  ("parallel", rows; tlm)
 SOURCES maps the name an objective declares (its `data` attribute) to the class that reads it;
 each class says which preparation it reads (`prepares`: "documents" or "rows").
 
@@ -85,6 +86,7 @@ from minilm.data.reading import (
     resolve_files,
     tokenizer_texts,
 )
+from minilm.data.parallel import ParallelSource, pack_translation, truncate_in_proportion  # tlm
 from minilm.data.rows import RowTable, prepare_rows, row_texts
 from minilm.data.segment_pairs import (
     SegmentPairSource,
@@ -98,6 +100,7 @@ from minilm.errors import UserError
 SOURCES = {
     "blocks": BlockSource,
     "segment_pairs": SegmentPairSource,
+    "parallel": ParallelSource,   # tlm: translation pairs (data/parallel.py)
 }
 
 

@@ -22,6 +22,7 @@ from minilm.objectives.rtd import ReplacedTokenDetection
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
+from minilm.objectives.tlm import TranslationLM  # tlm
 from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -34,6 +35,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SpanCorruption.name: SpanCorruption,
     ReplacedTokenDetection.name: ReplacedTokenDetection,
     PermutationLM.name: PermutationLM,
+    TranslationLM.name: TranslationLM,   # tlm
 }
 
 
