@@ -184,6 +184,27 @@ def test_masking_reaches_both_sides_at_the_rate_and_never_separators_or_padding(
         assert abs(share - expected * total) < 4 * math.sqrt(total * expected * (1 - expected)) + 0.003 * total
 
 
+def test_the_encoder_reads_the_positions_and_languages_of_the_batch():
+    """TLM's loss is exactly masked LM computed densely on the backbone given the batch's
+    restarting positions, languages and padding mask (and differs without the restart)."""
+    torch.manual_seed(0)
+    T = 48
+    objective = build_objective("tlm", ModelConfig(vocab_size=512, seq_len=T, n_layer=2, n_head=2, n_embd=32,
+                                                   position="learned"))
+    raw = random_pairs(16, T, torch.Generator().manual_seed(1))
+    batch = objective.make_batch(raw, torch.Generator().manual_seed(2))
+    loss, _ = objective(batch)
+
+    def dense_loss(positions):
+        hidden = objective.backbone(batch["input_ids"], mask=batch["attn_mask"], positions=positions,
+                                    segment_ids=raw["segment_ids"])
+        logits = objective.head(hidden, objective.backbone.output_weight).flatten(0, 1)[batch["positions"]]
+        return torch.nn.functional.cross_entropy(logits, batch["targets"])
+
+    torch.testing.assert_close(loss, dense_loss(raw["position_ids"]))
+    assert not torch.allclose(loss, dense_loss(None))
+
+
 # ----------------------------------------------------------------------------- the point of TLM
 def test_a_masked_word_is_predicted_better_with_its_translation():
     """A synthetic language pair: sentences of random words (nothing in a sentence predicts a
