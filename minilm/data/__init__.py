@@ -9,6 +9,7 @@ One module per step, one per source:
     labelled.py       LabelledSource: [CLS] text [SEP] with a label      ("labelled"; classify)
     sentences.py      SentenceSource: [CLS] sentence [SEP]              ("sentences", simcse)
     pairs.py          PairSource: (anchor, positive[, hard negative])   ("pairs", simcse_sup)
+    parallel.py       ParallelSource: <eos> src <eos> <eos> tgt <eos>  ("parallel", rows; tlm)
 SOURCES maps the name an objective declares (its `data` attribute) to the class that reads it;
 each class says which preparation it reads (`prepares`: "documents" or "rows").
 
@@ -88,6 +89,7 @@ from minilm.data.reading import (
     resolve_files,
     tokenizer_texts,
 )
+from minilm.data.parallel import ParallelSource, pack_translation, truncate_in_proportion  # tlm
 from minilm.data.rows import RowTable, prepare_rows, row_texts
 from minilm.data.labelled import LabelledSource  # classify
 from minilm.data.segment_pairs import (
@@ -109,6 +111,7 @@ SOURCES = {
     # simcse (objectives/simcse.py)
     "sentences": SentenceSource,
     "pairs": PairSource,
+    "parallel": ParallelSource,   # tlm: translation pairs (data/parallel.py)
 }
 
 

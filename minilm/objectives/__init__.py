@@ -25,6 +25,7 @@ from minilm.objectives.simcse import SimCSE, SupervisedSimCSE
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
+from minilm.objectives.tlm import TranslationLM  # tlm
 from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -41,6 +42,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     # simcse: contrastive sentence embeddings, from sentences or from (anchor, positive) rows
     SimCSE.name: SimCSE,
     SupervisedSimCSE.name: SupervisedSimCSE,
+    TranslationLM.name: TranslationLM,   # tlm
 }
 
 

@@ -65,6 +65,9 @@ from minilm.model import Transformer
 # What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
 # 0 (A) and 1 (B), so their backbone needs two segment embeddings (more are allowed).
 DATA_MODEL_MINIMUMS: dict[str, dict[str, int]] = {"segment_pairs": {"n_segment": 2}}
+# tlm: translation pairs carry a language id per token (0 source, 1 target), read through the
+# segment embeddings (XLM's language embeddings; objectives/tlm.py)
+DATA_MODEL_MINIMUMS["parallel"] = {"n_segment": 2}
 
 
 class Objective(nn.Module):

@@ -172,8 +172,9 @@ class MaskedLM(Objective):
 
     def forward(self, batch, totals=None):
         # attn_mask: padded rows only; segment_ids: sentence pairs (mlm+sop, objectives/multitask.py)
+        # or languages (tlm); position_ids: tlm's, which restart at the translation (B, T)
         # only the chosen positions' outputs: the last block computes them alone (model.py, outputs_at)
-        picked = self.backbone(batch["input_ids"], mask=batch.get("attn_mask"),
+        picked = self.backbone(batch["input_ids"], mask=batch.get("attn_mask"), positions=batch.get("position_ids"),
                                segment_ids=batch.get("segment_ids"), outputs_at=batch["positions"])  # (N, C)
         # fp32 for a stable softmax: a no-op in fp32, an (N, V) cast under bf16 autocast
         logits = self.head(self.backbone.to_output_width(picked), self.backbone.output_weight).float()  # (N, V)

@@ -21,6 +21,9 @@ Data: the parts must read the same kind of data, with one exception: an objectiv
 generator, lengths=pairs' lengths) (CLM and the masked LMs take `lengths`; specials and padding
 are never masked), plus the pairs' "segment_ids" in its batch. So in mlm+sop, MLM and SOP see the
 same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
+With parallel data (mlm+tlm) the "blocks" part reads the source's `monolingual` rows instead: one
+side of a pair per row, with its language id as segment id, drawn apart from the pairs TLM reads
+(XLM's MLM on monolingual text beside TLM; data/parallel.py).
 The shared backbone is built from a config that holds every part's declared settings and what
 the common data needs (model_config_for in objectives/__init__.py, base.py), so mlm+sop and
 sop+mlm build the same model: embed_norm for the masked LM, segment embeddings for the pairs.
@@ -62,6 +65,8 @@ def common_data(classes: list[type[Objective]]) -> str:
         return kinds.pop()
     if kinds == {"blocks", "segment_pairs"}:
         return "segment_pairs"
+    if kinds == {"blocks", "parallel"}:   # mlm+tlm: the blocks part reads one side per row
+        return "parallel"
     reads = ", ".join(f"{cls.name} reads {cls.data}" for cls in classes)
     raise UserError(f"these objectives cannot train on the same batches ({reads}); combine objectives "
                     "that read the same data")
@@ -110,8 +115,9 @@ class MultiTask(Objective):
             if part.data == self.data:
                 part_batch = part.make_batch(raw, generator)
             else:  # a "blocks" objective reading sentence pairs as right-padded windows
-                part_batch = part.make_batch(raw["input_ids"], generator, lengths=raw["lengths"])
-                part_batch["segment_ids"] = raw["segment_ids"]
+                rows = raw.get("monolingual", raw)   # parallel data: one side per row (data/parallel.py)
+                part_batch = part.make_batch(rows["input_ids"], generator, lengths=rows["lengths"])
+                part_batch["segment_ids"] = rows["segment_ids"]
             batch[name] = part_batch
             batch["counts"].update({f"{name}/{k}": v for k, v in part_batch["counts"].items()})
         return batch
