@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minilm.objectives as objectives
-from minilm.config import Config, ModelConfig
+from minilm.config import Config, ModelConfig, ObjectiveConfig
 from minilm.errors import UserError
 from minilm.model import EncoderDecoder, Transformer
 from minilm.objectives import OBJECTIVES, build_objective
@@ -21,6 +21,11 @@ from minilm.objectives.sop import SentenceOrder
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 NAMES = list(OBJECTIVES) + ["mlm+sop", "sop+mlm", "clm+mlm", "wwm+sop"]
+
+
+def options_for(name: str) -> ObjectiveConfig:
+    """The objective options a build needs: classify's label names come from its data (train.py)."""
+    return ObjectiveConfig(labels='["negative", "positive"]') if name == "classify" else ObjectiveConfig()
 
 
 def small(**changes) -> ModelConfig:
@@ -47,7 +52,7 @@ def test_the_order_of_the_parts_does_not_change_the_backbone():
 def test_the_saved_config_rebuilds_the_model_strictly(name):
     base = small()
     torch.manual_seed(0)
-    built = build_objective(name, base)
+    built = build_objective(name, base, options=options_for(name))
     resolved = objectives.model_config_for(name, base)
     assert resolved == built.backbone.cfg                     # what is printed and saved is what was built
     assert base == small()                                    # the caller's config is left alone
@@ -59,7 +64,7 @@ def test_the_saved_config_rebuilds_the_model_strictly(name):
     backbone_class = EncoderDecoder if built.model_kind == "seq2seq" else Transformer
     backbone_class(reloaded).load_state_dict(backbone_state, strict=True)
     # and the whole objective rebuilt from it takes every weight strictly, heads included
-    rebuilt = build_objective(name, reloaded)
+    rebuilt = build_objective(name, reloaded, options=options_for(name))
     rebuilt.load_state_dict(built.state_dict(), strict=True)
     assert rebuilt.backbone.cfg == resolved
 
