@@ -297,32 +297,40 @@ def prepare(source: str, tokenizer: Tokenizer, folder: str, *, text_field: str =
     log(f"tokenizing {count.chars:,} characters in {count.documents:,} documents with {workers} "
         f"worker{'s' if workers > 1 else ''}")
     progress = Progress(log, "tokenizing", total=count.chars, every=progress_every)
-    with _encoder(tokenizer, workers) as encode:
-        try:
-            with open(tmp[False], "wb") as train_file, open(tmp[True], "wb") as val_file:
-                out = {False: train_file, True: val_file}
-                for job_result, chars in encode(_jobs(labelled())):
-                    for ids, is_val in job_result:
-                        out[is_val].write(ids.astype(dtype).tobytes())
-                        counts[is_val] += len(ids)
-                        docs[is_val] += int(len(ids) > 0 and ids[-1] == EOS_ID)
-                    progress.add(chars)
-            meta = dict(vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
-                        train_tokens=counts[False], val_tokens=counts[True],
-                        train_documents=docs[False], val_documents=docs[True], source=source,
-                        files=stats.files, chars=stats.chars, replaced_invalid_utf8=stats.replaced,
-                        tokenizer=tokenizer_fingerprint(tokenizer), **(extra_meta or {}))
-            _publish(folder, tmp, paths, tokenizer, meta)
-        except OSError as err:
-            raise UserError(_write_failure(folder, err)) from None
-        finally:
-            for path in tmp.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+    with _encoder(tokenizer, workers) as encode, writing_prepared(folder, tmp):
+        with open(tmp[False], "wb") as train_file, open(tmp[True], "wb") as val_file:
+            out = {False: train_file, True: val_file}
+            for job_result, chars in encode(_jobs(labelled())):
+                for ids, is_val in job_result:
+                    out[is_val].write(ids.astype(dtype).tobytes())
+                    counts[is_val] += len(ids)
+                    docs[is_val] += int(len(ids) > 0 and ids[-1] == EOS_ID)
+                progress.add(chars)
+        meta = dict(vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
+                    train_tokens=counts[False], val_tokens=counts[True],
+                    train_documents=docs[False], val_documents=docs[True], source=source,
+                    files=stats.files, chars=stats.chars, replaced_invalid_utf8=stats.replaced,
+                    tokenizer=tokenizer_fingerprint(tokenizer), **(extra_meta or {}))
+        _publish(folder, tmp, paths, tokenizer, meta)
     log(f"prepared {display(source)}: {stats.documents} documents, {stats.chars:,} characters -> "
         f"{counts[False]:,} train / {counts[True]:,} val tokens ({meta['dtype']})"
         + (f"; {stats.replaced} invalid UTF-8 bytes replaced by U+FFFD" if stats.replaced else ""))
     return meta
+
+
+@contextlib.contextmanager
+def writing_prepared(folder: str, tmp: dict):
+    """The block that writes prepared data: a write that fails (a full disk) is a one-line
+    UserError, and the .tmp files are gone afterwards whatever happened (published ones were
+    renamed already)."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(_write_failure(folder, err)) from None
+    finally:
+        for path in tmp.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def _publish(folder: str, tmp: dict, paths: dict, tokenizer: Tokenizer, meta: dict) -> None:

@@ -340,27 +340,10 @@ def _texts_of_json(f, path: str, field: str, stats: ReadStats, array_allowed: bo
 
 
 def _texts_of_csv(f, path: str, field: str, stats: ReadStats, delimiter: str) -> Iterator[str]:
-    """The column `field` of each row of a CSV/TSV file with a header row."""
-    lines = (_decode(raw, stats) for raw in f)   # with their line ends: csv needs them (quoted newlines)
-    first = next(lines, None)
-    if first is None:
-        return
-    reader = csv.reader(itertools.chain([first.removeprefix(BOM)], lines), delimiter=delimiter)
-    # a text cell can be a whole article; csv's default limit (128 KB) would refuse it. The limit is
-    # the csv module's, process-wide; raising it only lets more files parse.
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    try:
-        header = [name.strip() for name in next(reader, [])]
-        if field not in header:
-            names = ", ".join(header[:12]) + (", ..." if len(header) > 12 else "")
-            raise UserError(f"{display(path)} has no column {field!r} (its columns: {names}); "
-                            "pass --text_field NAME to read another column")
-        column = header.index(field)
-        for row in reader:
-            if column < len(row):
-                yield row[column]
-    except csv.Error as err:
-        raise UserError(f"{display(path)}:{reader.line_num}: {err}") from None
+    """The column `field` of each row of a CSV/TSV file with a header row (_rows_of_csv, one column)."""
+    for (text,) in _rows_of_csv(f, path, [(field, "--text_field")], set(), stats, delimiter):
+        if text is not None:
+            yield text
 
 
 def _pieces_of_file(path: str, f, field: str, stats: ReadStats, chunk_chars: int) -> Iterator[tuple[str, bool]]:
@@ -552,11 +535,15 @@ def _rows_of_json(f, path: str, columns: list[tuple[str, str]], optional: set[st
 
 def _rows_of_csv(f, path: str, columns: list[tuple[str, str]], optional: set[str], stats: ReadStats,
                  delimiter: str):
-    lines = (_decode(raw, stats) for raw in f)
+    """Tuples of the named columns' cells, row by row (None where a row is too short for one, or
+    for an optional column the header lacks)."""
+    lines = (_decode(raw, stats) for raw in f)   # with their line ends: csv needs them (quoted newlines)
     first = next(lines, None)
     if first is None:
         return
     reader = csv.reader(itertools.chain([first.removeprefix(BOM)], lines), delimiter=delimiter)
+    # a text cell can be a whole article; csv's default limit (128 KB) would refuse it. The limit is
+    # the csv module's, process-wide; raising it only lets more files parse.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     try:
         header = [name.strip() for name in next(reader, [])]

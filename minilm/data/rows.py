@@ -22,7 +22,6 @@ skipped_rows and the log line, never silently dropped, never a crash.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -31,10 +30,10 @@ from minilm.data.preparation import (
     _encoder,
     _jobs,
     _publish,
-    _write_failure,
     inspect_prepared,
     token_dtype,
     tokenizer_fingerprint,
+    writing_prepared,
 )
 from minilm.data.reading import (
     PROGRESS_EVERY,
@@ -188,39 +187,32 @@ def prepare_rows(source: str, tokenizer: Tokenizer, folder: str, *, columns: lis
         f"({total_chars:,} characters) with {workers} worker{'s' if workers > 1 else ''}")
     progress = Progress(log, "tokenizing", total=total_chars, every=progress_every)
     counts = {False: 0, True: 0}
-    with _encoder(tokenizer, workers) as encode:
-        try:
-            with open(tmp[(False, "bin")], "wb") as train_file, open(tmp[(True, "bin")], "wb") as val_file:
-                out = {False: train_file, True: val_file}
-                for job_result, chars in encode(_jobs(all_cells())):
-                    for ids, is_val in job_result:
-                        out[is_val].write(ids.astype(dtype).tobytes())
-                        counts[is_val] += len(ids)
-                        lengths[is_val].append(len(ids))
-                    progress.add(chars)
-            n_rows = {}
-            for is_val in (False, True):
-                length = np.array(lengths[is_val], dtype=np.int64).reshape(-1, n_columns)
-                start = (np.cumsum(length.reshape(-1)) - length.reshape(-1)).reshape(-1, n_columns)
-                n_rows[is_val] = len(length)
-                _save_npy(tmp[(is_val, "rows")], np.stack([start, length], axis=-1))
-                if label_column:
-                    _save_npy(tmp[(is_val, "labels")], np.array(split_labels[is_val], dtype=np.int64))
-            skipped = int((~keep).sum()) + (int((~val_keep).sum()) if val_source else 0)
-            meta = dict(vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name, kind="rows",
-                        train_tokens=counts[False], val_tokens=counts[True],
-                        train_rows=n_rows[False], val_rows=n_rows[True], skipped_rows=skipped,
-                        columns=[name for name, _ in columns], label_column=label_column, labels=names,
-                        source=source, val_source=val_source or None, chars=total_chars,
-                        replaced_invalid_utf8=count.replaced + (val_count.replaced if val_source else 0),
-                        tokenizer=tokenizer_fingerprint(tokenizer), **(extra_meta or {}))
-            _publish(folder, tmp, paths, tokenizer, meta)
-        except OSError as err:
-            raise UserError(_write_failure(folder, err)) from None
-        finally:
-            for path in tmp.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+    with _encoder(tokenizer, workers) as encode, writing_prepared(folder, tmp):
+        with open(tmp[(False, "bin")], "wb") as train_file, open(tmp[(True, "bin")], "wb") as val_file:
+            out = {False: train_file, True: val_file}
+            for job_result, chars in encode(_jobs(all_cells())):
+                for ids, is_val in job_result:
+                    out[is_val].write(ids.astype(dtype).tobytes())
+                    counts[is_val] += len(ids)
+                    lengths[is_val].append(len(ids))
+                progress.add(chars)
+        n_rows = {}
+        for is_val in (False, True):
+            length = np.array(lengths[is_val], dtype=np.int64).reshape(-1, n_columns)
+            start = (np.cumsum(length.reshape(-1)) - length.reshape(-1)).reshape(-1, n_columns)
+            n_rows[is_val] = len(length)
+            _save_npy(tmp[(is_val, "rows")], np.stack([start, length], axis=-1))
+            if label_column:
+                _save_npy(tmp[(is_val, "labels")], np.array(split_labels[is_val], dtype=np.int64))
+        skipped = int((~keep).sum()) + (int((~val_keep).sum()) if val_source else 0)
+        meta = dict(vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name, kind="rows",
+                    train_tokens=counts[False], val_tokens=counts[True],
+                    train_rows=n_rows[False], val_rows=n_rows[True], skipped_rows=skipped,
+                    columns=[name for name, _ in columns], label_column=label_column, labels=names,
+                    source=source, val_source=val_source or None, chars=total_chars,
+                    replaced_invalid_utf8=count.replaced + (val_count.replaced if val_source else 0),
+                    tokenizer=tokenizer_fingerprint(tokenizer), **(extra_meta or {}))
+        _publish(folder, tmp, paths, tokenizer, meta)
     log(f"prepared {display(source)}: {n_rows[False]:,} train / {n_rows[True]:,} val rows "
         f"({counts[False]:,} / {counts[True]:,} tokens)"
         + (f", {len(names)} labels" if names else "")
