@@ -37,7 +37,7 @@ Decisions that matter later:
     so does the first piece of a text and the piece after a newline or tab byte. Whole-word and
     span masking use these flags; we never rely on BERT's "##" convention.
   * Sentence ends: per-id tables say which pieces can end a sentence, which are whitespace and
-    which are closing quotes or brackets glued to the previous piece; minilm/data.py combines
+    which are closing quotes or brackets glued to the previous piece; minilm/data/segment_pairs.py combines
     them with the following piece to split documents into sentences (see `_build_tables`).
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ class Tokenizer:
         breaks_line = torch.zeros(V, dtype=torch.bool)   # newline/tab bytes: the next piece starts a word
         n_bytes = torch.zeros(V, dtype=torch.long)       # UTF-8 bytes this piece stands for
         special = torch.zeros(V, dtype=torch.bool)
-        # for sentence splitting (the rule itself is minilm/data.py, `split_sentences`):
+        # for sentence splitting (the rule itself is minilm/data/segment_pairs.py, `split_sentences`):
         ends_stop = torch.zeros(V, dtype=torch.bool)     # text ends in . ! ? (+ closers): `end.` `."` `).`
         ends_cjk_stop = torch.zeros(V, dtype=torch.bool)  # ... in a CJK 。！？: ends a sentence, no space needed
         # Chinese and Japanese corner brackets and full-width closers close a quote after 。 as " does after .

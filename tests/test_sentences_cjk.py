@@ -1,6 +1,6 @@
 """Chinese sentences end in 。！？ with no space after them, so the English rule (a stop, then a
 new word) never split them: a Chinese corpus made zero sentence pairs. After a CJK stop a
-sentence now ends whatever follows (minilm/data.py, split_sentences, rule (b))."""
+sentence now ends whatever follows (minilm/data/segment_pairs.py, split_sentences, rule (b))."""
 from __future__ import annotations
 
 import json

@@ -72,7 +72,7 @@ DATA_MODEL_MINIMUMS["parallel"] = {"n_segment": 2}
 
 class Objective(nn.Module):
     name: str = ""
-    data: str = "blocks"          # the data source it reads (see minilm/data.py)
+    data: str = "blocks"          # the data source it reads (a key of minilm/data SOURCES)
     model_kind: str = "decoder"   # what sample.py can do with its backbone
     fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
     scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`

@@ -14,7 +14,7 @@ Numbers (ALBERT's create_pretraining_data.py and modeling.py):
   * head: Pooler (dense + tanh on the [CLS] state, minilm/model.py) then Linear(n_embd, 2); the
     loss is the cross-entropy summed over rows, divided by the step's row count (base.py);
   * how A and B are chosen (chunks of whole sentences, the cut a_end = randint(1, len - 1),
-    longest-first truncation) is the data source's: minilm/data.py, SegmentPairSource.
+    longest-first truncation) is the data source's: minilm/data/segment_pairs.py, SegmentPairSource.
 Single-sentence documents: the data source skips them (counted and reported when it is built).
 ALBERT instead pairs such a sentence with text from a random document and labels it "swapped",
 although nothing was swapped; minilm never makes such a pair.
