@@ -374,15 +374,17 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
 # ----------------------------------------------------------------------------- classify
 def classifier_options(options, parent: dict | None):
     """classify's `auto` options made concrete (minilm/objectives/classify.py, resolve_options):
-    an --init_from parent's backbone says how the classifier reads (causal for clm)."""
+    an --init_from parent's backbone says how the classifier reads (causal for clm) and pools
+    (whether its pretraining taught the first position anything)."""
     from minilm.objectives import objective_class
     from minilm.objectives.classify import resolve_options
     if parent is None:
         return resolve_options(options)
     parent_cfg = Config.from_dict(parent["config"])
     parent_objective = parent.get("objective") or parent_cfg.train.objective
-    kind = objective_class(parent_objective.split("+")[0]).model_kind
-    return resolve_options(options, kind, parent_cfg.obj)
+    classes = [objective_class(part) for part in parent_objective.split("+")]
+    trained_first = any(cls.trains_first_position(parent_cfg.obj) for cls in classes)
+    return resolve_options(options, classes[0].model_kind, parent_cfg.obj, trained_first)
 
 
 def labels_of_data(cfg: Config, data_dir: str, log) -> str:

@@ -243,7 +243,8 @@ class ObjectiveConfig:
     # --- classify (fine-tuning a classification head; minilm/objectives/classify.py) ---
     pooling: str = option("auto", "classify: the one vector per text the head reads: first ([CLS]), mean (over "
                                   "the real tokens) or last (the last real token, for causal decoders); auto = "
-                                  "last for a causal backbone, first otherwise", choices=("auto", "first", "mean", "last"))
+                                  "last for a causal backbone, first from scratch or after sop/simcse (which "
+                                  "train [CLS]), mean after the other pretraining objectives", choices=("auto", "first", "mean", "last"))
     classifier_attention: str = option("auto", "classify: how the backbone reads: bidirectional (an encoder) or "
                                                "causal (a decoder: clm); auto = the --init_from parent's way, "
                                                "bidirectional from scratch",

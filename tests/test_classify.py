@@ -186,7 +186,38 @@ def test_init_from_loads_the_parents_backbone(parent, parents, labelled, tmp_pat
     for key, value in own.items():
         assert torch.equal(value, expected[key]), key
         assert not torch.equal(value, before["backbone." + key]) or value.dim() < 2, key   # it did change
-    assert cfg.obj.classifier_attention == "bidirectional" and cfg.obj.pooling == "first"
+    # none of these parents ever read [CLS]: auto pooling is the mean over the real tokens
+    assert cfg.obj.classifier_attention == "bidirectional" and cfg.obj.pooling == "mean"
+
+
+def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_position():
+    from minilm.config import Config, ObjectiveConfig
+    train_script = load_script("train.py")
+
+    def resolved(parent_objective, **parent_options):
+        parent = None
+        if parent_objective is not None:
+            cfg = Config()
+            cfg.train.objective = parent_objective
+            for key, value in parent_options.items():
+                setattr(cfg.obj, key, value)
+            parent = {"config": cfg.to_dict(), "objective": parent_objective}
+        options = train_script.classifier_options(ObjectiveConfig(), parent)
+        return options.classifier_attention, options.pooling
+
+    assert resolved(None) == ("bidirectional", "first")              # from scratch: [CLS], trained by the head
+    assert resolved("clm") == ("causal", "last")
+    assert resolved("prefix_lm") == ("bidirectional", "mean")
+    for never_saw_cls in ("mlm", "wwm", "span", "rtd", "plm", "t5", "tlm"):
+        assert resolved(never_saw_cls) == ("bidirectional", "mean"), never_saw_cls
+    assert resolved("mlm+sop") == ("bidirectional", "first")          # sop's head reads [CLS]
+    assert resolved("simcse") == ("bidirectional", "first")
+    assert resolved("simcse", simcse_pooling="mean") == ("bidirectional", "mean")
+    assert resolved("classify", pooling="last", classifier_attention="causal") == ("causal", "last")
+    assert resolved("classify", pooling="mean", classifier_attention="bidirectional") == ("bidirectional", "mean")
+    explicit = train_script.classifier_options(ObjectiveConfig(pooling="first"), {"config": Config().to_dict(),
+                                                                                 "objective": "mlm"})
+    assert explicit.pooling == "first"                                  # a given --pooling is kept
 
 
 def test_init_from_refuses_another_shape_or_vocabulary_in_one_line(parents, labelled, tmp_path):

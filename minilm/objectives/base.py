@@ -86,6 +86,13 @@ class Objective(nn.Module):
     backbone: nn.Module
 
     @classmethod
+    def trains_first_position(cls, options) -> bool:
+        """Whether this objective's loss reads the first position ([CLS]) as a summary of the row
+        (sop's head, simcse's first pooling): a classifier fine-tuned from it then pools there by
+        default, else over the mean (objectives/classify.py). `options`: the run's ObjectiveConfig."""
+        return False
+
+    @classmethod
     def derived_model_settings(cls, model_cfg) -> dict:
         """Settings this objective fills in from the others when `model_cfg` leaves them unset
         (t5: n_decoder_layer 0 -> n_layer). Must return {} for a config it has resolved already

@@ -20,7 +20,9 @@ The network:
     can gather the whole row there), mean (over the real tokens, padding excluded: better for a
     linear probe of a masked LM, which never learned to summarize into [CLS]) or last (the last
     real token, [SEP]: the only position of a causal decoder that has seen the whole row). auto =
-    last for a causal backbone, first otherwise.
+    last for a causal backbone; first from scratch (the head trains [CLS]) and after objectives
+    whose loss reads [CLS] (sop, simcse: Objective.trains_first_position); mean after the others,
+    which pretrain on running text and never see [CLS] (resolve_options).
   * head: dropout (--dropout, BERT's hidden_dropout_prob) then Linear(n_embd, n_labels), weights
     normal(0, 0.02), bias 0, as BERT's classifier. Its own learning rate: --head_lr (0 = --lr).
 The label names come from the data (sorted; minilm/data/rows.py) and live in the config
@@ -75,10 +77,16 @@ def parse_labels(text: str) -> list[str]:
     return names
 
 
-def resolve_options(options, parent_kind: str | None = None, parent_options=None):
+def resolve_options(options, parent_kind: str | None = None, parent_options=None,
+                    parent_trained_first: bool | None = None):
     """A copy of `options` with classify's `auto` settings made concrete, so the printed and saved
     config says what the model does: attention from the --init_from parent's model_kind
-    (`parent_kind`; a classify parent passes its own options) or bidirectional, pooling from it."""
+    (`parent_kind`; a classify parent passes its own options) or bidirectional; pooling: last for a
+    causal backbone, first ([CLS]) where the parent's pretraining taught the first position to
+    summarize the row (`parent_trained_first`: sop's and simcse's heads read it) or there is no
+    parent, mean otherwise. A masked LM pretrained on running text never sees [CLS], so its first
+    position starts as an untrained vector: ELECTRA's discriminator, for one, gives nearly the same
+    [CLS] vector for every row, and fine-tuning from it barely moved (compare_objectives.py)."""
     options = copy.deepcopy(options)
     if options.classifier_attention == "auto":
         kind = ATTENTION_OF_KIND.get(parent_kind) if parent_kind else "bidirectional"
@@ -86,7 +94,12 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
             kind = parent_options.classifier_attention
         options.classifier_attention = kind if kind in ("bidirectional", "causal") else "bidirectional"
     if options.pooling == "auto":
-        options.pooling = "last" if options.classifier_attention == "causal" else "first"
+        if options.classifier_attention == "causal":
+            options.pooling = "last"
+        elif parent_kind == "classifier" and parent_options is not None:
+            options.pooling = parent_options.pooling
+        else:
+            options.pooling = "mean" if parent_trained_first is False else "first"
     return options
 
 

@@ -145,6 +145,10 @@ class SimCSE(Objective):
     embeds_sentences = True          # has embed(input_ids, lengths): minilm/api.py uses its pooling
     model_defaults = {"dropout": 0.1}
 
+    @classmethod
+    def trains_first_position(cls, options) -> bool:
+        return getattr(options, "simcse_pooling", "first") == "first"   # [CLS] is the sentence vector
+
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
         self.pooling = getattr(options, "simcse_pooling", "first")

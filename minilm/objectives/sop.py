@@ -70,6 +70,10 @@ class SentenceOrder(Objective):
     data = "segment_pairs"
     model_kind = "encoder"
 
+    @classmethod
+    def trains_first_position(cls, options) -> bool:
+        return True   # the pooler and the order head read [CLS]
+
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
         self.task = getattr(options, "sentence_task", "sop")
