@@ -108,3 +108,26 @@ def test_val_data_is_used_as_it_is(tmp_path, tokenizer):
     for row, (text, _) in enumerate(val_rows):
         ids, length = val.cells(np.array([row]), 0, 64)
         assert ids[0, :length[0]].tolist() == tokenizer.encode(text)
+
+
+def test_json_lines_and_a_json_array_give_the_same_rows_as_a_tsv(tmp_path, tokenizer):
+    """The same table as .tsv, .jsonl and a .json array: the same labels and the same tokens;
+    a numeric JSON label is read as its JSON spelling, a row that is no object is one line."""
+    import json
+    rows = [(text_of(i), str(i % 3)) for i in range(30)]
+    tsv = write_tsv(tmp_path / "t.tsv", rows)
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": int(label), "other": 1}) + "\n" for t, label in rows))
+    array = tmp_path / "t.json"
+    array.write_text(json.dumps([{"text": t, "label": label} for t, label in rows]))
+    tables = []
+    for name, source in (("tsv", tsv), ("jsonl", str(jsonl)), ("json", str(array))):
+        prepare(tmp_path / name, source, tokenizer, val_fraction=0.2)
+        table = RowTable(str(tmp_path / name / "data"), "train")
+        tables.append((table.label_names, table.labels.tolist(), [int(t) for t in table.tokens]))
+    assert tables[0] == tables[1] == tables[2]
+    assert tables[0][0] == ["0", "1", "2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n42\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: a row must be a JSON object with named fields"):
+        prepare(tmp_path / "bad", str(bad), tokenizer)

@@ -515,11 +515,11 @@ def _rows_of_json(f, path: str, columns: list[tuple[str, str]], optional: set[st
         if line.startswith("["):
             rows = _parse_json(line + _decode(f.read(), stats), f"{display(path)}:{lineno}", hint)
             rows = rows if isinstance(rows, list) else [rows]
-            where = lambda i: f"{display(path)}: element {i} of the array"
+            places = [f"{display(path)}: element {i} of the array" for i in range(len(rows))]
         else:
             rows = [_parse_json(line, f"{display(path)}:{lineno}", hint)]
-            where = lambda i: f"{display(path)}:{lineno}"
-        for i, row in enumerate(rows):
+            places = [f"{display(path)}:{lineno}"]
+        for row, place in zip(rows, places):
             if not isinstance(row, dict):
                 raise UserError(f"{place}: a row must be a JSON object with named fields")
             cells = []
