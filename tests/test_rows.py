@@ -131,3 +131,14 @@ def test_json_lines_and_a_json_array_give_the_same_rows_as_a_tsv(tmp_path, token
     bad.write_text('{"text": "a", "label": "x"}\n42\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: a row must be a JSON object with named fields"):
         prepare(tmp_path / "bad", str(bad), tokenizer)
+
+
+def test_a_class_always_keeps_a_training_row(tmp_path, tokenizer):
+    """round(0.6 * 1) = 1 would send a one-row class to validation whole; it stays in training."""
+    labels = ["a"] * 5 + ["b"]
+    rows = [(text_of(i), label) for i, label in enumerate(labels)]
+    prepare(tmp_path, write_tsv(tmp_path / "t.tsv", rows), tokenizer, val_fraction=0.6)
+    train = RowTable(str(tmp_path / "data"), "train")
+    val = RowTable(str(tmp_path / "data"), "val")
+    assert np.bincount(train.labels, minlength=2).tolist() == [2, 1]
+    assert np.bincount(val.labels, minlength=2).tolist() == [3, 0]
