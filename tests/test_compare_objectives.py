@@ -141,3 +141,29 @@ def test_a_text_of_two_packages_is_dropped_and_one_of_two_splits_stays_in_valida
         assert len(task.val_modules) == 2   # one whole module per package holds 3 texts or more
     with pytest.raises(UserError, match=r"^a has 9 training and 4 validation docstrings"):
         compare.build_task(("a", "b"), labelled_per_class=10, val_per_class=3, stdlib=stdlib)
+
+
+def test_scratch_differs_from_the_pretrained_rows_in_its_initial_weights_alone(written, tmp_path):
+    """The plan: every fine-tuning run of a seed has the same flags but its start; a pretrained
+    row starts from its own pretraining run's checkpoint, scratch from random weights with the
+    shared tokenizer (--tokenizer) and the pretraining runs' shape."""
+    files, _ = written
+    args = compare.parse_args(["--budget", "micro", "--work", str(tmp_path), "--objectives", "mlm,rtd"])
+    prepare, pretraining, finetuning = compare.plan(["mlm", "rtd"], [1, 2], args.budget_sizes, files, args,
+                                                    str(tmp_path))
+
+    def flag(run, name):
+        return run.flags[run.flags.index(name) + 1] if name in run.flags else None
+
+    for seed in (1, 2):
+        scratch = finetuning["finetune", compare.SCRATCH, seed]
+        assert flag(scratch, "--tokenizer") == os.path.join(prepare.out_dir, "tokenizer.model")
+        assert flag(scratch, "--init_from") is None
+        for objective in ("mlm", "rtd"):
+            run = finetuning["finetune", objective, seed]
+            assert flag(run, "--init_from") == pretraining[objective, seed].final_checkpoint
+            assert flag(run, "--tokenizer") is None   # the parent brings its own, the same one
+            for shared in ("--data", "--val_data", "--seed", "--lr", "--batch_size", "--max_steps"):
+                assert flag(run, shared) == flag(scratch, shared), shared
+        for name in ("--n_layer", "--n_embd", "--seq_len"):
+            assert flag(scratch, name) == flag(pretraining["mlm", seed], name), name
