@@ -44,7 +44,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 
 import torch
 
@@ -73,14 +72,14 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
 
     checkpoint: a checkpoint file, or a run folder (its newest checkpoint that loads; a damaged
     newer one is skipped with a note on `log`, stderr by default). One-line UserErrors for a
-    missing or unloadable checkpoint and an unwritable `out_path`."""
+    missing or unloadable checkpoint and an unwritable `out_path`, and for an `out_path` whose
+    replacing would destroy something (see check_output)."""
     from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if os.path.isdir(out_path):
-        raise UserError(f"{out_path} is a folder; name the file to write, e.g. {os.path.join(out_path, 'model.safetensors')}")
     if not os.path.exists(checkpoint):
         raise UserError(f"no checkpoint at {checkpoint}; pass a checkpoint file or a run folder (train one "
                         "first with train.py)")
+    check_output(out_path, checkpoint)   # before loading: a refusal should not wait for a large file
     path, state = load_checkpoint_or_newest(checkpoint, log=log)
     weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
@@ -95,44 +94,75 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
     return out_path
 
 
+def check_output(out_path: str, source: str | None = None) -> None:
+    """A one-line UserError unless writing `out_path` destroys nothing: it must be a new file, an
+    empty one, or a safetensors file (an earlier export, which it replaces). So never the
+    `source` checkpoint, nor any other checkpoint, the run's metrics or a file of the user's;
+    never a device, FIFO or socket; and not a new file named like a checkpoint, which --resume
+    and sample.py would then try to load from the run folder."""
+    from minilm.checkpoint import is_checkpoint_name, not_a_regular_file
+    from minilm.trainer import BEST_NAME
+    if os.path.isdir(out_path):
+        raise UserError(f"{out_path} is a folder; name the file to write, e.g. {os.path.join(out_path, 'model.safetensors')}")
+    instead = "choose another output path, e.g. model.safetensors"
+    if source is not None and os.path.isfile(out_path) and os.path.samefile(out_path, source):
+        raise UserError(f"{out_path} is the checkpoint being exported; writing it would destroy it: {instead}")
+    name = os.path.basename(out_path)
+    if is_checkpoint_name(name) or name == BEST_NAME:
+        raise UserError(f"{out_path} is named like a checkpoint, which --resume and sample.py would try to load; "
+                        f"{instead}")
+    odd = not_a_regular_file(out_path)
+    if odd is not None:
+        raise UserError(f"will not write {out_path}: it is {odd}, not a regular file; {instead}")
+    if os.path.exists(out_path) and os.path.getsize(out_path) > 0 and not is_safetensors_file(out_path):
+        raise UserError(f"{out_path} already exists and is not a safetensors file (an export replaces only an "
+                        f"earlier export); {instead}, or delete it yourself first")
+
+
+def is_safetensors_file(path: str) -> bool:
+    """Whether the regular file at `path` starts with a well-formed safetensors header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        head += f.read(min(struct.unpack("<Q", head)[0], MAX_HEADER))
+    try:
+        parse_header(head, path)
+    except UserError:
+        return False
+    return True
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
     """`tensors` as a .safetensors file, written atomically (a temporary file, then a rename).
-    Tensors that share storage are stored once and named in metadata["aliases"] (see the top)."""
+    Tensors that share storage are stored once and named in metadata["aliases"] (see the top).
+    Replaces only an earlier safetensors file (check_output)."""
+    from minilm.checkpoint import atomic_write
     stored, aliases = split_aliases(tensors)
     metadata = dict(metadata or {})
     if aliases:   # only then: a file without shared tensors is exactly what safetensors would write
         metadata["aliases"] = json.dumps(aliases, sort_keys=True)
     header, order = build_header(stored, metadata)
-    folder = os.path.dirname(os.path.abspath(path))
+    check_output(path)
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(header)) + header)
+        for name in order:
+            f.write(little_endian_bytes(stored[name]))
+
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+        atomic_write(path, write)
     except OSError as err:
         raise UserError(f"could not write {path}: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header)) + header)
-            for name in order:
-                f.write(little_endian_bytes(stored[name]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise UserError(f"could not write {path}: {err.strerror or err}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """({name: tensor} with each shared tensor once, {alias: stored name}).
 
-    Two names are one tensor when they are the same view of the same storage (same start, shape
-    and strides): a tied weight. Tensors that overlap only in part (a slice of another) are
-    stored as copies of their own: correct values, without the sharing."""
+    Two names are one tensor when they are the same view of the same storage (same start, shape,
+    strides and dtype, and neither a lazily conjugated or negated view of the other): a tied
+    weight. Tensors that overlap only in part (a slice of another) are stored as copies of their
+    own: correct values, without the sharing."""
     stored, aliases, seen = {}, {}, {}
     for name in sorted(tensors):
         t = tensors[name]
@@ -141,7 +171,7 @@ def split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         if t.dtype not in DTYPE_NAMES:
             raise UserError(f"{name} has dtype {t.dtype}, which safetensors cannot store")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
-               t.device) if t.numel() else None
+               t.device, t.is_conj(), t.is_neg()) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
         else:
@@ -173,7 +203,7 @@ def build_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 def little_endian_bytes(t: torch.Tensor) -> bytes:
     """The tensor's elements, row-major, as little-endian bytes (any dtype: bf16 has no numpy
     type, so the bytes come from a uint8 view of a contiguous CPU copy)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    flat = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
         return b""
     raw = flat.view(torch.uint8)

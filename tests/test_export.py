@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from minilm.objectives import build_objective, model_config_for, window_length_f
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer
 from tests.conftest import ROOT
+from tests.test_checkpoint_files import watched_fifo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -195,6 +198,76 @@ def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
     with pytest.raises(UserError, match="expected a checkpoint .* and an output file; usage"):
         main([runs["clm"]])
     assert not list(tmp_path.glob(".tmp-*"))   # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- what an export replaces
+def test_an_export_never_replaces_a_checkpoint_or_a_file_it_did_not_write(runs, tmp_path):
+    """Only a new path, an empty file or an earlier export is written: the checkpoint being
+    exported, the run's newest checkpoint, any file named like one, the run's metrics, a file
+    of the user's, and anything that is not a regular file are refused, and left as they were."""
+    run = str(tmp_path / "run")
+    shutil.copytree(runs["clm"], run)      # a copy: a regression must not destroy the shared run
+    ckpt = os.path.join(run, "ckpt-00000001.pt")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    disguised = tmp_path / "old.safetensors"
+    shutil.copy(ckpt, disguised)           # a checkpoint, whatever its name says
+    fifo = str(tmp_path / "fifo")
+    os.symlink(fifo, tmp_path / "link-to-fifo")
+    metrics = os.path.join(run, "metrics.jsonl")
+    assert os.path.exists(metrics)
+    refused = [((ckpt, ckpt), "is the checkpoint being exported; writing it would destroy it: choose another "
+                              "output path"),
+               ((run, ckpt), "ckpt-00000001.pt is named like a checkpoint, which --resume and sample.py would try"),
+               ((ckpt, os.path.join(run, "best.pt")), "best.pt is named like a checkpoint"),
+               ((run, os.path.join(run, "ckpt-00000009.pt")), "ckpt-00000009.pt is named like a checkpoint"),
+               ((run, metrics), "metrics.jsonl already exists and is not a safetensors file"),
+               ((run, str(notes)), "notes.txt already exists and is not a safetensors file .* or delete it "
+                                   "yourself first"),
+               ((ckpt, str(disguised)), "old.safetensors already exists and is not a safetensors file"),
+               ((run, fifo), "will not write .*fifo: it is a FIFO, not a regular file; choose another output"),
+               ((run, str(tmp_path / "link-to-fifo")), "link-to-fifo: it is a FIFO, not a regular file")]
+    before = {p: open(p, "rb").read() for p in (ckpt, metrics, notes, disguised)}
+    with watched_fifo(fifo) as opened:
+        for argv, message in refused:
+            with pytest.raises(UserError, match=message) as err:
+                main(list(argv))                # python -m minilm.safetensors_io SOURCE OUT
+            assert "\n" not in str(err.value)
+        assert not opened
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert stat.S_ISFIFO(os.stat(tmp_path / "link-to-fifo").st_mode)
+    assert sorted(os.listdir(run)) == sorted(os.listdir(runs["clm"]))    # nothing added, no temporary file
+    assert minilm.export(run, str(disguised.with_name("new.safetensors")))   # what works still works
+
+
+def test_an_earlier_export_or_an_empty_file_is_replaced(runs, tmp_path):
+    out, empty, real = tmp_path / "model.safetensors", tmp_path / "empty.safetensors", tmp_path / "a" / "b.st"
+    save_safetensors({"old": torch.ones(2)}, str(out))
+    empty.touch()
+    real.parent.mkdir()
+    save_safetensors({"old": torch.ones(2)}, str(real))
+    os.symlink(real, tmp_path / "link.safetensors")
+    for path in (out, empty, tmp_path / "link.safetensors"):
+        minilm.export(runs["clm"], str(path))
+        assert "old" not in load_safetensors(str(path))[0]
+    assert os.path.islink(tmp_path / "link.safetensors")   # the link stays, the file it names is replaced
+
+
+# ----------------------------------------------------------------------------- which tensors are aliases
+def test_only_the_same_view_of_one_storage_is_stored_as_an_alias(tmp_path):
+    """Equal-shape views at other offsets of one storage, a conjugated or negated view (the same
+    memory, other values) and a reshaped view are distinct tensors; the same view is one."""
+    t = torch.arange(8.)
+    c = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    tensors = {"a": t[:4], "b": t[4:], "same_as_a": t[:4], "reshaped": t[:4].view(2, 2), "strided": t[::2],
+               "c": c, "c_conj": c.conj(), "imag": c.imag, "neg_imag": c.conj().imag}
+    path = str(tmp_path / "views.safetensors")
+    save_safetensors(tensors, path)
+    loaded, metadata = load_safetensors(path)
+    assert json.loads(metadata["aliases"]) == {"same_as_a": "a"}
+    for name, expected in tensors.items():
+        assert torch.equal(loaded[name], expected.resolve_conj().resolve_neg()), name
+    assert loaded["same_as_a"] is loaded["a"] and loaded["b"].tolist() == [4.0, 5.0, 6.0, 7.0]
 
 
 def test_the_command_line_and_a_light_import(runs, tmp_path):
