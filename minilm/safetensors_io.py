@@ -216,31 +216,23 @@ def little_endian_bytes(t: torch.Tensor) -> bytes:
 def load_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state_dict, metadata) of a .safetensors file, with metadata["aliases"] (if any) put back:
     an alias is the very tensor of the name it points to. One-line UserErrors for a missing file
-    and for one that is not a well-formed safetensors file."""
-    if not os.path.isfile(path):
+    and for one that is not a well-formed safetensors file (every header field is checked before
+    it is used: a crafted header is refused, never a traceback)."""
+    from minilm.checkpoint import not_a_regular_file
+    if not os.path.exists(path):
         raise UserError(f"no file at {path}; export one with python -m minilm.safetensors_io CKPT {path}")
+    odd = not_a_regular_file(path)
+    if odd is not None:
+        raise UserError(f"{path} is {odd}, not a safetensors file; pass the path of an exported .safetensors file")
     with open(path, "rb") as f:
         data = f.read()
     header, body = parse_header(data, path)
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, info in header.items():
-        tensors[name] = tensor_from_bytes(name, info, body, path)
-    ends = sorted(tuple(info["data_offsets"]) for info in header.values())
-    covered = 0
-    for begin, end in ends:   # the data is tensors back to back: no gaps, no overlaps, no tail
-        if begin != covered:
-            raise UserError(f"{path} is not a valid safetensors file: its tensors' data overlap or leave gaps")
-        covered = end
-    if covered != len(body):
-        raise UserError(f"{path} is not a valid safetensors file: {len(body) - covered} bytes past its last tensor")
-    try:
-        aliases = json.loads(metadata.get("aliases", "{}"))
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: its metadata's aliases are not JSON") from None
-    for alias, target in aliases.items():
-        if target not in tensors:
-            raise UserError(f"{path}: alias {alias} points to {target}, which the file does not hold")
+    metadata = read_metadata(header.pop("__metadata__", None) or {}, path)
+    entries = {name: header_entry(name, info, path) for name, info in header.items()}
+    check_layout(entries, len(body), path)
+    tensors = {name: tensor_from_bytes(dtype, shape, body[begin:end])
+               for name, (dtype, shape, begin, end) in entries.items()}
+    for alias, target in read_aliases(metadata, tensors, path).items():
         tensors[alias] = tensors[target]
     return tensors, metadata
 
@@ -255,35 +247,99 @@ def parse_header(data: bytes, path: str) -> tuple[dict, memoryview]:
         raise UserError(f"{bad}: its header claims {length} bytes")
     try:
         header = json.loads(data[8:8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):   # ValueError: also a 5000-digit number
         raise UserError(f"{bad}: its header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise UserError(f"{bad}: its header is not a JSON object of tensors")
     return header, memoryview(data)[8 + length:]
 
 
-def tensor_from_bytes(name: str, info, body: memoryview, path: str) -> torch.Tensor:
-    """One tensor, checked against its header entry: known dtype, offsets inside the data, and a
-    byte count that is exactly shape x element size."""
-    try:
-        dtype = DTYPES[info["dtype"]]
-        shape = [int(n) for n in info["shape"]]
-        begin, end = (int(n) for n in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: tensor {name} has a malformed header entry ({str(info)[:80]})") from None
-    numel = 1
+def read_metadata(metadata: dict, path: str) -> dict[str, str]:
+    """The header's __metadata__, which the format allows only string values in."""
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise UserError(f"{path} is not a valid safetensors file: its metadata's {key!r} is a "
+                            f"{type(value).__name__}, not a string")
+    return metadata
+
+
+def is_count(value) -> bool:
+    """A JSON non-negative integer (not a bool, float or string that looks like one)."""
+    return type(value) is int and value >= 0
+
+
+def header_entry(name: str, info, path: str) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each checked: a known dtype name, a shape
+    of non-negative integers that torch can index, and two non-negative integer offsets whose
+    span is exactly shape x element size bytes."""
+    bad = f"{path} is not a valid safetensors file: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise UserError(f"{bad} has a malformed header entry ({str(info)[:80]}); it needs dtype, shape "
+                        "and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UserError(f"{bad} has dtype {str(dtype)[:40]!r}, not one of {', '.join(SAFETENSORS_ORDER)}")
+    if not isinstance(shape, list) or not all(is_count(n) for n in shape):
+        raise UserError(f"{bad} has shape {str(shape)[:80]}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(n) for n in offsets):
+        raise UserError(f"{bad} has data_offsets {str(offsets)[:80]}, not two non-negative integers")
+    extent = 1   # torch computes strides over every dimension, a zero-length one counted as 1
     for n in shape:
-        numel *= n
-    size = numel * torch.empty((), dtype=dtype).element_size()
-    if not 0 <= begin <= end <= len(body) or end - begin != size or min(shape, default=0) < 0:
-        raise UserError(f"{path}: tensor {name} ({info['dtype']} {shape}) needs {size} bytes but its offsets "
-                        f"{begin}..{end} do not fit them in the file's {len(body)} data bytes")
-    if size == 0:
+        extent *= max(n, 1)
+    if extent >= 2 ** 63:
+        raise UserError(f"{bad} has shape {str(shape)[:80]}, too large for any tensor")
+    begin, end = offsets
+    size = extent * DTYPES[dtype].itemsize if 0 not in shape else 0
+    if begin > end or end - begin != size:
+        raise UserError(f"{bad} ({dtype} {shape}) needs {size} bytes but its offsets {begin}..{end} hold "
+                        f"{end - begin}")
+    return DTYPES[dtype], shape, begin, end
+
+
+def check_layout(entries: dict[str, tuple], n_bytes: int, path: str) -> None:
+    """The data is the tensors back to back, in offset order: no tensor past the end, no
+    overlap, no gap, no tail."""
+    bad = f"{path} is not a valid safetensors file"
+    covered, previous = 0, None
+    for name, (_, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if end > n_bytes:
+            raise UserError(f"{bad}: tensor {name!r} ({shape}) needs bytes {begin}..{end} but the file holds "
+                            f"{n_bytes} data bytes (it is cut short?)")
+        if begin < covered:
+            raise UserError(f"{bad}: the data of tensors {previous!r} and {name!r} overlap")
+        if begin > covered:
+            raise UserError(f"{bad}: {begin - covered} bytes before tensor {name!r} belong to no tensor")
+        covered, previous = end, name
+    if covered != n_bytes:
+        raise UserError(f"{bad}: {n_bytes - covered} bytes past its last tensor")
+
+
+def read_aliases(metadata: dict[str, str], stored: dict[str, torch.Tensor], path: str) -> dict[str, str]:
+    """metadata["aliases"]: {alias: stored name}, checked; an alias may name neither a stored
+    tensor (it would silently replace it) nor another alias."""
+    bad = f"{path} is not a valid safetensors file: its metadata's aliases"
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+    except (ValueError, RecursionError):
+        raise UserError(f"{bad} are not JSON") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise UserError(f"{bad} are not a JSON object of names ({metadata['aliases'][:80]})")
+    for alias, target in aliases.items():
+        if alias in stored:
+            raise UserError(f"{bad} name {alias!r}, which is also a stored tensor")
+        if target not in stored:
+            raise UserError(f"{bad} point {alias!r} to {target!r}, which the file does not hold")
+    return aliases
+
+
+def tensor_from_bytes(dtype: torch.dtype, shape: list[int], raw: memoryview) -> torch.Tensor:
+    """A tensor from its little-endian bytes (checked by header_entry to be exactly its size)."""
+    if len(raw) == 0:
         return torch.empty(shape, dtype=dtype)
-    raw = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8)
-    if sys.byteorder == "big" and size // numel > 1:
-        raw = raw.reshape(-1, size // numel).flip(-1).reshape(-1).contiguous()
-    return raw.view(dtype).reshape(shape)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if sys.byteorder == "big" and dtype.itemsize > 1:
+        flat = flat.reshape(-1, dtype.itemsize).flip(-1).reshape(-1).contiguous()
+    return flat.view(dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -185,7 +185,7 @@ def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
     good = tmp_path / "good.safetensors"
     save_safetensors({"w": torch.ones(4)}, str(good))
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-3])
-    with pytest.raises(UserError, match="tensor w .*needs 16 bytes"):
+    with pytest.raises(UserError, match="tensor 'w' .*needs bytes 0..16 but the file holds 13 data bytes"):
         load_safetensors(str(tmp_path / "cut.safetensors"))
     (tmp_path / "tail.safetensors").write_bytes(good.read_bytes() + b"xx")
     with pytest.raises(UserError, match="2 bytes past its last tensor"):
@@ -193,7 +193,7 @@ def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
     (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
-    with pytest.raises(UserError, match="tensors' data overlap or leave gaps"):
+    with pytest.raises(UserError, match="the data of tensors 'a' and 'b' overlap"):
         load_safetensors(str(tmp_path / "overlap.safetensors"))
     with pytest.raises(UserError, match="expected a checkpoint .* and an output file; usage"):
         main([runs["clm"]])
@@ -251,6 +251,83 @@ def test_an_earlier_export_or_an_empty_file_is_replaced(runs, tmp_path):
         minilm.export(runs["clm"], str(path))
         assert "old" not in load_safetensors(str(path))[0]
     assert os.path.islink(tmp_path / "link.safetensors")   # the link stays, the file it names is replaced
+
+
+# ----------------------------------------------------------------------------- crafted headers
+def crafted(tmp_path, header, data: bytes = bytes(16), name: str = "crafted.safetensors") -> str:
+    """A file with this header (a dict, or raw JSON text) and these data bytes."""
+    text = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+def entry(shape=(4,), offsets=(0, 16), dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
+            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+
+
+def with_aliases(aliases: str, **more) -> dict:
+    return {"__metadata__": {"aliases": aliases}, "w": entry(), **more}
+
+
+NOT_INTEGERS = "not a list of non-negative integers"
+NOT_OFFSETS = "not two non-negative integers"
+CRAFTED = {
+    "negative shape": ({"w": entry(shape=(-4,))}, NOT_INTEGERS),
+    "float shape": ({"w": entry(shape=(4.0,))}, NOT_INTEGERS),
+    "string shape": ({"w": entry(shape=("4",))}, NOT_INTEGERS),
+    "bool shape": ({"w": entry(shape=(True, 4))}, NOT_INTEGERS),
+    "shape is a string": ({"w": entry(shape="4")}, NOT_INTEGERS),
+    "shape overflows": ({"w": entry(shape=(0, 2**40, 2**40), offsets=(0, 0)), "x": entry(offsets=(0, 16))},
+                        r"shape \[0, 1099511627776, 1099511627776\], too large for any tensor"),
+    "shape beyond int64": ({"w": entry(shape=(0, 2**64), offsets=(0, 0)), "x": entry()}, "too large for any tensor"),
+    "negative offset": ({"w": entry(offsets=(-4, 12))}, NOT_OFFSETS),
+    "float offset": ({"w": entry(offsets=(0, 16.0))}, NOT_OFFSETS),
+    "string offsets": ({"w": entry(offsets=("0", "16"))}, NOT_OFFSETS),
+    "bool offsets": ({"w": entry(shape=(16,), offsets=(False, 16), dtype="U8")}, NOT_OFFSETS),
+    "three offsets": ({"w": entry(offsets=(0, 8, 16))}, NOT_OFFSETS),
+    "end before begin": ({"w": entry(offsets=(16, 0))}, r"needs 16 bytes but its offsets 16..0 hold -16"),
+    "offsets past the file": ({"w": entry(shape=(100,), offsets=(0, 400))}, "needs bytes 0..400 but the file holds 16"),
+    "length is not shape x dtype": ({"w": entry(shape=(2,), offsets=(0, 16))}, "needs 8 bytes but its offsets 0..16"),
+    "overlapping offsets": ({"w": entry(shape=(2,), offsets=(0, 8)), "v": entry(shape=(3,), offsets=(4, 16))},
+                            "the data of tensors 'w' and 'v' overlap"),
+    "a gap": ({"w": entry(shape=(2,), offsets=(8, 16))}, "8 bytes before tensor 'w' belong to no tensor"),
+    "unknown dtype": ({"w": entry(dtype="F33")}, "has dtype 'F33', not one of BOOL"),
+    "dtype is a list": ({"w": entry(dtype=["F32"])}, "has dtype"),
+    "entry is a list": ({"w": [4, 0, 16]}, "has a malformed header entry"),
+    "entry lacks offsets": ({"w": {"dtype": "F32", "shape": [4]}}, "needs dtype, shape and data_offsets"),
+    "metadata value not a string": ({"__metadata__": {"format": 1}, "w": entry()}, "metadata's 'format' is a int"),
+    "aliases not a string": ({"__metadata__": {"aliases": {"v": "w"}}, "w": entry()}, "'aliases' is a dict"),
+    "aliases not JSON": (with_aliases("{v: w"), "aliases are not JSON"),
+    "aliases not an object": (with_aliases('["v", "w"]'), "aliases are not a JSON object of names"),
+    "alias target not a string": (with_aliases('{"v": ["w"]}'), "aliases are not a JSON object of names"),
+    "alias to a missing tensor": (with_aliases('{"v": "u"}'), "point 'v' to 'u', which the file does not hold"),
+    "alias to an alias": (with_aliases('{"v": "w", "u": "v"}'), "point 'u' to 'v', which the file does not hold"),
+    "alias replaces a stored tensor": (with_aliases('{"v": "w"}', v=entry(shape=(0,), offsets=(16, 16))),
+                                       "name 'v', which is also a stored tensor"),
+    "deeply nested header": ("[" * 100_000 + "]" * 100_000, "its header is not JSON"),
+    "5000-digit number": ('{"w": {"dtype": "F32", "shape": [1' + "0" * 5000 + '], "data_offsets": [0, 16]}}',
+                          "its header is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_a_crafted_header_is_a_one_line_error(tmp_path, case):
+    header, message = CRAFTED[case]
+    path = crafted(tmp_path, header)
+    with pytest.raises(UserError, match=message) as err:
+        load_safetensors(path)
+    assert str(err.value).startswith(path) and "\n" not in str(err.value)
+
+
+def test_tensors_listed_out_of_offset_order_load(tmp_path):
+    """The header is a JSON object: its order says nothing; the offsets alone place the data."""
+    data = torch.tensor([1.0, 2.0]).numpy().tobytes() + torch.tensor([3.0]).numpy().tobytes()
+    path = crafted(tmp_path, {"late": entry(shape=(1,), offsets=(8, 12)), "early": entry(shape=(2,), offsets=(0, 8))},
+                   data)
+    loaded, _ = load_safetensors(path)
+    assert loaded["early"].tolist() == [1.0, 2.0] and loaded["late"].tolist() == [3.0]
 
 
 # ----------------------------------------------------------------------------- which tensors are aliases
