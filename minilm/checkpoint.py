@@ -8,6 +8,8 @@ a malicious payload is refused instead of executed.
 
 Writing: to a temporary file in the same folder, flushed and fsynced, then renamed over the
 target. A crash at any moment leaves either the old file or the new one, never half of one.
+Only regular files are ever replaced or opened: a FIFO, device, socket or folder at a
+checkpoint's path is a one-line error (opening a FIFO to read would wait forever).
 """
 from __future__ import annotations
 
