@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from minilm.checkpoint import (atomic_write_bytes, checkpoint_loads, list_checkpoints, load_checkpoint,
-                               load_checkpoint_or_newest, newest_loadable, prune_checkpoints, save_checkpoint)
+                               load_checkpoint_or_newest, newest_loadable, prune_checkpoints, replaceable_target,
+                               save_checkpoint)
 from minilm.config import Config
 from minilm.errors import UserError
-from minilm.safetensors_io import export, save_safetensors
+from minilm.safetensors_io import check_output, export, load_safetensors, save_safetensors
 from tests.conftest import run_in_process
 from tests.test_cli import assert_user_error
 
@@ -79,6 +80,8 @@ def test_a_fifo_given_as_a_checkpoint_is_an_error_and_never_opened(tmp_path):
         with pytest.raises(UserError, match="is a FIFO, not a checkpoint file"):
             export(fifo, str(tmp_path / "model.safetensors"))
         assert not checkpoint_loads(fifo)
+        with pytest.raises(UserError, match="is a FIFO, not a safetensors file"):
+            load_safetensors(fifo)
         assert_user_error(run_in_process("sample.py", "--ckpt", fifo), "is a FIFO, not a checkpoint file")
         assert_user_error(run_in_process("train.py", "--init_from", fifo, "--out_dir", tmp_path / "run"),
                           "is a FIFO, not a checkpoint file")
@@ -136,6 +139,15 @@ def test_an_atomic_write_replaces_only_a_regular_file(tmp_path):
     for name, st in before.items():
         assert os.lstat(tmp_path / name).st_mode == st.st_mode, name
     assert sorted(os.listdir(tmp_path)) == sorted(kinds)   # no temporary file left behind
+
+
+def test_a_device_is_never_a_file_to_replace():
+    """Only the checks, which write nothing: as root, a regression in a real write would replace
+    the device itself."""
+    with pytest.raises(UserError, match=f"will not write {os.devnull}: it is a character device, not a regular"):
+        replaceable_target(os.devnull)
+    with pytest.raises(UserError, match="it is a character device, not a regular file; choose another output"):
+        check_output(os.devnull)
 
 
 def test_an_atomic_write_through_a_symlink_replaces_the_file_it_points_to(tmp_path):
