@@ -157,7 +157,7 @@ def refuse_non_regular(path: str, flag: str) -> None:
     """A UserError for a checkpoint path that is not a regular file (a FIFO would hang torch.load)."""
     odd = not_a_regular_file(path)
     if odd is not None:
-        raise UserError(f"{path} is {odd}, not a checkpoint file; pass a checkpoint file (or a run folder) to {flag}")
+        raise UserError(f"{path} is {odd}, not a checkpoint file; pass a checkpoint file to {flag}")
 
 
 def why_unloadable(err: Exception) -> str:
@@ -263,9 +263,10 @@ def newest_loadable(out_dir: str, log=print, resumable: bool = True) -> tuple[st
     raise UserError(f"none of the {len(paths)} checkpoints in {out_dir} loads; they are all damaged")
 
 
-def load_checkpoint_or_newest(path: str, log=print) -> tuple[str, dict]:
+def load_checkpoint_or_newest(path: str, log=print, flag: str = "--ckpt") -> tuple[str, dict]:
     """(path, state) for sample.py and --init_from: a file, or a run folder meaning its newest
-    checkpoint that loads (a damaged newest one is skipped with a note, as --resume does)."""
+    checkpoint that loads (a damaged newest one is skipped with a note, as --resume does).
+    flag: the caller's flag that names `path`, for the messages."""
     if os.path.isdir(path):
         return newest_loadable(path, log=log, resumable=False)
-    return path, load_checkpoint(path)
+    return path, load_checkpoint(path, flag=flag)

@@ -80,7 +80,7 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
         raise UserError(f"no checkpoint at {checkpoint}; pass a checkpoint file or a run folder (train one "
                         "first with train.py)")
     check_output(out_path, checkpoint)   # before loading: a refusal should not wait for a large file
-    path, state = load_checkpoint_or_newest(checkpoint, log=log)
+    path, state = load_checkpoint_or_newest(checkpoint, log=log, flag="the export")
     weights = state["model"]
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
         raise UserError(f"{path} is not a minilm checkpoint (its model entry is not a state_dict)")

@@ -73,18 +73,18 @@ def test_a_fifo_given_as_a_checkpoint_is_an_error_and_never_opened(tmp_path):
         for flag in ("--ckpt", "--resume"):
             with pytest.raises(UserError) as err:
                 load_checkpoint(fifo, resumable=flag == "--resume", flag=flag)
-            assert one_line(err) == (f"{fifo} is a FIFO, not a checkpoint file; pass a checkpoint file (or a run "
-                                     f"folder) to {flag}")
+            assert one_line(err) == f"{fifo} is a FIFO, not a checkpoint file; pass a checkpoint file to {flag}"
         with pytest.raises(UserError, match="is a FIFO, not a checkpoint file"):
             load_checkpoint_or_newest(fifo)             # sample.py --ckpt, train.py --init_from
-        with pytest.raises(UserError, match="is a FIFO, not a checkpoint file"):
+        with pytest.raises(UserError, match="is a FIFO, not a checkpoint file; pass a checkpoint file to the export"):
             export(fifo, str(tmp_path / "model.safetensors"))
         assert not checkpoint_loads(fifo)
         with pytest.raises(UserError, match="is a FIFO, not a safetensors file"):
             load_safetensors(fifo)
-        assert_user_error(run_in_process("sample.py", "--ckpt", fifo), "is a FIFO, not a checkpoint file")
+        assert_user_error(run_in_process("sample.py", "--ckpt", fifo),
+                          "is a FIFO, not a checkpoint file; pass a checkpoint file to --ckpt")
         assert_user_error(run_in_process("train.py", "--init_from", fifo, "--out_dir", tmp_path / "run"),
-                          "is a FIFO, not a checkpoint file")
+                          "is a FIFO, not a checkpoint file; pass a checkpoint file to --init_from")
         assert not opened
     assert not (tmp_path / "model.safetensors").exists()
 
