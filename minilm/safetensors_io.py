@@ -4,6 +4,9 @@
     import minilm; minilm.export("out/ckpt-00000600.pt", "model.safetensors")
     state_dict, metadata = load_safetensors("model.safetensors")
 
+An export replaces only an earlier export (or an empty file), never a checkpoint or another
+file, and a crafted file is refused with a one-line error before any of its numbers is used.
+
 A checkpoint also holds the optimizer's moments (twice the weights again), RNG states and the
 data position: what resuming needs, not what using the model needs. The export keeps the
 objective's state_dict (exactly as the checkpoint saved it: the names a fresh objective's
@@ -120,15 +123,16 @@ def check_output(out_path: str, source: str | None = None) -> None:
 
 
 def is_safetensors_file(path: str) -> bool:
-    """Whether the regular file at `path` starts with a well-formed safetensors header."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return False
-        head += f.read(min(struct.unpack("<Q", head)[0], MAX_HEADER))
+    """Whether the regular file at `path` starts with a well-formed safetensors header (False for
+    one that cannot be read: nothing replaces a file minilm could not look at)."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            head += f.read(min(struct.unpack("<Q", head)[0], MAX_HEADER))
         parse_header(head, path)
-    except UserError:
+    except (OSError, UserError):
         return False
     return True
 
