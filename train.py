@@ -239,7 +239,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         cfg = config_for_resume(argv, state, ckpt_path)
         cfg.train.device = setup_device_name(cfg.train.device, dist_info)
     elif cfg.train.init_from:
-        parent_path, parent = load_checkpoint_or_newest(cfg.train.init_from, log=log)
+        parent_path, parent = load_checkpoint_or_newest(cfg.train.init_from, log=log, flag="--init_from")
         if parent.get("tokenizer") is None:
             raise UserError(f"{parent_path} carries no tokenizer, so --init_from cannot reuse it; pass a "
                             "checkpoint written by train.py")

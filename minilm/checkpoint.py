@@ -8,31 +8,43 @@ a malicious payload is refused instead of executed.
 
 Writing: to a temporary file in the same folder, flushed and fsynced, then renamed over the
 target. A crash at any moment leaves either the old file or the new one, never half of one.
+Only regular files are ever replaced or opened: a FIFO, device, socket or folder at a
+checkpoint's path is a one-line error (opening a FIFO to read would wait forever).
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
-import tempfile
+import secrets
+import stat
 import warnings
+from typing import BinaryIO, Callable
 
 import torch
 
 from minilm.errors import UserError
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """write(f) into a new temporary file beside `path`, flushed and fsynced, then renamed over
+    `path`. Only a missing path or a regular file is replaced (through a symlink: the file it
+    points to, the link stays); anything else there is a one-line UserError, since the rename
+    would put a regular file in the place of a device, FIFO, socket or folder. A new file gets
+    the permissions the umask gives any new file; a replaced one keeps its own."""
+    target = replaceable_target(path)
+    folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + "-")
+    fd, tmp = create_temporary_beside(target)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replaceable_target(path)   # again: something else may have appeared there meanwhile
+        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
     try:  # make the rename itself durable
@@ -43,6 +55,63 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.close(dir_fd)
     except OSError:
         pass  # some filesystems (and Windows) cannot fsync a directory
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """`data` as the file at `path`, written atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def not_a_regular_file(path: str) -> str | None:
+    """What `path` is when it exists but is not a regular file (nor a symlink to one), for a
+    message: "a FIFO", "a folder", ...; None for a regular file and for nothing there. Asked
+    before opening a file: opening a FIFO to read waits for a writer, forever if none comes."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a dangling symlink" if os.path.islink(path) else None
+    except OSError as err:
+        return "a symlink loop" if err.errno == errno.ELOOP else f"unreadable ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def replaceable_target(path: str) -> str:
+    """The file that writing `path` replaces (`path`, or the file a symlink there points to);
+    a UserError when something other than a regular file is there."""
+    odd = not_a_regular_file(path)
+    if odd is not None:
+        raise UserError(f"will not write {path}: it is {odd}, not a regular file; choose another path, or move "
+                        "it away first")
+    return os.path.realpath(path)
+
+
+def create_temporary_beside(target: str) -> tuple[int, str]:
+    """(fd, path) of a new empty file .tmp-NAME-RANDOM in target's folder. Created with mode 0o666,
+    as open() creates files, so the umask (and a folder's default ACL) decides its permissions
+    (tempfile.mkstemp's 0600 would make every checkpoint private); when it is to replace an
+    existing file, it takes that file's permissions instead, as an editor saving it would."""
+    folder, name = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".tmp-{name}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) & 0o777)
+        except FileNotFoundError:
+            pass   # a new file: the umask's permissions stand
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {folder}")
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -68,6 +137,7 @@ def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; pass an existing checkpoint file to {flag}, or train one "
                         "first with train.py")
+    refuse_non_regular(path, flag)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
@@ -81,6 +151,13 @@ def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag
         raise UserError(f"{path} cannot be resumed from: it has no {', '.join(missing)} (not written by "
                         "train.py); start a new run instead")
     return state
+
+
+def refuse_non_regular(path: str, flag: str) -> None:
+    """A UserError for a checkpoint path that is not a regular file (a FIFO would hang torch.load)."""
+    odd = not_a_regular_file(path)
+    if odd is not None:
+        raise UserError(f"{path} is {odd}, not a checkpoint file; pass a checkpoint file to {flag}")
 
 
 def why_unloadable(err: Exception) -> str:
@@ -122,14 +199,21 @@ def list_checkpoints(out_dir: str) -> list[str]:
     """Checkpoint files of a run, oldest first."""
     if not os.path.isdir(out_dir):
         return []
-    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt-") and n.endswith(".pt")
-             and n[5:-3].isdigit()]
+    names = [n for n in os.listdir(out_dir) if is_checkpoint_name(n)]
     return [os.path.join(out_dir, n) for n in sorted(names)]
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether a file name is one of a run's numbered checkpoints (ckpt-STEP.pt)."""
+    return name.startswith("ckpt-") and name.endswith(".pt") and name[5:-3].isdigit()
 
 
 def checkpoint_loads(path: str) -> bool:
     """Whether a checkpoint file opens: its zip directory and pickle read with weights_only, the
-    tensors memory-mapped rather than read, so this costs little even for a large file."""
+    tensors memory-mapped rather than read, so this costs little even for a large file. Only a
+    regular file is opened (a FIFO named like a checkpoint would block the open forever)."""
+    if not_a_regular_file(path) is not None:
+        return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -145,26 +229,33 @@ def prune_checkpoints(out_dir: str, keep: int, loads=checkpoint_loads) -> list[s
     Only loadable files count: a damaged file with a high step (a crash mid-copy, a disk error)
     must not take a retention slot and push out the good checkpoints a resume would need. Damaged
     files are left alone (resume and sample.py skip them, and a later save at that step replaces
-    them). `loads` is a path -> bool test (the trainer passes a cached one)."""
+    them), and so is anything that is not a regular file. `loads` is a path -> bool test (the
+    trainer passes a cached one)."""
     paths = [p for p in list_checkpoints(out_dir) if loads(p)]
     doomed = paths[:-keep] if keep > 0 else []
     for path in doomed:
         os.unlink(path)
     # temporary files of saves that were killed midway (the run's only writer is calling us)
     for name in os.listdir(out_dir):
-        if name.startswith(".tmp-ckpt-"):
-            os.unlink(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        if name.startswith(".tmp-ckpt-") and stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
     return doomed
 
 
 def newest_loadable(out_dir: str, log=print, resumable: bool = True) -> tuple[str, dict]:
     """(path, state) of the newest checkpoint in out_dir that loads; UserError when none does.
-    A damaged newer file is skipped with a note. resumable: also require what resuming needs."""
+    A damaged newer file is skipped with a note, and so is one that is not a regular file (never
+    opened). resumable: also require what resuming needs."""
     paths = list_checkpoints(out_dir)
     if not paths:
         raise UserError(f"no checkpoint to resume in {out_dir}; train without --resume first" if resumable
                         else f"no checkpoint in {out_dir}; train one first with train.py, or pass a checkpoint file")
     for path in reversed(paths):
+        odd = not_a_regular_file(path)
+        if odd is not None:
+            log(f"note: skipping {path}: it is {odd}, not a checkpoint file")
+            continue
         try:
             return path, load_checkpoint(path, resumable=resumable)
         except UserError as err:
@@ -172,9 +263,10 @@ def newest_loadable(out_dir: str, log=print, resumable: bool = True) -> tuple[st
     raise UserError(f"none of the {len(paths)} checkpoints in {out_dir} loads; they are all damaged")
 
 
-def load_checkpoint_or_newest(path: str, log=print) -> tuple[str, dict]:
+def load_checkpoint_or_newest(path: str, log=print, flag: str = "--ckpt") -> tuple[str, dict]:
     """(path, state) for sample.py and --init_from: a file, or a run folder meaning its newest
-    checkpoint that loads (a damaged newest one is skipped with a note, as --resume does)."""
+    checkpoint that loads (a damaged newest one is skipped with a note, as --resume does).
+    flag: the caller's flag that names `path`, for the messages."""
     if os.path.isdir(path):
         return newest_loadable(path, log=log, resumable=False)
-    return path, load_checkpoint(path)
+    return path, load_checkpoint(path, flag=flag)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from minilm.objectives import build_objective, model_config_for, window_length_f
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer
 from tests.conftest import ROOT
+from tests.test_checkpoint_files import watched_fifo
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -182,7 +185,7 @@ def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
     good = tmp_path / "good.safetensors"
     save_safetensors({"w": torch.ones(4)}, str(good))
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-3])
-    with pytest.raises(UserError, match="tensor w .*needs 16 bytes"):
+    with pytest.raises(UserError, match="tensor 'w' .*needs bytes 0..16 but the file holds 13 data bytes"):
         load_safetensors(str(tmp_path / "cut.safetensors"))
     (tmp_path / "tail.safetensors").write_bytes(good.read_bytes() + b"xx")
     with pytest.raises(UserError, match="2 bytes past its last tensor"):
@@ -190,11 +193,158 @@ def test_bad_paths_and_bad_files_are_one_line_errors(runs, tmp_path):
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
     (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
-    with pytest.raises(UserError, match="tensors' data overlap or leave gaps"):
+    with pytest.raises(UserError, match="the data of tensors 'a' and 'b' overlap"):
         load_safetensors(str(tmp_path / "overlap.safetensors"))
     with pytest.raises(UserError, match="expected a checkpoint .* and an output file; usage"):
         main([runs["clm"]])
     assert not list(tmp_path.glob(".tmp-*"))   # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- what an export replaces
+def test_an_export_never_replaces_a_checkpoint_or_a_file_it_did_not_write(runs, tmp_path):
+    """Only a new path, an empty file or an earlier export is written: the checkpoint being
+    exported, the run's newest checkpoint, any file named like one, the run's metrics, a file
+    of the user's, and anything that is not a regular file are refused, and left as they were."""
+    run = str(tmp_path / "run")
+    shutil.copytree(runs["clm"], run)      # a copy: a regression must not destroy the shared run
+    ckpt = os.path.join(run, "ckpt-00000001.pt")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    disguised = tmp_path / "old.safetensors"
+    shutil.copy(ckpt, disguised)           # a checkpoint, whatever its name says
+    fifo = str(tmp_path / "fifo")
+    os.symlink(fifo, tmp_path / "link-to-fifo")
+    metrics = os.path.join(run, "metrics.jsonl")
+    assert os.path.exists(metrics)
+    refused = [((ckpt, ckpt), "is the checkpoint being exported; writing it would destroy it: choose another "
+                              "output path"),
+               ((run, ckpt), "ckpt-00000001.pt is named like a checkpoint, which --resume and sample.py would try"),
+               ((ckpt, os.path.join(run, "best.pt")), "best.pt is named like a checkpoint"),
+               ((run, os.path.join(run, "ckpt-00000009.pt")), "ckpt-00000009.pt is named like a checkpoint"),
+               ((run, metrics), "metrics.jsonl already exists and is not a safetensors file"),
+               ((run, str(notes)), "notes.txt already exists and is not a safetensors file .* or delete it "
+                                   "yourself first"),
+               ((ckpt, str(disguised)), "old.safetensors already exists and is not a safetensors file"),
+               ((run, fifo), "will not write .*fifo: it is a FIFO, not a regular file; choose another output"),
+               ((run, str(tmp_path / "link-to-fifo")), "link-to-fifo: it is a FIFO, not a regular file")]
+    before = {p: open(p, "rb").read() for p in (ckpt, metrics, notes, disguised)}
+    with watched_fifo(fifo) as opened:
+        for argv, message in refused:
+            with pytest.raises(UserError, match=message) as err:
+                main(list(argv))                # python -m minilm.safetensors_io SOURCE OUT
+            assert "\n" not in str(err.value)
+        assert not opened
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert stat.S_ISFIFO(os.stat(tmp_path / "link-to-fifo").st_mode)
+    assert sorted(os.listdir(run)) == sorted(os.listdir(runs["clm"]))    # nothing added, no temporary file
+    assert minilm.export(run, str(disguised.with_name("new.safetensors")))   # what works still works
+
+
+def test_an_earlier_export_or_an_empty_file_is_replaced(runs, tmp_path):
+    out, empty, real = tmp_path / "model.safetensors", tmp_path / "empty.safetensors", tmp_path / "a" / "b.st"
+    save_safetensors({"old": torch.ones(2)}, str(out))
+    empty.touch()
+    real.parent.mkdir()
+    save_safetensors({"old": torch.ones(2)}, str(real))
+    os.symlink(real, tmp_path / "link.safetensors")
+    for path in (out, empty, tmp_path / "link.safetensors"):
+        minilm.export(runs["clm"], str(path))
+        assert "old" not in load_safetensors(str(path))[0]
+    assert os.path.islink(tmp_path / "link.safetensors")   # the link stays, the file it names is replaced
+
+
+# ----------------------------------------------------------------------------- crafted headers
+def crafted(tmp_path, header, data: bytes = bytes(16), name: str = "crafted.safetensors") -> str:
+    """A file with this header (a dict, or raw JSON text) and these data bytes."""
+    text = header.encode() if isinstance(header, str) else json.dumps(header).encode()
+    path = tmp_path / name
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+def entry(shape=(4,), offsets=(0, 16), dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
+            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+
+
+def with_aliases(aliases: str, **more) -> dict:
+    return {"__metadata__": {"aliases": aliases}, "w": entry(), **more}
+
+
+NOT_INTEGERS = "not a list of non-negative integers"
+NOT_OFFSETS = "not two non-negative integers"
+CRAFTED = {
+    "negative shape": ({"w": entry(shape=(-4,))}, NOT_INTEGERS),
+    "float shape": ({"w": entry(shape=(4.0,))}, NOT_INTEGERS),
+    "string shape": ({"w": entry(shape=("4",))}, NOT_INTEGERS),
+    "bool shape": ({"w": entry(shape=(True, 4))}, NOT_INTEGERS),
+    "shape is a string": ({"w": entry(shape="4")}, NOT_INTEGERS),
+    "shape overflows": ({"w": entry(shape=(0, 2**40, 2**40), offsets=(0, 0)), "x": entry(offsets=(0, 16))},
+                        r"shape \[0, 1099511627776, 1099511627776\], too large for any tensor"),
+    "shape beyond int64": ({"w": entry(shape=(0, 2**64), offsets=(0, 0)), "x": entry()}, "too large for any tensor"),
+    "negative offset": ({"w": entry(offsets=(-4, 12))}, NOT_OFFSETS),
+    "float offset": ({"w": entry(offsets=(0, 16.0))}, NOT_OFFSETS),
+    "string offsets": ({"w": entry(offsets=("0", "16"))}, NOT_OFFSETS),
+    "bool offsets": ({"w": entry(shape=(16,), offsets=(False, 16), dtype="U8")}, NOT_OFFSETS),
+    "three offsets": ({"w": entry(offsets=(0, 8, 16))}, NOT_OFFSETS),
+    "end before begin": ({"w": entry(offsets=(16, 0))}, r"needs 16 bytes but its offsets 16..0 hold -16"),
+    "offsets past the file": ({"w": entry(shape=(100,), offsets=(0, 400))}, "needs bytes 0..400 but the file holds 16"),
+    "length is not shape x dtype": ({"w": entry(shape=(2,), offsets=(0, 16))}, "needs 8 bytes but its offsets 0..16"),
+    "overlapping offsets": ({"w": entry(shape=(2,), offsets=(0, 8)), "v": entry(shape=(3,), offsets=(4, 16))},
+                            "the data of tensors 'w' and 'v' overlap"),
+    "a gap": ({"w": entry(shape=(2,), offsets=(8, 16))}, "8 bytes before tensor 'w' belong to no tensor"),
+    "unknown dtype": ({"w": entry(dtype="F33")}, "has dtype 'F33', not one of BOOL"),
+    "dtype is a list": ({"w": entry(dtype=["F32"])}, "has dtype"),
+    "entry is a list": ({"w": [4, 0, 16]}, "has a malformed header entry"),
+    "entry lacks offsets": ({"w": {"dtype": "F32", "shape": [4]}}, "needs dtype, shape and data_offsets"),
+    "metadata value not a string": ({"__metadata__": {"format": 1}, "w": entry()}, "metadata's 'format' is a int"),
+    "aliases not a string": ({"__metadata__": {"aliases": {"v": "w"}}, "w": entry()}, "'aliases' is a dict"),
+    "aliases not JSON": (with_aliases("{v: w"), "aliases are not JSON"),
+    "aliases not an object": (with_aliases('["v", "w"]'), "aliases are not a JSON object of names"),
+    "alias target not a string": (with_aliases('{"v": ["w"]}'), "aliases are not a JSON object of names"),
+    "alias to a missing tensor": (with_aliases('{"v": "u"}'), "point 'v' to 'u', which the file does not hold"),
+    "alias to an alias": (with_aliases('{"v": "w", "u": "v"}'), "point 'u' to 'v', which the file does not hold"),
+    "alias replaces a stored tensor": (with_aliases('{"v": "w"}', v=entry(shape=(0,), offsets=(16, 16))),
+                                       "name 'v', which is also a stored tensor"),
+    "deeply nested header": ("[" * 100_000 + "]" * 100_000, "its header is not JSON"),
+    "5000-digit number": ('{"w": {"dtype": "F32", "shape": [1' + "0" * 5000 + '], "data_offsets": [0, 16]}}',
+                          "its header is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_a_crafted_header_is_a_one_line_error(tmp_path, case):
+    header, message = CRAFTED[case]
+    path = crafted(tmp_path, header)
+    with pytest.raises(UserError, match=message) as err:
+        load_safetensors(path)
+    assert str(err.value).startswith(path) and "\n" not in str(err.value)
+
+
+def test_tensors_listed_out_of_offset_order_load(tmp_path):
+    """The header is a JSON object: its order says nothing; the offsets alone place the data."""
+    data = torch.tensor([1.0, 2.0]).numpy().tobytes() + torch.tensor([3.0]).numpy().tobytes()
+    path = crafted(tmp_path, {"late": entry(shape=(1,), offsets=(8, 12)), "early": entry(shape=(2,), offsets=(0, 8))},
+                   data)
+    loaded, _ = load_safetensors(path)
+    assert loaded["early"].tolist() == [1.0, 2.0] and loaded["late"].tolist() == [3.0]
+
+
+# ----------------------------------------------------------------------------- which tensors are aliases
+def test_only_the_same_view_of_one_storage_is_stored_as_an_alias(tmp_path):
+    """Equal-shape views at other offsets of one storage, a conjugated or negated view (the same
+    memory, other values) and a reshaped view are distinct tensors; the same view is one."""
+    t = torch.arange(8.)
+    c = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    tensors = {"a": t[:4], "b": t[4:], "same_as_a": t[:4], "reshaped": t[:4].view(2, 2), "strided": t[::2],
+               "c": c, "c_conj": c.conj(), "imag": c.imag, "neg_imag": c.conj().imag}
+    path = str(tmp_path / "views.safetensors")
+    save_safetensors(tensors, path)
+    loaded, metadata = load_safetensors(path)
+    assert json.loads(metadata["aliases"]) == {"same_as_a": "a"}
+    for name, expected in tensors.items():
+        assert torch.equal(loaded[name], expected.resolve_conj().resolve_neg()), name
+    assert loaded["same_as_a"] is loaded["a"] and loaded["b"].tolist() == [4.0, 5.0, 6.0, 7.0]
 
 
 def test_the_command_line_and_a_light_import(runs, tmp_path):
