@@ -142,3 +142,65 @@ def test_a_class_always_keeps_a_training_row(tmp_path, tokenizer):
     val = RowTable(str(tmp_path / "data"), "val")
     assert np.bincount(train.labels, minlength=2).tolist() == [2, 1]
     assert np.bincount(val.labels, minlength=2).tolist() == [3, 0]
+
+
+def test_stratified_split_statistics_every_validation_label_is_trained():
+    """Over many label distributions (a long tail of one-row classes, a few large ones, all
+    classes tiny) and fractions: every validation label keeps a training row, each class gives
+    exactly min(round(f * n), n - 1) rows when any class gives one, else one row of each of the
+    largest classes; only data of one-row classes alone gets no validation row."""
+    from minilm.data.rows import _stratified_val
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n_classes = int(rng.integers(1, 60))
+        sizes = np.minimum(rng.zipf(1.6 + rng.random(), size=n_classes), 500)
+        if trial % 5 == 0:
+            sizes = rng.integers(1, 4, size=n_classes)      # every class tiny
+        labels = rng.permutation(np.repeat(np.arange(n_classes), sizes))
+        f = float(rng.choice([0.01, 0.05, 0.1, 0.3, 0.6, 0.9]))
+        is_val = _stratified_val(labels, f)
+        val_count = np.bincount(labels[is_val], minlength=n_classes)
+        train_count = np.bincount(labels[~is_val], minlength=n_classes)
+        assert (train_count >= 1).all()                              # every label is trained
+        shares = np.minimum(np.round(f * sizes).astype(int), sizes - 1)
+        if shares.sum() > 0:
+            assert val_count.tolist() == shares.tolist()
+        elif (sizes >= 2).any():
+            assert set(val_count.tolist()) <= {0, 1}
+            assert val_count.sum() == min(max(1, round(f * len(labels))), int((sizes >= 2).sum()))
+            picked = sizes[val_count == 1]
+            assert picked.min() >= max(sizes[(val_count == 0) & (sizes >= 2)], default=2)   # the largest ones
+        else:
+            assert not is_val.any()
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([str(i) for i in range(3000)], r"has a single row of each of its 3000 labels.*--val_data FILE$"),
+    (["a", "b"], r"has a single row of each of its 2 labels"),
+    (["a"] * 6, r"has rows of one label only \('a' in --label_field 'label'\); a classifier needs two labels"),
+])
+def test_a_split_that_cannot_train_every_validation_label_is_one_line(tmp_path, tokenizer, labels, message):
+    rows = [(text_of(i), label) for i, label in enumerate(labels)]
+    with pytest.raises(UserError, match=message) as err:
+        prepare(tmp_path, write_tsv(tmp_path / "t.tsv", rows), tokenizer, val_fraction=0.05)
+    assert "\n" not in str(err.value)
+
+
+def test_one_training_label_with_val_data_is_one_line(tmp_path, tokenizer):
+    train = write_tsv(tmp_path / "train.tsv", [(text_of(i), "a") for i in range(6)])
+    val = write_tsv(tmp_path / "val.tsv", [(text_of(1), "a")])
+    with pytest.raises(UserError, match=r"has rows of one label only \('a'"):
+        prepare(tmp_path, train, tokenizer, val_source=val)
+
+
+def test_label_order_is_a_total_order_with_nan_and_inf_spellings():
+    """nan is no number (every comparison with it is False, so a numeric sort of it depended on the
+    order the names came in, hence on PYTHONHASHSEED); inf and -inf are. The rule, for every order."""
+    import itertools
+    for names in itertools.permutations(["10", "nan", "2", "inf", "-inf"]):
+        assert label_order(names) == ["-inf", "10", "2", "inf", "nan"]        # not all numbers: strings
+    for names in itertools.permutations(["10", "inf", "2", "-inf", "1.0", "1"]):
+        assert label_order(names) == ["-inf", "1", "1.0", "2", "10", "inf"]   # all numbers: by value
+    for names in itertools.permutations(["NaN", "nan", "3"]):
+        assert label_order(names) == ["3", "NaN", "nan"]
+
