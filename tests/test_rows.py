@@ -204,3 +204,83 @@ def test_label_order_is_a_total_order_with_nan_and_inf_spellings():
     for names in itertools.permutations(["NaN", "nan", "3"]):
         assert label_order(names) == ["3", "NaN", "nan"]
 
+
+
+@pytest.mark.parametrize("suffix, sep", [(".tsv", "\t"), (".csv", ",")])
+def test_a_header_naming_a_read_column_twice_is_one_line(tmp_path, tokenizer, suffix, sep):
+    path = tmp_path / f"t{suffix}"
+    path.write_text(sep.join(["text", "label", "text"]) + "\n"
+                    + "".join(sep.join([text_of(i), "ab"[i % 2], "other"]) + "\n" for i in range(8)))
+    with pytest.raises(UserError, match=rf"t{suffix} has 2 columns named 'text' \(columns 1 and 3 of its header\), "
+                                        r"which --text_field names; rename all but one") as err:
+        prepare(tmp_path, str(path), tokenizer)
+    assert "\n" not in str(err.value)
+
+
+def pair_table(path, fields, rows):
+    """A table of `fields` as .tsv (a header) or .jsonl (one object per row)."""
+    import json
+    if str(path).endswith(".jsonl"):
+        path.write_text("".join(json.dumps(dict(zip(fields, row))) + "\n" for row in rows))
+    else:
+        write_tsv(path, rows, header=fields)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+@pytest.mark.parametrize("kind, flags, wrong", [
+    ("labelled", ["--text_field", "txt"], "--text_field"),
+    ("labelled", ["--label_field", "lable"], "--label_field"),
+    ("pairs", ["--pair_field", "positiv"], "--pair_field"),
+    ("pairs", ["--pair_field", "positive", "--negative_field", "negativ"], "--negative_field"),
+    ("parallel", ["--text_field", "en", "--pair_field", "frr"], "--pair_field"),
+])
+def test_every_column_a_flag_names_must_exist(tmp_path, tokenizer, suffix, kind, flags, wrong):
+    """A misspelt column is a one-line error naming its flag, also an optional one (a hard negative,
+    which a row may leave empty): a typo must not train without it."""
+    from minilm.config import parse_overrides
+    from minilm.data import SOURCES
+    fields = {"labelled": ("text", "label"), "pairs": ("text", "positive", "negative"),
+              "parallel": ("en", "fr")}[kind]
+    rows = [tuple(text_of(i + k) if name != "label" else "ab"[i % 2] for k, name in enumerate(fields))
+            for i in range(8)]
+    source = pair_table(tmp_path / f"t{suffix}", fields, rows)
+    columns, optional, label = SOURCES[kind].row_columns(parse_overrides(flags).data)
+    with pytest.raises(UserError, match=rf"{wrong} NAME to read another") as err:
+        prepare_rows(source, tokenizer, str(tmp_path / "data"), columns=columns, optional=optional,
+                     label_column=label, num_workers=1, log=lambda _: None)
+    assert "\n" not in str(err.value)
+
+
+def test_a_hard_negative_column_some_rows_leave_out_is_read(tmp_path, tokenizer):
+    """The other side of the rule above: a JSON row may leave an optional field out, or null."""
+    import json
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": text_of(i), "positive": text_of(i + 1),
+                                        **({"negative": text_of(i + 2)} if i % 3 == 0 else
+                                           {"negative": None} if i % 3 == 1 else {})}) + "\n" for i in range(9)))
+    meta = prepare_rows(str(path), tokenizer, str(tmp_path / "data"), optional={"negative"},
+                        columns=[("text", "--text_field"), ("positive", "--pair_field"), ("negative", "--negative_field")],
+                        num_workers=1, log=lambda _: None)
+    assert meta["train_rows"] + meta["val_rows"] == 9 and meta["skipped_rows"] == 0
+
+
+def test_short_tsv_rows_and_json_nulls_are_skipped_and_counted(tmp_path, tokenizer):
+    """A .tsv row without its label cell, and JSON rows whose label or text is null, are skipped and
+    counted like an empty cell, not a crash and not an error."""
+    import json
+    rows = [(text_of(i), "ab"[i % 2]) for i in range(10)]
+    tsv = tmp_path / "t.tsv"
+    write_tsv(tsv, rows)
+    with open(tsv, "a", encoding="utf-8") as f:
+        f.write("a text and no label cell\n" + "\n".join("\t".join(row) for row in rows[:2]) + "\n")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows)
+                     + json.dumps({"text": "a text", "label": None}) + "\n"
+                     + json.dumps({"text": None, "label": "a"}) + "\n")
+    for source, kept in ((tsv, 12), (jsonl, 10)):
+        logs: list[str] = []
+        meta = prepare(tmp_path / source.suffix[1:], str(source), tokenizer, logs=logs, val_fraction=0.2)
+        skipped = 13 - kept if source == tsv else 2
+        assert meta["skipped_rows"] == skipped and meta["train_rows"] + meta["val_rows"] == kept
+        assert any(f"{skipped} row{'s' if skipped > 1 else ''} with an empty cell skipped" in line for line in logs)
