@@ -284,3 +284,13 @@ def test_short_tsv_rows_and_json_nulls_are_skipped_and_counted(tmp_path, tokeniz
         skipped = 13 - kept if source == tsv else 2
         assert meta["skipped_rows"] == skipped and meta["train_rows"] + meta["val_rows"] == kept
         assert any(f"{skipped} row{'s' if skipped > 1 else ''} with an empty cell skipped" in line for line in logs)
+
+
+def test_a_json_row_naming_a_read_field_twice_is_one_line(tmp_path, tokenizer):
+    """json keeps the last of two equal keys; which one the user meant is unknowable. A field that
+    is not read may repeat."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(f'{{"text": "{text_of(i)}", "label": "{"ab"[i % 2]}", "x": 1, "x": 2}}\n'
+                            for i in range(6)) + '{"text": "one", "label": "a", "text": "two"}\n')
+    with pytest.raises(UserError, match=r"t.jsonl:7: this row has the field 'text', which --text_field names, twice"):
+        prepare(tmp_path, str(path), tokenizer)

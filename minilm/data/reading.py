@@ -310,9 +310,9 @@ def _text_of_row(row, field: str, where: str, stats: ReadStats) -> str:
     return text
 
 
-def _parse_json(line: str, where: str, hint: str = ""):
+def _parse_json(line: str, where: str, hint: str = "", object_pairs_hook=None):
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError:
         raise UserError(f"{where}: this line is not valid JSON{hint}") from None
     except RecursionError:
@@ -505,28 +505,45 @@ def _cell(value, column: str, flag: str, where: str, stats: ReadStats) -> str:
                     f"{flag} must name a text or label column")
 
 
+class _JsonObject(dict):
+    """A JSON object of a row file; `twice`: a field to read that it names twice, or None."""
+    twice: str | None = None
+
+
 def _rows_of_json(f, path: str, columns: list[tuple[str, str]], optional: set[str], stats: ReadStats):
     """Tuples of the named fields' cells, row by row: None for a null, and for an optional field a
     row leaves out. A required field a row leaves out is an error; so is an optional one that no
-    row of the file has (its flag named it: a typo, not a file without such cells)."""
+    row of the file has (its flag named it: a typo, not a file without such cells), and a row that
+    names a field to read twice."""
     hint = "; a .json file holds JSON Lines (one object per line) or one array of objects"
     unseen = {column: flag for column, flag in columns if column in optional}
+    flags = dict(columns)
     read = 0
+
+    def object_of(pairs):   # json keeps the last of two equal keys: which one is meant is unknowable
+        row = _JsonObject(pairs)
+        if len(row) < len(pairs):
+            names = [name for name, _ in pairs]
+            row.twice = next((name for name in names if name in flags and names.count(name) > 1), None)
+        return row
     for lineno, raw in enumerate(f, 1):
         line = _decode(raw, stats)
         line = (line.removeprefix(BOM) if lineno == 1 else line).strip()
         if not line:
             continue
         if line.startswith("["):
-            rows = _parse_json(line + _decode(f.read(), stats), f"{display(path)}:{lineno}", hint)
+            rows = _parse_json(line + _decode(f.read(), stats), f"{display(path)}:{lineno}", hint, object_of)
             rows = rows if isinstance(rows, list) else [rows]
             places = [f"{display(path)}: element {i} of the array" for i in range(len(rows))]
         else:
-            rows = [_parse_json(line, f"{display(path)}:{lineno}", hint)]
+            rows = [_parse_json(line, f"{display(path)}:{lineno}", hint, object_of)]
             places = [f"{display(path)}:{lineno}"]
         for row, place in zip(rows, places):
             if not isinstance(row, dict):
                 raise UserError(f"{place}: a row must be a JSON object with named fields")
+            if row.twice is not None:
+                raise UserError(f"{place}: this row has the field {row.twice!r}, which {flags[row.twice]} names, "
+                                "twice; keep one of them")
             cells = []
             for column, flag in columns:
                 if column not in row and column not in optional:
