@@ -80,18 +80,19 @@ def _stratified_val(labels: np.ndarray, val_fraction: float) -> np.ndarray:
     a share), the last row of each of the largest classes of two rows or more, up to
     max(1, round(val_fraction * rows)) rows; none when every class has a single row."""
     is_val = np.zeros(len(labels), dtype=bool)
-    classes, sizes = np.unique(labels, return_counts=True)
-    for label, n in zip(classes, sizes):
-        members = np.flatnonzero(labels == label)
+    _, sizes = np.unique(labels, return_counts=True)
+    # each class's rows in file order, one argsort for all classes (not one scan per class)
+    members_of = np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1])
+    for members in members_of:
+        n = len(members)
         k = min(round(val_fraction * n), n - 1)
         if k > 0:
             i = np.arange(n)
             is_val[members[(i + 1) * k // n > i * k // n]] = True
     if not is_val.any():
         largest = np.argsort(-sizes, kind="stable")
-        largest = largest[sizes[largest] >= 2][:max(1, round(val_fraction * len(labels)))]
-        for label in classes[largest]:
-            is_val[np.flatnonzero(labels == label)[-1]] = True
+        for c in largest[sizes[largest] >= 2][:max(1, round(val_fraction * len(labels)))]:
+            is_val[members_of[c][-1]] = True
     return is_val
 
 
