@@ -12,6 +12,8 @@ Decisions that matter later:
     which sentencepiece never matches in its input. decode drops every special id (a control
     piece decodes to ""); decode(ids, specials=True) writes the reserved ones by name, e.g.
     "<mask>" or "<extra_id_0>", for a person reading fill-mask or span-corruption output.
+    A model is loaded (--tokenizer, a checkpoint's) only when it has this layout and byte fallback
+    (`_why_not_minilm`): ordinary pieces at reserved ids would be taken for the objectives' markers.
   * Tokenizers trained before that change (in existing out_dirs and checkpoints) made the reserved
     pieces "user-defined" symbols, which sentencepiece does match in text: there "<mask>" typed
     in a document encoded to id 4. Such a tokenizer keeps working with its ids unchanged; it is
@@ -91,9 +93,12 @@ class Tokenizer:
         except Exception:
             raise UserError("the tokenizer data is not a sentencepiece model; retrain it by running "
                             "train.py without --resume in a new --out_dir") from None
-        if self.sp.piece_to_id("<mask>") != MASK_ID or self.sp.pad_id() != PAD_ID:
-            raise UserError("this sentencepiece model was not trained by minilm (special ids differ); "
-                            "let train.py train its own tokenizer")
+        missing = _why_not_minilm(self.sp)
+        if missing is not None:
+            raise UserError(f"this sentencepiece model was not trained by minilm: {missing}; minilm needs <pad> "
+                            f"<unk> <bos> <eos> at ids 0-3, its reserved pieces <mask> .. <lang_{NUM_LANG_TAGS - 1}> "
+                            f"at ids {MASK_ID}-{NUM_SPECIAL - 1} and byte fallback: let train.py train its own "
+                            "tokenizer (leave out --tokenizer)")
         self.vocab_size = self.sp.get_piece_size()
         # reserved pieces that sentencepiece would match in text: all of them in a tokenizer
         # trained before they were control symbols, none in a new one (module docstring)
@@ -285,6 +290,28 @@ class Tokenizer:
                 return cls(f.read())
         except OSError as err:
             raise UserError(f"cannot read tokenizer {path}: {err.strerror}") from None
+
+
+def _why_not_minilm(sp) -> str | None:
+    """What a sentencepiece model lacks of the layout every minilm tokenizer has (module docstring),
+    or None: a model that merely has <pad> at 0 and <mask> at 4 would turn ordinary words into
+    sentinel or language ids, which the objectives take for their own markers."""
+    for name, got, want in (("<pad>", sp.pad_id(), PAD_ID), ("<unk>", sp.unk_id(), UNK_ID),
+                            ("<bos>", sp.bos_id(), BOS_ID), ("<eos>", sp.eos_id(), EOS_ID)):
+        if got != want:
+            return f"its {name} is id {got}, not {want}" if got >= 0 else f"it has no {name}"
+    size = sp.get_piece_size()
+    for i, piece in enumerate(RESERVED_PIECES, MASK_ID):
+        # control pieces; user-defined in tokenizers minilm trained before (module docstring)
+        if i >= size:
+            return f"it has {size} pieces, so no {piece} at id {i}"
+        if sp.id_to_piece(i) != piece:
+            return f"id {i} is the piece {sp.id_to_piece(i)!r}, not {piece}"
+    for value in range(256):
+        byte = f"<0x{value:02X}>"
+        if not sp.is_byte(sp.piece_to_id(byte)):
+            return f"it has no byte fallback (no byte piece {byte})"
+    return None
 
 
 def word_starts_from_tables(ids: torch.Tensor, starts_word_table: torch.Tensor,

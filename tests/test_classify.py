@@ -270,3 +270,64 @@ def test_bad_classify_input_is_one_line(case, tmp_path, labelled):
         (tmp_path / "t.tsv").write_text("text\tlabel\n" + "".join(row.split("\t")[0] + "\tonly\n" for row in rows))
         result, fragments = run_in_process("train.py", *flags, "--data", tmp_path / "t.tsv"), ["two labels or more"]
     assert_user_error(result, *fragments)
+
+
+def test_classify_seq_len_too_small_is_refused_before_any_data_work(tmp_path, labelled):
+    out = tmp_path / "out"
+    flags = [flag for flag in TINY]
+    flags[flags.index("--seq_len") + 1] = "2"
+    result = run_in_process("train.py", "--objective", "classify", "--data", labelled[0], "--out_dir", out, *flags)
+    assert_user_error(result, "[CLS] text [SEP]", "--seq_len 3 or more")
+    assert "tokenizer" not in result.stdout and not (out / "data").exists() and not (out / "tokenizer.model").exists()
+
+
+def test_a_large_confusion_matrix_is_summarized():
+    """Past 20 labels: the labels with the most errors, with recall and precision, and the most
+    frequent confusions, in a few dozen lines whatever the number of labels."""
+    from minilm.objectives.classify import format_confusion
+    K = 500
+    names = [f"l{i}" for i in range(K)]
+    confusion = torch.diag(torch.full((K,), 4))
+    confusion[7, 7], confusion[7, 9] = 1, 3            # l7: recall 1/4, its rows go to l9
+    confusion[9, 9], confusion[2, 9] = 4, 2            # l9: predicted 4 + 3 + 2 = 9 times, precision 4/9
+    confusion[300, 301] = 3                            # l300 -> l301, as often as l7 -> l9
+    text = format_confusion(confusion, names)
+    lines = text.splitlines()
+    assert lines[0].startswith("500 labels: the 500 x 500 matrix is too large to print") and len(lines) < 30
+    rows = {line.split("|")[0].strip(): line.split("|")[1:] for line in lines[2:] if "|" in line}
+    assert list(rows)[:2] == ["l9", "l7"]             # the most errors first: l9 5, l7 3 (then l300/l301 3)
+    assert rows["l7"][0].split() == ["4", "0.250"] and rows["l9"][1].split() == ["9", "0.444"]
+    at = lines.index("most frequent confusions (true -> predicted: rows):")
+    assert lines[at + 1:] == ["  l7 -> l9: 3", "  l300 -> l301: 3", "  l2 -> l9: 2"]
+    small = format_confusion(confusion[:20, :20], names[:20]).splitlines()
+    assert len(small) == 21 and small[8].split("|")[1].split()[7:10] == ["1", "0", "3"]   # the whole matrix
+
+
+def test_best_pt_holds_the_evaluation_with_the_best_macro_f1_not_the_best_accuracy(tmp_path, labelled, monkeypatch):
+    """Three evaluations, made by hand, where accuracy and macro-F1 disagree: step 2 has the best
+    macro-F1 (0.730, accuracy 0.8), step 3 the best accuracy (0.9, macro-F1 0.647: one label never
+    predicted right). best.pt must be step 2's. The run is real; only the evaluation's sums are given."""
+    from minilm.checkpoint import load_checkpoint
+    from minilm.objectives import finalize
+    from minilm.trainer import Trainer
+    confusions = {1: [[6, 1, 1], [1, 0, 0], [0, 1, 0]],     # acc 0.6, macro-F1 0.267
+                  2: [[6, 1, 1], [0, 1, 0], [0, 0, 1]],     # acc 0.8, macro-F1 0.730
+                  3: [[8, 0, 0], [0, 1, 0], [1, 0, 0]]}     # acc 0.9, macro-F1 0.647
+
+    def evaluate(self):
+        confusion = torch.tensor(confusions[self.step], dtype=torch.float64)
+        self.last_eval_sums = {"nll": torch.tensor(5.0), "targets": confusion.sum(),
+                               "correct": confusion.diagonal().sum(), "confusion": confusion}
+        return finalize({k: float(v) if v.numel() == 1 else v for k, v in self.last_eval_sums.items()})
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    out = tmp_path / "out"
+    result = run_in_process("train.py", "--objective", "classify", "--data", labelled[0], "--val_data", labelled[1],
+                            "--out_dir", out, "--max_steps", 3, "--eval_every", 1, *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if "val_acc" in line]
+    assert [(r["step"], r["val_acc"]) for r in evals] == [(1, 0.6), (2, 0.8), (3, 0.9)]
+    assert max(evals, key=lambda r: r["val_acc"])["step"] == 3 and max(evals, key=lambda r: r["val_macro_f1"])["step"] == 2
+    best = load_checkpoint(str(out / "best.pt"))
+    assert best["step"] == 2 and best["best_value"] == pytest.approx(evals[1]["val_macro_f1"]) == pytest.approx((6 / 7 + 2 / 3 + 2 / 3) / 3)
+    last = load_checkpoint(str(out / "ckpt-00000003.pt"))
+    assert not torch.equal(best["model"]["label_head.weight"], last["model"]["label_head.weight"])

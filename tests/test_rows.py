@@ -142,3 +142,155 @@ def test_a_class_always_keeps_a_training_row(tmp_path, tokenizer):
     val = RowTable(str(tmp_path / "data"), "val")
     assert np.bincount(train.labels, minlength=2).tolist() == [2, 1]
     assert np.bincount(val.labels, minlength=2).tolist() == [3, 0]
+
+
+def test_stratified_split_statistics_every_validation_label_is_trained():
+    """Over many label distributions (a long tail of one-row classes, a few large ones, all
+    classes tiny) and fractions: every validation label keeps a training row, each class gives
+    exactly min(round(f * n), n - 1) rows when any class gives one, else one row of each of the
+    largest classes; only data of one-row classes alone gets no validation row."""
+    from minilm.data.rows import _stratified_val
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n_classes = int(rng.integers(1, 60))
+        sizes = np.minimum(rng.zipf(1.6 + rng.random(), size=n_classes), 500)
+        if trial % 5 == 0:
+            sizes = rng.integers(1, 4, size=n_classes)      # every class tiny
+        labels = rng.permutation(np.repeat(np.arange(n_classes), sizes))
+        f = float(rng.choice([0.01, 0.05, 0.1, 0.3, 0.6, 0.9]))
+        is_val = _stratified_val(labels, f)
+        val_count = np.bincount(labels[is_val], minlength=n_classes)
+        train_count = np.bincount(labels[~is_val], minlength=n_classes)
+        assert (train_count >= 1).all()                              # every label is trained
+        shares = np.minimum(np.round(f * sizes).astype(int), sizes - 1)
+        if shares.sum() > 0:
+            assert val_count.tolist() == shares.tolist()
+        elif (sizes >= 2).any():
+            assert set(val_count.tolist()) <= {0, 1}
+            assert val_count.sum() == min(max(1, round(f * len(labels))), int((sizes >= 2).sum()))
+            picked = sizes[val_count == 1]
+            assert picked.min() >= max(sizes[(val_count == 0) & (sizes >= 2)], default=2)   # the largest ones
+        else:
+            assert not is_val.any()
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([str(i) for i in range(3000)], r"has a single row of each of its 3000 labels.*--val_data FILE$"),
+    (["a", "b"], r"has a single row of each of its 2 labels"),
+    (["a"] * 6, r"has rows of one label only \('a' in --label_field 'label'\); a classifier needs two labels"),
+])
+def test_a_split_that_cannot_train_every_validation_label_is_one_line(tmp_path, tokenizer, labels, message):
+    rows = [(text_of(i), label) for i, label in enumerate(labels)]
+    with pytest.raises(UserError, match=message) as err:
+        prepare(tmp_path, write_tsv(tmp_path / "t.tsv", rows), tokenizer, val_fraction=0.05)
+    assert "\n" not in str(err.value)
+
+
+def test_one_training_label_with_val_data_is_one_line(tmp_path, tokenizer):
+    train = write_tsv(tmp_path / "train.tsv", [(text_of(i), "a") for i in range(6)])
+    val = write_tsv(tmp_path / "val.tsv", [(text_of(1), "a")])
+    with pytest.raises(UserError, match=r"has rows of one label only \('a'"):
+        prepare(tmp_path, train, tokenizer, val_source=val)
+
+
+def test_label_order_is_a_total_order_with_nan_and_inf_spellings():
+    """nan is no number (every comparison with it is False, so a numeric sort of it depended on the
+    order the names came in, hence on PYTHONHASHSEED); inf and -inf are. The rule, for every order."""
+    import itertools
+    for names in itertools.permutations(["10", "nan", "2", "inf", "-inf"]):
+        assert label_order(names) == ["-inf", "10", "2", "inf", "nan"]        # not all numbers: strings
+    for names in itertools.permutations(["10", "inf", "2", "-inf", "1.0", "1"]):
+        assert label_order(names) == ["-inf", "1", "1.0", "2", "10", "inf"]   # all numbers: by value
+    for names in itertools.permutations(["NaN", "nan", "3"]):
+        assert label_order(names) == ["3", "NaN", "nan"]
+
+
+
+@pytest.mark.parametrize("suffix, sep", [(".tsv", "\t"), (".csv", ",")])
+def test_a_header_naming_a_read_column_twice_is_one_line(tmp_path, tokenizer, suffix, sep):
+    path = tmp_path / f"t{suffix}"
+    path.write_text(sep.join(["text", "label", "text"]) + "\n"
+                    + "".join(sep.join([text_of(i), "ab"[i % 2], "other"]) + "\n" for i in range(8)))
+    with pytest.raises(UserError, match=rf"t{suffix} has 2 columns named 'text' \(columns 1 and 3 of its header\), "
+                                        r"which --text_field names; rename all but one") as err:
+        prepare(tmp_path, str(path), tokenizer)
+    assert "\n" not in str(err.value)
+
+
+def pair_table(path, fields, rows):
+    """A table of `fields` as .tsv (a header) or .jsonl (one object per row)."""
+    import json
+    if str(path).endswith(".jsonl"):
+        path.write_text("".join(json.dumps(dict(zip(fields, row))) + "\n" for row in rows))
+    else:
+        write_tsv(path, rows, header=fields)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+@pytest.mark.parametrize("kind, flags, wrong", [
+    ("labelled", ["--text_field", "txt"], "--text_field"),
+    ("labelled", ["--label_field", "lable"], "--label_field"),
+    ("pairs", ["--pair_field", "positiv"], "--pair_field"),
+    ("pairs", ["--pair_field", "positive", "--negative_field", "negativ"], "--negative_field"),
+    ("parallel", ["--text_field", "en", "--pair_field", "frr"], "--pair_field"),
+])
+def test_every_column_a_flag_names_must_exist(tmp_path, tokenizer, suffix, kind, flags, wrong):
+    """A misspelt column is a one-line error naming its flag, also an optional one (a hard negative,
+    which a row may leave empty): a typo must not train without it."""
+    from minilm.config import parse_overrides
+    from minilm.data import SOURCES
+    fields = {"labelled": ("text", "label"), "pairs": ("text", "positive", "negative"),
+              "parallel": ("en", "fr")}[kind]
+    rows = [tuple(text_of(i + k) if name != "label" else "ab"[i % 2] for k, name in enumerate(fields))
+            for i in range(8)]
+    source = pair_table(tmp_path / f"t{suffix}", fields, rows)
+    columns, optional, label = SOURCES[kind].row_columns(parse_overrides(flags).data)
+    with pytest.raises(UserError, match=rf"{wrong} NAME to read another") as err:
+        prepare_rows(source, tokenizer, str(tmp_path / "data"), columns=columns, optional=optional,
+                     label_column=label, num_workers=1, log=lambda _: None)
+    assert "\n" not in str(err.value)
+
+
+def test_a_hard_negative_column_some_rows_leave_out_is_read(tmp_path, tokenizer):
+    """The other side of the rule above: a JSON row may leave an optional field out, or null."""
+    import json
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": text_of(i), "positive": text_of(i + 1),
+                                        **({"negative": text_of(i + 2)} if i % 3 == 0 else
+                                           {"negative": None} if i % 3 == 1 else {})}) + "\n" for i in range(9)))
+    meta = prepare_rows(str(path), tokenizer, str(tmp_path / "data"), optional={"negative"},
+                        columns=[("text", "--text_field"), ("positive", "--pair_field"), ("negative", "--negative_field")],
+                        num_workers=1, log=lambda _: None)
+    assert meta["train_rows"] + meta["val_rows"] == 9 and meta["skipped_rows"] == 0
+
+
+def test_short_tsv_rows_and_json_nulls_are_skipped_and_counted(tmp_path, tokenizer):
+    """A .tsv row without its label cell, and JSON rows whose label or text is null, are skipped and
+    counted like an empty cell, not a crash and not an error."""
+    import json
+    rows = [(text_of(i), "ab"[i % 2]) for i in range(10)]
+    tsv = tmp_path / "t.tsv"
+    write_tsv(tsv, rows)
+    with open(tsv, "a", encoding="utf-8") as f:
+        f.write("a text and no label cell\n" + "\n".join("\t".join(row) for row in rows[:2]) + "\n")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows)
+                     + json.dumps({"text": "a text", "label": None}) + "\n"
+                     + json.dumps({"text": None, "label": "a"}) + "\n")
+    for source, kept in ((tsv, 12), (jsonl, 10)):
+        logs: list[str] = []
+        meta = prepare(tmp_path / source.suffix[1:], str(source), tokenizer, logs=logs, val_fraction=0.2)
+        skipped = 13 - kept if source == tsv else 2
+        assert meta["skipped_rows"] == skipped and meta["train_rows"] + meta["val_rows"] == kept
+        assert any(f"{skipped} row{'s' if skipped > 1 else ''} with an empty cell skipped" in line for line in logs)
+
+
+def test_a_json_row_naming_a_read_field_twice_is_one_line(tmp_path, tokenizer):
+    """json keeps the last of two equal keys; which one the user meant is unknowable. A field that
+    is not read may repeat."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(f'{{"text": "{text_of(i)}", "label": "{"ab"[i % 2]}", "x": 1, "x": 2}}\n'
+                            for i in range(6)) + '{"text": "one", "label": "a", "text": "two"}\n')
+    with pytest.raises(UserError, match=r"t.jsonl:7: this row has the field 'text', which --text_field names, twice"):
+        prepare(tmp_path, str(path), tokenizer)

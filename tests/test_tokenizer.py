@@ -274,3 +274,44 @@ def test_foreign_sentencepiece_model_is_rejected(texts):
                                    vocab_size=400, minloglevel=2)
     with pytest.raises(UserError, match="not trained by minilm"):
         Tokenizer(model.getvalue())
+
+
+FOREIGN_LINES = [f"the {a} cat sat on the {b} mat near {c} words" for a in ("red", "big", "old")
+                 for b in ("soft", "wet") for c in ("many", "few", "odd")]
+
+
+def foreign_model(**settings) -> bytes:
+    """A BPE model sentencepiece trains on a tiny text with <pad> <unk> <bos> <eos> at 0-3, like
+    minilm's, and what `settings` add (in milliseconds)."""
+    import io
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(**{"sentence_iterator": iter(FOREIGN_LINES * 5), "model_writer": model,
+                                      "model_type": "bpe", "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3,
+                                      "hard_vocab_limit": False, "minloglevel": 2, **settings})
+    return model.getvalue()
+
+
+@pytest.mark.parametrize("settings, missing", [
+    # <pad> 0 and <mask> 4 fit, but no sentinel: ids 5.. are ordinary pieces
+    (dict(vocab_size=300, control_symbols=["<mask>"], byte_fallback=True), r"id 5 is the piece '.*', not <cls>;"),
+    (dict(vocab_size=300, control_symbols=["<mask>"]), r"id 5 is the piece '.*', not <cls>;"),
+    (dict(vocab_size=400, control_symbols=USER_DEFINED[:50], byte_fallback=True),
+     r"id 54 is the piece '.*', not <extra_id_47>;"),
+    (dict(vocab_size=160, control_symbols=USER_DEFINED), r"it has no byte fallback \(no byte piece <0x00>\);"),
+    (dict(vocab_size=400, control_symbols=USER_DEFINED, byte_fallback=True, pad_id=1, unk_id=0),
+     r"its <pad> is id 1, not 0;"),
+])
+def test_a_model_without_minilm_s_reserved_ids_is_refused_saying_what_is_missing(settings, missing):
+    with pytest.raises(UserError, match=r"^this sentencepiece model was not trained by minilm: " + missing) as err:
+        Tokenizer(foreign_model(**settings))
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_with_minilm_s_layout_is_accepted():
+    """Reserved pieces at their ids (control, or user-defined as in tokenizers minilm made before)
+    and byte fallback: what minilm relies on, whoever trained it."""
+    for kind in ("control_symbols", "user_defined_symbols"):
+        tokenizer = Tokenizer(foreign_model(vocab_size=400, byte_fallback=True, **{kind: USER_DEFINED}))
+        assert tokenizer.escapes_reserved_text == (kind == "user_defined_symbols")
+        assert min(tokenizer.encode("the red cat <extra_id_0> <mask> \u00e9")) >= NUM_SPECIAL

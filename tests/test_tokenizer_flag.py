@@ -47,3 +47,15 @@ def test_tokenizer_flag_refusals(tmp_path, corpus_dir):
     result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "d", "--tokenizer",
                             tmp_path / "missing.model", "--max_steps", 1, *SMALL)
     assert_user_error(result, "cannot read tokenizer", "missing.model")
+
+
+def test_a_tokenizer_minilm_did_not_make_is_refused_before_any_data_work(tmp_path, corpus_dir):
+    """<pad> at 0 and <mask> at 4 are not enough: with no sentinels at 7.., ordinary words would
+    be sentinel ids to t5 (tests/test_tokenizer.py has the rule)."""
+    from tests.test_tokenizer import foreign_model
+    given = tmp_path / "foreign.model"
+    given.write_bytes(foreign_model(vocab_size=300, control_symbols=["<mask>"], byte_fallback=True))
+    result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "out", "--tokenizer", given,
+                            "--objective", "t5", "--max_steps", 1, *SMALL)
+    assert_user_error(result, "not trained by minilm: id 5 is the piece", "not <cls>", "leave out --tokenizer")
+    assert not (tmp_path / "out" / "data").exists()

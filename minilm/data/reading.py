@@ -310,9 +310,9 @@ def _text_of_row(row, field: str, where: str, stats: ReadStats) -> str:
     return text
 
 
-def _parse_json(line: str, where: str, hint: str = ""):
+def _parse_json(line: str, where: str, hint: str = "", object_pairs_hook=None):
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError:
         raise UserError(f"{where}: this line is not valid JSON{hint}") from None
     except RecursionError:
@@ -505,38 +505,66 @@ def _cell(value, column: str, flag: str, where: str, stats: ReadStats) -> str:
                     f"{flag} must name a text or label column")
 
 
+class _JsonObject(dict):
+    """A JSON object of a row file; `twice`: a field to read that it names twice, or None."""
+    twice: str | None = None
+
+
 def _rows_of_json(f, path: str, columns: list[tuple[str, str]], optional: set[str], stats: ReadStats):
+    """Tuples of the named fields' cells, row by row: None for a null, and for an optional field a
+    row leaves out. A required field a row leaves out is an error; so is an optional one that no
+    row of the file has (its flag named it: a typo, not a file without such cells), and a row that
+    names a field to read twice."""
     hint = "; a .json file holds JSON Lines (one object per line) or one array of objects"
+    unseen = {column: flag for column, flag in columns if column in optional}
+    flags = dict(columns)
+    read = 0
+
+    def object_of(pairs):   # json keeps the last of two equal keys: which one is meant is unknowable
+        row = _JsonObject(pairs)
+        if len(row) < len(pairs):
+            names = [name for name, _ in pairs]
+            row.twice = next((name for name in names if name in flags and names.count(name) > 1), None)
+        return row
     for lineno, raw in enumerate(f, 1):
         line = _decode(raw, stats)
         line = (line.removeprefix(BOM) if lineno == 1 else line).strip()
         if not line:
             continue
         if line.startswith("["):
-            rows = _parse_json(line + _decode(f.read(), stats), f"{display(path)}:{lineno}", hint)
+            rows = _parse_json(line + _decode(f.read(), stats), f"{display(path)}:{lineno}", hint, object_of)
             rows = rows if isinstance(rows, list) else [rows]
             places = [f"{display(path)}: element {i} of the array" for i in range(len(rows))]
         else:
-            rows = [_parse_json(line, f"{display(path)}:{lineno}", hint)]
+            rows = [_parse_json(line, f"{display(path)}:{lineno}", hint, object_of)]
             places = [f"{display(path)}:{lineno}"]
         for row, place in zip(rows, places):
             if not isinstance(row, dict):
                 raise UserError(f"{place}: a row must be a JSON object with named fields")
+            if row.twice is not None:
+                raise UserError(f"{place}: this row has the field {row.twice!r}, which {flags[row.twice]} names, "
+                                "twice; keep one of them")
             cells = []
             for column, flag in columns:
-                if column not in row or row[column] is None:
-                    if column in optional:
-                        cells.append(None)
-                        continue
+                if column not in row and column not in optional:
                     raise UserError(f"{place}: no {column!r} field in this row; pass {flag} NAME to read another field")
-                cells.append(_cell(row[column], column, flag, place, stats))
+                value = row.get(column)
+                if column in row:
+                    unseen.pop(column, None)
+                cells.append(None if value is None else _cell(value, column, flag, place, stats))
+            read += 1
             yield tuple(cells)
+    if unseen and read:
+        column, flag = next(iter(unseen.items()))
+        raise UserError(f"{display(path)}: no row has a {column!r} field; pass {flag} NAME to read another field "
+                        f"(or leave {flag} out)")
 
 
 def _rows_of_csv(f, path: str, columns: list[tuple[str, str]], optional: set[str], stats: ReadStats,
                  delimiter: str):
-    """Tuples of the named columns' cells, row by row (None where a row is too short for one, or
-    for an optional column the header lacks)."""
+    """Tuples of the named columns' cells, row by row (None where a row is too short for one). The
+    header must name each column once: a column it lacks or names twice is an error, optional or
+    not (its flag named it)."""
     lines = (_decode(raw, stats) for raw in f)   # with their line ends: csv needs them (quoted newlines)
     first = next(lines, None)
     if first is None:
@@ -547,22 +575,28 @@ def _rows_of_csv(f, path: str, columns: list[tuple[str, str]], optional: set[str
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     try:
         header = [name.strip() for name in next(reader, [])]
-        index = []
-        for column, flag in columns:
-            if column not in header:
-                if column in optional:
-                    index.append(None)
-                    continue
-                names = ", ".join(header[:12]) + (", ..." if len(header) > 12 else "")
-                raise UserError(f"{display(path)} has no column {column!r} (its columns: {names}); "
-                                f"pass {flag} NAME to read another column")
-            index.append(header.index(column))
+        index = [_column_index(header, column, flag, path) for column, flag in columns]
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # a blank line
-            yield tuple(None if i is None or i >= len(row) else row[i] for i in index)
+            yield tuple(None if i >= len(row) else row[i] for i in index)
     except csv.Error as err:
         raise UserError(f"{display(path)}:{reader.line_num}: {err}") from None
+
+
+def _column_index(header: list[str], column: str, flag: str, path: str) -> int:
+    """Where `column` is in a .tsv/.csv header; a one-line error when it is not there, or there twice
+    (which of the two the user means is unknowable)."""
+    places = [i for i, name in enumerate(header) if name == column]
+    if not places:
+        names = ", ".join(header[:12]) + (", ..." if len(header) > 12 else "")
+        raise UserError(f"{display(path)} has no column {column!r} (its columns: {names}); "
+                        f"pass {flag} NAME to read another column")
+    if len(places) > 1:
+        raise UserError(f"{display(path)} has {len(places)} columns named {column!r} (columns "
+                        f"{' and '.join(str(i + 1) for i in places)} of its header), which {flag} names; "
+                        "rename all but one of them in the header")
+    return places[0]
 
 
 def iter_rows(source: str, columns: list[tuple[str, str]], *, optional: set[str] = frozenset(),
@@ -570,8 +604,10 @@ def iter_rows(source: str, columns: list[tuple[str, str]], *, optional: set[str]
               progress: Progress | None = None) -> Iterator[tuple[str | None, ...]]:
     """The rows of a table source, each a tuple of the named columns' cells, in a fixed order.
 
-    columns: (column name, the flag that names it) pairs, the flag for error messages. A column in
-    `optional` may be absent (its cell is then None); any other missing column is a UserError.
+    columns: (column name, the flag that names it) pairs, the flag for error messages. Every column
+    must be in every file: a .tsv/.csv header that lacks one (or names it twice), or a JSON file no
+    row of which has it, is a UserError. A row may leave out a column in `optional` (a JSON row
+    without the field): its cell is None, as for a null or a .tsv/.csv row too short to reach it.
     Only .tsv/.csv (with a header) and .jsonl/.json hold rows: plain text is refused in one line.
     stats.documents counts the rows, stats.chars the characters of their cells."""
     stats = stats if stats is not None else ReadStats()

@@ -9,19 +9,24 @@ with its positive), tokenized once into token files with an offsets index.
            folder/meta.json                      + columns, labels (id -> name), rows per split
     RowTable(folder, "train")                    the split, memory-mapped, with .cells(rows, column, width)
 
-The label names are sorted (numerically when every label is a number), so the same file gives the
-same ids on every machine; they are stored in meta.json and, by the objective, in the checkpoint.
+The label names are sorted (label_order: numerically when every label is a number, else as
+strings), so the same file gives the same ids on every machine and in every process; they are
+stored in meta.json and, by the objective, in the checkpoint. A classifier needs two labels or more.
 
 The validation split: --val_data names a file of its own; else, with labels, a stratified split:
 each class gives round(val_fraction * its rows) rows, evenly spaced through that class (at least
-one row of a class stays in training); without labels, evenly spaced rows. A validation label that
-no training row has is an error (the model could never predict it).
+one row of a class stays in training); when that gives no row at all, the largest classes of two
+rows or more give one row each. Without labels, evenly spaced rows. A validation label that no
+training row has is an error (the model could never predict it), so data whose every label has a
+single row cannot be split: it needs --val_data.
 
-A row with an empty required cell (only whitespace) is skipped and counted in meta.json's
-skipped_rows and the log line, never silently dropped, never a crash.
+A row with an empty required cell (only whitespace, a JSON null, or a .tsv/.csv row too short to
+reach the column) is skipped and counted in meta.json's skipped_rows and the log line, never
+silently dropped, never a crash.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -49,26 +54,45 @@ from minilm.tokenizer import PAD_ID, Tokenizer
 SPLITS = ("train", "val")
 
 
-def label_order(names) -> list[str]:
-    """The label names in id order: numeric order when every name is a number ("2" before "10"),
-    else plain string order."""
-    names = set(names)
+def _number(name: str) -> float | None:
+    """The number a label spells, or None: for a name that is no number, and for nan, which has no
+    place in an order (every comparison with it is False)."""
     try:
-        return sorted(names, key=lambda name: (float(name), name))
+        value = float(name)
     except ValueError:
-        return sorted(names)
+        return None
+    return None if math.isnan(value) else value
+
+
+def label_order(names) -> list[str]:
+    """The label names in id order: numeric order when every name is a number other than nan ("2"
+    before "10", "-inf" first; equal numbers such as "1" and "1.0" by their spelling), else plain
+    string order. A total order either way, so the ids never depend on the order of the names."""
+    numbers = {name: _number(name) for name in set(names)}
+    if all(value is not None for value in numbers.values()):
+        return sorted(numbers, key=lambda name: (numbers[name], name))
+    return sorted(numbers)
 
 
 def _stratified_val(labels: np.ndarray, val_fraction: float) -> np.ndarray:
-    """A bool mask over rows: per class, round(val_fraction * n) rows, evenly spaced, at most n - 1."""
+    """A bool mask over rows: per class, round(val_fraction * n) rows, evenly spaced, at most n - 1,
+    so every class keeps a training row. When that gives no row at all (every class too small for
+    a share), the last row of each of the largest classes of two rows or more, up to
+    max(1, round(val_fraction * rows)) rows; none when every class has a single row."""
     is_val = np.zeros(len(labels), dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
+    _, sizes = np.unique(labels, return_counts=True)
+    # each class's rows in file order, one argsort for all classes (not one scan per class)
+    members_of = np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1])
+    for members in members_of:
         n = len(members)
         k = min(round(val_fraction * n), n - 1)
         if k > 0:
             i = np.arange(n)
             is_val[members[(i + 1) * k // n > i * k // n]] = True
+    if not is_val.any():
+        largest = np.argsort(-sizes, kind="stable")
+        for c in largest[sizes[largest] >= 2][:max(1, round(val_fraction * len(labels)))]:
+            is_val[members_of[c][-1]] = True
     return is_val
 
 
@@ -97,7 +121,7 @@ def _read_split(source, files, columns, optional, label_column, log, progress_ev
     required = [i for i, (name, _) in enumerate(columns) if name not in optional]
     for row in iter_rows(source, cols, optional=optional, files=files, stats=stats,
                          progress=Progress(log, f"counting rows{what}", every=progress_every)):
-        label = row[-1].strip() if label_column else ""
+        label = (row[-1] or "").strip() if label_column else ""    # None: a short row or a JSON null
         ok = all(row[i] is not None and row[i].strip() for i in required) and (not label_column or label)
         keep.append(ok)
         if ok and label_column:
@@ -127,6 +151,9 @@ def prepare_rows(source: str, tokenizer: Tokenizer, folder: str, *, columns: lis
         if not val_keep.any():
             raise UserError(f"--val_data {display(val_source)} holds no row with every column filled")
     names = label_order(labels) if label_column else None
+    if names is not None and len(names) < 2:
+        raise UserError(f"--data {display(source)} has rows of one label only ({names[0]!r} in --label_field "
+                        f"{label_column!r}); a classifier needs two labels or more: add rows of another label")
     label_id = {name: i for i, name in enumerate(names)} if names else {}
     if val_source:
         unseen = sorted(set(val_labels) - set(label_id)) if label_column else []
@@ -143,7 +170,9 @@ def prepare_rows(source: str, tokenizer: Tokenizer, folder: str, *, columns: lis
         kept_is_val = (_stratified_val(kept_ids, val_fraction) if label_column
                        else _even_val(int(keep.sum()), val_fraction))
         if label_column and not kept_is_val.any():
-            kept_is_val = _even_val(int(keep.sum()), val_fraction)  # every class has one row: plain split
+            raise UserError(f"--data {display(source)} has a single row of each of its {len(names)} labels: no "
+                            "row can be held out for validation whose label training still sees; give some "
+                            "labels two rows or more, or pass --val_data FILE")
 
     # pass 2: tokenize each kept row's cells, in order; the encoder keeps the order of the jobs
     def cells(src, fls, keep_mask, is_val_of_kept):

@@ -133,6 +133,14 @@ class Classifier(Objective):
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
 
+    @classmethod
+    def window_length(cls, model_cfg, options=None) -> int:
+        """Checked before any data is prepared (train.py): a row is `[CLS] text [SEP]`."""
+        if model_cfg.seq_len < 3:
+            raise UserError(f"classify frames each text as [CLS] text [SEP]: it needs --seq_len 3 or more, "
+                            f"got {model_cfg.seq_len}")
+        return super().window_length(model_cfg, options)
+
     @property
     def n_labels(self) -> int:
         return len(self.label_names)
@@ -192,12 +200,49 @@ class Classifier(Objective):
         return nll / denominator, sums
 
 
-def format_confusion(confusion: torch.Tensor, label_names: list[str]) -> str:
-    """The confusion matrix as text: one row per true label, one column per predicted label."""
+FULL_MATRIX_LABELS = 20   # past this many labels the matrix is summarized: 3,000 labels are 9 M numbers
+
+
+def format_confusion(confusion: torch.Tensor, label_names: list[str], max_labels: int = FULL_MATRIX_LABELS) -> str:
+    """The confusion matrix as text: one row per true label, one column per predicted label; past
+    `max_labels` labels, a summary of it instead (confusion_summary)."""
     names = [str(n) for n in label_names]
+    if len(names) > max_labels:
+        return confusion_summary(confusion, names, max_labels)
     width = max([len(n) for n in names] + [len(str(int(confusion.max()))) if confusion.numel() else 1, 4])
     header = " " * width + " | " + " ".join(n[:width].rjust(width) for n in names) + "   (columns: predicted)"
     lines = [header]
     for name, row in zip(names, confusion.long().tolist()):
         lines.append(name[:width].rjust(width) + " | " + " ".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def confusion_summary(confusion: torch.Tensor, label_names: list[str], top: int = FULL_MATRIX_LABELS) -> str:
+    """A confusion matrix too large to print, summarized: the recall and precision of the `top`
+    labels with the most errors (their rows predicted as another label, plus other rows predicted
+    as them), then the `top` most frequent confusions, true label -> predicted label."""
+    confusion = confusion.long()
+    K = len(label_names)
+    names = [str(n)[:40] for n in label_names]
+    right, rows, predicted = confusion.diagonal(), confusion.sum(1), confusion.sum(0)
+    errors = rows + predicted - 2 * right
+    right, rows, predicted, errors = right.tolist(), rows.tolist(), predicted.tolist(), errors.tolist()
+    worst = [i for i in sorted(range(K), key=lambda i: (-errors[i], i))[:top] if errors[i] > 0]
+    width = max([len(names[i]) for i in worst] + [5])
+    lines = [f"{K} labels: the {K} x {K} matrix is too large to print; the {len(worst)} labels with the most "
+             f"errors, then the most frequent confusions",
+             f"{'label'.rjust(width)} | {'rows':>6} {'recall':>6} | {'predicted':>9} {'precision':>9} | {'errors':>6}"]
+    for i in worst:
+        recall = f"{right[i] / rows[i]:.3f}" if rows[i] else "-"
+        precision = f"{right[i] / predicted[i]:.3f}" if predicted[i] else "-"
+        lines.append(f"{names[i].rjust(width)} | {rows[i]:>6} {recall:>6} | {predicted[i]:>9} {precision:>9} | "
+                     f"{errors[i]:>6}")
+    off_diagonal = confusion.clone()
+    off_diagonal.fill_diagonal_(0)
+    flat = off_diagonal.flatten()
+    # the largest counts, ties in label order: the key count * K^2 - index orders both at once
+    _, where = (flat * flat.numel() - torch.arange(flat.numel())).topk(min(top, flat.numel()))
+    pairs = [(n, k // K, k % K) for n, k in zip(flat[where].tolist(), where.tolist()) if n > 0]
+    lines.append("most frequent confusions (true -> predicted: rows):" if pairs else "no row was confused")
+    lines += [f"  {names[t]} -> {names[p]}: {n}" for n, t, p in pairs]
     return "\n".join(lines)
