@@ -28,13 +28,14 @@ from minilm.cli import run_cli
 from minilm.config import FRESH_START, PRESETS, Config, explicit_flags, help_text, parse_overrides
 from minilm.data import (BUILTIN, PROGRESS_EVERY, Stopped, display, file_format, inspect_prepared, make_source,
                          iter_rows, mix_seed, prepare, prepare_rows, resolve_files, row_texts, source_class, stop_on_sigterm,
-                         tokenizer_fingerprint, tokenizer_texts)
+                         iter_texts, tokenizer_fingerprint, tokenizer_texts)
 from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
 from minilm.objectives import (OBJECTIVES, build_objective, data_kind_for, is_encoder_decoder, model_config_for,
                                window_length_for)
 from minilm.objectives import model_defaults_for  # simcse
-from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
+from minilm.run_dir import (DATA_NAME, TOKENIZER_NAME, RunLock, check_data_outside, check_run_dir,
+                            clear_previous_run, keep_metrics_up_to, mark_run_dir)
 from minilm.tokenizer import Tokenizer
 from minilm.trainer import Trainer, check_writable, run_info
 
@@ -116,7 +117,7 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
     and exit code 130 or 143 (128 + the signal)."""
     source = cfg.data.data or BUILTIN
     out = cfg.train.out_dir
-    tok_path, data_dir = os.path.join(out, "tokenizer.model"), os.path.join(out, "data")
+    tok_path, data_dir = os.path.join(out, TOKENIZER_NAME), os.path.join(out, DATA_NAME)
     files = source_files(cfg, log)
     spec = row_spec(cfg)
     signature = data_signature(source, files)
@@ -133,7 +134,9 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
                 reason = f"{tok_path} is damaged ({damaged})"
             elif meta.get("tokenizer") == tokenizer_fingerprint(existing):
                 if not typed_specials_may_be_ids(meta, existing):
-                    log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)")
+                    log(f"reusing {tok_path} and {data_dir} ({meta['train_tokens']:,} train tokens)"
+                        + ("; --overwrite keeps prepared data made from the same files and flags"
+                           if cfg.train.overwrite else ""))
                     return existing
                 tokenizer = existing   # the same tokenizer, the same ids: only the tokens are redone
                 reason = TYPED_SPECIALS_REASON.format(data_dir=data_dir)
@@ -152,9 +155,6 @@ def tokenizer_and_data(cfg: Config, log=print, tokenizer: Tokenizer | None = Non
                                             progress_every=progress_every)
                 else:   # the text cells of the training rows (not --val_data's)
                     train_files = resolve_files(source, exclude=out) if source != BUILTIN else []
-                    if spec[2]:   # a missing label column is refused now, not after the tokenizer trained
-                        next(iter_rows(source, spec[0] + [(spec[2], "--label_field")], optional=spec[1],
-                                       files=train_files), None)
                     texts = row_texts(source, spec[0], optional=spec[1], files=train_files, log=log,
                                       progress_every=progress_every)
                 tokenizer = Tokenizer.train(texts, cfg.model.vocab_size, character_coverage=cfg.data.character_coverage,
@@ -286,19 +286,64 @@ def given_tokenizer_of(cfg: Config, argv: list[str], parent) -> Tokenizer | None
 
 
 def claim_out_dir(cfg: Config, resumed: bool, parent_path: str | None, log) -> RunLock:
-    """Lock out_dir for this run; a fresh run refuses a folder holding checkpoints (minilm/run_dir.py)."""
+    """Check everything the run needs (check_run_inputs), then lock out_dir for it and mark it as
+    minilm's (minilm/run_dir.py). A refused run has written nothing; the previous run's files are
+    deleted later, once this run's data is ready (prepare_and_train)."""
+    check_run_inputs(cfg, resumed, parent_path)
     check_writable(cfg.train.out_dir)
     lock = RunLock.acquire(cfg.train.out_dir)
-    try:
-        if not resumed:
-            deleted = check_fresh_start(cfg.train.out_dir, cfg.train.overwrite,
-                                        keep=(parent_path,) if parent_path else ())
-            if deleted:
-                log(f"--overwrite: deleted {len(deleted)} checkpoint(s) of the previous run in {cfg.train.out_dir}")
+    try:   # again under the lock: the folder is this run's to judge now
+        check_run_dir(cfg.train.out_dir, fresh=not resumed, overwrite=cfg.train.overwrite,
+                      keep=(parent_path,) if parent_path else ())
+        mark_run_dir(cfg.train.out_dir)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def check_run_inputs(cfg: Config, resumed: bool, parent_path: str | None) -> None:
+    """Everything a run needs that reading can check, before anything in out_dir is written or
+    deleted: the folder may take this run (run_dir.check_run_dir); for a fresh run, --data and
+    --val_data resolve, lie outside out_dir, and hold the fields the objective reads in their
+    first rows. Writes nothing. (A resumed run's data is checked against its checkpoint.)"""
+    out = cfg.train.out_dir
+    if not resumed:
+        for flag, path in (("--data", cfg.data.data), ("--val_data", cfg.data.val_data)):
+            if path:
+                check_data_outside(out, flag, path)
+        check_first_rows(cfg, source_files(cfg))
+    check_run_dir(out, fresh=not resumed, overwrite=cfg.train.overwrite, keep=(parent_path,) if parent_path else ())
+
+
+def check_first_rows(cfg: Config, files: list[str]) -> None:
+    """Each file's first row has the fields the objective reads (--text_field of JSON, CSV or TSV
+    text; the columns and --label_field of a table's rows): a missing one is refused before the
+    tokenizer trains, not after."""
+    spec = row_spec(cfg)
+    if spec is None:
+        for path in files:
+            if file_format(path) != "text":
+                next(iter_texts(path, cfg.data.text_field, files=[path]), None)
+        return
+    columns, optional, label_column = spec
+    wanted = columns + ([(label_column, "--label_field")] if label_column else [])
+    for path in files or [BUILTIN]:   # the built-in corpus has no rows: iter_rows says so
+        next(iter_rows(path, wanted, optional=optional, files=None if path == BUILTIN else [path]), None)
+
+
+def clear_earlier_run(cfg: Config, log) -> None:
+    """A fresh run, its data prepared and its model built: delete what an earlier run left in
+    out_dir (with --overwrite its checkpoints; always its metrics and temporaries). Only now, so
+    that a run stopped by bad input or a bad flag on the way here loses nothing. The tokenizer
+    and token files are this run's by now (reused, or made again)."""
+    deleted = clear_previous_run(cfg.train.out_dir)
+    if deleted:
+        checkpoints = [name for name in deleted if name.startswith("ckpt-")]
+        parts = ([f"{len(checkpoints)} checkpoint(s)"] if checkpoints else []) + \
+            [name for name in deleted if not name.startswith("ckpt-")]
+        log(f"{'--overwrite: ' if cfg.train.overwrite else ''}deleted {', '.join(parts)} of the previous run "
+            f"in {cfg.train.out_dir}")
 
 
 def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, parent, parent_path,
@@ -327,6 +372,8 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model expects vocab_size "
                         f"{cfg.model.vocab_size}; use a fresh --out_dir")
     if cfg.train.max_steps == 0:
+        if state is None:
+            on_main(lambda: clear_earlier_run(cfg, log), dist_info)
         log(f"--max_steps 0: the tokenizer and token files are ready in {cfg.train.out_dir}; nothing to train")
         return
     if cfg.train.objective == "classify":
@@ -356,6 +403,8 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
             dropped = keep_metrics_up_to(cfg.train.out_dir, trainer.step)
             if dropped:
                 log(f"metrics.jsonl: dropped {dropped} row(s) logged after step {trainer.step}, which this run redoes")
+    else:
+        on_main(lambda: clear_earlier_run(cfg, log), dist_info)
     trainer.fit()
     if trainer.stop_signal is not None:
         raise SystemExit(128 + int(trainer.stop_signal))

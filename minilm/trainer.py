@@ -52,6 +52,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLLBACKS_ALLOWED = 6                      # --on_nan rollback gives up below lr x 1/64
 MIN_LR_SCALE = 0.5 ** ROLLBACKS_ALLOWED
 BEST_NAME = "best.pt"                      # the best checkpoint by the objective's best_metric
+TENSORBOARD_NAME = "tensorboard"           # --tensorboard's event files
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -474,7 +475,7 @@ class Trainer:
         if self.summary_writer_class is None:
             return
         if self.summary_writer is None:
-            self.summary_writer = self.summary_writer_class(os.path.join(self.tcfg.out_dir, "tensorboard"),
+            self.summary_writer = self.summary_writer_class(os.path.join(self.tcfg.out_dir, TENSORBOARD_NAME),
                                                             purge_step=record["step"])
         for key, value in record.items():
             if key not in ("step", "tokens"):

@@ -21,7 +21,7 @@ import torch
 from minilm import run_dir
 from minilm.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from minilm.errors import UserError
-from minilm.run_dir import RunLock, check_fresh_start, keep_metrics_up_to
+from minilm.run_dir import RunLock, check_run_dir, clear_previous_run, keep_metrics_up_to
 from minilm.tokenizer import Tokenizer
 from tests.conftest import ROOT, load_script, run_in_process
 from tests.test_cli import TINY, assert_user_error, run
@@ -126,15 +126,16 @@ def test_a_fresh_start_among_checkpoints_needs_overwrite(tmp_path):
     fake_checkpoint(tmp_path, 600)
     (tmp_path / "metrics.jsonl").write_text('{"step": 600, "loss": 1.0}\n')
     with pytest.raises(UserError, match="already holds 1 checkpoint.*--resume.*--init_from.*--overwrite"):
-        check_fresh_start(str(tmp_path), overwrite=False)
-    assert list_checkpoints(str(tmp_path))
+        check_run_dir(str(tmp_path), fresh=True, overwrite=False)
+    check_run_dir(str(tmp_path), fresh=False, overwrite=False)   # --resume continues them
     # --overwrite never deletes the checkpoint an --init_from run starts from
     parent = checkpoint_path(str(tmp_path), 600)
     with pytest.raises(UserError, match="would delete .*ckpt-00000600.pt"):
-        check_fresh_start(str(tmp_path), overwrite=True, keep=(parent,))
-    assert list_checkpoints(str(tmp_path)) == [parent]
-    assert check_fresh_start(str(tmp_path), overwrite=True) == [parent]
-    assert list_checkpoints(str(tmp_path)) == [] and not (tmp_path / "metrics.jsonl").exists()
+        check_run_dir(str(tmp_path), fresh=True, overwrite=True, keep=(parent,))
+    check_run_dir(str(tmp_path), fresh=True, overwrite=True)
+    assert list_checkpoints(str(tmp_path)) == [parent]         # checking deletes nothing
+    assert clear_previous_run(str(tmp_path)) == ["ckpt-00000600.pt", "metrics.jsonl"]
+    assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- retention
@@ -367,3 +368,112 @@ def test_init_from_moves_a_masked_lm_backbone_and_head_into_span(tmp_path, corpu
     child = load_checkpoint(os.path.join(child_dir, "ckpt-00000001.pt"))["model"]
     assert set(parent) == set(child)
     assert all(torch.allclose(parent[k], child[k], atol=1e-6) for k in parent)
+
+
+# ----------------------------------------------------------------------------- --overwrite: check first, delete last
+def files_in(folder) -> dict:
+    """Every file under `folder` that is not hidden (the lock and the run mark are), with its bytes:
+    what a run that stops with an error must leave as it found it."""
+    found = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("case", ["a typo in --data", "no --label_field column", "--data is the run folder",
+                                  "--data inside the run folder", "a bad row deep in --data"])
+def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(case, first_run, tmp_path, corpus_dir):
+    """--overwrite with bad input: the one-line error, and the previous run's files all still there
+    (they used to be deleted first, and the error came after)."""
+    out = copy_run(first_run, tmp_path)
+    args = ["--data", corpus_dir]
+    if case == "a typo in --data":
+        args, fragments = ["--data", corpus_dir + "-typo"], ["does not exist"]
+    elif case == "no --label_field column":
+        (tmp_path / "reviews.tsv").write_text("text\tcategory\ngood film\tpos\nbad film\tneg\n")
+        args, fragments = ["--objective", "classify", "--data", tmp_path / "reviews.tsv"], ["'label'", "--label_field"]
+    elif case == "--data is the run folder":
+        (out / "my_notes.txt").write_text("Text the user keeps beside the run. " * 40)
+        args, fragments = ["--data", out], ["--data", "--out_dir", "outside"]
+    elif case == "--data inside the run folder":
+        shutil.copytree(corpus_dir, out / "texts")
+        args, fragments = ["--data", out / "texts"], ["--data", "--out_dir", "outside"]
+    else:   # found only while the tokenizer reads the data: after every check that reads first rows
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text("".join(json.dumps({"text": f"Row {i} says something."}) + "\n" for i in range(40))
+                        + '{"body": "the text is elsewhere"}\n')
+        args, fragments = ["--data", rows], ["rows.jsonl:41", "--text_field"]
+    before = files_in(out)
+    assert list_checkpoints(str(out))
+    result = run_in_process("train.py", *args, "--out_dir", out, "--overwrite", "--max_steps", 1, *TINY)
+    assert_user_error(result, *fragments)
+    assert files_in(out) == before
+
+
+def test_a_folder_minilm_did_not_make_is_never_written_over(tmp_path, corpus_dir):
+    """A fresh run into a folder of the user's own files with a run's names (metrics.jsonl,
+    tokenizer.model, data/) is refused in one line, --overwrite or not; one with unrelated files
+    only takes the run beside them, and they stay through a later --overwrite."""
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "survey.csv").write_text("a,b\n1,2\n")
+    (out / "metrics.jsonl").write_text('{"accuracy": 0.9}\n')
+    (out / "tokenizer.model").write_bytes(b"my own tokenizer")
+    (out / "notes.txt").write_text("my notes")
+    before = files_in(out)
+    args = ["--data", corpus_dir, "--out_dir", out, "--max_steps", 0, *TINY]
+    for extra in ([], ["--overwrite"]):
+        assert_user_error(run_in_process("train.py", *args, *extra), "not a minilm run folder", "metrics.jsonl",
+                          "tokenizer.model", "another --out_dir")
+        assert files_in(out) == before
+    for name in ("metrics.jsonl", "tokenizer.model"):
+        (out / name).unlink()
+    shutil.rmtree(out / "data")
+    for extra in ([], ["--overwrite"]):
+        result = run_in_process("train.py", *args, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (out / "notes.txt").read_text() == "my notes" and (out / "data" / "train.bin").exists()
+
+
+def test_overwrite_removes_every_file_the_previous_run_wrote(first_run, tmp_path, corpus_dir):
+    """best.pt of the previous run (a classifier's) would answer `sample.py --ckpt out/best.pt`
+    after an --overwrite run that writes none; tensorboard events and a killed save's temporary
+    would mix in too. The tokenizer and token files made from the same data are kept, and the log
+    says so. A folder from before minilm marked its run folders counts by its checkpoints."""
+    out = copy_run(first_run, tmp_path)
+    (out / ".minilm-run").unlink(missing_ok=True)   # as an older minilm left its run folders
+    shutil.copy(out / "ckpt-00000004.pt", out / "best.pt")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"the previous run's curves")
+    (out / ".tmp-ckpt-00000006.pt-x1y2").write_bytes(b"half a checkpoint")
+    (out / "notes.txt").write_text("mine")
+    tokens = (out / "data" / "train.bin").read_bytes()
+    result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--overwrite", "--max_steps", 1,
+                            "--eval_every", 100, *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(n for n in os.listdir(out) if n not in (".lock", ".minilm-run")) == \
+        ["ckpt-00000001.pt", "data", "metrics.jsonl", "notes.txt", "tokenizer.model"]
+    assert "deleted 2 checkpoint(s)" in result.stdout and "best.pt" in result.stdout
+    assert "reusing" in result.stdout and (out / "data" / "train.bin").read_bytes() == tokens
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 1]
+
+
+def test_every_name_a_run_writes_is_one_the_run_folder_rules_know(tmp_path, texts):
+    """The names --overwrite deletes and a folder minilm did not make refuses to hold are one list
+    (run_dir.is_run_output): a classify run, which writes the most kinds of file (best.pt too),
+    leaves nothing outside it."""
+    table = tmp_path / "rows.tsv"
+    table.write_text("text\tlabel\n" + "".join(" ".join(doc[:300].split()) + f"\t{'ab'[i % 2]}\n"
+                                                for i, doc in enumerate(texts)))
+    out = tmp_path / "run"
+    result = run_in_process("train.py", "--objective", "classify", "--data", table, "--out_dir", out,
+                            "--max_steps", 2, "--eval_every", 1, "--ckpt_every", 1, *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = sorted(os.listdir(out))
+    assert "best.pt" in names and "metrics.jsonl" in names
+    assert [n for n in names if not run_dir.is_run_output(n) and n not in (run_dir.LOCK_NAME, run_dir.MARK_NAME)] == []
