@@ -25,7 +25,9 @@ in order, as in training; any other text is plain text. --num_samples N prints N
 fillings (--temperature, --top_k, --top_p as above); --temperature 0 prints the one greedy
 filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search (no sampling:
 --temperature, --top_k and --top_p are unused), ranked by
-sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans).
+sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans;
+within [-5, 5]). --max_new_tokens 0 writes no span: the text with its sentinels removed (a beam
+search's one hypothesis then scores 0).
 
 Encoders embed texts (--objective simcse or simcse_sup: the sentence vectors they were trained
 for; any other encoder: the mean of its final hidden states, untrained as a sentence embedding):
@@ -53,6 +55,7 @@ from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
 from minilm.errors import UserError
+from minilm.generate import LENGTH_PENALTY_RANGE
 from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
@@ -63,7 +66,7 @@ FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
                   top_k=dict(at_least=0),                # 0 = off
                   top_p=dict(within="(0, 1]"), seed=dict(within="[0, 2**64)"),
-                  beam_size=dict(at_least=1), length_penalty=dict())  # any finite number
+                  beam_size=dict(at_least=1), length_penalty=dict(within=LENGTH_PENALTY_RANGE))
 FILL_TOP_K = 5  # --top_k when filling and none is given
 INFILL_EXAMPLE = '--infill "The cat <extra_id_0> on the <extra_id_1>."'
 # The work is minilm/api.py's (the Python API); this script reads flags, calls it and prints.

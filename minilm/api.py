@@ -393,7 +393,8 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
         tokens, beam_scores = beam_search(model, input_ids, max_new_tokens, beam_size=beam_size,
                                           length_penalty=length_penalty, **shared)
         count = min(num_samples, beam_size)
-        rows, scores = tokens[0, :count], beam_scores[0, :count].tolist()
+        found = beam_scores[0, :count].isfinite()   # -inf: no hypothesis (max_new_tokens 0 has one)
+        rows, scores = tokens[0, :count][found], beam_scores[0, :count][found].tolist()
     else:
         count = 1 if temperature == 0 else num_samples   # greedy has one answer
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -247,7 +247,22 @@ def generate_seq2seq(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tok
 #     lower a sum, so the best a beam can reach is its sum now divided by the most favourable
 #     length, max_new_tokens when length_penalty > 0, the next step's length otherwise).
 #   * at max_new_tokens the rows not done also consider their running beams (unfinished, no eos),
-#     scored at length max_new_tokens.
+#     scored at length max_new_tokens. max_new_tokens 0 leaves one hypothesis, the empty one: its
+#     sum of no log-probabilities is 0, and so is its score (any other beam scores -inf: none).
+#   * length_penalty lies in LENGTH_PENALTY_RANGE: length ** length_penalty stays a float32-sized
+#     number for any decoder window, where 1100 overflowed and a large one ranks every beam at 0.
+LENGTH_PENALTY_RANGE = "[-5, 5]"
+
+
+def check_length_penalty(length_penalty: float, name: str = "length_penalty") -> None:
+    """One-line UserError for a length_penalty outside LENGTH_PENALTY_RANGE (or not a number)."""
+    from minilm.config import check_value
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise UserError(f"{name} must be a number in {LENGTH_PENALTY_RANGE}, got {length_penalty!r}")
+    try:
+        check_value(name, length_penalty, within=LENGTH_PENALTY_RANGE)
+    except UserError as err:
+        raise UserError(str(err).removeprefix("--")) from None
 
 
 def beam_loop(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[torch.Tensor], None],
@@ -295,7 +310,7 @@ def beam_loop(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[t
             break
     else:
         # max_new_tokens reached: the rows not done also rank their running beams (no eos)
-        scores = torch.where(done[:, None], float("-inf"), beam_sums / L ** length_penalty)
+        scores = torch.where(done[:, None], float("-inf"), beam_sums / max(L, 1) ** length_penalty)
         kept_scores, kept_tokens = merge_best(kept_scores, kept_tokens, scores, tokens[:, 1:].view(B, K, L), K)
     return kept_tokens, kept_scores
 
@@ -330,6 +345,7 @@ def beam_search(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tokens: 
     once per example; its output is repeated for the beams after it."""
     if beam_size < 1:
         raise UserError(f"beam_size must be >= 1, got {beam_size}")
+    check_length_penalty(length_penalty)
     check_decoder_length(model, max_new_tokens)
     was_training = model.training
     model.eval()
