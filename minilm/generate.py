@@ -40,6 +40,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """One-line UserError when a model's logits hold NaN or inf: its weights are damaged, and
+    sampling would fail inside torch.multinomial, or greedy pick garbage (argmax of NaN)."""
+    if not torch.isfinite(logits).all():
+        raise UserError("the model produced NaN or infinite logits: its weights are damaged (NaN or inf); "
+                        "load an earlier checkpoint or retrain")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids. temperature 0 means greedy (argmax)."""
@@ -109,6 +117,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
                 mask = prefix_lm_mask(torch.tensor([prefix_len], device=tokens.device), visible.shape[1])
             hidden = model(visible, mask=mask)
         logits = model.logits(hidden[:, -1])
+        check_finite_logits(logits)
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     model.train(was_training)
@@ -192,7 +201,9 @@ def sample_loop(step: Callable[[torch.Tensor], torch.Tensor], n_rows: int, max_n
     tokens = torch.full((n_rows, 1), start_id, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        next_token = sample_next(step(tokens), temperature, top_k, top_p, generator)
+        logits = step(tokens)
+        check_finite_logits(logits)
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
         next_token = next_token.masked_fill(finished, pad_id)
         finished |= next_token == eos_id
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
@@ -283,7 +294,9 @@ def beam_loop(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[t
     done = torch.zeros(B, dtype=torch.bool, device=device)
     row_offset = (torch.arange(B, device=device) * K)[:, None]                 # (B, 1)
     for t in range(L):
-        log_probs = torch.log_softmax(step(tokens), dim=-1)                    # (B*K, V)
+        logits = step(tokens)
+        check_finite_logits(logits)
+        log_probs = torch.log_softmax(logits, dim=-1)                          # (B*K, V)
         V = log_probs.shape[-1]
         candidates = (beam_sums[:, :, None] + log_probs.view(B, K, V)).view(B, K * V)
         top_sums, top_index = candidates.topk(min(2 * K, K * V), dim=-1)       # (B, 2K), best first

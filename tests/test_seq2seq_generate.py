@@ -275,6 +275,21 @@ def test_a_length_penalty_outside_its_range_is_a_user_error(length_penalty):
                     length_penalty=length_penalty)
 
 
+@pytest.mark.parametrize("decode", ["greedy", "sample", "beam"])
+def test_nan_weights_are_a_one_line_error_in_every_decode(decode):
+    """Greedy and beam search on NaN logits returned garbage; sampling failed in multinomial."""
+    model = make_seq2seq()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"^the model produced NaN or infinite logits: its weights are damaged"):
+        if decode == "beam":
+            beam_search(model, inputs(), 4, start_id=START, eos_id=EOS, beam_size=2)
+        else:
+            generate_seq2seq(model, inputs(), 4, start_id=START, eos_id=EOS,
+                             temperature=0.0 if decode == "greedy" else 1.0)
+
+
 # ----------------------------------------------------------------------------- prefix LM
 def make_decoder(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
