@@ -11,8 +11,8 @@
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
 
 What a checkpoint can do depends on the objective it was trained with (Objective.model_kind,
-fills_masks, scores_tokens); a method it cannot serve raises a one-line UserError naming the
-method that fits; a wrong argument (a float for an int, bytes or None for a text) raises one
+fills_masks, scores_tokens: `served`); a method it cannot serve raises a one-line UserError naming
+what it serves instead; a wrong argument (a float for an int, bytes or None for a text) raises one
 naming the argument, what was given and what fits ("argument checks" below). embed and classify
 take batch_size texts per forward pass. sample.py is a thin command line over this module: its flags are these
 methods' arguments, and the functions below take `flags=True` to word their errors as flags
@@ -196,40 +196,73 @@ def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> 
 
 
 # ----------------------------------------------------------------------------- which method fits
-def method_that_fits(objective) -> str:
-    """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
-    kind = objective.model_kind
-    if kind == "classifier":   # classify
-        return f"use {example('classify', CLASSIFY_EXAMPLE, False)} instead"
-    if kind == "seq2seq":
-        return f"use {example('infill', INFILL_EXAMPLE_TEXT, False)} instead"
-    if kind in DECODER_KINDS:
-        return 'use generate("prompt") instead'
-    if getattr(objective, "fills_masks", False):
-        return f"use {example('fill', 'text with <mask>', False)} instead"
+# what each method needs, worded for an error (sample.py words its flags' needs the same way)
+NEEDS = {
+    "generate": "a decoder checkpoint (--objective clm or prefix_lm)",
+    "fill": "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)",
+    "infill": "an encoder-decoder checkpoint (--objective t5)",
+    "score": "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)",
+    "embed": "an encoder checkpoint (a masked/denoising objective, or t5)",
+    "classify": "a classifier checkpoint (--objective classify)",   # classify
+}
+# the text each method's hint shows (embed's is a list: see hint)
+HINT_TEXT = {"classify": CLASSIFY_EXAMPLE, "infill": INFILL_EXAMPLE_TEXT, "generate": "Once upon a time",
+             "fill": f"text with {MASK}", "score": SCORE_EXAMPLE}
+
+
+def detector(objective):
+    """The replaced-token detector that scores tokens: the objective itself (rtd), the part of a
+    multi-task objective that is one (rtd+plm, mlm+rtd), or None."""
     if getattr(objective, "scores_tokens", False):
-        return f"use {example('score', SCORE_EXAMPLE, False)} instead"
-    return "use embed(texts): its backbone is for embeddings and fine-tuning"
+        return objective
+    parts = getattr(objective, "parts", None)
+    return next((part for part in parts.values() if getattr(part, "scores_tokens", False)), None) if parts else None
+
+
+def served(kind: str, fills_masks: bool, scores_tokens: bool, flags: bool = False) -> list[str]:
+    """The methods a checkpoint serves, the one a hint offers first: its model's purpose (classify,
+    infill, generate), then its heads (fill, score), then embed, which every encoder serves.
+    sample.py's --score is for detectors only (it prints P(replaced)); score() serves decoders too."""
+    return [method for method, fits in (
+        ("classify", kind == "classifier"), ("infill", kind == "seq2seq"), ("generate", kind in DECODER_KINDS),
+        ("fill", fills_masks), ("score", scores_tokens or (kind == "decoder" and not flags)),
+        ("embed", kind in ("encoder", "seq2seq"))) if fits]
+
+
+def capabilities(objective) -> tuple[str, bool, bool]:
+    """(model_kind, fills_masks, scores_tokens) of a loaded objective: what served() reads."""
+    return objective.model_kind, bool(getattr(objective, "fills_masks", False)), detector(objective) is not None
+
+
+def hint(methods: list[str], flags: bool) -> str:
+    """What a checkpoint that serves `methods` can do instead, with an example of the first."""
+    first, others = methods[0], methods[1:]
+    if first == "embed":
+        call = ('--embed "A man plays a guitar." "Someone plays music."' if flags
+                else 'embed(["A man plays a guitar.", "Someone plays music."])')
+        return f"it has no masked-LM head, detector or decoder: embed texts with {call}, or fine-tune it"
+    text = f"use {example(first, HINT_TEXT[first], flags)} instead"
+    if first == "score":
+        text += ": it is a replaced-token detector"
+    return text + (f" (it also serves {', '.join(named(m, flags) for m in others)})" if others else "")
+
+
+def holds(where: str, kind: str, name: str) -> str:
+    return f"{where} holds {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({name})"
+
+
+def method_that_fits(objective, flags: bool = False) -> str:
+    """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
+    return hint(served(*capabilities(objective), flags=flags), flags)
 
 
 def check_method_fits(method: str, objective, where: str) -> None:
     """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
     what the method needs and which method fits; the wording follows sample.py's flag checks."""
-    kind, name = objective.model_kind, objective.name
-    scores_tokens = getattr(objective, "scores_tokens", False)
-    needs = {
-        "generate": (kind in DECODER_KINDS, "a decoder checkpoint (--objective clm or prefix_lm)"),
-        "fill": (getattr(objective, "fills_masks", False),
-                 "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)"),
-        "infill": (kind == "seq2seq", "an encoder-decoder checkpoint (--objective t5)"),
-        "score": (kind == "decoder" or scores_tokens,
-                  "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)"),
-        "embed": (kind in ("encoder", "seq2seq"), "an encoder checkpoint (a masked/denoising objective, or t5)"),
-        "classify": (kind == "classifier", "a classifier checkpoint (--objective classify)"),   # classify
-    }
-    fits, need = needs[method]
-    if not fits:
-        raise UserError(f"{method}() needs {need}; {where} holds a {kind} ({name}): {method_that_fits(objective)}")
+    methods = served(*capabilities(objective))
+    if method not in methods:
+        raise UserError(f"{method}() needs {NEEDS[method]}; {holds(where, objective.model_kind, objective.name)}: "
+                        f"{hint(methods, False)}")
 
 
 # ----------------------------------------------------------------------------- generate (decoders)
@@ -333,8 +366,8 @@ def score_tokens(objective, tokenizer, text: str, device, flags: bool = False) -
     ids = [EOS_ID] + tokenizer.encode(text)
     check_fits_window(ids, objective, f"{named('score', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    if getattr(objective, "scores_tokens", False):
-        values = objective.replaced_probabilities(input_ids)[0, 1:]                    # (T-1,)
+    if detector(objective) is not None:
+        values = detector(objective).replaced_probabilities(input_ids)[0, 1:]          # (T-1,)
     else:
         model = objective.backbone
         log_probs = model.logits(model(input_ids)[0, :-1]).float().log_softmax(dim=-1)   # (T-1, V)
@@ -568,7 +601,8 @@ class Model:
       generate   decoders (clm) and prefix LMs (prefix_lm: the prompt is the prefix)
       fill       masked LMs (mlm, wwm, span, mlm+sop)
       infill     encoder-decoders (t5)
-      score      decoders (clm): log-probabilities; replaced-token detectors (rtd): P(replaced)
+      score      decoders (clm): log-probabilities; replaced-token detectors (rtd, or rtd+plm's
+                 rtd part): P(replaced)
       embed      encoders (every masked/denoising objective, rtd's discriminator, t5's encoder)
       classify   classifiers (--objective classify): label probabilities
     """

@@ -41,7 +41,7 @@ def checkpoints(tokenizer, tmp_path_factory):
     """{objective name: checkpoint file} for one model of each kind."""
     folder = tmp_path_factory.mktemp("api")
     return {name: save_tiny(folder / f"{name}.pt", name, tokenizer)
-            for name in ("clm", "prefix_lm", "mlm", "rtd", "t5", "simcse", "classify")}
+            for name in ("clm", "prefix_lm", "mlm", "rtd", "t5", "simcse", "classify", "plm", "rtd+plm", "mlm+rtd")}
 
 
 def load_on_cpu(path):
@@ -314,3 +314,59 @@ def test_a_long_list_goes_through_the_model_in_batches(name, checkpoints):
         assert sizes == [3, 3, 1]
     finally:
         hook.remove()
+
+
+# ----------------------------------------------------------------------------- sample.py: hints and --embed
+def sample(*args):
+    return run_in_process("sample.py", *args, "--device", "cpu")
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, flags, offers, never", [
+    ("classify", ["--embed", "a", "b"], ['--classify "'], ["--prompt"]),          # said "use --prompt"
+    ("classify", ["--score", "a"], ['--classify "'], ["--prompt"]),
+    ("plm", ["--score", "a"], ['--embed "'], ["--prompt"]),
+    ("rtd+plm", ["--fill", "a <mask>"], ['--score "', "--embed"], ["--prompt"]),   # said "no masked-LM head" only
+    ("rtd+plm", ["--prompt", "a"], ['--score "', "--embed"], []),
+    ("mlm+rtd", ["--infill", "a <extra_id_0>"], ['--fill "', "--score", "--embed"], ["--prompt"]),
+    ("rtd", ["--classify", "a"], ['--score "', "--embed"], ["--prompt"]),
+    ("t5", ["--score", "a"], ['--infill "', "--embed"], ["--prompt"]),
+    ("clm", ["--embed", "a"], ['--prompt "'], ["--embed"]),
+])
+def test_each_hint_offers_what_the_checkpoint_serves(name, flags, offers, never, checkpoints):
+    line = error_line(sample("--ckpt", checkpoints[name], *flags))
+    assert f"({name})" in line and "needs" in line
+    tail = line.split(f"({name})", 1)[1]   # the hint, after what the checkpoint holds
+    for fragment in offers:
+        assert fragment in tail, (fragment, line)
+    for fragment in never:
+        assert fragment not in tail, (fragment, line)
+
+
+def test_score_serves_the_detector_of_a_multi_task_objective(checkpoints, tokenizer):
+    """rtd+plm has a replaced-token detector (its rtd part): --score said it had none."""
+    model = load_on_cpu(checkpoints["rtd+plm"])
+    text = "The chef cooked the meal."
+    ids = [EOS_ID] + tokenizer.encode(text)
+    with torch.no_grad():
+        expected = model.objective.parts["rtd"].replaced_probabilities(torch.tensor([ids]))[0, 1:]
+    torch.testing.assert_close(torch.tensor([value for _, value in model.score(text)]), expected)
+    result = sample("--ckpt", checkpoints["rtd+plm"], "--score", text)
+    assert result.returncode == 0, result.stderr
+    assert [float(line.split()[0]) for line in result.stdout.splitlines()] == \
+        [round(p, 4) for p in expected.tolist()]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0, got -1"),
+    (["--top_p", "2"], "--top_p must be in (0, 1], got 2"),
+    (["--length_penalty", "1100"], "--length_penalty must be in [-5, 5], got 1100"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+])
+def test_embed_refuses_bad_flags_like_the_other_modes(flags, message, checkpoints):
+    assert message in error_line(sample("--ckpt", checkpoints["mlm"], "--embed", "a", "b", *flags))
