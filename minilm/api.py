@@ -300,6 +300,15 @@ class Filled(NamedTuple):
     candidates: list[list[Candidate]]  # per <mask>, in text order: the top_k, most probable first
 
 
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """`values`, or a one-line UserError when they hold NaN or inf: the weights are damaged, and
+    the answer would be NaN passed off as a result (generate checks its logits the same way)."""
+    if not torch.isfinite(values).all():
+        raise UserError(f"the model produced NaN or infinite {what}: its weights are damaged (NaN or inf); "
+                        "load an earlier checkpoint or retrain")
+    return values
+
+
 def check_fits_window(ids: list[int], objective, what: str) -> None:
     window = objective.backbone.cfg.seq_len
     if len(ids) > window:
@@ -335,7 +344,7 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
         ids.append(SEP_ID)
     check_fits_window(ids, objective, f"{named('fill', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    logits = objective.predict(input_ids)[0]                        # (T, V)
+    logits = check_finite(objective.predict(input_ids)[0], "logits")   # (T, V)
     where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
     probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
@@ -372,7 +381,7 @@ def score_tokens(objective, tokenizer, text: str, device, flags: bool = False) -
         model = objective.backbone
         log_probs = model.logits(model(input_ids)[0, :-1]).float().log_softmax(dim=-1)   # (T-1, V)
         values = log_probs.gather(1, input_ids[0, 1:, None]).squeeze(1)                 # (T-1,)
-    return list(zip(ids[1:], values.tolist()))
+    return list(zip(ids[1:], check_finite(values, "scores").tolist()))
 
 
 # ----------------------------------------------------------------------------- embed (encoders)
@@ -413,7 +422,8 @@ def embed_texts(objective, tokenizer, texts: list[str], device, batch_size: int 
         rows.append(ids + [EOS_ID] if seq2seq else [CLS_ID] + ids + [SEP_ID] if pairs else [EOS_ID] + ids)
     longest = max(rows, key=len)
     check_fits_window(longest, objective, f"embed() text {rows.index(longest) + 1}")
-    return torch.cat([mean_hidden_states(objective, batch, device) for batch in batches(rows, batch_size)])
+    vectors = [mean_hidden_states(objective, batch, device) for batch in batches(rows, batch_size)]
+    return check_finite(torch.cat(vectors), "embeddings")
 
 
 def mean_hidden_states(objective, rows: list[list[int]], device) -> torch.Tensor:
@@ -446,7 +456,7 @@ def sentence_embeddings(objective, tokenizer, texts: list[str], device, batch_si
         ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in batch], device=device)   # (N, W)
         input_ids, framed_lengths = frame_sentences(ids, lengths, ids.shape[1] + 2)      # (N, W + 2)
         vectors.append(objective.embed(input_ids, framed_lengths).float())
-    return torch.cat(vectors)
+    return check_finite(torch.cat(vectors), "embeddings")
 
 
 def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
@@ -583,7 +593,8 @@ def classify_texts(objective, tokenizer, texts, device, flags: bool = False,
     rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
     names, answers = objective.label_names, []
     for batch in batches(rows, batch_size):
-        probabilities = objective.logits(*padded(batch, device)).softmax(dim=-1)        # (N, n_labels)
+        logits = check_finite(objective.logits(*padded(batch, device)), "logits")     # (N, n_labels)
+        probabilities = logits.softmax(dim=-1)
         ranked, order = probabilities.sort(dim=-1, descending=True)
         answers += [[(names[i], p) for i, p in zip(row_order, row_probs)]
                     for row_order, row_probs in zip(order.tolist(), ranked.tolist())]
