@@ -202,9 +202,6 @@ def main(argv: list[str]) -> None:
     args["classify"] = texts_to_classify or []
     for name, rule in FLAG_RULES.items():   # every mode, --embed included, refuses a bad number
         check_value(name, args[name], **rule)
-    if texts_to_embed is not None:
-        print_embeddings(args, texts_to_embed)
-        return
     given = [f"--{flag} ({kind})" for flag, kind in (("fill", "masked LMs"), ("infill", "encoder-decoders"),
                                                       ("score", "replaced-token detectors"),
                                                       ("classify", "classifiers")) if args[flag]]
@@ -213,6 +210,9 @@ def main(argv: list[str]) -> None:
     if args["beam_size"] > 1 and not args["infill"]:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
+    if texts_to_embed is not None:
+        print_embeddings(args, texts_to_embed)
+        return
     if args["infill"]:
         infill_parts(args["infill"], flags=True)  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])

@@ -140,10 +140,11 @@ def check_device(value) -> torch.device:
     try:
         device = resolve_device(str(value))
     except UserError as err:
-        raise UserError(str(err).replace("use --device cpu", 'use device="cpu"').replace("--device", "device")) from None
+        worded = str(err).replace("use --device cpu", 'use device="cpu"').replace("--device", "device")
+        raise UserError(worded) from None
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {str(value)!r} names GPU {device.index} but {torch.cuda.device_count()} "
-                        f"are visible; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise UserError(f"device {str(value)!r} names GPU {device.index} but only {torch.cuda.device_count()} "
+                        f"GPU(s) are visible; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -155,7 +156,6 @@ def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> N
     check_int("num_samples", num_samples, at_least=1)
     check_int("seed", seed, within="[0, 2**64)")
     check_bool("use_cache", use_cache)
-
 
 
 # ----------------------------------------------------------------------------- loading
@@ -462,8 +462,8 @@ def sentence_embeddings(objective, tokenizer, texts: list[str], device, batch_si
 def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
     """(N, C) -> (N, N) cosine similarity of every pair of rows."""
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
-        raise UserError(f"vectors must be an (N, C) tensor, e.g. embed()'s, got "
-                        f"{shown(vectors) if not isinstance(vectors, torch.Tensor) else f'shape {tuple(vectors.shape)}'}")
+        got = f"shape {tuple(vectors.shape)}" if isinstance(vectors, torch.Tensor) else shown(vectors)
+        raise UserError(f"vectors must be an (N, C) tensor, e.g. embed()'s, got {got}")
     unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
     return unit @ unit.T
 

@@ -373,6 +373,7 @@ def test_score_serves_the_detector_of_a_multi_task_objective(checkpoints, tokeni
     (["--top_p", "2"], "--top_p must be in (0, 1], got 2"),
     (["--length_penalty", "1100"], "--length_penalty must be in [-5, 5], got 1100"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--beam_size", "2"], "--beam_size is for --infill"),
 ])
 def test_embed_refuses_bad_flags_like_the_other_modes(flags, message, checkpoints):
     assert message in error_line(sample("--ckpt", checkpoints["mlm"], "--embed", "a", "b", *flags))
