@@ -114,8 +114,10 @@ def check_text(name: str, value) -> None:
 def check_texts(name: str, value) -> None:
     """One text (a str) or a non-empty list (or tuple) of texts, each with something in it."""
     if isinstance(value, str):
-        value = [value]
-    elif not isinstance(value, (list, tuple)):
+        if not value.strip():
+            raise UserError(f"{name} is empty ({value!r}); give some words")
+        return
+    if not isinstance(value, (list, tuple)):
         hint = ': decode it first, e.g. [text.decode("utf-8")]' if isinstance(value, (bytes, bytearray)) else ""
         raise UserError(f"{name} must be a str or a list of str, got {shown(value)}{hint}")
     if not value:

@@ -211,6 +211,7 @@ BAD_CALLS = [
     ("mlm", lambda m: m.embed(["a"], batch_size=0), "batch_size", ">= 1, got 0"),
     ("mlm", lambda m: m.embed(["a"], batch_size=2.0), "batch_size", "an integer >= 1, got 2.0 (float)"),
     ("classify", lambda m: m.classify(None), "texts", "got None"),
+    ("classify", lambda m: m.classify(""), "texts", "is empty ('')"),
     ("classify", lambda m: m.classify([None]), "texts[0]", "got None"),
     ("classify", lambda m: m.classify(["a"], batch_size=False), "batch_size", "got False (bool)"),
     ("t5", lambda m: m.infill(None), "text", "got None"),
@@ -227,6 +228,7 @@ BAD_CALLS = [
     (None, lambda path: minilm.api.load(path, device="cpu", log="x"), "log", "got 'x' (str)"),
     (None, lambda path: minilm.export(None, "x.safetensors"), "checkpoint", "got None"),
     (None, lambda path: minilm.export(path, None), "out_path", "got None"),
+    (None, lambda path: minilm.export(path, "x.safetensors", log=3), "log", "got 3"),
     (None, lambda path: minilm.api.cosine_similarities([[1.0]]), "vectors", "an (N, C) tensor"),
 ]
 
@@ -263,6 +265,14 @@ def test_zero_new_tokens_give_the_text_itself(checkpoints):
     t5 = load_on_cpu(checkpoints["t5"])
     assert t5.infill("The cat <extra_id_0> on the mat.", max_new_tokens=0, beam_size=3, num_samples=3) == \
         ["The cat on the mat."]
+
+
+def test_sample_py_infill_beams_with_zero_new_tokens_print_one_filling_scored_zero(checkpoints):
+    """It printed three fillings scored nan, -inf and -inf."""
+    result = run_in_process("sample.py", "--ckpt", checkpoints["t5"], "--infill", "The cat <extra_id_0> on the mat.",
+                            "--beam_size", 3, "--max_new_tokens", 0, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "--- filling 1 (score 0.000)\nThe cat on the mat.\n"
 
 
 @pytest.mark.parametrize("name, call", [
