@@ -25,15 +25,18 @@ in order, as in training; any other text is plain text. --num_samples N prints N
 fillings (--temperature, --top_k, --top_p as above); --temperature 0 prints the one greedy
 filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search (no sampling:
 --temperature, --top_k and --top_p are unused), ranked by
-sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans).
+sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans;
+within [-5, 5]). --max_new_tokens 0 writes no span: the text with its sentinels removed (a beam
+search's one hypothesis then scores 0).
 
 Encoders embed texts (--objective simcse or simcse_sup: the sentence vectors they were trained
 for; any other encoder: the mean of its final hidden states, untrained as a sentence embedding):
     python sample.py --ckpt out --embed "A man plays a guitar." "Someone plays music." "It rains."
 prints the cosine-similarity matrix of the texts' embeddings, one row per text. Every argument
-after --embed up to the next --flag is one text.
+after --embed up to the next --flag is one text; the other flags are checked as in every mode.
 
-Replaced-token detectors (--objective rtd, ELECTRA's discriminator) score text instead:
+Replaced-token detectors (--objective rtd, ELECTRA's discriminator, or a combination with it such
+as rtd+plm) score text instead:
     python sample.py --ckpt out --score "The chef cooked the meal."
 prints one line per token: the discriminator's probability that the token was replaced (by the
 generator in training), then the piece. Write a wrong word in to see it stand out.
@@ -47,12 +50,14 @@ from __future__ import annotations
 import json
 import sys
 
-from minilm.api import (MASK, classify_texts, fill, generate_texts, infill_decode, infill_input_ids,  # noqa: F401 (re-exported)
-                        infill_parts, infill_text, load_for_inference, score_tokens, sentinel_spans)
+from minilm.api import (FLAG_OF, MASK, NEEDS, capabilities, classify_texts, fill, generate_texts,  # noqa: F401 (re-exported)
+                        hint, holds, infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference,
+                        score_tokens, sentinel_spans, served)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
 from minilm.errors import UserError
+from minilm.generate import LENGTH_PENALTY_RANGE
 from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
@@ -63,9 +68,8 @@ FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
                   top_k=dict(at_least=0),                # 0 = off
                   top_p=dict(within="(0, 1]"), seed=dict(within="[0, 2**64)"),
-                  beam_size=dict(at_least=1), length_penalty=dict())  # any finite number
+                  beam_size=dict(at_least=1), length_penalty=dict(within=LENGTH_PENALTY_RANGE))
 FILL_TOP_K = 5  # --top_k when filling and none is given
-INFILL_EXAMPLE = '--infill "The cat <extra_id_0> on the <extra_id_1>."'
 # The work is minilm/api.py's (the Python API); this script reads flags, calls it and prints.
 
 
@@ -134,52 +138,33 @@ def print_classes(objective, tokenizer, texts: list[str], device) -> None:
 # --- end classify ---
 
 
+# what each flag needs, worded as minilm.api words its methods' needs
+FLAG_NEEDS = dict(NEEDS, score="a replaced-token detection checkpoint (--objective rtd)",
+                  embed="an encoder checkpoint (--objective simcse, or any masked/denoising objective)")
+
+
+def flag_asked(args: dict) -> str:
+    """The method the flags ask for: classify, embed, score, infill, fill, or generate (--prompt,
+    or no flag)."""
+    return next((method for method in ("classify", "embed", "score", "infill", "fill") if args.get(method)),
+                "generate")
+
+
 def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str,
                     scores_tokens: bool = False) -> None:
-    """One-line UserError when the flags ask for something this checkpoint's model cannot do, naming
-    the flag that fits (--prompt for decoders and prefix LMs, --fill for masked LMs, --infill for
-    encoder-decoders, --score for replaced-token detectors)."""
-    held = f"{ckpt} holds a {model_kind} ({name})"
-    # --- classify ---
-    if args.get("classify") and model_kind != "classifier":
-        raise UserError(f"--classify needs a classifier checkpoint (--objective classify); {held}")
-    if model_kind == "classifier":
-        if not args.get("classify"):
-            raise UserError(f"{held}: it cannot generate, fill in or score text; classify text with "
-                            f"{CLASSIFY_EXAMPLE}")
+    """One-line UserError when the flags ask for something this checkpoint's model cannot do: what
+    the flag needs, and what the checkpoint does serve (minilm.api.served: --prompt for decoders
+    and prefix LMs, --fill for masked LMs, --infill for encoder-decoders, --score for
+    replaced-token detectors, --classify for classifiers, --embed for any encoder)."""
+    methods = served(model_kind, fills_masks, scores_tokens, flags=True)
+    asked = flag_asked(args)
+    if asked in methods:
         return
-    # --- end classify ---
-    if args["score"] and not scores_tokens:
-        hint = (f"use {INFILL_EXAMPLE} instead" if model_kind == "seq2seq" else
-                f'use --fill "text with {MASK}" instead' if fills_masks else
-                "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
-                "it has no replaced-token detector")
-        raise UserError(f"--score needs a replaced-token detection checkpoint (--objective rtd); {held}: {hint}")
-    if scores_tokens and not args["score"]:
-        raise UserError(f'{held}, a replaced-token detector: it cannot generate or fill in text; score text '
-                        f'with --score "The chef cooked the meal."')
-    if args["score"]:
-        return
-    if args["infill"] and model_kind != "seq2seq":
-        hint = ('use --fill "text with <mask>" instead' if fills_masks else
-                "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
-                "it cannot fill in text")
-        raise UserError(f"--infill needs an encoder-decoder checkpoint (--objective t5); {held}: {hint}")
-    if args["fill"] and not fills_masks:
-        hint = (f"use {INFILL_EXAMPLE} instead" if model_kind == "seq2seq" else
-                "use --prompt to generate" if model_kind in ("decoder", "prefix_decoder") else
-                "it has no masked-LM head to fill masks with")
-        raise UserError(f"--fill needs a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop); {held}: {hint}")
-    if args["fill"] or args["infill"]:
-        return
-    if model_kind == "seq2seq":
-        raise UserError(f"{held}, which fills in sentinels rather than continuing a prompt: {INFILL_EXAMPLE}")
-    if model_kind == "encoder":
-        hint = (f'fill in masks instead: --fill "text with {MASK}"' if fills_masks else
-                'and it has no masked-LM head either; embed texts with --embed "text" "text" ... or fine-tune it')
-        raise UserError(f"{ckpt} holds an encoder ({name}), which cannot generate text; {hint}")
-    if model_kind not in ("decoder", "prefix_decoder"):
-        raise UserError(f"{held}; text generation needs a decoder checkpoint (--objective clm or prefix_lm)")
+    held = holds(ckpt, model_kind, name)
+    if asked == "generate":
+        raise UserError(f"{held}, which cannot generate text: that needs {FLAG_NEEDS['generate']}; "
+                        f"{hint(methods, True)}")
+    raise UserError(f"--{FLAG_OF[asked]} needs {FLAG_NEEDS[asked]}; {held}: {hint(methods, True)}")
 
 
 # ---- simcse: --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
@@ -194,10 +179,8 @@ def print_embeddings(args: dict, texts: list[str]) -> None:
         raise UserError(f"--embed and {others[0]} exclude each other; give one")
     device = resolve_device(args["device"])
     objective, tokenizer, _ = load_for_inference(args["ckpt"], device)
-    if objective.model_kind not in ("encoder", "seq2seq"):
-        raise UserError(f"--embed needs an encoder checkpoint (--objective simcse, or any masked/denoising "
-                        f"objective); {args['ckpt']} holds a {objective.model_kind} ({objective.name}): use --prompt "
-                        "to generate")
+    kind, fills_masks, scores_tokens = capabilities(objective)
+    check_flags_fit(dict(args, embed=texts), objective.name, kind, fills_masks, args["ckpt"], scores_tokens)
     similarity = cosine_similarities(embed_texts(objective, tokenizer, texts, device)).tolist()
     how = (f"{objective.pooling} pooling" if getattr(objective, "embeds_sentences", False)
            else "mean of the final hidden states: not trained as a sentence embedding")
@@ -217,10 +200,7 @@ def main(argv: list[str]) -> None:
     if texts_to_classify is not None and not texts_to_classify:
         raise UserError(f"--classify needs a text or more, e.g. {CLASSIFY_EXAMPLE}")
     args["classify"] = texts_to_classify or []
-    if texts_to_embed is not None:
-        print_embeddings(args, texts_to_embed)
-        return
-    for name, rule in FLAG_RULES.items():
+    for name, rule in FLAG_RULES.items():   # every mode, --embed included, refuses a bad number
         check_value(name, args[name], **rule)
     given = [f"--{flag} ({kind})" for flag, kind in (("fill", "masked LMs"), ("infill", "encoder-decoders"),
                                                       ("score", "replaced-token detectors"),
@@ -230,12 +210,15 @@ def main(argv: list[str]) -> None:
     if args["beam_size"] > 1 and not args["infill"]:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
+    if texts_to_embed is not None:
+        print_embeddings(args, texts_to_embed)
+        return
     if args["infill"]:
         infill_parts(args["infill"], flags=True)  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
-    check_flags_fit(args, objective.name, objective.model_kind, objective.fills_masks, args["ckpt"],
-                    objective.scores_tokens)
+    kind, fills_masks, scores_tokens = capabilities(objective)
+    check_flags_fit(args, objective.name, kind, fills_masks, args["ckpt"], scores_tokens)
     if args["classify"]:
         print_classes(objective, tokenizer, args["classify"], device)
         return

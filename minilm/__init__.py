@@ -11,6 +11,8 @@ minilm.model`, `from minilm.objectives import build_objective`).
 """
 from __future__ import annotations
 
+import os
+
 
 def load(path: str, device="auto"):
     """A checkpoint file or run folder (its newest checkpoint that loads) -> a minilm.api.Model
@@ -24,8 +26,14 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
     """A checkpoint file or run folder (its newest checkpoint) -> out_path, a .safetensors file
     with the model's weights and its config, tokenizer and objective in the metadata
     (minilm/safetensors_io.py). Returns out_path."""
+    from minilm.api import check_path
     from minilm.safetensors_io import export as export_file
-    return export_file(checkpoint, out_path, log)
+    check_path("checkpoint", checkpoint)
+    check_path("out_path", out_path, "the .safetensors file to write")
+    if log is not None and not callable(log):
+        from minilm.errors import UserError
+        raise UserError(f"log must be None or a function taking a str (print, say), got {log!r}")
+    return export_file(os.fspath(checkpoint), os.fspath(out_path), log)
 
 
 __all__ = ["export", "load"]

@@ -11,8 +11,10 @@
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
 
 What a checkpoint can do depends on the objective it was trained with (Objective.model_kind,
-fills_masks, scores_tokens); a method it cannot serve raises a one-line UserError naming the
-method that fits. sample.py is a thin command line over this module: its flags are these
+fills_masks, scores_tokens: `served`); a method it cannot serve raises a one-line UserError naming
+what it serves instead; a wrong argument (a float for an int, bytes or None for a text) raises one
+naming the argument, what was given and what fits ("argument checks" below). embed and classify
+take batch_size texts per forward pass. sample.py is a thin command line over this module: its flags are these
 methods' arguments, and the functions below take `flags=True` to word their errors as flags
 (`--fill needs ...`) rather than as methods (`fill() needs ...`).
 
@@ -22,6 +24,7 @@ model trained on sentence pairs (mlm+sop); t5's encoder reads text + <eos>.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable, NamedTuple
@@ -57,6 +60,106 @@ def stderr_note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- argument checks
+# A Python caller's wrong argument is a one-line UserError that names the argument, shows what
+# was given and says what is expected (`max_new_tokens must be an integer >= 0, got 2.5 (float)`),
+# never a TypeError from deep inside torch or sentencepiece.
+def shown(value) -> str:
+    """What was given, for an error: its repr (cut short), and its type unless it is None."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if value is None else f"{text} ({type(value).__name__})"
+
+
+def rule_text(at_least=None, within: str | None = None) -> str:
+    return f" >= {at_least}" if at_least is not None else f" in {within}" if within else ""
+
+
+def check_number(name: str, value, **rule) -> None:
+    """config.check_value's rule, worded for a keyword argument (`top_p must be ...`)."""
+    from minilm.config import check_value
+    try:
+        check_value(name, value, **rule)
+    except UserError as err:
+        raise UserError(str(err).removeprefix("--")) from None
+
+
+def check_int(name: str, value, **rule) -> None:
+    """An int (not a bool: True is no count; not 2.0 either) within `rule` (check_number's)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{name} must be an integer{rule_text(**rule)}, got {shown(value)}")
+    check_number(name, value, **rule)
+
+
+def check_float(name: str, value, **rule) -> None:
+    """A finite int or float (not a bool) within `rule` (check_number's)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UserError(f"{name} must be a number{rule_text(**rule)}, got {shown(value)}")
+    check_number(name, value, **rule)
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False, got {shown(value)}")
+
+
+def check_text(name: str, value) -> None:
+    """A str; bytes are named as such, with how to decode them."""
+    if isinstance(value, (bytes, bytearray)):
+        raise UserError(f'{name} must be a str, got {shown(value)}: decode it first, e.g. {name}.decode("utf-8")')
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be a str, got {shown(value)}")
+
+
+def check_texts(name: str, value) -> None:
+    """One text (a str) or a non-empty list (or tuple) of texts, each with something in it."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{name} is empty ({value!r}); give some words")
+        return
+    if not isinstance(value, (list, tuple)):
+        hint = ': decode it first, e.g. [text.decode("utf-8")]' if isinstance(value, (bytes, bytearray)) else ""
+        raise UserError(f"{name} must be a str or a list of str, got {shown(value)}{hint}")
+    if not value:
+        raise UserError(f'{name} is an empty list; give at least one text, e.g. ["The cat sat on the mat."]')
+    for i, text in enumerate(value):
+        check_text(f"{name}[{i}]", text)
+        if not text.strip():
+            raise UserError(f"{name}[{i}] is empty ({text!r}); give every text some words")
+
+
+def check_path(name: str, value, what: str = "a checkpoint file or a run folder") -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise UserError(f"{name} must be {what} (a str or os.PathLike), got {shown(value)}")
+
+
+def check_device(value) -> torch.device:
+    """"auto", a device name or a torch.device -> the torch.device, available here."""
+    from minilm.trainer import resolve_device
+    if not isinstance(value, (str, torch.device)):
+        raise UserError(f'device must be "auto", a name such as "cpu" or "cuda:1", or a torch.device, '
+                        f"got {shown(value)}")
+    try:
+        device = resolve_device(str(value))
+    except UserError as err:
+        worded = str(err).replace("use --device cpu", 'use device="cpu"').replace("--device", "device")
+        raise UserError(worded) from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {str(value)!r} names GPU {device.index} but only {torch.cuda.device_count()} "
+                        f"GPU(s) are visible; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> None:
+    """generate's and infill's shared arguments."""
+    check_float("temperature", temperature, at_least=0)
+    check_int("top_k", top_k, at_least=0)
+    check_float("top_p", top_p, within="(0, 1]")
+    check_int("num_samples", num_samples, at_least=1)
+    check_int("seed", seed, within="[0, 2**64)")
+    check_bool("use_cache", use_cache)
+
+
 # ----------------------------------------------------------------------------- loading
 def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note):
     """(objective with weights, in eval mode on `device`, tokenizer, config) from a checkpoint
@@ -86,47 +189,82 @@ def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_no
 def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> "Model":
     """A Model from a checkpoint file or a run folder (its newest checkpoint that loads).
     device: "auto" (cuda, then mps, then cpu), a name ("cpu", "cuda:1") or a torch.device."""
-    from minilm.trainer import resolve_device
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    objective, tokenizer, cfg = load_for_inference(str(path), device, log)
-    return Model(objective, tokenizer, cfg, str(path), device)
+    check_path("path", path)
+    device = check_device(device)
+    if not callable(log):
+        raise UserError(f"log must be a function taking a str (print, say), got {shown(log)}")
+    objective, tokenizer, cfg = load_for_inference(os.fspath(path), device, log)
+    return Model(objective, tokenizer, cfg, os.fspath(path), device)
 
 
 # ----------------------------------------------------------------------------- which method fits
-def method_that_fits(objective) -> str:
-    """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
-    kind = objective.model_kind
-    if kind == "classifier":   # classify
-        return f"use {example('classify', CLASSIFY_EXAMPLE, False)} instead"
-    if kind == "seq2seq":
-        return f"use {example('infill', INFILL_EXAMPLE_TEXT, False)} instead"
-    if kind in DECODER_KINDS:
-        return 'use generate("prompt") instead'
-    if getattr(objective, "fills_masks", False):
-        return f"use {example('fill', 'text with <mask>', False)} instead"
+# what each method needs, worded for an error (sample.py words its flags' needs the same way)
+NEEDS = {
+    "generate": "a decoder checkpoint (--objective clm or prefix_lm)",
+    "fill": "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)",
+    "infill": "an encoder-decoder checkpoint (--objective t5)",
+    "score": "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)",
+    "embed": "an encoder checkpoint (a masked/denoising objective, or t5)",
+    "classify": "a classifier checkpoint (--objective classify)",   # classify
+}
+# the text each method's hint shows (embed's is a list: see hint)
+HINT_TEXT = {"classify": CLASSIFY_EXAMPLE, "infill": INFILL_EXAMPLE_TEXT, "generate": "Once upon a time",
+             "fill": f"text with {MASK}", "score": SCORE_EXAMPLE}
+
+
+def detector(objective):
+    """The replaced-token detector that scores tokens: the objective itself (rtd), the part of a
+    multi-task objective that is one (rtd+plm, mlm+rtd), or None."""
     if getattr(objective, "scores_tokens", False):
-        return f"use {example('score', SCORE_EXAMPLE, False)} instead"
-    return "use embed(texts): its backbone is for embeddings and fine-tuning"
+        return objective
+    parts = getattr(objective, "parts", None)
+    return next((part for part in parts.values() if getattr(part, "scores_tokens", False)), None) if parts else None
+
+
+def served(kind: str, fills_masks: bool, scores_tokens: bool, flags: bool = False) -> list[str]:
+    """The methods a checkpoint serves, the one a hint offers first: its model's purpose (classify,
+    infill, generate), then its heads (fill, score), then embed, which every encoder serves.
+    sample.py's --score is for detectors only (it prints P(replaced)); score() serves decoders too."""
+    return [method for method, fits in (
+        ("classify", kind == "classifier"), ("infill", kind == "seq2seq"), ("generate", kind in DECODER_KINDS),
+        ("fill", fills_masks), ("score", scores_tokens or (kind == "decoder" and not flags)),
+        ("embed", kind in ("encoder", "seq2seq"))) if fits]
+
+
+def capabilities(objective) -> tuple[str, bool, bool]:
+    """(model_kind, fills_masks, scores_tokens) of a loaded objective: what served() reads."""
+    return objective.model_kind, bool(getattr(objective, "fills_masks", False)), detector(objective) is not None
+
+
+def hint(methods: list[str], flags: bool) -> str:
+    """What a checkpoint that serves `methods` can do instead, with an example of the first."""
+    first, others = methods[0], methods[1:]
+    if first == "embed":
+        call = ('--embed "A man plays a guitar." "Someone plays music."' if flags
+                else 'embed(["A man plays a guitar.", "Someone plays music."])')
+        return f"it has no masked-LM head, detector or decoder: embed texts with {call}, or fine-tune it"
+    text = f"use {example(first, HINT_TEXT[first], flags)} instead"
+    if first == "score":
+        text += ": it is a replaced-token detector"
+    return text + (f" (it also serves {', '.join(named(m, flags) for m in others)})" if others else "")
+
+
+def holds(where: str, kind: str, name: str) -> str:
+    return f"{where} holds {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({name})"
+
+
+def method_that_fits(objective, flags: bool = False) -> str:
+    """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
+    return hint(served(*capabilities(objective), flags=flags), flags)
 
 
 def check_method_fits(method: str, objective, where: str) -> None:
     """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
     what the method needs and which method fits; the wording follows sample.py's flag checks."""
-    kind, name = objective.model_kind, objective.name
-    scores_tokens = getattr(objective, "scores_tokens", False)
-    needs = {
-        "generate": (kind in DECODER_KINDS, "a decoder checkpoint (--objective clm or prefix_lm)"),
-        "fill": (getattr(objective, "fills_masks", False),
-                 "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)"),
-        "infill": (kind == "seq2seq", "an encoder-decoder checkpoint (--objective t5)"),
-        "score": (kind == "decoder" or scores_tokens,
-                  "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)"),
-        "embed": (kind in ("encoder", "seq2seq"), "an encoder checkpoint (a masked/denoising objective, or t5)"),
-        "classify": (kind == "classifier", "a classifier checkpoint (--objective classify)"),   # classify
-    }
-    fits, need = needs[method]
-    if not fits:
-        raise UserError(f"{method}() needs {need}; {where} holds a {kind} ({name}): {method_that_fits(objective)}")
+    methods = served(*capabilities(objective))
+    if method not in methods:
+        raise UserError(f"{method}() needs {NEEDS[method]}; {holds(where, objective.model_kind, objective.name)}: "
+                        f"{hint(methods, False)}")
 
 
 # ----------------------------------------------------------------------------- generate (decoders)
@@ -164,6 +302,15 @@ class Filled(NamedTuple):
     candidates: list[list[Candidate]]  # per <mask>, in text order: the top_k, most probable first
 
 
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """`values`, or a one-line UserError when they hold NaN or inf: the weights are damaged, and
+    the answer would be NaN passed off as a result (generate checks its logits the same way)."""
+    if not torch.isfinite(values).all():
+        raise UserError(f"the model produced NaN or infinite {what}: its weights are damaged (NaN or inf); "
+                        "load an earlier checkpoint or retrain")
+    return values
+
+
 def check_fits_window(ids: list[int], objective, what: str) -> None:
     window = objective.backbone.cfg.seq_len
     if len(ids) > window:
@@ -199,7 +346,7 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
         ids.append(SEP_ID)
     check_fits_window(ids, objective, f"{named('fill', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    logits = objective.predict(input_ids)[0]                        # (T, V)
+    logits = check_finite(objective.predict(input_ids)[0], "logits")   # (T, V)
     where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
     probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
@@ -230,30 +377,45 @@ def score_tokens(objective, tokenizer, text: str, device, flags: bool = False) -
     ids = [EOS_ID] + tokenizer.encode(text)
     check_fits_window(ids, objective, f"{named('score', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    if getattr(objective, "scores_tokens", False):
-        values = objective.replaced_probabilities(input_ids)[0, 1:]                    # (T-1,)
+    if detector(objective) is not None:
+        values = detector(objective).replaced_probabilities(input_ids)[0, 1:]          # (T-1,)
     else:
         model = objective.backbone
         log_probs = model.logits(model(input_ids)[0, :-1]).float().log_softmax(dim=-1)   # (T-1, V)
         values = log_probs.gather(1, input_ids[0, 1:, None]).squeeze(1)                 # (T-1,)
-    return list(zip(ids[1:], values.tolist()))
+    return list(zip(ids[1:], check_finite(values, "scores").tolist()))
 
 
 # ----------------------------------------------------------------------------- embed (encoders)
+BATCH_SIZE = 64   # texts per forward pass in embed and classify: bounds the memory a long list takes
+
+
+def batches(rows: list, batch_size: int):
+    """`rows` in consecutive slices of at most batch_size."""
+    for start in range(0, len(rows), batch_size):
+        yield rows[start:start + batch_size]
+
+
+def padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids (N, T) right-padded with PAD_ID, lengths (N,))."""
+    lengths = torch.tensor([len(row) for row in rows], device=device)                 # (N,)
+    T = int(lengths.max())
+    return torch.tensor([row + [PAD_ID] * (T - len(row)) for row in rows], device=device), lengths
+
+
 @torch.no_grad()
-def embed_texts(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
+def embed_texts(objective, tokenizer, texts: list[str], device, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """(N, C) float32: per text, the mean of the final hidden states (after the final norm) over
     its real positions, framing tokens included (<eos> first, or [CLS] ... [SEP] for a model
-    trained on sentence pairs; t5: its encoder over text + <eos>). The texts are right-padded
-    into one batch; a padding mask hides the pad keys and the mean skips the pad positions, so
-    a text's embedding does not depend on the texts batched with it."""
+    trained on sentence pairs; t5: its encoder over text + <eos>). The texts go through the model
+    batch_size at a time, each batch right-padded; a padding mask hides the pad keys and the mean
+    skips the pad positions, so a text's embedding does not depend on the texts batched with it."""
     if isinstance(texts, str):
         texts = [texts]
     if not texts:
         raise UserError('embed() needs at least one text, e.g. embed(["The cat sat on the mat."])')
     if getattr(objective, "embeds_sentences", False):   # simcse: its own framing and pooling
-        return sentence_embeddings(objective, tokenizer, texts, device)
-    from minilm.model import padding_mask
+        return sentence_embeddings(objective, tokenizer, texts, device, batch_size)
     seq2seq = objective.model_kind == "seq2seq"
     pairs = objective.data == "segment_pairs"
     rows = []
@@ -262,11 +424,17 @@ def embed_texts(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
         rows.append(ids + [EOS_ID] if seq2seq else [CLS_ID] + ids + [SEP_ID] if pairs else [EOS_ID] + ids)
     longest = max(rows, key=len)
     check_fits_window(longest, objective, f"embed() text {rows.index(longest) + 1}")
-    lengths = torch.tensor([len(row) for row in rows], device=device)                 # (N,)
-    T = int(lengths.max())
-    input_ids = torch.tensor([row + [PAD_ID] * (T - len(row)) for row in rows], device=device)   # (N, T)
-    mask = padding_mask(lengths, T)                                                     # (N, 1, 1, T)
+    vectors = [mean_hidden_states(objective, batch, device) for batch in batches(rows, batch_size)]
+    return check_finite(torch.cat(vectors), "embeddings")
+
+
+def mean_hidden_states(objective, rows: list[list[int]], device) -> torch.Tensor:
+    """One batch of embed_texts: framed token rows -> (N, C) float32."""
+    from minilm.model import padding_mask
+    input_ids, lengths = padded(rows, device)                                            # (N, T), (N,)
+    mask = padding_mask(lengths, input_ids.shape[1])                                    # (N, 1, 1, T)
     model = objective.backbone
+    seq2seq = objective.model_kind == "seq2seq"
     hidden = model.encode(input_ids, mask) if seq2seq else model(input_ids, mask=mask)  # (N, T, C)
     real = mask[:, 0, 0, :, None].to(hidden.dtype)                                       # (N, T, 1)
     return ((hidden * real).sum(dim=1) / lengths[:, None].to(hidden.dtype)).float()
@@ -274,24 +442,30 @@ def embed_texts(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
 
 # ---- simcse: embeddings of a sentence-embedding checkpoint, and their cosine similarities
 @torch.no_grad()
-def sentence_embeddings(objective, tokenizer, texts: list[str], device) -> torch.Tensor:
+def sentence_embeddings(objective, tokenizer, texts: list[str], device, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """(N, C) float32 from an objective trained for sentence embeddings (simcse, simcse_sup):
     each text framed `[CLS] text [SEP]` as its training sentences were, pooled as it was trained
-    (--simcse_pooling: [CLS] before the training-only MLP, or the mean over real tokens). Padding
-    changes nothing, so a text's vector does not depend on its batch."""
+    (--simcse_pooling: [CLS] before the training-only MLP, or the mean over real tokens), batch_size
+    texts at a time. Padding changes nothing, so a text's vector does not depend on its batch."""
     from minilm.data.sentences import frame_sentences
     rows = [tokenizer.encode(text) for text in texts]
     longest = max(range(len(rows)), key=lambda i: len(rows[i]))
     check_fits_window(rows[longest] + [CLS_ID, SEP_ID], objective, f"embed() text {longest + 1}")
-    lengths = torch.tensor([len(row) for row in rows], device=device)                   # (N,)
-    width = max(1, int(lengths.max()))
-    ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows], device=device)   # (N, W)
-    input_ids, framed_lengths = frame_sentences(ids, lengths, width + 2)                # (N, W + 2)
-    return objective.embed(input_ids, framed_lengths).float()
+    vectors = []
+    for batch in batches(rows, batch_size):
+        lengths = torch.tensor([len(row) for row in batch], device=device)                 # (N,)
+        width = max(1, int(lengths.max()))
+        ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in batch], device=device)   # (N, W)
+        input_ids, framed_lengths = frame_sentences(ids, lengths, ids.shape[1] + 2)      # (N, W + 2)
+        vectors.append(objective.embed(input_ids, framed_lengths).float())
+    return check_finite(torch.cat(vectors), "embeddings")
 
 
 def cosine_similarities(vectors: torch.Tensor) -> torch.Tensor:
     """(N, C) -> (N, N) cosine similarity of every pair of rows."""
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2:
+        got = f"shape {tuple(vectors.shape)}" if isinstance(vectors, torch.Tensor) else shown(vectors)
+        raise UserError(f"vectors must be an (N, C) tensor, e.g. embed()'s, got {got}")
     unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
     return unit @ unit.T
 
@@ -393,7 +567,8 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
         tokens, beam_scores = beam_search(model, input_ids, max_new_tokens, beam_size=beam_size,
                                           length_penalty=length_penalty, **shared)
         count = min(num_samples, beam_size)
-        rows, scores = tokens[0, :count], beam_scores[0, :count].tolist()
+        found = beam_scores[0, :count].isfinite()   # -inf: no hypothesis (max_new_tokens 0 has one)
+        rows, scores = tokens[0, :count][found], beam_scores[0, :count][found].tolist()
     else:
         count = 1 if temperature == 0 else num_samples   # greedy has one answer
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -404,11 +579,13 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
 
 # ----------------------------------------------------------------------------- classify (classifiers)
 @torch.no_grad()
-def classify_texts(objective, tokenizer, texts, device, flags: bool = False) -> list[list[tuple[str, float]]]:
+def classify_texts(objective, tokenizer, texts, device, flags: bool = False,
+                   batch_size: int = BATCH_SIZE) -> list[list[tuple[str, float]]]:
     """Per text, [(label, probability)] over every label, most probable first. Each text is framed
     as in fine-tuning, [CLS] text [SEP], its first seq_len - 2 tokens kept (as LabelledSource
-    truncates); the texts are right-padded into one batch, and the classifier's padding mask and
-    pooling skip the padding, so a text's answer does not depend on the texts batched with it."""
+    truncates); the texts go through batch_size at a time, each batch right-padded, and the
+    classifier's padding mask and pooling skip the padding, so a text's answer does not depend on
+    the texts batched with it."""
     if isinstance(texts, str):
         texts = [texts]
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -416,26 +593,17 @@ def classify_texts(objective, tokenizer, texts, device, flags: bool = False) -> 
                         f"{example('classify', CLASSIFY_EXAMPLE, flags)}")
     keep = objective.backbone.cfg.seq_len - 2
     rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
-    lengths = torch.tensor([len(row) for row in rows], device=device)                  # (N,)
-    T = int(lengths.max())
-    input_ids = torch.tensor([row + [PAD_ID] * (T - len(row)) for row in rows], device=device)   # (N, T)
-    probabilities = objective.logits(input_ids, lengths).softmax(dim=-1)               # (N, n_labels)
-    ranked, order = probabilities.sort(dim=-1, descending=True)
-    names = objective.label_names
-    return [[(names[i], p) for i, p in zip(row_order, row_probs)]
-            for row_order, row_probs in zip(order.tolist(), ranked.tolist())]
+    names, answers = objective.label_names, []
+    for batch in batches(rows, batch_size):
+        logits = check_finite(objective.logits(*padded(batch, device)), "logits")     # (N, n_labels)
+        probabilities = logits.softmax(dim=-1)
+        ranked, order = probabilities.sort(dim=-1, descending=True)
+        answers += [[(names[i], p) for i, p in zip(row_order, row_probs)]
+                    for row_order, row_probs in zip(order.tolist(), ranked.tolist())]
+    return answers
 
 
 # ----------------------------------------------------------------------------- the model
-def check_number(name: str, value, **rule) -> None:
-    """config.check_value's rule, worded for a keyword argument (`top_p must be ...`)."""
-    from minilm.config import check_value
-    try:
-        check_value(name, value, **rule)
-    except UserError as err:
-        raise UserError(str(err).removeprefix("--")) from None
-
-
 class Model:
     """A loaded checkpoint (minilm.load), ready for inference. Attributes: objective (the
     nn.Module with its heads; .backbone the network), tokenizer, config, path, device, and
@@ -446,7 +614,8 @@ class Model:
       generate   decoders (clm) and prefix LMs (prefix_lm: the prompt is the prefix)
       fill       masked LMs (mlm, wwm, span, mlm+sop)
       infill     encoder-decoders (t5)
-      score      decoders (clm): log-probabilities; replaced-token detectors (rtd): P(replaced)
+      score      decoders (clm): log-probabilities; replaced-token detectors (rtd, or rtd+plm's
+                 rtd part): P(replaced)
       embed      encoders (every masked/denoising objective, rtd's discriminator, t5's encoder)
       classify   classifiers (--objective classify): label probabilities
     """
@@ -474,10 +643,12 @@ class Model:
         """num_samples texts: the prompt followed by the model's continuation, each cut at the
         first <eos> it writes. temperature 0 is greedy; top_k 0 is off. The same seed gives the
         same texts (and the same as `sample.py --seed`). A text past the context window is
-        continued from its last seq_len tokens, with a note on stderr."""
+        continued from its last seq_len tokens, with a note on stderr. max_new_tokens 0 gives the
+        prompt itself."""
         self._check("generate")
-        check_number("max_new_tokens", max_new_tokens, at_least=0)
-        self._check_sampling(temperature, top_k, top_p, num_samples, seed)
+        check_text("prompt", prompt)
+        check_int("max_new_tokens", max_new_tokens, at_least=0)
+        check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache)
         return generate_texts(self.objective, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
                               device=self.device, use_cache=use_cache, warn=lambda msg: stderr_note(f"note: {msg}"))
@@ -488,7 +659,8 @@ class Model:
         probability, token_id) per mask, in text order, most probable first. A space right before
         <mask> goes into the mask (write "red<mask>" for the rest of a word)."""
         self._check("fill")
-        check_number("top_k", top_k, at_least=1)
+        check_text("text", text)
+        check_int("top_k", top_k, at_least=1)
         return fill(self.objective, self.tokenizer, text, top_k, self.device)
 
     def infill(self, text: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
@@ -497,12 +669,15 @@ class Model:
         """`text` with every sentinel (<extra_id_0>, <extra_id_1>, ... in order) replaced by the
         span the decoder writes for it. Sampling gives num_samples texts; temperature 0 the one
         greedy text; beam_size > 1 the best min(num_samples, beam_size) of a beam search, best
-        first (ranked by sum of log-probabilities / length ** length_penalty)."""
+        first (ranked by sum of log-probabilities / length ** length_penalty, length_penalty in
+        [-5, 5]). max_new_tokens 0 writes no span: the text without its sentinels, once."""
+        from minilm.generate import LENGTH_PENALTY_RANGE
         self._check("infill")
-        check_number("max_new_tokens", max_new_tokens, at_least=0)
-        check_number("beam_size", beam_size, at_least=1)
-        check_number("length_penalty", length_penalty)
-        self._check_sampling(temperature, top_k, top_p, num_samples, seed)
+        check_text("text", text)
+        check_int("max_new_tokens", max_new_tokens, at_least=0)
+        check_int("beam_size", beam_size, at_least=1)
+        check_float("length_penalty", length_penalty, within=LENGTH_PENALTY_RANGE)
+        check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache)
         texts, _scores = infill_decode(
             self.objective, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, num_samples=num_samples, seed=seed, beam_size=beam_size, length_penalty=length_penalty,
@@ -516,30 +691,30 @@ class Model:
           replaced-token detectors (rtd): value = the discriminator's probability that the token
             was replaced (what `sample.py --score` prints)."""
         self._check("score")
+        check_text("text", text)
         return [(self.tokenizer.id_to_piece(token), value)
                 for token, value in score_tokens(self.objective, self.tokenizer, text, self.device)]
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
+    def embed(self, texts: list[str], batch_size: int = BATCH_SIZE) -> torch.Tensor:
         """(N, C) float32 on self.device. A sentence-embedding checkpoint (simcse, simcse_sup)
         pools as it was trained (sentence_embeddings); any other encoder gives, for each text, the
         mean of its final hidden states (after its final norm) over the text's positions, framing
         tokens included and padding excluded (embed_texts), a reasonable but untrained embedding.
-        Either way a text's embedding does not depend on its batch. A single str is one text:
+        Either way a text's embedding does not depend on its batch: the texts go through the model
+        batch_size at a time, which bounds the memory a long list takes. A single str is one text:
         (1, C). Compare them with minilm.api.cosine_similarities."""
         self._check("embed")
-        return embed_texts(self.objective, self.tokenizer, texts, self.device)
+        check_texts("texts", texts)
+        check_int("batch_size", batch_size, at_least=1)
+        return embed_texts(self.objective, self.tokenizer, texts, self.device, batch_size)
 
-    def classify(self, texts):   # classify
+    def classify(self, texts, batch_size: int = BATCH_SIZE):   # classify
         """Label probabilities, most probable first: a str gives [(label, probability), ...] over
-        every label; a list of texts gives one such list per text. The texts are framed as in
-        fine-tuning ([CLS] text [SEP]); a text past the context window keeps its first tokens."""
+        every label; a list of texts gives one such list per text, batch_size texts per forward
+        pass. The texts are framed as in fine-tuning ([CLS] text [SEP]); a text past the context
+        window keeps its first tokens."""
         self._check("classify")
-        answers = classify_texts(self.objective, self.tokenizer, texts, self.device)
+        check_texts("texts", texts)
+        check_int("batch_size", batch_size, at_least=1)
+        answers = classify_texts(self.objective, self.tokenizer, texts, self.device, batch_size=batch_size)
         return answers[0] if isinstance(texts, str) else answers
-
-    def _check_sampling(self, temperature, top_k, top_p, num_samples, seed) -> None:
-        check_number("temperature", temperature, at_least=0)
-        check_number("top_k", top_k, at_least=0)
-        check_number("top_p", top_p, within="(0, 1]")
-        check_number("num_samples", num_samples, at_least=1)
-        check_number("seed", seed, within="[0, 2**64)")

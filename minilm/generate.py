@@ -40,6 +40,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """One-line UserError when a model's logits hold NaN or inf: its weights are damaged, and
+    sampling would fail inside torch.multinomial, or greedy pick garbage (argmax of NaN)."""
+    if not torch.isfinite(logits).all():
+        raise UserError("the model produced NaN or infinite logits: its weights are damaged (NaN or inf); "
+                        "load an earlier checkpoint or retrain")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids. temperature 0 means greedy (argmax)."""
@@ -109,6 +117,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
                 mask = prefix_lm_mask(torch.tensor([prefix_len], device=tokens.device), visible.shape[1])
             hidden = model(visible, mask=mask)
         logits = model.logits(hidden[:, -1])
+        check_finite_logits(logits)
         next_token = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     model.train(was_training)
@@ -192,7 +201,9 @@ def sample_loop(step: Callable[[torch.Tensor], torch.Tensor], n_rows: int, max_n
     tokens = torch.full((n_rows, 1), start_id, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        next_token = sample_next(step(tokens), temperature, top_k, top_p, generator)
+        logits = step(tokens)
+        check_finite_logits(logits)
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
         next_token = next_token.masked_fill(finished, pad_id)
         finished |= next_token == eos_id
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
@@ -247,7 +258,22 @@ def generate_seq2seq(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tok
 #     lower a sum, so the best a beam can reach is its sum now divided by the most favourable
 #     length, max_new_tokens when length_penalty > 0, the next step's length otherwise).
 #   * at max_new_tokens the rows not done also consider their running beams (unfinished, no eos),
-#     scored at length max_new_tokens.
+#     scored at length max_new_tokens. max_new_tokens 0 leaves one hypothesis, the empty one: its
+#     sum of no log-probabilities is 0, and so is its score (any other beam scores -inf: none).
+#   * length_penalty lies in LENGTH_PENALTY_RANGE: length ** length_penalty stays a float32-sized
+#     number for any decoder window, where 1100 overflowed and a large one ranks every beam at 0.
+LENGTH_PENALTY_RANGE = "[-5, 5]"
+
+
+def check_length_penalty(length_penalty: float, name: str = "length_penalty") -> None:
+    """One-line UserError for a length_penalty outside LENGTH_PENALTY_RANGE (or not a number)."""
+    from minilm.config import check_value
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise UserError(f"{name} must be a number in {LENGTH_PENALTY_RANGE}, got {length_penalty!r}")
+    try:
+        check_value(name, length_penalty, within=LENGTH_PENALTY_RANGE)
+    except UserError as err:
+        raise UserError(str(err).removeprefix("--")) from None
 
 
 def beam_loop(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[torch.Tensor], None],
@@ -268,7 +294,9 @@ def beam_loop(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[t
     done = torch.zeros(B, dtype=torch.bool, device=device)
     row_offset = (torch.arange(B, device=device) * K)[:, None]                 # (B, 1)
     for t in range(L):
-        log_probs = torch.log_softmax(step(tokens), dim=-1)                    # (B*K, V)
+        logits = step(tokens)
+        check_finite_logits(logits)
+        log_probs = torch.log_softmax(logits, dim=-1)                          # (B*K, V)
         V = log_probs.shape[-1]
         candidates = (beam_sums[:, :, None] + log_probs.view(B, K, V)).view(B, K * V)
         top_sums, top_index = candidates.topk(min(2 * K, K * V), dim=-1)       # (B, 2K), best first
@@ -295,7 +323,7 @@ def beam_loop(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[t
             break
     else:
         # max_new_tokens reached: the rows not done also rank their running beams (no eos)
-        scores = torch.where(done[:, None], float("-inf"), beam_sums / L ** length_penalty)
+        scores = torch.where(done[:, None], float("-inf"), beam_sums / max(L, 1) ** length_penalty)
         kept_scores, kept_tokens = merge_best(kept_scores, kept_tokens, scores, tokens[:, 1:].view(B, K, L), K)
     return kept_tokens, kept_scores
 
@@ -330,6 +358,7 @@ def beam_search(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tokens: 
     once per example; its output is repeated for the beams after it."""
     if beam_size < 1:
         raise UserError(f"beam_size must be >= 1, got {beam_size}")
+    check_length_penalty(length_penalty)
     check_decoder_length(model, max_new_tokens)
     was_training = model.training
     model.eval()

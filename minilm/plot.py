@@ -23,6 +23,7 @@ so nothing changes in the plotting state of a notebook that calls plot_runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -36,24 +37,47 @@ MATPLOTLIB_HINT = 'minilm.plot needs matplotlib: pip install -e ".[plot]" (or pi
 
 
 # ----------------------------------------------------------------------------- reading
+def is_number(value) -> bool:
+    """An int or float: not a bool (JSON's true is no loss) and not null. A NaN loss stays (a gap
+    in its curve shows where a run diverged)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_position(value) -> bool:
+    """A step or tokens value that can sit on the x axis: a finite number."""
+    return is_number(value) and math.isfinite(value)
+
+
+def metrics_row(line: bytes) -> dict | None:
+    """One line of metrics.jsonl as a row, or None when it is not one: not UTF-8, not a JSON
+    object, or without a finite step (or with a tokens column that is not one: null, say)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(row, dict) or not is_position(row.get("step")):
+        return None
+    if "tokens" in row and not is_position(row["tokens"]):
+        return None
+    return row
+
+
 def read_metrics(run: str, log=None) -> list[dict]:
     """The rows of a run's metrics.jsonl (`run`: the run folder, or the file itself). Lines that
-    are not a JSON object are skipped with a note on `log` (stderr by default)."""
+    are not metrics rows (metrics_row) are skipped and counted in a note on `log` (stderr by
+    default)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     path = os.path.join(run, METRICS_NAME) if os.path.isdir(run) else run
     if not os.path.isfile(path):
         where = f"{run} holds no {METRICS_NAME}" if os.path.isdir(run) else f"no run folder or {METRICS_NAME} at {run}"
         raise UserError(f"{where}; pass the --out_dir of a train.py run")
     rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:   # bytes: a line that is not UTF-8 is skipped, not the whole file
         for line in f:
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            row = metrics_row(line)
+            if row is not None:
                 rows.append(row)
             else:
                 bad += 1
@@ -76,7 +100,7 @@ def curves(runs: dict[str, list[dict]], log=None) -> tuple[str, dict[str, dict[s
     panels: dict[str, dict[str, tuple[list, list]]] = {title: {} for title in PANELS}
     for title, key in PANELS.items():
         for name, rows in runs.items():
-            points = {row[x_key]: row[key] for row in rows if isinstance(row.get(key), (int, float))}
+            points = {row[x_key]: row[key] for row in rows if is_number(row.get(key))}
             if points:
                 xs = sorted(points)
                 panels[title][name] = (xs, [points[x] for x in xs])

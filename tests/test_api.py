@@ -28,6 +28,8 @@ def save_tiny(path, name: str, tokenizer, seed: int = 0, step: int = 0) -> str:
     cfg.model = model_config_for(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=1,
                                                    n_head=2, n_embd=32))
     cfg.train.objective = name
+    if name == "classify":
+        cfg.obj.labels = '["food", "space", "sport"]'
     objective = build_objective(name, cfg.model, tokenizer, cfg.obj)
     save_checkpoint(str(path), {"config": cfg.to_dict(), "objective": name, "model": objective.state_dict(),
                                 "step": step, "tokenizer": bytes_to_tensor(tokenizer.model_bytes)})
@@ -39,7 +41,7 @@ def checkpoints(tokenizer, tmp_path_factory):
     """{objective name: checkpoint file} for one model of each kind."""
     folder = tmp_path_factory.mktemp("api")
     return {name: save_tiny(folder / f"{name}.pt", name, tokenizer)
-            for name in ("clm", "prefix_lm", "mlm", "rtd", "t5")}
+            for name in ("clm", "prefix_lm", "mlm", "rtd", "t5", "simcse", "classify", "plm", "rtd+plm", "mlm+rtd")}
 
 
 def load_on_cpu(path):
@@ -167,3 +169,221 @@ def test_bad_arguments_are_one_line_errors_worded_for_python(checkpoints, tokeni
     with pytest.raises(UserError, match=rf"^embed\(\) text 2 is {len(tokenizer.encode(long)) + 1} tokens, longer "
                                         r"than the model's context window \(32\); shorten it$"):
         encoder.embed(["short", long])
+
+
+# ----------------------------------------------------------------------------- wrong arguments
+# (checkpoint, the call, the argument its error must name first, what was given as the error shows it)
+BAD_CALLS = [
+    ("clm", lambda m: m.generate(None), "prompt", "got None"),
+    ("clm", lambda m: m.generate(b"The cat"), "prompt", "got b'The cat' (bytes): decode it first"),
+    ("clm", lambda m: m.generate(["The cat"]), "prompt", "got ['The cat'] (list)"),
+    ("clm", lambda m: m.generate("a", max_new_tokens=2.5), "max_new_tokens", "an integer >= 0, got 2.5 (float)"),
+    ("clm", lambda m: m.generate("a", max_new_tokens=True), "max_new_tokens", "got True (bool)"),
+    ("clm", lambda m: m.generate("a", max_new_tokens=-1), "max_new_tokens", ">= 0, got -1"),
+    ("clm", lambda m: m.generate("a", temperature="1"), "temperature", "a number >= 0, got '1' (str)"),
+    ("clm", lambda m: m.generate("a", temperature=-0.5), "temperature", ">= 0, got -0.5"),
+    ("clm", lambda m: m.generate("a", temperature=float("nan")), "temperature", "finite number >= 0, got nan"),
+    ("clm", lambda m: m.generate("a", temperature=float("inf")), "temperature", "finite number >= 0, got inf"),
+    ("clm", lambda m: m.generate("a", top_k=1.5), "top_k", "an integer >= 0, got 1.5 (float)"),
+    ("clm", lambda m: m.generate("a", top_k=-1), "top_k", ">= 0, got -1"),
+    ("clm", lambda m: m.generate("a", top_p=1.5), "top_p", "in (0, 1], got 1.5"),
+    ("clm", lambda m: m.generate("a", top_p=None), "top_p", "got None"),
+    ("clm", lambda m: m.generate("a", num_samples=2.0), "num_samples", "an integer >= 1, got 2.0 (float)"),
+    ("clm", lambda m: m.generate("a", num_samples=0), "num_samples", ">= 1, got 0"),
+    ("clm", lambda m: m.generate("a", seed=1.5), "seed", "an integer in [0, 2**64), got 1.5 (float)"),
+    ("clm", lambda m: m.generate("a", seed=-1), "seed", "in [0, 2**64), got -1"),
+    ("clm", lambda m: m.generate("a", use_cache="no"), "use_cache", "True or False, got 'no' (str)"),
+    ("clm", lambda m: m.score(None), "text", "got None"),
+    ("clm", lambda m: m.score(["a"]), "text", "got ['a'] (list)"),
+    ("rtd", lambda m: m.score(b"abc"), "text", "(bytes): decode it first"),
+    ("mlm", lambda m: m.fill(None), "text", "got None"),
+    ("mlm", lambda m: m.fill(b"a <mask>"), "text", "got b'a <mask>' (bytes): decode it first"),
+    ("mlm", lambda m: m.fill("a <mask>", top_k=True), "top_k", "an integer >= 1, got True (bool)"),
+    ("mlm", lambda m: m.fill("a <mask>", top_k=2.0), "top_k", "got 2.0 (float)"),
+    ("mlm", lambda m: m.fill("a <mask>", top_k=0), "top_k", ">= 1, got 0"),
+    ("mlm", lambda m: m.embed(None), "texts", "a str or a list of str, got None"),
+    ("mlm", lambda m: m.embed([None]), "texts[0]", "must be a str, got None"),
+    ("mlm", lambda m: m.embed(["a", 3]), "texts[1]", "must be a str, got 3 (int)"),
+    ("mlm", lambda m: m.embed([]), "texts", "an empty list"),
+    ("mlm", lambda m: m.embed(["a", " "]), "texts[1]", "is empty (' ')"),
+    ("mlm", lambda m: m.embed(b"abc"), "texts", "(bytes): decode it first"),
+    ("simcse", lambda m: m.embed([""]), "texts[0]", "is empty ('')"),
+    ("mlm", lambda m: m.embed(["a"], batch_size=0), "batch_size", ">= 1, got 0"),
+    ("mlm", lambda m: m.embed(["a"], batch_size=2.0), "batch_size", "an integer >= 1, got 2.0 (float)"),
+    ("classify", lambda m: m.classify(None), "texts", "got None"),
+    ("classify", lambda m: m.classify(""), "texts", "is empty ('')"),
+    ("classify", lambda m: m.classify([None]), "texts[0]", "got None"),
+    ("classify", lambda m: m.classify(["a"], batch_size=False), "batch_size", "got False (bool)"),
+    ("t5", lambda m: m.infill(None), "text", "got None"),
+    ("t5", lambda m: m.infill("a <extra_id_0>", beam_size=2.0), "beam_size", "an integer >= 1, got 2.0 (float)"),
+    ("t5", lambda m: m.infill("a <extra_id_0>", beam_size=2, length_penalty=1100), "length_penalty",
+     "in [-5, 5], got 1100"),
+    ("t5", lambda m: m.infill("a <extra_id_0>", length_penalty="1"), "length_penalty", "got '1' (str)"),
+    ("t5", lambda m: m.infill("a <extra_id_0>", max_new_tokens=None), "max_new_tokens", "got None"),
+    ("t5", lambda m: m.infill("a <extra_id_0>", top_p=0), "top_p", "in (0, 1], got 0"),
+    (None, lambda path: minilm.load(path, device=None), "device", "got None"),
+    (None, lambda path: minilm.load(path, device=3), "device", "got 3 (int)"),
+    (None, lambda path: minilm.load(path, device="gpu"), "unknown device", "'gpu'"),
+    (None, lambda path: minilm.load(None), "path", "a checkpoint file or a run folder (a str or os.PathLike), got None"),
+    (None, lambda path: minilm.api.load(path, device="cpu", log="x"), "log", "got 'x' (str)"),
+    (None, lambda path: minilm.export(None, "x.safetensors"), "checkpoint", "got None"),
+    (None, lambda path: minilm.export(path, None), "out_path", "got None"),
+    (None, lambda path: minilm.export(path, "x.safetensors", log=3), "log", "got 3"),
+    (None, lambda path: minilm.api.cosine_similarities([[1.0]]), "vectors", "an (N, C) tensor"),
+]
+
+
+@pytest.mark.parametrize("name, call, argument, shown", BAD_CALLS, ids=[f"{i}-{row[2]}" for i, row in
+                                                                        enumerate(BAD_CALLS)])
+def test_a_wrong_argument_is_one_line_naming_it_what_was_given_and_what_fits(name, call, argument, shown,
+                                                                             checkpoints):
+    target = checkpoints["clm"] if name is None else load_on_cpu(checkpoints[name])
+    with pytest.raises(UserError) as err:
+        call(target)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(argument + " "), message
+    assert shown in message, message
+
+
+def test_good_arguments_of_every_accepted_form_still_work(checkpoints, tmp_path):
+    """A path object, a torch.device, a tuple of texts, an int where a float goes, a 0 top_k."""
+    import pathlib
+    decoder = minilm.load(pathlib.Path(checkpoints["clm"]), device=torch.device("cpu"))
+    assert decoder.path == checkpoints["clm"]
+    assert len(decoder.generate("a", max_new_tokens=2, temperature=1, top_p=1, top_k=0, num_samples=2)) == 2
+    encoder = load_on_cpu(checkpoints["mlm"])
+    assert encoder.embed(("one text", "another")).shape == (2, 32)
+    assert encoder.embed("one text").shape == (1, 32)
+    out = minilm.export(pathlib.Path(checkpoints["clm"]), tmp_path / "x.safetensors")
+    assert os.path.exists(out)
+
+
+def test_zero_new_tokens_give_the_text_itself(checkpoints):
+    """generate: the prompt; infill: the text without its sentinels, once, however many beams."""
+    assert load_on_cpu(checkpoints["clm"]).generate("The cat", max_new_tokens=0, num_samples=2) == ["The cat"] * 2
+    t5 = load_on_cpu(checkpoints["t5"])
+    assert t5.infill("The cat <extra_id_0> on the mat.", max_new_tokens=0, beam_size=3, num_samples=3) == \
+        ["The cat on the mat."]
+
+
+def test_sample_py_infill_beams_with_zero_new_tokens_print_one_filling_scored_zero(checkpoints):
+    """It printed three fillings scored nan, -inf and -inf."""
+    result = run_in_process("sample.py", "--ckpt", checkpoints["t5"], "--infill", "The cat <extra_id_0> on the mat.",
+                            "--beam_size", 3, "--max_new_tokens", 0, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "--- filling 1 (score 0.000)\nThe cat on the mat.\n"
+
+
+@pytest.mark.parametrize("name, call", [
+    ("clm", lambda m: m.generate("The cat", max_new_tokens=3, temperature=0.0)),
+    ("clm", lambda m: m.generate("The cat", max_new_tokens=3, temperature=1.0)),
+    ("t5", lambda m: m.infill("The cat <extra_id_0>.", max_new_tokens=3, beam_size=2)),
+    ("mlm", lambda m: m.fill("The cat <mask>.")),
+    ("clm", lambda m: m.score("The cat.")),
+    ("rtd", lambda m: m.score("The cat.")),
+    ("mlm", lambda m: m.embed(["The cat."])),
+    ("simcse", lambda m: m.embed(["The cat."])),
+    ("classify", lambda m: m.classify(["The cat."])),
+])
+def test_nan_weights_are_a_one_line_error_not_nan_answers(name, call, checkpoints):
+    model = load_on_cpu(checkpoints[name])
+    with torch.no_grad():
+        for p in model.objective.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"^the model produced NaN or infinite \w+: its weights are damaged"):
+        call(model)
+
+
+# ----------------------------------------------------------------------------- batches
+TEXTS = ["A cat.", "A much longer sentence about a dog that ran across the field.", "Rain.", "Two words",
+         "The chef cooked the meal in the small kitchen."]
+
+
+@pytest.mark.parametrize("name", ["mlm", "t5", "simcse", "classify"])
+def test_small_batches_give_what_one_batch_gives(name, checkpoints):
+    model = load_on_cpu(checkpoints[name])
+    if name == "classify":
+        one, batched = model.classify(TEXTS), model.classify(TEXTS, batch_size=2)
+        assert [[label for label, _ in row] for row in batched] == [[label for label, _ in row] for row in one]
+        torch.testing.assert_close(torch.tensor([[p for _, p in row] for row in batched]),
+                                   torch.tensor([[p for _, p in row] for row in one]), rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(model.embed(TEXTS, batch_size=2), model.embed(TEXTS), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlm", "t5", "simcse", "classify"])
+def test_a_long_list_goes_through_the_model_in_batches(name, checkpoints):
+    """150 texts: forward passes of at most 64 (the default) or batch_size texts, not one of 150."""
+    model = load_on_cpu(checkpoints[name])
+    network = model.objective.backbone.encoder if name == "t5" else model.objective.backbone
+    sizes = []
+    hook = network.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(args[0].shape[0]),
+                                             with_kwargs=True)
+    try:
+        texts = [f"text number {i}" for i in range(150)]
+        method = model.classify if name == "classify" else model.embed
+        assert len(method(texts)) == 150
+        assert sizes == [64, 64, 22]
+        sizes.clear()
+        assert len(method(texts[:7], batch_size=3)) == 7
+        assert sizes == [3, 3, 1]
+    finally:
+        hook.remove()
+
+
+# ----------------------------------------------------------------------------- sample.py: hints and --embed
+def sample(*args):
+    return run_in_process("sample.py", *args, "--device", "cpu")
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, flags, offers, never", [
+    ("classify", ["--embed", "a", "b"], ['--classify "'], ["--prompt"]),          # said "use --prompt"
+    ("classify", ["--score", "a"], ['--classify "'], ["--prompt"]),
+    ("plm", ["--score", "a"], ['--embed "'], ["--prompt"]),
+    ("rtd+plm", ["--fill", "a <mask>"], ['--score "', "--embed"], ["--prompt"]),   # said "no masked-LM head" only
+    ("rtd+plm", ["--prompt", "a"], ['--score "', "--embed"], []),
+    ("mlm+rtd", ["--infill", "a <extra_id_0>"], ['--fill "', "--score", "--embed"], ["--prompt"]),
+    ("rtd", ["--classify", "a"], ['--score "', "--embed"], ["--prompt"]),
+    ("t5", ["--score", "a"], ['--infill "', "--embed"], ["--prompt"]),
+    ("clm", ["--embed", "a"], ['--prompt "'], ["--embed"]),
+])
+def test_each_hint_offers_what_the_checkpoint_serves(name, flags, offers, never, checkpoints):
+    line = error_line(sample("--ckpt", checkpoints[name], *flags))
+    assert f"({name})" in line and "needs" in line
+    tail = line.split(f"({name})", 1)[1]   # the hint, after what the checkpoint holds
+    for fragment in offers:
+        assert fragment in tail, (fragment, line)
+    for fragment in never:
+        assert fragment not in tail, (fragment, line)
+
+
+def test_score_serves_the_detector_of_a_multi_task_objective(checkpoints, tokenizer):
+    """rtd+plm has a replaced-token detector (its rtd part): --score said it had none."""
+    model = load_on_cpu(checkpoints["rtd+plm"])
+    text = "The chef cooked the meal."
+    ids = [EOS_ID] + tokenizer.encode(text)
+    with torch.no_grad():
+        expected = model.objective.parts["rtd"].replaced_probabilities(torch.tensor([ids]))[0, 1:]
+    torch.testing.assert_close(torch.tensor([value for _, value in model.score(text)]), expected)
+    result = sample("--ckpt", checkpoints["rtd+plm"], "--score", text)
+    assert result.returncode == 0, result.stderr
+    assert [float(line.split()[0]) for line in result.stdout.splitlines()] == \
+        [round(p, 4) for p in expected.tolist()]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0, got -1"),
+    (["--top_p", "2"], "--top_p must be in (0, 1], got 2"),
+    (["--length_penalty", "1100"], "--length_penalty must be in [-5, 5], got 1100"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--beam_size", "2"], "--beam_size is for --infill"),
+])
+def test_embed_refuses_bad_flags_like_the_other_modes(flags, message, checkpoints):
+    assert message in error_line(sample("--ckpt", checkpoints["mlm"], "--embed", "a", "b", *flags))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minilm.config import ModelConfig
+from minilm.errors import UserError
 from minilm.generate import filter_logits, generate, sample_next
 from minilm.model import Transformer
 
@@ -263,3 +264,14 @@ def test_generate_without_warn_callback_overflows_quietly():
     prompt = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(0))
     out = generate(model, prompt, 10, temperature=0.0, warn=None)
     assert torch.equal(out, reference_greedy(model, prompt, 10))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])   # greedy picked garbage; sampling failed in multinomial
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_nan_weights_are_a_one_line_error_not_garbage(temperature, use_cache):
+    model = make_model()
+    with torch.no_grad():
+        model.tok_emb.weight.fill_(float("nan"))
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"^the model produced NaN or infinite logits: its weights are damaged"):
+        generate(model, prompt, 4, temperature=temperature, use_cache=use_cache)

@@ -102,6 +102,20 @@ def test_what_a_run_lacks_is_left_out_and_said(tmp_path):
     assert notes[0] == "note: b predate(s) the tokens column of metrics.jsonl; plotting against steps"
 
 
+def test_rows_with_null_tokens_or_invalid_utf8_are_skipped_and_counted(tmp_path):
+    """A row whose tokens are null, or a line that is not UTF-8, is no metrics row: skipped and
+    counted like a line that is not JSON, and the other rows still make their curves."""
+    (tmp_path / "metrics.jsonl").write_bytes(
+        b'{"step": 1, "tokens": 10, "loss": 5.0, "lr": 0.2}\n{"step": 2, "tokens": null, "loss": 4.5, "lr": 0.2}\n'
+        b'{"step": 3, "tokens": 30, "loss": 4.0, "note": "\xff\xfe"}\n{"step": 4, "tokens": 40, "loss": 3.0}\n')
+    notes = []
+    rows = read_metrics(str(tmp_path), notes.append)
+    assert [row["step"] for row in rows] == [1, 4]
+    assert notes == [f"note: {tmp_path / 'metrics.jsonl'}: skipped 2 line(s) that are not metrics rows"]
+    x_key, panels = curves({"a": rows}, notes.append)
+    assert x_key == "tokens" and panels["training loss"]["a"] == ([10, 40], [5.0, 3.0])
+
+
 def test_bad_command_lines_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match=r"name at least one run folder; usage: python -m minilm.plot"):
         main(["-o", "x.png"])

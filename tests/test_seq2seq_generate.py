@@ -257,6 +257,39 @@ def test_more_new_tokens_than_the_decoder_window_is_a_user_error():
     assert generate_seq2seq(model, inputs(), 24, start_id=START, eos_id=NEVER, temperature=0.0).shape == (3, 1, 24)
 
 
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, -5.0, 5.0])
+def test_zero_new_tokens_gives_the_empty_hypothesis_scored_zero(length_penalty):
+    """max_new_tokens 0: one hypothesis, the empty one (sum of no log-probabilities: 0), not a
+    0 / 0 = nan; the other beams found nothing and score -inf."""
+    tokens, scores = beam_search(make_seq2seq(), inputs(), 0, start_id=START, eos_id=EOS, beam_size=3,
+                                 length_penalty=length_penalty)
+    assert tokens.shape == (3, 3, 0)
+    assert scores[:, 0].tolist() == [0.0, 0.0, 0.0] and torch.isneginf(scores[:, 1:]).all()
+
+
+@pytest.mark.parametrize("length_penalty", [1100, -6, 5.5, float("inf"), float("nan"), "1"])
+def test_a_length_penalty_outside_its_range_is_a_user_error(length_penalty):
+    """length ** 1100 overflowed (OverflowError); a penalty outside [-5, 5] is refused in one line."""
+    with pytest.raises(UserError, match=r"^length_penalty must be (a finite number |a number )?in \[-5, 5\], got"):
+        beam_search(make_seq2seq(), inputs(), 4, start_id=START, eos_id=EOS, beam_size=2,
+                    length_penalty=length_penalty)
+
+
+@pytest.mark.parametrize("decode", ["greedy", "sample", "beam"])
+def test_nan_weights_are_a_one_line_error_in_every_decode(decode):
+    """Greedy and beam search on NaN logits returned garbage; sampling failed in multinomial."""
+    model = make_seq2seq()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"^the model produced NaN or infinite logits: its weights are damaged"):
+        if decode == "beam":
+            beam_search(model, inputs(), 4, start_id=START, eos_id=EOS, beam_size=2)
+        else:
+            generate_seq2seq(model, inputs(), 4, start_id=START, eos_id=EOS,
+                             temperature=0.0 if decode == "greedy" else 1.0)
+
+
 # ----------------------------------------------------------------------------- prefix LM
 def make_decoder(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
@@ -353,7 +386,8 @@ def test_infill_text_is_checked_before_loading(sample_script, text, message, tmp
     (["--fill", "a <mask>", "--infill", "a <extra_id_0>"], "--fill .* and --infill .* exclude each other"),
     (["--beam_size", "2", "--prompt", "The"], "--beam_size is for --infill"),
     (["--beam_size", "0"], "--beam_size must be >= 1, got 0"),
-    (["--length_penalty", "nan"], "--length_penalty must be a finite number, got nan"),
+    (["--length_penalty", "nan"], r"--length_penalty must be a finite number in \[-5, 5\], got nan"),
+    (["--length_penalty", "1100"], r"--length_penalty must be in \[-5, 5\], got 1100"),
 ])
 def test_sample_flags_that_cannot_work_are_refused_before_loading(sample_script, flags, message, tmp_path):
     with pytest.raises(UserError, match=message):
