@@ -82,7 +82,9 @@ CONTEXT_PER_TOKEN = 6  # XLNet's mask_alpha / mask_beta: a span of n sits in 6n 
 def targets_per_row(seq_len: int, partial_k: int) -> int:
     """M = round(T / K), kept in 1..T-1: at least one target, and at least one non-target, so
     every target's query sees some context (a query that sees nothing would be a softmax over
-    an empty set)."""
+    an empty set). round is Python's, half to even (2.5 -> 2, 3.5 -> 4), as np.round in the
+    other objectives' counts (minilm/masking.py); XLNet gives the count itself (num_predict 85
+    for 512 tokens, round(512 / 6))."""
     return min(max(1, round(seq_len / partial_k)), seq_len - 1)
 
 
