@@ -175,6 +175,14 @@ def test_target_count_per_row_is_exactly_t_over_k_rounded_half_to_even(seq_len, 
     assert batch["target_positions"].shape == (2, m) and int(batch["counts"]["targets"]) == 2 * m
 
 
+def test_a_one_token_context_is_refused_before_any_data_work(tmp_path):
+    """round(1 / K) targets kept in 1..T-1 would be none: a loss of 0 over nothing, every step."""
+    out = tmp_path / "run"
+    result = run_in_process("train.py", "--objective", "plm", "--out_dir", out, *TINY, "--seq_len", 1)
+    assert result.returncode == 2 and "plm" in result.stderr and "--seq_len 2 or more" in result.stderr
+    assert not out.exists()
+
+
 def test_the_order_among_the_targets_is_uniformly_random():
     objective = plm(seq_len=16)
     raw = torch.randint(NUM_SPECIAL, V, (4000, 17))

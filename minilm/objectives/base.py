@@ -69,6 +69,21 @@ DATA_MODEL_MINIMUMS: dict[str, dict[str, int]] = {"segment_pairs": {"n_segment":
 # segment embeddings (XLM's language embeddings; objectives/tlm.py)
 DATA_MODEL_MINIMUMS["parallel"] = {"n_segment": 2}
 
+# The shortest context a row of each kind of data fits in (its frame plus a token per text): the
+# data sources refuse a shorter --seq_len, but only once the data is tokenized, so train.py checks
+# it up front through window_length_for (objectives/__init__.py) with check_rows_fit.
+SHORTEST_ROW: dict[str, tuple[int, str]] = {
+    "segment_pairs": (5, "sentence pairs [CLS] A [SEP] B [SEP]"),                  # data/segment_pairs.py
+    "parallel": (6, "translation pairs <eos> source <eos> <eos> target <eos>"),    # data/parallel.py
+}
+
+
+def check_rows_fit(data: str, model_cfg) -> None:
+    """A one-line UserError when --seq_len is too short for a row of `data` (SHORTEST_ROW)."""
+    least, row = SHORTEST_ROW.get(data, (1, ""))
+    if model_cfg.seq_len < least:
+        raise UserError(f"{row} need --seq_len {least} or more, got {model_cfg.seq_len}")
+
 
 class Objective(nn.Module):
     name: str = ""
