@@ -77,11 +77,11 @@ def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag
         raise UserError(f"cannot load checkpoint {path}: {why_unloadable(err)}") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
         raise UserError(f"{path} is not a minilm checkpoint (no config/model inside)")
-    check_checkpoint(state, path)   # its config, weights and tokenizer, before anything is built
     missing = [k for k in RESUME_KEYS if state.get(k) is None] if resumable else []
     if missing:
         raise UserError(f"{path} cannot be resumed from: it has no {', '.join(missing)} (not written by "
                         "train.py); start a new run instead")
+    check_checkpoint(state, path)   # its config, weights and tokenizer, before anything is built
     return state
 
 
