@@ -17,7 +17,7 @@ from minilm.objectives.base import IGNORE, Objective, check_rows_fit, finalize, 
 from minilm.objectives.classify import Classifier  # classify
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
-from minilm.objectives.multitask import MultiTask, common_data
+from minilm.objectives.multitask import MultiTask, check_parts, common_data
 from minilm.objectives.plm import PermutationLM
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.rtd import ReplacedTokenDetection
@@ -52,6 +52,8 @@ def model_config_for(name: str, model_cfg):
     for "a+b" and "b+a". One-line UserErrors for an unknown name or parts that cannot share one
     model."""
     classes = [objective_class(part) for part in name.split("+")]
+    if len(classes) > 1:
+        check_parts(classes)
     return resolve_model_config(classes, common_data(classes), model_cfg)
 
 

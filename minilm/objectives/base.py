@@ -89,6 +89,8 @@ class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (a key of minilm/data SOURCES)
     model_kind: str = "decoder"   # what sample.py can do with its backbone
+    reads_padded_rows: bool = False   # a "blocks" objective whose make_batch takes `lengths` (right-padded
+                                      # rows), so that it can share a+b's sentence pairs or translations
     fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
     scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`
                                   # gives (B, T) probabilities (rtd; sample.py --score)

@@ -63,13 +63,38 @@ def common_data(classes: list[type[Objective]]) -> str:
     kinds = {cls.data for cls in classes}
     if len(kinds) == 1:
         return kinds.pop()
-    if kinds == {"blocks", "segment_pairs"}:
-        return "segment_pairs"
-    if kinds == {"blocks", "parallel"}:   # mlm+tlm: the blocks part reads one side per row
-        return "parallel"
+    if kinds in ({"blocks", "segment_pairs"}, {"blocks", "parallel"}):   # parallel: one side per row
+        data = (kinds - {"blocks"}).pop()
+        check_reads_padded_rows(classes, data)
+        return data
     reads = ", ".join(f"{cls.name} reads {cls.data}" for cls in classes)
     raise UserError(f"these objectives cannot train on the same batches ({reads}); combine objectives "
                     "that read the same data")
+
+
+ROWS_OF = {"segment_pairs": "sentence pairs", "parallel": "translation pairs"}
+
+
+def check_reads_padded_rows(classes: list[type[Objective]], data: str) -> None:
+    """The "blocks" parts of an a+b reading `data` get right-padded rows: each must take them."""
+    from minilm.objectives import OBJECTIVES   # the registry, which imports this module
+    for cls in classes:
+        if cls.data == "blocks" and not cls.reads_padded_rows:
+            other = next(c.name for c in classes if c.data == data)
+            readers = ", ".join(c.name for c in OBJECTIVES.values() if c.data == "blocks" and c.reads_padded_rows)
+            raise UserError(f"--objective {'+'.join(c.name for c in classes)}: {cls.name} reads full windows of "
+                            f"running text, not the padded rows of {other}'s {ROWS_OF[data]} (padding "
+                            f"would become its inputs and targets); combine {other} with {readers}")
+
+
+def check_parts(classes: list[type[Objective]]) -> None:
+    """One-line UserErrors for parts that cannot train together as a+b, found before any data is
+    prepared (model_config_for calls it): one named twice, or no data kind they can all read."""
+    names = [cls.name for cls in classes]
+    if len(set(names)) != len(names):
+        raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
+                        "to weigh one more")
+    common_data(classes)
 
 
 def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
@@ -83,9 +108,7 @@ class MultiTask(Objective):
     def __init__(self, classes: list[type[Objective]], model_cfg, tokenizer=None, options=None):
         super().__init__()
         names = [cls.name for cls in classes]
-        if len(set(names)) != len(names):
-            raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
-                            "to weigh one more")
+        check_parts(classes)
         self.name = "+".join(names)
         self.data = common_data(classes)
         self.weights = parse_weights(getattr(options, "objective_weights", ""), names)
