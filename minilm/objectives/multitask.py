@@ -18,8 +18,9 @@ asserts it). The parts' own backbones are built and dropped: a moment of extra m
 
 Data: the parts must read the same kind of data, with one exception: an objective that reads
 "blocks" can read sentence pairs as right-padded windows. It gets make_batch(pairs' input_ids,
-generator, lengths=pairs' lengths) (CLM and the masked LMs take `lengths`; specials and padding
-are never masked), plus the pairs' "segment_ids" in its batch. So in mlm+sop, MLM and SOP see the
+generator, lengths=pairs' lengths) (the objectives with reads_padded_rows: CLM, the prefix LM,
+the masked LMs and rtd; specials and padding are never masked), plus the pairs' "segment_ids" in
+its batch. plm reads full windows only, so plm+sop is refused (check_reads_padded_rows). So in mlm+sop, MLM and SOP see the
 same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
 With parallel data (mlm+tlm) the "blocks" part reads the source's `monolingual` rows instead: one
 side of a pair per row, with its language id as segment id, drawn apart from the pairs TLM reads
