@@ -35,6 +35,8 @@ ENTRY_TYPES: dict[str, tuple[type, ...]] = {
 TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list",
               torch.Tensor: "a tensor"}
 
+# model fields that are a dimension of some weight, so at most the number of weights stored
+SIZE_FIELDS = ("vocab_size", "n_embd", "embedding_size", "intermediate_size", "n_segment")
 # rotary tables (seq_len x head_dim numbers, model.py) up to this size pass whatever the weights
 ROTARY_NUMBERS_ALWAYS_ALLOWED = 2 ** 24
 
@@ -113,6 +115,11 @@ def check_config_is_in_proportion(cfg: Config, weights: dict, path: str) -> None
         raise UserError(f"{path}: its config asks for {blocks} blocks but the file holds {len(weights)} tensors; "
                         f"{DAMAGED}")
     stored = sum(t.numel() for t in weights.values())
+    sizes = SIZE_FIELDS + (("seq_len",) if m.position == "learned" else ())   # a learned position table
+    for name in sizes:   # each is a dimension of some weight matrix
+        if getattr(m, name) > stored:
+            raise UserError(f"{path}: its config's {name} {getattr(m, name)} exceeds the {stored:,} weights it holds "
+                            f"in all; {DAMAGED}")
     if m.position == "rope" and m.seq_len * m.head_dim > max(stored, ROTARY_NUMBERS_ALWAYS_ALLOWED):
         raise UserError(f"{path}: its config's seq_len {m.seq_len} asks for rotary tables of {m.seq_len * m.head_dim:,} "
                         f"numbers, out of proportion with the {stored:,} weights it holds; {DAMAGED}")
@@ -125,8 +132,9 @@ def check_weights_fit_config(name: str, cfg: Config, tokenizer, weights: dict, p
         with torch.device("meta"):
             expected = {key: tuple(t.shape) for key, t in
                         build_objective(name, cfg.model, tokenizer, cfg.obj).state_dict().items()}
-    except UserError as err:
-        raise UserError(f"{path}: its config describes no model minilm can build ({err}); {DAMAGED}") from None
+    except (UserError, RuntimeError, TypeError, ValueError, OverflowError) as err:   # sizes torch cannot hold
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: its config describes no model minilm can build ({reason}); {DAMAGED}") from None
     problem = first_difference(expected, {key: tuple(t.shape) for key, t in weights.items()})
     if problem:
         raise UserError(f"{path}: its weights do not fit the {name} model its config describes ({problem}); "

@@ -52,8 +52,13 @@ def nan_weight(state):
 
 CRAFTED = {   # name: (change, fragments of the one-line error)
     "10000 layers": (set_model(n_layer=10000), ["10000 blocks", "tensors"]),
-    "n_embd 2**18": (set_model(n_embd=2 ** 18), ["do not fit", "262144]"]),
+    "n_embd 2**18": (set_model(n_embd=2 ** 18), ["n_embd 262144 exceeds"]),
+    "n_embd 64": (set_model(n_embd=64), ["do not fit the clm model", "is [512, 32], the config implies [512, 64]"]),
     "seq_len 10**9": (set_model(seq_len=10 ** 9), ["seq_len 1000000000", "rotary"]),
+    "intermediate_size 10**30": (set_model(intermediate_size=10 ** 30), ["intermediate_size 10000000000", "exceeds"]),
+    "n_segment 10**30": (set_model(n_segment=10 ** 30), ["n_segment", "exceeds"]),
+    "learned seq_len 10**30": (set_model(position="learned", seq_len=10 ** 30), ["seq_len", "exceeds"]),
+    "learned positions": (set_model(position="learned"), ["pos_emb.weight is missing"]),
     "vocab_size off": (set_model(vocab_size=600), ["tokenizer has 512 ids", "vocab_size 600"]),
     "n_layer '2'": (set_model(n_layer="2"), ["n_layer", "integer", "'2'"]),
     "n_layer 2.5": (set_model(n_layer=2.5), ["n_layer", "integer", "2.5"]),
@@ -120,8 +125,8 @@ LOADERS = {   # (checkpoint, a new out_dir, the data it trained on) -> the comma
 }
 
 
-@pytest.mark.parametrize("case", ["10000 layers", "n_embd 2**18", "seq_len 10**9", "model section a list",
-                                  "NaN weights"])
+@pytest.mark.parametrize("case", ["10000 layers", "n_embd 2**18", "n_embd 64", "seq_len 10**9",
+                                  "model section a list", "NaN weights"])
 @pytest.mark.parametrize("loader", [*LOADERS, "minilm.load"])
 def test_every_path_that_loads_a_checkpoint_refuses_it_before_building_a_model(trained, tmp_path, real_builds,
                                                                                loader, case):
