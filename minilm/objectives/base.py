@@ -190,15 +190,21 @@ def model_requirements(classes, data: str) -> tuple[dict, dict]:
     return exact, minimums
 
 
+def check_one_encoder_decoder(classes) -> None:
+    """A one-line UserError for an encoder-decoder (t5) combined with anything else."""
+    seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
+    if seq2seq and len(classes) > 1:
+        others = ", ".join(cls.name for cls in classes if cls.name != seq2seq[0])
+        raise UserError(f"--objective {'+'.join(cls.name for cls in classes)}: {seq2seq[0]} trains an encoder-decoder "
+                        f"and {others} another backbone, so they cannot share one model; train {seq2seq[0]} on its own")
+
+
 def check_backbone_kinds(classes, model_cfg) -> None:
     """One-line UserErrors for objectives whose backbones cannot be one model: an encoder-decoder
     (t5) with anything else, and a decoder stack (--n_decoder_layer) for an objective without one."""
     names = "+".join(cls.name for cls in classes)
+    check_one_encoder_decoder(classes)
     seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
-    if seq2seq and len(classes) > 1:
-        others = ", ".join(cls.name for cls in classes if cls.name != seq2seq[0])
-        raise UserError(f"--objective {names}: {seq2seq[0]} trains an encoder-decoder and {others} another "
-                        f"backbone, so they cannot share one model; train {seq2seq[0]} on its own")
     if not seq2seq and model_cfg.n_decoder_layer:
         raise UserError(f"--n_decoder_layer is for encoder-decoder objectives (t5); {names} builds one stack of "
                         f"--n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")

@@ -40,7 +40,7 @@ import math
 import torch.nn as nn
 
 from minilm.errors import UserError
-from minilm.objectives.base import Objective, check_model_config
+from minilm.objectives.base import Objective, check_model_config, check_one_encoder_decoder
 
 
 def parse_weights(text: str, names: list[str]) -> list[float]:
@@ -90,11 +90,13 @@ def check_reads_padded_rows(classes: list[type[Objective]], data: str) -> None:
 
 def check_parts(classes: list[type[Objective]]) -> None:
     """One-line UserErrors for parts that cannot train together as a+b, found before any data is
-    prepared (model_config_for calls it): one named twice, or no data kind they can all read."""
+    prepared (model_config_for calls it): one named twice, an encoder-decoder with another
+    backbone, or no data kind they can all read."""
     names = [cls.name for cls in classes]
     if len(set(names)) != len(names):
         raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
                         "to weigh one more")
+    check_one_encoder_decoder(classes)
     common_data(classes)
 
 
