@@ -58,6 +58,8 @@ def check_checkpoint(state: dict, path: str) -> None:
 
 
 def check_entry_types(state: dict, path: str) -> None:
+    """The entries besides config and model (ENTRY_TYPES), and what the loaders read inside them:
+    a step of 0 or more, the CPU random state of each rank, the tokenizer's bytes."""
     for key, kinds in ENTRY_TYPES.items():
         value = state.get(key)
         if value is None:
