@@ -161,6 +161,14 @@ def test_train_py_refuses_a_combination_before_preparing_data(tmp_path, corpus_d
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["sop", "mlm+sop", "sop+clm"])
+def test_a_seq_len_too_short_for_a_sentence_pair_is_refused_before_any_data_work(name):
+    cfg = model_config_for(name, tiny_cfg(512, seq_len=4))
+    with pytest.raises(UserError, match=r"^sentence pairs \[CLS\] A \[SEP\] B \[SEP\] need --seq_len 5 or more, got 4$"):
+        window_length_for(name, cfg, ObjectiveConfig())
+    assert window_length_for(name, model_config_for(name, tiny_cfg(512, seq_len=5)), ObjectiveConfig()) == 6
+
+
 def test_mlm_reads_pairs_and_never_masks_the_frame_or_padding(numbered, pair_batch):
     _, tokenizer, _ = numbered
     objective = mlm_sop(tokenizer)
