@@ -40,7 +40,7 @@ import math
 import torch.nn as nn
 
 from minilm.errors import UserError
-from minilm.objectives.base import Objective, check_model_config, check_one_encoder_decoder
+from minilm.objectives.base import Objective, check_model_config, check_one_encoder_decoder, model_requirements
 
 
 def parse_weights(text: str, names: list[str]) -> list[float]:
@@ -65,9 +65,7 @@ def common_data(classes: list[type[Objective]]) -> str:
     if len(kinds) == 1:
         return kinds.pop()
     if kinds in ({"blocks", "segment_pairs"}, {"blocks", "parallel"}):   # parallel: one side per row
-        data = (kinds - {"blocks"}).pop()
-        check_reads_padded_rows(classes, data)
-        return data
+        return (kinds - {"blocks"}).pop()
     reads = ", ".join(f"{cls.name} reads {cls.data}" for cls in classes)
     raise UserError(f"these objectives cannot train on the same batches ({reads}); combine objectives "
                     "that read the same data")
@@ -80,7 +78,7 @@ def check_reads_padded_rows(classes: list[type[Objective]], data: str) -> None:
     """The "blocks" parts of an a+b reading `data` get right-padded rows: each must take them."""
     from minilm.objectives import OBJECTIVES   # the registry, which imports this module
     for cls in classes:
-        if cls.data == "blocks" and not cls.reads_padded_rows:
+        if data != "blocks" and cls.data == "blocks" and not cls.reads_padded_rows:
             other = next(c.name for c in classes if c.data == data)
             readers = ", ".join(c.name for c in OBJECTIVES.values() if c.data == "blocks" and c.reads_padded_rows)
             raise UserError(f"--objective {'+'.join(c.name for c in classes)}: {cls.name} reads full windows of "
@@ -91,13 +89,16 @@ def check_reads_padded_rows(classes: list[type[Objective]], data: str) -> None:
 def check_parts(classes: list[type[Objective]]) -> None:
     """One-line UserErrors for parts that cannot train together as a+b, found before any data is
     prepared (model_config_for calls it): one named twice, an encoder-decoder with another
-    backbone, or no data kind they can all read."""
+    backbone, no data kind they can all read, model settings that conflict, or a part that cannot
+    read the common data's padded rows."""
     names = [cls.name for cls in classes]
     if len(set(names)) != len(names):
         raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
                         "to weigh one more")
     check_one_encoder_decoder(classes)
-    common_data(classes)
+    data = common_data(classes)
+    model_requirements(classes, data)
+    check_reads_padded_rows(classes, data)
 
 
 def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
