@@ -5,11 +5,13 @@ still load."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 import minilm
+import minilm.api
 from minilm import model
 from minilm.checkpoint import bytes_to_tensor, load_checkpoint
 from minilm.config import Config, ModelConfig
@@ -171,3 +173,16 @@ def test_every_objectives_own_checkpoint_passes_the_checks(tokenizer, tmp_path, 
     torch.save({"config": cfg.to_dict(), "objective": name, "model": objective.state_dict(), "step": 0,
                 "tokenizer": bytes_to_tensor(tokenizer.model_bytes)}, path)
     assert set(load_checkpoint(path)["model"]) == set(objective.state_dict())
+
+
+def test_a_run_folder_skips_a_bad_newest_checkpoint_for_the_one_before(trained, tmp_path):
+    """sample.py and minilm.load on a folder: a refused newest file is skipped with a note."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save(trained[1], folder / "ckpt-00000002.pt")
+    bad = crafted(trained[1], tmp_path, nan_weight)
+    os.replace(bad, folder / "ckpt-00000003.pt")
+    notes = []
+    model_ = minilm.api.load(str(folder), device="cpu", log=notes.append)
+    assert model_.generate("The", max_new_tokens=2)
+    assert len(notes) == 1 and "skipping" in notes[0] and "ckpt-00000003.pt" in notes[0] and "NaN" in notes[0]
