@@ -243,7 +243,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         if parent.get("tokenizer") is None:
             raise UserError(f"{parent_path} carries no tokenizer, so --init_from cannot reuse it; pass a "
                             "checkpoint written by train.py")
-        cfg = config_for_init(argv, parent, parent_path)
+        cfg = config_for_init(argv, parent, parent_path, log)
     given_tokenizer = given_tokenizer_of(cfg, argv, parent) if state is None else None
     if cfg.train.objective == "classify" and state is None:   # classify: its `auto` options made concrete
         cfg.obj = classifier_options(cfg.obj, parent)
@@ -533,18 +533,29 @@ def data_provenance(data_dir: str) -> dict | None:
     return {k: meta[k] for k in keys if k in meta} or None
 
 
-def config_for_init(argv: list[str], parent: dict, parent_path: str) -> Config:
+def config_for_init(argv: list[str], parent: dict, parent_path: str, log=print) -> Config:
     """A new run's config for --init_from: the parent's model (its tokenizer fixes vocab_size, its
-    weights the shape; dropout may change), everything else from this command line. classify
-    takes an encoder-decoder's (t5's) encoder stack: the parent's model without its decoder."""
+    weights the shape; dropout may change) and, unless --objective is given, its objective (and
+    --objective_weights), said on `log`; everything else from this command line. A classifier is
+    never inherited: the child of a classify run names its objective. classify takes an
+    encoder-decoder's (t5's) encoder stack: the parent's model without its decoder."""
     saved = Config.from_dict(parent["config"])
     parent_objective = parent.get("objective") or saved.train.objective
-    base_model = copy.deepcopy(saved.model)
-    encoder_only = (parse_overrides(argv).train.objective == "classify"   # classify: t5's encoder
+    base = Config(model=copy.deepcopy(saved.model))
+    if "objective" not in explicit_flags(argv):
+        if parent_objective == "classify":
+            raise UserError(f"--init_from {parent_path} is a classifier: pass --objective classify to fine-tune it "
+                            "again, or a pretraining --objective to train its backbone")
+        base.train.objective = parent_objective
+        if "objective_weights" not in explicit_flags(argv):
+            base.obj.objective_weights = saved.obj.objective_weights
+        log(f"--init_from: training {parent_objective}, the objective of {parent_path} (pass --objective to train "
+            "another)")
+    encoder_only = (parse_overrides(argv, base=base).train.objective == "classify"   # classify: t5's encoder
                     and is_encoder_decoder(parent_objective))
     if encoder_only:
-        base_model.n_decoder_layer = 0
-    wanted = parse_overrides(argv, base=Config(model=base_model))
+        base.model.n_decoder_layer = 0
+    wanted = parse_overrides(argv, base=base)
     if not encoder_only and is_encoder_decoder(parent_objective) != is_encoder_decoder(wanted.train.objective):
         shapes = ("an encoder-decoder", "a single stack") if is_encoder_decoder(parent_objective) else \
             ("a single stack", "an encoder-decoder")

@@ -23,6 +23,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
+from minilm.checkpoint_checks import check_checkpoint
 from minilm.errors import UserError
 
 
@@ -150,6 +151,7 @@ def load_checkpoint(path: str, map_location="cpu", resumable: bool = False, flag
     if missing:
         raise UserError(f"{path} cannot be resumed from: it has no {', '.join(missing)} (not written by "
                         "train.py); start a new run instead")
+    check_checkpoint(state, path)   # its config, weights and tokenizer, before anything is built
     return state
 
 

@@ -372,6 +372,34 @@ class Config:
 
 
 SECTIONS = ("model", "data", "obj", "train")
+SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "obj": ObjectiveConfig, "train": TrainConfig}
+
+
+def config_from_saved(saved) -> Config:
+    """The Config a checkpoint stores (Config.to_dict), held to what flags are held to: each
+    section a table of known fields, each field of its type and in its range (check_fields), and
+    the rules that tie the model's fields and the objective options together. The data and
+    training sections' cross-field rules are left out: they shape no weights, and a resumed run
+    validates its whole config again. A missing section or field takes its default (a checkpoint
+    of an older minilm lacks the newer fields). UserError naming the first problem."""
+    if not isinstance(saved, dict):
+        raise UserError(f"the config is {type(saved).__name__}, not a table of sections")
+    extra = [name for name in saved if name not in SECTION_CLASSES]
+    if extra:
+        raise UserError(f"the config has an unknown section {extra[0]!r} (known: {', '.join(SECTIONS)})")
+    for section, klass in SECTION_CLASSES.items():
+        values = saved.get(section, {})
+        if not isinstance(values, dict):
+            raise UserError(f"the config's {section!r} section is {type(values).__name__}, not a table of fields")
+        known = {f.name for f in fields(klass)}
+        unknown = [name for name in values if name not in known]
+        if unknown:
+            raise UserError(f"the config's {section!r} section has an unknown field {unknown[0]!r}")
+    cfg = Config.from_dict(saved)
+    cfg.check_fields()
+    cfg.model.validate()
+    cfg.obj.validate()
+    return cfg
 
 
 def _field_index(cfg: Config) -> dict[str, tuple[object, dataclasses.Field]]:

@@ -262,3 +262,46 @@ def test_train_py_help_prints_the_meanings_and_exits_0():
     assert "tokenizer size; the tokenizer is trained to exactly this many ids" in result.stdout
     assert "non-finite loss: stop with a message, or rollback" in result.stdout
     assert "objectives: clm, mlm" in result.stdout
+
+
+# ----------------------------------------------------------------------------- --init_from's objective
+def parent_of(objective: str, **obj) -> dict:
+    """What config_for_init reads of an --init_from parent: its config and objective."""
+    from minilm.objectives import model_config_for
+    cfg = Config(model=model_config_for(objective, ModelConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=512)))
+    cfg.train.objective = objective
+    for name, value in obj.items():
+        setattr(cfg.obj, name, value)
+    return {"config": cfg.to_dict(), "objective": objective}
+
+
+def test_init_from_inherits_the_parents_objective_unless_one_is_given():
+    config_for_init = load_script("train.py").config_for_init
+    said = []
+    cfg = config_for_init(["--max_steps", "200"], parent_of("mlm"), "parent.pt", said.append)
+    assert cfg.train.objective == "mlm" and cfg.model.embed_norm
+    assert said == ["--init_from: training mlm, the objective of parent.pt (pass --objective to train another)"]
+    cfg = config_for_init([], parent_of("mlm+sop", objective_weights="1,0.5"), "parent.pt", said.append)
+    assert (cfg.train.objective, cfg.obj.objective_weights) == ("mlm+sop", "1,0.5")
+    cfg = config_for_init(["--objective_weights", "2,1"], parent_of("mlm+sop", objective_weights="1,0.5"), "p.pt")
+    assert cfg.obj.objective_weights == "2,1"
+    said.clear()   # a given --objective wins, and nothing is said
+    assert config_for_init(["--objective=wwm"], parent_of("mlm"), "parent.pt", said.append).train.objective == "wwm"
+    assert said == []
+    # a classifier is never inherited: its child says what it trains
+    with pytest.raises(UserError, match=r"is a classifier: pass --objective classify") as err:
+        config_for_init([], parent_of("classify", labels='["a", "b"]'), "parent.pt", said.append)
+    assert "\n" not in str(err.value)
+    cfg = config_for_init(["--objective", "classify"], parent_of("classify", labels='["a", "b"]'), "parent.pt")
+    assert cfg.train.objective == "classify"
+
+
+def test_init_from_an_mlm_run_without_objective_trains_mlm_end_to_end(tmp_path, corpus_dir):
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    flags = ["--data", corpus_dir, "--max_steps", 1, *TINY]
+    assert run_in_process("train.py", "--objective", "mlm", "--out_dir", parent, *flags).returncode == 0
+    result = run_in_process("train.py", "--init_from", parent, "--out_dir", child, *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = load_checkpoint(str(child / "ckpt-00000001.pt"))
+    assert state["objective"] == "mlm" and state["config"]["train"]["objective"] == "mlm"   # not clm
+    assert "--init_from: training mlm, the objective of" in result.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.checkpoint import load_checkpoint, save_checkpoint
+from minilm.checkpoint import save_checkpoint
 from minilm.config import PRESETS, ModelConfig
 from minilm import model as model_module
 from minilm.model import (CAUSAL, KVCache, Pooler, Transformer, attention, attention_math, decoding_mask,
@@ -543,7 +543,7 @@ def test_compiled_model_checkpoint_loads_into_uncompiled(tmp_path):
     assert not any("_orig_mod" in k for k in after)
     path = str(tmp_path / "ckpt.pt")
     save_checkpoint(path, {"config": dataclasses.asdict(cfg), "model": after})
-    state = load_checkpoint(path)
+    state = torch.load(path, weights_only=True)   # a bare Transformer: no minilm checkpoint to check
     assert not any("_orig_mod" in k for k in state["model"])
 
     torch.manual_seed(1)  # a fresh model with other weights: it must differ until loaded

@@ -13,13 +13,16 @@ import torch
 from minilm.config import Config, ModelConfig, ObjectiveConfig
 from minilm.data import SegmentPairSource
 from minilm.errors import UserError
-from minilm.objectives import build_objective, finalize
+from minilm.data import make_source
+from minilm.objectives import OBJECTIVES, build_objective, finalize, model_config_for, window_length_for
 from minilm.objectives.base import Objective
 from minilm.objectives.multitask import common_data
 from minilm.tokenizer import CLS_ID, PAD_ID, SEP_ID
 from minilm.trainer import Trainer, build_optimizer
 from tests.test_cli import TINY, run
+from tests.conftest import run_in_process
 from tests.test_sop import QUIET, numbered  # noqa: F401  (the module-scoped corpus fixture)
+from tests.test_tlm import parallel  # noqa: F401  (the module-scoped prepared translation pairs)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -123,6 +126,47 @@ def test_bad_weights_and_combinations_are_one_line_errors(numbered):
         name, data = "rows", "labeled_rows"
     with pytest.raises(UserError, match="cannot train on the same batches"):
         common_data([Rows, type(build_objective("sop", cfg, tokenizer))])
+
+
+PAIRS = [(a, b) for a in OBJECTIVES for b in OBJECTIVES]
+
+
+@pytest.mark.parametrize("a, b", PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
+def test_every_pair_of_objectives_trains_or_is_refused_before_any_data_work(numbered, parallel, a, b):
+    """What train.py checks before preparing data (model_config_for, window_length_for) either
+    refuses a+b in one line, or a+b builds and takes a step on a real batch of its data."""
+    name, options = f"{a}+{b}", ObjectiveConfig()
+    try:
+        cfg = model_config_for(name, tiny_cfg(1024, seq_len=32))
+        window = window_length_for(name, cfg, options)
+    except UserError as err:
+        assert "\n" not in str(err)
+        return
+    folder = parallel[0] if cfg.n_segment and "tlm" in name else numbered[2]
+    vocab = 1024 if folder == parallel[0] else numbered[1].vocab_size
+    cfg = model_config_for(name, tiny_cfg(vocab, seq_len=32))
+    torch.manual_seed(0)
+    objective = build_objective(name, cfg, None, options)
+    raw = make_source(objective.data, folder, "train", 32, 4, seed=0, window_length=window, **QUIET).batch(0)
+    loss, _ = objective(objective.make_batch(raw, torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in objective.backbone.blocks.parameters())
+
+
+@pytest.mark.parametrize("name, message", [("plm+sop", "plm reads full windows"), ("mlm+mlm", "twice")])
+def test_train_py_refuses_a_combination_before_preparing_data(tmp_path, corpus_dir, name, message):
+    out = tmp_path / "run"
+    result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--objective", name, *TINY)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["sop", "mlm+sop", "sop+clm"])
+def test_a_seq_len_too_short_for_a_sentence_pair_is_refused_before_any_data_work(name):
+    cfg = model_config_for(name, tiny_cfg(512, seq_len=4))
+    with pytest.raises(UserError, match=r"^sentence pairs \[CLS\] A \[SEP\] B \[SEP\] need --seq_len 5 or more, got 4$"):
+        window_length_for(name, cfg, ObjectiveConfig())
+    assert window_length_for(name, model_config_for(name, tiny_cfg(512, seq_len=5)), ObjectiveConfig()) == 6
 
 
 def test_mlm_reads_pairs_and_never_masks_the_frame_or_padding(numbered, pair_batch):

@@ -16,7 +16,7 @@ from minilm.config import ModelConfig, ObjectiveConfig, parse_overrides
 from minilm.errors import UserError
 from minilm.objectives import build_objective
 from minilm.objectives.plm import (CONTEXT_PER_TOKEN, MAX_SPAN, PermutationLM, draw_spans, span_targets,
-                                   two_stream_masks)
+                                   targets_per_row, two_stream_masks)
 from minilm.tokenizer import NUM_SPECIAL
 from tests.conftest import run_in_process
 from tests.test_cli import TINY
@@ -159,6 +159,28 @@ def test_predicted_fraction_is_one_in_k_and_every_target_has_one_slot_in_the_ord
     # spans: a target's right neighbour is a target far more often than the M/T of a uniform choice
     neighbour_too = ((ranks[:, :-1] > 0) & (ranks[:, 1:] > 0)).sum() / (ranks[:, :-1] > 0).sum()
     assert (neighbour_too > 0.4) if span else (neighbour_too < 0.3), float(neighbour_too)
+
+
+# T / K -> M: rounded, not floored (64 / 6 = 10.67 -> 11), ties half to even (15 / 6 = 2.5 -> 2,
+# 21 / 6 = 3.5 -> 4), XLNet's 85 of 512, and kept in 1..T-1
+TARGET_COUNTS = [(64, 6, 11), (512, 6, 85), (15, 6, 2), (21, 6, 4), (9, 6, 2), (20, 8, 2), (28, 8, 4),
+                 (2, 6, 1), (5, 2, 2), (7, 2, 4), (3, 2, 2)]
+
+
+@pytest.mark.parametrize("seq_len, k, m", TARGET_COUNTS, ids=[f"{t}/{k}" for t, k, _ in TARGET_COUNTS])
+def test_target_count_per_row_is_exactly_t_over_k_rounded_half_to_even(seq_len, k, m):
+    assert targets_per_row(seq_len, k) == m
+    objective = plm(seq_len=seq_len, options=ObjectiveConfig(plm_partial_k=k))
+    batch = random_batch(objective, rows=2)
+    assert batch["target_positions"].shape == (2, m) and int(batch["counts"]["targets"]) == 2 * m
+
+
+def test_a_one_token_context_is_refused_before_any_data_work(tmp_path):
+    """round(1 / K) targets kept in 1..T-1 would be none: a loss of 0 over nothing, every step."""
+    out = tmp_path / "run"
+    result = run_in_process("train.py", "--objective", "plm", "--out_dir", out, *TINY, "--seq_len", 1)
+    assert result.returncode == 2 and "plm" in result.stderr and "--seq_len 2 or more" in result.stderr
+    assert not out.exists()
 
 
 def test_the_order_among_the_targets_is_uniformly_random():

@@ -295,6 +295,16 @@ def test_bad_inputs_are_one_line_errors(parallel, tmp_path):
                                      "--pair_field", "de", "--out_dir", tmp_path / "c", *TINY), "--pair_field", "de")
 
 
+@pytest.mark.parametrize("objective", ["tlm", "mlm+tlm"])
+def test_a_seq_len_too_short_for_a_pair_is_refused_before_any_data_work(tmp_path, objective):
+    pairs = write_pairs(tmp_path / "pairs.tsv", n_rows=20)
+    out = tmp_path / "run"
+    result = run_in_process("train.py", "--objective", objective, "--data", pairs, "--text_field", "en",
+                            "--pair_field", "fr", "--out_dir", out, *TINY, "--seq_len", 5)
+    assert_user_error(result, "--seq_len 6 or more", "got 5")
+    assert not out.exists() and "tokenizer" not in result.stdout   # refused before the tokenizer trained
+
+
 def test_cli_trains_tlm_on_a_tsv_and_resumes(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.tsv", n_rows=120)
     out = tmp_path / "run"

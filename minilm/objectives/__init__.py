@@ -13,11 +13,11 @@ import dataclasses
 import difflib
 
 from minilm.errors import UserError
-from minilm.objectives.base import IGNORE, Objective, finalize, resolve_model_config
+from minilm.objectives.base import IGNORE, Objective, check_rows_fit, finalize, resolve_model_config
 from minilm.objectives.classify import Classifier  # classify
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
-from minilm.objectives.multitask import MultiTask, common_data
+from minilm.objectives.multitask import MultiTask, check_parts, common_data
 from minilm.objectives.plm import PermutationLM
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.objectives.rtd import ReplacedTokenDetection
@@ -52,6 +52,8 @@ def model_config_for(name: str, model_cfg):
     for "a+b" and "b+a". One-line UserErrors for an unknown name or parts that cannot share one
     model."""
     classes = [objective_class(part) for part in name.split("+")]
+    if len(classes) > 1:
+        check_parts(classes)
     return resolve_model_config(classes, common_data(classes), model_cfg)
 
 
@@ -75,9 +77,12 @@ def model_defaults_for(name: str, model_cfg, given: set[str]):
 def window_length_for(name: str, model_cfg, options=None) -> int:
     """Raw tokens per row that objective `name` reads from a "blocks" source (Objective.
     window_length: seq_len + 1, or t5's longer window). Checks the objective's options against
-    the model, so train.py calls it before preparing any data. `model_cfg`: resolved."""
+    the model (every part's, and that --seq_len holds a row of the data they read), so train.py
+    calls it before preparing any data. `model_cfg`: resolved."""
     classes = [objective_class(part) for part in name.split("+")]
-    return classes[0].window_length(model_cfg, options) if len(classes) == 1 else Objective.window_length(model_cfg)
+    check_rows_fit(common_data(classes), model_cfg)
+    lengths = [cls.window_length(model_cfg, options) for cls in classes]
+    return lengths[0] if len(classes) == 1 else Objective.window_length(model_cfg)
 
 
 def data_kind_for(name: str) -> str:

@@ -69,11 +69,28 @@ DATA_MODEL_MINIMUMS: dict[str, dict[str, int]] = {"segment_pairs": {"n_segment":
 # segment embeddings (XLM's language embeddings; objectives/tlm.py)
 DATA_MODEL_MINIMUMS["parallel"] = {"n_segment": 2}
 
+# The shortest context a row of each kind of data fits in (its frame plus a token per text): the
+# data sources refuse a shorter --seq_len, but only once the data is tokenized, so train.py checks
+# it up front through window_length_for (objectives/__init__.py) with check_rows_fit.
+SHORTEST_ROW: dict[str, tuple[int, str]] = {
+    "segment_pairs": (5, "sentence pairs [CLS] A [SEP] B [SEP]"),                  # data/segment_pairs.py
+    "parallel": (6, "translation pairs <eos> source <eos> <eos> target <eos>"),    # data/parallel.py
+}
+
+
+def check_rows_fit(data: str, model_cfg) -> None:
+    """A one-line UserError when --seq_len is too short for a row of `data` (SHORTEST_ROW)."""
+    least, row = SHORTEST_ROW.get(data, (1, ""))
+    if model_cfg.seq_len < least:
+        raise UserError(f"{row} need --seq_len {least} or more, got {model_cfg.seq_len}")
+
 
 class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (a key of minilm/data SOURCES)
     model_kind: str = "decoder"   # what sample.py can do with its backbone
+    reads_padded_rows: bool = False   # a "blocks" objective whose make_batch takes `lengths` (right-padded
+                                      # rows), so that it can share a+b's sentence pairs or translations
     fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
     scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`
                                   # gives (B, T) probabilities (rtd; sample.py --score)
@@ -173,15 +190,21 @@ def model_requirements(classes, data: str) -> tuple[dict, dict]:
     return exact, minimums
 
 
+def check_one_encoder_decoder(classes) -> None:
+    """A one-line UserError for an encoder-decoder (t5) combined with anything else."""
+    seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
+    if seq2seq and len(classes) > 1:
+        others = ", ".join(cls.name for cls in classes if cls.name != seq2seq[0])
+        raise UserError(f"--objective {'+'.join(cls.name for cls in classes)}: {seq2seq[0]} trains an encoder-decoder "
+                        f"and {others} another backbone, so they cannot share one model; train {seq2seq[0]} on its own")
+
+
 def check_backbone_kinds(classes, model_cfg) -> None:
     """One-line UserErrors for objectives whose backbones cannot be one model: an encoder-decoder
     (t5) with anything else, and a decoder stack (--n_decoder_layer) for an objective without one."""
     names = "+".join(cls.name for cls in classes)
+    check_one_encoder_decoder(classes)
     seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
-    if seq2seq and len(classes) > 1:
-        others = ", ".join(cls.name for cls in classes if cls.name != seq2seq[0])
-        raise UserError(f"--objective {names}: {seq2seq[0]} trains an encoder-decoder and {others} another "
-                        f"backbone, so they cannot share one model; train {seq2seq[0]} on its own")
     if not seq2seq and model_cfg.n_decoder_layer:
         raise UserError(f"--n_decoder_layer is for encoder-decoder objectives (t5); {names} builds one stack of "
                         f"--n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")

@@ -44,6 +44,7 @@ class CausalLM(Objective):
     name = "clm"
     data = "blocks"
     model_kind = "decoder"
+    reads_padded_rows = True   # prefix_lm too
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

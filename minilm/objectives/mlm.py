@@ -98,6 +98,7 @@ class MaskedLM(Objective):
     data = "blocks"
     model_kind = "encoder"
     fills_masks = True
+    reads_padded_rows = True   # wwm, span and tlm too
     model_settings = {"embed_norm": True}   # the encoder normalizes its embeddings (module docstring)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):

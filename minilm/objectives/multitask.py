@@ -18,8 +18,9 @@ asserts it). The parts' own backbones are built and dropped: a moment of extra m
 
 Data: the parts must read the same kind of data, with one exception: an objective that reads
 "blocks" can read sentence pairs as right-padded windows. It gets make_batch(pairs' input_ids,
-generator, lengths=pairs' lengths) (CLM and the masked LMs take `lengths`; specials and padding
-are never masked), plus the pairs' "segment_ids" in its batch. So in mlm+sop, MLM and SOP see the
+generator, lengths=pairs' lengths) (the objectives with reads_padded_rows: CLM, the prefix LM,
+the masked LMs and rtd; specials and padding are never masked), plus the pairs' "segment_ids" in
+its batch. plm reads full windows only, so plm+sop is refused (check_reads_padded_rows). So in mlm+sop, MLM and SOP see the
 same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
 With parallel data (mlm+tlm) the "blocks" part reads the source's `monolingual` rows instead: one
 side of a pair per row, with its language id as segment id, drawn apart from the pairs TLM reads
@@ -39,7 +40,7 @@ import math
 import torch.nn as nn
 
 from minilm.errors import UserError
-from minilm.objectives.base import Objective, check_model_config
+from minilm.objectives.base import Objective, check_model_config, check_one_encoder_decoder, model_requirements
 
 
 def parse_weights(text: str, names: list[str]) -> list[float]:
@@ -63,13 +64,41 @@ def common_data(classes: list[type[Objective]]) -> str:
     kinds = {cls.data for cls in classes}
     if len(kinds) == 1:
         return kinds.pop()
-    if kinds == {"blocks", "segment_pairs"}:
-        return "segment_pairs"
-    if kinds == {"blocks", "parallel"}:   # mlm+tlm: the blocks part reads one side per row
-        return "parallel"
+    if kinds in ({"blocks", "segment_pairs"}, {"blocks", "parallel"}):   # parallel: one side per row
+        return (kinds - {"blocks"}).pop()
     reads = ", ".join(f"{cls.name} reads {cls.data}" for cls in classes)
     raise UserError(f"these objectives cannot train on the same batches ({reads}); combine objectives "
                     "that read the same data")
+
+
+ROWS_OF = {"segment_pairs": "sentence pairs", "parallel": "translation pairs"}
+
+
+def check_reads_padded_rows(classes: list[type[Objective]], data: str) -> None:
+    """The "blocks" parts of an a+b reading `data` get right-padded rows: each must take them."""
+    from minilm.objectives import OBJECTIVES   # the registry, which imports this module
+    for cls in classes:
+        if data != "blocks" and cls.data == "blocks" and not cls.reads_padded_rows:
+            other = next(c.name for c in classes if c.data == data)
+            readers = ", ".join(c.name for c in OBJECTIVES.values() if c.data == "blocks" and c.reads_padded_rows)
+            raise UserError(f"--objective {'+'.join(c.name for c in classes)}: {cls.name} reads full windows of "
+                            f"running text, not the padded rows of {other}'s {ROWS_OF[data]} (padding "
+                            f"would become its inputs and targets); combine {other} with {readers}")
+
+
+def check_parts(classes: list[type[Objective]]) -> None:
+    """One-line UserErrors for parts that cannot train together as a+b, found before any data is
+    prepared (model_config_for calls it): one named twice, an encoder-decoder with another
+    backbone, no data kind they can all read, model settings that conflict, or a part that cannot
+    read the common data's padded rows."""
+    names = [cls.name for cls in classes]
+    if len(set(names)) != len(names):
+        raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
+                        "to weigh one more")
+    check_one_encoder_decoder(classes)
+    data = common_data(classes)
+    model_requirements(classes, data)
+    check_reads_padded_rows(classes, data)
 
 
 def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
@@ -83,9 +112,7 @@ class MultiTask(Objective):
     def __init__(self, classes: list[type[Objective]], model_cfg, tokenizer=None, options=None):
         super().__init__()
         names = [cls.name for cls in classes]
-        if len(set(names)) != len(names):
-            raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
-                            "to weigh one more")
+        check_parts(classes)
         self.name = "+".join(names)
         self.data = common_data(classes)
         self.weights = parse_weights(getattr(options, "objective_weights", ""), names)

@@ -72,6 +72,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from minilm.errors import UserError
 from minilm.flops import matmul_weights
 from minilm.objectives.base import Objective
 
@@ -82,7 +83,9 @@ CONTEXT_PER_TOKEN = 6  # XLNet's mask_alpha / mask_beta: a span of n sits in 6n 
 def targets_per_row(seq_len: int, partial_k: int) -> int:
     """M = round(T / K), kept in 1..T-1: at least one target, and at least one non-target, so
     every target's query sees some context (a query that sees nothing would be a softmax over
-    an empty set)."""
+    an empty set). round is Python's, half to even (2.5 -> 2, 3.5 -> 4), as np.round in the
+    other objectives' counts (minilm/masking.py); XLNet gives the count itself (num_predict 85
+    for 512 tokens, round(512 / 6))."""
     return min(max(1, round(seq_len / partial_k)), seq_len - 1)
 
 
@@ -172,6 +175,14 @@ class PermutationLM(Objective):
         # the query stream's input (XLNet's mask_emb): one learned vector, initialised as a token row
         self.query_start = nn.Parameter(torch.randn(model_cfg.n_embd) * 0.02)
         self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
+
+    @classmethod
+    def window_length(cls, model_cfg, options=None) -> int:
+        """Checked before any data is prepared (train.py): a row needs a target and some context."""
+        if model_cfg.seq_len < 2:
+            raise UserError(f"plm predicts some tokens of a row from the others: it needs --seq_len 2 or more, "
+                            f"got {model_cfg.seq_len}")
+        return super().window_length(model_cfg, options)
 
     def make_batch(self, raw, generator=None):
         """raw (B, T+1) -> input_ids, ranks (B, T), target_positions, targets (B, M), counts."""

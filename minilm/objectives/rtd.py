@@ -168,6 +168,7 @@ class ReplacedTokenDetection(Objective):
     model_kind = "encoder"
     fills_masks = False
     scores_tokens = True
+    reads_padded_rows = True
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
     model_settings = {"embed_norm": True, "tie_embeddings": True}
