@@ -61,9 +61,16 @@ def one_line(err) -> str:
 
 
 def small_state(step: int = 1) -> dict:
-    """What load_checkpoint accepts (resumable too): a real config, a tiny model."""
-    return {"config": Config().to_dict(), "model": {"w": torch.full((3,), float(step))}, "optimizer": {},
-            "step": step, "rng": {}}
+    """What load_checkpoint accepts (resumable too): a tiny causal LM whose weights fit its config
+    (checkpoint_checks.py compares them), seeded by `step` so that two steps' states differ."""
+    from minilm.config import ModelConfig
+    from minilm.objectives import build_objective, model_config_for
+    cfg = Config()
+    cfg.model = model_config_for("clm", ModelConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, n_embd=16))
+    torch.manual_seed(step)
+    model = build_objective("clm", cfg.model, None, cfg.obj).state_dict()
+    return {"config": cfg.to_dict(), "objective": "clm", "model": model, "optimizer": {}, "step": step,
+            "rng": {"cpu": torch.random.get_rng_state()}}
 
 
 # ----------------------------------------------------------------------------- never opened
