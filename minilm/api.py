@@ -161,15 +161,16 @@ def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> N
 
 
 # ----------------------------------------------------------------------------- loading
-def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note):
+def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note, flag: str = "--ckpt"):
     """(objective with weights, in eval mode on `device`, tokenizer, config) from a checkpoint
     file, or a run folder: its newest checkpoint that loads (a damaged newer one is skipped,
     with a note on `log`). Loaded with weights_only=True (minilm.checkpoint): a file holding
-    anything but tensors and plain data is refused, never unpickled."""
+    anything but tensors and plain data is refused, never unpickled. flag: what named `path`, for
+    the messages (sample.py's --ckpt, or the Python API's call)."""
     from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
     from minilm.config import Config
     from minilm.objectives import build_objective
-    path, state = load_checkpoint_or_newest(path, log=log)
+    path, state = load_checkpoint_or_newest(path, log=log, flag=flag)
     cfg = Config.from_dict(state["config"])
     if state.get("tokenizer") is None:
         raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
@@ -193,7 +194,7 @@ def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> 
     device = check_device(device)
     if not callable(log):
         raise UserError(f"log must be a function taking a str (print, say), got {shown(log)}")
-    objective, tokenizer, cfg = load_for_inference(os.fspath(path), device, log)
+    objective, tokenizer, cfg = load_for_inference(os.fspath(path), device, log, flag="minilm.load()")
     return Model(objective, tokenizer, cfg, os.fspath(path), device)
 
 

@@ -387,3 +387,10 @@ def test_score_serves_the_detector_of_a_multi_task_objective(checkpoints, tokeni
 ])
 def test_embed_refuses_bad_flags_like_the_other_modes(flags, message, checkpoints):
     assert message in error_line(sample("--ckpt", checkpoints["mlm"], "--embed", "a", "b", *flags))
+
+
+def test_a_missing_checkpoint_is_named_in_the_api_s_words(tmp_path):
+    """minilm.load's message names the call, not sample.py's --ckpt flag."""
+    with pytest.raises(UserError) as err:
+        minilm.load(str(tmp_path / "missing.pt"))
+    assert "minilm.load()" in str(err.value) and "--ckpt" not in str(err.value)

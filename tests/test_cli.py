@@ -271,3 +271,19 @@ def test_torchrun_worker_exit_keeps_output_and_code(outcome, code):
     assert result.returncode == code, result.stderr
     assert result.stdout == "buffered line without a newline"
     assert result.stderr == ("error: bad flag; fix it\n" if outcome == "user_error" else "")
+
+
+def test_a_reader_that_goes_away_ends_the_program_quietly():
+    """`sample.py ... | head -1`: the pipe closes under a program still printing. Python raises
+    BrokenPipeError (it ignores SIGPIPE); the command line stops with no traceback and 141, as a
+    shell tool killed by SIGPIPE does."""
+    program = ("import sys; sys.path.insert(0, sys.argv[1]); from minilm.cli import run_cli\n"
+               "def main(argv):\n    for i in range(200000):\n        print('line', i)\n"
+               "run_cli(main)\n")
+    reader = subprocess.Popen([sys.executable, "-c", program, ROOT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.readline()
+    reader.stdout.close()   # the reader goes away, as `head -1` does
+    _, stderr = reader.communicate(timeout=60)
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()[-2000:]
+    assert reader.returncode == 141
