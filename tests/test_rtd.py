@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from minilm.config import ModelConfig, ObjectiveConfig, TrainConfig
 from minilm.errors import UserError
-from minilm.objectives import build_objective, finalize
+from minilm.objectives import build_objective, finalize, train_defaults_for
 from minilm.objectives import rtd as rtd_module
 from minilm.objectives.rtd import sample_from_logits
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
@@ -242,6 +242,19 @@ def test_a_tiny_discriminator_beats_the_all_original_baseline():
     assert metrics["discriminator/recall"] > 0.5 and metrics["discriminator/precision"] > 0.5, metrics
 
 
+def test_rtd_defaults_its_own_learning_rate_and_a_flag_wins():
+    """ELECTRA-Small's lr 5e-4 (min 5e-5), declared in rtd.py (train_defaults), where a command line
+    leaves --lr and --min_lr out; the other objectives keep TrainConfig's."""
+    base = TrainConfig()
+    chosen = train_defaults_for("rtd", base, set())
+    assert (chosen.lr, chosen.min_lr) == (5e-4, 5e-5)
+    assert train_defaults_for("mlm+rtd", base, set()).lr == 5e-4
+    assert train_defaults_for("rtd", dataclasses.replace(base, lr=1e-3), {"lr"}).lr == 1e-3   # --lr 1e-3 given
+    assert train_defaults_for("mlm", base, set()).lr == base.lr
+    with pytest.raises(UserError, match="--min_lr"):   # --min_lr 1e-3 alone: above rtd's lr
+        train_defaults_for("rtd", dataclasses.replace(base, min_lr=1e-3), {"min_lr"})
+
+
 # ----------------------------------------------------------------------------- --init_from, --score
 def test_init_from_an_rtd_checkpoint_takes_the_discriminator():
     train_script = load_script("train.py")
@@ -272,6 +285,12 @@ def rtd_checkpoint(tmp_path_factory, corpus_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "discriminator/acc" in result.stdout + result.stderr
     return out
+
+
+def test_train_py_saves_rtds_own_learning_rate(rtd_checkpoint):
+    from minilm.checkpoint import list_checkpoints
+    state = torch.load(list_checkpoints(str(rtd_checkpoint))[-1], weights_only=True)
+    assert (state["config"]["train"]["lr"], state["config"]["train"]["min_lr"]) == (5e-4, 5e-5)
 
 
 def test_score_prints_each_tokens_replaced_probability(rtd_checkpoint):

@@ -47,7 +47,8 @@ the config itself, so callers rarely call model_config_for directly.
 A default is weaker than a setting: `model_defaults = {"dropout": 0.1}` (simcse, whose only
 noise is dropout) is what the run gets when its command line does not give --dropout; train.py
 applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
-so the saved config still says what the model is, and an explicit flag wins.
+so the saved config still says what the model is, and an explicit flag wins. `train_defaults`
+does the same for training settings (an objective's own learning rate: objectives.train_defaults_for).
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class Objective(nn.Module):
     # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
     # by train.py to a fresh run only where the flag was not given (objectives.model_defaults_for)
     model_defaults: dict = {}
+    # TrainConfig fields this objective defaults differently (its own lr), applied the same way
+    train_defaults: dict = {}
 
     backbone: nn.Module
 

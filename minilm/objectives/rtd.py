@@ -172,6 +172,9 @@ class ReplacedTokenDetection(Objective):
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
     model_settings = {"embed_norm": True, "tie_embeddings": True}
+    # ELECTRA-Small's peak lr (and a tenth of it at the end), not the causal LM's 2e-3: at 2e-3 the
+    # discriminator collapses onto "all original" and stays there (benchmarks/README.md, "rtd")
+    train_defaults = {"lr": 5e-4, "min_lr": 5e-5}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
