@@ -60,6 +60,10 @@ Metrics: "generator/*" (loss, acc: argmax == original at the chosen positions) a
 positive_share: the share of tokens actually replaced); "loss" is the trained sum
 gen loss + rtd_weight x disc loss.
 
+Training defaults (train_defaults, base.py): lr 5e-4 and min_lr 5e-5, ELECTRA-Small's peak lr,
+where the other objectives take the causal LM's 2e-3; --lr and --min_lr still win. ELECTRA's
+warmup (10k of 1M steps), Adam beta2 0.999 and eps 1e-6 are not defaults here.
+
 Where we differ from the references:
   * Choosing: each eligible token independently with p = 0.15 (a binomial count, as our other
     masked LMs and HF's collator). ELECTRA draws round(0.15 * n) positions per row with
@@ -172,8 +176,9 @@ class ReplacedTokenDetection(Objective):
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
     model_settings = {"embed_norm": True, "tie_embeddings": True}
-    # ELECTRA-Small's peak lr (and a tenth of it at the end), not the causal LM's 2e-3: at 2e-3 the
-    # discriminator collapses onto "all original" and stays there (benchmarks/README.md, "rtd")
+    # ELECTRA-Small's peak lr (and a tenth of it at the end), not the causal LM's 2e-3, at which the
+    # discriminator stays at the all-original base rate (benchmarks/README.md, "rtd: why the
+    # discriminator stays at its base rate")
     train_defaults = {"lr": 5e-4, "min_lr": 5e-5}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
