@@ -96,6 +96,68 @@ def test_a_generator_as_wide_as_the_discriminator_reads_the_embeddings_directly(
     assert objective.generator.embed_project is None and objective.generator.cfg.n_embd == 32
 
 
+def split_losses(objective, batch):
+    """(generator loss, discriminator loss) of one batch, each its own graph."""
+    logits = objective.generator_logits(batch)
+    generator_loss = F.cross_entropy(logits, batch["targets"])
+    corrupted, replaced = objective.corrupt(batch, sample_from_logits(logits.detach(), batch["sample_noise"]))
+    detector = objective.discriminator_logits(corrupted)
+    return generator_loss, F.binary_cross_entropy_with_logits(detector, replaced.float())
+
+
+@pytest.mark.parametrize("sharing", ["electra", "none", "gdes"])
+def test_which_token_table_each_loss_trains(sharing):
+    """electra: one table, both losses train it. none: a table each, each loss trains its own.
+    gdes: the discriminator reads the generator's table without its gradient plus a zero-initialised
+    residual; the generator's loss trains only the generator's table, the discriminator's only the
+    residual."""
+    objective = make(embedding_sharing=sharing)
+    generator_table = objective.generator.tok_emb.weight
+    tables = {"generator": generator_table}
+    if sharing == "none":
+        tables["discriminator"] = objective.backbone.tok_emb.weight
+    if sharing == "gdes":
+        tables["residual"] = objective.backbone.tok_emb.delta
+        assert not objective.backbone.tok_emb.delta.any()
+        assert torch.equal(objective.backbone.tok_emb.weight, generator_table)   # reads the generator's
+    assert (generator_table is objective.backbone.tok_emb.weight) == (sharing == "electra")
+    names = [name for name, _ in objective.named_parameters()]
+    assert len(names) == len(set(names)) and sum("tok_emb" in name for name in names) == len(tables)
+    generator_loss, discriminator_loss = split_losses(objective, objective.make_batch(raw_batch(), seeded(1)))
+    trained = {}
+    for loss_name, loss in (("generator", generator_loss), ("discriminator", discriminator_loss)):
+        grads = torch.autograd.grad(loss, list(tables.values()), allow_unused=True, retain_graph=True)
+        trained[loss_name] = {name for name, g in zip(tables, grads) if g is not None and g.any()}
+    expected = {"electra": {"generator": {"generator"}, "discriminator": {"generator"}},
+                "none": {"generator": {"generator"}, "discriminator": {"discriminator"}},
+                "gdes": {"generator": {"generator"}, "discriminator": {"residual"}}}[sharing]
+    assert trained == expected
+
+
+def test_a_gdes_checkpoint_holds_the_table_the_discriminator_reads():
+    """Its backbone's "tok_emb.weight" is generator table + residual, which fine-tuning
+    (--init_from) takes; loading the state back (--resume) restores both parts."""
+    objective = make(embedding_sharing="gdes")
+    with torch.no_grad():
+        objective.backbone.tok_emb.delta.normal_()
+    state = objective.state_dict()
+    merged = objective.generator.tok_emb.weight + objective.backbone.tok_emb.delta
+    assert torch.equal(state["backbone.tok_emb.weight"], merged.detach())
+    child = build_objective("classify", CFG, None, ObjectiveConfig(labels='["a", "b"]'))
+    train_script = load_script("train.py")
+    from minilm.config import Config
+    parent_cfg = Config(model=CFG)
+    parent_cfg.train.objective, parent_cfg.obj.embedding_sharing = "rtd", "gdes"
+    train_script.load_parent_weights(child, {"model": state, "config": parent_cfg.to_dict(), "objective": "rtd"},
+                                     "parent.pt", log=lambda *_: None)
+    assert torch.equal(child.backbone.tok_emb.weight, merged.detach())
+    again = make(embedding_sharing="gdes")
+    again.load_state_dict(state)
+    assert torch.equal(again.backbone.tok_emb.weight, merged.detach())
+    probe = raw_batch()[:, :16]
+    torch.testing.assert_close(again.replaced_probabilities(probe), objective.replaced_probabilities(probe))
+
+
 # ----------------------------------------------------------------------------- gradients and loss
 def generator_only_parameters(objective):
     shared = {id(p) for p in objective.backbone.parameters()}
