@@ -12,7 +12,8 @@ Each recipe is train.py flags on top of --objective rtd and the shape; the steps
 minilm's own Trainer.train_step (its AdamW groups, schedule and clipping). At every --every steps,
 before that step's update, on that step's training batch:
   gen|tok, disc|tok  norm of the gradient the token table gets from the generator's loss and from
-                     rtd_weight x the discriminator's loss (each its own backward)
+                     rtd_weight x the discriminator's loss (each its own backward); under
+                     --embedding_sharing none or gdes, each loss's own table (gdes: the residual)
   cos                cosine between those two gradients (< 0: they pull the table apart)
   clip               the factor --grad_clip scales the whole step by (1: not clipped)
   disc share         share of the squared gradient norm that the discriminator's loss gives
@@ -94,12 +95,17 @@ def run(recipe: str, args) -> None:
     val = make_source("blocks", args.data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0,
                       log=lambda *_: None)
     trainer = Trainer(cfg, objective, train, val, tokenizer, log=lambda *_: None)
-    table = objective.backbone.tok_emb.weight
+    # the token table each loss trains: one Parameter under --embedding_sharing electra; the
+    # generator's and the discriminator's own (its residual under gdes) otherwise
+    table = objective.generator.tok_emb.weight
+    own = objective.backbone.tok_emb
+    disc_table = own.delta if cfg.obj.embedding_sharing == "gdes" else own.weight
     params = [p for p in objective.parameters() if p.requires_grad]
     index = next(i for i, p in enumerate(params) if p is table)
+    disc_index = next(i for i, p in enumerate(params) if p is disc_table)
     print(f"recipe: {recipe or '(defaults)'}  [lr {cfg.train.lr} warmup {cfg.train.warmup_steps} "
           f"rtd_weight {cfg.obj.rtd_weight} clip {cfg.train.grad_clip} "
-          f"sharing {getattr(cfg.obj, 'embedding_sharing', 'electra')}]")
+          f"sharing {cfg.obj.embedding_sharing}]")
     print(f"{'step':>5} {'gen|tok':>8} {'disc|tok':>8} {'cos':>6} {'clip':>6} {'disc share':>10} | "
           f"{'gen acc':>7} {'d loss':>6} {'H(base)':>7} {'prec':>5} {'recall':>6} {'pos':>5} {'cos(rows)':>9} {'common':>6}")
     start = time.time()
@@ -109,12 +115,13 @@ def run(recipe: str, args) -> None:
             g_gen, g_disc = loss_gradients(objective, batch, params)
             total = flat([a + b for a, b in zip(g_gen, g_disc)])
             clip = min(1.0, cfg.train.grad_clip / (float(total.norm()) + 1e-6)) if cfg.train.grad_clip else 1.0
-            cos = float(torch.nn.functional.cosine_similarity(g_gen[index].flatten(), g_disc[index].flatten(), dim=0))
+            cos = float(torch.nn.functional.cosine_similarity(g_gen[index].flatten(), g_disc[disc_index].flatten(),
+                                                              dim=0))
             disc_sq = sum(float(g.pow(2).sum()) for g, p in zip(g_disc, params))
             m = trainer.evaluate()
             p = m["discriminator/positive_share"]
             entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-            print(f"{step:>5} {float(g_gen[index].norm()):>8.3f} {float(g_disc[index].norm()):>8.3f} {cos:>6.2f} "
+            print(f"{step:>5} {float(g_gen[index].norm()):>8.3f} {float(g_disc[disc_index].norm()):>8.3f} {cos:>6.2f} "
                   f"{clip:>6.3f} {disc_sq / float(total.pow(2).sum()):>10.3f} | {m['generator/acc']:>7.3f} "
                   f"{m['discriminator/loss']:>6.3f} {entropy:>7.3f} {m['discriminator/precision']:>5.2f} "
                   f"{m['discriminator/recall']:>6.3f} {p:>5.3f} {row_cosine(objective, val):>9.3f} {common_share(table):>6.3f}",
