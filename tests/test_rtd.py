@@ -91,6 +91,18 @@ def test_embeddings_are_the_same_parameters_and_in_the_optimizer_once():
     assert names == ["backbone.tok_emb.weight"]
 
 
+@pytest.mark.parametrize("name", ["rtd+plm", "mlm+rtd"])
+def test_in_a_combination_the_generator_reads_the_shared_backbones_tables(name):
+    """a+b shares the first part's backbone; rtd's generator must read that one's tables (as its
+    head already multiplied by its token table), not the backbone rtd built and a+b dropped."""
+    objective = build_objective(name, dataclasses.replace(CFG, position="learned"))
+    generator, backbone = objective.parts["rtd"].generator, objective.backbone
+    for table in ("tok_emb", "pos_emb", "embed_norm"):
+        assert getattr(generator, table).weight is getattr(backbone, table).weight, table
+    with pytest.raises(UserError, match="--embedding_sharing gdes is for --objective rtd alone"):
+        build_objective(name, CFG, None, ObjectiveConfig(embedding_sharing="gdes"))
+
+
 def test_a_generator_as_wide_as_the_discriminator_reads_the_embeddings_directly():
     objective = make(generator_fraction=1.0)
     assert objective.generator.embed_project is None and objective.generator.cfg.n_embd == 32

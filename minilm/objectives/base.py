@@ -133,6 +133,11 @@ class Objective(nn.Module):
         check_model_config([type(self)], self.data, model_cfg)
         return Transformer(model_cfg)
 
+    def backbone_replaced(self) -> None:
+        """Called once a+b has pointed self.backbone at the parts' shared backbone (multitask.py):
+        an objective whose other modules hold pieces of the backbone it built (a table they share)
+        points them at the shared one here. Nothing by default."""
+
     def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 

@@ -96,6 +96,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
+from minilm.errors import UserError
 from minilm.flops import embed_project_weights
 from minilm.model import Transformer, padding_mask
 from minilm.objectives.base import Objective
@@ -127,16 +128,22 @@ class Generator(Transformer):
 
     def __init__(self, cfg, shared: Transformer, own_token_table: bool = False):
         super().__init__(cfg)
-        # replace the tables built for cfg by the discriminator's: one Parameter each, in both networks
-        self.tok_emb, self.pos_emb, self.seg_emb, self.embed_norm = (shared.tok_emb, shared.pos_emb,
-                                                                     shared.seg_emb, shared.embed_norm)
         width = shared.cfg.embedding_width
+        self.own_token_table = own_token_table
         if own_token_table:   # --embedding_sharing none or gdes: a token table of its own, E wide
             self.tok_emb = nn.Embedding(shared.cfg.vocab_size, width)
             Transformer._init_weights(self.tok_emb)
+        self.read_tables_of(shared)
         self.embed_project = nn.Linear(width, cfg.n_embd, bias=cfg.bias) if width != cfg.n_embd else None
         if self.embed_project is not None:
             Transformer._init_weights(self.embed_project)
+
+    def read_tables_of(self, shared: Transformer) -> None:
+        """Replace the tables built for cfg by the discriminator's: one Parameter each, in both
+        networks (the token table too, unless the generator has its own)."""
+        self.pos_emb, self.seg_emb, self.embed_norm = shared.pos_emb, shared.seg_emb, shared.embed_norm
+        if not self.own_token_table:
+            self.tok_emb = shared.tok_emb
 
 
 class DisentangledEmbedding(nn.Module):
@@ -246,6 +253,14 @@ class ReplacedTokenDetection(Objective):
         special = tokenizer.special_table if tokenizer is not None else torch.arange(V) < NUM_SPECIAL
         self.register_buffer("special_table", special.clone(), persistent=False)
         self.register_buffer("random_ids", torch.nonzero(~special).squeeze(1), persistent=False)
+
+    def backbone_replaced(self) -> None:
+        """In a+b the discriminator is the shared backbone (multitask.py): the generator reads its
+        tables, not those of the backbone this objective built and dropped."""
+        if self.options.embedding_sharing == "gdes":
+            raise UserError("--embedding_sharing gdes is for --objective rtd alone: in a+b the other parts "
+                            "would read the discriminator's disentangled table")
+        self.generator.read_tables_of(self.backbone)
 
     def replacement_shares(self) -> tuple[float, float]:
         """(shown as <mask>, shown as a random token) among the chosen; the rest are unchanged."""
