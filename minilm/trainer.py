@@ -46,7 +46,7 @@ from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barri
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
 from minilm.errors import UserError
 from minilm.flops import measure_peak_flops
-from minilm.objectives import finalize
+from minilm.objectives import finalize, objective_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLLBACKS_ALLOWED = 6                      # --on_nan rollback gives up below lr x 1/64
@@ -178,6 +178,30 @@ def summary_writer_class():
     return SummaryWriter
 
 
+# ----------------------------------------------------------------------------- learned nothing?
+def at_baseline(objective_name: str, metrics: dict) -> list[str]:
+    """A phrase for each part of objective `objective_name` ("mlm", "mlm+sop") whose evaluation
+    `metrics` are still within its declared margin of its trivial baseline (objectives/base.py,
+    Baseline)."""
+    parts = objective_name.split("+")
+    phrases = []
+    for part in parts:
+        baseline = objective_class(part).baseline
+        phrase = baseline and baseline.stuck(metrics, part, f"{part}/" if len(parts) > 1 else "")
+        phrases += [phrase] if phrase else []
+    return phrases
+
+
+def warn_if_parent_learned_nothing(parent: dict, parent_path: str, log) -> None:
+    """--init_from: one line when the parent's last evaluation was still at its trivial baseline,
+    since its backbone then brings nothing that random weights would not."""
+    objective = parent.get("objective") or Config.from_dict(parent["config"]).train.objective
+    stuck = at_baseline(objective, parent.get("last_eval") or {})
+    if stuck:
+        log(f"warning: --init_from {parent_path}: at its last evaluation (step {int(parent.get('step') or 0)}) "
+            + "; ".join(stuck) + ", so its weights may be no better than random ones")
+
+
 # ----------------------------------------------------------------------------- the trainer
 class NonFiniteLoss(Exception):
     """Raised inside fit() when a step's loss is NaN or infinite; carries the step number."""
@@ -224,6 +248,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.last_eval_sums: dict = {}        # the raw sums behind last_eval (a confusion matrix)
         self.best_value: float | None = None  # the best value of the objective's best_metric so far
+        self.warned_at_baseline = False       # the "learned nothing" line is said once per run
         self.info = run_info(self.dist.world_size)
         self.stop_signal: int | None = None
         backbone = objective.backbone
@@ -320,6 +345,7 @@ class Trainer:
             batch = self.objective.make_batch(raw, torch.Generator(device=self.device).manual_seed(i))
             with autocast(self.device, self.dtype):
                 _, batch_sums = self.objective(batch)
+            batch_sums.update(self.objective.baseline_sums(batch, batch_sums))   # what learning nothing scores
             # a padding batch (past eval_batches) adds zeros: every rank then holds the same keys,
             # which the all-reduce below needs, even a rank with no counted batch at all
             for k, v in batch_sums.items():
@@ -356,6 +382,19 @@ class Trainer:
             self.log(f"step {self.step:>6} | best val {metric} so far ({value:.4f}): saved "
                      f"{os.path.join(self.tcfg.out_dir, BEST_NAME)}")
         barrier(self.dist)
+
+    def warn_if_learned_nothing(self) -> None:
+        """Once past a quarter of the run (and the warmup, whose small steps are no test), one line,
+        once, when the last evaluation is still at the objective's trivial baseline, or a part's of
+        a+b (at_baseline): what is stuck and what to try."""
+        if self.warned_at_baseline or 4 * self.step < self.tcfg.max_steps or self.step < self.tcfg.warmup_steps:
+            return
+        stuck = at_baseline(self.objective.name, self.last_eval)
+        if stuck:
+            weights = ", or its weight in --objective_weights" if "+" in self.objective.name else ""
+            self.log(f"warning: step {self.step} of {self.tcfg.max_steps}: " + "; ".join(stuck)
+                     + f"; try another --lr (now {self.tcfg.lr:g}) or --warmup_steps{weights}")
+            self.warned_at_baseline = True
 
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict | None:
@@ -599,6 +638,7 @@ class Trainer:
                 self.log(f"step {self.step:>6} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 self._write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
                 self.keep_best()
+                self.warn_if_learned_nothing()
             if saving:
                 path = self.save()
                 self.log(f"step {self.step:>6} | saved {path}")

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import CAUSAL, Transformer, padding_mask
-from minilm.objectives.base import IGNORE, Objective, confusion_metrics  # noqa: F401 (re-exported)
+from minilm.objectives.base import IGNORE, Baseline, Objective, confusion_metrics  # noqa: F401 (re-exported)
 from minilm.pooling import pool
 
 # the parent objectives' model_kind -> how a classifier on their backbone reads (auto)
@@ -108,6 +108,7 @@ class Classifier(Objective):
     data = "labelled"
     model_kind = "classifier"
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
+    baseline = Baseline("the label prior (the majority class)", targets="labels", margin=0.02)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
@@ -144,6 +145,9 @@ class Classifier(Objective):
     @property
     def n_labels(self) -> int:
         return len(self.label_names)
+
+    def target_classes(self) -> int:
+        return self.n_labels      # the label prior's histogram (base.py, baseline_sums)
 
     def train(self, mode: bool = True):
         """A frozen backbone stays in eval mode (no dropout): a linear probe reads fixed features."""
