@@ -247,6 +247,9 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     given_tokenizer = given_tokenizer_of(cfg, argv, parent) if state is None else None
     if cfg.train.objective == "classify" and state is None:   # classify: its `auto` options made concrete
         cfg.obj = classifier_options(cfg.obj, parent)
+        if parent is None:   # from scratch: the model a fine-tuned encoder would be (classify.py)
+            from minilm.objectives.classify import scratch_model_config
+            cfg.model = scratch_model_config(cfg.model, explicit_flags(argv))
     # simcse: an objective's model defaults (its dropout 0.1) where a fresh run's flags leave them out
     if resume is None:
         cfg.model = model_defaults_for(cfg.train.objective, cfg.model, explicit_flags(argv))

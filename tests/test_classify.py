@@ -205,7 +205,7 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
         options = train_script.classifier_options(ObjectiveConfig(), parent)
         return options.classifier_attention, options.pooling
 
-    assert resolved(None) == ("bidirectional", "first")              # from scratch: [CLS], trained by the head
+    assert resolved(None) == ("bidirectional", "mean")               # from scratch: as after an encoder
     assert resolved("clm") == ("causal", "last")
     assert resolved("prefix_lm") == ("bidirectional", "mean")
     for never_saw_cls in ("mlm", "wwm", "span", "rtd", "plm", "t5", "tlm"):
@@ -218,6 +218,27 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
     explicit = train_script.classifier_options(ObjectiveConfig(pooling="first"), {"config": Config().to_dict(),
                                                                                  "objective": "mlm"})
     assert explicit.pooling == "first"                                  # a given --pooling is kept
+
+
+def test_a_scratch_classifier_is_the_fine_tuned_encoders_model_with_other_weights(parents, labelled, tmp_path):
+    """classify from scratch (with the parent's tokenizer) builds the model a fine-tuned mlm backbone
+    is: the same config (the embedding norm included), pooling, attention, tensor names and shapes."""
+    from minilm.checkpoint import load_checkpoint
+    flags = ["--objective", "classify", "--data", labelled[0], "--val_data", labelled[1], *FLAGS, "--max_steps", 5]
+    tokenizer = os.path.join(os.path.dirname(parents["mlm"]), "tokenizer.model")
+    runs = {"child": ["--init_from", parents["mlm"]], "scratch": ["--tokenizer", tokenizer]}
+    checkpoints = {}
+    for name, extra in runs.items():
+        result = run_in_process("train.py", *flags, *extra, "--out_dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        checkpoints[name] = load_checkpoint(str(tmp_path / name / "ckpt-00000005.pt"))
+    child, scratch = checkpoints["child"], checkpoints["scratch"]
+    assert scratch["config"]["model"] == child["config"]["model"] and child["config"]["model"]["embed_norm"]
+    for option in ("pooling", "classifier_attention", "labels"):
+        assert scratch["config"]["obj"][option] == child["config"]["obj"][option], option
+    assert child["config"]["obj"]["pooling"] == "mean"
+    shapes = {name: {k: tuple(v.shape) for k, v in ckpt["model"].items()} for name, ckpt in checkpoints.items()}
+    assert shapes["scratch"] == shapes["child"]
 
 
 def test_init_from_refuses_another_shape_or_vocabulary_in_one_line(parents, labelled, tmp_path):

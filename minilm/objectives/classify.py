@@ -20,9 +20,12 @@ The network:
     can gather the whole row there), mean (over the real tokens, padding excluded: better for a
     linear probe of a masked LM, which never learned to summarize into [CLS]) or last (the last
     real token, [SEP]: the only position of a causal decoder that has seen the whole row). auto =
-    last for a causal backbone; first from scratch (the head trains [CLS]) and after objectives
-    whose loss reads [CLS] (sop, simcse: Objective.trains_first_position); mean after the others,
-    which pretrain on running text and never see [CLS] (resolve_options).
+    last for a causal backbone; first after objectives whose loss reads [CLS] (sop, simcse:
+    Objective.trains_first_position); mean after the others, which pretrain on running text and
+    never see [CLS] (resolve_options), and from scratch.
+  * from scratch (no --init_from), the model an encoder parent's classifier would be (mean
+    pooling, the masked LMs' embedding norm: scratch_model_config), so that comparing with
+    scratch compares weights alone; an explicit --pooling or --embed_norm wins.
   * head: dropout (--dropout, BERT's hidden_dropout_prob) then Linear(n_embd, n_labels), weights
     normal(0, 0.02), bias 0, as BERT's classifier. Its own learning rate: --head_lr (0 = --lr).
 The label names come from the data (sorted; minilm/data/rows.py) and live in the config
@@ -44,6 +47,7 @@ pooled (B, C); logits (B, n_labels); confusion (n_labels, n_labels).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import torch
@@ -83,8 +87,8 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
     config says what the model does: attention from the --init_from parent's model_kind
     (`parent_kind`; a classify parent passes its own options) or bidirectional; pooling: last for a
     causal backbone, first ([CLS]) where the parent's pretraining taught the first position to
-    summarize the row (`parent_trained_first`: sop's and simcse's heads read it) or there is no
-    parent, mean otherwise. A masked LM pretrained on running text never sees [CLS], so its first
+    summarize the row (`parent_trained_first`: sop's and simcse's heads read it), mean otherwise,
+    from scratch too (as an encoder parent's classifier, scratch_model_config). A masked LM pretrained on running text never sees [CLS], so its first
     position starts as an untrained vector: ELECTRA's discriminator, for one, gives nearly the same
     [CLS] vector for every row, and fine-tuning from it barely moved (compare_objectives.py)."""
     options = copy.deepcopy(options)
@@ -99,8 +103,20 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
         elif parent_kind == "classifier" and parent_options is not None:
             options.pooling = parent_options.pooling
         else:
-            options.pooling = "mean" if parent_trained_first is False else "first"
+            options.pooling = "first" if parent_trained_first else "mean"
     return options
+
+
+# What a masked LM (mlm, rtd, ...) parent's model has that a fresh config lacks: a classifier from
+# scratch gets it too, so that it is the same model as a fine-tuned encoder's, with other weights.
+SCRATCH_MODEL_SETTINGS = {"embed_norm": True}
+
+
+def scratch_model_config(model_cfg, given: set[str]):
+    """A from-scratch classifier's model config: `model_cfg` with SCRATCH_MODEL_SETTINGS for the
+    fields not in `given` (the flags on the command line, config.explicit_flags)."""
+    changes = {field: value for field, value in SCRATCH_MODEL_SETTINGS.items() if field not in given}
+    return dataclasses.replace(model_cfg, **changes)
 
 
 class Classifier(Objective):
