@@ -257,6 +257,8 @@ class Trainer:
         # its flops_per_token spreads the decoder's work over them, so MFU stays exact)
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size * mc.seq_len
         self.flops_per_token = objective.flops_per_token()   # what one token's step computes
+        # this rank's input tokens and training FLOPs since the last log line (count_work)
+        self.tokens_counted, self.flops_counted = 0, 0.0
         self.peak_flops = None
         # --tensorboard: the package is checked now, not at the first log line; the writer is made then
         self.summary_writer_class = summary_writer_class() if self.tcfg.tensorboard and self.dist.is_main else None
@@ -281,6 +283,7 @@ class Trainer:
             index = self.dist.rank * accum + micro       # global micro-batch index within the step
             raw = to_device(self.train_source.batch(step, index), self.device)
             batches.append(self.objective.make_batch(raw, self._generator(step, index)))
+        self.count_work(batches)
         totals = {k: sum(b["counts"][k] for b in batches) for k in batches[0]["counts"]}
         totals = all_reduce_dict(totals, self.dist, self.device)
         step_loss = torch.zeros((), device=self.device)
@@ -296,6 +299,18 @@ class Trainer:
                     loss.backward()
             step_loss += loss.detach() / world
         return step_loss
+
+    def count_work(self, batches: list[dict]) -> None:
+        """Add the micro-batches' input tokens and FLOPs to this rank's counts for tokens/s and MFU:
+        the objective's own tokens_and_flops(batch) where its batches vary in length (rows cut to
+        a batch's longest), else seq_len per row at flops_per_token each."""
+        for batch in batches:
+            work = self.objective.tokens_and_flops(batch)
+            if work is None:
+                tokens = self.tokens_per_step // (self.tcfg.grad_accum * self.dist.world_size)
+                work = (tokens, tokens * self.flops_per_token)
+            self.tokens_counted += work[0]
+            self.flops_counted += work[1]
 
     def train_step(self, step: int):
         lr = lr_at(step, self.tcfg) * self.lr_scale
@@ -594,7 +609,7 @@ class Trainer:
     def _loop(self, until: int) -> None:
         tc = self.tcfg
         self.objective.train()
-        t_last, steps_since = time.perf_counter(), 0
+        t_last = time.perf_counter()
         t_start, start_step = t_last, self.step
         pending: list[torch.Tensor] = []
 
@@ -615,7 +630,6 @@ class Trainer:
             step_loss, lr, _ = self.train_step(self.step)
             pending.append(step_loss)
             self.step += 1
-            steps_since += 1
             last = self.step == until
             stopping = self._stop_requested()
             saving = self.step % tc.ckpt_every == 0 or last or stopping
@@ -623,14 +637,16 @@ class Trainer:
                 losses = flush_losses()   # before any checkpoint: never save a diverged model
                 if self.step % tc.log_every == 0 or last:
                     now = time.perf_counter()
-                    tok_s = self.tokens_per_step * steps_since / (now - t_last)
-                    mfu = self.flops_per_token * tok_s / self.peak_flops / self.dist.world_size
+                    # every rank's tokens taken as this rank's: their rows are alike
+                    tok_s = self.tokens_counted * self.dist.world_size / (now - t_last)
+                    mfu = self.flops_counted / (now - t_last) / self.peak_flops
                     eta = (now - t_start) / max(1, self.step - start_step) * (tc.max_steps - self.step)
                     self.log(f"step {self.step:>6}/{tc.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
                              f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}")
                     self._write_metrics({"step": self.step, "loss": losses[-1], "lr": lr,
                                          "tokens_per_s": tok_s, "mfu": mfu})
-                    t_last, steps_since = time.perf_counter(), 0
+                    t_last = time.perf_counter()
+                    self.tokens_counted, self.flops_counted = 0, 0.0
             t_pause = time.perf_counter()  # evaluation and saving are not training throughput
             if self.val_source is not None and (self.step % tc.eval_every == 0 or last):
                 self.last_eval = self.evaluate()

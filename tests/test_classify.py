@@ -352,3 +352,35 @@ def test_best_pt_holds_the_evaluation_with_the_best_macro_f1_not_the_best_accura
     assert best["step"] == 2 and best["best_value"] == pytest.approx(evals[1]["val_macro_f1"]) == pytest.approx((6 / 7 + 2 / 3 + 2 / 3) / 3)
     last = load_checkpoint(str(out / "ckpt-00000003.pt"))
     assert not torch.equal(best["model"]["label_head.weight"], last["model"]["label_head.weight"])
+
+
+def test_tokens_per_second_and_mfu_count_the_rows_as_cut_not_seq_len(tmp_path):
+    """Rows of 3 to 9 tokens in a seq_len 32 batch: make_batch cuts them to 9, and that is what
+    runs (padding included). The trainer's tokens/s count 4 x 9 per step, and its MFU the FLOPs
+    of 9-token rows: MFU x peak / tokens/s is the FLOPs per token of a 9-token row."""
+    from minilm.config import Config, ModelConfig
+    from minilm.objectives import build_objective
+    from minilm.trainer import Trainer
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=300, seq_len=32, n_layer=1, n_head=2, n_embd=32)
+    cfg.obj.labels = '["a", "b"]'
+    for key, value in dict(out_dir=str(tmp_path), batch_size=4, device="cpu", max_steps=2, log_every=2,
+                           eval_every=10, ckpt_every=10, warmup_steps=1, objective="classify").items():
+        setattr(cfg.train, key, value)
+    lengths = torch.tensor([5, 9, 7, 3])
+    raw = {"input_ids": torch.where(torch.arange(32) < lengths[:, None], 200, 0), "lengths": lengths,
+           "labels": torch.tensor([0, 1, 0, 1]), "row_valid": torch.ones(4, dtype=torch.bool)}
+
+    class Rows:
+        def batch(self, step, micro=0):
+            return raw
+
+    torch.manual_seed(0)
+    objective = build_objective("classify", cfg.model, None, cfg.obj)
+    assert objective.tokens_and_flops(objective.make_batch(raw)) == (36, 36 * objective.flops_per_token(9))
+    assert objective.flops_per_token(9) < objective.flops_per_token()          # seq_len's attention is longer
+    trainer = Trainer(cfg, objective, Rows(), None, None, log=lambda *_: None)
+    trainer.peak_flops = 1e12
+    trainer.fit()
+    row = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    assert row["mfu"] * trainer.peak_flops / row["tokens_per_s"] == pytest.approx(objective.flops_per_token(9))

@@ -220,6 +220,12 @@ class Objective(nn.Module):
                 sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
         return nll / denominator, sums
 
+    def tokens_and_flops(self, batch: dict) -> tuple[int, float] | None:
+        """(input tokens, training FLOPs) that one micro-batch really computes, for an objective
+        whose batches vary in length; None (the default): rows of seq_len tokens at
+        flops_per_token() each, which the trainer counts itself."""
+        return None
+
     def flops_per_token(self) -> float:
         """Training FLOPs per input token, the numerator of the trainer's MFU: nanoGPT's
         6N + 12 L H D T (minilm/flops.py), N counting the weights of the matmuls this objective

@@ -179,14 +179,24 @@ class Classifier(Objective):
             return {}
         return {id(p): self.head_lr / lr for p in self.label_head.parameters()}
 
-    def flops_per_token(self) -> float:
-        """Per input token: the backbone at every position (no LM head), the head once per row;
-        a frozen backbone runs forward only (2 N, not 6 N, and no attention backward)."""
+    def flops_per_token(self, length: int | None = None) -> float:
+        """Per input token of rows `length` long (seq_len by default): the backbone at every
+        position (no LM head), the head once per row; a frozen backbone runs forward only (2 N,
+        not 6 N, and no attention backward)."""
         cfg = self.backbone.cfg
+        length = length or cfg.seq_len
         backbone = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                   cfg.head_dim, cfg.seq_len)
-        head = 6 * self.label_head.weight.numel() / cfg.seq_len
+                                   cfg.head_dim, length)
+        head = 6 * self.label_head.weight.numel() / length
         return backbone / 3 + head if self.freeze_backbone else backbone + head
+
+    def tokens_and_flops(self, batch: dict) -> tuple[int, float]:
+        """What a batch really computes (the trainer's tokens/s and MFU): its rows as make_batch cut
+        them, to the batch's longest, padding included, since the blocks and attention run over the
+        padding too (the mask only hides it as a key), at the FLOPs per token of that length: not
+        seq_len per row, which short rows never reach."""
+        rows, length = batch["input_ids"].shape
+        return rows * length, rows * length * self.flops_per_token(length)
 
     def make_batch(self, raw, generator=None):
         """raw: a LabelledSource batch -> the same, cut to its longest row, labels IGNORE on padding
