@@ -384,3 +384,30 @@ def test_tokens_per_second_and_mfu_count_the_rows_as_cut_not_seq_len(tmp_path):
     trainer.fit()
     row = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
     assert row["mfu"] * trainer.peak_flops / row["tokens_per_s"] == pytest.approx(objective.flops_per_token(9))
+
+
+def test_shuffled_labels_warn_that_the_classifier_is_at_its_label_prior(labelled, fine_tuned, tmp_path):
+    """Labels shuffled over the rows leave nothing to learn: past a quarter of the run the val loss is
+    no better than the label prior's, and the run says so once; the learnable run says nothing."""
+    rows = open(labelled[0], encoding="utf-8").read().splitlines()
+    texts, labels = zip(*(row.split("\t") for row in rows[1:]))
+    labels = list(labels)
+    random.Random(0).shuffle(labels)
+    shuffled = tmp_path / "shuffled.tsv"
+    shuffled.write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in zip(texts, labels)), encoding="utf-8")
+    result = run_in_process("train.py", "--objective", "classify", "--data", shuffled, "--val_data", labelled[1],
+                            "--out_dir", tmp_path / "out", "--max_steps", 40, "--eval_every", 20, *FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "classify is still at its trivial baseline (the label prior" in warnings[0], \
+        result.stdout[-3000:]
+    assert "warning:" not in fine_tuned[1]
+    records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["val_baseline_loss"] for r in records if "val_baseline_loss" in r] == \
+        pytest.approx([entropy_of([11, 10, 10])] * 2)   # the 31 validation rows' labels, 11/10/10
+
+
+def entropy_of(counts: list[int]) -> float:
+    import math
+    n = sum(counts)
+    return -sum(c / n * math.log(c / n) for c in counts if c)
