@@ -24,8 +24,9 @@ TINY_MODEL = dict(vocab_size=400, seq_len=8, n_layer=1, n_head=2, n_embd=16)
 
 
 def entropy(counts: list[int]) -> float:
-    n = sum(counts)
-    return -sum(c / n * math.log(c / n) for c in counts if c)
+    """The entropy of the counts' frequencies plus Miller and Madow's (K - 1) / 2N, K values seen."""
+    n, seen = sum(counts), [c for c in counts if c]
+    return -sum(c / n * math.log(c / n) for c in seen) + (len(seen) - 1) / (2 * n)
 
 
 def evaluated(objective, batch) -> dict:
@@ -50,6 +51,7 @@ def test_the_unigram_baseline_is_the_entropy_of_the_targets_frequencies_on_a_han
     batch = clm.make_batch(raw, lengths=torch.tensor([5, 4]))            # row 2's last target is padding
     metrics = evaluated(clm, batch)
     expected = entropy([3, 2, 2])                             # 305 x3, 307 x2, 309 x2 (the pad left out)
+    assert expected == pytest.approx(-3 / 7 * math.log(3 / 7) - 4 / 7 * math.log(2 / 7) + 2 / 14)
     assert metrics["baseline_loss"] == pytest.approx(expected, abs=1e-12)
     assert metrics["baseline_gap"] == pytest.approx(expected - metrics["loss"], abs=1e-12)
 

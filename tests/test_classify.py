@@ -408,6 +408,7 @@ def test_shuffled_labels_warn_that_the_classifier_is_at_its_label_prior(labelled
 
 
 def entropy_of(counts: list[int]) -> float:
+    """The label prior's loss as base.prior_entropy estimates it: entropy + (K - 1) / 2N."""
     import math
     n = sum(counts)
-    return -sum(c / n * math.log(c / n) for c in counts if c)
+    return -sum(c / n * math.log(c / n) for c in counts if c) + (len(counts) - 1) / (2 * n)

@@ -124,12 +124,16 @@ class Baseline:
 
 
 def prior_entropy(counts) -> float:
-    """The loss, in nats, of predicting each of the counted targets by its frequency among them:
-    the entropy of the histogram `counts` (the in-sample unigram or label prior, so no unigram
-    model scores lower on these targets)."""
+    """The loss, in nats, of predicting targets by the frequencies of their values (the corpus
+    unigram, a label prior), estimated from the histogram `counts` of N targets: the entropy of
+    their own frequencies, plus Miller and Madow's (K - 1) / 2N for the K values seen. The first
+    term alone is the loss of the frequencies fitted to these very targets, which no frequency
+    table learned elsewhere reaches: on few targets of a large vocabulary it sits well below, and
+    a model that had learned a little would look stuck."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
+    n, seen = counts.sum(), counts[counts > 0]
+    p = seen / n
+    return float(-(p * p.log()).sum() + (len(seen) - 1) / (2 * n))
 
 
 class Objective(nn.Module):
