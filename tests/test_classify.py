@@ -227,11 +227,11 @@ def test_a_scratch_classifier_is_the_fine_tuned_encoders_model_with_other_weight
     flags = ["--objective", "classify", "--data", labelled[0], "--val_data", labelled[1], *FLAGS, "--max_steps", 5]
     tokenizer = os.path.join(os.path.dirname(parents["mlm"]), "tokenizer.model")
     runs = {"child": ["--init_from", parents["mlm"]], "scratch": ["--tokenizer", tokenizer]}
-    checkpoints = {}
+    checkpoints, stdout = {}, {}
     for name, extra in runs.items():
         result = run_in_process("train.py", *flags, *extra, "--out_dir", tmp_path / name)
         assert result.returncode == 0, result.stderr[-3000:]
-        checkpoints[name] = load_checkpoint(str(tmp_path / name / "ckpt-00000005.pt"))
+        checkpoints[name], stdout[name] = load_checkpoint(str(tmp_path / name / "ckpt-00000005.pt")), result.stdout
     child, scratch = checkpoints["child"], checkpoints["scratch"]
     assert scratch["config"]["model"] == child["config"]["model"] and child["config"]["model"]["embed_norm"]
     for option in ("pooling", "classifier_attention", "labels"):
@@ -239,6 +239,8 @@ def test_a_scratch_classifier_is_the_fine_tuned_encoders_model_with_other_weight
     assert child["config"]["obj"]["pooling"] == "mean"
     shapes = {name: {k: tuple(v.shape) for k, v in ckpt["model"].items()} for name, ckpt in checkpoints.items()}
     assert shapes["scratch"] == shapes["child"]
+    # the 3-step mlm parent never left its unigram baseline, and its child is told so, in one line
+    assert f"warning: --init_from {parents['mlm']}: at its last evaluation (step 3) mlm is still" in stdout["child"]
 
 
 def test_init_from_refuses_another_shape_or_vocabulary_in_one_line(parents, labelled, tmp_path):
