@@ -402,7 +402,8 @@ class Trainer:
         """Once past a quarter of the run (and the warmup, whose small steps are no test), one line,
         once, when the last evaluation is still at the objective's trivial baseline, or a part's of
         a+b (at_baseline): what is stuck and what to try."""
-        if self.warned_at_baseline or 4 * self.step < self.tcfg.max_steps or self.step < self.tcfg.warmup_steps:
+        past_a_quarter = 4 * self.step > self.tcfg.max_steps and self.step >= self.tcfg.warmup_steps
+        if self.warned_at_baseline or not past_a_quarter:
             return
         stuck = at_baseline(self.objective.name, self.last_eval)
         if stuck:
