@@ -102,7 +102,8 @@ class Baseline:
     targets  the batch key holding the targets whose frequencies it predicts with (IGNORE entries
              are none): baseline_sums counts them. None when the objective's own sums already give
              the baseline (a detector's positives and targets) or it overrides baseline_sums.
-    part     the prefix of the sums it compares with ("discriminator" for a+b-like sums), or ""
+    part     the prefix of the sums whose loss it is compared with (rtd: "discriminator"), or ""
+             for the objective's own loss
     margin   nats: a gap below it, past a quarter of the run, means the objective learned nothing
     hint     what to try then, besides the learning rate"""
     what: str
