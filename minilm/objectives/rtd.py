@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.flops import embed_project_weights
 from minilm.model import Transformer, padding_mask
-from minilm.objectives.base import Objective
+from minilm.objectives.base import Baseline, Objective
 from minilm.objectives.mlm import MLMHead
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL
 
@@ -172,6 +172,8 @@ class ReplacedTokenDetection(Objective):
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
     model_settings = {"embed_norm": True, "tie_embeddings": True}
+    baseline = Baseline("every token called by the base rate of replaced ones", part="discriminator", margin=0.02,
+                        hint="a smaller --rtd_weight")
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
