@@ -37,7 +37,7 @@ from minilm.objectives import model_defaults_for, train_defaults_for  # simcse (
 from minilm.run_dir import (DATA_NAME, TOKENIZER_NAME, RunLock, check_data_outside, check_run_dir,
                             clear_previous_run, keep_metrics_up_to, mark_run_dir)
 from minilm.tokenizer import Tokenizer
-from minilm.trainer import Trainer, check_writable, run_info
+from minilm.trainer import Trainer, check_writable, run_info, warn_if_parent_learned_nothing
 
 
 def data_signature(source: str, files: list[str]) -> str:
@@ -247,6 +247,9 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     given_tokenizer = given_tokenizer_of(cfg, argv, parent) if state is None else None
     if cfg.train.objective == "classify" and state is None:   # classify: its `auto` options made concrete
         cfg.obj = classifier_options(cfg.obj, parent)
+        if parent is None:   # from scratch: the model a fine-tuned encoder would be (classify.py)
+            from minilm.objectives.classify import scratch_model_config
+            cfg.model = scratch_model_config(cfg.model, explicit_flags(argv))
     # simcse: an objective's model defaults (its dropout 0.1) where a fresh run's flags leave them out
     if resume is None:
         cfg.model = model_defaults_for(cfg.train.objective, cfg.model, explicit_flags(argv))
@@ -383,6 +386,7 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, state, ckpt_path, p
     objective = build_objective(cfg.train.objective, cfg.model, tokenizer, cfg.obj)
     if parent is not None:
         load_parent_weights(objective, parent, parent_path, log)
+        warn_if_parent_learned_nothing(parent, parent_path, log)
     # the raw tokens a row takes: seq_len + 1, or more for t5 (its spans shrink into sentinels)
     window = window_length_for(cfg.train.objective, cfg.model, cfg.obj)
     train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,

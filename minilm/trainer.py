@@ -46,7 +46,7 @@ from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barri
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
 from minilm.errors import UserError
 from minilm.flops import measure_peak_flops
-from minilm.objectives import finalize
+from minilm.objectives import finalize, objective_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROLLBACKS_ALLOWED = 6                      # --on_nan rollback gives up below lr x 1/64
@@ -178,6 +178,30 @@ def summary_writer_class():
     return SummaryWriter
 
 
+# ----------------------------------------------------------------------------- learned nothing?
+def at_baseline(objective_name: str, metrics: dict) -> list[str]:
+    """A phrase for each part of objective `objective_name` ("mlm", "mlm+sop") whose evaluation
+    `metrics` are still within its declared margin of its trivial baseline (objectives/base.py,
+    Baseline)."""
+    parts = objective_name.split("+")
+    phrases = []
+    for part in parts:
+        baseline = objective_class(part).baseline
+        phrase = baseline and baseline.stuck(metrics, part, f"{part}/" if len(parts) > 1 else "")
+        phrases += [phrase] if phrase else []
+    return phrases
+
+
+def warn_if_parent_learned_nothing(parent: dict, parent_path: str, log) -> None:
+    """--init_from: one line when the parent's last evaluation was still at its trivial baseline,
+    since its backbone then brings nothing that random weights would not."""
+    objective = parent.get("objective") or Config.from_dict(parent["config"]).train.objective
+    stuck = at_baseline(objective, parent.get("last_eval") or {})
+    if stuck:
+        log(f"warning: --init_from {parent_path}: at its last evaluation (step {int(parent.get('step') or 0)}) "
+            + "; ".join(stuck) + ", so its weights may be no better than random ones")
+
+
 # ----------------------------------------------------------------------------- the trainer
 class NonFiniteLoss(Exception):
     """Raised inside fit() when a step's loss is NaN or infinite; carries the step number."""
@@ -224,6 +248,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.last_eval_sums: dict = {}        # the raw sums behind last_eval (a confusion matrix)
         self.best_value: float | None = None  # the best value of the objective's best_metric so far
+        self.warned_at_baseline = False       # the "learned nothing" line is said once per run
         self.info = run_info(self.dist.world_size)
         self.stop_signal: int | None = None
         backbone = objective.backbone
@@ -232,6 +257,8 @@ class Trainer:
         # its flops_per_token spreads the decoder's work over them, so MFU stays exact)
         self.tokens_per_step = self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size * mc.seq_len
         self.flops_per_token = objective.flops_per_token()   # what one token's step computes
+        # this rank's input tokens and training FLOPs since the last log line (count_work)
+        self.tokens_counted, self.flops_counted = 0, 0.0
         self.peak_flops = None
         # --tensorboard: the package is checked now, not at the first log line; the writer is made then
         self.summary_writer_class = summary_writer_class() if self.tcfg.tensorboard and self.dist.is_main else None
@@ -256,6 +283,7 @@ class Trainer:
             index = self.dist.rank * accum + micro       # global micro-batch index within the step
             raw = to_device(self.train_source.batch(step, index), self.device)
             batches.append(self.objective.make_batch(raw, self._generator(step, index)))
+        self.count_work(batches)
         totals = {k: sum(b["counts"][k] for b in batches) for k in batches[0]["counts"]}
         totals = all_reduce_dict(totals, self.dist, self.device)
         step_loss = torch.zeros((), device=self.device)
@@ -271,6 +299,18 @@ class Trainer:
                     loss.backward()
             step_loss += loss.detach() / world
         return step_loss
+
+    def count_work(self, batches: list[dict]) -> None:
+        """Add the micro-batches' input tokens and FLOPs to this rank's counts for tokens/s and MFU:
+        the objective's own tokens_and_flops(batch) where its batches vary in length (rows cut to
+        a batch's longest), else seq_len per row at flops_per_token each."""
+        for batch in batches:
+            work = self.objective.tokens_and_flops(batch)
+            if work is None:
+                tokens = self.tokens_per_step // (self.tcfg.grad_accum * self.dist.world_size)
+                work = (tokens, tokens * self.flops_per_token)
+            self.tokens_counted += work[0]
+            self.flops_counted += work[1]
 
     def train_step(self, step: int):
         lr = lr_at(step, self.tcfg) * self.lr_scale
@@ -320,6 +360,7 @@ class Trainer:
             batch = self.objective.make_batch(raw, torch.Generator(device=self.device).manual_seed(i))
             with autocast(self.device, self.dtype):
                 _, batch_sums = self.objective(batch)
+            batch_sums.update(self.objective.baseline_sums(batch, batch_sums))   # what learning nothing scores
             # a padding batch (past eval_batches) adds zeros: every rank then holds the same keys,
             # which the all-reduce below needs, even a rank with no counted batch at all
             for k, v in batch_sums.items():
@@ -356,6 +397,20 @@ class Trainer:
             self.log(f"step {self.step:>6} | best val {metric} so far ({value:.4f}): saved "
                      f"{os.path.join(self.tcfg.out_dir, BEST_NAME)}")
         barrier(self.dist)
+
+    def warn_if_learned_nothing(self) -> None:
+        """Once past a quarter of the run (and the warmup, whose small steps are no test), one line,
+        once, when the last evaluation is still at the objective's trivial baseline, or a part's of
+        a+b (at_baseline): what is stuck and what to try."""
+        past_a_quarter = 4 * self.step > self.tcfg.max_steps and self.step >= self.tcfg.warmup_steps
+        if self.warned_at_baseline or not past_a_quarter:
+            return
+        stuck = at_baseline(self.objective.name, self.last_eval)
+        if stuck:
+            weights = ", or its weight in --objective_weights" if "+" in self.objective.name else ""
+            self.log(f"warning: step {self.step} of {self.tcfg.max_steps}: " + "; ".join(stuck)
+                     + f"; try another --lr (now {self.tcfg.lr:g}) or --warmup_steps{weights}")
+            self.warned_at_baseline = True
 
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict | None:
@@ -555,7 +610,7 @@ class Trainer:
     def _loop(self, until: int) -> None:
         tc = self.tcfg
         self.objective.train()
-        t_last, steps_since = time.perf_counter(), 0
+        t_last = time.perf_counter()
         t_start, start_step = t_last, self.step
         pending: list[torch.Tensor] = []
 
@@ -576,7 +631,6 @@ class Trainer:
             step_loss, lr, _ = self.train_step(self.step)
             pending.append(step_loss)
             self.step += 1
-            steps_since += 1
             last = self.step == until
             stopping = self._stop_requested()
             saving = self.step % tc.ckpt_every == 0 or last or stopping
@@ -584,14 +638,16 @@ class Trainer:
                 losses = flush_losses()   # before any checkpoint: never save a diverged model
                 if self.step % tc.log_every == 0 or last:
                     now = time.perf_counter()
-                    tok_s = self.tokens_per_step * steps_since / (now - t_last)
-                    mfu = self.flops_per_token * tok_s / self.peak_flops / self.dist.world_size
+                    # every rank's tokens taken as this rank's: their rows are alike
+                    tok_s = self.tokens_counted * self.dist.world_size / (now - t_last)
+                    mfu = self.flops_counted / (now - t_last) / self.peak_flops
                     eta = (now - t_start) / max(1, self.step - start_step) * (tc.max_steps - self.step)
                     self.log(f"step {self.step:>6}/{tc.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
                              f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}")
                     self._write_metrics({"step": self.step, "loss": losses[-1], "lr": lr,
                                          "tokens_per_s": tok_s, "mfu": mfu})
-                    t_last, steps_since = time.perf_counter(), 0
+                    t_last = time.perf_counter()
+                    self.tokens_counted, self.flops_counted = 0, 0.0
             t_pause = time.perf_counter()  # evaluation and saving are not training throughput
             if self.val_source is not None and (self.step % tc.eval_every == 0 or last):
                 self.last_eval = self.evaluate()
@@ -599,6 +655,7 @@ class Trainer:
                 self.log(f"step {self.step:>6} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 self._write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
                 self.keep_best()
+                self.warn_if_learned_nothing()
             if saving:
                 path = self.save()
                 self.log(f"step {self.step:>6} | saved {path}")

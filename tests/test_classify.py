@@ -205,7 +205,7 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
         options = train_script.classifier_options(ObjectiveConfig(), parent)
         return options.classifier_attention, options.pooling
 
-    assert resolved(None) == ("bidirectional", "first")              # from scratch: [CLS], trained by the head
+    assert resolved(None) == ("bidirectional", "mean")               # from scratch: as after an encoder
     assert resolved("clm") == ("causal", "last")
     assert resolved("prefix_lm") == ("bidirectional", "mean")
     for never_saw_cls in ("mlm", "wwm", "span", "rtd", "plm", "t5", "tlm"):
@@ -218,6 +218,29 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
     explicit = train_script.classifier_options(ObjectiveConfig(pooling="first"), {"config": Config().to_dict(),
                                                                                  "objective": "mlm"})
     assert explicit.pooling == "first"                                  # a given --pooling is kept
+
+
+def test_a_scratch_classifier_is_the_fine_tuned_encoders_model_with_other_weights(parents, labelled, tmp_path):
+    """classify from scratch (with the parent's tokenizer) builds the model a fine-tuned mlm backbone
+    is: the same config (the embedding norm included), pooling, attention, tensor names and shapes."""
+    from minilm.checkpoint import load_checkpoint
+    flags = ["--objective", "classify", "--data", labelled[0], "--val_data", labelled[1], *FLAGS, "--max_steps", 5]
+    tokenizer = os.path.join(os.path.dirname(parents["mlm"]), "tokenizer.model")
+    runs = {"child": ["--init_from", parents["mlm"]], "scratch": ["--tokenizer", tokenizer]}
+    checkpoints, stdout = {}, {}
+    for name, extra in runs.items():
+        result = run_in_process("train.py", *flags, *extra, "--out_dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        checkpoints[name], stdout[name] = load_checkpoint(str(tmp_path / name / "ckpt-00000005.pt")), result.stdout
+    child, scratch = checkpoints["child"], checkpoints["scratch"]
+    assert scratch["config"]["model"] == child["config"]["model"] and child["config"]["model"]["embed_norm"]
+    for option in ("pooling", "classifier_attention", "labels"):
+        assert scratch["config"]["obj"][option] == child["config"]["obj"][option], option
+    assert child["config"]["obj"]["pooling"] == "mean"
+    shapes = {name: {k: tuple(v.shape) for k, v in ckpt["model"].items()} for name, ckpt in checkpoints.items()}
+    assert shapes["scratch"] == shapes["child"]
+    # the 3-step mlm parent never left its unigram baseline, and its child is told so, in one line
+    assert f"warning: --init_from {parents['mlm']}: at its last evaluation (step 3) mlm is still" in stdout["child"]
 
 
 def test_init_from_refuses_another_shape_or_vocabulary_in_one_line(parents, labelled, tmp_path):
@@ -331,3 +354,63 @@ def test_best_pt_holds_the_evaluation_with_the_best_macro_f1_not_the_best_accura
     assert best["step"] == 2 and best["best_value"] == pytest.approx(evals[1]["val_macro_f1"]) == pytest.approx((6 / 7 + 2 / 3 + 2 / 3) / 3)
     last = load_checkpoint(str(out / "ckpt-00000003.pt"))
     assert not torch.equal(best["model"]["label_head.weight"], last["model"]["label_head.weight"])
+
+
+def test_tokens_per_second_and_mfu_count_the_rows_as_cut_not_seq_len(tmp_path):
+    """Rows of 3 to 9 tokens in a seq_len 32 batch: make_batch cuts them to 9, and that is what
+    runs (padding included). The trainer's tokens/s count 4 x 9 per step, and its MFU the FLOPs
+    of 9-token rows: MFU x peak / tokens/s is the FLOPs per token of a 9-token row."""
+    from minilm.config import Config, ModelConfig
+    from minilm.objectives import build_objective
+    from minilm.trainer import Trainer
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=300, seq_len=32, n_layer=1, n_head=2, n_embd=32)
+    cfg.obj.labels = '["a", "b"]'
+    for key, value in dict(out_dir=str(tmp_path), batch_size=4, device="cpu", max_steps=2, log_every=2,
+                           eval_every=10, ckpt_every=10, warmup_steps=1, objective="classify").items():
+        setattr(cfg.train, key, value)
+    lengths = torch.tensor([5, 9, 7, 3])
+    raw = {"input_ids": torch.where(torch.arange(32) < lengths[:, None], 200, 0), "lengths": lengths,
+           "labels": torch.tensor([0, 1, 0, 1]), "row_valid": torch.ones(4, dtype=torch.bool)}
+
+    class Rows:
+        def batch(self, step, micro=0):
+            return raw
+
+    torch.manual_seed(0)
+    objective = build_objective("classify", cfg.model, None, cfg.obj)
+    assert objective.tokens_and_flops(objective.make_batch(raw)) == (36, 36 * objective.flops_per_token(9))
+    assert objective.flops_per_token(9) < objective.flops_per_token()          # seq_len's attention is longer
+    trainer = Trainer(cfg, objective, Rows(), None, None, log=lambda *_: None)
+    trainer.peak_flops = 1e12
+    trainer.fit()
+    row = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    assert row["mfu"] * trainer.peak_flops / row["tokens_per_s"] == pytest.approx(objective.flops_per_token(9))
+
+
+def test_shuffled_labels_warn_that_the_classifier_is_at_its_label_prior(labelled, fine_tuned, tmp_path):
+    """Labels shuffled over the rows leave nothing to learn: past a quarter of the run the val loss is
+    no better than the label prior's, and the run says so once; the learnable run says nothing."""
+    rows = open(labelled[0], encoding="utf-8").read().splitlines()
+    texts, labels = zip(*(row.split("\t") for row in rows[1:]))
+    labels = list(labels)
+    random.Random(0).shuffle(labels)
+    shuffled = tmp_path / "shuffled.tsv"
+    shuffled.write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in zip(texts, labels)), encoding="utf-8")
+    result = run_in_process("train.py", "--objective", "classify", "--data", shuffled, "--val_data", labelled[1],
+                            "--out_dir", tmp_path / "out", "--max_steps", 40, "--eval_every", 20, *FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "classify is still at its trivial baseline (the label prior" in warnings[0], \
+        result.stdout[-3000:]
+    assert "warning:" not in fine_tuned[1]
+    records = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["val_baseline_loss"] for r in records if "val_baseline_loss" in r] == \
+        pytest.approx([entropy_of([11, 10, 10])] * 2)   # the 31 validation rows' labels, 11/10/10
+
+
+def entropy_of(counts: list[int]) -> float:
+    """The label prior's loss as base.prior_entropy estimates it: entropy + (K - 1) / 2N."""
+    import math
+    n = sum(counts)
+    return -sum(c / n * math.log(c / n) for c in counts if c) + (len(counts) - 1) / (2 * n)

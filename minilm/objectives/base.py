@@ -26,6 +26,8 @@ Metric sums use shared names so they aggregate by plain addition over batches:
     confusion
              a classifier's (n_labels, n_labels) counts, rows true, columns predicted: the one
              sum that is a tensor, not a scalar; finalize derives macro_f1 from it
+    target_counts
+             in evaluation, a histogram of the targets (Objective.baseline_sums), for the baseline
 `finalize` turns such sums into loss, perplexity, accuracy, bits per byte, precision, recall and macro-F1. Combined
 objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
 "sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
@@ -49,6 +51,13 @@ noise is dropout) is what the run gets when its command line does not give --dro
 applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
 so the saved config still says what the model is, and an explicit flag wins. `train_defaults`
 does the same for training settings (an objective's own learning rate: objectives.train_defaults_for).
+
+Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
+Baseline): predicting every target by its frequency (a unigram; for labels the prior), a detector
+calling every token by the base rate, or a guess among the candidates. The trainer adds its sums at
+evaluation (baseline_sums), finalize reports `baseline_loss` (that predictor's loss on the same
+targets, in nats) and `baseline_gap` = baseline_loss - loss, per part of "a+b", and past a quarter
+of the run the trainer warns once when a gap is still below the objective's declared margin.
 """
 from __future__ import annotations
 
@@ -86,6 +95,49 @@ def check_rows_fit(data: str, model_cfg) -> None:
         raise UserError(f"{row} need --seq_len {least} or more, got {model_cfg.seq_len}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The trivial predictor an objective must beat (see "Trivial baselines" above).
+
+    what     that predictor, as the warning names it
+    targets  the batch key holding the targets whose frequencies it predicts with (IGNORE entries
+             are none): baseline_sums counts them. None when the objective's own sums already give
+             the baseline (a detector's positives and targets) or it overrides baseline_sums.
+    part     the prefix of the sums whose loss it is compared with (rtd: "discriminator"), or ""
+             for the objective's own loss
+    margin   nats: a gap below it, past a quarter of the run, means the objective learned nothing
+    hint     what to try then, besides the learning rate"""
+    what: str
+    targets: str | None = None
+    part: str = ""
+    margin: float = 0.02
+    hint: str = ""
+
+    def stuck(self, metrics: dict, name: str, prefix: str = "") -> str | None:
+        """A phrase naming objective `name`'s gap when `metrics` (finalized; a part of a+b's
+        prefixed "NAME/") are still within `margin` of this baseline, else None."""
+        label = prefix + (self.part + "/" if self.part else "")
+        gap = metrics.get(label + "baseline_gap")
+        if gap is None or gap >= self.margin:
+            return None
+        return (f"{' '.join(filter(None, (name, self.part)))} is still at its trivial baseline ({self.what}): val loss "
+                f"{metrics[label + 'loss']:.4f} against {metrics[label + 'baseline_loss']:.4f}, a gap of {gap:.4f} "
+                f"nats (< {self.margin})" + (f" (try {self.hint})" if self.hint else ""))
+
+
+def prior_entropy(counts) -> float:
+    """The loss, in nats, of predicting targets by the frequencies of their values (the corpus
+    unigram, a label prior), estimated from the histogram `counts` of N targets: the entropy of
+    their own frequencies, plus Miller and Madow's (K - 1) / 2N for the K values seen. The first
+    term alone is the loss of the frequencies fitted to these very targets, which no frequency
+    table learned elsewhere reaches: on few targets of a large vocabulary it sits well below, and
+    a model that had learned a little would look stuck."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    n, seen = counts.sum(), counts[counts > 0]
+    p = seen / n
+    return float(-(p * p.log()).sum() + (len(seen) - 1) / (2 * n))
+
+
 class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (a key of minilm/data SOURCES)
@@ -102,6 +154,8 @@ class Objective(nn.Module):
     model_defaults: dict = {}
     # TrainConfig fields this objective defaults differently (its own lr), applied the same way
     train_defaults: dict = {}
+
+    baseline: Baseline | None = None   # what it must beat to have learned anything (module docstring)
 
     backbone: nn.Module
 
@@ -144,6 +198,20 @@ class Objective(nn.Module):
     def forward(self, batch: dict, totals: dict | None = None):
         raise NotImplementedError
 
+    def target_classes(self) -> int:
+        """How many values a target can take (the length of baseline_sums' histogram)."""
+        return self.backbone.cfg.vocab_size
+
+    @torch.no_grad()
+    def baseline_sums(self, batch: dict, sums: dict) -> dict:
+        """The evaluation sums behind baseline_loss for one batch, beside the forward's `sums`: by
+        default the histogram of batch[baseline.targets] ("target_counts"), whose entropy finalize
+        reports. Additive over batches and ranks, like every sum."""
+        if self.baseline is None or self.baseline.targets is None:
+            return {}
+        targets = batch[self.baseline.targets].flatten()
+        return {"target_counts": torch.bincount(targets[targets != IGNORE], minlength=self.target_classes())}
+
     def keep_bytes_per_token(self, tokenizer, vocab_size: int) -> None:
         """The UTF-8 bytes each token id stands for (0 for specials), for bits per byte: a buffer,
         so it follows .to(device), and not saved (it comes from the tokenizer; zeros without one)."""
@@ -164,6 +232,12 @@ class Objective(nn.Module):
                 sums["correct"] = ((logits.argmax(-1) == labels) & real).sum()
                 sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
         return nll / denominator, sums
+
+    def tokens_and_flops(self, batch: dict) -> tuple[int, float] | None:
+        """(input tokens, training FLOPs) that one micro-batch really computes, for an objective
+        whose batches vary in length; None (the default): rows of seq_len tokens at
+        flops_per_token() each, which the trainer counts itself."""
+        return None
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token, the numerator of the trainer's MFU: nanoGPT's
@@ -285,6 +359,17 @@ def _finalize_one(sums: dict) -> dict:
         out["recall"] = true_positives / max(float(sums["positives"]), 1.0)
         if n > 0:
             out["positive_share"] = float(sums["positives"]) / n
+    # the trivial baseline's loss on the same targets (Objective.baseline), and the distance from it
+    baseline = None
+    if "target_counts" in sums:
+        baseline = prior_entropy(sums["target_counts"])
+        sums = {k: v for k, v in sums.items() if k != "target_counts"}
+    elif "baseline_nll" in sums and n > 0:
+        baseline = float(sums["baseline_nll"]) / n
+    elif "positives" in sums and n > 0:   # a detector calling every token by the base rate
+        baseline = prior_entropy([n - float(sums["positives"]), float(sums["positives"])])
+    if baseline is not None and "loss" in out:
+        out["baseline_loss"], out["baseline_gap"] = baseline, baseline - out["loss"]
     # --- classify: macro-F1 from the additive confusion matrix (objectives/classify.py) ---
     if "confusion" in sums:
         out["macro_f1"] = confusion_metrics(sums["confusion"])["macro_f1"]
@@ -295,7 +380,7 @@ def _finalize_one(sums: dict) -> dict:
     sums = {k: v for k, v in sums.items() if k not in EMBEDDING_SUMS}
     for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
         if k not in ("nll", "targets", "correct", "bytes", "weighted_nll", "true_positives",
-                     "predicted_positives", "positives"):
+                     "predicted_positives", "positives", "baseline_nll"):
             out[k] = float(v)
     return out
 

@@ -20,9 +20,12 @@ The network:
     can gather the whole row there), mean (over the real tokens, padding excluded: better for a
     linear probe of a masked LM, which never learned to summarize into [CLS]) or last (the last
     real token, [SEP]: the only position of a causal decoder that has seen the whole row). auto =
-    last for a causal backbone; first from scratch (the head trains [CLS]) and after objectives
-    whose loss reads [CLS] (sop, simcse: Objective.trains_first_position); mean after the others,
-    which pretrain on running text and never see [CLS] (resolve_options).
+    last for a causal backbone; first after objectives whose loss reads [CLS] (sop, simcse:
+    Objective.trains_first_position); mean after the others, which pretrain on running text and
+    never see [CLS] (resolve_options), and from scratch.
+  * from scratch (no --init_from), the model an encoder parent's classifier would be (mean
+    pooling, the masked LMs' embedding norm: scratch_model_config), so that comparing with
+    scratch compares weights alone; an explicit --pooling or --embed_norm wins.
   * head: dropout (--dropout, BERT's hidden_dropout_prob) then Linear(n_embd, n_labels), weights
     normal(0, 0.02), bias 0, as BERT's classifier. Its own learning rate: --head_lr (0 = --lr).
 The label names come from the data (sorted; minilm/data/rows.py) and live in the config
@@ -44,6 +47,7 @@ pooled (B, C); logits (B, n_labels); confusion (n_labels, n_labels).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import torch
@@ -53,7 +57,7 @@ import torch.nn.functional as F
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import CAUSAL, Transformer, padding_mask
-from minilm.objectives.base import IGNORE, Objective, confusion_metrics  # noqa: F401 (re-exported)
+from minilm.objectives.base import IGNORE, Baseline, Objective, confusion_metrics  # noqa: F401 (re-exported)
 from minilm.pooling import pool
 
 # the parent objectives' model_kind -> how a classifier on their backbone reads (auto)
@@ -83,10 +87,11 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
     config says what the model does: attention from the --init_from parent's model_kind
     (`parent_kind`; a classify parent passes its own options) or bidirectional; pooling: last for a
     causal backbone, first ([CLS]) where the parent's pretraining taught the first position to
-    summarize the row (`parent_trained_first`: sop's and simcse's heads read it) or there is no
-    parent, mean otherwise. A masked LM pretrained on running text never sees [CLS], so its first
-    position starts as an untrained vector: ELECTRA's discriminator, for one, gives nearly the same
-    [CLS] vector for every row, and fine-tuning from it barely moved (compare_objectives.py)."""
+    summarize the row (`parent_trained_first`: sop's and simcse's heads read it), mean otherwise,
+    from scratch too (as an encoder parent's classifier: scratch_model_config). A masked LM
+    pretrained on running text never sees [CLS], so its first position starts as an untrained
+    vector: ELECTRA's discriminator, for one, gives nearly the same [CLS] vector for every row, and
+    fine-tuning from it barely moved (compare_objectives.py)."""
     options = copy.deepcopy(options)
     if options.classifier_attention == "auto":
         kind = ATTENTION_OF_KIND.get(parent_kind) if parent_kind else "bidirectional"
@@ -99,8 +104,20 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
         elif parent_kind == "classifier" and parent_options is not None:
             options.pooling = parent_options.pooling
         else:
-            options.pooling = "mean" if parent_trained_first is False else "first"
+            options.pooling = "first" if parent_trained_first else "mean"
     return options
+
+
+# What a masked LM (mlm, rtd, ...) parent's model has that a fresh config lacks: a classifier from
+# scratch gets it too, so that it is the same model as a fine-tuned encoder's, with other weights.
+SCRATCH_MODEL_SETTINGS = {"embed_norm": True}
+
+
+def scratch_model_config(model_cfg, given: set[str]):
+    """A from-scratch classifier's model config: `model_cfg` with SCRATCH_MODEL_SETTINGS for the
+    fields not in `given` (the flags on the command line, config.explicit_flags)."""
+    changes = {field: value for field, value in SCRATCH_MODEL_SETTINGS.items() if field not in given}
+    return dataclasses.replace(model_cfg, **changes)
 
 
 class Classifier(Objective):
@@ -108,6 +125,7 @@ class Classifier(Objective):
     data = "labelled"
     model_kind = "classifier"
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
+    baseline = Baseline("the label prior (the majority class)", targets="labels", margin=0.02)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
@@ -145,6 +163,9 @@ class Classifier(Objective):
     def n_labels(self) -> int:
         return len(self.label_names)
 
+    def target_classes(self) -> int:
+        return self.n_labels      # the label prior's histogram (base.py, baseline_sums)
+
     def train(self, mode: bool = True):
         """A frozen backbone stays in eval mode (no dropout): a linear probe reads fixed features."""
         super().train(mode)
@@ -159,14 +180,24 @@ class Classifier(Objective):
             return {}
         return {id(p): self.head_lr / lr for p in self.label_head.parameters()}
 
-    def flops_per_token(self) -> float:
-        """Per input token: the backbone at every position (no LM head), the head once per row;
-        a frozen backbone runs forward only (2 N, not 6 N, and no attention backward)."""
+    def flops_per_token(self, length: int | None = None) -> float:
+        """Per input token of rows `length` long (seq_len by default): the backbone at every
+        position (no LM head), the head once per row; a frozen backbone runs forward only (2 N,
+        not 6 N, and no attention backward)."""
         cfg = self.backbone.cfg
+        length = length or cfg.seq_len
         backbone = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                   cfg.head_dim, cfg.seq_len)
-        head = 6 * self.label_head.weight.numel() / cfg.seq_len
+                                   cfg.head_dim, length)
+        head = 6 * self.label_head.weight.numel() / length
         return backbone / 3 + head if self.freeze_backbone else backbone + head
+
+    def tokens_and_flops(self, batch: dict) -> tuple[int, float]:
+        """What a batch really computes (the trainer's tokens/s and MFU): its rows as make_batch cut
+        them, to the batch's longest, padding included, since the blocks and attention run over the
+        padding too (the mask only hides it as a key), at the FLOPs per token of that length: not
+        seq_len per row, which short rows never reach."""
+        rows, length = batch["input_ids"].shape
+        return rows * length, rows * length * self.flops_per_token(length)
 
     def make_batch(self, raw, generator=None):
         """raw: a LabelledSource batch -> the same, cut to its longest row, labels IGNORE on padding

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from minilm.objectives.base import IGNORE, Objective
+from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.tokenizer import EOS_ID
 
 
@@ -45,6 +45,7 @@ class CausalLM(Objective):
     data = "blocks"
     model_kind = "decoder"
     reads_padded_rows = True   # prefix_lm too
+    baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.flops import embed_project_weights, lm_head_weights
 from minilm.model import Transformer, make_norm, padding_mask
-from minilm.objectives.base import IGNORE, Objective
+from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
 
 
@@ -100,6 +100,7 @@ class MaskedLM(Objective):
     fills_masks = True
     reads_padded_rows = True   # wwm, span and tlm too
     model_settings = {"embed_norm": True}   # the encoder normalizes its embeddings (module docstring)
+    baseline = Baseline("each masked token predicted by its unigram frequency", targets="targets", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

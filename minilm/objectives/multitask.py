@@ -130,6 +130,14 @@ class MultiTask(Objective):
         """Each part runs its own pass over the batch: their FLOPs add up."""
         return sum(part.flops_per_token() for part in self.parts.values())
 
+    def baseline_sums(self, batch, sums):
+        """Each part's baseline sums (base.py, Baseline) from its own batch, prefixed with its name."""
+        out = {}
+        for name, part in self.parts.items():
+            own = {k[len(name) + 1:]: v for k, v in sums.items() if k.startswith(name + "/")}
+            out.update({f"{name}/{k}": v for k, v in part.baseline_sums(batch[name], own).items()})
+        return out
+
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The masked-LM part's dense logits (B, T, V), for fill-mask (sample.py)."""
         for part in self.parts.values():

@@ -74,7 +74,7 @@ import torch.nn as nn
 
 from minilm.errors import UserError
 from minilm.flops import matmul_weights
-from minilm.objectives.base import Objective
+from minilm.objectives.base import Baseline, Objective
 
 MAX_SPAN = 5          # XLNet's max_gram: n-gram spans of 1..5 tokens
 CONTEXT_PER_TOKEN = 6  # XLNet's mask_alpha / mask_beta: a span of n sits in 6n tokens of context
@@ -160,6 +160,7 @@ class PermutationLM(Objective):
     data = "blocks"
     model_kind = "encoder"
     fills_masks = False
+    baseline = Baseline("each target predicted by its unigram frequency", targets="targets", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

@@ -82,6 +82,8 @@ Shapes: input_ids (B, V, T) with V = 2 views (3 with hard negatives), lengths (B
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -90,7 +92,7 @@ from minilm.distributed import gather_with_gradient
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import Transformer, padding_mask
-from minilm.objectives.base import Objective
+from minilm.objectives.base import Baseline, Objective
 from minilm.pooling import pool
 
 POOLINGS = ("first", "mean")
@@ -144,6 +146,7 @@ class SimCSE(Objective):
     model_kind = "encoder"
     embeds_sentences = True          # has embed(input_ids, lengths): minilm/api.py uses its pooling
     model_defaults = {"dropout": 0.1}
+    baseline = Baseline("a uniform guess among the batch's candidates, ln(candidates)", margin=0.05)
 
     @classmethod
     def trains_first_position(cls, options) -> bool:
@@ -189,6 +192,13 @@ class SimCSE(Objective):
         pooled hidden state, before the training-only MLP (what embed() and the metrics use)."""
         hidden = self.backbone(input_ids, mask=padding_mask(lengths, input_ids.shape[1]))   # (N, T, C)
         return pool(hidden, lengths, self.pooling)
+
+    def baseline_sums(self, batch, sums):
+        """ln(candidates) per row (base.py, Baseline): the InfoNCE loss of embeddings that tell no
+        text apart. In evaluation a row's candidates are the batch's keys and valid hard negatives."""
+        rows, views = batch["input_ids"].shape[:2]
+        candidates = rows + (int(batch["has_negative"].sum()) if views == 3 and "has_negative" in batch else 0)
+        return {"baseline_nll": torch.tensor(rows * math.log(candidates))}
 
     def positive_pairs(self, batch, pooled, B):
         """(first (B, C), second (B, C), valid (B,)) for the evaluation metrics: the sentence and

@@ -49,7 +49,7 @@ from minilm.data import pack_pairs
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import Pooler, Transformer, padding_mask
-from minilm.objectives.base import IGNORE, Objective
+from minilm.objectives.base import IGNORE, Baseline, Objective
 
 SWAP_PROB = 0.5
 TASKS = ("sop", "nsp")
@@ -69,6 +69,7 @@ class SentenceOrder(Objective):
     name = "sop"
     data = "segment_pairs"
     model_kind = "encoder"
+    baseline = Baseline("the label prior: a coin flip, ln 2", targets="labels", margin=0.01)
 
     @classmethod
     def trains_first_position(cls, options) -> bool:

@@ -50,7 +50,7 @@ from minilm import masking
 from minilm.flops import encoder_decoder_flops
 from minilm.masking import SpanCorruptionError
 from minilm.model import EncoderDecoder
-from minilm.objectives.base import Objective, check_model_config
+from minilm.objectives.base import Baseline, Objective, check_model_config
 from minilm.tokenizer import PAD_ID, SENTINEL_IDS
 
 # The decoder's first input token: <pad>, as in T5 (decoder_start_token_id = pad_token_id).
@@ -80,6 +80,7 @@ class SpanCorruption(Objective):
     name = "t5"
     data = "blocks"
     model_kind = "seq2seq"
+    baseline = Baseline("each decoder target predicted by its unigram frequency", targets="labels", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
