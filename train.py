@@ -33,7 +33,7 @@ from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
 from minilm.objectives import (OBJECTIVES, build_objective, data_kind_for, is_encoder_decoder, model_config_for,
                                window_length_for)
-from minilm.objectives import model_defaults_for  # simcse
+from minilm.objectives import model_defaults_for, train_defaults_for  # simcse (model), any objective (train)
 from minilm.run_dir import (DATA_NAME, TOKENIZER_NAME, RunLock, check_data_outside, check_run_dir,
                             clear_previous_run, keep_metrics_up_to, mark_run_dir)
 from minilm.tokenizer import Tokenizer
@@ -253,6 +253,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     # simcse: an objective's model defaults (its dropout 0.1) where a fresh run's flags leave them out
     if resume is None:
         cfg.model = model_defaults_for(cfg.train.objective, cfg.model, explicit_flags(argv))
+        cfg.train = train_defaults_for(cfg.train.objective, cfg.train, explicit_flags(argv))
     # the objective's model settings are applied here, once: what is printed and saved is the model
     cfg.model = model_config_for(cfg.train.objective, cfg.model)
     if cfg.train.threads:

@@ -233,6 +233,11 @@ class ObjectiveConfig:
                                              "--random_replace_prob, 80/10/10)", choices=("electra", "bert"))
     generator_temperature: float = option(1.0, "rtd: replacements are sampled from softmax(generator logits "
                                                "/ this)", above=0)
+    embedding_sharing: str = option("electra", "rtd: the token table of the generator and the discriminator: "
+                                               "electra (one table), none (one each) or gdes (the "
+                                               "discriminator's is the generator's, without its gradient, "
+                                               "plus a residual of its own: DeBERTa-v3)",
+                                    choices=("electra", "none", "gdes"))
     # permutation LM (minilm/objectives/plm.py)
     plm_partial_k: int = option(6, "plm: predict the last 1/K of each sequence's random factorization order "
                                    "(XLNet's K): round(seq_len / K) targets per row", at_least=2)

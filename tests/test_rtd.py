@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from minilm.config import ModelConfig, ObjectiveConfig, TrainConfig
 from minilm.errors import UserError
-from minilm.objectives import build_objective, finalize
+from minilm.objectives import build_objective, finalize, train_defaults_for
 from minilm.objectives import rtd as rtd_module
 from minilm.objectives.rtd import sample_from_logits
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
@@ -91,9 +91,83 @@ def test_embeddings_are_the_same_parameters_and_in_the_optimizer_once():
     assert names == ["backbone.tok_emb.weight"]
 
 
+@pytest.mark.parametrize("name", ["rtd+plm", "mlm+rtd"])
+def test_in_a_combination_the_generator_reads_the_shared_backbones_tables(name):
+    """a+b shares the first part's backbone; rtd's generator must read that one's tables (as its
+    head already multiplied by its token table), not the backbone rtd built and a+b dropped."""
+    objective = build_objective(name, dataclasses.replace(CFG, position="learned"))
+    generator, backbone = objective.parts["rtd"].generator, objective.backbone
+    for table in ("tok_emb", "pos_emb", "embed_norm"):
+        assert getattr(generator, table).weight is getattr(backbone, table).weight, table
+    with pytest.raises(UserError, match="--embedding_sharing gdes is for --objective rtd alone"):
+        build_objective(name, CFG, None, ObjectiveConfig(embedding_sharing="gdes"))
+
+
 def test_a_generator_as_wide_as_the_discriminator_reads_the_embeddings_directly():
     objective = make(generator_fraction=1.0)
     assert objective.generator.embed_project is None and objective.generator.cfg.n_embd == 32
+
+
+def split_losses(objective, batch):
+    """(generator loss, discriminator loss) of one batch, each its own graph."""
+    logits = objective.generator_logits(batch)
+    generator_loss = F.cross_entropy(logits, batch["targets"])
+    corrupted, replaced = objective.corrupt(batch, sample_from_logits(logits.detach(), batch["sample_noise"]))
+    detector = objective.discriminator_logits(corrupted)
+    return generator_loss, F.binary_cross_entropy_with_logits(detector, replaced.float())
+
+
+@pytest.mark.parametrize("sharing", ["electra", "none", "gdes"])
+def test_which_token_table_each_loss_trains(sharing):
+    """electra: one table, both losses train it. none: a table each, each loss trains its own.
+    gdes: the discriminator reads the generator's table without its gradient plus a zero-initialised
+    residual; the generator's loss trains only the generator's table, the discriminator's only the
+    residual."""
+    objective = make(embedding_sharing=sharing)
+    generator_table = objective.generator.tok_emb.weight
+    tables = {"generator": generator_table}
+    if sharing == "none":
+        tables["discriminator"] = objective.backbone.tok_emb.weight
+    if sharing == "gdes":
+        tables["residual"] = objective.backbone.tok_emb.delta
+        assert not objective.backbone.tok_emb.delta.any()
+        assert torch.equal(objective.backbone.tok_emb.weight, generator_table)   # reads the generator's
+    assert (generator_table is objective.backbone.tok_emb.weight) == (sharing == "electra")
+    names = [name for name, _ in objective.named_parameters()]
+    assert len(names) == len(set(names)) and sum("tok_emb" in name for name in names) == len(tables)
+    generator_loss, discriminator_loss = split_losses(objective, objective.make_batch(raw_batch(), seeded(1)))
+    trained = {}
+    for loss_name, loss in (("generator", generator_loss), ("discriminator", discriminator_loss)):
+        grads = torch.autograd.grad(loss, list(tables.values()), allow_unused=True, retain_graph=True)
+        trained[loss_name] = {name for name, g in zip(tables, grads) if g is not None and g.any()}
+    expected = {"electra": {"generator": {"generator"}, "discriminator": {"generator"}},
+                "none": {"generator": {"generator"}, "discriminator": {"discriminator"}},
+                "gdes": {"generator": {"generator"}, "discriminator": {"residual"}}}[sharing]
+    assert trained == expected
+
+
+def test_a_gdes_checkpoint_holds_the_table_the_discriminator_reads():
+    """Its backbone's "tok_emb.weight" is generator table + residual, which fine-tuning
+    (--init_from) takes; loading the state back (--resume) restores both parts."""
+    objective = make(embedding_sharing="gdes")
+    with torch.no_grad():
+        objective.backbone.tok_emb.delta.normal_()
+    state = objective.state_dict()
+    merged = objective.generator.tok_emb.weight + objective.backbone.tok_emb.delta
+    assert torch.equal(state["backbone.tok_emb.weight"], merged.detach())
+    child = build_objective("classify", CFG, None, ObjectiveConfig(labels='["a", "b"]'))
+    train_script = load_script("train.py")
+    from minilm.config import Config
+    parent_cfg = Config(model=CFG)
+    parent_cfg.train.objective, parent_cfg.obj.embedding_sharing = "rtd", "gdes"
+    train_script.load_parent_weights(child, {"model": state, "config": parent_cfg.to_dict(), "objective": "rtd"},
+                                     "parent.pt", log=lambda *_: None)
+    assert torch.equal(child.backbone.tok_emb.weight, merged.detach())
+    again = make(embedding_sharing="gdes")
+    again.load_state_dict(state)
+    assert torch.equal(again.backbone.tok_emb.weight, merged.detach())
+    probe = raw_batch()[:, :16]
+    torch.testing.assert_close(again.replaced_probabilities(probe), objective.replaced_probabilities(probe))
 
 
 # ----------------------------------------------------------------------------- gradients and loss
@@ -242,6 +316,19 @@ def test_a_tiny_discriminator_beats_the_all_original_baseline():
     assert metrics["discriminator/recall"] > 0.5 and metrics["discriminator/precision"] > 0.5, metrics
 
 
+def test_rtd_defaults_its_own_learning_rate_and_a_flag_wins():
+    """ELECTRA-Small's lr 5e-4 (min 5e-5), declared in rtd.py (train_defaults), where a command line
+    leaves --lr and --min_lr out; the other objectives keep TrainConfig's."""
+    base = TrainConfig()
+    chosen = train_defaults_for("rtd", base, set())
+    assert (chosen.lr, chosen.min_lr) == (5e-4, 5e-5)
+    assert train_defaults_for("mlm+rtd", base, set()).lr == 5e-4
+    assert train_defaults_for("rtd", dataclasses.replace(base, lr=1e-3), {"lr"}).lr == 1e-3   # --lr 1e-3 given
+    assert train_defaults_for("mlm", base, set()).lr == base.lr
+    with pytest.raises(UserError, match="--min_lr"):   # --min_lr 1e-3 alone: above rtd's lr
+        train_defaults_for("rtd", dataclasses.replace(base, min_lr=1e-3), {"min_lr"})
+
+
 # ----------------------------------------------------------------------------- --init_from, --score
 def test_init_from_an_rtd_checkpoint_takes_the_discriminator():
     train_script = load_script("train.py")
@@ -272,6 +359,12 @@ def rtd_checkpoint(tmp_path_factory, corpus_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "discriminator/acc" in result.stdout + result.stderr
     return out
+
+
+def test_train_py_saves_rtds_own_learning_rate(rtd_checkpoint):
+    from minilm.checkpoint import list_checkpoints
+    state = torch.load(list_checkpoints(str(rtd_checkpoint))[-1], weights_only=True)
+    assert (state["config"]["train"]["lr"], state["config"]["train"]["min_lr"]) == (5e-4, 5e-5)
 
 
 def test_score_prints_each_tokens_replaced_probability(rtd_checkpoint):

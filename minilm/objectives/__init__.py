@@ -63,15 +63,27 @@ def model_defaults_for(name: str, model_cfg, given: set[str]):
     (the flags on the command line, config.explicit_flags). train.py applies it to a fresh run,
     never on --resume, whose checkpoint's config already holds what its run chose. Parts of "a+b"
     that default one field differently: a UserError asking for the flag."""
+    return _defaults_for(name, model_cfg, given, "model_defaults")
+
+
+def train_defaults_for(name: str, train_cfg, given: set[str]):
+    """The same for TrainConfig fields (an objective's own learning rate, base.py's
+    `train_defaults`): a copy of train_cfg, checked again (--min_lr must stay at most --lr)."""
+    train_cfg = _defaults_for(name, train_cfg, given, "train_defaults")
+    train_cfg.validate()
+    return train_cfg
+
+
+def _defaults_for(name: str, section, given: set[str], declared: str):
     chosen: dict = {}
     for cls in (objective_class(part) for part in name.split("+")):
-        for setting, value in cls.model_defaults.items():
+        for setting, value in getattr(cls, declared).items():
             if setting in chosen and chosen[setting][1] != value and setting not in given:
                 raise UserError(f"{chosen[setting][0]} defaults --{setting} to {chosen[setting][1]} but {cls.name} "
                                 f"to {value}; pass --{setting} to choose")
             chosen[setting] = (cls.name, value)
     changes = {setting: value for setting, (_, value) in chosen.items() if setting not in given}
-    return dataclasses.replace(model_cfg, **changes)
+    return dataclasses.replace(section, **changes)
 
 
 def window_length_for(name: str, model_cfg, options=None) -> int:
@@ -120,4 +132,4 @@ def objective_class(name: str) -> type[Objective]:
 
 __all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "data_kind_for", "finalize", "is_encoder_decoder",
            "model_config_for", "window_length_for"]
-__all__ += ["model_defaults_for"]   # simcse
+__all__ += ["model_defaults_for", "train_defaults_for"]   # simcse; train_defaults_for: any objective

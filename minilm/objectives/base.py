@@ -49,7 +49,8 @@ the config itself, so callers rarely call model_config_for directly.
 A default is weaker than a setting: `model_defaults = {"dropout": 0.1}` (simcse, whose only
 noise is dropout) is what the run gets when its command line does not give --dropout; train.py
 applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
-so the saved config still says what the model is, and an explicit flag wins.
+so the saved config still says what the model is, and an explicit flag wins. `train_defaults`
+does the same for training settings (an objective's own learning rate: objectives.train_defaults_for).
 
 Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
 Baseline): predicting every target by its frequency (a unigram; for labels the prior), a detector
@@ -151,6 +152,8 @@ class Objective(nn.Module):
     # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
     # by train.py to a fresh run only where the flag was not given (objectives.model_defaults_for)
     model_defaults: dict = {}
+    # TrainConfig fields this objective defaults differently (its own lr), applied the same way
+    train_defaults: dict = {}
 
     baseline: Baseline | None = None   # what it must beat to have learned anything (module docstring)
 
@@ -183,6 +186,11 @@ class Objective(nn.Module):
         objective declares (model_config_for / build_objective apply it)."""
         check_model_config([type(self)], self.data, model_cfg)
         return Transformer(model_cfg)
+
+    def backbone_replaced(self) -> None:
+        """Called once a+b has pointed self.backbone at the parts' shared backbone (multitask.py):
+        an objective whose other modules hold pieces of the backbone it built (a table they share)
+        points them at the shared one here. Nothing by default."""
 
     def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError

@@ -106,6 +106,7 @@ def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
     registers it once, so it is saved and optimized once."""
     del part.backbone                                  # the part's own, and its registration
     object.__setattr__(part, "backbone", backbone)     # bypasses nn.Module's registration
+    part.backbone_replaced()                           # modules that held pieces of its own follow
 
 
 class MultiTask(Objective):

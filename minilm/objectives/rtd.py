@@ -44,6 +44,12 @@ The networks (configure_pretraining.py: generator_hidden_size 0.25, generator_la
     projection E -> its width when the two differ (ELECTRA's "embeddings_project"): the
     discriminator through its backbone's embed_project (model.py), the generator through its
     own. RoPE has no parameters: each network rotates with its own (identical) tables.
+  * --embedding_sharing changes the token table alone (the other tables stay shared): electra
+    (the default) as above; none, a table each (the generator's head tied to its own); gdes,
+    DeBERTa-v3's gradient-disentangled sharing (DisentangledEmbedding): the discriminator reads
+    the generator's table without its gradient plus a zero-initialised residual table, so each
+    loss trains a table of its own. DeBERTa-v3 found the two losses pulling one shared table
+    apart ("tug-of-war"); benchmarks/README.md ("rtd") measures the cosine of their gradients on it.
 
 Sampling is exact and reproducible: make_batch draws one uniform u per chosen position from the
 step's torch.Generator (so a resumed run samples what it would have sampled), and the forward
@@ -59,6 +65,10 @@ Metrics: "generator/*" (loss, acc: argmax == original at the chosen positions) a
 "discriminator/*" (loss, acc over non-pad tokens, precision and recall of "replaced", and
 positive_share: the share of tokens actually replaced); "loss" is the trained sum
 gen loss + rtd_weight x disc loss.
+
+Training defaults (train_defaults, base.py): lr 5e-4 and min_lr 5e-5, ELECTRA-Small's peak lr,
+where the other objectives take the causal LM's 2e-3; --lr and --min_lr still win. ELECTRA's
+warmup (10k of 1M steps), Adam beta2 0.999 and eps 1e-6 are not defaults here.
 
 Where we differ from the references:
   * Choosing: each eligible token independently with p = 0.15 (a binomial count, as our other
@@ -86,6 +96,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
+from minilm.errors import UserError
 from minilm.flops import embed_project_weights
 from minilm.model import Transformer, padding_mask
 from minilm.objectives.base import Baseline, Objective
@@ -115,15 +126,57 @@ class Generator(Transformer):
     generator, which a factorized ModelConfig does not allow), then given the shared tables and
     its own embed_project when E != C_g. Its head (GeneratorHead) maps C_g -> E itself."""
 
-    def __init__(self, cfg, shared: Transformer):
+    def __init__(self, cfg, shared: Transformer, own_token_table: bool = False):
         super().__init__(cfg)
-        # replace the tables built for cfg by the discriminator's: one Parameter each, in both networks
-        self.tok_emb, self.pos_emb, self.seg_emb, self.embed_norm = (shared.tok_emb, shared.pos_emb,
-                                                                     shared.seg_emb, shared.embed_norm)
         width = shared.cfg.embedding_width
+        self.own_token_table = own_token_table
+        if own_token_table:   # --embedding_sharing none or gdes: a token table of its own, E wide
+            self.tok_emb = nn.Embedding(shared.cfg.vocab_size, width)
+            Transformer._init_weights(self.tok_emb)
+        self.read_tables_of(shared)
         self.embed_project = nn.Linear(width, cfg.n_embd, bias=cfg.bias) if width != cfg.n_embd else None
         if self.embed_project is not None:
             Transformer._init_weights(self.embed_project)
+
+    def read_tables_of(self, shared: Transformer) -> None:
+        """Replace the tables built for cfg by the discriminator's: one Parameter each, in both
+        networks (the token table too, unless the generator has its own)."""
+        self.pos_emb, self.seg_emb, self.embed_norm = shared.pos_emb, shared.seg_emb, shared.embed_norm
+        if not self.own_token_table:
+            self.tok_emb = shared.tok_emb
+
+
+class DisentangledEmbedding(nn.Module):
+    """DeBERTa-v3's gradient-disentangled embedding sharing (He et al. 2021, "DeBERTaV3"), the
+    discriminator's token table under --embedding_sharing gdes: the generator's table without its
+    gradient, plus a residual table of its own that starts at zero,
+        weight = stop_gradient(E_generator) + E_delta.
+    The generator's loss alone trains E_generator and the discriminator's loss alone E_delta, so
+    the two losses no longer pull one table two ways. Its state_dict also holds the sum as
+    "weight", so the discriminator's checkpoint holds the table it reads (what --init_from and
+    fine-tuning take); loading ignores that entry, which E_generator and E_delta determine."""
+
+    def __init__(self, generator_table: nn.Embedding):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros_like(generator_table.weight))
+        self.generator_table = (generator_table,)   # a tuple: the generator owns it, not a submodule
+        self.register_state_dict_post_hook(self._add_weight)
+        self.register_load_state_dict_pre_hook(self._drop_weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.generator_table[0].weight.detach() + self.delta
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+    @staticmethod
+    def _add_weight(module, state, prefix, local_metadata):
+        state[prefix + "weight"] = module.weight.detach()
+
+    @staticmethod
+    def _drop_weight(module, state, prefix, *args):
+        state.pop(prefix + "weight", None)
 
 
 class GeneratorHead(MLMHead):
@@ -172,6 +225,10 @@ class ReplacedTokenDetection(Objective):
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
     model_settings = {"embed_norm": True, "tie_embeddings": True}
+    # ELECTRA-Small's peak lr (and a tenth of it at the end), not the causal LM's 2e-3, at which the
+    # discriminator stays at the all-original base rate (benchmarks/README.md, "rtd: why the
+    # discriminator stays at its base rate")
+    train_defaults = {"lr": 5e-4, "min_lr": 5e-5}
     baseline = Baseline("every token called by the base rate of replaced ones", part="discriminator", margin=0.02,
                         hint="a smaller --rtd_weight")
 
@@ -188,12 +245,24 @@ class ReplacedTokenDetection(Objective):
         # weight that no loss reaches (DDP refuses those); the generator's head maps to E itself
         self.backbone.head_project = None
         self.discriminator_head = DiscriminatorHead(model_cfg)
-        self.generator = Generator(generator_config(model_cfg, options.generator_fraction), self.backbone)
+        sharing = options.embedding_sharing
+        self.generator = Generator(generator_config(model_cfg, options.generator_fraction), self.backbone,
+                                   own_token_table=sharing != "electra")
+        if sharing == "gdes":   # the discriminator reads the generator's table (no gradient) + its own residual
+            self.backbone.tok_emb = DisentangledEmbedding(self.generator.tok_emb)
         self.generator_head = GeneratorHead(model_cfg, self.generator.cfg.n_embd)
         V = model_cfg.vocab_size
         special = tokenizer.special_table if tokenizer is not None else torch.arange(V) < NUM_SPECIAL
         self.register_buffer("special_table", special.clone(), persistent=False)
         self.register_buffer("random_ids", torch.nonzero(~special).squeeze(1), persistent=False)
+
+    def backbone_replaced(self) -> None:
+        """In a+b the discriminator is the shared backbone (multitask.py): the generator reads its
+        tables, not those of the backbone this objective built and dropped."""
+        if self.options.embedding_sharing == "gdes":
+            raise UserError("--embedding_sharing gdes is for --objective rtd alone: in a+b the other parts "
+                            "would read the discriminator's disentangled table")
+        self.generator.read_tables_of(self.backbone)
 
     def replacement_shares(self) -> tuple[float, float]:
         """(shown as <mask>, shown as a random token) among the chosen; the rest are unchanged."""
@@ -235,7 +304,7 @@ class ReplacedTokenDetection(Objective):
         """The generator's logits at the chosen positions, (N, V), fp32 for a stable softmax."""
         picked = self.generator(batch["masked_ids"], mask=batch.get("attn_mask"),
                                 outputs_at=batch["positions"])                 # (N, C_g)
-        return self.generator_head(picked, self.backbone.tok_emb.weight).float()
+        return self.generator_head(picked, self.generator.tok_emb.weight).float()
 
     def discriminator_logits(self, ids, attn_mask=None):
         """(B, T) ids -> (B, T) logits of "replaced"."""
@@ -290,7 +359,7 @@ class ReplacedTokenDetection(Objective):
                          + sum(w.numel() for w in self.discriminator_head.parameters()))
         key_value = 2 * gcfg.n_embd * (gcfg.n_embd + (1 if gcfg.bias else 0))
         project = embed_project_weights(gen)
-        head = sum(w.numel() for w in self.generator_head.parameters()) + disc.tok_emb.weight.numel()
+        head = sum(w.numel() for w in self.generator_head.parameters()) + gen.tok_emb.weight.numel()
         generator = (project + (len(gen.blocks) - 1) * block_weights(gen) + key_value
                      + p * (block_weights(gen) - key_value + head))
         attention = (len(disc.blocks) * 12 * dcfg.n_head * dcfg.head_dim * dcfg.seq_len
