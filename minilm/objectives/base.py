@@ -155,6 +155,8 @@ class Objective(nn.Module):
     # TrainConfig fields this objective defaults differently (its own lr), applied the same way
     train_defaults: dict = {}
 
+    # the shortest --seq_len a row of it can use, and why (window_length checks it before any data work)
+    shortest_seq_len: tuple[int, str] = (1, "reads at least one token per row")
     baseline: Baseline | None = None   # what it must beat to have learned anything (module docstring)
 
     backbone: nn.Module
@@ -178,7 +180,11 @@ class Objective(nn.Module):
         """Raw tokens per row this objective reads from a "blocks" source: seq_len + 1 by default
         (a causal LM's labels are its inputs shifted by one; the encoders use the first seq_len).
         t5 reads more, since its noise spans collapse into one sentinel each. A classmethod, so
-        train.py can check the options before it prepares any data."""
+        train.py can check the options before it prepares any data: --seq_len below the
+        objective's `shortest_seq_len` is refused here."""
+        least, why = cls.shortest_seq_len
+        if model_cfg.seq_len < least:
+            raise UserError(f"{cls.name} {why}: it needs --seq_len {least} or more, got {model_cfg.seq_len}")
         return model_cfg.seq_len + 1
 
     def build_backbone(self, model_cfg) -> Transformer:

@@ -125,6 +125,7 @@ class Classifier(Objective):
     data = "labelled"
     model_kind = "classifier"
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
+    shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("the label prior (the majority class)", targets="labels", margin=0.02)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
@@ -150,14 +151,6 @@ class Classifier(Objective):
         Transformer._init_weights(self.label_head)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
-
-    @classmethod
-    def window_length(cls, model_cfg, options=None) -> int:
-        """Checked before any data is prepared (train.py): a row is `[CLS] text [SEP]`."""
-        if model_cfg.seq_len < 3:
-            raise UserError(f"classify frames each text as [CLS] text [SEP]: it needs --seq_len 3 or more, "
-                            f"got {model_cfg.seq_len}")
-        return super().window_length(model_cfg, options)
 
     @property
     def n_labels(self) -> int:

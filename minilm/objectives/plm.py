@@ -72,7 +72,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from minilm.errors import UserError
 from minilm.flops import matmul_weights
 from minilm.objectives.base import Baseline, Objective
 
@@ -160,6 +159,7 @@ class PermutationLM(Objective):
     data = "blocks"
     model_kind = "encoder"
     fills_masks = False
+    shortest_seq_len = (2, "predicts some tokens of a row from the others")   # a target and some context
     baseline = Baseline("each target predicted by its unigram frequency", targets="targets", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
@@ -176,14 +176,6 @@ class PermutationLM(Objective):
         # the query stream's input (XLNet's mask_emb): one learned vector, initialised as a token row
         self.query_start = nn.Parameter(torch.randn(model_cfg.n_embd) * 0.02)
         self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
-
-    @classmethod
-    def window_length(cls, model_cfg, options=None) -> int:
-        """Checked before any data is prepared (train.py): a row needs a target and some context."""
-        if model_cfg.seq_len < 2:
-            raise UserError(f"plm predicts some tokens of a row from the others: it needs --seq_len 2 or more, "
-                            f"got {model_cfg.seq_len}")
-        return super().window_length(model_cfg, options)
 
     def make_batch(self, raw, generator=None):
         """raw (B, T+1) -> input_ids, ranks (B, T), target_positions, targets (B, M), counts."""

@@ -146,6 +146,7 @@ class SimCSE(Objective):
     model_kind = "encoder"
     embeds_sentences = True          # has embed(input_ids, lengths): minilm/api.py uses its pooling
     model_defaults = {"dropout": 0.1}
+    shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("a uniform guess among the batch's candidates, ln(candidates)", margin=0.05)
 
     @classmethod
@@ -165,14 +166,6 @@ class SimCSE(Objective):
             if self.pooling == "first" else None
         if self.mlp is not None:
             Transformer._init_weights(self.mlp[0])
-
-    @classmethod
-    def window_length(cls, model_cfg, options=None) -> int:
-        """Checked before any data is prepared (train.py): a row is `[CLS] sentence [SEP]`."""
-        if model_cfg.seq_len < 3:
-            raise UserError(f"{cls.name} frames each text as [CLS] text [SEP]: it needs --seq_len 3 or more, "
-                            f"got {model_cfg.seq_len}")
-        return super().window_length(model_cfg, options)
 
     def flops_per_token(self) -> float:
         """Per input token (seq_len per row, what the trainer's tokens/s counts): every row runs
