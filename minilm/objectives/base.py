@@ -32,25 +32,30 @@ Metric sums use shared names so they aggregate by plain addition over batches:
 objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
 "sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
 
-Declared model settings (the saved config is the model). An objective that needs something of
-the network declares it instead of changing the config it is given:
-    model_settings = {"embed_norm": True}     # exact values, on the class (the masked LMs)
-    DATA_MODEL_MINIMUMS["segment_pairs"]      # what reading a kind of data needs: n_segment >= 2
-`minilm.objectives.model_config_for(name, model_cfg)` applies them once, before the model is
-built, printed and saved: for "a+b" the union of the parts' settings and of what their data
-kinds and the combined one need, whatever the order of the parts (a conflict is a UserError).
-It is idempotent, so a checkpoint's config (which may predate a setting) resolves to the same
-model again. A setting that defaults to another one (t5's decoder depth: n_decoder_layer 0 means
-n_layer) is a `derived_model_settings` hook, applied after the exact values and minimums. Only
-an encoder-decoder (model_kind "seq2seq") has a decoder stack: it cannot share a backbone with
-another objective, and any other objective refuses --n_decoder_layer. An objective's constructor then builds exactly the config it is given
-(`build_backbone`), and refuses one that lacks a declared setting; build_objective resolves
+Options. An objective's options are a dataclass in its own file (`Options`, fields made with
+minilm.options.option): their flags, --help meanings and rules come from it, and the run's objective
+section (config.ObjectiveConfig, saved flat as "obj") is the union of the registered objectives'
+Options. build_objective hands each objective an instance of its own (make_options).
+
+What an objective needs of the model (the saved config is the model): one hook,
+    @classmethod
+    def configure(cls, model_cfg, options) -> model_cfg
+returning the config its model is built from, never changing the one it is given: exact values
+(the masked LMs' embed_norm), minimums (sentence pairs and translations need n_segment >= 2), or
+settings derived from others (t5: n_decoder_layer 0 means n_layer). It must be idempotent:
+configure(configure(c)) == configure(c), so a checkpoint's config (which may predate a setting)
+resolves to the same model again. `minilm.objectives.model_config_for(name, model_cfg)` applies it
+once, before the model is built, printed and saved; for "a+b" each part's in turn, whatever the
+order of the parts, and the result must be what every part's configure leaves alone: two parts
+that need different values of one setting are a UserError. Only an encoder-decoder (model_kind
+"seq2seq") has a decoder stack: it cannot share a backbone with another objective, and any other
+objective refuses --n_decoder_layer. An objective's constructor then builds exactly the config it
+is given (`build_backbone`), and refuses one its configure would change; build_objective resolves
 the config itself, so callers rarely call model_config_for directly.
-A default is weaker than a setting: `model_defaults = {"dropout": 0.1}` (simcse, whose only
-noise is dropout) is what the run gets when its command line does not give --dropout; train.py
-applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
-so the saved config still says what the model is, and an explicit flag wins. `train_defaults`
-does the same for training settings (an objective's own learning rate: objectives.train_defaults_for).
+A default is weaker than a need: `defaults = {"dropout": 0.1}` (simcse, whose only noise is
+dropout) or `{"lr": 5e-4}` (rtd) is what a fresh run gets for a ModelConfig or TrainConfig field
+its command line does not give; train.py applies them (objectives.model_defaults_for and
+train_defaults_for) before resolving and saving the config, and an explicit flag wins.
 
 Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
 Baseline): predicting every target by its frequency (a unigram; for labels the prior), a detector
@@ -71,13 +76,7 @@ from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.losses import IGNORE, cross_entropy_sum
 from minilm.model import Transformer
-
-# What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
-# 0 (A) and 1 (B), so their backbone needs two segment embeddings (more are allowed).
-DATA_MODEL_MINIMUMS: dict[str, dict[str, int]] = {"segment_pairs": {"n_segment": 2}}
-# tlm: translation pairs carry a language id per token (0 source, 1 target), read through the
-# segment embeddings (XLM's language embeddings; objectives/tlm.py)
-DATA_MODEL_MINIMUMS["parallel"] = {"n_segment": 2}
+from minilm.options import Options, options_from
 
 # The shortest context a row of each kind of data fits in (its frame plus a token per text): the
 # data sources refuse a shorter --seq_len, but only once the data is tokenized, so train.py checks
@@ -147,13 +146,10 @@ class Objective(nn.Module):
     fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
     scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`
                                   # gives (B, T) probabilities (rtd; sample.py --score)
-    model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
-                                  # (see "Declared model settings" above; never mutated)
-    # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
-    # by train.py to a fresh run only where the flag was not given (objectives.model_defaults_for)
-    model_defaults: dict = {}
-    # TrainConfig fields this objective defaults differently (its own lr), applied the same way
-    train_defaults: dict = {}
+    Options: type = Options        # its options, a dataclass in its file (module docstring); none here
+    # ModelConfig or TrainConfig fields this objective defaults differently (simcse: dropout 0.1, rtd:
+    # its lr), applied by train.py to a fresh run only where the flag was not given
+    defaults: dict = {}
 
     # the shortest --seq_len a row of it can use, and why (window_length checks it before any data work)
     shortest_seq_len: tuple[int, str] = (1, "reads at least one token per row")
@@ -169,11 +165,19 @@ class Objective(nn.Module):
         return False
 
     @classmethod
-    def derived_model_settings(cls, model_cfg) -> dict:
-        """Settings this objective fills in from the others when `model_cfg` leaves them unset
-        (t5: n_decoder_layer 0 -> n_layer). Must return {} for a config it has resolved already
-        (model_config_for is idempotent). None by default."""
-        return {}
+    def configure(cls, model_cfg, options):
+        """The config this objective's model is built from: `model_cfg` with what it needs of the
+        model (module docstring), a new config when anything changes. Idempotent. `options`: an
+        instance of cls.Options. Nothing by default."""
+        return model_cfg
+
+    @classmethod
+    def make_options(cls, section=None):
+        """An instance of cls.Options, validated: from `section`, the run's objective section
+        (config.ObjectiveConfig) or any object with its fields, or the defaults when None."""
+        options = options_from(cls.Options, section)
+        options.validate()
+        return options
 
     @classmethod
     def window_length(cls, model_cfg, options=None) -> int:
@@ -189,8 +193,8 @@ class Objective(nn.Module):
 
     def build_backbone(self, model_cfg) -> Transformer:
         """The backbone, built from exactly `model_cfg`, which must already hold what this
-        objective declares (model_config_for / build_objective apply it)."""
-        check_model_config([type(self)], self.data, model_cfg)
+        objective needs (configure; model_config_for / build_objective apply it)."""
+        check_model_config([type(self)], model_cfg, getattr(self, "options", None))
         return Transformer(model_cfg)
 
     def backbone_replaced(self) -> None:
@@ -256,28 +260,6 @@ class Objective(nn.Module):
                                cfg.head_dim, cfg.seq_len)
 
 
-def model_requirements(classes, data: str) -> tuple[dict, dict]:
-    """(exact settings, minimums) that the objectives `classes`, reading `data` together, need of
-    the model: the union of their model_settings, and of DATA_MODEL_MINIMUMS for their own data
-    kinds and `data`. Two parts that need different values of one setting: a UserError."""
-    exact: dict = {}
-    wanted_by: dict = {}
-    for cls in classes:
-        for setting, value in cls.model_settings.items():
-            if setting in exact and exact[setting] != value:
-                raise UserError(f"{wanted_by[setting]} needs --{setting} {exact[setting]} but {cls.name} needs "
-                                f"--{setting} {value}; these objectives cannot share one model")
-            exact[setting], wanted_by[setting] = value, cls.name
-    minimums: dict = {}
-    for kind in sorted({data} | {cls.data for cls in classes}):
-        for setting, least in DATA_MODEL_MINIMUMS.get(kind, {}).items():
-            minimums[setting] = max(least, minimums.get(setting, least))
-            if setting in exact and exact[setting] < minimums[setting]:
-                raise UserError(f"{wanted_by[setting]} needs --{setting} {exact[setting]} but {kind} data needs "
-                                f"at least {minimums[setting]}; these objectives cannot share one model")
-    return exact, minimums
-
-
 def check_one_encoder_decoder(classes) -> None:
     """A one-line UserError for an encoder-decoder (t5) combined with anything else."""
     seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
@@ -298,27 +280,58 @@ def check_backbone_kinds(classes, model_cfg) -> None:
                         f"--n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")
 
 
-def resolve_model_config(classes, data: str, model_cfg):
-    """A copy of model_cfg with what `classes` reading `data` need (model_requirements) applied:
-    exact settings set, minimums raised to, then each class's derived settings. Idempotent: a
-    resolved config resolves to itself."""
+def _changed(before, after) -> list[str]:
+    return [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(after, f.name)]
+
+
+def _needs(cls, options, model_cfg, setting: str) -> tuple[object, bool]:
+    """(the value of `setting` that `cls` needs, given `model_cfg`; whether it is a minimum): a
+    number its configure raises a lower value to, and leaves alone once it is higher."""
+    value = getattr(cls.configure(model_cfg, options), setting)
+    if isinstance(value, int) and not isinstance(value, bool):
+        lower, higher = (dataclasses.replace(model_cfg, **{setting: value + step}) for step in (-1, 1))
+        return value, (getattr(cls.configure(lower, options), setting) == value
+                       and getattr(cls.configure(higher, options), setting) == value + 1)
+    return value, False
+
+
+def resolve_model_config(classes, model_cfg, options=None):
+    """A copy of model_cfg with what `classes` need of the model: each one's configure in turn
+    (`options`: the run's objective section, each class reads its own Options from it). The
+    result must be one that every part's configure leaves alone, so it is idempotent, and two parts
+    that need different values of one setting are a one-line UserError."""
     check_backbone_kinds(classes, model_cfg)
-    exact, minimums = model_requirements(classes, data)
-    changes = dict(exact)
-    changes.update({setting: max(getattr(model_cfg, setting), least) for setting, least in minimums.items()})
-    resolved = dataclasses.replace(model_cfg, **changes)
-    for cls in classes:
-        resolved = dataclasses.replace(resolved, **cls.derived_model_settings(resolved))
+    parts = [(cls, cls.make_options(options)) for cls in classes]
+    resolved, set_by = model_cfg, {}
+    for cls, part_options in parts:
+        configured = cls.configure(resolved, part_options)
+        set_by.update({setting: (cls, part_options) for setting in _changed(resolved, configured)})
+        resolved = configured
+    for cls, part_options in parts:
+        again = cls.configure(resolved, part_options)
+        for setting in _changed(resolved, again):
+            if setting not in set_by or set_by[setting][0] is cls:
+                raise ValueError(f"{cls.name}.configure is not idempotent: it changes {setting} of the config it "
+                                 "returned; it must leave a config that already has what it needs alone")
+            other, other_options = set_by[setting]
+            said = [f"--{setting} {value}" + (" or more" if minimum else "")
+                    for value, minimum in (_needs(cls, part_options, resolved, setting),
+                                           _needs(other, other_options, resolved, setting))]
+            raise UserError(f"{cls.name} needs {said[0]} but {other.name} needs {said[1]}; these objectives "
+                            "cannot share one model")
     return resolved
 
 
-def check_model_config(classes, data: str, model_cfg) -> None:
-    """Refuse a config that lacks what `classes` reading `data` declare (a programming error: the
-    caller skipped model_config_for, so the model would not be the one its config says)."""
-    exact, minimums = model_requirements(classes, data)
-    missing = [f"{s}={v}" for s, v in exact.items() if getattr(model_cfg, s) != v]
-    missing += [f"{s}>={v}" for s, v in minimums.items() if getattr(model_cfg, s) < v]
-    missing += [f"{s}={v}" for cls in classes for s, v in cls.derived_model_settings(model_cfg).items()]
+def check_model_config(classes, model_cfg, options=None) -> None:
+    """Refuse a config that lacks what `classes` need (a programming error: the caller skipped
+    model_config_for, so the model would not be the one its config says)."""
+    resolved = resolve_model_config(classes, model_cfg, options)
+    missing = []
+    for setting in _changed(model_cfg, resolved):
+        # "n_segment>=2" where a part's need is a minimum
+        minimum = any(_needs(cls, cls.make_options(options), model_cfg, setting)[1] for cls in classes
+                      if getattr(cls.configure(model_cfg, cls.make_options(options)), setting) != getattr(model_cfg, setting))
+        missing.append(f"{setting}{'>=' if minimum else '='}{getattr(resolved, setting)}")
     if missing:
         names = "+".join(cls.name for cls in classes)
         raise ValueError(f"{names} needs a model config with {', '.join(missing)}; resolve it first with "
