@@ -326,11 +326,12 @@ def check_model_config(classes, model_cfg, options=None) -> None:
     """Refuse a config that lacks what `classes` need (a programming error: the caller skipped
     model_config_for, so the model would not be the one its config says)."""
     resolved = resolve_model_config(classes, model_cfg, options)
+    parts = [(cls, cls.make_options(options)) for cls in classes]
     missing = []
     for setting in _changed(model_cfg, resolved):
-        # "n_segment>=2" where a part's need is a minimum
-        minimum = any(_needs(cls, cls.make_options(options), model_cfg, setting)[1] for cls in classes
-                      if getattr(cls.configure(model_cfg, cls.make_options(options)), setting) != getattr(model_cfg, setting))
+        needs = [_needs(cls, part_options, model_cfg, setting) for cls, part_options in parts]
+        # "n_segment>=2" where the part that changes it needs a minimum
+        minimum = any(is_minimum for value, is_minimum in needs if value != getattr(model_cfg, setting))
         missing.append(f"{setting}{'>=' if minimum else '='}{getattr(resolved, setting)}")
     if missing:
         names = "+".join(cls.name for cls in classes)
