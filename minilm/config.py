@@ -58,13 +58,13 @@ class ModelConfig:
     tie_embeddings: bool = option(True, "the LM head reuses the token embedding matrix")
     # objectives that read sentence pairs need n_segment >= 2 (objectives/base.py, model settings)
     n_segment: int = option(0, "segment (token-type) embeddings; 0 = none, but objectives that read "
-                               "sentence pairs (sop) use 2 or more", at_least=0)
+                               "sentence pairs or translations use 2 or more", at_least=0)
     # the masked LMs turn it on for their encoder (objectives/mlm.py)
     embed_norm: bool = option(False, "a norm on the summed embeddings before the first block (BERT, "
                                      "RoBERTa, ModernBERT); the masked LMs always use it")
     # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/base.py)
-    n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder (t5), which has n_layer encoder "
-                                     "blocks; 0 = no decoder stack (t5 then uses n_layer)", at_least=0)
+    n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder, which has n_layer encoder "
+                                     "blocks; 0 = no decoder stack (an encoder-decoder then uses n_layer)", at_least=0)
 
     @property
     def head_dim(self) -> int:
@@ -109,12 +109,12 @@ PRESETS: dict[str, dict] = {
 class DataConfig:
     data: str = option("", "text file, folder, glob or .jsonl; empty = the built-in corpus")
     text_field: str = option("text", "the field (JSON, JSON Lines) or column (CSV, TSV) holding the text")
-    label_field: str = option("label", "classify: the field or column holding each row's label (any string)")
-    pair_field: str = option("", "row data with two texts: the second text's field or column (tlm: the "
-                                 "translation; simcse pairs: the positive)")
-    negative_field: str = option("", "simcse pairs: the hard negative's field or column (optional)")
+    label_field: str = option("label", "labelled rows: the field or column holding each row's label (any string)")
+    pair_field: str = option("", "row data with two texts: the second text's field or column (a "
+                                 "translation, or a sentence pair's positive)")
+    negative_field: str = option("", "sentence pairs: the hard negative's field or column (optional)")
     val_data: str = option("", "row data: a file of validation rows; empty: a split of --data (stratified "
-                               "by label for classify)")
+                               "by label for labelled rows)")
     tokenizer: str = option("", "a tokenizer.model to use (e.g. another run's out_dir/tokenizer.model) instead of "
                                 "training one on --data; it sets --vocab_size")
     character_coverage: float = option(0.9995, "share of characters sentencepiece gives their own piece; "
