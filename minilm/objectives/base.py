@@ -1,7 +1,7 @@
 """The contract every objective follows, and the metric arithmetic they share.
 
     objective = SomeObjective(model_cfg, tokenizer, options)   # an nn.Module: backbone + heads;
-                                                               # options: the run's ObjectiveConfig
+                                                               # options: its Options (below)
     batch = objective.make_batch(raw, generator)   # raw token ids -> tensors, on raw's device
     loss, sums = objective(batch, totals)           # scalar loss to backward, detached metric sums
 
