@@ -148,7 +148,10 @@ def is_encoder_decoder(name: str) -> bool:
 def build_objective(name: str, model_cfg, tokenizer=None, options=None) -> Objective:
     """`options`: the run's objective section (config.ObjectiveConfig; the defaults when None), from
     which the objective gets its own Options (each part of "a+b" its own). The model is built from
-    model_config_for(name, model_cfg, options); `model_cfg` itself is not changed."""
+    model_config_for(name, model_cfg, options); `model_cfg` itself is not changed. A section is
+    validated whole, as a command line is, whichever of its options the objective reads."""
+    if options is not None and hasattr(options, "validate"):
+        options.validate()
     model_cfg = model_config_for(name, model_cfg, options)
     if "+" in name:
         return MultiTask([objective_class(part) for part in name.split("+")], model_cfg, tokenizer, options)
