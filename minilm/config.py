@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from minilm.errors import UserError
 # fields are declared with option(default, meaning, rule), shared with the objectives' own options:
 # check_fields checks each alone, a section's validate() the rules that tie fields together
-from minilm.options import ARTICLE, TYPES, check_fields, check_value, merge_fields, option  # noqa: F401
+from minilm.options import ARTICLE, TYPES, check_fields, check_value, merge_fields, option, type_name  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- the four sections
@@ -56,13 +56,13 @@ class ModelConfig:
                             within="[0, 1)")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = option(True, "the LM head reuses the token embedding matrix")
-    # objectives that read sentence pairs need n_segment >= 2 (objectives/base.py, model settings)
+    # objectives that read sentence pairs or translations raise it to 2 (their configure: sop.py, tlm.py)
     n_segment: int = option(0, "segment (token-type) embeddings; 0 = none, but objectives that read "
                                "sentence pairs or translations use 2 or more", at_least=0)
-    # the masked LMs turn it on for their encoder (objectives/mlm.py)
+    # the masked LMs turn it on for their encoder (objectives/mlm.py, configure)
     embed_norm: bool = option(False, "a norm on the summed embeddings before the first block (BERT, "
                                      "RoBERTa, ModernBERT); the masked LMs always use it")
-    # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/base.py)
+    # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/t5.py, configure)
     n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder, which has n_layer encoder "
                                      "blocks; 0 = no decoder stack (an encoder-decoder then uses n_layer)", at_least=0)
 
@@ -150,7 +150,9 @@ def objective_config_class() -> type:
     from minilm.objectives import option_classes   # the registry (imports torch): only once a Config is made
     classes = tuple(option_classes())
     if _objective_config is None or _objective_config[0] != classes:
-        declared = [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in merge_fields(classes)]
+        # types as their names ("float"), as this module's own annotations are (parse_overrides reads them)
+        declared = [(f.name, type_name(f), field(default=f.default, metadata=f.metadata))
+                    for f in merge_fields(classes)]
         made = dataclasses.make_dataclass("ObjectiveConfig", declared, namespace={
             "__doc__": "Options of the registered objectives, one flat section: each objective declares its "
                        "own (its Options dataclass, in its file) and reads them there.",

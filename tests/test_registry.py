@@ -168,3 +168,15 @@ def test_what_cannot_be_registered(registry):
     with pytest.raises(ValueError, match="is not a dataclass"):
         register(NotADataclass)
     assert not {"a+b", "baddefault", "plainoptions"} & set(OBJECTIVES)
+
+
+def test_options_annotated_with_types_rather_than_strings(registry):
+    """A module without `from __future__ import annotations` declares its fields' types as types."""
+    Counted = dataclasses.make_dataclass("Counted", [("counted_steps", int, option(2, "counted: steps", at_least=1))],
+                                         bases=(Options,))
+    register(type("CountedObjective", (Objective,), {"name": "counted", "Options": Counted}))
+    assert parse_overrides(["--counted_steps", "3"]).obj.counted_steps == 3
+    with pytest.raises(UserError, match=r"^--counted_steps expects an integer, got 'x'$"):
+        parse_overrides(["--counted_steps", "x"])
+    with pytest.raises(UserError, match=r"^--counted_steps must be >= 1, got 0$"):
+        Counted(counted_steps=0).validate()

@@ -72,7 +72,8 @@ class ClassifierOptions(Options):
     pooling: str = option("auto", "classify: the one vector per text the head reads: first ([CLS]), mean (over "
                                   "the real tokens) or last (the last real token, for causal decoders); auto = "
                                   "last for a causal backbone, first from scratch or after sop/simcse (which "
-                                  "train [CLS]), mean after the other pretraining objectives", choices=("auto", "first", "mean", "last"))
+                                  "train [CLS]), mean after the other pretraining objectives",
+                          choices=("auto", "first", "mean", "last"))
     classifier_attention: str = option("auto", "classify: how the backbone reads: bidirectional (an encoder) or "
                                                "causal (a decoder: clm); auto = the --init_from parent's way, "
                                                "bidirectional from scratch",
