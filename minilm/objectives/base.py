@@ -1,60 +1,46 @@
 """The contract every objective follows, and the metric arithmetic they share.
 
-    objective = SomeObjective(model_cfg, tokenizer, options)   # an nn.Module: backbone + heads;
-                                                               # options: the run's ObjectiveConfig
-    batch = objective.make_batch(raw, generator)   # raw token ids -> tensors, on raw's device
-    loss, sums = objective(batch, totals)           # scalar loss to backward, detached metric sums
+    class MyObjective(Objective):               # minilm/objectives/my_objective.py
+        name = "mine"                           # the --objective word, the registry's key
+        data = "blocks"                         # the data source it reads (minilm.data SOURCES)
+        Options = MyOptions                     # a dataclass of its own options: they become flags
+        defaults = {"lr": 5e-4}                 # its defaults for shared flags, where not given
+        capabilities = frozenset({"embed"})     # what minilm.load() and sample.py may do with it
+        configure(model_cfg, options) -> model_cfg      # what it needs of the model (classmethod)
+    objective = MyObjective(model_cfg, tokenizer, options)   # an nn.Module: backbone + heads
+    batch = objective.make_batch(raw, generator)     # raw token ids -> tensors, on raw's device
+    loss, sums = objective(batch, totals)            # loss to backward, detached metric sums
+    objective.metrics(sums)                          # its metrics beyond the shared ones
 
 Losses are *sums* divided by step-wide totals. A training step may consist of several
-micro-batches (gradient accumulation, and later several ranks), and objectives such as MLM
-predict a different number of tokens in each. The right loss for the step is
+micro-batches (gradient accumulation, and several ranks), and objectives such as MLM predict a
+different number of tokens in each. The right loss for the step is
     sum over all micro-batches of the summed token losses / total targets in the step,
 so `make_batch` reports its counts in `batch["counts"]`, the trainer adds them up over the step
 and hands the totals back to every micro-batch's forward. Backpropagating each micro-batch's
 share then gives exactly the gradient of one big batch. Without totals (evaluation, a single
 batch) an objective divides by its own counts.
 
-Metric sums use shared names so they aggregate by plain addition over batches:
+Metric sums use shared names so they aggregate by plain addition over batches and ranks:
     nll      summed negative log-likelihood of the targets, in nats
-    targets  number of predicted tokens
-    correct  predicted tokens whose argmax was right
+    targets  number of predicted targets
+    correct  targets whose argmax was right
     bytes    UTF-8 bytes the targets stand for (for bits per byte)
-    true_positives, predicted_positives, positives
-             a binary detector's counts (rtd: tokens it calls replaced that were, tokens it
-             calls replaced, tokens that were), for precision, recall and positive_share
-             (positives / targets)
-    confusion
-             a classifier's (n_labels, n_labels) counts, rows true, columns predicted: the one
-             sum that is a tensor, not a scalar; finalize derives macro_f1 from it
-    target_counts
-             in evaluation, a histogram of the targets (Objective.baseline_sums), for the baseline
-`finalize` turns such sums into loss, perplexity, accuracy, bits per byte, precision, recall and macro-F1. Combined
-objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
-"sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
+An objective may add sums of its own (a detector's positives, a classifier's confusion matrix);
+its `metrics` turns them into numbers. `finalize` turns the shared sums into loss, perplexity,
+accuracy and bits per byte. Combined objectives ("mlm+sop", multitask.py) prefix each part's
+sums with its name ("mlm/nll"), and finalize reports each prefix on its own ("mlm/loss").
 
-Declared model settings (the saved config is the model). An objective that needs something of
-the network declares it instead of changing the config it is given:
-    model_settings = {"embed_norm": True}     # exact values, on the class (the masked LMs)
-    DATA_MODEL_MINIMUMS["segment_pairs"]      # what reading a kind of data needs: n_segment >= 2
-`minilm.objectives.model_config_for(name, model_cfg)` applies them once, before the model is
-built, printed and saved: for "a+b" the union of the parts' settings and of what their data
-kinds and the combined one need, whatever the order of the parts (a conflict is a UserError).
-It is idempotent, so a checkpoint's config (which may predate a setting) resolves to the same
-model again. A setting that defaults to another one (t5's decoder depth: n_decoder_layer 0 means
-n_layer) is a `derived_model_settings` hook, applied after the exact values and minimums. Only
-an encoder-decoder (model_kind "seq2seq") has a decoder stack: it cannot share a backbone with
-another objective, and any other objective refuses --n_decoder_layer. An objective's constructor then builds exactly the config it is given
-(`build_backbone`), and refuses one that lacks a declared setting; build_objective resolves
-the config itself, so callers rarely call model_config_for directly.
-A default is weaker than a setting: `model_defaults = {"dropout": 0.1}` (simcse, whose only
-noise is dropout) is what the run gets when its command line does not give --dropout; train.py
-applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
-so the saved config still says what the model is, and an explicit flag wins. `train_defaults`
-does the same for training settings (an objective's own learning rate: objectives.train_defaults_for).
+The saved config is the model. `configure` returns the model config the objective needs (the
+masked LMs' embedding norm, segment embeddings for sentence pairs, t5's decoder depth), applied
+once, before the model is built, printed and saved; it is idempotent, so a checkpoint's config
+resolves to the same model again, and for "a+b" every part's needs must agree (else a UserError).
+The constructor builds exactly the config it is given. `defaults` are weaker: a fresh run takes
+them only for the flags its command line does not give (simcse's dropout 0.1, rtd's lr).
 
 Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
-Baseline): predicting every target by its frequency (a unigram; for labels the prior), a detector
-calling every token by the base rate, or a guess among the candidates. The trainer adds its sums at
+Baseline): each target by its frequency (a unigram; for labels the prior), a detector calling
+every token by the base rate, or a guess among the candidates. The trainer adds its sums at
 evaluation (baseline_sums), finalize reports `baseline_loss` (that predictor's loss on the same
 targets, in nats) and `baseline_gap` = baseline_loss - loss, per part of "a+b", and past a quarter
 of the run the trainer warns once when a gap is still below the objective's declared margin.

@@ -20,14 +20,15 @@ Data: the parts must read the same kind of data, with one exception: an objectiv
 "blocks" can read sentence pairs as right-padded windows. It gets make_batch(pairs' input_ids,
 generator, lengths=pairs' lengths) (the objectives with reads_padded_rows: CLM, the prefix LM,
 the masked LMs and rtd; specials and padding are never masked), plus the pairs' "segment_ids" in
-its batch. plm reads full windows only, so plm+sop is refused (check_reads_padded_rows). So in mlm+sop, MLM and SOP see the
-same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
+its batch. plm reads full windows only, so plm+sop is refused (check_reads_padded_rows). So in
+mlm+sop, MLM and SOP see the same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's
+masks, SOP's swaps).
 With parallel data (mlm+tlm) the "blocks" part reads the source's `monolingual` rows instead: one
 side of a pair per row, with its language id as segment id, drawn apart from the pairs TLM reads
 (XLM's MLM on monolingual text beside TLM; data/parallel.py).
-The shared backbone is built from a config that holds every part's declared settings and what
-the common data needs (model_config_for in objectives/__init__.py, base.py), so mlm+sop and
-sop+mlm build the same model: embed_norm for the masked LM, segment embeddings for the pairs.
+The shared backbone is built from a config that every part's `configure` has seen (base.py;
+model_config_for in objectives/__init__.py), so mlm+sop and sop+mlm build the same model:
+embed_norm for the masked LM, segment embeddings for the pairs.
 
 Metrics: each part's sums and counts are prefixed with its name ("mlm/nll", "sop/targets");
 finalize (base.py) reports "mlm/loss", "mlm/acc", "sop/loss", "sop/acc", ..., and "loss", the

@@ -32,8 +32,8 @@ The networks (configure_pretraining.py: generator_hidden_size 0.25, generator_la
 Shapes: raw (B, T+1) from "blocks" (the first T used) -> input_ids, masked_ids (B, T), positions
 (N,) flat indices of the chosen, targets and sample_noise (N,), valid (B, T) bool. Forward:
 generator (N, C_g) -> logits (N, V) -> sampled (N,) -> corrupted (B, T) -> discriminator
-(B, T, C) -> logits (B, T). Metrics: generator/ and discriminator/ loss and acc, precision and
-recall of "replaced", positive_share.
+(B, T, C) -> logits (B, T). Metrics: generator/loss and /acc; discriminator/loss, /acc,
+/precision and /recall of "replaced", /positive_share (the share of tokens replaced).
 
 Where we differ from ELECTRA:
   * each token is chosen independently (a binomial count); ELECTRA draws round(0.15 n) positions
