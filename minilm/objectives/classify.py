@@ -13,9 +13,9 @@ The network and its numbers:
     prefix_lm, whose prefix is read both ways), bidirectional from scratch. No LM head runs.
   * pooling (minilm/pooling.py), --pooling: first (the [CLS] position, BERT's), mean (over the real
     tokens: better for a probe of a masked LM, which never learned to summarize into [CLS]) or last
-    (the last real token: the only one a causal decoder has read the whole row at). auto = last
-    for a causal backbone; first after objectives whose loss reads [CLS] (sop, simcse: their
-    trains_first_position); mean after the others, and from scratch.
+    (the last real token, [SEP]: the one position of a causal decoder that has seen the whole
+    row). auto = last for a causal backbone; first after objectives whose loss reads [CLS] (sop,
+    simcse: their trains_first_position); mean after the others, and from scratch.
   * from scratch, the model an encoder parent's classifier would be (mean pooling and the masked
     LMs' embedding norm: scratch_model_config), so comparing with scratch compares weights alone;
     an explicit --pooling or --embed_norm wins.

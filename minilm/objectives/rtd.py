@@ -1,8 +1,7 @@
 """Replaced-token detection (ELECTRA, Clark et al. 2020).
 
-A small masked LM (the generator) fills in about 15% of the tokens with samples, and the encoder we
-keep (the discriminator) learns to tell, for every token, original or replaced. The discriminator
-thus learns from every position, not only from the chosen ones.
+A small masked LM (the generator) fills in some tokens with samples, and the encoder we keep (the
+discriminator) learns to tell, for every token, original or replaced: it learns from every position.
 
 One step, as google-research/electra (run_pretraining.py, pretrain_helpers.mask):
   1. choose each eligible (non-special, non-pad) token with probability --mask_prob 0.15;
@@ -32,8 +31,8 @@ The networks (configure_pretraining.py: generator_hidden_size 0.25, generator_la
 Shapes: raw (B, T+1) from "blocks" (the first T used) -> input_ids, masked_ids (B, T), positions
 (N,) flat indices of the chosen, targets and sample_noise (N,), valid (B, T) bool. Forward:
 generator (N, C_g) -> logits (N, V) -> sampled (N,) -> corrupted (B, T) -> discriminator
-(B, T, C) -> logits (B, T). Metrics: generator/loss and /acc; discriminator/loss, /acc,
-/precision and /recall of "replaced", /positive_share (the share of tokens replaced).
+(B, T, C) -> logits (B, T). Metrics: generator/ loss, acc; discriminator/ loss, acc, precision,
+recall (of "replaced"), positive_share.
 
 Where we differ from ELECTRA:
   * each token is chosen independently (a binomial count); ELECTRA draws round(0.15 n) positions

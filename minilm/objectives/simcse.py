@@ -7,9 +7,8 @@ itself read a second time in the same pass, made different by dropout alone; sup
 second text of the row (an entailment, a paraphrase), with an optional hard negative.
 
     simcse      "sentences" data (data/sentences.py): single sentences of running text
-    simcse_sup  "pairs" data (data/pairs.py): rows (anchor, positive[, hard negative]) of a table:
-                --text_field, --pair_field, --negative_field (optional)
-Two names rather than a flag: the name fixes the data an objective reads (Objective.data).
+    simcse_sup  "pairs" data (data/pairs.py): table rows (anchor, positive[, hard negative]) from
+                --text_field, --pair_field, --negative_field (two names: each fixes its data)
 
 Numbers (SimCSE's simcse/models.py, cl_forward): for B queries z1 (first views) and the N keys z2
 (second views, gathered from every rank):

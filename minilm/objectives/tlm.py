@@ -5,36 +5,30 @@ Masked LM over a sentence and its translation side by side. A word hidden in one
 recovered from its own sentence or from the translation, so the encoder learns to attend across
 languages and to align them (tests/test_tlm.py checks that the translation helps).
 
-Numbers (XLM's train.py defaults, which are BERT's):
-  * --mask_prob 0.15 of the real tokens of both sides, each chosen independently, so a masked word
-    may have its translation masked too, or not; the four <eos> and the padding are never chosen;
-  * 80/10/10: <mask>, a random token, unchanged (XLM's word_mask_keep_rand "0.8,0.1,0.1", which
-    lists mask, keep, random); the loss predicts the original in all three cases.
-Everything after the batch is MaskedLM's (mlm.py): dynamic masking, the sparse head at the chosen
-positions, the loss summed over the step's chosen tokens.
+Numbers (XLM's train.py defaults, which are BERT's): --mask_prob 0.15 of the real tokens of both
+sides, each chosen independently (a masked word may have its translation masked too, or not); the
+four <eos> and the padding are never chosen; 80/10/10 <mask> / random / unchanged (XLM's
+word_mask_keep_rand "0.8,0.1,0.1" lists mask, keep, random). Everything after the batch is
+MaskedLM's (mlm.py): dynamic masking, the sparse head, the loss over the step's chosen tokens.
 
 Input: the "parallel" source (data/parallel.py), one pair per row of a .tsv, .csv or .jsonl:
     tokens     <eos> source <eos> <eos> target <eos> <pad>...   XLM's </s> x1 </s> </s> x2 </s>
     positions  0 1 .. a+1 | 0 1 .. b+1                           restart where the target begins
     languages  0 ........ | 1 ........                           one id per token
-XLM's language embedding (an (n_langs, C) table indexed per token and added to the token and
-position embeddings) is model.py's segment table: this objective's `configure` asks for
-n_segment >= 2, and the batch's segment_ids are the language ids.
+XLM's language embedding (an (n_langs, C) table indexed per token, added to the token and position
+embeddings) is model.py's segment table: `configure` asks for n_segment >= 2, and the batch's
+segment_ids are the language ids.
 
 Shapes: input_ids, segment_ids, position_ids (B, T); lengths (B,); attn_mask (B, 1, 1, T);
 positions (N,) flat indices b*T + t of the chosen tokens, targets (N,) -> logits (N, V).
 
-Where we differ from XLM:
-  * minilm's pre-norm Transformer with RoPE by default (XLM learns absolute positions: --position
-    learned); with rotary positions the restart puts a word and the word at the same place in the
-    translation at distance 0, as XLM's shared absolute positions do;
-  * one direction, --text_field first (XLM trains each direction its --mlm_steps lists);
-  * a pair longer than the context is cut on both sides in proportion (XLM drops it: --max_len);
-  * random replacements uniform over the non-special ids (XLM: the whole vocabulary); no
-    frequency-smoothed choice of targets (--sample_alpha, 0 by default) and no rounding of the
-    target count to a multiple of 8 under fp16;
-  * in mlm+tlm the masked LM part reads one side of a pair per row from the same data
-    (`monolingual` in data/parallel.py), where XLM reads 256-token streams of monolingual text.
+Where we differ from XLM: RoPE by default (XLM learns absolute positions: --position learned), so
+the restart puts a word and the word at its place in the translation at distance 0; one direction,
+--text_field first (XLM trains each direction of its --mlm_steps); a pair longer than the context
+is cut on both sides in proportion (XLM drops it); random replacements uniform over the
+non-special ids (XLM: the whole vocabulary); no frequency-smoothed targets (--sample_alpha) and no
+rounding of the target count to a multiple of 8 under fp16. In mlm+tlm the masked LM part reads one
+side of a pair per row (`monolingual` in data/parallel.py), where XLM reads 256-token streams.
 """
 from __future__ import annotations
 
