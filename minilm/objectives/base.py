@@ -34,9 +34,12 @@ sums with its name ("mlm/nll"), and finalize reports each prefix on its own ("ml
 The saved config is the model. `configure` returns the model config the objective needs (the
 masked LMs' embedding norm, segment embeddings for sentence pairs, t5's decoder depth), applied
 once, before the model is built, printed and saved; it is idempotent, so a checkpoint's config
-resolves to the same model again, and for "a+b" every part's needs must agree (else a UserError).
-The constructor builds exactly the config it is given. `defaults` are weaker: a fresh run takes
-them only for the flags its command line does not give (simcse's dropout 0.1, rtd's lr).
+resolves to the same model again, and for "a+b" every part's needs must agree (else a UserError;
+an encoder-decoder shares its backbone with no other part). The constructor builds exactly the
+config it is given. `defaults` are weaker: a fresh run takes them only for the flags its command
+line does not give (simcse's dropout 0.1, rtd's lr). What train.py needs beyond that of one
+objective (finishing `auto` options, facts read from the data, which parents it may start from)
+are classmethod hooks with do-nothing defaults, overridden in that objective's file.
 
 Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
 Baseline): each target by its frequency (a unigram; for labels the prior), a detector calling
