@@ -9,7 +9,7 @@ Numbers:
     row with none gets 0), as BERT's create_pretraining_data;
   * words are tried in a random order, and a word is taken whole when it fits in what is left of
     the budget; a word that would overshoot is skipped, never cut, so a row gets at most the
-    budget (in practice exactly it: short words fill the gaps) (masking.whole_word_choice);
+    budget, in practice exactly it (short words fill the gaps; masking.whole_word_choice);
   * then the usual 80/10/10 per token, as BERT's create_pretraining_data and HF do.
 
 Words come from the tokenizer's word-start flags: a piece starting with "▁", the first piece after
