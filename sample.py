@@ -52,7 +52,7 @@ import sys
 
 from minilm.api import (FLAG_OF, MASK, classify_texts, fill, generate_texts, hint, holds,  # noqa: F401 (re-exported)
                         infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference, needs,
-                        score_tokens, sentinel_spans, served)
+                        part_serving, score_tokens, sentinel_spans, served)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
@@ -174,7 +174,8 @@ def print_embeddings(args: dict, texts: list[str]) -> None:
     objective, tokenizer, _ = load_for_inference(args["ckpt"], device)
     check_flags_fit(dict(args, embed=texts), objective, args["ckpt"])
     similarity = cosine_similarities(embed_texts(objective, tokenizer, texts, device)).tolist()
-    how = (f"{objective.pooling} pooling" if getattr(objective, "embeds_sentences", False)
+    embedder = part_serving(objective, "embed")
+    how = (f"{embedder.pooling} pooling" if embedder.embeds_sentences
            else "mean of the final hidden states: not trained as a sentence embedding")
     print(f"cosine similarity of {len(texts)} texts ({objective.name}, {how}):")
     print("    " + "".join(f"{j + 1:>7}" for j in range(len(texts))))

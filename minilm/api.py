@@ -428,8 +428,8 @@ def embed_texts(objective, tokenizer, texts: list[str], device, batch_size: int 
         texts = [texts]
     if not texts:
         raise UserError('embed() needs at least one text, e.g. embed(["The cat sat on the mat."])')
-    if getattr(objective, "embeds_sentences", False):   # simcse: its own framing and pooling
-        return sentence_embeddings(objective, tokenizer, texts, device, batch_size)
+    if part_serving(objective, "embed").embeds_sentences:   # trained for it: its own framing and pooling
+        return sentence_embeddings(part_serving(objective, "embed"), tokenizer, texts, device, batch_size)
     seq2seq = objective.model_kind == "seq2seq"
     pairs = objective.data == "segment_pairs"
     rows = []

@@ -152,6 +152,8 @@ class Objective(nn.Module):
     token_score: str = ""          # with "score": what token_scores gives per token, as messages name it
                                    # ("log p", a decoder's; "P(replaced)", a replaced-token detector's)
     prompt_is_prefix: bool = False  # with "generate": the prompt is read in both directions (a prefix LM)
+    embeds_sentences: bool = False  # with "embed": trained for it, `embed(input_ids, lengths)` pools as it was
+                                    # trained; otherwise embed() is the mean of the final hidden states
     model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
                                   # (see "Declared model settings" above; never mutated)
     # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
