@@ -10,10 +10,11 @@
     m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
 
-What a checkpoint can do is what the objective it was trained with declares (Objective.capabilities,
+What a checkpoint can do is what the objective it was trained with declares (Objective.capabilities;
 a+b: the union of its parts': `served`); a method it cannot serve raises a one-line UserError naming
-what it needs (the registered objectives that declare it) and what the checkpoint serves instead; a wrong argument (a float for an int, bytes or None for a text) raises one
-naming the argument, what was given and what fits ("argument checks" below). embed and classify
+what it needs (the registered objectives that declare it) and what the checkpoint serves instead;
+a wrong argument (a float for an int, bytes or None for a text) raises one naming the argument,
+what was given and what fits ("argument checks" below). embed and classify
 take batch_size texts per forward pass. sample.py is a thin command line over this module: its flags are these
 methods' arguments, and the functions below take `flags=True` to word their errors as flags
 (`--fill needs ...`) rather than as methods (`fill() needs ...`).
@@ -205,7 +206,8 @@ def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> 
 NEEDED = {"generate": "a decoder checkpoint", "fill": "a masked-LM checkpoint",
           "infill": "an encoder-decoder checkpoint", "embed": "an encoder checkpoint",
           "classify": "a classifier checkpoint"}
-# score's values, by what an objective declares they are (Objective.token_score): what it is
+# score's values, as an objective declares them (Objective.token_score): what scores so, for a hint
+# and for needs()
 SCORERS = {"log p": "a decoder", "P(replaced)": "a replaced-token detector"}
 SCORER_CHECKPOINTS = {"log p": "a decoder", "P(replaced)": "a replaced-token detection checkpoint"}
 FLAG_SCORE = "P(replaced)"   # sample.py's --score prints a detector's P(replaced), not a decoder's log p
