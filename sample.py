@@ -50,9 +50,9 @@ from __future__ import annotations
 import json
 import sys
 
-from minilm.api import (FLAG_OF, MASK, NEEDS, capabilities, classify_texts, fill, generate_texts,  # noqa: F401 (re-exported)
-                        hint, holds, infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference,
-                        score_tokens, sentinel_spans, served)
+from minilm.api import (FLAG_OF, MASK, classify_texts, fill, generate_texts, hint, holds,  # noqa: F401 (re-exported)
+                        infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference, needs,
+                        part_serving, score_tokens, sentinel_spans, served)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
@@ -138,11 +138,6 @@ def print_classes(objective, tokenizer, texts: list[str], device) -> None:
 # --- end classify ---
 
 
-# what each flag needs, worded as minilm.api words its methods' needs
-FLAG_NEEDS = dict(NEEDS, score="a replaced-token detection checkpoint (--objective rtd)",
-                  embed="an encoder checkpoint (--objective simcse, or any masked/denoising objective)")
-
-
 def flag_asked(args: dict) -> str:
     """The method the flags ask for: classify, embed, score, infill, fill, or generate (--prompt,
     or no flag)."""
@@ -150,24 +145,22 @@ def flag_asked(args: dict) -> str:
                 "generate")
 
 
-def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str,
-                    scores_tokens: bool = False) -> None:
-    """One-line UserError when the flags ask for something this checkpoint's model cannot do: what
-    the flag needs, and what the checkpoint does serve (minilm.api.served: --prompt for decoders
-    and prefix LMs, --fill for masked LMs, --infill for encoder-decoders, --score for
-    replaced-token detectors, --classify for classifiers, --embed for any encoder)."""
-    methods = served(model_kind, fills_masks, scores_tokens, flags=True)
+def check_flags_fit(args: dict, objective, ckpt: str) -> None:
+    """One-line UserError when the flags ask for something this checkpoint (`objective`: a loaded
+    one, or an objective class) cannot do: what the flag needs, and what the checkpoint does serve
+    (minilm.api.served, from the objective's declared capabilities; --score only for
+    replaced-token detectors)."""
     asked = flag_asked(args)
-    if asked in methods:
+    if asked in served(objective, flags=True):
         return
-    held = holds(ckpt, model_kind, name)
+    held = holds(ckpt, objective.model_kind, objective.name)
     if asked == "generate":
-        raise UserError(f"{held}, which cannot generate text: that needs {FLAG_NEEDS['generate']}; "
-                        f"{hint(methods, True)}")
-    raise UserError(f"--{FLAG_OF[asked]} needs {FLAG_NEEDS[asked]}; {held}: {hint(methods, True)}")
+        raise UserError(f"{held}, which cannot generate text: that needs {needs('generate', flags=True)}; "
+                        f"{hint(objective, True)}")
+    raise UserError(f"--{FLAG_OF[asked]} needs {needs(asked, flags=True)}; {held}: {hint(objective, True)}")
 
 
-# ---- simcse: --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
+# ---- --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
 def print_embeddings(args: dict, texts: list[str]) -> None:
     """Load the checkpoint, embed the texts (minilm.api), print their cosine similarities: a header
     of column numbers, then per text its row and the text, quoted."""
@@ -179,10 +172,10 @@ def print_embeddings(args: dict, texts: list[str]) -> None:
         raise UserError(f"--embed and {others[0]} exclude each other; give one")
     device = resolve_device(args["device"])
     objective, tokenizer, _ = load_for_inference(args["ckpt"], device)
-    kind, fills_masks, scores_tokens = capabilities(objective)
-    check_flags_fit(dict(args, embed=texts), objective.name, kind, fills_masks, args["ckpt"], scores_tokens)
+    check_flags_fit(dict(args, embed=texts), objective, args["ckpt"])
     similarity = cosine_similarities(embed_texts(objective, tokenizer, texts, device)).tolist()
-    how = (f"{objective.pooling} pooling" if getattr(objective, "embeds_sentences", False)
+    embedder = part_serving(objective, "embed")
+    how = (f"{embedder.pooling} pooling" if embedder.embeds_sentences
            else "mean of the final hidden states: not trained as a sentence embedding")
     print(f"cosine similarity of {len(texts)} texts ({objective.name}, {how}):")
     print("    " + "".join(f"{j + 1:>7}" for j in range(len(texts))))
@@ -217,8 +210,7 @@ def main(argv: list[str]) -> None:
         infill_parts(args["infill"], flags=True)  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
-    kind, fills_masks, scores_tokens = capabilities(objective)
-    check_flags_fit(args, objective.name, kind, fills_masks, args["ckpt"], scores_tokens)
+    check_flags_fit(args, objective, args["ckpt"])
     if args["classify"]:
         print_classes(objective, tokenizer, args["classify"], device)
         return

@@ -10,10 +10,11 @@
     m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
 
-What a checkpoint can do depends on the objective it was trained with (Objective.model_kind,
-fills_masks, scores_tokens: `served`); a method it cannot serve raises a one-line UserError naming
-what it serves instead; a wrong argument (a float for an int, bytes or None for a text) raises one
-naming the argument, what was given and what fits ("argument checks" below). embed and classify
+What a checkpoint can do is what the objective it was trained with declares (Objective.capabilities;
+a+b: the union of its parts': `served`); a method it cannot serve raises a one-line UserError naming
+what it needs (the registered objectives that declare it) and what the checkpoint serves instead;
+a wrong argument (a float for an int, bytes or None for a text) raises one naming the argument,
+what was given and what fits ("argument checks" below). embed and classify
 take batch_size texts per forward pass. sample.py is a thin command line over this module: its flags are these
 methods' arguments, and the functions below take `flags=True` to word their errors as flags
 (`--fill needs ...`) rather than as methods (`fill() needs ...`).
@@ -36,14 +37,16 @@ from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SEN
 
 MASK = "<mask>"
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
-DECODER_KINDS = ("decoder", "prefix_decoder")
 FILL_EXAMPLE = "The dog chased the red <mask>."
 INFILL_EXAMPLE_TEXT = "The cat <extra_id_0> on the <extra_id_1>."
 SCORE_EXAMPLE = "The chef cooked the meal."
 CLASSIFY_EXAMPLE = "The match ended in a draw."
-# a method and the command-line flag that asks for it
-FLAG_OF = {"generate": "prompt", "fill": "fill", "infill": "infill", "score": "score", "embed": "embed",
-           "classify": "classify"}   # classify
+# The methods a checkpoint may serve, as its objective declares them (Objective.capabilities), in
+# the order a hint offers them: the model's purpose (classify, infill, generate), then its heads
+# (fill, score), then embed, which every encoder serves.
+VERBS = ("classify", "infill", "generate", "fill", "score", "embed")
+# a method and the command-line flag that asks for it: its own name, but --prompt for generate
+FLAG_OF = {verb: verb for verb in VERBS} | {"generate": "prompt"}
 
 
 def named(method: str, flags: bool) -> str:
@@ -199,54 +202,72 @@ def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> 
 
 
 # ----------------------------------------------------------------------------- which method fits
-# what each method needs, worded for an error (sample.py words its flags' needs the same way)
-NEEDS = {
-    "generate": "a decoder checkpoint (--objective clm or prefix_lm)",
-    "fill": "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)",
-    "infill": "an encoder-decoder checkpoint (--objective t5)",
-    "score": "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)",
-    "embed": "an encoder checkpoint (a masked/denoising objective, or t5)",
-    "classify": "a classifier checkpoint (--objective classify)",   # classify
-}
+# what each method needs, worded for an error, before the objectives that have it (needs())
+NEEDED = {"generate": "a decoder checkpoint", "fill": "a masked-LM checkpoint",
+          "infill": "an encoder-decoder checkpoint", "embed": "an encoder checkpoint",
+          "classify": "a classifier checkpoint"}
+# score's values, as an objective declares them (Objective.token_score): what scores so, for a hint
+# and for needs()
+SCORERS = {"log p": "a decoder", "P(replaced)": "a replaced-token detector"}
+SCORER_CHECKPOINTS = {"log p": "a decoder", "P(replaced)": "a replaced-token detection checkpoint"}
+FLAG_SCORE = "P(replaced)"   # sample.py's --score prints a detector's P(replaced), not a decoder's log p
 # the text each method's hint shows (embed's is a list: see hint)
 HINT_TEXT = {"classify": CLASSIFY_EXAMPLE, "infill": INFILL_EXAMPLE_TEXT, "generate": "Once upon a time",
              "fill": f"text with {MASK}", "score": SCORE_EXAMPLE}
 
 
-def detector(objective):
-    """The replaced-token detector that scores tokens: the objective itself (rtd), the part of a
-    multi-task objective that is one (rtd+plm, mlm+rtd), or None."""
-    if getattr(objective, "scores_tokens", False):
-        return objective
+def either(names: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b or c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def objectives_that(verb: str, token_score: str | None = None) -> list[str]:
+    """The registered objectives that serve `verb` (with `token_score`, for score), by name."""
+    from minilm.objectives import OBJECTIVES
+    return [cls.name for cls in OBJECTIVES.values() if verb in cls.capabilities
+            and (token_score is None or cls.token_score == token_score)]
+
+
+def needs(verb: str, flags: bool = False) -> str:
+    """What `verb` needs, worded for an error, with the registered objectives that have it:
+    "a decoder checkpoint (--objective clm or prefix_lm)". score names each kind of scorer;
+    sample.py's --score (flags) only the ones whose values it prints."""
+    if verb == "score":
+        kinds = [FLAG_SCORE] if flags else list(SCORER_CHECKPOINTS)
+        return " or ".join(f"{SCORER_CHECKPOINTS[kind]} (--objective {either(names)})" for kind in kinds
+                           if (names := objectives_that(verb, kind)))
+    names = objectives_that(verb)
+    return f"{NEEDED[verb]} (--objective {either(names)})" if names else NEEDED[verb]
+
+
+def part_serving(objective, verb: str):
+    """The objective whose methods do `verb`: the objective itself, or the first part of a
+    multi-task objective (multitask.py: rtd+plm's rtd) that declares it."""
     parts = getattr(objective, "parts", None)
-    return next((part for part in parts.values() if getattr(part, "scores_tokens", False)), None) if parts else None
+    if parts:
+        return next((part for part in parts.values() if verb in part.capabilities), objective)
+    return objective
 
 
-def served(kind: str, fills_masks: bool, scores_tokens: bool, flags: bool = False) -> list[str]:
-    """The methods a checkpoint serves, the one a hint offers first: its model's purpose (classify,
-    infill, generate), then its heads (fill, score), then embed, which every encoder serves.
-    sample.py's --score is for detectors only (it prints P(replaced)); score() serves decoders too."""
-    return [method for method, fits in (
-        ("classify", kind == "classifier"), ("infill", kind == "seq2seq"), ("generate", kind in DECODER_KINDS),
-        ("fill", fills_masks), ("score", scores_tokens or (kind == "decoder" and not flags)),
-        ("embed", kind in ("encoder", "seq2seq"))) if fits]
+def served(objective, flags: bool = False) -> list[str]:
+    """The methods a checkpoint (a loaded objective, or an objective class) serves, in VERBS
+    order. sample.py's --score (flags) is for detectors only (it prints P(replaced)); score()
+    serves every scorer."""
+    return [verb for verb in VERBS if verb in objective.capabilities
+            and not (flags and verb == "score" and part_serving(objective, verb).token_score != FLAG_SCORE)]
 
 
-def capabilities(objective) -> tuple[str, bool, bool]:
-    """(model_kind, fills_masks, scores_tokens) of a loaded objective: what served() reads."""
-    return objective.model_kind, bool(getattr(objective, "fills_masks", False)), detector(objective) is not None
-
-
-def hint(methods: list[str], flags: bool) -> str:
-    """What a checkpoint that serves `methods` can do instead, with an example of the first."""
-    first, others = methods[0], methods[1:]
+def hint(objective, flags: bool) -> str:
+    """What a checkpoint can do instead of what was asked, with an example of the first method
+    it serves."""
+    first, *others = served(objective, flags)
     if first == "embed":
         call = ('--embed "A man plays a guitar." "Someone plays music."' if flags
                 else 'embed(["A man plays a guitar.", "Someone plays music."])')
         return f"it has no masked-LM head, detector or decoder: embed texts with {call}, or fine-tune it"
     text = f"use {example(first, HINT_TEXT[first], flags)} instead"
     if first == "score":
-        text += ": it is a replaced-token detector"
+        text += f": it is {SCORERS.get(part_serving(objective, first).token_score, 'a token scorer')}"
     return text + (f" (it also serves {', '.join(named(m, flags) for m in others)})" if others else "")
 
 
@@ -256,16 +277,15 @@ def holds(where: str, kind: str, name: str) -> str:
 
 def method_that_fits(objective, flags: bool = False) -> str:
     """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
-    return hint(served(*capabilities(objective), flags=flags), flags)
+    return hint(objective, flags)
 
 
 def check_method_fits(method: str, objective, where: str) -> None:
     """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
     what the method needs and which method fits; the wording follows sample.py's flag checks."""
-    methods = served(*capabilities(objective))
-    if method not in methods:
-        raise UserError(f"{method}() needs {NEEDS[method]}; {holds(where, objective.model_kind, objective.name)}: "
-                        f"{hint(methods, False)}")
+    if method not in served(objective):
+        raise UserError(f"{method}() needs {needs(method)}; {holds(where, objective.model_kind, objective.name)}: "
+                        f"{hint(objective, False)}")
 
 
 # ----------------------------------------------------------------------------- generate (decoders)
@@ -281,7 +301,7 @@ def generate_texts(objective, tokenizer, prompt: str, *, max_new_tokens: int, te
     generator = torch.Generator(device=device).manual_seed(seed)
     out = generate(objective.backbone, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    generator=generator, use_cache=use_cache, warn=warn,
-                   prompt_is_prefix=objective.model_kind == "prefix_decoder")
+                   prompt_is_prefix=part_serving(objective, "generate").prompt_is_prefix)
     texts = []
     for row in out.tolist():
         new = row[len(prompt_ids):]
@@ -347,7 +367,7 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
         ids.append(SEP_ID)
     check_fits_window(ids, objective, f"{named('fill', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    logits = check_finite(objective.predict(input_ids)[0], "logits")   # (T, V)
+    logits = check_finite(part_serving(objective, "fill").predict(input_ids)[0], "logits")   # (T, V)
     where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
     probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
@@ -378,12 +398,7 @@ def score_tokens(objective, tokenizer, text: str, device, flags: bool = False) -
     ids = [EOS_ID] + tokenizer.encode(text)
     check_fits_window(ids, objective, f"{named('score', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    if detector(objective) is not None:
-        values = detector(objective).replaced_probabilities(input_ids)[0, 1:]          # (T-1,)
-    else:
-        model = objective.backbone
-        log_probs = model.logits(model(input_ids)[0, :-1]).float().log_softmax(dim=-1)   # (T-1, V)
-        values = log_probs.gather(1, input_ids[0, 1:, None]).squeeze(1)                 # (T-1,)
+    values = part_serving(objective, "score").token_scores(input_ids)[0]               # (T-1,)
     return list(zip(ids[1:], check_finite(values, "scores").tolist()))
 
 
@@ -415,8 +430,8 @@ def embed_texts(objective, tokenizer, texts: list[str], device, batch_size: int 
         texts = [texts]
     if not texts:
         raise UserError('embed() needs at least one text, e.g. embed(["The cat sat on the mat."])')
-    if getattr(objective, "embeds_sentences", False):   # simcse: its own framing and pooling
-        return sentence_embeddings(objective, tokenizer, texts, device, batch_size)
+    if part_serving(objective, "embed").embeds_sentences:   # trained for it: its own framing and pooling
+        return sentence_embeddings(part_serving(objective, "embed"), tokenizer, texts, device, batch_size)
     seq2seq = objective.model_kind == "seq2seq"
     pairs = objective.data == "segment_pairs"
     rows = []
@@ -549,7 +564,6 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
     and top_p are unused. Otherwise num_samples sampled fillings, or the one greedy filling at
     temperature 0. max_new_tokens past the decoder's window is cut to it, with a note on `warn`."""
     from minilm.generate import beam_search, generate_seq2seq
-    from minilm.objectives.t5 import DECODER_START_ID  # only a t5 checkpoint gets here
     model = objective.backbone
     ids = infill_input_ids(tokenizer, text, flags)
     if len(ids) > model.cfg.seq_len:
@@ -562,7 +576,7 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
                  f"{option}{max_new_tokens} is cut to that")
         max_new_tokens = model.decoder.cfg.seq_len
     input_ids = torch.tensor([ids], device=device)
-    shared = dict(start_id=DECODER_START_ID, eos_id=EOS_ID, use_cache=use_cache)
+    shared = dict(start_id=part_serving(objective, "infill").decoder_start_id, eos_id=EOS_ID, use_cache=use_cache)
     scores = None
     if beam_size > 1:
         tokens, beam_scores = beam_search(model, input_ids, max_new_tokens, beam_size=beam_size,
@@ -610,8 +624,8 @@ class Model:
     nn.Module with its heads; .backbone the network), tokenizer, config, path, device, and
     name / kind (the objective's name and model_kind: decoder, prefix_decoder, encoder, seq2seq).
 
-    Each method works where the objective supports it and raises a one-line UserError naming the
-    method that fits otherwise:
+    Each method works where the objective declares it (Objective.capabilities) and raises a
+    one-line UserError naming the method that fits otherwise:
       generate   decoders (clm) and prefix LMs (prefix_lm: the prompt is the prefix)
       fill       masked LMs (mlm, wwm, span, mlm+sop)
       infill     encoder-decoders (t5)

@@ -133,9 +133,17 @@ class Objective(nn.Module):
     model_kind: str = "decoder"   # what sample.py can do with its backbone
     reads_padded_rows: bool = False   # a "blocks" objective whose make_batch takes `lengths` (right-padded
                                       # rows), so that it can share a+b's sentence pairs or translations
-    fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
-    scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`
-                                  # gives (B, T) probabilities (rtd; sample.py --score)
+    # What minilm.load() and sample.py may do with a checkpoint of it: a subset of minilm.api.VERBS
+    # ("generate", "fill", "infill", "score", "embed", "classify"); a+b serves the union of its
+    # parts'. Each verb needs a method here: fill `predict(input_ids)` -> (B, T, V) logits, score
+    # `token_scores(input_ids)` -> (B, T - 1) values, classify `logits(input_ids, lengths)` and
+    # `label_names`; generate, infill and embed read the backbone.
+    capabilities: frozenset[str] = frozenset()
+    token_score: str = ""          # with "score": what token_scores gives per token, as messages name it
+                                   # ("log p", a decoder's; "P(replaced)", a replaced-token detector's)
+    prompt_is_prefix: bool = False  # with "generate": the prompt is read in both directions (a prefix LM)
+    embeds_sentences: bool = False  # with "embed": trained for it, `embed(input_ids, lengths)` pools as it was
+                                    # trained; otherwise embed() is the mean of the final hidden states
     model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
                                   # (see "Declared model settings" above; never mutated)
     # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
@@ -189,6 +197,12 @@ class Objective(nn.Module):
 
     def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
+
+    def metrics(self, sums: dict) -> dict:
+        """This objective's metrics beyond the shared loss, ppl, acc, bpb and baseline (finalize),
+        from its evaluation sums added over batches and ranks: a classifier's macro-F1, a
+        detector's precision and recall. None by default."""
+        return {}
 
     def forward(self, batch: dict, totals: dict | None = None):
         raise NotImplementedError
@@ -314,13 +328,15 @@ def check_model_config(classes, data: str, model_cfg) -> None:
                          "minilm.objectives.model_config_for (build_objective does)")
 
 
-def finalize(sums: dict) -> dict:
+def finalize(sums: dict, objective: Objective | None = None) -> dict:
     """Metric sums -> readable metrics. Keys absent from `sums` are skipped.
 
     Keys "NAME/x" are a part of a combined objective: each NAME gets its own "NAME/loss",
     "NAME/ppl", "NAME/acc", "NAME/bpb" from its own sums, and "loss" is the combined loss that
     was trained, the sum over parts of weight * part loss, from the parts' "weighted_nll" sums
-    (nll times the part's weight: still additive over batches, unlike a ratio).
+    (nll times the part's weight: still additive over batches, unlike a ratio). Then the
+    objective's own metrics (Objective.metrics: a+b's parts prefixed with their names), when
+    `objective` is given; sums that only it reads (a confusion matrix) are not reported raw.
     """
     parts: dict[str, dict] = {}
     for k, v in sums.items():
@@ -334,6 +350,8 @@ def finalize(sums: dict) -> dict:
     for prefix, part in parts.items():
         label = prefix + "/" if prefix else ""
         out.update({label + k: v for k, v in _finalize_one(part).items()})
+    if objective is not None:
+        out.update(objective.metrics(sums))
     return out
 
 
@@ -348,68 +366,14 @@ def _finalize_one(sums: dict) -> dict:
             out["acc"] = float(sums["correct"]) / n
         if float(sums.get("bytes", 0)) > 0:
             out["bpb"] = float(sums["nll"]) / math.log(2) / float(sums["bytes"])
-    if "true_positives" in sums:  # a binary detector (rtd): precision, recall, share of positives
-        true_positives = float(sums["true_positives"])
-        out["precision"] = true_positives / max(float(sums["predicted_positives"]), 1.0)
-        out["recall"] = true_positives / max(float(sums["positives"]), 1.0)
-        if n > 0:
-            out["positive_share"] = float(sums["positives"]) / n
     # the trivial baseline's loss on the same targets (Objective.baseline), and the distance from it
     baseline = None
     if "target_counts" in sums:
         baseline = prior_entropy(sums["target_counts"])
-        sums = {k: v for k, v in sums.items() if k != "target_counts"}
     elif "baseline_nll" in sums and n > 0:
         baseline = float(sums["baseline_nll"]) / n
     elif "positives" in sums and n > 0:   # a detector calling every token by the base rate
         baseline = prior_entropy([n - float(sums["positives"]), float(sums["positives"])])
     if baseline is not None and "loss" in out:
         out["baseline_loss"], out["baseline_gap"] = baseline, baseline - out["loss"]
-    # --- classify: macro-F1 from the additive confusion matrix (objectives/classify.py) ---
-    if "confusion" in sums:
-        out["macro_f1"] = confusion_metrics(sums["confusion"])["macro_f1"]
-        sums = {k: v for k, v in sums.items() if k != "confusion"}
-    # --- end classify ---
-    # simcse: alignment, uniformity and retrieval from their additive sums (objectives/simcse.py)
-    out.update(embedding_metrics(sums))
-    sums = {k: v for k, v in sums.items() if k not in EMBEDDING_SUMS}
-    for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
-        if k not in ("nll", "targets", "correct", "bytes", "weighted_nll", "true_positives",
-                     "predicted_positives", "positives", "baseline_nll"):
-            out[k] = float(v)
     return out
-
-
-# --- classify (objectives/classify.py): metrics of a confusion matrix ---
-def confusion_metrics(confusion) -> dict:
-    """acc and macro_f1 of a confusion matrix (n_labels, n_labels), rows = true label, columns =
-    predicted. Macro-F1 is the unweighted mean over labels of F1 = 2 tp / (2 tp + fp + fn); a label
-    that occurs neither in the truth nor in the predictions has no F1 (0 / 0) and is left out of
-    the mean (as scikit-learn's f1_score with labels=None, which only knows the labels it sees)."""
-    confusion = torch.as_tensor(confusion, dtype=torch.float64)
-    true_positives = confusion.diagonal()
-    occurrences = confusion.sum(1) + confusion.sum(0)          # 2 tp + fp + fn, per label
-    present = occurrences > 0
-    f1 = 2 * true_positives[present] / occurrences[present]
-    total = float(confusion.sum())
-    return {"acc": float(true_positives.sum()) / total if total else 0.0,
-            "macro_f1": float(f1.mean()) if bool(present.any()) else 0.0}
-# ----------------------------------------------------------------------------- simcse
-# Sentence-embedding quality (objectives/simcse.py, which computes the sums per batch): Wang and
-# Isola's alignment and uniformity and nearest-neighbour retrieval, kept as sums that add over
-# batches and ranks; the ratios and the log are taken here, once.
-def embedding_metrics(sums: dict) -> dict:
-    """embedding_sums (added over batches) -> align, uniform, retrieval_acc, retrieval_chance."""
-    out = {}
-    if float(sums.get("align_count", 0)) > 0:
-        out["align"] = float(sums["align_sum"]) / float(sums["align_count"])
-    if float(sums.get("uniform_count", 0)) > 0 and float(sums["uniform_sum"]) > 0:
-        out["uniform"] = math.log(float(sums["uniform_sum"]) / float(sums["uniform_count"]))
-    if float(sums.get("retrieval_count", 0)) > 0:
-        out["retrieval_acc"] = float(sums["retrieval_correct"]) / float(sums["retrieval_count"])
-        out["retrieval_chance"] = float(sums["retrieval_chance_sum"]) / float(sums["retrieval_count"])
-    return out
-
-
-EMBEDDING_SUMS = ("align_sum", "align_count", "uniform_sum", "uniform_count", "retrieval_correct",
-                  "retrieval_count", "retrieval_chance_sum")

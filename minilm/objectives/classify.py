@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import CAUSAL, Transformer, padding_mask
-from minilm.objectives.base import IGNORE, Baseline, Objective, confusion_metrics  # noqa: F401 (re-exported)
+from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.pooling import pool
 
 # the parent objectives' model_kind -> how a classifier on their backbone reads (auto)
@@ -118,6 +118,7 @@ class Classifier(Objective):
     name = "classify"
     data = "labelled"
     model_kind = "classifier"
+    capabilities = frozenset({"classify"})   # label_names, logits(input_ids, lengths): minilm.api.classify_texts
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("the label prior (the majority class)", targets="labels", margin=0.02)
@@ -216,6 +217,25 @@ class Classifier(Objective):
                 pairs = (labels.clamp(min=0) * K + predicted)[valid]
                 sums["confusion"] = torch.bincount(pairs, minlength=K * K).view(K, K)
         return nll / denominator, sums
+
+    def metrics(self, sums: dict) -> dict:
+        """macro_f1 of the evaluation's confusion matrix (accuracy is the shared correct / targets)."""
+        return {"macro_f1": confusion_metrics(sums["confusion"])["macro_f1"]} if "confusion" in sums else {}
+
+
+def confusion_metrics(confusion) -> dict:
+    """acc and macro_f1 of a confusion matrix (n_labels, n_labels), rows = true label, columns =
+    predicted. Macro-F1 is the unweighted mean over labels of F1 = 2 tp / (2 tp + fp + fn); a label
+    that occurs neither in the truth nor in the predictions has no F1 (0 / 0) and is left out of
+    the mean (as scikit-learn's f1_score with labels=None, which only knows the labels it sees)."""
+    confusion = torch.as_tensor(confusion, dtype=torch.float64)
+    true_positives = confusion.diagonal()
+    occurrences = confusion.sum(1) + confusion.sum(0)          # 2 tp + fp + fn, per label
+    present = occurrences > 0
+    f1 = 2 * true_positives[present] / occurrences[present]
+    total = float(confusion.sum())
+    return {"acc": float(true_positives.sum()) / total if total else 0.0,
+            "macro_f1": float(f1.mean()) if bool(present.any()) else 0.0}
 
 
 FULL_MATRIX_LABELS = 20   # past this many labels the matrix is summarized: 3,000 labels are 9 M numbers

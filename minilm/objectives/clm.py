@@ -47,6 +47,8 @@ class CausalLM(Objective):
     name = "clm"
     data = "blocks"
     model_kind = "decoder"
+    capabilities = frozenset({"generate", "score"})   # score: log p(token | the tokens before it)
+    token_score = "log p"
     reads_padded_rows = True   # prefix_lm too
     baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
 
@@ -60,6 +62,13 @@ class CausalLM(Objective):
         input_ids, labels = causal_labels(raw, lengths, self.predict_after_eos)
         return {"input_ids": input_ids, "labels": labels,
                 "counts": {"targets": (labels != IGNORE).sum()}}
+
+    @torch.no_grad()
+    def token_scores(self, input_ids):
+        """score(): (B, T) framed after <eos> -> (B, T - 1), log p(token | the tokens before it),
+        in nats, for every token after the first."""
+        log_probs = self.backbone.logits(self.backbone(input_ids)[:, :-1]).float().log_softmax(dim=-1)  # (B, T-1, V)
+        return log_probs.gather(2, input_ids[:, 1:, None]).squeeze(2)
 
     def forward(self, batch, totals=None):
         hidden = self.backbone(batch["input_ids"])      # (B, T, C)

@@ -83,7 +83,7 @@ class MaskedLM(Objective):
     name = "mlm"
     data = "blocks"
     model_kind = "encoder"
-    fills_masks = True
+    capabilities = frozenset({"fill", "embed"})   # fill: predict(input_ids), the masked-LM head's logits
     reads_padded_rows = True   # wwm, span and tlm too
     model_settings = {"embed_norm": True}   # the encoder normalizes its embeddings (module docstring)
     baseline = Baseline("each masked token predicted by its unigram frequency", targets="targets", margin=0.05)

@@ -129,7 +129,7 @@ class PermutationLM(Objective):
     name = "plm"
     data = "blocks"
     model_kind = "encoder"
-    fills_masks = False
+    capabilities = frozenset({"embed"})   # its head predicts a token at a position given others, not a <mask>
     shortest_seq_len = (2, "predicts some tokens of a row from the others")   # a target and some context
     baseline = Baseline("each target predicted by its unigram frequency", targets="targets", margin=0.05)
 

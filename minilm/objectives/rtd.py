@@ -174,8 +174,8 @@ class ReplacedTokenDetection(Objective):
     name = "rtd"
     data = "blocks"
     model_kind = "encoder"
-    fills_masks = False
-    scores_tokens = True
+    capabilities = frozenset({"score", "embed"})   # score: the discriminator's P(replaced) per token
+    token_score = "P(replaced)"
     reads_padded_rows = True
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
@@ -270,6 +270,10 @@ class ReplacedTokenDetection(Objective):
         """What sample.py --score shows: (B, T) -> (B, T), the discriminator's P(replaced)."""
         return torch.sigmoid(self.discriminator_logits(input_ids, attn_mask))
 
+    def token_scores(self, input_ids):
+        """score(): (B, T) framed after <eos> -> (B, T - 1), P(replaced) of every token after it."""
+        return self.replaced_probabilities(input_ids)[:, 1:]
+
     def forward(self, batch, totals=None):
         targets, valid = batch["targets"], batch["valid"]
         logits = self.generator_logits(batch)                                           # (N, V)
@@ -297,6 +301,18 @@ class ReplacedTokenDetection(Objective):
                     "discriminator/predicted_positives": called.sum(),
                     "discriminator/positives": replaced.sum()}
         return loss, sums
+
+    def metrics(self, sums: dict) -> dict:
+        """The discriminator's precision and recall of "replaced", and positive_share, the share of
+        tokens that were replaced (what calling every token original scores as its error rate)."""
+        if "discriminator/true_positives" not in sums:
+            return {}
+        true_positives, tokens = float(sums["discriminator/true_positives"]), float(sums["discriminator/targets"])
+        out = {"discriminator/precision": true_positives / max(float(sums["discriminator/predicted_positives"]), 1.0),
+               "discriminator/recall": true_positives / max(float(sums["discriminator/positives"]), 1.0)}
+        if tokens > 0:
+            out["discriminator/positive_share"] = float(sums["discriminator/positives"]) / tokens
+        return out
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token (for MFU), 6 per weight per token plus 12 H D T per block

@@ -101,10 +101,25 @@ def embedding_sums(first, second, valid) -> dict:
             "retrieval_chance_sum": (valid_f.sum() > 0).float()}   # per pair 1/n, n pairs per batch
 
 
+def embedding_metrics(sums: dict) -> dict:
+    """embedding_sums, added over batches and ranks -> align, uniform, retrieval_acc and
+    retrieval_chance: the ratios and the log are taken here, once."""
+    out = {}
+    if float(sums.get("align_count", 0)) > 0:
+        out["align"] = float(sums["align_sum"]) / float(sums["align_count"])
+    if float(sums.get("uniform_count", 0)) > 0 and float(sums["uniform_sum"]) > 0:
+        out["uniform"] = math.log(float(sums["uniform_sum"]) / float(sums["uniform_count"]))
+    if float(sums.get("retrieval_count", 0)) > 0:
+        out["retrieval_acc"] = float(sums["retrieval_correct"]) / float(sums["retrieval_count"])
+        out["retrieval_chance"] = float(sums["retrieval_chance_sum"]) / float(sums["retrieval_count"])
+    return out
+
+
 class SimCSE(Objective):
     name = "simcse"
     data = "sentences"
     model_kind = "encoder"
+    capabilities = frozenset({"embed"})
     embeds_sentences = True          # has embed(input_ids, lengths): minilm/api.py uses its pooling
     model_defaults = {"dropout": 0.1}
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
@@ -146,6 +161,10 @@ class SimCSE(Objective):
         pooled hidden state, before the training-only MLP (what embed() and the metrics use)."""
         hidden = self.backbone(input_ids, mask=padding_mask(lengths, input_ids.shape[1]))   # (N, T, C)
         return pool(hidden, lengths, self.pooling)
+
+    def metrics(self, sums: dict) -> dict:
+        """Alignment, uniformity and retrieval of the evaluation's positive pairs (module docstring)."""
+        return embedding_metrics(sums)
 
     def baseline_sums(self, batch, sums):
         """ln(candidates) per row (base.py, Baseline): the InfoNCE loss of embeddings that tell no

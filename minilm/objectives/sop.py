@@ -62,6 +62,7 @@ class SentenceOrder(Objective):
     name = "sop"
     data = "segment_pairs"
     model_kind = "encoder"
+    capabilities = frozenset({"embed"})
     baseline = Baseline("the label prior: a coin flip, ln 2", targets="labels", margin=0.01)
 
     @classmethod

@@ -51,7 +51,7 @@ from minilm.objectives.base import Baseline, Objective, check_model_config
 from minilm.tokenizer import PAD_ID, SENTINEL_IDS
 
 # The decoder's first input token: <pad>, as in T5 (decoder_start_token_id = pad_token_id).
-# minilm/generate.py takes it as an argument; sample.py passes this constant.
+# minilm/generate.py takes it as an argument; minilm/api.py reads it as the objective's decoder_start_id.
 DECODER_START_ID = PAD_ID
 
 
@@ -77,6 +77,8 @@ class SpanCorruption(Objective):
     name = "t5"
     data = "blocks"
     model_kind = "seq2seq"
+    capabilities = frozenset({"infill", "embed"})   # embed: the encoder's hidden states
+    decoder_start_id = DECODER_START_ID              # what infill's decoding starts from
     baseline = Baseline("each decoder target predicted by its unigram frequency", targets="labels", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
