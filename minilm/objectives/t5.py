@@ -12,13 +12,13 @@ Numbers (ObjectiveConfig; defaults are T5's):
   * Span lengths follow T5's random_segmentation: the noise tokens and the non-noise tokens are
     each split into that many non-empty parts uniformly at random over all compositions (not a
     geometric or Poisson law), interleaved so every window starts with non-noise and ends with
-    noise (minilm/masking.py, t5_noise_mask).
+    noise (minilm/masking.py, noise_span_mask).
   * Sentinels in fixed order from minilm.tokenizer.SENTINEL_IDS: the first span of every row is
     <extra_id_0>, the next <extra_id_1>, ... Input: non-noise tokens, one sentinel per span,
     <eos>. Target: each sentinel followed by the tokens it hides, then <eos>.
   * --seq_len is the encoder's input length. The raw window is the longest whose input comes
-    out at exactly seq_len tokens (masking.t5_lengths): 568 raw tokens give a 512-token input and
-    a 114-token target, with no padding anywhere; 70 give 64 and 14. The target must fit the
+    out at exactly seq_len tokens (masking.noise_span_window): 568 raw tokens give a 512-token input
+    and a 114-token target, with no padding anywhere; 70 give 64 and 14. The target must fit the
     decoder's positions (target length <= seq_len), which densities up to about 0.5 do.
   * The decoder reads the target shifted right by one, starting with DECODER_START_ID = PAD_ID
     (<pad>, id 0, as T5 does): decoder_input_ids = [<pad>, target[0], ..., target[T-2]].
@@ -65,10 +65,10 @@ def span_corruption_lengths(model_cfg, options) -> tuple[int, int]:
     options.validate()
     seq_len = model_cfg.seq_len
     try:
-        raw_length, target_length = masking.t5_lengths(seq_len, options.noise_density,
-                                                       options.mean_noise_span_length, len(SENTINEL_IDS))
+        raw_length, target_length = masking.noise_span_window(seq_len, options.noise_density,
+                                                              options.mean_noise_span_length, len(SENTINEL_IDS))
     except SpanCorruptionError as err:
-        raise SpanCorruptionError(f"--objective t5 with --seq_len {seq_len}: {err}") from None
+        raise SpanCorruptionError(f"--objective t5 with --seq_len {seq_len}: T5 {err}") from None
     if target_length > seq_len:
         raise SpanCorruptionError(
             f"--objective t5 with --seq_len {seq_len} and --noise_density {options.noise_density} makes targets of "
@@ -112,8 +112,8 @@ class SpanCorruption(Objective):
         """raw (B, L) with L = window_length -> input_ids (B, S), decoder_input_ids and labels (B, T)."""
         if raw.shape[1] != self.raw_length:
             raise ValueError(f"t5 reads windows of {self.raw_length} tokens (window_length), got {raw.shape[1]}")
-        input_ids, labels, _ = masking.t5_span_corruption(raw, generator, self.options.noise_density,
-                                                          self.options.mean_noise_span_length, SENTINEL_IDS)
+        input_ids, labels, _ = masking.noise_span_corruption(raw, generator, self.options.noise_density,
+                                                             self.options.mean_noise_span_length, SENTINEL_IDS)
         decoder_input_ids = F.pad(labels[:, :-1], (1, 0), value=DECODER_START_ID)    # shifted right
         return {"input_ids": input_ids, "decoder_input_ids": decoder_input_ids, "labels": labels,
                 "counts": {"targets": torch.tensor(labels.numel(), device=labels.device)}}
