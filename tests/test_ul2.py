@@ -16,13 +16,13 @@ from minilm.config import ModelConfig
 from minilm.data import BlockSource
 from minilm.errors import UserError
 from minilm.objectives import build_objective, is_encoder_decoder, model_config_for, window_length_for
+from minilm.objectives.base import IGNORE
 from minilm.objectives.t5 import DECODER_START_ID
 from minilm.objectives.ul2 import MODE_IDS, SPAN_SENTINEL_IDS, MixtureOfDenoisers, UL2Options
-from minilm.objectives.base import IGNORE
 from minilm.tokenizer import EOS_ID, NUM_SPECIAL, PAD_ID, SENTINEL_IDS
 from minilm.trainer import Trainer
 from tests.test_t5_noise import chi_square, composition_part_pmf, expected_counts, reconstruct
-from tests.test_trainer import make_config
+from tests.test_trainer import accumulated_gradients, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -237,6 +237,33 @@ def test_padding_changes_nothing():
         noisy_loss, noisy_sums = objective(noisy)
     assert torch.allclose(loss, noisy_loss, atol=1e-5, rtol=0)
     assert int(sums["targets"]) == int(batch["counts"]["targets"])
+
+
+class RowSeeded(MixtureOfDenoisers):
+    """Corrupts each row with its own generator, seeded by the row's number (the raw row's first
+    column), so a row gets the same denoiser and corruption whichever micro-batch it lands in."""
+
+    def make_batch(self, raw, generator=None):
+        rows = [super(RowSeeded, self).make_batch(r[None, 1:], torch.Generator().manual_seed(int(r[0]))) for r in raw]
+        batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0] if k != "counts"}
+        return {**batch, "counts": {"targets": sum(r["counts"]["targets"] for r in rows)}}
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    """Micro-batches hold different numbers of targets (the denoisers' targets differ in length):
+    the loss over the step's total targets still makes two micro-batches one batch."""
+    def gradients(accum):
+        cfg = make_config(tmp_path, V, objective="ul2", grad_accum=accum, batch_size=8 // accum)
+        cfg.model = model_config_for("ul2", cfg.model)
+        big = torch.cat([torch.arange(8)[:, None], torch.randint(NUM_SPECIAL, V, (8, window_length_for(
+            "ul2", cfg.model)), generator=torch.Generator().manual_seed(4))], dim=1)
+        return accumulated_gradients(cfg, lambda c: RowSeeded(c.model, None, UL2Options()), big, accum)
+
+    loss1, g1 = gradients(1)
+    loss2, g2 = gradients(2)
+    assert torch.allclose(loss1, loss2, atol=1e-6)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-7, rtol=1e-4), name
 
 
 # ----------------------------------------------------------------------------- options and inference
