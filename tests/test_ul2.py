@@ -27,7 +27,7 @@ from tests.test_trainer import accumulated_gradients, make_config
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 V = 512
-DEFAULT = ("R:3:0.15", "X:32:0.15", "X:3:0.5", "S")
+DEFAULT = ("R:3:0.15", "X:32:0.15", "X:3:0.5", "S:0.25")
 
 
 def ul2(seq_len=64, **options) -> MixtureOfDenoisers:
@@ -84,11 +84,13 @@ def noise_and_spans(targets):
 
 
 # ----------------------------------------------------------------------------- lengths
-@pytest.mark.parametrize("seq_len, raw_length, target_length", [(64, 69, 63), (512, 567, 511)])
+@pytest.mark.parametrize("seq_len, raw_length, target_length", [(64, 69, 46), (512, 567, 380)])
 def test_window_and_target_lengths(seq_len, raw_length, target_length):
     """seq_len 512: R's 567 raw tokens hold round(85.05) = 85 noise tokens in 28 spans, an input
-    of 567 - 85 + 28 + 1 = 511 tokens and the mode token: exactly 512. The S-denoiser's 511 raw
-    tokens split at P = 1 make the longest target, 510 tokens and <eos>."""
+    of 567 - 85 + 28 + 1 = 511 tokens and the mode token: exactly 512. The longest target is
+    X (3, 0.5)'s: round(283.5) = 284 noise tokens (half to even), 95 sentinels, <eos>; S:0.25's
+    511 tokens split at P >= round(0.5 x 510) = 255 leave at most 256 and <eos>. seq_len 64: X
+    (3, 0.5) hides round(34.5) = 34 tokens in 11 spans: 46."""
     objective = ul2(seq_len)
     assert window_length_for("ul2", objective.backbone.cfg, UL2Options()) == raw_length == objective.raw_length
     assert objective.target_length == target_length and objective.prefix_length == seq_len - 1
@@ -130,20 +132,23 @@ def test_span_denoiser_counts_and_span_lengths(spec, bins):
     assert statistic < chi2_critical(dof), statistic
 
 
-def test_s_denoiser_splits_uniformly():
-    """S alone at seq_len 16: the first L_S = 15 raw tokens split at P uniform on 1..14; input
-    [S2S] prefix <eos>, target the rest and <eos>; chi-square of P's 14 values at p = 0.001."""
-    objective = ul2(16, ul2_denoisers="S", ul2_weights="1")
+@pytest.mark.parametrize("spec, shortest", [("S:0.5", 1), ("S:0.25", 7), ("S", 7)])
+def test_s_denoiser_splits_uniformly(spec, shortest):
+    """S alone at seq_len 16: the first L_S = 15 raw tokens split at P uniform on
+    max(1, round((1 - 2r) x 14))..14: 1..14 for r = 0.5 (T5's law), 7..14 for UL2's 0.25 (also
+    what a bare S means). Input [S2S] prefix <eos>, target the rest and <eos>; chi-square of P."""
+    objective = ul2(16, ul2_denoisers=spec, ul2_weights="1")
     raw, batch = corrupt(objective, 4200, seed=2)
-    counts = [0] * 14
+    counts = [0] * 15
     for row in range(len(raw)):
         mode_id, inputs, targets = row_of(batch, row)
         assert mode_id == MODE_IDS["S"] and inputs[-1] == EOS_ID and targets[-1] == EOS_ID
         prefix = inputs[:-1]
         assert prefix + targets[:-1] == raw[row, :15].tolist()
-        counts[len(prefix) - 1] += 1
-    assert min(counts) > 0
-    assert frequency_chi_square(counts, [1 / 14] * 14) < chi2_critical(13)
+        counts[len(prefix)] += 1
+    assert counts[:shortest] == [0] * shortest and min(counts[shortest:]) > 0
+    values = 15 - shortest
+    assert frequency_chi_square(counts[shortest:], [1 / values] * values) < chi2_critical(values - 1)
 
 
 # ----------------------------------------------------------------------------- the mixture
@@ -151,7 +156,7 @@ def classify(raw_length, inputs, targets):
     """Which denoiser made a row, from the row alone: S leaves no sentinel in the input; the span
     denoisers differ in their (noise, spans) counts at this window."""
     if not any(t in SENTINEL_IDS for t in inputs):
-        return "S"
+        return "S:0.25"
     lengths = noise_and_spans(targets)
     for spec in DEFAULT[:3]:
         _, mean, density = spec.split(":")
@@ -275,6 +280,8 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     ({"ul2_weights": "0,0,0,0"}, "not all 0"),
     ({"ul2_weights": "a,b,c,d"}, "--ul2_weights must be numbers"),
     ({"ul2_denoisers": "R:3:1.5", "ul2_weights": "1"}, "denoiser R:3:1.5: noise density must be between 0 and 1"),
+    ({"ul2_denoisers": "S:0.7", "ul2_weights": "1"}, r"'S:0.7': the S-denoiser's DENSITY.* must be in \(0, 0.5\]"),
+    ({"ul2_denoisers": "S:3:0.5", "ul2_weights": "1"}, "nor S:DENSITY"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(UserError, match=message):

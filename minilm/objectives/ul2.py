@@ -9,20 +9,21 @@ at inference the user picks the mode that fits the task.
 
 Numbers (UL2Options; the defaults are UL2R's mixture, Tay et al. 2022b, as levanter's ul2r):
   * R (mean span 3, density 0.15) -> [NLU]; X (32, 0.15) and X (3, 0.5) -> [NLG]; S -> [S2S]:
-    --ul2_denoisers R:3:0.15,X:32:0.15,X:3:0.5,S with --ul2_weights 1,1,1,3 (S half the rows,
-    the others a sixth each). The paper's seven: R:3:0.15,R:8:0.15,X:3:0.5,X:8:0.5,X:64:0.15,
-    X:64:0.5,S.
+    --ul2_denoisers R:3:0.15,X:32:0.15,X:3:0.5,S:0.25 with --ul2_weights 1,1,1,3 (S half the
+    rows, the others a sixth each). The paper's seven: R:3:0.15,R:8:0.15,X:3:0.5,X:8:0.5,
+    X:64:0.15,X:64:0.5,S:0.25.
   * A span denoiser is t5's exactly (masking.noise_span_corruption): round(L r) noise tokens in
     max(1, round(noise / mu)) spans. Input: mode, the text with a sentinel per span, <eos>.
     Target: each sentinel then its span, then <eos>.
-  * S (T5's prefix LM, drawn as prefix_lm.py does): the row's first L_S = seq_len - 1 tokens,
-    split at P uniform on 1..L_S-1. Input: [S2S], the prefix, <eos>. Target: the rest, <eos>.
+  * S:r (T5's prefix LM): the row's first L_S = seq_len - 1 tokens split at P uniform on
+    max(1, round((1 - 2r)(L_S - 1)))..L_S-1, a quarter of the text to predict on average at UL2's
+    r = 0.25 (r = 0.5: 1..L_S-1, as prefix_lm.py). Input: [S2S], prefix, <eos>; target: rest, <eos>.
   * The window L is the longest for which every span denoiser's input fits --seq_len: 567 for
     512, where R's input is exactly 512. Rows are right-padded: the encoder and cross-attention
     skip padded keys, the loss padded targets.
 
 Shapes: raw (B, L) -> input_ids (B, S), S = seq_len, input_lengths (B,); decoder_input_ids and
-labels (B, T), T = the longest target a denoiser makes (seq_len - 1 with S), IGNORE past a row's
+labels (B, T), T = the longest target a denoiser makes (380 at seq_len 512), IGNORE past a row's
 end; modes (B,) each row's denoiser (its index). Every denoiser corrupts every row and each row
 keeps the one it drew: a few times the corruption's small cost, no host-device sync, fixed shapes.
 
@@ -50,7 +51,6 @@ from minilm.errors import UserError
 from minilm.masking import SpanCorruptionError
 from minilm.model import padding_mask
 from minilm.objectives.base import IGNORE, Objective
-from minilm.objectives.prefix_lm import draw_prefix_lengths
 from minilm.objectives.t5 import DECODER_START_ID, SpanCorruption
 from minilm.tokenizer import EOS_ID, PAD_ID, SENTINEL_IDS
 
@@ -62,9 +62,10 @@ SPAN_SENTINEL_IDS = SENTINEL_IDS[:-3]     # 97 sentinels: at most 97 noise spans
 
 @dataclass
 class UL2Options:
-    ul2_denoisers: str = option("R:3:0.15,X:32:0.15,X:3:0.5,S",
+    ul2_denoisers: str = option("R:3:0.15,X:32:0.15,X:3:0.5,S:0.25",
                                 "ul2: the denoisers, comma-separated: MODE:MEAN_SPAN:DENSITY for span corruption "
-                                "(MODE R or X, the mode token [NLU] or [NLG]), S for the prefix LM ([S2S])")
+                                "(MODE R or X, the mode token [NLU] or [NLG]), S:DENSITY for the prefix LM ([S2S]; "
+                                "DENSITY the mean share of the text to predict, at most 0.5)")
     ul2_weights: str = option("1,1,1,3", "ul2: one weight per denoiser, the share of rows it corrupts (normalized); "
                                          "UL2R's: S half the rows, the others alike")
 
@@ -86,10 +87,10 @@ def ul2_options(options) -> UL2Options:
 class Denoiser:
     mode: str                  # "R", "X" (span corruption) or "S" (prefix LM)
     mean_span: float = 0.0     # mu, span denoisers only
-    density: float = 0.0       # r, span denoisers only
+    density: float = 0.0       # r: the share of noise tokens, or S's mean share of the text to predict
 
     def __str__(self) -> str:
-        return "S" if self.mode == "S" else f"{self.mode}:{self.mean_span:g}:{self.density:g}"
+        return f"S:{self.density:g}" if self.mode == "S" else f"{self.mode}:{self.mean_span:g}:{self.density:g}"
 
 
 def denoisers(options: UL2Options) -> list[tuple[Denoiser, float]]:
@@ -99,15 +100,18 @@ def denoisers(options: UL2Options) -> list[tuple[Denoiser, float]]:
     for spec in specs:
         mode, *numbers = spec.split(":")
         try:
-            if mode == "S" and not numbers:
-                found.append(Denoiser("S"))
+            if mode == "S" and len(numbers) <= 1:
+                found.append(Denoiser("S", density=float(numbers[0]) if numbers else 0.25))
             elif mode in ("R", "X") and len(numbers) == 2:
                 found.append(Denoiser(mode, float(numbers[0]), float(numbers[1])))
             else:
                 raise ValueError
         except ValueError:
             raise UserError(f"--ul2_denoisers: {spec!r} is neither MODE:MEAN_SPAN:DENSITY with MODE R or X "
-                            f"(e.g. R:3:0.15) nor S") from None
+                            f"(e.g. R:3:0.15) nor S:DENSITY (e.g. S:0.25)") from None
+        if mode == "S" and not 0 < found[-1].density <= 0.5:
+            raise UserError(f"--ul2_denoisers: {spec!r}: the S-denoiser's DENSITY, the mean share of the text to "
+                            "predict, must be in (0, 0.5]")
     try:
         weights = [float(w) for w in options.ul2_weights.split(",")]
     except ValueError:
@@ -117,6 +121,14 @@ def denoisers(options: UL2Options) -> list[tuple[Denoiser, float]]:
     if any(not w >= 0 for w in weights) or not sum(weights) > 0:
         raise UserError(f"--ul2_weights must be at least 0 and not all 0, got {options.ul2_weights!r}")
     return [(d, w / sum(weights)) for d, w in zip(found, weights)]
+
+
+def prefix_range(length: int, density: float) -> tuple[int, int]:
+    """(shortest, longest) prefix the S-denoiser draws, uniformly, for a text of `length` tokens:
+    T5's random_prefix_noise_mask, max(1, round((1 - 2r)(L - 1))) to L - 1, so that the target is
+    on average about r of the text; r = 0.5 gives T5's original 1..L-1 (prefix_lm.py's law)."""
+    longest = length - 1
+    return min(longest, max(1, round((1 - 2 * density) * longest))), longest
 
 
 def ul2_lengths(seq_len: int, chosen: list[Denoiser]) -> tuple[int, int, int]:
@@ -134,11 +146,12 @@ def ul2_lengths(seq_len: int, chosen: list[Denoiser]) -> tuple[int, int, int]:
                      default=seq_len - 1)
     targets = [lengths(d, masking.noise_span_output_lengths, raw_length, len(SPAN_SENTINEL_IDS))[1] for d in spans]
     prefix_length = min(seq_len - 1, raw_length)
-    if any(d.mode == "S" for d in chosen):
-        if prefix_length < 2:
-            raise SpanCorruptionError(f"--objective ul2 with --seq_len {seq_len}: the S-denoiser needs 2 raw tokens "
-                                      "(a prefix and a target); use --seq_len 4 or more")
-        targets.append(prefix_length)          # P = 1: L_S - 1 tokens and <eos>
+    for d in chosen:
+        if d.mode == "S":
+            if prefix_length < 2:
+                raise SpanCorruptionError(f"--objective ul2 with --seq_len {seq_len}: the S-denoiser needs 2 raw "
+                                          "tokens (a prefix and a target); use --seq_len 4 or more")
+            targets.append(prefix_length - prefix_range(prefix_length, d.density)[0] + 1)   # shortest P, <eos>
     if max(targets) > seq_len:
         raise SpanCorruptionError(f"--objective ul2 with --seq_len {seq_len}: a denoiser makes targets of "
                                   f"{max(targets)} tokens, more than the decoder's {seq_len} positions; lower its "
@@ -181,7 +194,7 @@ class MixtureOfDenoisers(SpanCorruption):
         labels = raw.new_full((B, T), IGNORE)
         for index, (denoiser, _) in enumerate(self.mixture):
             if denoiser.mode == "S":
-                inputs, lengths, targets = self.prefix_lm(raw, generator)
+                inputs, lengths, targets = self.prefix_lm(raw, generator, denoiser)
             else:
                 inputs, lengths, targets = self.span_corruption(raw, generator, denoiser)
             chosen = (modes == index)[:, None]
@@ -206,12 +219,14 @@ class MixtureOfDenoisers(SpanCorruption):
         targets = F.pad(targets, (0, T - targets.shape[1]), value=IGNORE)
         return inputs, torch.full((B,), length + 1, device=raw.device), targets
 
-    def prefix_lm(self, raw, generator):
-        """The S-denoiser on every row's first L_S tokens, split at P uniform on 1..L_S-1:
+    def prefix_lm(self, raw, generator, denoiser: Denoiser):
+        """The S-denoiser on every row's first L_S tokens, split at P uniform on prefix_range:
         inputs [S2S] raw[:P] <eos> <pad>...; targets raw[P:L_S] <eos> IGNORE..."""
         B, L = raw.shape[0], self.prefix_length
         S, T = self.backbone.cfg.seq_len, self.target_length
-        P = draw_prefix_lengths(torch.full((B,), L, device=raw.device), generator)[:, None]   # (B, 1)
+        shortest, longest = prefix_range(L, denoiser.density)
+        u = torch.rand((B, 1), generator=generator, device=raw.device, dtype=torch.float64)
+        P = shortest + (u * (longest - shortest + 1)).floor().long()                           # (B, 1)
         position = torch.arange(S, device=raw.device)[None, :]                                  # input slot
         text = raw.gather(1, (position - 1).clamp(0, L - 1).expand(B, S))                       # slot s: raw[s-1]
         inputs = torch.where(position <= P, text, torch.where(position == P + 1, EOS_ID, PAD_ID))
