@@ -15,6 +15,7 @@ import torch
 from minilm.config import ModelConfig
 from minilm.data import BlockSource
 from minilm.errors import UserError
+from minilm.generate import generate_seq2seq
 from minilm.objectives import build_objective, is_encoder_decoder, model_config_for, window_length_for
 from minilm.objectives.base import IGNORE
 from minilm.objectives.t5 import DECODER_START_ID
@@ -276,8 +277,9 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     ({"ul2_denoisers": "R:3", "ul2_weights": "1"}, "--ul2_denoisers: 'R:3' is neither"),
     ({"ul2_denoisers": "Q:3:0.15", "ul2_weights": "1"}, "neither MODE:MEAN_SPAN:DENSITY"),
     ({"ul2_weights": "1,1,1"}, "--ul2_weights has 3 weights for 4 denoisers"),
-    ({"ul2_weights": "1,1,-1,1"}, "--ul2_weights must be at least 0"),
+    ({"ul2_weights": "1,1,-1,1"}, "--ul2_weights must be finite, at least 0"),
     ({"ul2_weights": "0,0,0,0"}, "not all 0"),
+    ({"ul2_weights": "1,inf,1,1"}, "must be finite"),
     ({"ul2_weights": "a,b,c,d"}, "--ul2_weights must be numbers"),
     ({"ul2_denoisers": "R:3:1.5", "ul2_weights": "1"}, "denoiser R:3:1.5: noise density must be between 0 and 1"),
     ({"ul2_denoisers": "S:0.7", "ul2_weights": "1"}, r"'S:0.7': the S-denoiser's DENSITY.* must be in \(0, 0.5\]"),
@@ -306,6 +308,10 @@ def test_encoder_input_for_inference():
         objective.encoder_input(text, "Y")
     with pytest.raises(UserError, match="at most 97 gaps"):
         objective.encoder_input([300, SENTINEL_IDS[98]], "R")
+    # what the decoder then does: t5's generation, from DECODER_START_ID, on that input
+    out = generate_seq2seq(objective.backbone, torch.tensor([objective.encoder_input(text, "R")]), 5,
+                           start_id=DECODER_START_ID, eos_id=EOS_ID, temperature=0)
+    assert out.shape == (1, 1, 5)
 
 
 # ----------------------------------------------------------------------------- learning

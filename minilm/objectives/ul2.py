@@ -40,6 +40,7 @@ DECODER_START_ID and writes sentinels and spans (R, X) or the continuation (S).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -118,8 +119,8 @@ def denoisers(options: UL2Options) -> list[tuple[Denoiser, float]]:
         raise UserError(f"--ul2_weights must be numbers separated by commas, got {options.ul2_weights!r}") from None
     if len(weights) != len(found):
         raise UserError(f"--ul2_weights has {len(weights)} weights for {len(found)} denoisers in --ul2_denoisers")
-    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
-        raise UserError(f"--ul2_weights must be at least 0 and not all 0, got {options.ul2_weights!r}")
+    if any(not 0 <= w < math.inf for w in weights) or not sum(weights) > 0:
+        raise UserError(f"--ul2_weights must be finite, at least 0 and not all 0, got {options.ul2_weights!r}")
     return [(d, w / sum(weights)) for d, w in zip(found, weights)]
 
 
