@@ -1,4 +1,5 @@
-"""Masking primitives for the masked-LM family (MLM, whole-word masking, span masking).
+"""Masking primitives for the masked-LM family (MLM, whole-word masking, span masking) and the
+noise spans of span corruption (T5, and UL2's denoisers built on it).
 
 Every function works on a whole batch at once with tensor ops, on the device the data is on,
 and takes its randomness from an explicit torch.Generator: the same generator state gives the
@@ -14,7 +15,7 @@ Shapes: B rows, T positions. ids (B, T) long; every mask is a (B, T) bool tensor
     span_choice          SpanBERT: spans of geometric word length, exactly ceil(p * n) tokens
     span_ids             the (merged) span each chosen token belongs to
     replace              the 80/10/10 rule: <mask> / random token / unchanged, per token or per span
-    noise_span_corruption  T5: noise spans -> one sentinel each in the input; target = sentinel + span, ...
+    noise_span_corruption  T5: noise spans -> a sentinel each in the input; target = sentinel + span, ...
 
 Here n is the number of eligible tokens of a row. Choosing is separate from replacing: the
 objective decides *which* positions to predict, `replace` decides what the encoder sees there.
@@ -269,6 +270,7 @@ def replace(ids: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator 
 
 
 # ============================================================================= T5 span corruption
+# (objectives/t5.py; objectives/ul2.py's R and X denoisers are the same with other densities and spans)
 # T5 (Raffel et al. 2020), google-research/text-to-text-transfer-transformer preprocessors.py:
 # random_spans_noise_mask, _random_segmentation, noise_span_to_unique_sentinel,
 # nonnoise_span_to_unique_sentinel, random_spans_helper; the same as HF's run_t5_mlm_flax.py.
