@@ -304,6 +304,8 @@ def test_encoder_input_for_inference():
     assert objective.encoder_input(text, "R") == [MODE_IDS["R"], *text, EOS_ID]
     assert objective.encoder_input(text, "[NLG]") == [MODE_IDS["X"], *text, EOS_ID]
     assert objective.encoder_input([300, 301], "s2s") == [MODE_IDS["S"], 300, 301, EOS_ID]
+    assert [MODE_IDS[objective.mode_of(objective.default_modes[verb])] for verb in ("infill", "generate")] == \
+        [MODE_IDS["R"], MODE_IDS["S"]]
     with pytest.raises(UserError, match="unknown UL2 mode 'Y'"):
         objective.encoder_input(text, "Y")
     with pytest.raises(UserError, match="at most 97 gaps"):

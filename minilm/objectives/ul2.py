@@ -247,6 +247,9 @@ class MixtureOfDenoisers(SpanCorruption):
         return self.token_loss(logits, labels[real], batch, totals)
 
     # ------------------------------------------------------------------ inference
+    # the mode a verb uses unless the user picks one: infill as R's short gaps, continue a prompt as S
+    default_modes = {"infill": "R", "generate": "S"}
+
     @staticmethod
     def mode_of(mode: str) -> str:
         """"R", "X" or "S" from those letters or the mode tokens' names ("[NLU]", "nlu", ...)."""
