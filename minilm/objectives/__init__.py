@@ -31,6 +31,7 @@ from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
 from minilm.objectives.tlm import TranslationLM  # tlm
+from minilm.objectives.ul2 import MixtureOfDenoisers
 from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -48,6 +49,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SimCSE.name: SimCSE,
     SupervisedSimCSE.name: SupervisedSimCSE,
     TranslationLM.name: TranslationLM,   # tlm
+    MixtureOfDenoisers.name: MixtureOfDenoisers,
 }
 
 

@@ -12,7 +12,7 @@ Numbers (T5's defaults):
   * span lengths follow T5's random_segmentation: the noise and the non-noise tokens are each
     split into that many non-empty parts uniformly over all compositions (not a geometric or
     Poisson law), interleaved so every window starts with non-noise and ends with noise
-    (minilm/masking.py);
+    (minilm/masking.py, noise_span_mask);
   * sentinels in fixed order (tokenizer.SENTINEL_IDS): the first span of every row is
     <extra_id_0>, the next <extra_id_1>, ... Input: the non-noise tokens, one sentinel per span,
     <eos>. Target: each sentinel followed by the tokens it hides, then <eos>;
@@ -62,10 +62,10 @@ def span_corruption_lengths(model_cfg, options) -> tuple[int, int]:
     options.validate()
     seq_len = model_cfg.seq_len
     try:
-        raw_length, target_length = masking.t5_lengths(seq_len, options.noise_density,
-                                                       options.mean_noise_span_length, len(SENTINEL_IDS))
+        raw_length, target_length = masking.noise_span_window(seq_len, options.noise_density,
+                                                              options.mean_noise_span_length, len(SENTINEL_IDS))
     except SpanCorruptionError as err:
-        raise SpanCorruptionError(f"--objective t5 with --seq_len {seq_len}: {err}") from None
+        raise SpanCorruptionError(f"--objective t5 with --seq_len {seq_len}: T5 {err}") from None
     if target_length > seq_len:
         raise SpanCorruptionError(
             f"--objective t5 with --seq_len {seq_len} and --noise_density {options.noise_density} makes targets of "
@@ -111,8 +111,8 @@ class SpanCorruption(Objective):
         """raw (B, L) with L = window_length -> input_ids (B, S), decoder_input_ids and labels (B, T)."""
         if raw.shape[1] != self.raw_length:
             raise ValueError(f"t5 reads windows of {self.raw_length} tokens (window_length), got {raw.shape[1]}")
-        input_ids, labels, _ = masking.t5_span_corruption(raw, generator, self.options.noise_density,
-                                                          self.options.mean_noise_span_length, SENTINEL_IDS)
+        input_ids, labels, _ = masking.noise_span_corruption(raw, generator, self.options.noise_density,
+                                                             self.options.mean_noise_span_length, SENTINEL_IDS)
         decoder_input_ids = F.pad(labels[:, :-1], (1, 0), value=DECODER_START_ID)    # shifted right
         return {"input_ids": input_ids, "decoder_input_ids": decoder_input_ids, "labels": labels,
                 "counts": {"targets": torch.tensor(labels.numel(), device=labels.device)}}
