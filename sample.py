@@ -11,7 +11,7 @@ continues the prompt (a prefix LM reads the prompt in both directions, as in tra
 sample stops at the first end-of-document token it produces.
 
 flags: --ckpt --prompt --max_new_tokens --temperature --top_k --top_p --num_samples --seed --device
-       --no_cache (recompute the whole prefix at every step; same tokens, slower)
+       --mode (ul2's mode token) --no_cache (recompute the whole prefix at every step; same tokens, slower)
 
 Masked-LM checkpoints (--objective mlm, wwm, span, or mlm+sop) fill in masks instead of generating:
     python sample.py --ckpt out --fill "The dog chased the red <mask>." [--top_k 5]
@@ -28,6 +28,10 @@ filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search
 sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans;
 within [-5, 5]). --max_new_tokens 0 writes no span: the text with its sentinels removed (a beam
 search's one hypothesis then scores 0).
+
+UL2 checkpoints (--objective ul2) do both: --infill as above and --prompt, whose text the encoder
+reads and whose continuation the decoder writes. --mode picks the mode token the input opens with:
+R ([NLU], short gaps: --infill's default), X ([NLG], long gaps) or S ([S2S], --prompt's default).
 
 Encoders embed texts (--objective simcse or simcse_sup: the sentence vectors they were trained
 for; any other encoder: the mean of its final hidden states, untrained as a sentence embedding):
@@ -62,7 +66,7 @@ from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False, fill="", infill="", beam_size=1,
-                length_penalty=1.0, score="")
+                length_penalty=1.0, score="", mode="")
 # what each number accepts (config.check_value): a one-line error naming the flag otherwise
 FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
@@ -103,7 +107,7 @@ def print_infill(objective, tokenizer, args: dict, device) -> None:
                                   temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
                                   num_samples=args["num_samples"], seed=args["seed"], beam_size=args["beam_size"],
                                   length_penalty=args["length_penalty"], device=device,
-                                  use_cache=not args["no_cache"], flags=True,
+                                  use_cache=not args["no_cache"], flags=True, mode=args["mode"],
                                   warn=lambda msg: print(msg, file=sys.stderr))
     labels = [f" (score {s:.3f})" for s in scores] if scores is not None else [""] * len(texts)
     for i, (text, label) in enumerate(zip(texts, labels)):
@@ -203,6 +207,9 @@ def main(argv: list[str]) -> None:
     if args["beam_size"] > 1 and not args["infill"]:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
+    if args["mode"] and (texts_to_embed is not None or args["fill"] or args["score"] or args["classify"]):
+        raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, --embed and "
+                        "--classify have none")
     if texts_to_embed is not None:
         print_embeddings(args, texts_to_embed)
         return
@@ -226,7 +233,8 @@ def main(argv: list[str]) -> None:
     texts = generate_texts(objective, tokenizer, args["prompt"], max_new_tokens=args["max_new_tokens"],
                            temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
                            num_samples=args["num_samples"], seed=args["seed"], device=device,
-                           use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr))
+                           use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr),
+                           mode=args["mode"], flags=True)
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}")
         print(text)

@@ -153,6 +153,11 @@ def check_device(value) -> torch.device:
     return device
 
 
+def check_mode(mode) -> None:
+    if not isinstance(mode, str):
+        raise UserError(f'mode must be a string such as "R" (or "" for the default), got {shown(mode)}')
+
+
 def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> None:
     """generate's and infill's shared arguments."""
     check_float("temperature", temperature, at_least=0)
@@ -291,11 +296,28 @@ def check_method_fits(method: str, objective, where: str) -> None:
 # ----------------------------------------------------------------------------- generate (decoders)
 def generate_texts(objective, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
                    top_p: float, num_samples: int, seed: int, device, use_cache: bool = True,
-                   warn: Callable[[str], None] | None = None) -> list[str]:
+                   warn: Callable[[str], None] | None = None, mode: str = "", flags: bool = False) -> list[str]:
     """num_samples continuations of `prompt`, each the prompt's text followed by what the model
     wrote, up to its first <eos>. Generation starts from <eos> (the model begins as it would
-    begin a new document); a prefix LM reads the prompt in both directions, as in training."""
-    from minilm.generate import generate
+    begin a new document); a prefix LM reads the prompt in both directions, as in training. An
+    encoder-decoder that declares generate (ul2) reads the prompt in its encoder, framed by its
+    encoder_input with `mode`, and its decoder writes the continuation."""
+    from minilm.generate import generate, generate_seq2seq
+    part = part_serving(objective, "generate")
+    if part.model_kind == "seq2seq":
+        prompt_ids = tokenizer.encode(prompt)
+        ids = part.encoder_input(prompt_ids, "generate", mode)
+        check_fits_window(ids, part, "the prompt with its framing")
+        max_new_tokens = decoder_window(part.backbone, max_new_tokens, warn, flags)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        rows = generate_seq2seq(part.backbone, torch.tensor([ids], device=device), max_new_tokens,
+                                num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, start_id=part.decoder_start_id, eos_id=EOS_ID,
+                                use_cache=use_cache)[0]
+        written = [row[:row.index(EOS_ID)] if EOS_ID in row else row for row in rows.tolist()]
+        return [tokenizer.decode(prompt_ids + new) for new in written]
+    if mode:
+        raise UserError(f"{objective.name} has no modes: leave out mode (--mode)")
     prompt_ids = [EOS_ID] + tokenizer.encode(prompt)
     batch = torch.tensor([prompt_ids] * num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -508,16 +530,21 @@ def infill_parts(text: str, flags: bool = False) -> list[str]:
     return [part[:-1] if i < len(parts) - 1 and part.endswith(" ") else part for i, part in enumerate(parts)]
 
 
-def infill_input_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
-    """The encoder's input for an infill text: its plain text encoded, each sentinel by id, then
-    eos (T5 appends eos to every input)."""
+def infill_text_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
+    """An infill text's ids: its plain text encoded, each sentinel by id."""
     parts = infill_parts(text, flags)
     ids = []
     for i, part in enumerate(parts):
         ids += tokenizer.encode(part)
         if i < len(parts) - 1:
             ids.append(SENTINEL_IDS[i])
-    return ids + [EOS_ID]
+    return ids
+
+
+def infill_input_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
+    """The encoder's input for an infill text, as T5 frames it: its ids, then eos (T5 appends eos
+    to every input). An objective may frame it otherwise (Objective.encoder_input)."""
+    return infill_text_ids(tokenizer, text, flags) + [EOS_ID]
 
 
 def sentinel_spans(generated_ids: list[int]) -> dict[int, list[int]]:
@@ -556,25 +583,21 @@ def infill_text(tokenizer: Tokenizer, text: str, generated_ids: list[int]) -> st
 def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, temperature: float, top_k: int,
                   top_p: float, num_samples: int, seed: int, beam_size: int, length_penalty: float, device,
                   use_cache: bool = True, warn: Callable[[str], None] | None = None,
-                  flags: bool = False) -> tuple[list[str], list[float] | None]:
+                  flags: bool = False, mode: str = "") -> tuple[list[str], list[float] | None]:
     """Encode the infill text once, decode it; ([filled text, ...], beam scores or None).
 
     beam_size > 1: the best min(num_samples, beam_size) fillings of a beam search, best first,
     with their scores (sum of log-probabilities / length ** length_penalty); temperature, top_k
     and top_p are unused. Otherwise num_samples sampled fillings, or the one greedy filling at
-    temperature 0. max_new_tokens past the decoder's window is cut to it, with a note on `warn`."""
+    temperature 0. max_new_tokens past the decoder's window is cut to it, with a note on `warn`.
+    mode: the mode token an objective that has them opens its input with (ul2: R or X)."""
     from minilm.generate import beam_search, generate_seq2seq
     model = objective.backbone
-    ids = infill_input_ids(tokenizer, text, flags)
+    ids = part_serving(objective, "infill").encoder_input(infill_text_ids(tokenizer, text, flags), "infill", mode)
     if len(ids) > model.cfg.seq_len:
         raise UserError(f"{named('infill', flags)} text is {len(ids)} tokens with its eos, longer than the model's "
                         f"input window ({model.cfg.seq_len}); shorten it")
-    if max_new_tokens > model.decoder.cfg.seq_len:
-        option = "--max_new_tokens " if flags else "max_new_tokens="
-        if warn is not None:
-            warn(f"note: the decoder writes at most {model.decoder.cfg.seq_len} tokens (its context window); "
-                 f"{option}{max_new_tokens} is cut to that")
-        max_new_tokens = model.decoder.cfg.seq_len
+    max_new_tokens = decoder_window(model, max_new_tokens, warn, flags)
     input_ids = torch.tensor([ids], device=device)
     shared = dict(start_id=part_serving(objective, "infill").decoder_start_id, eos_id=EOS_ID, use_cache=use_cache)
     scores = None
@@ -590,6 +613,17 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
         rows = generate_seq2seq(model, input_ids, max_new_tokens, num_samples=count, temperature=temperature,
                                 top_k=top_k, top_p=top_p, generator=generator, **shared)[0]
     return [infill_text(tokenizer, text, row) for row in rows.tolist()], scores
+
+
+def decoder_window(model, max_new_tokens: int, warn, flags: bool) -> int:
+    """max_new_tokens, cut to what an encoder-decoder's decoder can write (its window), with a note."""
+    if max_new_tokens > model.decoder.cfg.seq_len:
+        option = "--max_new_tokens " if flags else "max_new_tokens="
+        if warn is not None:
+            warn(f"note: the decoder writes at most {model.decoder.cfg.seq_len} tokens (its context window); "
+                 f"{option}{max_new_tokens} is cut to that")
+        return model.decoder.cfg.seq_len
+    return max_new_tokens
 
 
 # ----------------------------------------------------------------------------- classify (classifiers)
@@ -654,19 +688,22 @@ class Model:
         check_method_fits(method, self.objective, self.path)
 
     def generate(self, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
-                 top_p: float = 0.95, num_samples: int = 1, seed: int = 0, use_cache: bool = True) -> list[str]:
+                 top_p: float = 0.95, num_samples: int = 1, seed: int = 0, use_cache: bool = True,
+                 mode: str = "") -> list[str]:
         """num_samples texts: the prompt followed by the model's continuation, each cut at the
         first <eos> it writes. temperature 0 is greedy; top_k 0 is off. The same seed gives the
         same texts (and the same as `sample.py --seed`). A text past the context window is
         continued from its last seq_len tokens, with a note on stderr. max_new_tokens 0 gives the
-        prompt itself."""
+        prompt itself. mode: the mode token of an objective that has them (ul2: S by default)."""
         self._check("generate")
         check_text("prompt", prompt)
+        check_mode(mode)
         check_int("max_new_tokens", max_new_tokens, at_least=0)
         check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache)
         return generate_texts(self.objective, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
-                              device=self.device, use_cache=use_cache, warn=lambda msg: stderr_note(f"note: {msg}"))
+                              device=self.device, use_cache=use_cache, warn=lambda msg: stderr_note(f"note: {msg}"),
+                              mode=mode)
 
     def fill(self, text: str, top_k: int = 5) -> Filled:
         """Every <mask> in `text` predicted at once, each from the text around it: Filled(text,
@@ -680,12 +717,13 @@ class Model:
 
     def infill(self, text: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
                top_p: float = 0.95, num_samples: int = 1, seed: int = 0, beam_size: int = 1,
-               length_penalty: float = 1.0, use_cache: bool = True) -> list[str]:
+               length_penalty: float = 1.0, use_cache: bool = True, mode: str = "") -> list[str]:
         """`text` with every sentinel (<extra_id_0>, <extra_id_1>, ... in order) replaced by the
         span the decoder writes for it. Sampling gives num_samples texts; temperature 0 the one
         greedy text; beam_size > 1 the best min(num_samples, beam_size) of a beam search, best
         first (ranked by sum of log-probabilities / length ** length_penalty, length_penalty in
-        [-5, 5]). max_new_tokens 0 writes no span: the text without its sentinels, once."""
+        [-5, 5]). max_new_tokens 0 writes no span: the text without its sentinels, once. mode: the
+        mode token of an objective that has them (ul2: R, short gaps, by default; X for long ones)."""
         from minilm.generate import LENGTH_PENALTY_RANGE
         self._check("infill")
         check_text("text", text)
@@ -693,10 +731,11 @@ class Model:
         check_int("beam_size", beam_size, at_least=1)
         check_float("length_penalty", length_penalty, within=LENGTH_PENALTY_RANGE)
         check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache)
+        check_mode(mode)
         texts, _scores = infill_decode(
             self.objective, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, num_samples=num_samples, seed=seed, beam_size=beam_size, length_penalty=length_penalty,
-            device=self.device, use_cache=use_cache, warn=stderr_note)
+            device=self.device, use_cache=use_cache, warn=stderr_note, mode=mode)
         return texts
 
     def score(self, text: str) -> list[tuple[str, float]]:

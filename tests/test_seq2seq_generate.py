@@ -431,7 +431,8 @@ def test_print_infill_wiring_with_a_stand_in_t5_module(sample_script, tokenizer,
     import types
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=1, n_decoder_layer=1, n_head=2, n_embd=32)
-    objective = types.SimpleNamespace(backbone=EncoderDecoder(cfg).eval(), decoder_start_id=0)
+    objective = types.SimpleNamespace(backbone=EncoderDecoder(cfg).eval(), decoder_start_id=0,
+                                      encoder_input=lambda ids, verb, mode="": [*ids, EOS_ID])
     base = dict(sample_script.DEFAULTS, infill="Once <extra_id_0> time.", max_new_tokens=6)
     for flags, headers in ((dict(temperature=0.0), 1), (dict(num_samples=2), 2), (dict(beam_size=3, num_samples=5), 3)):
         sample_script.print_infill(objective, tokenizer, dict(base, **flags), "cpu")

@@ -301,17 +301,17 @@ def test_encoder_input_for_inference():
     objective = ul2(64)
     assert len(set(MODE_IDS.values()) | set(SPAN_SENTINEL_IDS)) == len(SENTINEL_IDS) == 100
     text = [300, SENTINEL_IDS[0], 301]
-    assert objective.encoder_input(text, "R") == [MODE_IDS["R"], *text, EOS_ID]
-    assert objective.encoder_input(text, "[NLG]") == [MODE_IDS["X"], *text, EOS_ID]
-    assert objective.encoder_input([300, 301], "s2s") == [MODE_IDS["S"], 300, 301, EOS_ID]
+    assert objective.encoder_input(text, "infill", "R") == [MODE_IDS["R"], *text, EOS_ID]
+    assert objective.encoder_input(text, "infill", "[NLG]") == [MODE_IDS["X"], *text, EOS_ID]
+    assert objective.encoder_input([300, 301], "generate", "s2s") == [MODE_IDS["S"], 300, 301, EOS_ID]
     assert [MODE_IDS[objective.mode_of(objective.default_modes[verb])] for verb in ("infill", "generate")] == \
         [MODE_IDS["R"], MODE_IDS["S"]]
     with pytest.raises(UserError, match="unknown UL2 mode 'Y'"):
-        objective.encoder_input(text, "Y")
+        objective.encoder_input(text, "infill", "Y")
     with pytest.raises(UserError, match="at most 97 gaps"):
-        objective.encoder_input([300, SENTINEL_IDS[98]], "R")
+        objective.encoder_input([300, SENTINEL_IDS[98]], "infill", "R")
     # what the decoder then does: t5's generation, from DECODER_START_ID, on that input
-    out = generate_seq2seq(objective.backbone, torch.tensor([objective.encoder_input(text, "R")]), 5,
+    out = generate_seq2seq(objective.backbone, torch.tensor([objective.encoder_input(text, "infill", "R")]), 5,
                            start_id=DECODER_START_ID, eos_id=EOS_ID, temperature=0)
     assert out.shape == (1, 1, 5)
 
@@ -335,3 +335,45 @@ def test_a_tiny_model_learns_the_mixture(tmp_path, prepared, tokenizer):
     end = trainer.last_eval
     assert start["loss"] > math.log(tokenizer.vocab_size) - 0.3, start
     assert end["loss"] < start["loss"] - 1.2, (start, end)
+
+
+# ----------------------------------------------------------------------------- inference through the API
+def test_generate_and_infill_open_the_encoder_input_with_the_chosen_mode(tokenizer):
+    """minilm's Model.generate on ul2 is t5's decoding of [mode] prompt <eos>: the same tokens as
+    generate_seq2seq on encoder_input, S by default, another mode when asked; infill opens with R
+    by default. A checkpoint without modes refuses one, and sample.py refuses --mode where no
+    input opens with one."""
+    from minilm.api import Model
+    from minilm.config import Config
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=64, n_layer=1, n_head=2, n_embd=32)
+    objective = build_objective("ul2", cfg, tokenizer, UL2Options()).eval()
+    model = Model(objective, tokenizer, Config(), "ul2-checkpoint", "cpu")
+    prompt = "The cat sat"
+    prompt_ids = tokenizer.encode(prompt)
+
+    def greedy(input_ids):
+        out = generate_seq2seq(objective.backbone, torch.tensor([input_ids]), 8, start_id=DECODER_START_ID,
+                               eos_id=EOS_ID, temperature=0)[0, 0].tolist()
+        return out[:out.index(EOS_ID)] if EOS_ID in out else out
+
+    for mode, token in (("", "S"), ("X", "X"), ("[NLU]", "R")):
+        expected = tokenizer.decode(prompt_ids + greedy([MODE_IDS[token], *prompt_ids, EOS_ID]))
+        assert model.generate(prompt, max_new_tokens=8, temperature=0, mode=mode) == [expected]
+    assert model.generate(prompt, max_new_tokens=0, temperature=0) == [prompt]
+    # infill: the default mode is R's [NLU]
+    text = "The cat <extra_id_0> on the mat."
+    fillings = {mode: model.infill(text, max_new_tokens=8, temperature=0, mode=mode)[0] for mode in ("", "R", "X")}
+    assert fillings[""] == fillings["R"]
+    with pytest.raises(UserError, match="unknown UL2 mode"):
+        model.infill(text, mode="Q")
+    with pytest.raises(UserError, match="mode must be a string"):
+        model.generate(prompt, mode=3)
+    # t5 frames its input without a mode token and refuses one
+    t5 = build_objective("t5", cfg, tokenizer).eval()
+    assert t5.encoder_input([300, 301], "infill") == [300, 301, EOS_ID]
+    with pytest.raises(UserError, match="t5 has no modes"):
+        Model(t5, tokenizer, Config(), "t5-checkpoint", "cpu").infill(text, mode="R")
+    import sample
+    with pytest.raises(UserError, match="--mode picks the mode token"):
+        sample.main(["--ckpt", "nowhere", "--mode", "R", "--fill", "a <mask>"])

@@ -60,6 +60,7 @@ from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.losses import IGNORE, cross_entropy_sum
 from minilm.model import Transformer
+from minilm.tokenizer import EOS_ID
 
 # What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
 # 0 (A) and 1 (B), so their backbone needs two segment embeddings (more are allowed).
@@ -194,6 +195,15 @@ class Objective(nn.Module):
         """Called once a+b has pointed self.backbone at the parts' shared backbone (multitask.py):
         an objective whose other modules hold pieces of the backbone it built (a table they share)
         points them at the shared one here. Nothing by default."""
+
+    def encoder_input(self, ids: list[int], verb: str, mode: str = "") -> list[int]:
+        """An encoder-decoder's encoder input at inference (api.py's infill, and generate where
+        declared), framed as in training: `ids` (the text with its sentinels, or a prompt), then
+        <eos>. `mode`: for an objective whose inputs open with a mode token (its own override);
+        the others refuse one."""
+        if mode:
+            raise UserError(f"{self.name} has no modes: leave out mode (--mode)")
+        return list(ids) + [EOS_ID]
 
     def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError

@@ -164,6 +164,9 @@ class MixtureOfDenoisers(SpanCorruption):
     """t5's encoder-decoder, loss and metrics; UL2's batches (rows padded, modes first)."""
     name = "ul2"
     Options = UL2Options
+    # infill (modes R, X) and generate (mode S: the prompt is the encoder's input, the decoder
+    # writes the continuation), and embed (the encoder's hidden states), as t5
+    capabilities = frozenset({"infill", "generate", "embed"})
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         Objective.__init__(self)    # t5's constructor checks t5's options; these lengths are ours
@@ -259,12 +262,13 @@ class MixtureOfDenoisers(SpanCorruption):
         raise UserError(f"unknown UL2 mode {mode!r}: R or [NLU] (fill short gaps), X or [NLG] (long gaps), "
                         "S or [S2S] (continue a prompt)")
 
-    def encoder_input(self, ids: list[int], mode: str) -> list[int]:
-        """The encoder's input at inference, as in training: the mode token, ids, <eos>.
-        For infill, ids are the text with a sentinel per gap, <extra_id_0> first (modes R or X;
-        at most 97 gaps: the last three sentinels are the mode tokens); for a prompt, mode S and
-        the prompt's ids. The decoder then starts from DECODER_START_ID."""
-        letter = self.mode_of(mode)
+    def encoder_input(self, ids: list[int], verb: str, mode: str = "") -> list[int]:
+        """The encoder's input at inference, as in training: the mode token, ids, <eos>. `mode`
+        ("R", "X", "S" or a mode token's name) defaults to default_modes[verb]. For infill, ids are
+        the text with a sentinel per gap, <extra_id_0> first (at most 97 gaps: the last three
+        sentinels are the mode tokens); for generate, the prompt's ids. The decoder then starts
+        from DECODER_START_ID."""
+        letter = self.mode_of(mode or self.default_modes[verb])
         if any(i in MODE_IDS.values() for i in ids):
             raise UserError(f"ul2 infills at most {len(SPAN_SENTINEL_IDS)} gaps (<extra_id_0> to "
                             f"<extra_id_{len(SPAN_SENTINEL_IDS) - 1}>): the last three sentinels are its mode tokens")
