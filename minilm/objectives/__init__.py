@@ -1,15 +1,17 @@
-"""Objectives by name. Adding one: write a file with a subclass of `Objective` (see base.py for the
-contract: its name, data, Options, configure, make_batch, forward), then register it: a line
-below for one of minilm's, or `minilm.objectives.register(MyObjective)` from a test or a script.
-Its Options fields become flags (train.py --help lists them), validated with the others, and are
-saved in the checkpoint's "obj" section.
+"""Objectives by name: one line per objective in the registry below, an explicit table rather than
+import-time magic, so a reader sees every objective in one place.
+
+Adding one: write minilm/objectives/NAME.py with a subclass of `Objective` (base.py: the contract),
+then add its line here. Code outside the library (a test, a user's script) calls `register(cls)`
+instead: the flags, --help, config validation and the saved config's options are built from the
+registered objectives' Options when they are used, so a registered objective's options are flags.
 
 "a+b" (e.g. "mlm+sop") trains several objectives on one backbone, weighted by
 --objective_weights: see multitask.py.
 
-model_config_for(name, model_cfg) is the model an objective really builds: the config with what
-the objective needs of it (its configure, base.py). train.py resolves its config with it before
-printing and saving; build_objective applies it too (it is idempotent)."""
+model_config_for(name, model_cfg) is the model an objective really builds: the config after the
+objective's `configure` (base.py). train.py resolves its config with it before printing and
+saving; build_objective applies it too (it is idempotent)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +31,7 @@ from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
 from minilm.objectives.tlm import TranslationLM
+from minilm.objectives.ul2 import MixtureOfDenoisers
 from minilm.objectives.wwm import WholeWordMaskedLM
 from minilm.options import merge_fields
 
@@ -80,6 +83,7 @@ register(Classifier)                 # fine-tuning a classification head
 register(SimCSE)                     # contrastive sentence embeddings, from sentences
 register(SupervisedSimCSE)           # ... or from (anchor, positive) rows
 register(TranslationLM)
+register(MixtureOfDenoisers)         # UL2's mixture of denoisers
 
 
 def model_config_for(name: str, model_cfg, options=None):
