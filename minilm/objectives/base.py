@@ -289,8 +289,10 @@ def check_backbone_kinds(classes, model_cfg) -> None:
     check_one_encoder_decoder(classes)
     seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
     if not seq2seq and model_cfg.n_decoder_layer:
-        raise UserError(f"--n_decoder_layer is for encoder-decoder objectives (t5); {names} builds one stack of "
-                        f"--n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")
+        from minilm.objectives import OBJECTIVES   # the registry, which imports this module
+        encoder_decoders = ", ".join(name for name, cls in OBJECTIVES.items() if cls.model_kind == "seq2seq")
+        raise UserError(f"--n_decoder_layer is for encoder-decoder objectives ({encoder_decoders}); {names} builds "
+                        f"one stack of --n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")
 
 
 def _changed(before, after) -> list[str]:
