@@ -35,7 +35,6 @@ from minilm.data.preparation import (
     _encoder,
     _jobs,
     _publish,
-    check_rows,
     inspect_prepared,
     token_dtype,
     tokenizer_fingerprint,
