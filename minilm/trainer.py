@@ -188,6 +188,7 @@ class Trainer(FaultHandling):
         self.log = log if self.dist.is_main else (lambda *_: None)  # only rank 0 talks
         self.device = resolve_device(self.tcfg.device)
         self.dtype = resolve_dtype(self.tcfg.dtype, self.device)
+        self.init_fault_handling()   # --on_nan checked, stop_signal, the --tensorboard package (faults.py)
         if self.tcfg.fsdp and not self.dist.enabled:
             raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
         if self.tcfg.deterministic:
@@ -221,7 +222,6 @@ class Trainer(FaultHandling):
         # this rank's input tokens and training FLOPs since the last log line (count_work)
         self.tokens_counted, self.flops_counted = 0, 0.0
         self.peak_flops = None
-        self.init_fault_handling()   # --on_nan checked, stop_signal, the --tensorboard writer (faults.py)
 
     # --------------------------------------------------------------- one step
     def _generator(self, step: int, micro: int) -> torch.Generator:
