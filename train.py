@@ -71,7 +71,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         cfg.model = model_defaults_for(cfg.train.objective, cfg.model, given)
         cfg.train = train_defaults_for(cfg.train.objective, cfg.train, given)
     # the objective's model settings are applied here, once: what is printed and saved is the model
-    cfg.model = model_config_for(cfg.train.objective, cfg.model)
+    cfg.model = model_config_for(cfg.train.objective, cfg.model, cfg.obj)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg.model.validate()

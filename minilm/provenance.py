@@ -313,8 +313,8 @@ def config_for_resume(argv: list[str], state: dict, ckpt_path: str) -> Config:
     if cfg.train.objective != objective:
         raise UserError(f"--objective cannot change when resuming ({ckpt_path} trains {objective}); to train "
                         f"{cfg.train.objective} from its weights, start a new run with --init_from {ckpt_path}")
-    before = model_config_for(objective, saved.model)
-    changed = differing_fields(before, model_config_for(objective, cfg.model), MODEL_FIELDS_FREE)
+    before = model_config_for(objective, saved.model, saved.obj)
+    changed = differing_fields(before, model_config_for(objective, cfg.model, cfg.obj), MODEL_FIELDS_FREE)
     if changed:
         name, old, new = changed[0]
         raise UserError(f"--{name} cannot change when resuming ({old} in {ckpt_path}, {new} asked): the model's "
@@ -402,10 +402,10 @@ def config_for_init(argv: list[str], parent: dict, parent_path: str, log=print) 
         raise UserError(f"--init_from {parent_path}: its {parent_objective} model is {shapes[0]} but "
                         f"{wanted.train.objective} trains {shapes[1]}; the weights do not carry over (start from a "
                         f"checkpoint of the same kind, or train from scratch)")
-    parent_model = model_config_for(parent_objective, saved.model)
+    parent_model = model_config_for(parent_objective, saved.model, saved.obj)
     if encoder_only:
         parent_model = dataclasses.replace(parent_model, n_decoder_layer=0)
-    new_model = model_config_for(wanted.train.objective, wanted.model)
+    new_model = model_config_for(wanted.train.objective, wanted.model, wanted.obj)
     changed = differing_fields(parent_model, new_model, MODEL_FIELDS_FREE)
     if changed:
         name, old, new = changed[0]
