@@ -213,7 +213,7 @@ class PermutationLM(Objective):
         last = len(backbone.blocks) - 1
         for i, block in enumerate(backbone.blocks):
             # both from the previous layer's h: the query stream reads the content stream as it was
-            g_next = block(g, context=h, mask=query_mask, rotary=backbone.rotary, positions=target_positions)
+            g_next = block(g, h, mask=query_mask, rotary=backbone.rotary, positions=target_positions)
             if i < last:  # the last content layer would feed no query layer: skip it
                 h = block(h, mask=content_mask, rotary=backbone.rotary)
             g = g_next
@@ -232,7 +232,7 @@ class PermutationLM(Objective):
         """What a step computes, per input token (for MFU), with f = M / T ~ 1/K:
         content stream   L-1 blocks at every position (the last one is skipped)
         query stream     L blocks at the f share of positions, except that each layer projects the
-                         keys and values of every content position again (Attention's memory path)
+                         keys and values of every content position again (Attention with a source)
         LM head          at the f share of positions
         attention        (L-1 + L f) 12 H D T."""
         cfg = self.backbone.cfg

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from minilm.flops import lm_head_weights, matmul_weights
-from minilm.model import prefix_lm_mask
+from minilm.model import prefix_mask
 from minilm.objectives.base import IGNORE
 from minilm.objectives.clm import CausalLM, causal_labels
 
@@ -80,7 +80,7 @@ class PrefixLM(CausalLM):
 
     def forward(self, batch, totals=None):
         input_ids, labels = batch["input_ids"], batch["labels"]
-        mask = prefix_lm_mask(batch["prefix_lengths"], input_ids.shape[1])
+        mask = prefix_mask(batch["prefix_lengths"], input_ids.shape[1])
         hidden = self.backbone(input_ids, mask=mask)                  # (B, T, C)
         real = labels != IGNORE                                       # (B, T)
         targets = labels[real]                                        # (N,)
