@@ -69,7 +69,7 @@ import torch.nn as nn
 
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
-from minilm.losses import IGNORE, cross_entropy_sum
+from minilm.losses import IGNORE, cross_entropy_sum, step_mean
 from minilm.model import Transformer
 
 # What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
@@ -230,14 +230,13 @@ class Objective(nn.Module):
         over the step's target count (base contract); accuracy and bytes only in evaluation, where
         they cost an extra pass. Needs keep_bytes_per_token."""
         nll = cross_entropy_sum(logits, labels)
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             real = labels != IGNORE
             sums = {"nll": nll.detach(), "targets": real.sum()}
             if not self.training:
                 sums["correct"] = ((logits.argmax(-1) == labels) & real).sum()
                 sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
 
     def tokens_and_flops(self, batch: dict) -> tuple[int, float] | None:
         """(input tokens, training FLOPs) that one micro-batch really computes, for an objective

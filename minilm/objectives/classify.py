@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import CAUSAL, Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective, confusion_metrics  # noqa: F401 (re-exported)
 from minilm.pooling import pool
 
@@ -212,7 +213,6 @@ class Classifier(Objective):
         logits = self.logits(batch["input_ids"], batch["lengths"])
         labels = batch["labels"]
         nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE)
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             valid = labels != IGNORE
             predicted = logits.argmax(-1)
@@ -221,7 +221,7 @@ class Classifier(Objective):
                 K = self.n_labels
                 pairs = (labels.clamp(min=0) * K + predicted)[valid]
                 sums["confusion"] = torch.bincount(pairs, minlength=K * K).view(K, K)
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
 
 
 FULL_MATRIX_LABELS = 20   # past this many labels the matrix is summarized: 3,000 labels are 9 M numbers

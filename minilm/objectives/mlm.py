@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.flops import embed_project_weights, lm_head_weights
 from minilm.model import Transformer, make_norm, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
 
@@ -182,7 +183,6 @@ class MaskedLM(Objective):
         logits = self.head(self.backbone.to_output_width(picked), self.backbone.output_weight).float()  # (N, V)
         targets = batch["targets"]
         nll = F.cross_entropy(logits, targets, reduction="sum")
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"]}
             if not self.training:
@@ -190,4 +190,4 @@ class MaskedLM(Objective):
                 # comparable between masked-LM runs, not with a causal LM's
                 sums["correct"] = (logits.argmax(-1) == targets).sum()
                 sums["bytes"] = self.bytes_per_token[targets].sum()
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums

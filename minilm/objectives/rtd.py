@@ -99,6 +99,7 @@ from minilm import masking
 from minilm.errors import UserError
 from minilm.flops import embed_project_weights
 from minilm.model import Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
 from minilm.objectives.mlm import MLMHead
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL
@@ -325,10 +326,8 @@ class ReplacedTokenDetection(Objective):
         detector_logits = self.discriminator_logits(corrupted, batch.get("attn_mask"))  # (B, T)
         per_token = F.binary_cross_entropy_with_logits(detector_logits, replaced.float(), reduction="none")
         discriminator_nll = (per_token * valid).sum()
-        counts = totals or batch["counts"]
         weight = self.options.rtd_weight
-        loss = (generator_nll / counts["targets"].clamp(min=1)
-                + weight * discriminator_nll / counts["tokens"].clamp(min=1))
+        loss = step_mean(generator_nll, batch, totals) + step_mean(weight * discriminator_nll, batch, totals, "tokens")
         with torch.no_grad():
             called = (detector_logits > 0) & valid
             replaced &= valid

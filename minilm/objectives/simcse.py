@@ -92,6 +92,7 @@ from minilm.distributed import gather_with_gradient
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
 from minilm.pooling import pool
 
@@ -225,13 +226,12 @@ class SimCSE(Objective):
                                          negative_valid=batch.get("has_negative"),
                                          hard_negative_weight=self.hard_negative_weight, gather=self.training)
         nll = F.cross_entropy(logits, labels, reduction="sum")
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"],
                     "correct": (logits.argmax(dim=1) == labels).sum()}
             if not self.training:
                 sums.update(embedding_sums(*self.positive_pairs(batch, pooled, B)))
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
 
 
 class SupervisedSimCSE(SimCSE):

@@ -49,6 +49,7 @@ from minilm.data import pack_pairs
 from minilm.errors import UserError
 from minilm.flops import flops_per_token, matmul_weights
 from minilm.model import Pooler, Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
 
 SWAP_PROB = 0.5
@@ -140,8 +141,7 @@ class SentenceOrder(Objective):
         logits = self.head(self.pooler(hidden)).float()                          # (B, 2)
         labels = batch["labels"]
         nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE)
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"],
                     "correct": (logits.argmax(-1) == labels).sum()}
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
