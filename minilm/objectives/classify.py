@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.errors import UserError
-from minilm.flops import flops_per_token, matmul_weights
+from minilm.flops import transformer_flops
 from minilm.model import CAUSAL, Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective, confusion_metrics  # noqa: F401 (re-exported)
@@ -178,10 +178,8 @@ class Classifier(Objective):
         """Per input token of rows `length` long (seq_len by default): the backbone at every
         position (no LM head), the head once per row; a frozen backbone runs forward only (2 N,
         not 6 N, and no attention backward)."""
-        cfg = self.backbone.cfg
-        length = length or cfg.seq_len
-        backbone = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                   cfg.head_dim, length)
+        length = length or self.backbone.cfg.seq_len
+        backbone = transformer_flops(self.backbone, length)          # (flops.py)
         head = 6 * self.label_head.weight.numel() / length
         return backbone / 3 + head if self.freeze_backbone else backbone + head
 

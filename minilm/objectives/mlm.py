@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
-from minilm.flops import embed_project_weights, lm_head_weights
+from minilm.flops import lm_head_matmul_weights, parameters_of, transformer_flops
 from minilm.model import Transformer, make_norm, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
@@ -155,17 +155,10 @@ class MaskedLM(Objective):
         full; in the last, keys and values everywhere but queries, projection and MLP only at the
         mask_prob share of positions that are predicted; the head (transform + tied output
         matrix, after the C -> E projection when factorized) at those positions too; a factorized
-        embedding's E -> C projection everywhere. 6 FLOPs per weight per token, 12 H D T for attention."""
-        cfg, p = self.backbone.cfg, self.options.mask_prob
-        blocks = self.backbone.blocks
-        per_block = sum(w.numel() for w in blocks[0].parameters())
-        key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))     # 2/3 of the qkv layer
-        head = (lm_head_weights(self.backbone) + sum(w.numel() for w in self.head.parameters())
-                + self.backbone.output_weight.numel())
-        attention = 12 * cfg.n_head * cfg.head_dim * cfg.seq_len
-        weights = (embed_project_weights(self.backbone) + (len(blocks) - 1) * per_block + key_value
-                   + p * (per_block - key_value + head))
-        return 6 * weights + (len(blocks) - 1 + p) * attention
+        embedding's E -> C projection everywhere (flops.transformer_flops)."""
+        head = parameters_of(self.head) + lm_head_matmul_weights(self.backbone)
+        return transformer_flops(self.backbone, self.backbone.cfg.seq_len, outputs_share=self.options.mask_prob,
+                                 head=head)
 
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):

@@ -72,7 +72,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from minilm.flops import matmul_weights
+from minilm.flops import key_value_weights, matmul_weights, parameters_of
 from minilm.objectives.base import Baseline, Objective
 
 MAX_SPAN = 5          # XLNet's max_gram: n-gram spans of 1..5 tokens
@@ -237,8 +237,8 @@ class PermutationLM(Objective):
         attention        (L-1 + L f) 12 H D T."""
         cfg = self.backbone.cfg
         L, f = cfg.n_layer, self.num_targets / cfg.seq_len
-        per_block = sum(w.numel() for w in self.backbone.blocks[0].parameters())
-        key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))
+        per_block = parameters_of(self.backbone.blocks[0])
+        key_value = key_value_weights(self.backbone.blocks[0].attn)
         blocks_and_head = matmul_weights(self.backbone, lm_head=True)
         norms_head = blocks_and_head - L * per_block                      # final norm + output matrix
         weights = (L - 1) * per_block + L * (key_value + f * (per_block - key_value)) + f * norms_head

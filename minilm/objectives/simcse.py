@@ -90,7 +90,7 @@ import torch.nn.functional as F
 
 from minilm.distributed import gather_with_gradient
 from minilm.errors import UserError
-from minilm.flops import flops_per_token, matmul_weights
+from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
@@ -174,11 +174,8 @@ class SimCSE(Objective):
         position per row. simcse_sup counts the same two passes (anchor, positive); a hard
         negative is a third pass the trainer's MFU does not see (it is fixed before any batch).
         The (B, N) similarity matrix, 6 N C per row, is left out: N C << 12 L C^2 T."""
-        cfg = self.backbone.cfg
-        encoder = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                  cfg.head_dim, cfg.seq_len)
-        mlp = sum(w.numel() for w in self.mlp.parameters()) if self.mlp is not None else 0
-        return 2 * (encoder + 6 * mlp / cfg.seq_len)
+        T = self.backbone.cfg.seq_len
+        return 2 * transformer_flops(self.backbone, T, head=parameters_of(self.mlp), head_share=1 / T)
 
     # ---------------------------------------------------------------- embeddings
     def embed(self, input_ids, lengths):
