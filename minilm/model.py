@@ -146,7 +146,8 @@ def decoding_mask(n_new: int, n_cached: int, device=None):
 def prefix_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(B, 1, T, T) bool, True = may attend: query i sees key j iff j < prefix_lengths[b] (the
     prefix, in both directions) or j <= i (causal after it): a prefix LM's training
-    (objectives/prefix_lm.py) and its generation (generate.py). prefix_lengths (B,) int, on the mask's device. A prefix of
+    (objectives/prefix_lm.py) and its generation (generate.py). prefix_lengths (B,) int, on the
+    mask's device. A prefix of
     0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
     index = torch.arange(T, device=prefix_lengths.device)
     causal = index[None, :] <= index[:, None]                      # (T, T): key j <= query i
@@ -202,13 +203,14 @@ class Attention(nn.Module):
         return tuple(rearrange(F.linear(source, w_kv, b_kv), "b s (two h d) -> two b h s d", two=2, h=self.n_head))
 
     def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
-                cache=None, layer: int = 0):
+                cache=None):
         """x (B, T, C), source (B', S, C) -> (B, T, C).
 
         positions (B, T) or (T,): x's positions for the rotary embedding (0..T-1 when None);
         source_positions: the source's (x's when the source is x; 0..S-1 otherwise).
-        cache (KVCache): for self-attention, this call's keys/values are appended to layer
-        `layer`'s and attention runs over all of them; for a source (cross-attention), its
+        cache (this layer's part of a KVCache, KVCache.layers[i]): for self-attention, this call's
+        keys/values are appended to it and attention runs over all of them; for a source
+        (cross-attention), its
         keys/values are computed on the first call and reused after (the encoder output does not
         change while a decoder generates).
         The source may hold fewer rows than x (B = g * B', attention()'s grouped query rows).
@@ -220,11 +222,11 @@ class Attention(nn.Module):
         else:
             b_q = self.qkv.bias[:C] if self.qkv.bias is not None else None
             q = rearrange(F.linear(x, self.qkv.weight[:C], b_q), "b t (h d) -> b h t d", h=self.n_head)
-            k, v = self.keys_values(source) if cache is None else cache.source(layer, lambda: self.keys_values(source))
+            k, v = self.keys_values(source) if cache is None else cache.source(lambda: self.keys_values(source))
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, source_positions)
         if cache is not None and source is None:
-            k, v = cache.append(layer, k, v)  # every key/value so far: (B, H, cached + T, D)
+            k, v = cache.append(k, v)  # every key/value so far: (B, H, cached + T, D)
         y = attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
@@ -281,26 +283,26 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
-                encoder_output=None, encoder_mask=None, cache=None, layer: int = 0):
+                encoder_output=None, encoder_mask=None, cache=None):
         x = self.attend(x, source, mask=mask, rotary=rotary, positions=positions,
-                        source_positions=source_positions, cache=cache, layer=layer)
+                        source_positions=source_positions, cache=cache)
         if self.cross is not None:
-            x = self.cross_attend(x, encoder_output, encoder_mask, cache=cache, layer=layer)
+            x = self.cross_attend(x, encoder_output, encoder_mask, cache=cache)
         return self.feed_forward(x)
 
     def attend(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
-               cache=None, layer: int = 0):
+               cache=None):
         """x + self-attention: x (B, T, C), source (B, S, C) or None (x) -> (B, T, C)."""
         source = None if source is None else self.norm1(source)
         return x + self.drop(self.attn(self.norm1(x), source, mask=mask, rotary=rotary, positions=positions,
-                                       source_positions=source_positions, cache=cache, layer=layer))
+                                       source_positions=source_positions, cache=cache))
 
-    def cross_attend(self, x, encoder_output, encoder_mask=None, *, cache=None, layer: int = 0):
+    def cross_attend(self, x, encoder_output, encoder_mask=None, *, cache=None):
         """x + cross-attention to the encoder's output (B', S, C), masked by encoder_mask (B', 1, 1, S)."""
         if encoder_output is None:
             raise ValueError("this block cross-attends: pass encoder_output (the encoder's output)")
         return x + self.drop(self.cross(self.norm_cross(x), encoder_output, mask=encoder_mask,
-                                        cache=cache, layer=layer))
+                                        cache=cache))
 
     def feed_forward(self, x):
         """x + MLP, position by position: (..., C) -> (..., C)."""
@@ -440,13 +442,14 @@ class Transformer(nn.Module):
         if outputs_at is not None and cache is not None:
             raise ValueError("outputs_at computes a subset of one full pass; it cannot append to a cache")
         x = self.embed(ids, positions, segment_ids)
-        shared = dict(rotary=self.rotary, encoder_output=encoder_output, encoder_mask=encoder_mask, cache=cache)
+        shared = dict(rotary=self.rotary, encoder_output=encoder_output, encoder_mask=encoder_mask)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i == last and outputs_at is not None:
                 x = self._last_block_at(block, x, outputs_at, mask, positions)
             else:
-                x = block(x, mask=mask, positions=positions, layer=i, **shared)
+                layer_cache = None if cache is None else cache.layers[i]
+                x = block(x, mask=mask, positions=positions, cache=layer_cache, **shared)
         if cache is not None:
             cache.length = cached + T
         return self.norm(x)
@@ -600,6 +603,7 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.cross: list = [None] * cfg.n_layer
         self.length = 0
+        self.layers = [LayerCache(self, i) for i in range(cfg.n_layer)]   # what each block is handed
 
     def append(self, layer: int, k, v):
         """Write (B, H, T, D) keys/values at positions length .. length+T-1 of `layer`; returns
@@ -630,3 +634,17 @@ class KVCache:
         self.k, self.v = k, v
         if cross_too:
             self.cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]
+
+
+class LayerCache:
+    """One layer's part of a KVCache, what a Block and its Attention are handed: append and source
+    as KVCache's, for this layer."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def append(self, k, v):
+        return self.cache.append(self.layer, k, v)
+
+    def source(self, compute):
+        return self.cache.source(self.layer, compute)

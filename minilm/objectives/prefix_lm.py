@@ -92,4 +92,5 @@ class PrefixLM(CausalLM):
         that are targets: (T+1)/2 of T on average under the split law (E[L-P] with P uniform on
         1..T, L = T+1)."""
         T = self.backbone.cfg.seq_len
-        return transformer_flops(self.backbone, T, head=lm_head_matmul_weights(self.backbone), head_share=(T + 1) / (2 * T))
+        return transformer_flops(self.backbone, T, head=lm_head_matmul_weights(self.backbone),
+                                 head_share=(T + 1) / (2 * T))

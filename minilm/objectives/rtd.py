@@ -343,12 +343,10 @@ class ReplacedTokenDetection(Objective):
         return loss, sums
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per input token (for MFU), 6 per weight per token plus 12 H D T per block
-        for attention: the discriminator (with its embedding projection E -> C when factorized)
-        and its head everywhere; the generator's embedding projection and every block but the
-        last everywhere, its last block's keys and values everywhere and the rest of that block and its head (with the tied token matrix) at the
-        mask_prob share of positions (as mlm.py counts; flops.transformer_flops). The sampling is
-        not counted."""
+        """Training FLOPs per input token (for MFU), the generic count (flops.transformer_flops) of
+        two passes: the discriminator and its head everywhere; the generator's outputs and its
+        head (with the tied token matrix) at the mask_prob share of positions, as mlm.py counts.
+        The sampling is not counted."""
         disc, gen = self.backbone, self.generator
         discriminator = transformer_flops(disc, disc.cfg.seq_len, head=parameters_of(self.discriminator_head))
         generator_head = parameters_of(self.generator_head) + gen.tok_emb.weight.numel()
