@@ -147,8 +147,7 @@ def prefix_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(B, 1, T, T) bool, True = may attend: query i sees key j iff j < prefix_lengths[b] (the
     prefix, in both directions) or j <= i (causal after it): a prefix LM's training
     (objectives/prefix_lm.py) and its generation (generate.py). prefix_lengths (B,) int, on the
-    mask's device. A prefix of
-    0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
+    mask's device. A prefix of 0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
     index = torch.arange(T, device=prefix_lengths.device)
     causal = index[None, :] <= index[:, None]                      # (T, T): key j <= query i
     in_prefix = index[None, :] < prefix_lengths[:, None]           # (B, T): key j is a prefix token
