@@ -99,8 +99,9 @@ def attention(q, k, v, *, mask=None, dropout_p=0.0):
     Grouped query rows: k and v may hold fewer rows than q, B = g * B'. Rows b*g .. b*g+g-1 of q
     then all read row b of k and v, as one row of g*T queries (the row-wise counterpart of
     grouped-query attention's shared heads): several decoder rows over one encoded input (beams,
-    samples) read its keys and values once, not once per row. Without rotary positions on the
-    keys (cross-attention) that is exact: a query's result does not depend on its neighbours.
+    samples) read its keys and values once, not once per row. Exact, since a query's result does
+    not depend on the other queries; the mask must then be the same for every query of a row (None,
+    or a padding mask (B', 1, 1, S): cross-attention).
 
     mask: None (every query sees every key), CAUSAL (query i sees keys 0..i, aligned top-left as
     SDPA's is_causal), a bool tensor (True = may attend, broadcast to (B, H, T, S)) or a float one
@@ -209,9 +210,8 @@ class Attention(nn.Module):
         source_positions: the source's (x's when the source is x; 0..S-1 otherwise).
         cache (this layer's part of a KVCache, KVCache.layers[i]): for self-attention, this call's
         keys/values are appended to it and attention runs over all of them; for a source
-        (cross-attention), its
-        keys/values are computed on the first call and reused after (the encoder output does not
-        change while a decoder generates).
+        (cross-attention), its keys/values are computed on the first call and reused after (the
+        encoder output does not change while a decoder generates).
         The source may hold fewer rows than x (B = g * B', attention()'s grouped query rows).
         """
         C = x.shape[-1]
