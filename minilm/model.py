@@ -281,17 +281,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
-                encoder_output=None, encoder_mask=None, cache=None):
-        x = self.attend(x, source, mask=mask, rotary=rotary, positions=positions,
-                        source_positions=source_positions, cache=cache)
+    def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, encoder_output=None,
+                encoder_mask=None, cache=None):
+        x = self.attend(x, source, mask=mask, rotary=rotary, positions=positions, cache=cache)
         if self.cross is not None:
             x = self.cross_attend(x, encoder_output, encoder_mask, cache=cache)
         return self.feed_forward(x)
 
     def attend(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
                cache=None):
-        """x + self-attention: x (B, T, C), source (B, S, C) or None (x) -> (B, T, C)."""
+        """x + self-attention: x (B, T, C), source (B, S, C) or None (x) -> (B, T, C).
+        source_positions: the source's positions when they are not 0..S-1 (attention's rotary)."""
         source = None if source is None else self.norm1(source)
         return x + self.drop(self.attn(self.norm1(x), source, mask=mask, rotary=rotary, positions=positions,
                                        source_positions=source_positions, cache=cache))
