@@ -11,7 +11,7 @@ continues the prompt (a prefix LM reads the prompt in both directions, as in tra
 sample stops at the first end-of-document token it produces.
 
 flags: --ckpt --prompt --max_new_tokens --temperature --top_k --top_p --num_samples --seed --device
-       --no_cache (recompute the whole prefix at every step; same tokens, slower)
+       --mode (ul2's mode token) --no_cache (recompute the whole prefix at every step; same tokens, slower)
 
 Masked-LM checkpoints (--objective mlm, wwm, span, or mlm+sop) fill in masks instead of generating:
     python sample.py --ckpt out --fill "The dog chased the red <mask>." [--top_k 5]
@@ -28,6 +28,10 @@ filling; --beam_size K (> 1) prints the best min(N, K) fillings of a beam search
 sum of log-probabilities / length ** --length_penalty (default 1.0: larger favours longer spans;
 within [-5, 5]). --max_new_tokens 0 writes no span: the text with its sentinels removed (a beam
 search's one hypothesis then scores 0).
+
+UL2 checkpoints (--objective ul2) do both: --infill as above and --prompt, whose text the encoder
+reads and whose continuation the decoder writes. --mode picks the mode token the input opens with:
+R ([NLU], short gaps: --infill's default), X ([NLG], long gaps) or S ([S2S], --prompt's default).
 
 Encoders embed texts (--objective simcse or simcse_sup: the sentence vectors they were trained
 for; any other encoder: the mean of its final hidden states, untrained as a sentence embedding):
@@ -50,9 +54,9 @@ from __future__ import annotations
 import json
 import sys
 
-from minilm.api import (FLAG_OF, MASK, NEEDS, capabilities, classify_texts, fill, generate_texts,  # noqa: F401 (re-exported)
-                        hint, holds, infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference,
-                        score_tokens, sentinel_spans, served)
+from minilm.api import (FLAG_OF, MASK, classify_texts, fill, generate_texts, hint, holds,  # noqa: F401 (re-exported)
+                        infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference, needs,
+                        part_serving, score_tokens, sentinel_spans, served)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
@@ -62,7 +66,7 @@ from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False, fill="", infill="", beam_size=1,
-                length_penalty=1.0, score="")
+                length_penalty=1.0, score="", mode="")
 # what each number accepts (config.check_value): a one-line error naming the flag otherwise
 FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
@@ -103,7 +107,7 @@ def print_infill(objective, tokenizer, args: dict, device) -> None:
                                   temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
                                   num_samples=args["num_samples"], seed=args["seed"], beam_size=args["beam_size"],
                                   length_penalty=args["length_penalty"], device=device,
-                                  use_cache=not args["no_cache"], flags=True,
+                                  use_cache=not args["no_cache"], flags=True, mode=args["mode"],
                                   warn=lambda msg: print(msg, file=sys.stderr))
     labels = [f" (score {s:.3f})" for s in scores] if scores is not None else [""] * len(texts)
     for i, (text, label) in enumerate(zip(texts, labels)):
@@ -138,11 +142,6 @@ def print_classes(objective, tokenizer, texts: list[str], device) -> None:
 # --- end classify ---
 
 
-# what each flag needs, worded as minilm.api words its methods' needs
-FLAG_NEEDS = dict(NEEDS, score="a replaced-token detection checkpoint (--objective rtd)",
-                  embed="an encoder checkpoint (--objective simcse, or any masked/denoising objective)")
-
-
 def flag_asked(args: dict) -> str:
     """The method the flags ask for: classify, embed, score, infill, fill, or generate (--prompt,
     or no flag)."""
@@ -150,24 +149,22 @@ def flag_asked(args: dict) -> str:
                 "generate")
 
 
-def check_flags_fit(args: dict, name: str, model_kind: str, fills_masks: bool, ckpt: str,
-                    scores_tokens: bool = False) -> None:
-    """One-line UserError when the flags ask for something this checkpoint's model cannot do: what
-    the flag needs, and what the checkpoint does serve (minilm.api.served: --prompt for decoders
-    and prefix LMs, --fill for masked LMs, --infill for encoder-decoders, --score for
-    replaced-token detectors, --classify for classifiers, --embed for any encoder)."""
-    methods = served(model_kind, fills_masks, scores_tokens, flags=True)
+def check_flags_fit(args: dict, objective, ckpt: str) -> None:
+    """One-line UserError when the flags ask for something this checkpoint (`objective`: a loaded
+    one, or an objective class) cannot do: what the flag needs, and what the checkpoint does serve
+    (minilm.api.served, from the objective's declared capabilities; --score only for
+    replaced-token detectors)."""
     asked = flag_asked(args)
-    if asked in methods:
+    if asked in served(objective, flags=True):
         return
-    held = holds(ckpt, model_kind, name)
+    held = holds(ckpt, objective.model_kind, objective.name)
     if asked == "generate":
-        raise UserError(f"{held}, which cannot generate text: that needs {FLAG_NEEDS['generate']}; "
-                        f"{hint(methods, True)}")
-    raise UserError(f"--{FLAG_OF[asked]} needs {FLAG_NEEDS[asked]}; {held}: {hint(methods, True)}")
+        raise UserError(f"{held}, which cannot generate text: that needs {needs('generate', flags=True)}; "
+                        f"{hint(objective, True)}")
+    raise UserError(f"--{FLAG_OF[asked]} needs {needs(asked, flags=True)}; {held}: {hint(objective, True)}")
 
 
-# ---- simcse: --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
+# ---- --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
 def print_embeddings(args: dict, texts: list[str]) -> None:
     """Load the checkpoint, embed the texts (minilm.api), print their cosine similarities: a header
     of column numbers, then per text its row and the text, quoted."""
@@ -179,10 +176,10 @@ def print_embeddings(args: dict, texts: list[str]) -> None:
         raise UserError(f"--embed and {others[0]} exclude each other; give one")
     device = resolve_device(args["device"])
     objective, tokenizer, _ = load_for_inference(args["ckpt"], device)
-    kind, fills_masks, scores_tokens = capabilities(objective)
-    check_flags_fit(dict(args, embed=texts), objective.name, kind, fills_masks, args["ckpt"], scores_tokens)
+    check_flags_fit(dict(args, embed=texts), objective, args["ckpt"])
     similarity = cosine_similarities(embed_texts(objective, tokenizer, texts, device)).tolist()
-    how = (f"{objective.pooling} pooling" if getattr(objective, "embeds_sentences", False)
+    embedder = part_serving(objective, "embed")
+    how = (f"{embedder.pooling} pooling" if embedder.embeds_sentences
            else "mean of the final hidden states: not trained as a sentence embedding")
     print(f"cosine similarity of {len(texts)} texts ({objective.name}, {how}):")
     print("    " + "".join(f"{j + 1:>7}" for j in range(len(texts))))
@@ -210,6 +207,9 @@ def main(argv: list[str]) -> None:
     if args["beam_size"] > 1 and not args["infill"]:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
+    if args["mode"] and (texts_to_embed is not None or args["fill"] or args["score"] or args["classify"]):
+        raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, --embed and "
+                        "--classify have none")
     if texts_to_embed is not None:
         print_embeddings(args, texts_to_embed)
         return
@@ -217,8 +217,7 @@ def main(argv: list[str]) -> None:
         infill_parts(args["infill"], flags=True)  # a malformed text is refused before the checkpoint is loaded
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
-    kind, fills_masks, scores_tokens = capabilities(objective)
-    check_flags_fit(args, objective.name, kind, fills_masks, args["ckpt"], scores_tokens)
+    check_flags_fit(args, objective, args["ckpt"])
     if args["classify"]:
         print_classes(objective, tokenizer, args["classify"], device)
         return
@@ -234,7 +233,8 @@ def main(argv: list[str]) -> None:
     texts = generate_texts(objective, tokenizer, args["prompt"], max_new_tokens=args["max_new_tokens"],
                            temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
                            num_samples=args["num_samples"], seed=args["seed"], device=device,
-                           use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr))
+                           use_cache=not args["no_cache"], warn=lambda msg: print(f"note: {msg}", file=sys.stderr),
+                           mode=args["mode"], flags=True)
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}")
         print(text)

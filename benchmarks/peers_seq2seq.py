@@ -9,10 +9,10 @@ n_embd 384, 6 heads, MLP 1536, vocab 8192, batch 8, encoder input 256 tokens.
 
 Rows:
   t5-minilm        minilm's SpanCorruption objective (EncoderDecoder, minilm's defaults: RoPE, RMSNorm,
-                   no biases, GELU), make_batch (t5_span_corruption on tensors) inside the step:
+                   no biases, GELU), make_batch (noise_span_corruption on tensors) inside the step:
                    284 raw tokens -> 256 input + 58 target tokens, no padding. fp32
   t5-hf-same       transformers T5ForConditionalGeneration (3+3, relu, d_ff 1536, tied), fed the SAME
-                   corruption (minilm's t5_span_corruption, 58-token targets, no padding), inside the
+                   corruption (minilm's noise_span_corruption, 58-token targets, no padding), inside the
                    step too. The harness's own t5-span row pads targets to 64 and corrupts in numpy.
   bf16-*           the two rows above under torch.autocast('cpu', bfloat16)
   beam-minilm      minilm.generate beam search, beam 4, one 256-token input, --new-tokens new tokens
@@ -32,7 +32,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from minilm.config import ModelConfig, ObjectiveConfig  # noqa: E402
-from minilm.masking import t5_lengths, t5_span_corruption  # noqa: E402
+from minilm.masking import noise_span_corruption, noise_span_window  # noqa: E402
 from minilm.objectives import build_objective  # noqa: E402
 from minilm.tokenizer import NUM_SPECIAL  # noqa: E402
 
@@ -49,7 +49,7 @@ def t5_model_config(h) -> ModelConfig:
 
 def raw_windows(h, seed=0):
     """A stream of (B, raw) windows of random non-special ids: the raw tokens both rows corrupt."""
-    raw_length, _ = t5_lengths(h.CFG["seq_len"])
+    raw_length, _ = noise_span_window(h.CFG["seq_len"])
     g = torch.Generator().manual_seed(seed)
 
     def next_windows():
@@ -82,7 +82,7 @@ def _t5_minilm(h, args, name, autocast_dtype=None):
 
     return _run_t5_row(h, args, name, objective, loss_fn, batch_fn, autocast_dtype,
                        "minilm SpanCorruption: EncoderDecoder 3+3 (RoPE, RMSNorm, GELU, tied), "
-                       "make_batch = t5_span_corruption on tensors inside the step")
+                       "make_batch = noise_span_corruption on tensors inside the step")
 
 
 def _t5_hf_same(h, args, name, autocast_dtype=None):
@@ -92,7 +92,7 @@ def _t5_hf_same(h, args, name, autocast_dtype=None):
     generator = torch.Generator().manual_seed(0)
 
     def batch_fn():
-        inputs, targets, _noise = t5_span_corruption(next_windows(), generator)
+        inputs, targets, _noise = noise_span_corruption(next_windows(), generator)
         return inputs, targets
 
     def loss_fn(model, batch):
@@ -100,12 +100,12 @@ def _t5_hf_same(h, args, name, autocast_dtype=None):
 
     return _run_t5_row(h, args, name, model, loss_fn, batch_fn, autocast_dtype,
                        "transformers T5ForConditionalGeneration 3+3 relu d_ff 1536 tied, fed minilm's "
-                       "t5_span_corruption (same corruption, no padding) inside the step")
+                       "noise_span_corruption (same corruption, no padding) inside the step")
 
 
 def _run_t5_row(h, args, name, model, loss_fn, batch_fn, autocast_dtype, impl: str):
     """One training row through the harness: tokens/s counts encoder input + decoder target tokens."""
-    target_length = t5_lengths(h.CFG["seq_len"])[1]
+    target_length = noise_span_window(h.CFG["seq_len"])[1]
     n_total = sum(p.numel() for p in model.parameters())
     tokens = h.CFG["batch"] * (h.CFG["seq_len"] + target_length)
     return h.run_train(name, args, model, loss_fn, batch_fn, tokens, n_nonemb=n_total, n_total=n_total,

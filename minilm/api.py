@@ -10,10 +10,11 @@
     m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
 
-What a checkpoint can do depends on the objective it was trained with (Objective.model_kind,
-fills_masks, scores_tokens: `served`); a method it cannot serve raises a one-line UserError naming
-what it serves instead; a wrong argument (a float for an int, bytes or None for a text) raises one
-naming the argument, what was given and what fits ("argument checks" below). embed and classify
+What a checkpoint can do is what the objective it was trained with declares (Objective.capabilities;
+a+b: the union of its parts': `served`); a method it cannot serve raises a one-line UserError naming
+what it needs (the registered objectives that declare it) and what the checkpoint serves instead;
+a wrong argument (a float for an int, bytes or None for a text) raises one naming the argument,
+what was given and what fits ("argument checks" below). embed and classify
 take batch_size texts per forward pass. sample.py is a thin command line over this module: its flags are these
 methods' arguments, and the functions below take `flags=True` to word their errors as flags
 (`--fill needs ...`) rather than as methods (`fill() needs ...`).
@@ -36,14 +37,16 @@ from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SEN
 
 MASK = "<mask>"
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
-DECODER_KINDS = ("decoder", "prefix_decoder")
 FILL_EXAMPLE = "The dog chased the red <mask>."
 INFILL_EXAMPLE_TEXT = "The cat <extra_id_0> on the <extra_id_1>."
 SCORE_EXAMPLE = "The chef cooked the meal."
 CLASSIFY_EXAMPLE = "The match ended in a draw."
-# a method and the command-line flag that asks for it
-FLAG_OF = {"generate": "prompt", "fill": "fill", "infill": "infill", "score": "score", "embed": "embed",
-           "classify": "classify"}   # classify
+# The methods a checkpoint may serve, as its objective declares them (Objective.capabilities), in
+# the order a hint offers them: the model's purpose (classify, infill, generate), then its heads
+# (fill, score), then embed, which every encoder serves.
+VERBS = ("classify", "infill", "generate", "fill", "score", "embed")
+# a method and the command-line flag that asks for it: its own name, but --prompt for generate
+FLAG_OF = {verb: verb for verb in VERBS} | {"generate": "prompt"}
 
 
 def named(method: str, flags: bool) -> str:
@@ -150,6 +153,11 @@ def check_device(value) -> torch.device:
     return device
 
 
+def check_mode(mode) -> None:
+    if not isinstance(mode, str):
+        raise UserError(f'mode must be a string such as "R" (or "" for the default), got {shown(mode)}')
+
+
 def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> None:
     """generate's and infill's shared arguments."""
     check_float("temperature", temperature, at_least=0)
@@ -199,54 +207,72 @@ def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> 
 
 
 # ----------------------------------------------------------------------------- which method fits
-# what each method needs, worded for an error (sample.py words its flags' needs the same way)
-NEEDS = {
-    "generate": "a decoder checkpoint (--objective clm or prefix_lm)",
-    "fill": "a masked-LM checkpoint (--objective mlm, wwm, span or mlm+sop)",
-    "infill": "an encoder-decoder checkpoint (--objective t5)",
-    "score": "a decoder (--objective clm) or a replaced-token detection checkpoint (--objective rtd)",
-    "embed": "an encoder checkpoint (a masked/denoising objective, or t5)",
-    "classify": "a classifier checkpoint (--objective classify)",   # classify
-}
+# what each method needs, worded for an error, before the objectives that have it (needs())
+NEEDED = {"generate": "a decoder checkpoint", "fill": "a masked-LM checkpoint",
+          "infill": "an encoder-decoder checkpoint", "embed": "an encoder checkpoint",
+          "classify": "a classifier checkpoint"}
+# score's values, as an objective declares them (Objective.token_score): what scores so, for a hint
+# and for needs()
+SCORERS = {"log p": "a decoder", "P(replaced)": "a replaced-token detector"}
+SCORER_CHECKPOINTS = {"log p": "a decoder", "P(replaced)": "a replaced-token detection checkpoint"}
+FLAG_SCORE = "P(replaced)"   # sample.py's --score prints a detector's P(replaced), not a decoder's log p
 # the text each method's hint shows (embed's is a list: see hint)
 HINT_TEXT = {"classify": CLASSIFY_EXAMPLE, "infill": INFILL_EXAMPLE_TEXT, "generate": "Once upon a time",
              "fill": f"text with {MASK}", "score": SCORE_EXAMPLE}
 
 
-def detector(objective):
-    """The replaced-token detector that scores tokens: the objective itself (rtd), the part of a
-    multi-task objective that is one (rtd+plm, mlm+rtd), or None."""
-    if getattr(objective, "scores_tokens", False):
-        return objective
+def either(names: list[str]) -> str:
+    """["a", "b", "c"] -> "a, b or c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def objectives_that(verb: str, token_score: str | None = None) -> list[str]:
+    """The registered objectives that serve `verb` (with `token_score`, for score), by name."""
+    from minilm.objectives import OBJECTIVES
+    return [cls.name for cls in OBJECTIVES.values() if verb in cls.capabilities
+            and (token_score is None or cls.token_score == token_score)]
+
+
+def needs(verb: str, flags: bool = False) -> str:
+    """What `verb` needs, worded for an error, with the registered objectives that have it:
+    "a decoder checkpoint (--objective clm or prefix_lm)". score names each kind of scorer;
+    sample.py's --score (flags) only the ones whose values it prints."""
+    if verb == "score":
+        kinds = [FLAG_SCORE] if flags else list(SCORER_CHECKPOINTS)
+        return " or ".join(f"{SCORER_CHECKPOINTS[kind]} (--objective {either(names)})" for kind in kinds
+                           if (names := objectives_that(verb, kind)))
+    names = objectives_that(verb)
+    return f"{NEEDED[verb]} (--objective {either(names)})" if names else NEEDED[verb]
+
+
+def part_serving(objective, verb: str):
+    """The objective whose methods do `verb`: the objective itself, or the first part of a
+    multi-task objective (multitask.py: rtd+plm's rtd) that declares it."""
     parts = getattr(objective, "parts", None)
-    return next((part for part in parts.values() if getattr(part, "scores_tokens", False)), None) if parts else None
+    if parts:
+        return next((part for part in parts.values() if verb in part.capabilities), objective)
+    return objective
 
 
-def served(kind: str, fills_masks: bool, scores_tokens: bool, flags: bool = False) -> list[str]:
-    """The methods a checkpoint serves, the one a hint offers first: its model's purpose (classify,
-    infill, generate), then its heads (fill, score), then embed, which every encoder serves.
-    sample.py's --score is for detectors only (it prints P(replaced)); score() serves decoders too."""
-    return [method for method, fits in (
-        ("classify", kind == "classifier"), ("infill", kind == "seq2seq"), ("generate", kind in DECODER_KINDS),
-        ("fill", fills_masks), ("score", scores_tokens or (kind == "decoder" and not flags)),
-        ("embed", kind in ("encoder", "seq2seq"))) if fits]
+def served(objective, flags: bool = False) -> list[str]:
+    """The methods a checkpoint (a loaded objective, or an objective class) serves, in VERBS
+    order. sample.py's --score (flags) is for detectors only (it prints P(replaced)); score()
+    serves every scorer."""
+    return [verb for verb in VERBS if verb in objective.capabilities
+            and not (flags and verb == "score" and part_serving(objective, verb).token_score != FLAG_SCORE)]
 
 
-def capabilities(objective) -> tuple[str, bool, bool]:
-    """(model_kind, fills_masks, scores_tokens) of a loaded objective: what served() reads."""
-    return objective.model_kind, bool(getattr(objective, "fills_masks", False)), detector(objective) is not None
-
-
-def hint(methods: list[str], flags: bool) -> str:
-    """What a checkpoint that serves `methods` can do instead, with an example of the first."""
-    first, others = methods[0], methods[1:]
+def hint(objective, flags: bool) -> str:
+    """What a checkpoint can do instead of what was asked, with an example of the first method
+    it serves."""
+    first, *others = served(objective, flags)
     if first == "embed":
         call = ('--embed "A man plays a guitar." "Someone plays music."' if flags
                 else 'embed(["A man plays a guitar.", "Someone plays music."])')
         return f"it has no masked-LM head, detector or decoder: embed texts with {call}, or fine-tune it"
     text = f"use {example(first, HINT_TEXT[first], flags)} instead"
     if first == "score":
-        text += ": it is a replaced-token detector"
+        text += f": it is {SCORERS.get(part_serving(objective, first).token_score, 'a token scorer')}"
     return text + (f" (it also serves {', '.join(named(m, flags) for m in others)})" if others else "")
 
 
@@ -256,32 +282,48 @@ def holds(where: str, kind: str, name: str) -> str:
 
 def method_that_fits(objective, flags: bool = False) -> str:
     """The hint for a checkpoint asked for something it cannot do: what it can do instead."""
-    return hint(served(*capabilities(objective), flags=flags), flags)
+    return hint(objective, flags)
 
 
 def check_method_fits(method: str, objective, where: str) -> None:
     """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
     what the method needs and which method fits; the wording follows sample.py's flag checks."""
-    methods = served(*capabilities(objective))
-    if method not in methods:
-        raise UserError(f"{method}() needs {NEEDS[method]}; {holds(where, objective.model_kind, objective.name)}: "
-                        f"{hint(methods, False)}")
+    if method not in served(objective):
+        raise UserError(f"{method}() needs {needs(method)}; {holds(where, objective.model_kind, objective.name)}: "
+                        f"{hint(objective, False)}")
 
 
 # ----------------------------------------------------------------------------- generate (decoders)
 def generate_texts(objective, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
                    top_p: float, num_samples: int, seed: int, device, use_cache: bool = True,
-                   warn: Callable[[str], None] | None = None) -> list[str]:
+                   warn: Callable[[str], None] | None = None, mode: str = "", flags: bool = False) -> list[str]:
     """num_samples continuations of `prompt`, each the prompt's text followed by what the model
     wrote, up to its first <eos>. Generation starts from <eos> (the model begins as it would
-    begin a new document); a prefix LM reads the prompt in both directions, as in training."""
-    from minilm.generate import generate
+    begin a new document); a prefix LM reads the prompt in both directions, as in training. An
+    encoder-decoder that declares generate (ul2) reads the prompt in its encoder, framed by its
+    encoder_input with `mode`, and its decoder writes the continuation."""
+    from minilm.generate import generate, generate_seq2seq
+    part = part_serving(objective, "generate")
+    if part.model_kind == "seq2seq":
+        prompt_ids = tokenizer.encode(prompt)
+        ids = part.encoder_input(prompt_ids, "generate", mode)
+        check_fits_window(ids, part, "the prompt with its framing")
+        max_new_tokens = decoder_window(part.backbone, max_new_tokens, warn, flags)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        rows = generate_seq2seq(part.backbone, torch.tensor([ids], device=device), max_new_tokens,
+                                num_samples=num_samples, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, start_id=part.decoder_start_id, eos_id=EOS_ID,
+                                use_cache=use_cache)[0]
+        written = [row[:row.index(EOS_ID)] if EOS_ID in row else row for row in rows.tolist()]
+        return [tokenizer.decode(prompt_ids + new) for new in written]
+    if mode:
+        raise UserError(f"{objective.name} has no modes: leave out mode (--mode)")
     prompt_ids = [EOS_ID] + tokenizer.encode(prompt)
     batch = torch.tensor([prompt_ids] * num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = generate(objective.backbone, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    generator=generator, use_cache=use_cache, warn=warn,
-                   prompt_is_prefix=objective.model_kind == "prefix_decoder")
+                   prompt_is_prefix=part_serving(objective, "generate").prompt_is_prefix)
     texts = []
     for row in out.tolist():
         new = row[len(prompt_ids):]
@@ -347,7 +389,7 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
         ids.append(SEP_ID)
     check_fits_window(ids, objective, f"{named('fill', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    logits = check_finite(objective.predict(input_ids)[0], "logits")   # (T, V)
+    logits = check_finite(part_serving(objective, "fill").predict(input_ids)[0], "logits")   # (T, V)
     where = (input_ids[0] == MASK_ID).nonzero().squeeze(1)
     probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
@@ -378,12 +420,7 @@ def score_tokens(objective, tokenizer, text: str, device, flags: bool = False) -
     ids = [EOS_ID] + tokenizer.encode(text)
     check_fits_window(ids, objective, f"{named('score', flags)} text")
     input_ids = torch.tensor([ids], device=device)
-    if detector(objective) is not None:
-        values = detector(objective).replaced_probabilities(input_ids)[0, 1:]          # (T-1,)
-    else:
-        model = objective.backbone
-        log_probs = model.logits(model(input_ids)[0, :-1]).float().log_softmax(dim=-1)   # (T-1, V)
-        values = log_probs.gather(1, input_ids[0, 1:, None]).squeeze(1)                 # (T-1,)
+    values = part_serving(objective, "score").token_scores(input_ids)[0]               # (T-1,)
     return list(zip(ids[1:], check_finite(values, "scores").tolist()))
 
 
@@ -415,8 +452,8 @@ def embed_texts(objective, tokenizer, texts: list[str], device, batch_size: int 
         texts = [texts]
     if not texts:
         raise UserError('embed() needs at least one text, e.g. embed(["The cat sat on the mat."])')
-    if getattr(objective, "embeds_sentences", False):   # simcse: its own framing and pooling
-        return sentence_embeddings(objective, tokenizer, texts, device, batch_size)
+    if part_serving(objective, "embed").embeds_sentences:   # trained for it: its own framing and pooling
+        return sentence_embeddings(part_serving(objective, "embed"), tokenizer, texts, device, batch_size)
     seq2seq = objective.model_kind == "seq2seq"
     pairs = objective.data == "segment_pairs"
     rows = []
@@ -493,16 +530,21 @@ def infill_parts(text: str, flags: bool = False) -> list[str]:
     return [part[:-1] if i < len(parts) - 1 and part.endswith(" ") else part for i, part in enumerate(parts)]
 
 
-def infill_input_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
-    """The encoder's input for an infill text: its plain text encoded, each sentinel by id, then
-    eos (T5 appends eos to every input)."""
+def infill_text_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
+    """An infill text's ids: its plain text encoded, each sentinel by id."""
     parts = infill_parts(text, flags)
     ids = []
     for i, part in enumerate(parts):
         ids += tokenizer.encode(part)
         if i < len(parts) - 1:
             ids.append(SENTINEL_IDS[i])
-    return ids + [EOS_ID]
+    return ids
+
+
+def infill_input_ids(tokenizer: Tokenizer, text: str, flags: bool = False) -> list[int]:
+    """The encoder's input for an infill text, as T5 frames it: its ids, then eos (T5 appends eos
+    to every input). An objective may frame it otherwise (Objective.encoder_input)."""
+    return infill_text_ids(tokenizer, text, flags) + [EOS_ID]
 
 
 def sentinel_spans(generated_ids: list[int]) -> dict[int, list[int]]:
@@ -541,28 +583,23 @@ def infill_text(tokenizer: Tokenizer, text: str, generated_ids: list[int]) -> st
 def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, temperature: float, top_k: int,
                   top_p: float, num_samples: int, seed: int, beam_size: int, length_penalty: float, device,
                   use_cache: bool = True, warn: Callable[[str], None] | None = None,
-                  flags: bool = False) -> tuple[list[str], list[float] | None]:
+                  flags: bool = False, mode: str = "") -> tuple[list[str], list[float] | None]:
     """Encode the infill text once, decode it; ([filled text, ...], beam scores or None).
 
     beam_size > 1: the best min(num_samples, beam_size) fillings of a beam search, best first,
     with their scores (sum of log-probabilities / length ** length_penalty); temperature, top_k
     and top_p are unused. Otherwise num_samples sampled fillings, or the one greedy filling at
-    temperature 0. max_new_tokens past the decoder's window is cut to it, with a note on `warn`."""
+    temperature 0. max_new_tokens past the decoder's window is cut to it, with a note on `warn`.
+    mode: the mode token an objective that has them opens its input with (ul2: R or X)."""
     from minilm.generate import beam_search, generate_seq2seq
-    from minilm.objectives.t5 import DECODER_START_ID  # only a t5 checkpoint gets here
     model = objective.backbone
-    ids = infill_input_ids(tokenizer, text, flags)
+    ids = part_serving(objective, "infill").encoder_input(infill_text_ids(tokenizer, text, flags), "infill", mode)
     if len(ids) > model.cfg.seq_len:
         raise UserError(f"{named('infill', flags)} text is {len(ids)} tokens with its eos, longer than the model's "
                         f"input window ({model.cfg.seq_len}); shorten it")
-    if max_new_tokens > model.decoder.cfg.seq_len:
-        option = "--max_new_tokens " if flags else "max_new_tokens="
-        if warn is not None:
-            warn(f"note: the decoder writes at most {model.decoder.cfg.seq_len} tokens (its context window); "
-                 f"{option}{max_new_tokens} is cut to that")
-        max_new_tokens = model.decoder.cfg.seq_len
+    max_new_tokens = decoder_window(model, max_new_tokens, warn, flags)
     input_ids = torch.tensor([ids], device=device)
-    shared = dict(start_id=DECODER_START_ID, eos_id=EOS_ID, use_cache=use_cache)
+    shared = dict(start_id=part_serving(objective, "infill").decoder_start_id, eos_id=EOS_ID, use_cache=use_cache)
     scores = None
     if beam_size > 1:
         tokens, beam_scores = beam_search(model, input_ids, max_new_tokens, beam_size=beam_size,
@@ -576,6 +613,17 @@ def infill_decode(objective, tokenizer, text: str, *, max_new_tokens: int, tempe
         rows = generate_seq2seq(model, input_ids, max_new_tokens, num_samples=count, temperature=temperature,
                                 top_k=top_k, top_p=top_p, generator=generator, **shared)[0]
     return [infill_text(tokenizer, text, row) for row in rows.tolist()], scores
+
+
+def decoder_window(model, max_new_tokens: int, warn, flags: bool) -> int:
+    """max_new_tokens, cut to what an encoder-decoder's decoder can write (its window), with a note."""
+    if max_new_tokens > model.decoder.cfg.seq_len:
+        option = "--max_new_tokens " if flags else "max_new_tokens="
+        if warn is not None:
+            warn(f"note: the decoder writes at most {model.decoder.cfg.seq_len} tokens (its context window); "
+                 f"{option}{max_new_tokens} is cut to that")
+        return model.decoder.cfg.seq_len
+    return max_new_tokens
 
 
 # ----------------------------------------------------------------------------- classify (classifiers)
@@ -610,8 +658,8 @@ class Model:
     nn.Module with its heads; .backbone the network), tokenizer, config, path, device, and
     name / kind (the objective's name and model_kind: decoder, prefix_decoder, encoder, seq2seq).
 
-    Each method works where the objective supports it and raises a one-line UserError naming the
-    method that fits otherwise:
+    Each method works where the objective declares it (Objective.capabilities) and raises a
+    one-line UserError naming the method that fits otherwise:
       generate   decoders (clm) and prefix LMs (prefix_lm: the prompt is the prefix)
       fill       masked LMs (mlm, wwm, span, mlm+sop)
       infill     encoder-decoders (t5)
@@ -640,19 +688,22 @@ class Model:
         check_method_fits(method, self.objective, self.path)
 
     def generate(self, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
-                 top_p: float = 0.95, num_samples: int = 1, seed: int = 0, use_cache: bool = True) -> list[str]:
+                 top_p: float = 0.95, num_samples: int = 1, seed: int = 0, use_cache: bool = True,
+                 mode: str = "") -> list[str]:
         """num_samples texts: the prompt followed by the model's continuation, each cut at the
         first <eos> it writes. temperature 0 is greedy; top_k 0 is off. The same seed gives the
         same texts (and the same as `sample.py --seed`). A text past the context window is
         continued from its last seq_len tokens, with a note on stderr. max_new_tokens 0 gives the
-        prompt itself."""
+        prompt itself. mode: the mode token of an objective that has them (ul2: S by default)."""
         self._check("generate")
         check_text("prompt", prompt)
+        check_mode(mode)
         check_int("max_new_tokens", max_new_tokens, at_least=0)
         check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache)
         return generate_texts(self.objective, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples, seed=seed,
-                              device=self.device, use_cache=use_cache, warn=lambda msg: stderr_note(f"note: {msg}"))
+                              device=self.device, use_cache=use_cache, warn=lambda msg: stderr_note(f"note: {msg}"),
+                              mode=mode)
 
     def fill(self, text: str, top_k: int = 5) -> Filled:
         """Every <mask> in `text` predicted at once, each from the text around it: Filled(text,
@@ -666,12 +717,13 @@ class Model:
 
     def infill(self, text: str, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
                top_p: float = 0.95, num_samples: int = 1, seed: int = 0, beam_size: int = 1,
-               length_penalty: float = 1.0, use_cache: bool = True) -> list[str]:
+               length_penalty: float = 1.0, use_cache: bool = True, mode: str = "") -> list[str]:
         """`text` with every sentinel (<extra_id_0>, <extra_id_1>, ... in order) replaced by the
         span the decoder writes for it. Sampling gives num_samples texts; temperature 0 the one
         greedy text; beam_size > 1 the best min(num_samples, beam_size) of a beam search, best
         first (ranked by sum of log-probabilities / length ** length_penalty, length_penalty in
-        [-5, 5]). max_new_tokens 0 writes no span: the text without its sentinels, once."""
+        [-5, 5]). max_new_tokens 0 writes no span: the text without its sentinels, once. mode: the
+        mode token of an objective that has them (ul2: R, short gaps, by default; X for long ones)."""
         from minilm.generate import LENGTH_PENALTY_RANGE
         self._check("infill")
         check_text("text", text)
@@ -679,10 +731,11 @@ class Model:
         check_int("beam_size", beam_size, at_least=1)
         check_float("length_penalty", length_penalty, within=LENGTH_PENALTY_RANGE)
         check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache)
+        check_mode(mode)
         texts, _scores = infill_decode(
             self.objective, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
             top_p=top_p, num_samples=num_samples, seed=seed, beam_size=beam_size, length_penalty=length_penalty,
-            device=self.device, use_cache=use_cache, warn=stderr_note)
+            device=self.device, use_cache=use_cache, warn=stderr_note, mode=mode)
         return texts
 
     def score(self, text: str) -> list[tuple[str, float]]:

@@ -7,13 +7,13 @@ A language model's last step turns (N, V) logits into one number per target:
 
 `F.cross_entropy(logits.float(), ...)` gets there through several full passes over (N, V) fp32
 tensors: the upcast copy, log_softmax's output, NLL's zero-filled gradient, log_softmax's backward,
-and (under bf16 autocast) the downcast of that gradient. At the benchmark config (N = 2,048 tokens,
-V = 8,192) that is 64 MiB per pass, far more than any CPU cache. `cross_entropy_sum` does the same
-arithmetic one block of rows at a time: each block is upcast to fp32 while it is still in cache,
-only the (N,) log-sum-exp is kept for backward (with the logits themselves, which autograd keeps
-anyway), and the gradient is written straight into the logits' dtype (the time it saves:
-benchmarks/README.md). Same loss, same gradient up to rounding (tests/test_losses.py checks both
-against F.cross_entropy).
+and (under bf16 autocast) the downcast of that gradient. At N = 2,048 tokens and V = 8,192 each
+pass is 64 MiB, far more than any CPU cache. `cross_entropy_sum` does the same arithmetic one
+block of rows at a time: each block is upcast to fp32 while it is still in cache, only the (N,)
+log-sum-exp is kept for backward (with the logits themselves, which autograd keeps anyway), and
+the gradient is written straight into the logits' dtype. Same loss, same gradient up to rounding
+(tests/test_losses.py checks both against F.cross_entropy); what it saves on a CPU is in
+benchmarks/README.md, "The blockwise cross-entropy".
 
 step_mean turns such a sum into a micro-batch's share of the step's loss (objectives/base.py).
 

@@ -1,4 +1,5 @@
-"""Masking primitives for the masked-LM family (MLM, whole-word masking, span masking).
+"""Masking primitives for the masked-LM family (MLM, whole-word masking, span masking) and the
+noise spans of span corruption (T5, and UL2's denoisers built on it).
 
 Every function works on a whole batch at once with tensor ops, on the device the data is on,
 and takes its randomness from an explicit torch.Generator: the same generator state gives the
@@ -14,7 +15,7 @@ Shapes: B rows, T positions. ids (B, T) long; every mask is a (B, T) bool tensor
     span_choice          SpanBERT: spans of geometric word length, exactly ceil(p * n) tokens
     span_ids             the (merged) span each chosen token belongs to
     replace              the 80/10/10 rule: <mask> / random token / unchanged, per token or per span
-    t5_span_corruption   T5: noise spans -> one sentinel each in the input; target = sentinel + span, ...
+    noise_span_corruption  T5: noise spans -> a sentinel each in the input; target = sentinel + span, ...
 
 Here n is the number of eligible tokens of a row. Choosing is separate from replacing: the
 objective decides *which* positions to predict, `replace` decides what the encoder sees there.
@@ -269,12 +270,13 @@ def replace(ids: torch.Tensor, chosen: torch.Tensor, generator: torch.Generator 
 
 
 # ============================================================================= T5 span corruption
+# (objectives/t5.py; objectives/ul2.py's R and X denoisers are the same with other densities and spans)
 # T5 (Raffel et al. 2020), google-research/text-to-text-transfer-transformer preprocessors.py:
 # random_spans_noise_mask, _random_segmentation, noise_span_to_unique_sentinel,
 # nonnoise_span_to_unique_sentinel, random_spans_helper; the same as HF's run_t5_mlm_flax.py.
 # Example, sentinels written <0>, <1>:
 #     raw      a b c d e f g h i j
-#     noise    . . x x . . . . x x    (starts with non-noise, ends with noise: t5_noise_mask)
+#     noise    . . x x . . . . x x    (starts with non-noise, ends with noise: noise_span_mask)
 #     input    a b <0> e f g h <1> <eos>
 #     target   <0> c d <1> i j <eos>
 # Unlike the masked-LM functions above, no token is "eligible" or not: every raw token may be
@@ -288,14 +290,15 @@ class SpanCorruptionError(UserError, ValueError):
     on one line; also a ValueError, since it is one for a library caller."""
 
 
-def _t5_counts_unchecked(raw_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+def _noise_span_counts_unchecked(raw_length: int, noise_density: float,
+                                 mean_noise_span_length: float) -> tuple[int, int]:
     # round() is Python's, half to even on the float product, like numpy's np.round and TF's tf.round
     num_noise = min(max(round(raw_length * noise_density), 1), raw_length - 1)
     num_spans = max(1, round(num_noise / mean_noise_span_length))
     return num_noise, num_spans
 
 
-def t5_noise_counts(raw_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+def noise_span_counts(raw_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                     num_sentinels: int = len(SENTINEL_IDS)) -> tuple[int, int]:
     """(num_noise_tokens, num_noise_spans) for a window of raw_length tokens, the same for every row.
 
@@ -310,35 +313,35 @@ def t5_noise_counts(raw_length: int, noise_density: float = 0.15, mean_noise_spa
     than sentinel ids (each span needs its own).
     """
     if not 0.0 < noise_density < 1.0:
-        raise SpanCorruptionError(f"T5 noise density must be between 0 and 1 (exclusive), got {noise_density}")
+        raise SpanCorruptionError(f"noise density must be between 0 and 1 (exclusive), got {noise_density}")
     if not mean_noise_span_length >= 1.0:
-        raise SpanCorruptionError(f"T5 mean noise span length must be at least 1 token, got {mean_noise_span_length}")
+        raise SpanCorruptionError(f"mean noise span length must be at least 1 token, got {mean_noise_span_length}")
     if raw_length < 2:
-        raise SpanCorruptionError(f"T5 span corruption needs windows of at least 2 tokens, got {raw_length}")
-    num_noise, num_spans = _t5_counts_unchecked(raw_length, noise_density, mean_noise_span_length)
+        raise SpanCorruptionError(f"span corruption needs windows of at least 2 tokens, got {raw_length}")
+    num_noise, num_spans = _noise_span_counts_unchecked(raw_length, noise_density, mean_noise_span_length)
     if num_spans > raw_length - num_noise:
         raise SpanCorruptionError(
-            f"T5 span corruption of {raw_length} tokens at noise density {noise_density} makes {num_spans} noise "
+            f"span corruption of {raw_length} tokens at noise density {noise_density} makes {num_spans} noise "
             f"spans but only {raw_length - num_noise} non-noise tokens to separate them; use a lower noise "
             f"density or a longer mean span length")
     if num_spans > num_sentinels:
         raise SpanCorruptionError(
-            f"T5 span corruption of {raw_length} tokens needs {num_spans} noise spans but there are only "
+            f"span corruption of {raw_length} tokens needs {num_spans} noise spans but there are only "
             f"{num_sentinels} sentinel ids, one per span; use a shorter input length, a lower noise density "
             f"or a longer mean span length")
     return num_noise, num_spans
 
 
-def t5_output_lengths(raw_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+def noise_span_output_lengths(raw_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                       num_sentinels: int = len(SENTINEL_IDS)) -> tuple[int, int]:
     """(input_length, target_length) that a window of raw_length tokens corrupts into:
     input = non-noise tokens + one sentinel per span + <eos>; target = noise tokens + one
     sentinel per span + <eos>. 568 -> (512, 114) with the defaults."""
-    num_noise, num_spans = t5_noise_counts(raw_length, noise_density, mean_noise_span_length, num_sentinels)
+    num_noise, num_spans = noise_span_counts(raw_length, noise_density, mean_noise_span_length, num_sentinels)
     return raw_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
 
-def t5_lengths(input_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
+def noise_span_window(input_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                num_sentinels: int = len(SENTINEL_IDS)) -> tuple[int, int]:
     """(raw_length, target_length): the longest raw window whose input comes out at exactly
     input_length tokens, and the target length it gives (T5's random_spans_helper, HF's
@@ -352,23 +355,23 @@ def t5_lengths(input_length: int, noise_density: float = 0.15, mean_noise_span_l
     sentinel but hides at least one token), so the search can start at input_length - 1.
 
     Unlike HF's helper we count with the same clamps as the mask (at least one noise token,
-    one span) and check the result, so the lengths are those t5_span_corruption really makes;
+    one span) and check the result, so the lengths are those noise_span_corruption really makes;
     we also skip HF's density-0.5 adjustment (it shortens the raw window by one token when
     the target would outgrow the input).
     """
-    t5_noise_counts(2, noise_density, mean_noise_span_length, num_sentinels)  # validates density and mean
+    noise_span_counts(2, noise_density, mean_noise_span_length, num_sentinels)  # validates density and mean
     if input_length < 3:
-        raise SpanCorruptionError(f"T5 inputs hold at least 3 tokens (a token, a sentinel, <eos>), got {input_length}")
+        raise SpanCorruptionError(f"inputs hold at least 3 tokens (a token, a sentinel, <eos>), got {input_length}")
 
     def input_of(raw_length: int) -> int:
-        num_noise, num_spans = _t5_counts_unchecked(raw_length, noise_density, mean_noise_span_length)
+        num_noise, num_spans = _noise_span_counts_unchecked(raw_length, noise_density, mean_noise_span_length)
         return raw_length - num_noise + num_spans + 1
 
     raw_length = max(2, input_length - 1)
     while input_of(raw_length + 1) <= input_length:
         raw_length += 1
     assert input_of(raw_length) == input_length, (input_length, raw_length)  # see the docstring
-    return raw_length, t5_output_lengths(raw_length, noise_density, mean_noise_span_length, num_sentinels)[1]
+    return raw_length, noise_span_output_lengths(raw_length, noise_density, mean_noise_span_length, num_sentinels)[1]
 
 
 def random_segmentation(num_items: int, num_segments: int, rows: int, generator: torch.Generator | None,
@@ -394,11 +397,11 @@ def random_segmentation(num_items: int, num_segments: int, rows: int, generator:
     return bounds.diff(dim=1)                                        # (rows, k), every part >= 1
 
 
-def t5_noise_mask(rows: int, raw_length: int, generator: torch.Generator | None, device,
+def noise_span_mask(rows: int, raw_length: int, generator: torch.Generator | None, device,
                   noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                   num_sentinels: int = len(SENTINEL_IDS)) -> torch.Tensor:
     """(rows, raw_length) bool, True on noise tokens (T5's random_spans_noise_mask), every row
-    with the counts of t5_noise_counts.
+    with the counts of noise_span_counts.
 
     The noise tokens and the non-noise tokens are each split into num_spans non-empty segments
     (random_segmentation, independently), then laid out alternately starting with non-noise:
@@ -406,7 +409,7 @@ def t5_noise_mask(rows: int, raw_length: int, generator: torch.Generator | None,
     is never noise and the last position always is (T5's random_roll, off by default there and
     absent here, would rotate the pattern).
     """
-    num_noise, num_spans = t5_noise_counts(raw_length, noise_density, mean_noise_span_length, num_sentinels)
+    num_noise, num_spans = noise_span_counts(raw_length, noise_density, mean_noise_span_length, num_sentinels)
     noise_lengths = random_segmentation(num_noise, num_spans, rows, generator, device)
     nonnoise_lengths = random_segmentation(raw_length - num_noise, num_spans, rows, generator, device)
     lengths = torch.stack([nonnoise_lengths, noise_lengths], dim=2).view(rows, 2 * num_spans)
@@ -416,7 +419,7 @@ def t5_noise_mask(rows: int, raw_length: int, generator: torch.Generator | None,
     return marks.cumsum(dim=1) % 2 == 1
 
 
-def t5_span_corruption(raw: torch.Tensor, generator: torch.Generator | None, noise_density: float = 0.15,
+def noise_span_corruption(raw: torch.Tensor, generator: torch.Generator | None, noise_density: float = 0.15,
                        mean_noise_span_length: float = 3.0, sentinel_ids: list[int] = SENTINEL_IDS,
                        eos_id: int = EOS_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """T5 span corruption of a batch of raw windows. raw (B, L) long, on any device; generator
@@ -427,8 +430,8 @@ def t5_span_corruption(raw: torch.Tensor, generator: torch.Generator | None, noi
               sentinel, then <eos>;
       targets (B, target_length) long: each span's sentinel followed by the tokens it hides,
               span after span, then <eos>;
-      noise   (B, L) bool: the noise mask (t5_noise_mask).
-    (input_length, target_length) = t5_output_lengths(L): (512, 114) for L = 568, and t5_lengths
+      noise   (B, L) bool: the noise mask (noise_span_mask).
+    (input_length, target_length) = noise_span_output_lengths(L): (512, 114) for L = 568, and noise_span_window
     goes the other way. Span s (counting from 0, left to right) gets sentinel_ids[s], so the first
     span of every row is <extra_id_0> (id 7), the next <extra_id_1>, and so on.
 
@@ -437,7 +440,7 @@ def t5_span_corruption(raw: torch.Tensor, generator: torch.Generator | None, noi
     then - 2, ...); ours are reserved at 7..106, counting up. HF's labels also read
     <extra_id_0> span_0 <extra_id_1> span_1 ... <eos> with no final sentinel, since the mask ends
     in noise. (The T5 paper's example ends its target with a sentinel because its text ends in
-    non-noise; random_spans_noise_mask never does that without random_roll.) See t5_noise_counts
+    non-noise; random_spans_noise_mask never does that without random_roll.) See noise_span_counts
     for the one count that differs from HF at noise density above 0.5.
 
     No Python loop over rows, tokens or spans: every token's place in the input and in the
@@ -445,9 +448,9 @@ def t5_span_corruption(raw: torch.Tensor, generator: torch.Generator | None, noi
     """
     B, L = raw.shape
     device = raw.device
-    num_noise, num_spans = t5_noise_counts(L, noise_density, mean_noise_span_length, len(sentinel_ids))
+    num_noise, num_spans = noise_span_counts(L, noise_density, mean_noise_span_length, len(sentinel_ids))
     input_length, target_length = L - num_noise + num_spans + 1, num_noise + num_spans + 1
-    noise = t5_noise_mask(B, L, generator, device, noise_density, mean_noise_span_length, len(sentinel_ids))
+    noise = noise_span_mask(B, L, generator, device, noise_density, mean_noise_span_length, len(sentinel_ids))
     span_start = noise & ~F.pad(noise[:, :-1], (1, 0), value=False)  # first token of each noise span
     span_number = span_start.cumsum(dim=1) - 1                        # at noise tokens: 0..k-1
     sentinel = torch.tensor(sentinel_ids[:num_spans], dtype=raw.dtype, device=device)[span_number.clamp(min=0)]

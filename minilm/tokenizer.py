@@ -1,6 +1,6 @@
 """A thin wrapper around a sentencepiece BPE model that we train on the user's own text.
 
-Decisions that matter later:
+Decisions that matter for the rest of the library:
   * Special tokens sit at fixed ids in every tokenizer minilm trains, so objectives can refer to
     them without looking anything up:
         0 <pad>  1 <unk>  2 <bos>  3 <eos>  4 <mask>  5 <cls>  6 <sep>
@@ -14,17 +14,15 @@ Decisions that matter later:
     "<mask>" or "<extra_id_0>", for a person reading fill-mask or span-corruption output.
     A model is loaded (--tokenizer, a checkpoint's) only when it has this layout and byte fallback
     (`_why_not_minilm`): ordinary pieces at reserved ids would be taken for the objectives' markers.
-  * Tokenizers trained before that change (in existing out_dirs and checkpoints) made the reserved
-    pieces "user-defined" symbols, which sentencepiece does match in text: there "<mask>" typed
-    in a document encoded to id 4. Such a tokenizer keeps working with its ids unchanged; it is
-    recognised when loaded (`escapes_reserved_text`) and encode escapes the text instead: the "<"
-    that starts a reserved name is encoded on its own, so the name can never match (texts with a
-    "<" pay for one regex search; only those that spell a reserved name are encoded again). Its
-    decode drops reserved ids like a new tokenizer's does. Token files it prepared before may still
-    hold special ids where the corpus spelled a reserved name; train.py reuses an out_dir's
-    tokenizer and token files while the data and flags are unchanged, so run once in a fresh
-    --out_dir to get clean ones. A newly trained tokenizer has different model bytes, hence a
-    different fingerprint, so data it did not prepare is never taken for its own.
+  * A tokenizer whose reserved pieces are sentencepiece "user-defined" symbols (as in out_dirs and
+    checkpoints of earlier minilm releases) would match "<mask>" typed in a document as id 4. It
+    keeps its ids: it is recognised when loaded (`escapes_reserved_text`) and encode escapes the
+    text instead, encoding the "<" that starts a reserved name on its own so the name can never
+    match (texts with a "<" pay for one regex search; only those that spell a reserved name are
+    encoded again). Its decode drops reserved ids as any minilm tokenizer's does. Token files it
+    prepared may hold special ids where the corpus spelled a reserved name; train.py tokenizes
+    them again (see README.md, "Your own data"). A newly trained tokenizer has different model
+    bytes, hence a different fingerprint, so data it did not prepare is never taken for its own.
   * Normalization is the identity and whitespace is kept as is, with byte fallback for any
     character that did not make it into the vocabulary: decode(encode(text)) == text for every
     Unicode string (tabs, repeated spaces, newlines, emoji, CJK), and nothing ever maps to <unk>.
@@ -39,8 +37,8 @@ Decisions that matter later:
     so does the first piece of a text and the piece after a newline or tab byte. Whole-word and
     span masking use these flags; we never rely on BERT's "##" convention.
   * Sentence ends: per-id tables say which pieces can end a sentence, which are whitespace and
-    which are closing quotes or brackets glued to the previous piece; minilm/data/segment_pairs.py combines
-    them with the following piece to split documents into sentences (see `_build_tables`).
+    which are closing quotes or brackets glued to the previous piece; minilm/data/segment_pairs.py
+    combines them with the following piece to split documents into sentences (`_build_tables`).
 """
 from __future__ import annotations
 

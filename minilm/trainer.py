@@ -368,7 +368,7 @@ class Trainer:
         self.objective.train()
         sums = self._all_reduce_sums(sums)
         self.last_eval_sums = sums
-        return finalize({k: float(v) if v.numel() == 1 else v for k, v in sums.items()})
+        return finalize({k: float(v) if v.numel() == 1 else v for k, v in sums.items()}, self.objective)
 
     def _all_reduce_sums(self, sums: dict) -> dict:
         """Metric sums added up over ranks in one collective: scalars and tensors (a confusion

@@ -159,6 +159,38 @@ def test_a_method_the_checkpoint_cannot_serve_names_the_one_that_fits(name, call
     assert "\n" not in str(err.value)
 
 
+def test_the_objectives_a_method_needs_are_read_from_their_declared_capabilities(checkpoints, monkeypatch):
+    """A registered objective that declares fill is named wherever fill's needs are worded, the
+    Python API's and sample.py's --fill alike; the others are not."""
+    from minilm.api import needs
+    from minilm.objectives import OBJECTIVES, Objective, objective_class
+    from tests.conftest import load_script
+
+    class Filler(Objective):
+        name, model_kind, capabilities = "toy_filler", "encoder", frozenset({"fill", "embed"})
+    monkeypatch.setitem(OBJECTIVES, Filler.name, Filler)
+    assert "toy_filler" in needs("fill") and "toy_filler" in needs("embed")
+    assert "toy_filler" not in needs("generate") + needs("score") + needs("infill") + needs("classify")
+    with pytest.raises(UserError, match=r"fill\(\) needs a masked-LM checkpoint \(--objective mlm.* toy_filler\)"):
+        load_on_cpu(checkpoints["clm"]).fill("a <mask>")
+    sample_script = load_script("sample.py")
+    with pytest.raises(UserError, match=r"--fill needs a masked-LM checkpoint \(--objective .*toy_filler\)"):
+        sample_script.check_flags_fit(dict(sample_script.DEFAULTS, fill="a <mask>"), objective_class("clm"), "out")
+    sample_script.check_flags_fit(dict(sample_script.DEFAULTS, fill="a <mask>"), Filler, "out")   # fits
+
+
+def test_a_combination_serves_what_its_parts_declare_each_method_from_its_part(checkpoints):
+    from minilm.api import part_serving, served
+    model = load_on_cpu(checkpoints["mlm+rtd"])
+    mlm, rtd = model.objective.parts["mlm"], model.objective.parts["rtd"]
+    assert model.objective.capabilities == mlm.capabilities | rtd.capabilities == {"fill", "score", "embed"}
+    assert served(model.objective) == ["fill", "score", "embed"]
+    assert part_serving(model.objective, "fill") is mlm and part_serving(model.objective, "score") is rtd
+    # score() is the rtd part's P(replaced), read through the shared backbone
+    ids = torch.tensor([[EOS_ID] + model.tokenizer.encode("The chef cooked the meal.")])
+    expected = rtd.replaced_probabilities(ids)[0, 1:].tolist()
+    assert [value for _, value in model.score("The chef cooked the meal.")] == pytest.approx(expected)
+
 def test_bad_arguments_are_one_line_errors_worded_for_python(checkpoints, tokenizer):
     decoder, encoder = load_on_cpu(checkpoints["clm"]), load_on_cpu(checkpoints["mlm"])
     with pytest.raises(UserError, match=r"^top_p must be in \(0, 1\], got 0$"):

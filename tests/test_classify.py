@@ -122,10 +122,14 @@ def test_a_classifier_refuses_other_methods_in_one_line(fine_tuned):
 
 
 def test_accuracy_and_macro_f1_are_the_hand_computed_ones():
+    from minilm.config import ModelConfig, ObjectiveConfig
+    from minilm.objectives import build_objective
     # rows: true label, columns: predicted; label 3 occurs nowhere, so it has no F1 and is left out
     confusion = torch.tensor([[5, 1, 0, 0], [2, 3, 1, 0], [0, 0, 4, 0], [0, 0, 0, 0]])
+    classifier = build_objective("classify", ModelConfig(vocab_size=400, seq_len=8, n_layer=1, n_head=2, n_embd=16),
+                                 None, ObjectiveConfig(labels='["a", "b", "c", "d"]'))
     metrics = finalize({"nll": torch.tensor(8.0), "targets": torch.tensor(16), "correct": torch.tensor(12),
-                        "confusion": confusion})
+                        "confusion": confusion}, classifier)   # macro_f1: the classifier's metrics()
     f1 = [2 * 5 / (2 * 5 + 1 + 2), 2 * 3 / (2 * 3 + 3 + 1), 2 * 4 / (2 * 4 + 1 + 0)]
     assert metrics["acc"] == 12 / 16
     assert metrics["macro_f1"] == pytest.approx(sum(f1) / 3, abs=1e-12)
@@ -341,7 +345,8 @@ def test_best_pt_holds_the_evaluation_with_the_best_macro_f1_not_the_best_accura
         confusion = torch.tensor(confusions[self.step], dtype=torch.float64)
         self.last_eval_sums = {"nll": torch.tensor(5.0), "targets": confusion.sum(),
                                "correct": confusion.diagonal().sum(), "confusion": confusion}
-        return finalize({k: float(v) if v.numel() == 1 else v for k, v in self.last_eval_sums.items()})
+        return finalize({k: float(v) if v.numel() == 1 else v for k, v in self.last_eval_sums.items()},
+                        self.objective)
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     out = tmp_path / "out"
     result = run_in_process("train.py", "--objective", "classify", "--data", labelled[0], "--val_data", labelled[1],

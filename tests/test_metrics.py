@@ -35,6 +35,23 @@ def test_finalize_pins_each_formula():
     assert "sop/bpb" not in parts                                       # no bytes, no bits per byte
 
 
+def test_an_objectives_own_metrics_come_from_its_metrics_and_a_combinations_parts_are_prefixed():
+    """finalize reports the shared metrics alone; with the objective, its metrics() (rtd's
+    precision, recall and positive_share), under the part's name in a+b; sums only an objective
+    reads are never reported raw."""
+    cfg = ModelConfig(vocab_size=400, seq_len=8, n_layer=1, n_head=2, n_embd=16)
+    detector = {"discriminator/nll": 3.0, "discriminator/targets": 10.0, "discriminator/true_positives": 2.0,
+                "discriminator/predicted_positives": 4.0, "discriminator/positives": 5.0}
+    shared = finalize(detector)
+    assert set(shared) == {"discriminator/" + k for k in ("loss", "ppl", "baseline_loss", "baseline_gap")}
+    own = finalize(detector, build_objective("rtd", cfg))
+    assert own == {**shared, "discriminator/precision": 0.5, "discriminator/recall": 0.4,
+                   "discriminator/positive_share": 0.5}
+    combined = finalize({"mlm/nll": 6.0, "mlm/targets": 4.0, **{"rtd/" + k: v for k, v in detector.items()}},
+                        build_objective("mlm+rtd", cfg))
+    assert combined["rtd/discriminator/precision"] == 0.5 and combined["rtd/discriminator/recall"] == 0.4
+    assert combined["mlm/loss"] == 1.5 and not any(k.endswith("positives") for k in combined)
+
 def rows_of(tokenizer, prefix: list[int], T: int):
     """One row per text: `prefix`, then the text's tokens, then <pad> up to T + 1 tokens; the
     rows' lengths (prefix and text); and the texts' token lists."""

@@ -212,7 +212,7 @@ def test_the_loss_is_generator_mean_plus_weight_times_discriminator_mean(monkeyp
     assert tokens == 4 * 16
     torch.testing.assert_close(loss, generator_sum / n + 7.0 * discriminator_sum / tokens)
     torch.testing.assert_close(loss_with_totals, generator_sum / (2 * n) + 7.0 * discriminator_sum / (3 * tokens))
-    metrics = finalize({k: float(v) for k, v in sums.items()})
+    metrics = finalize({k: float(v) for k, v in sums.items()}, objective)   # rtd's metrics(): positive_share
     assert metrics["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert metrics["discriminator/positive_share"] == pytest.approx(float(replaced.sum()) / tokens)
 
@@ -309,7 +309,7 @@ def test_a_tiny_discriminator_beats_the_all_original_baseline():
         for i in range(8):
             for k, v in objective(objective.make_batch(constant_rows(1000 + i), seeded(1000 + i)))[1].items():
                 sums[k] = sums.get(k, 0) + float(v)
-    metrics = finalize(sums)
+    metrics = finalize(sums, objective)   # precision and recall: rtd's metrics()
     baseline = 1 - metrics["discriminator/positive_share"]
     assert metrics["discriminator/positive_share"] > 0.03, metrics      # there is something to detect
     assert metrics["discriminator/acc"] > baseline + 0.5 * (1 - baseline), metrics
@@ -392,10 +392,13 @@ def test_an_rtd_checkpoint_without_score_names_the_flag(rtd_checkpoint):
 @pytest.mark.parametrize("kind, name, fills_masks, fragment", [
     ("encoder", "mlm", True, "--fill"), ("decoder", "clm", False, "--prompt"), ("seq2seq", "t5", False, "--infill")])
 def test_score_on_another_checkpoint_names_the_flag_that_fits(kind, name, fills_masks, fragment):
+    from minilm.objectives import objective_class
     sample_script = load_script("sample.py")
     args = dict(sample_script.DEFAULTS, score="The cat")
+    declared = objective_class(name)   # what the checkpoint can do is what its objective declares
+    assert declared.model_kind == kind and ("fill" in declared.capabilities) == fills_masks
     with pytest.raises(UserError, match=f"--score needs a replaced-token detection checkpoint .*{fragment}"):
-        sample_script.check_flags_fit(args, name, kind, fills_masks, "out")
+        sample_script.check_flags_fit(args, declared, "out")
 
 
 def test_score_with_fill_is_refused():

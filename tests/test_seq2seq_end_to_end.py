@@ -9,7 +9,7 @@ import torch
 
 from minilm.checkpoint import bytes_to_tensor, save_checkpoint
 from minilm.config import Config, ModelConfig
-from minilm.masking import t5_lengths, t5_noise_counts, t5_output_lengths
+from minilm.masking import noise_span_counts, noise_span_output_lengths, noise_span_window
 from minilm.objectives import build_objective, model_config_for
 from minilm.tokenizer import EOS_ID
 from tests.conftest import load_script
@@ -64,7 +64,7 @@ def save_for_sample(path, cfg, objective, tokenizer) -> str:
 def hidden_end(tokenizer, ids: list[int], n_noise: int) -> str:
     """The sentence as an --infill text whose last n_noise tokens are hidden behind <extra_id_0>:
     with one span per window, T5's noise law always hides the end of the window (it lays out
-    non-noise first and ends in noise: masking.t5_noise_mask). A space before the hidden piece
+    non-noise first and ends in noise: masking.noise_span_mask). A space before the hidden piece
     stays outside the sentinel when the piece starts a word, as --infill reads it."""
     cut = len(ids) - n_noise
     starts_word = bool(tokenizer.word_starts(torch.tensor(ids))[cut])
@@ -77,8 +77,8 @@ def memorised_t5(tokenizer, tmp_path_factory):
     # the encoder input length whose raw window is exactly the sentence (not every length is one)
     # one noise span a window (a mean span above the noise count): a tiny model learns to fill
     # that in 200 steps, while two spans anywhere in the window take it thousands
-    seq_len = t5_output_lengths(len(ids), mean_noise_span_length=MEAN_SPAN)[0]
-    assert t5_lengths(seq_len, mean_noise_span_length=MEAN_SPAN)[0] == len(ids), "pick a sentence a token longer"
+    seq_len = noise_span_output_lengths(len(ids), mean_noise_span_length=MEAN_SPAN)[0]
+    assert noise_span_window(seq_len, mean_noise_span_length=MEAN_SPAN)[0] == len(ids), "pick a sentence a token longer"
     cfg, objective, first, last = train_to_memorise("t5", tokenizer, ids, steps=200, seq_len=seq_len,
                                                     options={"mean_noise_span_length": MEAN_SPAN},
                                                     n_decoder_layer=2)
@@ -95,7 +95,7 @@ def test_infill_restores_the_hidden_words(memorised_t5, tokenizer, capsys):
     """Greedy, beam search and sampling at a low temperature all print the sentence back, with
     the hidden words in place of the sentinel, from the checkpoint file."""
     path, ids, _first, _last = memorised_t5
-    n_noise, spans = t5_noise_counts(len(ids), mean_noise_span_length=MEAN_SPAN)
+    n_noise, spans = noise_span_counts(len(ids), mean_noise_span_length=MEAN_SPAN)
     assert spans == 1
     text = hidden_end(tokenizer, ids, n_noise)
     assert text.endswith("<extra_id_0>") and "dawn" not in text     # the last word and a half are hidden

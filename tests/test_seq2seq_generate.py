@@ -403,9 +403,12 @@ def test_sample_flags_that_cannot_work_are_refused_before_loading(sample_script,
 ])
 def test_a_flag_the_checkpoint_cannot_serve_names_the_one_that_fits(sample_script, flag, kind, name, fills_masks,
                                                                   fragments):
+    from minilm.objectives import objective_class
     args = dict(sample_script.DEFAULTS, **{flag: "x"})
+    declared = objective_class(name)   # what the checkpoint can do is what its objective declares
+    assert declared.model_kind == kind and ("fill" in declared.capabilities) == fills_masks
     with pytest.raises(UserError) as err:
-        sample_script.check_flags_fit(args, name, kind, fills_masks, "out")
+        sample_script.check_flags_fit(args, declared, "out")
     message = str(err.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -413,22 +416,23 @@ def test_a_flag_the_checkpoint_cannot_serve_names_the_one_that_fits(sample_scrip
 
 
 def test_prompts_fit_decoders_and_prefix_lms(sample_script):
+    from minilm.objectives import objective_class
     args = dict(sample_script.DEFAULTS, prompt="The")
-    for kind in ("decoder", "prefix_decoder"):
-        sample_script.check_flags_fit(args, "x", kind, False, "out")  # no error
+    for name, kind in (("clm", "decoder"), ("prefix_lm", "prefix_decoder")):
+        assert objective_class(name).model_kind == kind
+        sample_script.check_flags_fit(args, objective_class(name), "out")  # no error
 
 
-def test_print_infill_wiring_with_a_stand_in_t5_module(sample_script, tokenizer, monkeypatch, capsys):
+def test_print_infill_wiring_with_a_stand_in_t5_module(sample_script, tokenizer, capsys):
     """print_infill on an untrained EncoderDecoder (the t5 objective is written elsewhere: a
-    stand-in module gives DECODER_START_ID): greedy prints one filling, sampling --num_samples,
+    stand-in objective gives its decoder_start_id): greedy prints one filling, sampling --num_samples,
     beam search the best min(num_samples, beam_size) with scores, best first; the filled text keeps
     the text around the sentinel."""
-    import sys
     import types
-    monkeypatch.setitem(sys.modules, "minilm.objectives.t5", types.SimpleNamespace(DECODER_START_ID=0))
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=1, n_decoder_layer=1, n_head=2, n_embd=32)
-    objective = types.SimpleNamespace(backbone=EncoderDecoder(cfg).eval())
+    objective = types.SimpleNamespace(backbone=EncoderDecoder(cfg).eval(), decoder_start_id=0,
+                                      encoder_input=lambda ids, verb, mode="": [*ids, EOS_ID])
     base = dict(sample_script.DEFAULTS, infill="Once <extra_id_0> time.", max_new_tokens=6)
     for flags, headers in ((dict(temperature=0.0), 1), (dict(num_samples=2), 2), (dict(beam_size=3, num_samples=5), 3)):
         sample_script.print_infill(objective, tokenizer, dict(base, **flags), "cpu")

@@ -251,7 +251,8 @@ def test_embedding_metrics_are_wang_and_isola_from_sums_that_add_over_batches():
     a, b = torch.randn(2, 5, 4).unbind()
     valid = torch.tensor([True, True, False, True, True])
     halves = [embedding_sums(a[:3], b[:3], valid[:3]), embedding_sums(a[3:], b[3:], valid[3:])]
-    metrics = finalize({key: halves[0][key] + halves[1][key] for key in halves[0]})
+    simcse = build_objective("simcse", ModelConfig(vocab_size=400, seq_len=8, n_layer=1, n_head=2, n_embd=16))
+    metrics = finalize({key: halves[0][key] + halves[1][key] for key in halves[0]}, simcse)   # its metrics()
     ua, ub = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     align = [float(((ua[i] - ub[i]) ** 2).sum()) for i in range(5) if valid[i]]
     pairs = [math.exp(-2 * float(((ua[i] - ua[j]) ** 2).sum())) for lo, hi in ((0, 3), (3, 5))

@@ -39,7 +39,7 @@ def expected_lengths(raw_length, density, mean):
 def corrupt(rows, raw_length, seed, density=0.15, mean=3.0):
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(NUM_SPECIAL, V, (rows, raw_length), generator=g)
-    inputs, targets, noise = masking.t5_span_corruption(raw, g, noise_density=density, mean_noise_span_length=mean)
+    inputs, targets, noise = masking.noise_span_corruption(raw, g, noise_density=density, mean_noise_span_length=mean)
     return raw, inputs, targets, noise
 
 
@@ -97,11 +97,11 @@ SETTINGS = [(568, 0.15, 3.0), (336, 0.3, 5.0), (57, 0.5, 2.0), (7, 0.15, 3.0), (
 
 # ----------------------------------------------------------------------------- lengths
 def test_lengths_of_the_issue_568_512_114():
-    assert masking.t5_lengths(512) == (568, 114)
-    assert masking.t5_output_lengths(568) == (512, 114)
-    assert masking.t5_noise_counts(568) == (85, 28)
-    assert masking.t5_lengths(256) == (284, 58)
-    assert masking.t5_lengths(128) == (141, 29)
+    assert masking.noise_span_window(512) == (568, 114)
+    assert masking.noise_span_output_lengths(568) == (512, 114)
+    assert masking.noise_span_counts(568) == (85, 28)
+    assert masking.noise_span_window(256) == (284, 58)
+    assert masking.noise_span_window(128) == (141, 29)
     _, inputs, targets, _ = corrupt(4, 568, seed=0)
     assert inputs.shape == (4, 512) and targets.shape == (4, 114)
     assert inputs.dtype == targets.dtype == torch.long
@@ -114,7 +114,7 @@ def test_lengths_match_brute_force(input_length, density, mean):
     fits = [L for L in range(2, 4 * input_length) if expected_lengths(L, density, mean)[0] == input_length]
     raw_length = max(fits)
     target_length = expected_lengths(raw_length, density, mean)[1]
-    assert masking.t5_lengths(input_length, density, mean) == (raw_length, target_length)
+    assert masking.noise_span_window(input_length, density, mean) == (raw_length, target_length)
     _, inputs, targets, _ = corrupt(3, raw_length, seed=1, density=density, mean=mean)
     assert inputs.shape == (3, input_length) and targets.shape == (3, target_length)
 
@@ -157,7 +157,7 @@ def test_layout_counts_and_sentinel_order(raw_length, density, mean):
 
 def test_two_token_window_is_token_sentinel_then_sentinel_token():
     raw = torch.tensor([[500, 600]])
-    inputs, targets, noise = masking.t5_span_corruption(raw, torch.Generator().manual_seed(0))
+    inputs, targets, noise = masking.noise_span_corruption(raw, torch.Generator().manual_seed(0))
     assert inputs.tolist() == [[500, SENTINEL_IDS[0], EOS_ID]]
     assert targets.tolist() == [[SENTINEL_IDS[0], 600, EOS_ID]]
     assert noise.tolist() == [[False, True]]
@@ -200,26 +200,26 @@ def test_same_seed_same_corruption_other_seed_other():
     assert not torch.equal(other[3], first[3])   # another seed: other windows, other noise
     raw = first[0]
     g = torch.Generator().manual_seed(9)
-    again = masking.t5_span_corruption(raw, g)
+    again = masking.noise_span_corruption(raw, g)
     assert not torch.equal(again[2], first[2])
-    assert not torch.equal(again[2], masking.t5_span_corruption(raw, g)[2]), "each call draws anew"
+    assert not torch.equal(again[2], masking.noise_span_corruption(raw, g)[2]), "each call draws anew"
 
 
 def test_more_spans_than_sentinels_is_an_error():
-    assert masking.t5_lengths(1800)[0] < 2000
+    assert masking.noise_span_window(1800)[0] < 2000
     with pytest.raises(ValueError, match="needs 114 noise spans but there are only 100 sentinel ids"):
-        masking.t5_lengths(2048)
+        masking.noise_span_window(2048)
     with pytest.raises(UserError, match="only 100 sentinel ids"):
-        masking.t5_span_corruption(torch.full((1, 2272), 500), torch.Generator())
+        masking.noise_span_corruption(torch.full((1, 2272), 500), torch.Generator())
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda: masking.t5_noise_counts(10, 0.9, 1.0), "9 noise spans but only 1 non-noise tokens"),
-    (lambda: masking.t5_noise_counts(100, 0.0), "noise density must be between 0 and 1"),
-    (lambda: masking.t5_lengths(512, 1.0), "noise density must be between 0 and 1"),
-    (lambda: masking.t5_lengths(512, 0.15, 0.5), "mean noise span length must be at least 1"),
-    (lambda: masking.t5_lengths(2), "at least 3 tokens"),
-    (lambda: masking.t5_span_corruption(torch.ones(2, 1, dtype=torch.long), None), "at least 2 tokens"),
+    (lambda: masking.noise_span_counts(10, 0.9, 1.0), "9 noise spans but only 1 non-noise tokens"),
+    (lambda: masking.noise_span_counts(100, 0.0), "noise density must be between 0 and 1"),
+    (lambda: masking.noise_span_window(512, 1.0), "noise density must be between 0 and 1"),
+    (lambda: masking.noise_span_window(512, 0.15, 0.5), "mean noise span length must be at least 1"),
+    (lambda: masking.noise_span_window(2), "at least 3 tokens"),
+    (lambda: masking.noise_span_corruption(torch.ones(2, 1, dtype=torch.long), None), "at least 2 tokens"),
 ])
 def test_impossible_settings_are_errors(call, message):
     with pytest.raises(ValueError, match=message):
@@ -230,7 +230,7 @@ def test_impossible_settings_are_errors(call, message):
 def test_runs_on_cuda_and_round_trips():
     g = torch.Generator(device="cuda").manual_seed(0)
     raw = torch.randint(NUM_SPECIAL, V, (64, 568), generator=g, device="cuda")
-    inputs, targets, noise = masking.t5_span_corruption(raw, g)
+    inputs, targets, noise = masking.noise_span_corruption(raw, g)
     assert inputs.device.type == targets.device.type == noise.device.type == "cuda"
     inputs, targets, raw = inputs.cpu(), targets.cpu(), raw.cpu()
     for row in range(len(raw)):

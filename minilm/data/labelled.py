@@ -37,8 +37,15 @@ from minilm.errors import UserError
 from minilm.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 
+def readers_of(data: str) -> str:
+    """The registered objectives that read `data` (Objective.data), for a message: "a or b"."""
+    from minilm.objectives import OBJECTIVES   # the registry imports the data sources' modules
+    names = [cls.name for cls in OBJECTIVES.values() if cls.data == data]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 class LabelledSource:
-    """Rows of text with a label ("labelled" data): the source of --objective classify."""
+    """Rows of text with a label ("labelled" data), for a classifier."""
 
     prepares = "rows"   # prepared by minilm/data/rows.py: a table's rows, not running text
 
@@ -54,7 +61,7 @@ class LabelledSource:
         self.table = RowTable(folder, split)
         if self.table.labels is None:
             raise UserError(f"the prepared data in {folder} has no label column; prepare it again for "
-                            "--objective classify (a fresh --out_dir)")
+                            f"--objective {readers_of('labelled')} (a fresh --out_dir)")
         self.label_names = self.table.label_names
         self.seq_len, self.batch_size, self.seed, self.rank = seq_len, batch_size, seed, rank
         self.split_id = 0 if split == "train" else 1

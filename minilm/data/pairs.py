@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from minilm.data.blocks import mix_seed
+from minilm.data.labelled import readers_of
 from minilm.data.rows import RowTable
 from minilm.data.sentences import frame_sentences
 from minilm.errors import UserError
@@ -37,8 +38,8 @@ class PairSource:
     def row_columns(cls, data_cfg):
         """([(column, its flag), ...], optional columns, label column) for rows.prepare_rows."""
         if not data_cfg.pair_field:
-            raise UserError("--objective simcse_sup trains on (anchor, positive) rows: pass --pair_field naming "
-                            "the positive's column (--text_field names the anchor's, --negative_field an "
+            raise UserError(f"--objective {readers_of('pairs')} trains on (anchor, positive) rows: pass --pair_field "
+                            "naming the positive's column (--text_field names the anchor's, --negative_field an "
                             "optional hard negative's)")
         columns = [(data_cfg.text_field, "--text_field"), (data_cfg.pair_field, "--pair_field")]
         if data_cfg.negative_field:

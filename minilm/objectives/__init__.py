@@ -1,12 +1,17 @@
-"""Objectives by name. Adding one: write minilm/objectives/NAME.py with a subclass of
-`Objective` (see base.py for the contract), then add it to OBJECTIVES below.
+"""Objectives by name: one line per objective in the registry below, an explicit table rather than
+import-time magic, so a reader sees every objective in one place.
+
+Adding one: write minilm/objectives/NAME.py with a subclass of `Objective` (base.py: the contract),
+then add its line here. Code outside the library (a test, a user's script) calls `register(cls)`
+instead: the flags, --help, config validation and the saved config's options are built from the
+registered objectives' Options when they are used, so a registered objective's options are flags.
 
 "a+b" (e.g. "mlm+sop") trains several objectives on one backbone, weighted by
 --objective_weights: see multitask.py.
 
-model_config_for(name, model_cfg) is the model an objective really builds: the config with the
-settings the objective declares (base.py, "Declared model settings"). train.py resolves its
-config with it before printing and saving; build_objective applies it too (it is idempotent)."""
+model_config_for(name, model_cfg) is the model an objective really builds: the config after the
+objective's `configure` (base.py). train.py resolves its config with it before printing and
+saving; build_objective applies it too (it is idempotent)."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +31,7 @@ from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
 from minilm.objectives.tlm import TranslationLM  # tlm
+from minilm.objectives.ul2 import MixtureOfDenoisers
 from minilm.objectives.wwm import WholeWordMaskedLM
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -43,6 +49,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     SimCSE.name: SimCSE,
     SupervisedSimCSE.name: SupervisedSimCSE,
     TranslationLM.name: TranslationLM,   # tlm
+    MixtureOfDenoisers.name: MixtureOfDenoisers,
 }
 
 

@@ -1,60 +1,49 @@
 """The contract every objective follows, and the metric arithmetic they share.
 
-    objective = SomeObjective(model_cfg, tokenizer, options)   # an nn.Module: backbone + heads;
-                                                               # options: the run's ObjectiveConfig
-    batch = objective.make_batch(raw, generator)   # raw token ids -> tensors, on raw's device
-    loss, sums = objective(batch, totals)           # scalar loss to backward, detached metric sums
+    class MyObjective(Objective):               # minilm/objectives/my_objective.py
+        name = "mine"                           # the --objective word, the registry's key
+        data = "blocks"                         # the data source it reads (minilm.data SOURCES)
+        Options = MyOptions                     # a dataclass of its own options: they become flags
+        defaults = {"lr": 5e-4}                 # its defaults for shared flags, where not given
+        capabilities = frozenset({"embed"})     # what minilm.load() and sample.py may do with it
+        configure(model_cfg, options) -> model_cfg      # what it needs of the model (classmethod)
+    objective = MyObjective(model_cfg, tokenizer, options)   # an nn.Module: backbone + heads
+    batch = objective.make_batch(raw, generator)     # raw token ids -> tensors, on raw's device
+    loss, sums = objective(batch, totals)            # loss to backward, detached metric sums
+    objective.metrics(sums)                          # its metrics beyond the shared ones
 
 Losses are *sums* divided by step-wide totals. A training step may consist of several
-micro-batches (gradient accumulation, and later several ranks), and objectives such as MLM
-predict a different number of tokens in each. The right loss for the step is
+micro-batches (gradient accumulation, and several ranks), and objectives such as MLM predict a
+different number of tokens in each. The right loss for the step is
     sum over all micro-batches of the summed token losses / total targets in the step,
 so `make_batch` reports its counts in `batch["counts"]`, the trainer adds them up over the step
 and hands the totals back to every micro-batch's forward. Backpropagating each micro-batch's
 share then gives exactly the gradient of one big batch. Without totals (evaluation, a single
 batch) an objective divides by its own counts.
 
-Metric sums use shared names so they aggregate by plain addition over batches:
+Metric sums use shared names so they aggregate by plain addition over batches and ranks:
     nll      summed negative log-likelihood of the targets, in nats
-    targets  number of predicted tokens
-    correct  predicted tokens whose argmax was right
+    targets  number of predicted targets
+    correct  targets whose argmax was right
     bytes    UTF-8 bytes the targets stand for (for bits per byte)
-    true_positives, predicted_positives, positives
-             a binary detector's counts (rtd: tokens it calls replaced that were, tokens it
-             calls replaced, tokens that were), for precision, recall and positive_share
-             (positives / targets)
-    confusion
-             a classifier's (n_labels, n_labels) counts, rows true, columns predicted: the one
-             sum that is a tensor, not a scalar; finalize derives macro_f1 from it
-    target_counts
-             in evaluation, a histogram of the targets (Objective.baseline_sums), for the baseline
-`finalize` turns such sums into loss, perplexity, accuracy, bits per byte, precision, recall and macro-F1. Combined
-objectives ("mlm+sop", multitask.py) prefix each part's sums with its name ("mlm/nll",
-"sop/correct"), and finalize gives each prefix its own metrics ("mlm/loss", "sop/acc").
+An objective may add sums of its own (a detector's positives, a classifier's confusion matrix);
+its `metrics` turns them into numbers. `finalize` turns the shared sums into loss, perplexity,
+accuracy and bits per byte. Combined objectives ("mlm+sop", multitask.py) prefix each part's
+sums with its name ("mlm/nll"), and finalize reports each prefix on its own ("mlm/loss").
 
-Declared model settings (the saved config is the model). An objective that needs something of
-the network declares it instead of changing the config it is given:
-    model_settings = {"embed_norm": True}     # exact values, on the class (the masked LMs)
-    DATA_MODEL_MINIMUMS["segment_pairs"]      # what reading a kind of data needs: n_segment >= 2
-`minilm.objectives.model_config_for(name, model_cfg)` applies them once, before the model is
-built, printed and saved: for "a+b" the union of the parts' settings and of what their data
-kinds and the combined one need, whatever the order of the parts (a conflict is a UserError).
-It is idempotent, so a checkpoint's config (which may predate a setting) resolves to the same
-model again. A setting that defaults to another one (t5's decoder depth: n_decoder_layer 0 means
-n_layer) is a `derived_model_settings` hook, applied after the exact values and minimums. Only
-an encoder-decoder (model_kind "seq2seq") has a decoder stack: it cannot share a backbone with
-another objective, and any other objective refuses --n_decoder_layer. An objective's constructor then builds exactly the config it is given
-(`build_backbone`), and refuses one that lacks a declared setting; build_objective resolves
-the config itself, so callers rarely call model_config_for directly.
-A default is weaker than a setting: `model_defaults = {"dropout": 0.1}` (simcse, whose only
-noise is dropout) is what the run gets when its command line does not give --dropout; train.py
-applies it to a fresh run's config (objectives.model_defaults_for) before resolving and saving it,
-so the saved config still says what the model is, and an explicit flag wins. `train_defaults`
-does the same for training settings (an objective's own learning rate: objectives.train_defaults_for).
+The saved config is the model. `configure` returns the model config the objective needs (the
+masked LMs' embedding norm, segment embeddings for sentence pairs, t5's decoder depth), applied
+once, before the model is built, printed and saved; it is idempotent, so a checkpoint's config
+resolves to the same model again, and for "a+b" every part's needs must agree (else a UserError;
+an encoder-decoder shares its backbone with no other part). The constructor builds exactly the
+config it is given. `defaults` are weaker: a fresh run takes them only for the flags its command
+line does not give (simcse's dropout 0.1, rtd's lr). What train.py needs beyond that of one
+objective (finishing `auto` options, facts read from the data, which parents it may start from)
+are classmethod hooks with do-nothing defaults, overridden in that objective's file.
 
 Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
-Baseline): predicting every target by its frequency (a unigram; for labels the prior), a detector
-calling every token by the base rate, or a guess among the candidates. The trainer adds its sums at
+Baseline): each target by its frequency (a unigram; for labels the prior), a detector calling
+every token by the base rate, or a guess among the candidates. The trainer adds its sums at
 evaluation (baseline_sums), finalize reports `baseline_loss` (that predictor's loss on the same
 targets, in nats) and `baseline_gap` = baseline_loss - loss, per part of "a+b", and past a quarter
 of the run the trainer warns once when a gap is still below the objective's declared margin.
@@ -71,6 +60,7 @@ from minilm.errors import UserError
 from minilm.flops import lm_head_matmul_weights, transformer_flops
 from minilm.losses import IGNORE, cross_entropy_sum, step_mean
 from minilm.model import Transformer
+from minilm.tokenizer import EOS_ID
 
 # What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
 # 0 (A) and 1 (B), so their backbone needs two segment embeddings (more are allowed).
@@ -144,9 +134,17 @@ class Objective(nn.Module):
     model_kind: str = "decoder"   # what sample.py can do with its backbone
     reads_padded_rows: bool = False   # a "blocks" objective whose make_batch takes `lengths` (right-padded
                                       # rows), so that it can share a+b's sentence pairs or translations
-    fills_masks: bool = False     # has a masked-LM head: `predict(input_ids)` gives (B, T, V) logits
-    scores_tokens: bool = False   # has a replaced-token detector: `replaced_probabilities(input_ids)`
-                                  # gives (B, T) probabilities (rtd; sample.py --score)
+    # What minilm.load() and sample.py may do with a checkpoint of it: a subset of minilm.api.VERBS
+    # ("generate", "fill", "infill", "score", "embed", "classify"); a+b serves the union of its
+    # parts'. Each verb needs a method here: fill `predict(input_ids)` -> (B, T, V) logits, score
+    # `token_scores(input_ids)` -> (B, T - 1) values, classify `logits(input_ids, lengths)` and
+    # `label_names`; generate, infill and embed read the backbone.
+    capabilities: frozenset[str] = frozenset()
+    token_score: str = ""          # with "score": what token_scores gives per token, as messages name it
+                                   # ("log p", a decoder's; "P(replaced)", a replaced-token detector's)
+    prompt_is_prefix: bool = False  # with "generate": the prompt is read in both directions (a prefix LM)
+    embeds_sentences: bool = False  # with "embed": trained for it, `embed(input_ids, lengths)` pools as it was
+                                    # trained; otherwise embed() is the mean of the final hidden states
     model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
                                   # (see "Declared model settings" above; never mutated)
     # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
@@ -198,8 +196,23 @@ class Objective(nn.Module):
         an objective whose other modules hold pieces of the backbone it built (a table they share)
         points them at the shared one here. Nothing by default."""
 
+    def encoder_input(self, ids: list[int], verb: str, mode: str = "") -> list[int]:
+        """An encoder-decoder's encoder input at inference (api.py's infill, and generate where
+        declared), framed as in training: `ids` (the text with its sentinels, or a prompt), then
+        <eos>. `mode`: for an objective whose inputs open with a mode token (its own override);
+        the others refuse one."""
+        if mode:
+            raise UserError(f"{self.name} has no modes: leave out mode (--mode)")
+        return list(ids) + [EOS_ID]
+
     def make_batch(self, raw: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
+
+    def metrics(self, sums: dict) -> dict:
+        """This objective's metrics beyond the shared loss, ppl, acc, bpb and baseline (finalize),
+        from its evaluation sums added over batches and ranks: a classifier's macro-F1, a
+        detector's precision and recall. None by default."""
+        return {}
 
     def forward(self, batch: dict, totals: dict | None = None):
         raise NotImplementedError
@@ -326,13 +339,15 @@ def check_model_config(classes, data: str, model_cfg) -> None:
                          "minilm.objectives.model_config_for (build_objective does)")
 
 
-def finalize(sums: dict) -> dict:
+def finalize(sums: dict, objective: Objective | None = None) -> dict:
     """Metric sums -> readable metrics. Keys absent from `sums` are skipped.
 
     Keys "NAME/x" are a part of a combined objective: each NAME gets its own "NAME/loss",
     "NAME/ppl", "NAME/acc", "NAME/bpb" from its own sums, and "loss" is the combined loss that
     was trained, the sum over parts of weight * part loss, from the parts' "weighted_nll" sums
-    (nll times the part's weight: still additive over batches, unlike a ratio).
+    (nll times the part's weight: still additive over batches, unlike a ratio). Then the
+    objective's own metrics (Objective.metrics: a+b's parts prefixed with their names), when
+    `objective` is given; sums that only it reads (a confusion matrix) are not reported raw.
     """
     parts: dict[str, dict] = {}
     for k, v in sums.items():
@@ -346,6 +361,8 @@ def finalize(sums: dict) -> dict:
     for prefix, part in parts.items():
         label = prefix + "/" if prefix else ""
         out.update({label + k: v for k, v in _finalize_one(part).items()})
+    if objective is not None:
+        out.update(objective.metrics(sums))
     return out
 
 
@@ -360,68 +377,14 @@ def _finalize_one(sums: dict) -> dict:
             out["acc"] = float(sums["correct"]) / n
         if float(sums.get("bytes", 0)) > 0:
             out["bpb"] = float(sums["nll"]) / math.log(2) / float(sums["bytes"])
-    if "true_positives" in sums:  # a binary detector (rtd): precision, recall, share of positives
-        true_positives = float(sums["true_positives"])
-        out["precision"] = true_positives / max(float(sums["predicted_positives"]), 1.0)
-        out["recall"] = true_positives / max(float(sums["positives"]), 1.0)
-        if n > 0:
-            out["positive_share"] = float(sums["positives"]) / n
     # the trivial baseline's loss on the same targets (Objective.baseline), and the distance from it
     baseline = None
     if "target_counts" in sums:
         baseline = prior_entropy(sums["target_counts"])
-        sums = {k: v for k, v in sums.items() if k != "target_counts"}
     elif "baseline_nll" in sums and n > 0:
         baseline = float(sums["baseline_nll"]) / n
     elif "positives" in sums and n > 0:   # a detector calling every token by the base rate
         baseline = prior_entropy([n - float(sums["positives"]), float(sums["positives"])])
     if baseline is not None and "loss" in out:
         out["baseline_loss"], out["baseline_gap"] = baseline, baseline - out["loss"]
-    # --- classify: macro-F1 from the additive confusion matrix (objectives/classify.py) ---
-    if "confusion" in sums:
-        out["macro_f1"] = confusion_metrics(sums["confusion"])["macro_f1"]
-        sums = {k: v for k, v in sums.items() if k != "confusion"}
-    # --- end classify ---
-    # simcse: alignment, uniformity and retrieval from their additive sums (objectives/simcse.py)
-    out.update(embedding_metrics(sums))
-    sums = {k: v for k, v in sums.items() if k not in EMBEDDING_SUMS}
-    for k, v in sums.items():  # objective-specific extras, already final ("sop_acc", ...)
-        if k not in ("nll", "targets", "correct", "bytes", "weighted_nll", "true_positives",
-                     "predicted_positives", "positives", "baseline_nll"):
-            out[k] = float(v)
     return out
-
-
-# --- classify (objectives/classify.py): metrics of a confusion matrix ---
-def confusion_metrics(confusion) -> dict:
-    """acc and macro_f1 of a confusion matrix (n_labels, n_labels), rows = true label, columns =
-    predicted. Macro-F1 is the unweighted mean over labels of F1 = 2 tp / (2 tp + fp + fn); a label
-    that occurs neither in the truth nor in the predictions has no F1 (0 / 0) and is left out of
-    the mean (as scikit-learn's f1_score with labels=None, which only knows the labels it sees)."""
-    confusion = torch.as_tensor(confusion, dtype=torch.float64)
-    true_positives = confusion.diagonal()
-    occurrences = confusion.sum(1) + confusion.sum(0)          # 2 tp + fp + fn, per label
-    present = occurrences > 0
-    f1 = 2 * true_positives[present] / occurrences[present]
-    total = float(confusion.sum())
-    return {"acc": float(true_positives.sum()) / total if total else 0.0,
-            "macro_f1": float(f1.mean()) if bool(present.any()) else 0.0}
-# ----------------------------------------------------------------------------- simcse
-# Sentence-embedding quality (objectives/simcse.py, which computes the sums per batch): Wang and
-# Isola's alignment and uniformity and nearest-neighbour retrieval, kept as sums that add over
-# batches and ranks; the ratios and the log are taken here, once.
-def embedding_metrics(sums: dict) -> dict:
-    """embedding_sums (added over batches) -> align, uniform, retrieval_acc, retrieval_chance."""
-    out = {}
-    if float(sums.get("align_count", 0)) > 0:
-        out["align"] = float(sums["align_sum"]) / float(sums["align_count"])
-    if float(sums.get("uniform_count", 0)) > 0 and float(sums["uniform_sum"]) > 0:
-        out["uniform"] = math.log(float(sums["uniform_sum"]) / float(sums["uniform_count"]))
-    if float(sums.get("retrieval_count", 0)) > 0:
-        out["retrieval_acc"] = float(sums["retrieval_correct"]) / float(sums["retrieval_count"])
-        out["retrieval_chance"] = float(sums["retrieval_chance_sum"]) / float(sums["retrieval_count"])
-    return out
-
-
-EMBEDDING_SUMS = ("align_sum", "align_count", "uniform_sum", "uniform_count", "retrieval_correct",
-                  "retrieval_count", "retrieval_chance_sum")

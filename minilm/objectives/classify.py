@@ -1,48 +1,42 @@
 """Fine-tuning a classifier on labelled text (BERT's sequence classification: Devlin et al. 2019,
-"BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding", section 4.1;
-GPT's last-token head: Radford et al. 2018, "Improving Language Understanding by Generative
-Pre-Training", section 3.3).
+section 4.1; GPT's last-token head: Radford et al. 2018, section 3.3).
 
-The idea: pretraining has taught a backbone what text means; a classification head on top of it
-then needs few labelled rows. The head reads one vector per text and maps it to a score per label;
-the backbone is fine-tuned with it (all weights train), or frozen (--freeze_backbone: a linear
-probe, which measures what pretraining alone put into the representation).
+Pretraining has taught a backbone what text means, so a classification head on top of it needs few
+labelled rows. The head reads one vector per text and maps it to a score per label; the backbone is
+fine-tuned with it, or frozen (--freeze_backbone: a linear probe of what pretraining put there).
 
-The network:
-  * backbone: any minilm Transformer, loaded with --init_from from any pretraining checkpoint
-    (train.py maps rtd's discriminator and t5's encoder stack onto it), or trained from scratch
-    with the same flags. It reads the row in both directions (an encoder: mask = the padding
-    mask) or causally (a decoder: clm's backbone), --classifier_attention; auto takes the parent's
-    way (causal for clm, bidirectional for the masked/denoising objectives and prefix_lm, whose
-    prefix is read both ways), bidirectional from scratch. No LM head runs: the backbone's
-    lm_head / head_project are dropped (a weight no loss reaches is refused by DDP).
-  * pooling (minilm/pooling.py), --pooling: first (the [CLS] position, BERT's choice: an encoder
-    can gather the whole row there), mean (over the real tokens, padding excluded: better for a
-    linear probe of a masked LM, which never learned to summarize into [CLS]) or last (the last
-    real token, [SEP]: the only position of a causal decoder that has seen the whole row). auto =
-    last for a causal backbone; first after objectives whose loss reads [CLS] (sop, simcse:
-    Objective.trains_first_position); mean after the others, which pretrain on running text and
-    never see [CLS] (resolve_options), and from scratch.
-  * from scratch (no --init_from), the model an encoder parent's classifier would be (mean
-    pooling, the masked LMs' embedding norm: scratch_model_config), so that comparing with
-    scratch compares weights alone; an explicit --pooling or --embed_norm wins.
-  * head: dropout (--dropout, BERT's hidden_dropout_prob) then Linear(n_embd, n_labels), weights
-    normal(0, 0.02), bias 0, as BERT's classifier. Its own learning rate: --head_lr (0 = --lr).
-The label names come from the data (sorted; minilm/data/rows.py) and live in the config
-(ObjectiveConfig.labels, a JSON list): the saved config is the model, so n_labels, and what each
-id means, survive save and load.
+The network and its numbers:
+  * backbone: any minilm Transformer, from --init_from (any pretraining checkpoint: rtd's
+    discriminator and t5's encoder stack are mapped onto it) or from scratch. It reads the row
+    both ways (mask = the padding mask) or causally, --classifier_attention; auto takes the
+    parent's way (causal after clm; bidirectional after the masked and denoising objectives and
+    prefix_lm, whose prefix is read both ways), bidirectional from scratch. No LM head runs.
+  * pooling (minilm/pooling.py), --pooling: first (the [CLS] position, BERT's), mean (over the real
+    tokens: better for a probe of a masked LM, which never learned to summarize into [CLS]) or last
+    (the last real token, [SEP]: the one position of a causal decoder that has seen the whole
+    row). auto = last for a causal backbone; first after objectives whose loss reads [CLS] (sop,
+    simcse: their trains_first_position); mean after the others, and from scratch.
+  * from scratch, the model an encoder parent's classifier would be (mean pooling and the masked
+    LMs' embedding norm: scratch_model_config), so comparing with scratch compares weights alone;
+    an explicit --pooling or --embed_norm wins.
+  * head: dropout (--dropout, BERT's hidden_dropout_prob), then Linear(C, n_labels), weights
+    normal(0, 0.02), bias 0, as BERT's classifier; its own peak learning rate --head_lr (0 = --lr).
+  * labels: the names come from the data (sorted; minilm/data/rows.py) and are saved in the config
+    (--labels, a JSON list), so n_labels and what each id means survive save and load.
+  * loss: cross-entropy summed over the rows, divided by the step's row count (base.py).
 
-Loss: cross-entropy summed over the rows, divided by the step's row count (base.py's contract).
-
-Evaluation visits every validation row once (LabelledSource.eval_batch; padding rows, row_valid
-False, count nowhere) and adds up, besides nll, targets (rows) and correct, a confusion matrix
-(n_labels, n_labels), rows = true label, columns = predicted: additive over batches and ranks,
-from which finalize derives accuracy and macro-F1 (the unweighted mean of the per-label F1,
-2 tp / (2 tp + fp + fn), over the labels that occur in the truth or the predictions).
+Evaluation visits every validation row once (padding rows, row_valid False, count nowhere) and adds
+up, besides nll, targets (rows) and correct, a confusion matrix (rows = true label, columns =
+predicted), additive over batches and ranks; from it accuracy and macro-F1 (the unweighted mean of
+the per-label F1 = 2 tp / (2 tp + fp + fn) over the labels that occur in truth or predictions).
+The checkpoint with the best macro-F1 is also kept as best.pt.
 
 Shapes: input_ids (B, T) [CLS] text [SEP] [PAD]..., lengths, labels, row_valid (B,); the batch is
-cut to its longest row (the padding columns change nothing but cost time); hidden (B, T', C);
-pooled (B, C); logits (B, n_labels); confusion (n_labels, n_labels).
+cut to its longest row; hidden (B, T', C); pooled (B, C); logits (B, n_labels); confusion
+(n_labels, n_labels).
+
+Where we differ from BERT and GPT: the pooled vector feeds the head directly (BERT's pooler dense +
+tanh is not used; GPT adds the LM loss as an auxiliary, which this does not).
 """
 from __future__ import annotations
 
@@ -56,9 +50,9 @@ import torch.nn.functional as F
 
 from minilm.errors import UserError
 from minilm.flops import transformer_flops
-from minilm.model import CAUSAL, Transformer, padding_mask
 from minilm.losses import step_mean
-from minilm.objectives.base import IGNORE, Baseline, Objective, confusion_metrics  # noqa: F401 (re-exported)
+from minilm.model import CAUSAL, Transformer, padding_mask
+from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.pooling import pool
 
 # the parent objectives' model_kind -> how a classifier on their backbone reads (auto)
@@ -125,6 +119,7 @@ class Classifier(Objective):
     name = "classify"
     data = "labelled"
     model_kind = "classifier"
+    capabilities = frozenset({"classify"})   # label_names, logits(input_ids, lengths): minilm.api.classify_texts
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("the label prior (the majority class)", targets="labels", margin=0.02)
@@ -220,6 +215,25 @@ class Classifier(Objective):
                 pairs = (labels.clamp(min=0) * K + predicted)[valid]
                 sums["confusion"] = torch.bincount(pairs, minlength=K * K).view(K, K)
         return step_mean(nll, batch, totals), sums
+
+    def metrics(self, sums: dict) -> dict:
+        """macro_f1 of the evaluation's confusion matrix (accuracy is the shared correct / targets)."""
+        return {"macro_f1": confusion_metrics(sums["confusion"])["macro_f1"]} if "confusion" in sums else {}
+
+
+def confusion_metrics(confusion) -> dict:
+    """acc and macro_f1 of a confusion matrix (n_labels, n_labels), rows = true label, columns =
+    predicted. Macro-F1 is the unweighted mean over labels of F1 = 2 tp / (2 tp + fp + fn); a label
+    that occurs neither in the truth nor in the predictions has no F1 (0 / 0) and is left out of
+    the mean (as scikit-learn's f1_score with labels=None, which only knows the labels it sees)."""
+    confusion = torch.as_tensor(confusion, dtype=torch.float64)
+    true_positives = confusion.diagonal()
+    occurrences = confusion.sum(1) + confusion.sum(0)          # 2 tp + fp + fn, per label
+    present = occurrences > 0
+    f1 = 2 * true_positives[present] / occurrences[present]
+    total = float(confusion.sum())
+    return {"acc": float(true_positives.sum()) / total if total else 0.0,
+            "macro_f1": float(f1.mean()) if bool(present.any()) else 0.0}
 
 
 FULL_MATRIX_LABELS = 20   # past this many labels the matrix is summarized: 3,000 labels are 9 M numbers

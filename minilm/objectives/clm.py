@@ -1,23 +1,26 @@
-"""Causal language modeling (GPT; Radford et al. 2018/2019): predict every next token.
+"""Causal language modeling (GPT: Radford et al. 2018, 2019; nanoGPT's train.py).
 
-The idea: a decoder reads tokens 0..t and predicts token t+1, for every t at once, with a causal
-attention mask so position t never sees the future. The loss is the mean cross-entropy over all
-target positions; nothing is masked out except padding.
+A decoder reads tokens 0..t and predicts token t+1, for every t at once; a causal attention mask
+keeps position t from seeing the future. The loss is the cross-entropy over every target
+position, nothing masked out but padding.
 
-Numbers: none to tune. A raw window of T+1 tokens gives inputs raw[:, :-1] and labels raw[:, 1:]
-(nanoGPT's get_batch). Shapes: input_ids (B, T), labels (B, T), logits (B, T, V).
+Numbers: none to tune. A raw window of T+1 tokens gives input_ids = raw[:, :-1] and labels =
+raw[:, 1:] (nanoGPT's get_batch); the loss is summed and divided by the step's target count
+(base.py). --predict_after_eos (true) keeps the target that follows a document's <eos>.
 
-Labels are masked by *position*, never by token id. Batches that carry padding give
-`lengths` (B,), the number of real tokens per row; labels at positions >= length-1 become
-IGNORE. Document-end tokens (<eos>) are ordinary targets, so the model learns to stop. The trap
-this avoids: setting labels[labels == pad_id] = -100 when pad == eos silently removes every
-end-of-text target (transformers issue #23530).
+Shapes: raw (B, T+1) from the "blocks" source -> input_ids (B, T), labels (B, T) (IGNORE where
+there is no target); lengths (B,) for right-padded rows; hidden (B, T, C) -> logits (B, T, V).
 
-Document boundaries: windows are cut from the token stream without regard to documents
-(nanoGPT, GPT-2), so a window may read "...end of doc A <eos> start of doc B". By default the
-target after <eos> (doc B's first token, predicted from doc A) is kept, as nanoGPT does; with
---predict_after_eos false it is ignored, since no context can predict it. Attention still
-crosses the boundary either way (no per-document mask).
+Labels are masked by *position*, never by token id: in padded rows the labels at positions
+>= length-1 become IGNORE, and <eos> stays an ordinary target, so the model learns to stop.
+(Setting labels[labels == pad_id] = -100 when pad == eos removes every end-of-text target:
+transformers issue #23530.)
+
+Where we differ from the references: nothing in the objective itself. Windows are cut from the
+token stream without regard to documents, as nanoGPT and GPT-2 cut them, so a window may read
+"...end of doc A <eos> start of doc B" and attention crosses that boundary (no per-document mask).
+The target after <eos> (doc B's first token, predicted from doc A) is kept, as nanoGPT keeps it;
+--predict_after_eos false ignores it, since no context can predict it.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ class CausalLM(Objective):
     name = "clm"
     data = "blocks"
     model_kind = "decoder"
+    capabilities = frozenset({"generate", "score"})   # score: log p(token | the tokens before it)
+    token_score = "log p"
     reads_padded_rows = True   # prefix_lm too
     baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
 
@@ -57,6 +62,13 @@ class CausalLM(Objective):
         input_ids, labels = causal_labels(raw, lengths, self.predict_after_eos)
         return {"input_ids": input_ids, "labels": labels,
                 "counts": {"targets": (labels != IGNORE).sum()}}
+
+    @torch.no_grad()
+    def token_scores(self, input_ids):
+        """score(): (B, T) framed after <eos> -> (B, T - 1), log p(token | the tokens before it),
+        in nats, for every token after the first."""
+        log_probs = self.backbone.logits(self.backbone(input_ids)[:, :-1]).float().log_softmax(dim=-1)  # (B, T-1, V)
+        return log_probs.gather(2, input_ids[:, 1:, None]).squeeze(2)
 
     def forward(self, batch, totals=None):
         hidden = self.backbone(batch["input_ids"])      # (B, T, C)

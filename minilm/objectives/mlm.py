@@ -1,56 +1,42 @@
-"""Masked language modeling (BERT, Devlin et al. 2018; RoBERTa, Liu et al. 2019).
+"""Masked language modeling (BERT: Devlin et al. 2018; RoBERTa: Liu et al. 2019).
 
-The idea: hide some tokens of the input and train a bidirectional encoder to recover them from
-the context on both sides. Unlike a decoder, every position sees the whole window, so the
-representation of a token depends on what comes after it too; the price is that only the
-chosen tokens give a training signal.
+Hide some tokens of the input and train a bidirectional encoder to recover them from the context
+on both sides. Every position sees the whole window; only the chosen tokens give a training signal.
 
-Numbers (ObjectiveConfig; defaults are BERT's and RoBERTa's):
-  * mask_prob = 0.15: each eligible token is chosen independently with this probability, so
-    the count per row is binomial (RoBERTa, HF's DataCollatorForLanguageModeling). Wettig et
-    al. 2023 ("Should You Mask 15% in Masked Language Modeling?") find that higher rates, e.g.
-    0.4, train better for larger models: try --mask_prob 0.4.
-  * 80/10/10 (mask_replace_prob 0.8, random_replace_prob 0.1): a chosen token is shown as
+Numbers (BERT's and RoBERTa's defaults):
+  * --mask_prob 0.15: each eligible token (not special, not padding; a document's <eos> stays in
+    the input but is never chosen) is chosen independently, so the count per row is binomial
+    (RoBERTa, HF's DataCollatorForLanguageModeling). Wettig et al. 2023 ("Should You Mask 15% in
+    Masked Language Modeling?") recommend higher rates, e.g. 0.4, for larger models.
+  * 80/10/10 (--mask_replace_prob 0.8, --random_replace_prob 0.1): a chosen token is shown as
     <mask>, as a random non-special token, or unchanged; the loss predicts the original in all
-    three cases (minilm/masking.py, `replace`).
-  * Dynamic masking (RoBERTa): make_batch draws a new mask every time a window is drawn, from
-    the generator the trainer seeds per step, so no two epochs see the same masks.
-Eligible: every token of the window that is not special. A document boundary <eos> inside a
-window stays in the input (the encoder sees where documents end) and is never chosen.
+    three cases (masking.replace).
+  * dynamic masking (RoBERTa): a new mask every time a window is drawn, from the generator the
+    trainer seeds per step, so a resumed run sees the masks it would have seen;
+  * the loss: cross-entropy at the chosen positions, summed and divided by the step's count of
+    chosen tokens (base.py);
+  * the encoder normalizes its summed embeddings before the first block (embed_norm, as BERT,
+    RoBERTa and ModernBERT do), set by this objective's `configure`, so the saved config says so.
 
-The loss is the cross-entropy at the chosen positions only, summed and divided by the step's
-total count of chosen tokens (the contract in base.py).
+Sparse prediction: the head (BERT's transform: Linear W->W, GELU, norm; then the tied output
+matrix and a bias per vocabulary entry) runs at the chosen positions only, and so do the last
+block's queries, attention output, projection and MLP (its keys and values still come from every
+position: the backbone's `outputs_at`). Loss and gradients equal the dense ones (tests/test_mlm.py)
+for the mask_prob share of that work. `predict` is the dense path, used by fill-mask.
 
-Sparse prediction: the head (BERT's transform: Linear C->C, GELU, norm; then the tied output
-matrix plus a bias per vocabulary entry) runs only on the hidden states at the chosen
-positions: (N, C) -> (N, V) with N ~ 0.15 * B * T, instead of (B*T, C) -> (B*T, V). The head
-acts on each position alone and the other positions' losses are ignored anyway, so the loss
-and its gradients are exactly the dense ones (tests/test_mlm.py checks it) for about 15% of
-the head's FLOPs and memory. The same holds one layer further down: the last block's output is
-only read at the chosen positions, so it computes its queries, attention output, projection and
-MLP there alone (keys and values still come from every position; Transformer's `outputs_at`). At the
-benchmark shape that removes ~12% of the blocks' FLOPs on top of ~85% of the head's.
-`predict` is the dense path (all positions; used by fill-mask).
-
-Shapes: raw (B, T+1) from the "blocks" source (the first T = seq_len tokens are used; the
-extra token exists for causal LM's shifted labels) -> input_ids (B, T), labels (B, T) (IGNORE
-where not chosen), positions (N,) flat indices b*T + t of the chosen tokens, targets (N,);
-picked (N, C) (the backbone's output at the chosen positions) -> logits (N, V).
+Shapes: raw (B, T+1) from the "blocks" source (the first T = seq_len tokens used) -> input_ids
+(B, T), labels (B, T) (IGNORE where not chosen), positions (N,) flat indices b*T + t of the chosen
+tokens, targets (N,); the backbone's output there (N, C) -> logits (N, V).
 
 Where we differ from the references:
-  * Random replacements are uniform over the non-special ids; HF draws over the whole vocab,
-    specials included (see masking.replace).
-  * No [CLS] ... [SEP] framing: a window is a plain stretch of the token stream that may cross
-    documents, separated by <eos> (RoBERTa's FULL-SENTENCES packing). With no padding there is
-    no attention mask and SDPA runs its fastest kernel.
-  * The encoder is minilm's Transformer with no causal mask: pre-norm and, by default, RoPE and
-    RMSNorm, where BERT/RoBERTa are post-norm with learned positions and LayerNorm
-    (--position learned --norm layernorm --bias true gets closer). Like BERT, RoBERTa and
-    ModernBERT it normalizes the summed embeddings before the first block (embed_norm: declared in
-    model_settings, so the config that is printed and saved says so; objectives/base.py). Without it a pre-norm encoder whose embeddings start at GPT's std 0.02 learns far
-    slower: a 2x64 encoder after 300 steps of 16 x 64 tokens predicted 7.5% of masked tokens
-    (the most-frequent-token rate: it had learned nothing but unigrams) against 11.6% with it,
-    and 10.5% for HF's RobertaForMaskedLM of the same size.
+  * random replacements are uniform over the non-special ids; HF draws over the whole vocabulary,
+    specials included;
+  * no [CLS] ... [SEP] framing: a window is a stretch of the token stream that may cross
+    documents, separated by <eos> (RoBERTa's FULL-SENTENCES packing); no padding, so no mask;
+  * the encoder is minilm's pre-norm Transformer (RoPE and RMSNorm by default), where BERT and
+    RoBERTa are post-norm with learned positions and LayerNorm (--position learned --norm
+    layernorm --bias true comes closer). Why a pre-norm encoder needs the embedding norm:
+    benchmarks/README.md, "Masked LM: the embedding norm".
 """
 from __future__ import annotations
 
@@ -98,7 +84,7 @@ class MaskedLM(Objective):
     name = "mlm"
     data = "blocks"
     model_kind = "encoder"
-    fills_masks = True
+    capabilities = frozenset({"fill", "embed"})   # fill: predict(input_ids), the masked-LM head's logits
     reads_padded_rows = True   # wwm, span and tlm too
     model_settings = {"embed_norm": True}   # the encoder normalizes its embeddings (module docstring)
     baseline = Baseline("each masked token predicted by its unigram frequency", targets="targets", margin=0.05)

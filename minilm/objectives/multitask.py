@@ -20,18 +20,19 @@ Data: the parts must read the same kind of data, with one exception: an objectiv
 "blocks" can read sentence pairs as right-padded windows. It gets make_batch(pairs' input_ids,
 generator, lengths=pairs' lengths) (the objectives with reads_padded_rows: CLM, the prefix LM,
 the masked LMs and rtd; specials and padding are never masked), plus the pairs' "segment_ids" in
-its batch. plm reads full windows only, so plm+sop is refused (check_reads_padded_rows). So in mlm+sop, MLM and SOP see the
-same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's masks, SOP's swaps).
+its batch. plm reads full windows only, so plm+sop is refused (check_reads_padded_rows). So in
+mlm+sop, MLM and SOP see the same [CLS] A [SEP] B [SEP] rows, each with its own random draw (MLM's
+masks, SOP's swaps).
 With parallel data (mlm+tlm) the "blocks" part reads the source's `monolingual` rows instead: one
 side of a pair per row, with its language id as segment id, drawn apart from the pairs TLM reads
 (XLM's MLM on monolingual text beside TLM; data/parallel.py).
-The shared backbone is built from a config that holds every part's declared settings and what
-the common data needs (model_config_for in objectives/__init__.py, base.py), so mlm+sop and
-sop+mlm build the same model: embed_norm for the masked LM, segment embeddings for the pairs.
+The shared backbone is built from a config that every part's `configure` has seen (base.py;
+model_config_for in objectives/__init__.py), so mlm+sop and sop+mlm build the same model:
+embed_norm for the masked LM, segment embeddings for the pairs.
 
 Metrics: each part's sums and counts are prefixed with its name ("mlm/nll", "sop/targets");
 finalize (base.py) reports "mlm/loss", "mlm/acc", "sop/loss", "sop/acc", ..., and "loss", the
-weighted sum that is trained.
+weighted sum that is trained; metrics() adds each part's own ("rtd/discriminator/recall").
 """
 from __future__ import annotations
 
@@ -120,11 +121,23 @@ class MultiTask(Objective):
         check_model_config(classes, self.data, model_cfg)
         parts = [cls(model_cfg, tokenizer, options) for cls in classes]
         self.model_kind = parts[0].model_kind
-        self.fills_masks = any(part.fills_masks for part in parts)
         self.backbone = parts[0].backbone
         for part in parts:
             share_backbone(part, self.backbone)
         self.parts = nn.ModuleDict(zip(names, parts))
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What its parts serve, together (minilm.api asks the part that serves a verb: part_serving)."""
+        return frozenset().union(*(part.capabilities for part in self.parts.values()))
+
+    def metrics(self, sums: dict) -> dict:
+        """Each part's own metrics (Objective.metrics) from its own sums, prefixed with its name."""
+        out = {}
+        for name, part in self.parts.items():
+            own = {k[len(name) + 1:]: v for k, v in sums.items() if k.startswith(name + "/")}
+            out.update({f"{name}/{k}": v for k, v in part.metrics(own).items()})
+        return out
 
     def flops_per_token(self) -> float:
         """Each part runs its own pass over the batch: their FLOPs add up."""
@@ -141,7 +154,7 @@ class MultiTask(Objective):
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The masked-LM part's dense logits (B, T, V), for fill-mask (sample.py)."""
         for part in self.parts.values():
-            if part.fills_masks:
+            if "fill" in part.capabilities:
                 return part.predict(input_ids, attn_mask=attn_mask, segment_ids=segment_ids)
         raise TypeError(f"{self.name} has no masked-LM part to predict with")
 

@@ -1,70 +1,41 @@
 """Permutation language modeling with two-stream attention (XLNet, Yang et al. 2019).
 
-The idea: a causal LM predicts each token from the tokens to its left; XLNet predicts each token
-from the tokens before it in a *random factorization order*, sampled anew for every sequence, so
-in expectation every token learns from context on both sides without a <mask> token in the
-input. The positions stay where they are; only the attention masks follow the order.
+Each token is predicted from the tokens before it in a random factorization order, drawn anew for
+every row, so in expectation every token learns from context on both sides with no <mask> in the
+input. Positions stay where they are; only the attention masks follow the order.
 
-The order, per row (make_batch; vectorized, from the step's generator):
-  * Partial prediction (XLNet sec. 2.3): only the last 1/K of the order are targets, K = 6 by
-    default (--plm_partial_k; XLNet's num_predict = 85 of 512 tokens, 512/85 ~ 6). A row of T
-    tokens has M = round(T / K) targets (at least 1, at most T-1), the same M in every row, so the
-    query stream is a dense (B, M, C) tensor with no padding. The early part of the order is all
-    context: as in XLNet's `_local_perm` (and HF's collator), every non-target gets the smallest
-    rank, so the non-targets read each other in both directions and none of them reads a target.
-  * Which tokens are targets: by default a uniform random M of T (the last M of a uniformly random
-    permutation, argsort of uniform noise). --plm_span_targets true is XLNet's `_sample_mask`:
-    walk the row in stretches of 7n tokens, n in 1..5 drawn with probability proportional to 1/n
-    (0.44, 0.22, 0.15, 0.11, 0.09); in each stretch a span of n tokens starts after a left context
-    l uniform in {0, ..., 6n-1} (XLNet's "context of 6n": mask_alpha 6 / mask_beta 1 tokens, the
-    right context is 6n - l); the span that reaches M targets is cut to fit; a span must end before
-    the row's last token (XLNet's `end >= seg_len: break`); the rest of the M targets are then drawn
-    uniformly among the other tokens. Spans cover about 1/7 of the row, so roughly 6/7 of the
-    targets come from spans at K = 6.
-  * The order among the targets is uniformly random: ranks[b, i] = 0 for a non-target, 1..M for
-    the targets in the order they are predicted.
+Numbers (make_batch, vectorized, from the step's generator):
+  * partial prediction (XLNet sec. 2.3): the last 1/K of the order are targets, --plm_partial_k
+    K = 6 (XLNet: num_predict 85 of 512 tokens); M = round(T / K) targets, kept in 1..T-1, the
+    same M in every row. Every non-target gets the smallest rank, so the non-targets read each
+    other in both directions and never read a target (XLNet's `_local_perm`); the targets' order
+    among themselves is uniformly random (ranks 1..M).
+  * which tokens: a uniform M of T by default; --plm_span_targets true is XLNet's `_sample_mask`:
+    stretches of 7n tokens, n in 1..5 with P(n) proportional to 1/n (0.44, 0.22, 0.15, 0.11,
+    0.09), a span of n after a left context uniform in 0..6n-1; the span that reaches M is cut
+    to fit, no span reaches the row's last token, and the remaining targets are drawn uniformly.
+Two streams through the same blocks and weights (XLNet sec. 2.3, Figure 1), at layer l:
+    h_l = block(h_{l-1})                             content: i sees j where rank[j] <= rank[i]
+    g_l = block(g_{l-1}, keys/values from h_{l-1})   query: i sees j where rank[j] < rank[i]
+The query stream starts from one learned vector (`query_start`, XLNet's mask_emb) at the target's
+position: it knows where it predicts, never what. It runs at the M targets only, and the last
+content block, read by nobody, is skipped. The content stream is the backbone that --init_from and
+fine-tuning take. Logits: the tied output matrix at the targets; the loss is their cross-entropy
+summed over the step's target count (base.py).
 
-Two streams through the same blocks and weights (XLNet sec. 2.3, Figure 1):
-  content stream h (B, T, C)   starts from the token embeddings; position i attends to every j
-                               with rank[j] <= rank[i] (itself included): an ordinary encoder
-                               under a permuted mask. It is what fine-tuning and --init_from take.
-  query stream g (B, M, C)     one row per target, starting from a learned vector (`query_start`,
-                               XLNet's mask_emb) plus the target's position: rotary positions rotate
-                               its queries at the target's own position, or with --position learned
-                               the position embedding is added. Target i attends to the content
-                               stream at every j with rank[j] < rank[i]: it knows *where* it
-                               predicts but never sees its own token.
-Layer l: g_l = block(g_{l-1}, keys/values from h_{l-1}), h_l = block(h_{l-1}); the query stream at
-a position depends on nothing but its own state and the content stream, so it runs at the M
-targets only: 1/K of the query work of computing it at every position (the harness's Hugging Face
-peer does that). The last block's content output is read by nobody, so it is not computed.
-Logits: final norm, tied output matrix, at the (B, M) targets; the loss is their summed
-cross-entropy over the step's target count (objectives/base.py).
+Shapes: raw (B, T+1) from "blocks" (the first T used) -> input_ids (B, T), ranks (B, T),
+target_positions (B, M) in factorization order, targets (B, M); masks content (B, 1, T, T) and
+query (B, 1, M, T) bool (True = may attend), built in forward; h (B, T, C), g (B, M, C) -> logits
+(B, M, V).
 
-Shapes: raw (B, T+1) from the "blocks" source (the first T = seq_len tokens are used) ->
-input_ids (B, T), ranks (B, T) long, target_positions (B, M) (listed in factorization order:
-target m has rank m+1), targets (B, M); masks content (B, 1, T, T) and query (B, 1, M, T) bool,
-built in forward from ranks (True = may attend).
-
-Where Hugging Face's DataCollatorForPermutationLanguageModeling differs from the original:
-  * it replaces the targets by <mask> in the input (`inputs[masked_indices] = mask_token_id`), so
-    its content stream never sees a target's own token; XLNet's content stream reads the real
-    tokens (its query stream is what hides them), and so does ours;
-  * it never hides special tokens (perm_mask is ANDed with the targets), where XLNet's functional
-    tokens (<sep>, <cls>) take part in the order like any other;
-  * its spans have a length uniform in 1..max_span_length in a context of length / plm_probability,
-    so the target count varies per row; XLNet fixes num_predict and draws n with p ~ 1/n;
-  * it shuffles the two halves of the row with one shared permutation of T/2 (its stand-in for
-    XLNet's reuse_len), so every target of the second half comes after those of the first.
-Where we differ from the original XLNet:
-  * no Transformer-XL memory (recurrence over segments), hence no reuse_len split of the row: one
-    order over the whole window (XLNet's perm_size = the window);
-  * no relative positional encoding and no relative segment encoding: minilm's rotary (or learned
-    absolute) positions, and no <sep>/<cls>-framed segment pairs: a window is a plain stretch of
-    the token stream that may cross documents (<eos> is a token like any other, as XLNet's <eod>);
-  * no bidirectional data (XLNet's bi_data feeds half the rows reversed);
-  * span targets are placed on tokens, where XLNet first moves a span's start to the next word
-    start (its end test then counts tokens, not words, so its spans are n tokens long too);
+Where HF's DataCollatorForPermutationLanguageModeling differs from XLNet: it shows <mask> at the
+targets (XLNet's content stream reads the real tokens, as ours does); it never hides special
+tokens; its span lengths are uniform in 1..5, so the target count varies per row; both halves of
+a row share one permutation of T/2. Where we differ from XLNet:
+  * no Transformer-XL memory, so no reuse_len split: one order over the whole window;
+  * rotary (or learned absolute) positions instead of relative position and segment encodings;
+    no <sep>/<cls> framing (<eos> is a token like any other, as XLNet's <eod>);
+  * no bidirectional data (bi_data); span targets start on any token, not moved to a word start;
   * minilm's pre-norm blocks (RMSNorm, GELU) instead of XLNet's post-norm Transformer-XL layers.
 """
 from __future__ import annotations
@@ -158,7 +129,7 @@ class PermutationLM(Objective):
     name = "plm"
     data = "blocks"
     model_kind = "encoder"
-    fills_masks = False
+    capabilities = frozenset({"embed"})   # its head predicts a token at a position given others, not a <mask>
     shortest_seq_len = (2, "predicts some tokens of a row from the others")   # a target and some context
     baseline = Baseline("each target predicted by its unigram frequency", targets="targets", margin=0.05)
 

@@ -1,41 +1,35 @@
-"""Prefix language modeling (T5's "prefix LM", Raffel et al. 2020 sec. 3.2; UL2's S-denoiser,
-Tay et al. 2022): a decoder-only model reads a prefix in both directions and predicts the rest
-left to right.
+"""Prefix language modeling (T5's "prefix LM", Raffel et al. 2020 sec. 3.2; UL2's S-denoiser, Tay
+et al. 2022): a decoder-only model reads a prefix in both directions and predicts the rest left to
+right.
 
-The idea: split each window at a random point. The tokens before it are context, read the way an
-encoder reads them (every prefix token sees every other prefix token); the tokens after it are
-written the way a decoder writes them (each sees the whole prefix and the tokens before itself).
-One Transformer does both: the difference is only the attention mask (prefix_lm_mask). The loss
-covers the tokens after the prefix alone, since inside the prefix a position already sees the
-token it would predict.
+Each window is split at a random point: the tokens before it are read as an encoder reads them
+(every prefix token sees every other), the tokens after it are written as a decoder writes them
+(each sees the whole prefix and the tokens before itself). One Transformer does both, by its
+attention mask alone (model.prefix_mask); the loss covers the tokens after the prefix only.
 
-Split law (the reference law, T5's `random_prefix_noise_mask`, which UL2's S-denoiser reuses
-through T5's `prefix_lm` preprocessor): a row of L real raw tokens gets a prefix length P drawn
-uniformly from {1, ..., L-1}, independently per row. Without padding L = T+1 (the raw window), so
-P is uniform on {1, ..., T} and every row keeps at least one target. The draw comes from the
-step's generator, on the raw tensor's device, so a step's split points are reproducible.
-
-Which targets count. Inputs are raw[:, :-1], labels raw[:, 1:] (clm.causal_labels: padding by
-length, --predict_after_eos). Input positions 0..P-1 hold the prefix raw[0..P-1]; position t
-predicts raw[t+1]. Targets are the tokens after the prefix, raw[P..L-1], so labels count at
-positions t >= P-1: the position that reads the last prefix token predicts the first target
-(as T5's decoder predicts targets[0] after reading the inputs). Labels at t < P-1 are IGNORE:
-their target raw[t+1] is itself a prefix token that position t attends to. A row has L-P
-targets, exactly T5's target length for the same split.
-
-Where we differ from T5 and UL2:
-  - This is T5's decoder-only "prefix LM" architecture (its Figures 3 and 4, sec. 3.2.1); T5's
-    `prefix_lm` preprocessor is written for an encoder-decoder (inputs to the encoder,
-    targets to the decoder). Here the two halves stay one sequence in one stack.
-  - No <eos> is appended to the prefix or the targets, and no mode token (UL2's "[S2S]") is
-    prepended: the window is the raw token stream, cut from the blocks data without regard to
-    documents (as clm's), where T5/UL2 select one document's chunk per example.
-  - Each row gets its own split (T5 too, per example); UL2 also trains other denoisers in the
-    same mixture, which here would be "prefix_lm+..." (multitask.py).
+Numbers:
+  * split law: T5's `random_prefix_noise_mask`, which UL2's S-denoiser reuses through T5's
+    `prefix_lm` preprocessor: a row of L real raw tokens gets a prefix length P uniform on
+    {1, ..., L-1}, independently per row, from the step's generator. Without padding L = T+1, so
+    P is uniform on {1, ..., T} and every row keeps at least one target;
+  * targets: inputs raw[:, :-1], labels raw[:, 1:] (clm.causal_labels: padding by length,
+    --predict_after_eos). Position t predicts raw[t+1]; labels count at t >= P-1 (the position
+    that reads the last prefix token predicts the first target, as T5's decoder predicts
+    targets[0] after reading the inputs), and are IGNORE before, where the target is itself a
+    prefix token that position t attends to. A row has L-P targets, T5's target length for the
+    same split; the loss is summed over the step's target count (base.py).
 
 Shapes: raw (B, T+1) -> input_ids (B, T), labels (B, T), prefix_lengths (B,); the attention mask
-(B, 1, T, T) bool, built in forward from prefix_lengths (a small tensor in the batch instead of
-a (B, T, T) one). The LM head runs at the target positions alone (about half of them).
+(B, 1, T, T) bool is built in forward from prefix_lengths. The LM head runs at the target
+positions alone (about half of them).
+
+Where we differ from T5 and UL2:
+  * this is T5's decoder-only "prefix LM" architecture (its Figures 3 and 4, sec. 3.2.1); T5's
+    `prefix_lm` preprocessor is written for an encoder-decoder (inputs to the encoder, targets to
+    the decoder); here the two halves stay one sequence in one stack;
+  * no <eos> is appended to the prefix or the targets and no mode token (UL2's "[S2S]") is
+    prepended: the window is the raw token stream, cut without regard to documents (as clm's),
+    where T5 and UL2 take one document's chunk per example.
 """
 from __future__ import annotations
 
@@ -64,6 +58,8 @@ class PrefixLM(CausalLM):
     name = "prefix_lm"
     data = "blocks"
     model_kind = "prefix_decoder"
+    capabilities = frozenset({"generate"})   # not score: its log p would depend on where a prefix ends
+    prompt_is_prefix = True                  # generate reads the prompt in both directions, as the prefix
 
     def make_batch(self, raw, generator=None, lengths=None):
         """raw (B, T+1) -> input_ids, labels (B, T), prefix_lengths (B,), counts. lengths (B,):

@@ -1,91 +1,46 @@
-"""Replaced-token detection (ELECTRA, Clark et al. 2020, "ELECTRA: Pre-training Text Encoders as
-Discriminators Rather Than Generators").
+"""Replaced-token detection (ELECTRA, Clark et al. 2020).
 
-The idea: a small masked LM (the generator) fills in ~15% of the tokens with plausible samples, and
-the encoder we keep (the discriminator) is trained to tell, for every token, whether it is the
-original or a replacement. The discriminator thus learns from all positions, not only the 15% a
-masked LM predicts, which makes it far more sample-efficient for the same compute.
+A small masked LM (the generator) fills in some tokens with samples, and the encoder we keep (the
+discriminator) learns to tell, for every token, original or replaced: it learns from every position.
 
-One training step, as in google-research/electra (run_pretraining.py, pretrain_helpers.mask):
-  1. choose: each eligible (non-special, non-padding) token independently with probability
-     mask_prob = 0.15 (--mask_prob; the masked-LM family's rule, minilm/masking.py);
-  2. mask: of the chosen, 85% are shown to the generator as <mask> and 15% unchanged; ELECTRA uses
-     no random replacement (pretrain_helpers.mask: tf.less(uniform, 0.85)). --rtd_replacement bert
-     restores BERT's 80/10/10 (--mask_replace_prob, --random_replace_prob);
-  3. the generator predicts the original token at every chosen position (cross-entropy);
-  4. sample: each chosen position gets a token drawn from the generator's softmax at temperature 1
-     (--generator_temperature), with no gradient through the sampling (ELECTRA's _get_fake_data:
-     tf.stop_gradient). The chosen positions shown unchanged are resampled too, as in ELECTRA
-     (it unmasks, then scatters the samples into every chosen position);
-  5. the discriminator reads the corrupted input (the original with the samples in place) and
-     labels every non-pad token: replaced iff it differs from the original. A sample that equals
-     the original counts as original (ELECTRA: labels = masked * (updated != original)).
-Loss = generator MLM loss + rtd_weight (50, ELECTRA's disc_weight; gen_weight is 1) x
-discriminator binary cross-entropy. The generator's loss is summed over the chosen tokens and
-divided by the step's chosen count, the discriminator's summed over every non-pad token and
-divided by the step's non-pad count (two entries of batch["counts"], so gradient accumulation and
-DDP give exactly the gradient of one big batch; base.py).
+One step, as google-research/electra (run_pretraining.py, pretrain_helpers.mask):
+  1. choose each eligible (non-special, non-pad) token with probability --mask_prob 0.15;
+  2. show 85% of the chosen to the generator as <mask> and 15% unchanged, none random
+     (tf.less(uniform, 0.85)); --rtd_replacement bert gives BERT's 80/10/10 instead;
+  3. the generator predicts the original at every chosen position;
+  4. every chosen position (unchanged ones too) gets a token sampled from the generator's softmax
+     at --generator_temperature 1, no gradient through it (ELECTRA's stop_gradient), by inverse
+     CDF of a uniform drawn in make_batch from the step's generator (resuming samples the same);
+  5. the discriminator reads the corrupted text and labels each non-pad token replaced iff it
+     differs from the original (a sample equal to the original counts as original).
+Loss = generator cross-entropy / the step's chosen count + --rtd_weight 50 x discriminator binary
+cross-entropy / the step's non-pad count (ELECTRA's gen_weight 1 and disc_weight 50). Defaults:
+lr 5e-4 and min_lr 5e-5 (ELECTRA-Small's peak lr); an explicit flag wins.
 
 The networks (configure_pretraining.py: generator_hidden_size 0.25, generator_layers 1.0):
-  * discriminator = `backbone`, a minilm Transformer encoder (mask None, or a padding mask) with
-    ELECTRA's per-token head: Linear C->C, GELU, Linear C->1 (discriminator_predictions). It is
-    what fine-tuning and --init_from take: "backbone.*" in the checkpoint.
-  * generator: an encoder of the same depth, width generator_fraction (0.25) of the
-    discriminator's with the head size D kept, i.e. max(1, round(H * fraction)) heads of D (for a
-    4-head 256-wide discriminator: 1 head, 64 wide; MLP 4x its own width, or the discriminator's
-    --intermediate_size scaled by the same ratio), and BERT's MLM head (mlm.py's MLMHead) whose
-    transform maps its width to the embedding width E, tied to the E-wide token matrix (ELECTRA's
-    get_masked_lm_output: dense to embedding_size, GELU, LayerNorm, then the shared table). Like the masked LMs, its head and last block
-    run only at the chosen positions (Transformer's outputs_at).
-  * shared embeddings: the token table, the position table (--position learned), the segment
-    table and the embedding norm are the SAME Parameter objects in both networks (ELECTRA's
-    untied_generator_embeddings = False). They are E = --embedding_size wide (0: the
-    discriminator's width C, unfactorized). Each network reads them through its own Linear
-    projection E -> its width when the two differ (ELECTRA's "embeddings_project"): the
-    discriminator through its backbone's embed_project (model.py), the generator through its
-    own. RoPE has no parameters: each network rotates with its own (identical) tables.
-  * --embedding_sharing changes the token table alone (the other tables stay shared): electra
-    (the default) as above; none, a table each (the generator's head tied to its own); gdes,
-    DeBERTa-v3's gradient-disentangled sharing (DisentangledEmbedding): the discriminator reads
-    the generator's table without its gradient plus a zero-initialised residual table, so each
-    loss trains a table of its own. DeBERTa-v3 found the two losses pulling one shared table
-    apart ("tug-of-war"); benchmarks/README.md ("rtd") measures the cosine of their gradients on it.
+  * discriminator = `backbone`, an encoder, with ELECTRA's head Linear C->C, GELU, Linear C->1;
+    it is what --init_from and fine-tuning take;
+  * generator: the same depth, max(1, round(H x --generator_fraction 0.25)) heads of the same
+    size, and mlm.py's head mapping its width to the embedding width E, tied to the token table;
+  * the token, position and segment tables and the embedding norm are the same Parameters in both
+    (untied_generator_embeddings = False), E = --embedding_size wide (0: the discriminator's
+    width); each network projects E to its own width where they differ. --embedding_sharing none
+    gives the generator its own token table; gdes is DeBERTa-v3's gradient-disentangled sharing
+    (the generator's table without its gradient plus a zero-initialised residual table).
 
-Sampling is exact and reproducible: make_batch draws one uniform u per chosen position from the
-step's torch.Generator (so a resumed run samples what it would have sampled), and the forward
-takes the first id whose cumulative probability exceeds u (inverse-CDF sampling, on (N, V)
-tensors, no Python loop). make_batch cannot sample itself: the logits do not exist yet.
+Shapes: raw (B, T+1) from "blocks" (the first T used) -> input_ids, masked_ids (B, T), positions
+(N,) flat indices of the chosen, targets and sample_noise (N,), valid (B, T) bool. Forward:
+generator (N, C_g) -> logits (N, V) -> sampled (N,) -> corrupted (B, T) -> discriminator
+(B, T, C) -> logits (B, T). Metrics: generator/ loss, acc; discriminator/ loss, acc, precision,
+recall (of "replaced"), positive_share.
 
-Shapes: raw (B, T+1) from "blocks" (the first T = seq_len used) -> input_ids (B, T) (original),
-masked_ids (B, T) (what the generator reads), positions (N,) flat indices b*T + t of the chosen
-tokens, targets (N,), sample_noise (N,), valid (B, T) bool (non-pad). Forward: generator (N, C_g)
--> logits (N, V) -> sampled (N,) -> corrupted (B, T) -> discriminator (B, T, C) -> logits (B, T).
-
-Metrics: "generator/*" (loss, acc: argmax == original at the chosen positions) and
-"discriminator/*" (loss, acc over non-pad tokens, precision and recall of "replaced", and
-positive_share: the share of tokens actually replaced); "loss" is the trained sum
-gen loss + rtd_weight x disc loss.
-
-Training defaults (train_defaults, base.py): lr 5e-4 and min_lr 5e-5, ELECTRA-Small's peak lr,
-where the other objectives take the causal LM's 2e-3; --lr and --min_lr still win. ELECTRA's
-warmup (10k of 1M steps), Adam beta2 0.999 and eps 1e-6 are not defaults here.
-
-Where we differ from the references:
-  * Choosing: each eligible token independently with p = 0.15 (a binomial count, as our other
-    masked LMs and HF's collator). ELECTRA draws round(0.15 * n) positions per row with
-    replacement (tf.random.categorical), so duplicates make the distinct count slightly smaller;
-    its n also counts [CLS] and [SEP]. We have no [CLS]/[SEP] framing (see mlm.py).
-  * Embedding width: by default (--embedding_size 0) the tables are the discriminator's width and
-    only the generator projects. ELECTRA-Small factorizes them (configure_pretraining.py's "small"
-    overrides: embedding_size 128, hidden_size 256, 12 layers, 4 heads, intermediate 1024,
-    generator 0.25 -> 64 wide), projected up to the discriminator's 256 and down to the
-    generator's 64; Base and Large do not (embedding = hidden). ELECTRA-Small's shape:
-    --objective rtd --n_layer 12 --n_embd 256 --n_head 4 --embedding_size 128 --seq_len 128
-    (--generator_fraction 0.25, --intermediate_size 0 = 1024 are the defaults).
-  * The encoders are minilm's pre-norm Transformer (RoPE, RMSNorm by default), with the masked LMs'
-    embedding norm (embed_norm, declared in model_settings), not BERT's post-norm.
-  * HF's transformers has no ELECTRA pretraining loop; its examples (and the peers benchmark)
-    sample with torch.multinomial, which is the same law.
+Where we differ from ELECTRA:
+  * each token is chosen independently (a binomial count); ELECTRA draws round(0.15 n) positions
+    with replacement (tf.random.categorical), n counting [CLS] and [SEP], which we do not have;
+  * the tables are unfactorized by default; ELECTRA-Small's shape is --n_layer 12 --n_embd 256
+    --n_head 4 --embedding_size 128 --seq_len 128;
+  * pre-norm encoders with the masked LMs' embedding norm, not BERT's post-norm; ELECTRA's warmup
+    (10k steps), Adam beta2 0.999 and eps 1e-6 are not defaults.
 """
 from __future__ import annotations
 
@@ -220,8 +175,8 @@ class ReplacedTokenDetection(Objective):
     name = "rtd"
     data = "blocks"
     model_kind = "encoder"
-    fills_masks = False
-    scores_tokens = True
+    capabilities = frozenset({"score", "embed"})   # score: the discriminator's P(replaced) per token
+    token_score = "P(replaced)"
     reads_padded_rows = True
     # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
     # so the discriminator needs no separate LM head either
@@ -316,6 +271,10 @@ class ReplacedTokenDetection(Objective):
         """What sample.py --score shows: (B, T) -> (B, T), the discriminator's P(replaced)."""
         return torch.sigmoid(self.discriminator_logits(input_ids, attn_mask))
 
+    def token_scores(self, input_ids):
+        """score(): (B, T) framed after <eos> -> (B, T - 1), P(replaced) of every token after it."""
+        return self.replaced_probabilities(input_ids)[:, 1:]
+
     def forward(self, batch, totals=None):
         targets, valid = batch["targets"], batch["valid"]
         logits = self.generator_logits(batch)                                           # (N, V)
@@ -341,6 +300,18 @@ class ReplacedTokenDetection(Objective):
                     "discriminator/predicted_positives": called.sum(),
                     "discriminator/positives": replaced.sum()}
         return loss, sums
+
+    def metrics(self, sums: dict) -> dict:
+        """The discriminator's precision and recall of "replaced", and positive_share, the share of
+        tokens that were replaced (what calling every token original scores as its error rate)."""
+        if "discriminator/true_positives" not in sums:
+            return {}
+        true_positives, tokens = float(sums["discriminator/true_positives"]), float(sums["discriminator/targets"])
+        out = {"discriminator/precision": true_positives / max(float(sums["discriminator/predicted_positives"]), 1.0),
+               "discriminator/recall": true_positives / max(float(sums["discriminator/positives"]), 1.0)}
+        if tokens > 0:
+            out["discriminator/positive_share"] = float(sums["discriminator/positives"]) / tokens
+        return out
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token (for MFU), the generic count (flops.transformer_flops) of

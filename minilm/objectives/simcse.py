@@ -1,84 +1,45 @@
-"""Contrastive sentence embeddings (SimCSE; Gao, Yao and Chen 2021, "SimCSE: Simple Contrastive
-Learning of Sentence Embeddings"), unsupervised ("simcse") and supervised ("simcse_sup").
+"""Contrastive sentence embeddings (SimCSE; Gao, Yao and Chen 2021), unsupervised ("simcse") and
+supervised ("simcse_sup").
 
-The idea: an encoder maps each sentence to one vector; a sentence's vector should be nearer to
-its positive than to the other sentences of the batch, measured by InfoNCE over cosine
-similarities. Unsupervised, the positive is *the sentence itself*, read a second time: each
-sentence appears twice in one forward pass, and dropout, which draws an independent mask for
-every row, makes the two copies differ slightly. That noise is the only augmentation, so this
-objective declares dropout 0.1 as its default (see "Dropout" below). Supervised, the positive is
-a second text of the row (an entailed hypothesis, a paraphrase), with an optional hard negative
-(a contradiction) as one more column of candidates.
+An encoder maps each text to one vector, which should lie nearer to its positive than to the other
+texts of the batch (InfoNCE over cosine similarities). Unsupervised, the positive is the sentence
+itself read a second time in the same pass, made different by dropout alone; supervised, it is a
+second text of the row (an entailment, a paraphrase), with an optional hard negative.
 
-    simcse      "sentences" data (minilm/data/sentences.py): single sentences of running text
-    simcse_sup  "pairs" data (minilm/data/pairs.py): rows (anchor, positive[, hard negative]) of a
-                .tsv / .csv / .jsonl table: --text_field anchor, --pair_field positive,
-                --negative_field hard negative (optional)
-A second objective name rather than a flag, because the name fixes the data an objective reads
-(Objective.data), and train.py prepares that data before any objective is built.
+    simcse      "sentences" data (data/sentences.py): single sentences of running text
+    simcse_sup  "pairs" data (data/pairs.py): table rows (anchor, positive[, hard negative]) from
+                --text_field, --pair_field, --negative_field (two names: each fixes its data)
 
-The loss (SimCSE's simcse/models.py, cl_forward). For B rows with queries z1 (the first view)
-and keys z2 (the second view), over the global batch of N keys (all ranks, see DDP below):
-    logits[i, j] = cos(z1_i, z2_j) / temperature            (B, N), temperature 0.05
-    supervised with hard negatives z3: (B, 2N), the columns cos(z1_i, z3_j) / temperature
-        appended, + hard_negative_weight on each row's own negative (SimCSE's hard_negative_weight,
-        default 0, a logit offset, so "weight" is exp(it)); a row without a negative masks its column
-    loss = sum_i cross_entropy(logits[i], i's own key) / rows in the step
-The negatives are the other rows' second views (N - 1 of them, not 2N - 1: the authors saw no
-difference, SimCSE issue #11).
+Numbers (SimCSE's simcse/models.py, cl_forward): for B queries z1 (first views) and the N keys z2
+(second views, gathered from every rank):
+    logits[i, j] = cos(z1_i, z2_j) / --simcse_temperature 0.05               (B, N)
+    hard negatives z3 add N columns cos(z1_i, z3_j) / 0.05, and --simcse_hard_negative_weight
+    (0; a logit offset) on a row's own negative; a row without one masks its column
+    loss = sum_i cross_entropy(logits[i], i's own key) / the step's row count
+The negatives are the other rows' second views (N - 1 of them, not 2N - 1: SimCSE issue #11).
+--simcse_pooling first: the [CLS] state, then an MLP (Linear C->C, tanh) in training only; mean:
+the mean over real tokens (SimCSE's "avg"), no MLP. An embedding (embed(), --embed, the metrics) is
+the pooled state before the MLP. Dropout defaults to 0.1 for these objectives (`defaults`; an
+explicit --dropout wins): with --dropout 0 the two views coincide.
 
-Pooling (--simcse_pooling):
-    first  the [CLS] position's hidden state, then an MLP (Linear C -> C, tanh) in training only:
-           the embedding (embed(), the metrics) is the hidden state before the MLP. SimCSE's
-           unsupervised recipe ("cls" with --mlp_only_train); its supervised one keeps the MLP at
-           test time, here both variants drop it, so an embedding means the same for both
-    mean   the mean of the hidden states over the real tokens (SimCSE's "avg"); no MLP
-Both ignore padding: the encoder's padding mask hides pad keys and mean pooling skips pad positions.
+Gradients. Under DDP the keys are gathered with gradient (distributed.gather_with_gradient), so
+the trainer's usual scaling gives exactly the gradient of one process over the global batch.
+Gradient accumulation cannot: a row's negatives are its own micro-batch's, so the gradient is that
+of the mean over the step's rows of per-micro-batch InfoNCE; for more negatives raise --batch_size.
 
-Dropout. The noise must come from dropout, so "simcse" and "simcse_sup" default to --dropout 0.1
-(BERT's, which SimCSE relies on): base.py's `model_defaults`, applied by train.py to a fresh run
-(and an --init_from run) when --dropout is not on the command line; an explicit --dropout wins,
-and the value is printed and saved with the config, like any other. With --dropout 0 the two views
-are the same vector and the unsupervised loss only pushes sentences apart.
-
-DDP. The keys (and hard negatives) are gathered across ranks with minilm.distributed.
-gather_with_gradient, so the negatives come from the global batch; each rank takes its own rows as
-queries, whose labels start at its offset in the gathered keys. The gather's backward gives each
-rank's keys the gradient of every rank's queries, so the trainer's usual scaling (loss x
-world_size, DDP's average) yields exactly the gradient of one process over the whole global batch
-(tests/test_distributed.py). (SimCSE's reference instead computes the whole global loss on every
-rank and puts only its own grad-carrying slice back, so its averaged gradient is 1/world_size of
-that.) Evaluation gathers nothing: each rank scores its own batches.
-
-Gradient accumulation cannot reproduce one big batch for a contrastive loss: a row's negatives
-are only the rows of its own micro-batch (on every rank), since the other micro-batches' keys
-are computed in other forward passes. What holds, and is tested: each micro-batch's loss is the
-InfoNCE of that micro-batch (its summed row losses over the step's total rows, base.py's
-contract), and the accumulated gradient is the sum of those micro-batch gradients, i.e. the
-gradient of the mean over the step's rows of per-micro-batch InfoNCE. To get more negatives, raise
---batch_size (or add ranks), not --grad_accum.
-
-Evaluation (each eval, additive sums for finalize, base.py), on the embeddings embed() returns,
-L2-normalized (Wang and Isola 2020, "Understanding Contrastive Representation Learning through
-Alignment and Uniformity on the Hypersphere", alpha = 2, t = 2):
-    align            mean over positive pairs (x, y) of ||f(x) - f(y)||^2 (lower: positives closer)
-                     = align_sum / align_count
-    uniform          log of the mean over pairs of distinct rows i < j of one batch of
-                     exp(-2 ||f(x_i) - f(x_j)||^2) (lower: spread over the sphere)
-                     = log(uniform_sum / uniform_count); within-batch pairs estimate the expectation
-    retrieval_acc    share of positive pairs (x, y) whose x has y as its nearest neighbour (cosine)
-                     among the batch's second texts = retrieval_correct / retrieval_count;
-                     retrieval_chance = 1 / (candidates) averaged the same way, what guessing gets
-    loss, acc        the InfoNCE of the batch and how often a query's nearest key is its own, as
-                     in training but with dropout off
-What a positive pair is: simcse_sup, a row's (anchor, positive). simcse has no labelled pairs, and
-with dropout off its two views are one vector; its pairs are (sentence, a neighbouring sentence
-of the same document) from the validation text (data/sentences.py), a sentence without one is
-left out. Neighbouring sentences share topic and entities, so these numbers say whether nearby
-text lands nearby; they are not STS scores.
+Evaluation, on L2-normalized embeddings (Wang and Isola 2020, alpha = 2, t = 2), with dropout off:
+align (mean ||f(x) - f(y)||^2 over positive pairs), uniform (log of the mean over a batch's distinct
+pairs of exp(-2 ||f(x_i) - f(x_j)||^2)), retrieval_acc (how often x's nearest second text is its
+y) beside retrieval_chance, loss and acc. A positive pair is a row's (anchor, positive) for
+simcse_sup and, for simcse, a sentence and a neighbouring sentence of the same document (so these
+numbers say whether nearby text lands nearby; they are not STS scores).
 
 Shapes: input_ids (B, V, T) with V = 2 views (3 with hard negatives), lengths (B, V); hidden
-(V*B, T, C) in one pass, view-major; pooled (V*B, C); logits (B, N or 2N).
+(V*B, T, C) in one pass, view-major; pooled (V*B, C); logits (B, N) or (B, 2N).
+
+Where we differ from SimCSE: its supervised recipe keeps the MLP at test time, here both variants
+drop it, so an embedding means the same for both; its DDP loss is the whole global loss on every
+rank with only the local slice carrying gradient, which averages to 1/world_size of ours.
 """
 from __future__ import annotations
 
@@ -141,10 +102,25 @@ def embedding_sums(first, second, valid) -> dict:
             "retrieval_chance_sum": (valid_f.sum() > 0).float()}   # per pair 1/n, n pairs per batch
 
 
+def embedding_metrics(sums: dict) -> dict:
+    """embedding_sums, added over batches and ranks -> align, uniform, retrieval_acc and
+    retrieval_chance: the ratios and the log are taken here, once."""
+    out = {}
+    if float(sums.get("align_count", 0)) > 0:
+        out["align"] = float(sums["align_sum"]) / float(sums["align_count"])
+    if float(sums.get("uniform_count", 0)) > 0 and float(sums["uniform_sum"]) > 0:
+        out["uniform"] = math.log(float(sums["uniform_sum"]) / float(sums["uniform_count"]))
+    if float(sums.get("retrieval_count", 0)) > 0:
+        out["retrieval_acc"] = float(sums["retrieval_correct"]) / float(sums["retrieval_count"])
+        out["retrieval_chance"] = float(sums["retrieval_chance_sum"]) / float(sums["retrieval_count"])
+    return out
+
+
 class SimCSE(Objective):
     name = "simcse"
     data = "sentences"
     model_kind = "encoder"
+    capabilities = frozenset({"embed"})
     embeds_sentences = True          # has embed(input_ids, lengths): minilm/api.py uses its pooling
     model_defaults = {"dropout": 0.1}
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
@@ -183,6 +159,10 @@ class SimCSE(Objective):
         pooled hidden state, before the training-only MLP (what embed() and the metrics use)."""
         hidden = self.backbone(input_ids, mask=padding_mask(lengths, input_ids.shape[1]))   # (N, T, C)
         return pool(hidden, lengths, self.pooling)
+
+    def metrics(self, sums: dict) -> dict:
+        """Alignment, uniformity and retrieval of the evaluation's positive pairs (module docstring)."""
+        return embedding_metrics(sums)
 
     def baseline_sums(self, batch, sums):
         """ln(candidates) per row (base.py, Baseline): the InfoNCE loss of embeddings that tell no

@@ -1,41 +1,34 @@
-"""Sentence-order prediction (SOP; Lan et al. 2019, "ALBERT: A Lite BERT for Self-supervised
-Learning of Language Representations"), with BERT's next-sentence prediction (NSP; Devlin et al.
-2018) as an option.
+"""Sentence-order prediction (SOP; Lan et al. 2019, "ALBERT"), with BERT's next-sentence
+prediction (NSP; Devlin et al. 2018) as an option.
 
-The idea: show the encoder two consecutive runs of sentences A and B of one document, in their
-order or swapped, and let it tell which. Both halves come from the same document, so the topic
-gives nothing away (NSP's weakness: a random B is usually off-topic); only coherence does.
+Show the encoder two consecutive runs of sentences A and B of one document, in their order or
+swapped, and let it tell which. Both come from the same document, so the topic gives nothing away
+(NSP's weakness: a random B is usually off-topic); only coherence does.
 
 Numbers (ALBERT's create_pretraining_data.py and modeling.py):
   * layout [CLS] A [SEP] B [SEP] [PAD]..., segment ids 0 on [CLS] A [SEP], 1 on B [SEP], 0 on pad;
-  * swap probability 0.5, drawn per row in make_batch with the step's generator (dynamic, like
-    masking); label 1 = swapped (HF AlbertForPreTraining's sentence_order_label), 0 = in order.
-    A swapped row is [CLS] B [SEP] A [SEP] with segment ids recomputed: B is now segment 0;
-  * head: Pooler (dense + tanh on the [CLS] state, minilm/model.py) then Linear(n_embd, 2); the
-    loss is the cross-entropy summed over rows, divided by the step's row count (base.py);
-  * how A and B are chosen (chunks of whole sentences, the cut a_end = randint(1, len - 1),
-    longest-first truncation) is the data source's: minilm/data/segment_pairs.py, SegmentPairSource.
-Single-sentence documents: the data source skips them (counted and reported when it is built).
-ALBERT instead pairs such a sentence with text from a random document and labels it "swapped",
-although nothing was swapped; minilm never makes such a pair.
-
---sentence_task nsp (BERT): with probability 0.5 B is replaced by the B of another row of the
-batch that comes from a different document (cut at its end to fit); label 1 = random B, 0 = the
-real continuation. A batch whose rows all come from one document (a split of one document,
---batch_size 1) has no random B to offer: its labels would be 0 whatever happens, so its rows
-are no NSP examples and are left out of the loss and the metrics (label IGNORE), with a warning
-the first time. A one-document validation split used to report NSP accuracy 1.0 (every label
-0); now it reports no NSP metrics, and says why. (Drawing its negatives from the training
-documents instead needs the data source to know them; the objective only sees its batch.)
-ALBERT's paper shows NSP teaches little beyond topic; it is here to compare.
-
-Backbone: minilm's Transformer as an encoder (mask=None) with a padding mask and segment
-embeddings: sentence pairs need n_segment >= 2, so model_config_for turns 0 into 2
-(base.DATA_MODEL_MINIMUMS).
+  * swap probability 0.5, drawn per row in make_batch from the step's generator; label 1 =
+    swapped (HF AlbertForPreTraining's sentence_order_label), 0 = in order. A swapped row is
+    [CLS] B [SEP] A [SEP] with its segment ids recomputed;
+  * head: Pooler (dense + tanh on the [CLS] state, model.py), then Linear(C, 2); the loss is the
+    cross-entropy summed over rows, divided by the step's row count (base.py);
+  * how A and B are chosen (whole sentences, the cut a_end = randint(1, len - 1), longest-first
+    truncation) is the data source's: SegmentPairSource in minilm/data/segment_pairs.py.
+--sentence_task nsp (BERT): with probability 0.5, B is replaced by the B of another row of the
+batch from a different document (cut to fit); label 1 = random B, 0 = the real continuation. A
+row with no such partner (every row of the batch from one document: a one-document split, or
+--batch_size 1) is no NSP example: label IGNORE, left out of the loss and the metrics, with a
+warning the first time. ALBERT's paper shows NSP teaches little beyond topic; it is here to compare.
 
 Shapes: input_ids, segment_ids (B, T); lengths, labels (B,); hidden (B, T, C); pooled (B, C);
-logits (B, 2). Metrics: the shared sums (nll, targets = rows, correct), so finalize reports
-loss and acc (and a perplexity, exp(loss), which for two classes lies between 1 and 2).
+logits (B, 2). Metrics: the shared sums (nll, targets = rows, correct): loss, acc and a
+perplexity exp(loss), which for two classes lies between 1 and 2. Sentence pairs need segment
+embeddings: this objective's `configure` asks for n_segment >= 2.
+
+Where we differ from ALBERT: a single-sentence document is skipped by the data source (counted and
+reported when it is built); ALBERT pairs it with text from a random document and labels that
+"swapped", although nothing was swapped. NSP's random B comes from the same batch, not from the
+whole corpus.
 """
 from __future__ import annotations
 
@@ -70,6 +63,7 @@ class SentenceOrder(Objective):
     name = "sop"
     data = "segment_pairs"
     model_kind = "encoder"
+    capabilities = frozenset({"embed"})
     baseline = Baseline("the label prior: a coin flip, ln 2", targets="labels", margin=0.01)
 
     @classmethod

@@ -1,20 +1,20 @@
 """Span masking (SpanBERT, Joshi et al. 2020; facebookresearch/SpanBERT, PairWithSpanMaskingScheme).
 
-The idea: mask contiguous spans of whole words rather than scattered tokens, so the model must
-reconstruct a phrase from what surrounds it, which helps span-level tasks (question answering,
-coreference).
+Mask contiguous spans of whole words rather than scattered tokens, so the model must reconstruct a
+phrase from what surrounds it, which helps span-level tasks (question answering, coreference).
 
-Numbers (SpanBERT's recipe; ObjectiveConfig):
-  * budget: exactly ceil(mask_prob * n) tokens per row (mask_prob 0.15, n = eligible tokens);
-  * span length in words ~ Geometric(span_geometric_p = 0.2) clipped to span_min_words..
-    span_max_words = 1..10 and renormalized: P = 0.2241, 0.1792, 0.1434, ..., 0.0301, mean
-    3.797 words;
+Numbers (SpanBERT's recipe):
+  * budget: exactly ceil(mask_prob x n) tokens per row (--mask_prob 0.15, n = eligible tokens);
+  * span length in words ~ Geometric(--span_geometric_p 0.2) clipped to --span_min_words 1 ..
+    --span_max_words 10 and renormalized: P = 0.2241, 0.1792, 0.1434, ..., 0.0301, mean 3.797
+    words;
   * a span starts at the start of the word holding a uniformly random not-yet-masked token and
     covers whole words; spans are added until the budget is met, the last one cut to fit;
-    overlapping (or touching) spans merge;
-  * the 80/10/10 choice is made once per merged span (SpanBERT's --replacement-method span):
-    a span is all <mask>, all random tokens or all unchanged.
-The algorithm is masking.span_choice; the per-span draw is masking.replace with span_ids.
+    overlapping (or touching) spans merge (masking.span_choice);
+  * the 80/10/10 choice is made once per merged span (SpanBERT's --replacement-method span): a
+    span is all <mask>, all random tokens or all unchanged (masking.replace with span_ids).
+
+Shapes and loss: as MaskedLM (mlm.py); only the choice of positions and the per-span draw differ.
 
 Where we differ from SpanBERT:
   * no span boundary objective (SBO: predicting span tokens from the two boundary tokens and a
@@ -23,8 +23,6 @@ Where we differ from SpanBERT:
   * random replacements are uniform over non-special ids, not drawn from the corpus' token
     distribution;
   * a span never crosses a document boundary (<eos>) or padding.
-
-Shapes and loss: as MaskedLM (mlm.py).
 """
 from __future__ import annotations
 

@@ -1,45 +1,42 @@
 """T5 span corruption (Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a
-Unified Text-to-Text Transformer", section 3.1.4 and the span-corruption objective of 3.3).
+Unified Text-to-Text Transformer", sections 3.1.4 and 3.3).
 
-The idea: hide random spans of a window, replace each span by one sentinel token in the
-encoder's input, and train a decoder to write the hidden spans out, each after its sentinel.
-The encoder reads the corrupted text in both directions; the decoder writes causally and
-cross-attends to the encoder in every block, so only the short target is generated.
+Hide random spans of a window, replace each span by one sentinel token in the encoder's input, and
+train a decoder to write the hidden spans out, each after its sentinel. The encoder reads the
+corrupted text both ways; the decoder writes causally and cross-attends to the encoder in every
+block, so only the short target is generated.
 
-Numbers (ObjectiveConfig; defaults are T5's):
-  * noise_density = 0.15 of each raw window's tokens are noise: round(L x 0.15) clamped to
-    1..L-1; mean_noise_span_length = 3: max(1, round(noise / 3)) spans.
-  * Span lengths follow T5's random_segmentation: the noise tokens and the non-noise tokens are
-    each split into that many non-empty parts uniformly at random over all compositions (not a
-    geometric or Poisson law), interleaved so every window starts with non-noise and ends with
-    noise (minilm/masking.py, t5_noise_mask).
-  * Sentinels in fixed order from minilm.tokenizer.SENTINEL_IDS: the first span of every row is
-    <extra_id_0>, the next <extra_id_1>, ... Input: non-noise tokens, one sentinel per span,
-    <eos>. Target: each sentinel followed by the tokens it hides, then <eos>.
-  * --seq_len is the encoder's input length. The raw window is the longest whose input comes
-    out at exactly seq_len tokens (masking.t5_lengths): 568 raw tokens give a 512-token input and
-    a 114-token target, with no padding anywhere; 70 give 64 and 14. The target must fit the
-    decoder's positions (target length <= seq_len), which densities up to about 0.5 do.
-  * The decoder reads the target shifted right by one, starting with DECODER_START_ID = PAD_ID
-    (<pad>, id 0, as T5 does): decoder_input_ids = [<pad>, target[0], ..., target[T-2]].
-  * The loss is the cross-entropy over every target token (sentinels and <eos> included),
-    summed and divided by the step's total target count (the contract in base.py); every row
-    has the same T targets, so that is the mean over the step.
+Numbers (T5's defaults):
+  * --noise_density 0.15 of each raw window's L tokens are noise: round(0.15 L) clamped to
+    1..L-1, in max(1, round(noise / --mean_noise_span_length 3)) spans;
+  * span lengths follow T5's random_segmentation: the noise and the non-noise tokens are each
+    split into that many non-empty parts uniformly over all compositions (not a geometric or
+    Poisson law), interleaved so every window starts with non-noise and ends with noise
+    (minilm/masking.py, noise_span_mask);
+  * sentinels in fixed order (tokenizer.SENTINEL_IDS): the first span of every row is
+    <extra_id_0>, the next <extra_id_1>, ... Input: the non-noise tokens, one sentinel per span,
+    <eos>. Target: each sentinel followed by the tokens it hides, then <eos>;
+  * --seq_len is the encoder's input length; the raw window is the longest whose input comes out
+    at exactly seq_len tokens: 568 raw tokens give a 512-token input and a 114-token target, 70
+    give 64 and 14, with no padding anywhere. The target must fit the decoder's positions
+    (target length <= seq_len), which densities up to about 0.5 do;
+  * the decoder reads the target shifted right after DECODER_START_ID = PAD_ID (<pad>, as T5);
+  * the loss is the cross-entropy over every target token (sentinels and <eos> included), summed
+    and divided by the step's target count (base.py).
 
-Shapes: raw (B, L) from the "blocks" source (L = window_length, 568 for seq_len 512) ->
-input_ids (B, S) with S = seq_len, decoder_input_ids and labels (B, T), T = target length (114);
-memory (B, S, C) -> decoder hidden (B, T, C) -> logits (B, T, V).
+Shapes: raw (B, L) from the "blocks" source (L = window_length, 568 for seq_len 512) -> input_ids
+(B, S), S = seq_len; decoder_input_ids and labels (B, T), T = target length (114); encoder output
+(B, S, C) -> decoder hidden (B, T, C) -> logits (B, T, V).
 
-The backbone is minilm's EncoderDecoder: n_layer encoder blocks, n_decoder_layer decoder blocks
-(0, the default, means as many as the encoder: derived_model_settings, so the printed and saved
-config says the real number), one shared token embedding, tied output. Where we differ from
-T5: minilm's pre-norm Block with rotary (or learned) positions in each stack instead of T5's
-relative position buckets, and minilm's MLP (GELU by default; --mlp swiglu is close to T5.1.1's
-gated GELU).
+The backbone is minilm's EncoderDecoder: n_layer encoder blocks and n_decoder_layer decoder blocks
+(0 means as many as the encoder; `configure` writes the real number into the saved config), one
+shared token embedding, tied output. Metrics: the shared sums; bytes are those of the hidden text
+(specials count 0), so bits per byte are those of recovering the hidden spans, comparable between
+t5 runs.
 
-Metrics: nll, targets, correct (argmax right, sentinels and <eos> counted) and bytes: the UTF-8
-bytes of the hidden text, i.e. of the non-special target tokens (specials are 0 bytes), so bits
-per byte are those of recovering the hidden spans given the rest; comparable between t5 runs.
+Where we differ from T5: minilm's pre-norm Block with rotary (or learned) positions in each stack
+instead of T5's relative position buckets, and minilm's MLP (GELU by default; --mlp swiglu is close
+to T5.1.1's gated GELU).
 """
 from __future__ import annotations
 
@@ -54,7 +51,7 @@ from minilm.objectives.base import Baseline, Objective, check_model_config
 from minilm.tokenizer import PAD_ID, SENTINEL_IDS
 
 # The decoder's first input token: <pad>, as in T5 (decoder_start_token_id = pad_token_id).
-# minilm/generate.py takes it as an argument; sample.py passes this constant.
+# minilm/generate.py takes it as an argument; minilm/api.py reads it as the objective's decoder_start_id.
 DECODER_START_ID = PAD_ID
 
 
@@ -65,10 +62,10 @@ def span_corruption_lengths(model_cfg, options) -> tuple[int, int]:
     options.validate()
     seq_len = model_cfg.seq_len
     try:
-        raw_length, target_length = masking.t5_lengths(seq_len, options.noise_density,
-                                                       options.mean_noise_span_length, len(SENTINEL_IDS))
+        raw_length, target_length = masking.noise_span_window(seq_len, options.noise_density,
+                                                              options.mean_noise_span_length, len(SENTINEL_IDS))
     except SpanCorruptionError as err:
-        raise SpanCorruptionError(f"--objective t5 with --seq_len {seq_len}: {err}") from None
+        raise SpanCorruptionError(f"--objective t5 with --seq_len {seq_len}: T5 {err}") from None
     if target_length > seq_len:
         raise SpanCorruptionError(
             f"--objective t5 with --seq_len {seq_len} and --noise_density {options.noise_density} makes targets of "
@@ -80,6 +77,8 @@ class SpanCorruption(Objective):
     name = "t5"
     data = "blocks"
     model_kind = "seq2seq"
+    capabilities = frozenset({"infill", "embed"})   # embed: the encoder's hidden states
+    decoder_start_id = DECODER_START_ID              # what infill's decoding starts from
     baseline = Baseline("each decoder target predicted by its unigram frequency", targets="labels", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
@@ -112,15 +111,15 @@ class SpanCorruption(Objective):
         """raw (B, L) with L = window_length -> input_ids (B, S), decoder_input_ids and labels (B, T)."""
         if raw.shape[1] != self.raw_length:
             raise ValueError(f"t5 reads windows of {self.raw_length} tokens (window_length), got {raw.shape[1]}")
-        input_ids, labels, _ = masking.t5_span_corruption(raw, generator, self.options.noise_density,
-                                                          self.options.mean_noise_span_length, SENTINEL_IDS)
+        input_ids, labels, _ = masking.noise_span_corruption(raw, generator, self.options.noise_density,
+                                                             self.options.mean_noise_span_length, SENTINEL_IDS)
         decoder_input_ids = F.pad(labels[:, :-1], (1, 0), value=DECODER_START_ID)    # shifted right
         return {"input_ids": input_ids, "decoder_input_ids": decoder_input_ids, "labels": labels,
                 "counts": {"targets": torch.tensor(labels.numel(), device=labels.device)}}
 
     def forward(self, batch, totals=None):
-        memory = self.backbone.encode(batch["input_ids"])                        # (B, S, C)
-        hidden = self.backbone.decode(batch["decoder_input_ids"], memory)        # (B, T, C)
+        encoder_output = self.backbone.encode(batch["input_ids"])                # (B, S, C)
+        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output)  # (B, T, C)
         logits = self.backbone.logits(hidden)                                    # (B, T, V)
         return self.token_loss(logits.flatten(0, 1), batch["labels"].flatten(), batch, totals)
 

@@ -1,54 +1,34 @@
 """Translation language modeling (TLM; Lample & Conneau 2019, "Cross-lingual Language Model
 Pretraining", XLM).
 
-The idea: masked LM over a sentence and its translation side by side. A word hidden in one
-language can be recovered from its own sentence or from the translation, so the encoder learns to
-attend across languages and to align their representations (what makes XLM transfer from one
-language to another). With the translation present the model predicts hidden words better than
-from one side alone: tests/test_tlm.py measures exactly that on a synthetic language pair.
+Masked LM over a sentence and its translation side by side. A word hidden in one language can be
+recovered from its own sentence or from the translation, so the encoder learns to attend across
+languages and to align them (tests/test_tlm.py checks that the translation helps).
 
-Input (data/parallel.py, "parallel" data; one pair per row of a .tsv/.csv/.jsonl):
-    <eos> source <eos> <eos> target <eos> <pad>...      XLM's </s> x1 </s> </s> x2 </s>
-    positions  0 1 .. a+1 | 0 1 .. b+1                    restart where the target half begins
-    languages  0 ........ | 1 ........                    a learned embedding per language
-Numbers (XLM's train.py defaults, the same as BERT's; ObjectiveConfig, shared with mlm):
-  * word_pred 0.15: each real token of either side is chosen independently (Bernoulli), so
-    masking reaches both languages at the same rate, jointly: a masked word may have its
-    translation masked too, or not;
-  * word_mask_keep_rand 0.8,0.1,0.1: a chosen token is shown as <mask>, unchanged, or as a random
-    token (minilm/masking.py `replace`); the loss predicts the original in all three cases;
-  * the four <eos> and the padding are never chosen (special ids, and positions past the row's
-    length), so never predicted; the padding is hidden from attention by a padding mask.
-Everything after the batch is MaskedLM's (objectives/mlm.py): dynamic masking per step, the sparse
-head on the chosen positions only, the loss summed over the step's chosen tokens.
+Numbers (XLM's train.py defaults, which are BERT's): --mask_prob 0.15 of the real tokens of both
+sides, each chosen independently (a masked word may have its translation masked too, or not); the
+four <eos> and the padding are never chosen; 80/10/10 <mask> / random / unchanged (XLM's
+word_mask_keep_rand "0.8,0.1,0.1" lists mask, keep, random). Everything after the batch is
+MaskedLM's (mlm.py): dynamic masking, the sparse head, the loss over the step's chosen tokens.
 
-Language embeddings are the segment embeddings. XLM adds lang_embeddings(langs), an (n_langs, C)
-table indexed per token, to the token and position embeddings; the segment table (model.py,
-n_segment) is the same thing: a learned (n, C) table indexed per token and added there. A pair's
-two segments are its two languages, so one table serves, and the model needs no keyword or
-config field of its own for it: parallel data declares n_segment >= 2 (objectives/base.py,
-DATA_MODEL_MINIMUMS), the saved config says so, and the batch's `segment_ids` are the language
-ids. Language k is named by the reserved tag <lang_k> (tokenizer.LANG_IDS).
+Input: the "parallel" source (data/parallel.py), one pair per row of a .tsv, .csv or .jsonl:
+    tokens     <eos> source <eos> <eos> target <eos> <pad>...   XLM's </s> x1 </s> </s> x2 </s>
+    positions  0 1 .. a+1 | 0 1 .. b+1                           restart where the target begins
+    languages  0 ........ | 1 ........                           one id per token
+XLM's language embedding (an (n_langs, C) table indexed per token, added to the token and position
+embeddings) is model.py's segment table: `configure` asks for n_segment >= 2, and the batch's
+segment_ids are the language ids.
 
-Shapes: input_ids, segment_ids (languages), position_ids (B, T); lengths (B,); attn_mask
-(B, 1, 1, T); positions (N,) flat indices b*T + t of the chosen tokens, targets (N,); the backbone's
-output at them (N, C) -> logits (N, V).
+Shapes: input_ids, segment_ids, position_ids (B, T); lengths (B,); attn_mask (B, 1, 1, T);
+positions (N,) flat indices b*T + t of the chosen tokens, targets (N,) -> logits (N, V).
 
-Where we differ from XLM:
-  * minilm's Transformer (pre-norm; RoPE by default, where XLM learns absolute positions, which
-    --position learned gives): with rotary positions the restart means a word and the word at the
-    same place in the translation are at distance 0, which helps alignment as XLM's shared
-    absolute positions do;
-  * the direction is fixed, --text_field first; XLM trains each direction its --mlm_steps list
-    (e.g. "en-fr,fr-en");
-  * a pair longer than the context is cut on both sides in proportion; XLM drops such sentences
-    (--max_len) before training;
-  * random replacements are uniform over the non-special ids (XLM: over the whole vocabulary);
-    no frequency-smoothed choice of targets (XLM's --sample_alpha, 0 by default) and no rounding
-    of the target count to a multiple of 8 under fp16;
-  * `--objective mlm+tlm` (XLM's MLM + TLM): the masked LM part reads one side of a pair per row
-    from the same prepared data (data/parallel.py, `monolingual`), where XLM reads 256-token streams
-    of monolingual text, so its rows hold much padding.
+Where we differ from XLM: RoPE by default (XLM learns absolute positions: --position learned), so
+the restart puts a word and the word at its place in the translation at distance 0; one direction,
+--text_field first (XLM trains each direction of its --mlm_steps); a pair longer than the context
+is cut on both sides in proportion (XLM drops it); random replacements uniform over the
+non-special ids (XLM: the whole vocabulary); no frequency-smoothed targets (--sample_alpha) and no
+rounding of the target count to a multiple of 8 under fp16. In mlm+tlm the masked LM part reads one
+side of a pair per row (`monolingual` in data/parallel.py), where XLM reads 256-token streams.
 """
 from __future__ import annotations
 

@@ -1,25 +1,26 @@
-"""Whole-word masking (google-research/bert's whole-word-masking release, May 2019; HF's
+"""Whole-word masking (google-research/bert's whole-word-masking release, 2019; HF's
 DataCollatorForWholeWordMask).
 
-The idea: predicting one piece of a word from its other pieces is often easy ("un ##believ
-##able"), so choose whole words and hide all of their pieces together; the model must then use
-the context, not the rest of the word.
+Predicting one piece of a word from its other pieces is often easy ("un ##believ ##able"), so
+choose whole words and hide all their pieces together: the model must use the context instead.
 
-Numbers: a budget of max(1, round(mask_prob * n)) tokens per row (mask_prob 0.15; n = eligible
-tokens, and a row with none gets 0), as BERT's create_pretraining_data.
-Words are tried in a random order and a word is taken whole when it fits in what is left of
-the budget; a word that would overshoot it is skipped, never cut, so a row gets at most the
-budget, and in practice exactly it (short words fill the gaps). Then the usual 80/10/10, per
-token, as BERT's create_pretraining_data and HF do.
+Numbers:
+  * budget: max(1, round(mask_prob x n)) tokens per row (--mask_prob 0.15, n = eligible tokens; a
+    row with none gets 0), as BERT's create_pretraining_data;
+  * words are tried in a random order, and a word is taken whole when it fits in what is left of
+    the budget; a word that would overshoot is skipped, never cut, so a row gets at most the
+    budget, in practice exactly it (short words fill the gaps; masking.whole_word_choice);
+  * then the usual 80/10/10 per token, as BERT's create_pretraining_data and HF do.
 
-Words come from the tokenizer's word-start flags (a sentencepiece piece starting with "▁", the
-first piece after a newline, after a document boundary or at the start of a window), never
-from BERT's "##" convention, so it works for any sentencepiece vocabulary (HF's collator only
-worked with WordPiece: transformers #11768, #9866). A window that starts mid-word treats the
-partial word as a word.
+Words come from the tokenizer's word-start flags: a piece starting with "▁", the first piece after
+a newline, after a document boundary or at the start of a window. A window that starts mid-word
+treats the partial word as a word.
 
-Shapes and loss: as MaskedLM (mlm.py); only the choice of positions differs
-(masking.whole_word_choice).
+Shapes and loss: as MaskedLM (mlm.py); only the choice of positions differs.
+
+Where we differ from the references: word starts come from sentencepiece's "▁", never from BERT's
+"##" convention, so any sentencepiece vocabulary works (HF's collator needs WordPiece:
+transformers #11768, #9866); random replacements are uniform over the non-special ids.
 """
 from __future__ import annotations
 
