@@ -195,13 +195,6 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def keys_values(self, source):
-        """source (B, S, C) -> keys, values (B, H, S, D) each, before any rotary position."""
-        C = source.shape[-1]
-        w_kv = self.qkv.weight[C:]
-        b_kv = self.qkv.bias[C:] if self.qkv.bias is not None else None
-        return tuple(rearrange(F.linear(source, w_kv, b_kv), "b s (two h d) -> two b h s d", two=2, h=self.n_head))
-
     def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
                 cache=None):
         """x (B, T, C), source (B', S, C) -> (B, T, C).
@@ -219,9 +212,15 @@ class Attention(nn.Module):
             q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
             source_positions = positions
         else:
-            b_q = self.qkv.bias[:C] if self.qkv.bias is not None else None
-            q = rearrange(F.linear(x, self.qkv.weight[:C], b_q), "b t (h d) -> b h t d", h=self.n_head)
-            k, v = self.keys_values(source) if cache is None else cache.source(lambda: self.keys_values(source))
+            w_q, w_kv = self.qkv.weight.split([C, 2 * C])
+            b_q, b_kv = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
+            q = rearrange(F.linear(x, w_q, b_q), "b t (h d) -> b h t d", h=self.n_head)
+
+            def keys_values():   # the source's, (B', H, S, D) each
+                kv = F.linear(source, w_kv, b_kv)
+                return tuple(rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=self.n_head))
+
+            k, v = keys_values() if cache is None else cache.source(keys_values)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, source_positions)
         if cache is not None and source is None:
