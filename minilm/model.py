@@ -338,7 +338,8 @@ class Transformer(nn.Module):
     forward(ids, mask=m, cache=kv)                 incremental decoding with a KVCache: positions
                                                    continue after what the cache holds; the mask
                                                    is stated (decoding_mask), never guessed
-    forward(ids, encoder_output=enc, encoder_mask=pad)   a decoder that cross-attends (EncoderDecoder)
+    forward(ids, encoder_output=enc,               a decoder that cross-attends (EncoderDecoder)
+            encoder_mask=pad)
     forward(ids, mask=padmask, outputs_at=flat)    only the outputs at flat positions b*T + t, (N, C)
 
     Segment (token-type) embeddings exist when cfg.n_segment > 0 (BERT's two: sentence A and B).
