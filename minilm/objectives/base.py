@@ -266,7 +266,7 @@ class Objective(nn.Module):
         differs (the masked LMs' outputs at a share of positions, a head once per row, two passes);
         only two keep a formula of their own, where the generic count cannot work: plm (a second,
         query stream whose keys and values come from the content stream) and t5 (an encoder-decoder:
-        cross-attention over the encoder's length, flops.encoder_decoder_flops)."""
+        cross-attention over the encoder's length, flops.encoder_decoder_flops; ul2 inherits it)."""
         return transformer_flops(self.backbone, self.backbone.cfg.seq_len, head=lm_head_matmul_weights(self.backbone))
 
 
