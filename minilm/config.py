@@ -4,7 +4,8 @@ A run is described by one `Config`, made of four sections:
 
     ModelConfig      the network's shape (n_layer, n_head, n_embd, ...)
     DataConfig       where the text comes from and how it is tokenized
-    ObjectiveConfig  options of the objectives (masking rates, span lengths, loss weights)
+    ObjectiveConfig  the objectives' options (masking rates, span lengths, loss weights), each
+                     declared in its objective's file (an Options dataclass) and gathered here
     TrainConfig      which objective, the optimizer, the schedule, logging and checkpoints
 
 Every field of every section can be set from the command line as `--field value` (or
@@ -21,79 +22,13 @@ import copy
 import dataclasses
 import difflib
 import importlib.util
-import math
 import textwrap
 from dataclasses import dataclass, field, fields
 
 from minilm.errors import UserError
-
-
-# ----------------------------------------------------------------------------- fields and their rules
-# A field is declared with option(default, meaning, rule): the meaning is what `train.py --help`
-# prints, the rule the values the field accepts on its own. Rules that tie two fields together
-# (n_embd divisible by n_head, min_lr <= lr, ...) are code, in each section's validate().
-
-def option(default, meaning: str, *, at_least=None, above=None, within: str | None = None,
-           choices: tuple[str, ...] | None = None):
-    """A config field with its meaning and, at most one of:
-    at_least=x or above=x (a lower bound, inclusive or not); within="[a, b)" (an interval, its
-    brackets saying which ends are included; a bound may be inf or a power like 2**64);
-    choices=("a", "b") (a choice "name:N" also accepts name:0, name:1, ...)."""
-    rule = {"at_least": at_least, "above": above, "within": within, "choices": choices}
-    return field(default=default, metadata={"help": meaning,
-                                            **{k: v for k, v in rule.items() if v is not None}})
-
-
-def _bound(text: str) -> float:
-    base, _, power = text.strip().partition("**")
-    return float(base) ** int(power) if power else float(base)
-
-
-def check_value(name: str, value, *, at_least=None, above=None, within: str | None = None,
-                choices: tuple[str, ...] | None = None) -> None:
-    """UserError `--name must be <rule>, got <value>` when `value` breaks the rule (see option)."""
-    if choices is not None:
-        indexed = [c[:-2] for c in choices if c.endswith(":N")]  # "cuda:N": cuda:0, cuda:1, ...
-        base, colon, index = str(value).partition(":")
-        if value not in choices and not (colon and base in indexed and index.isdigit()):
-            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
-        return
-    if within is not None:
-        low, high = (_bound(b) for b in within[1:-1].split(","))
-        ok = ((low < value if within[0] == "(" else low <= value)
-              and (value < high if within[-1] == ")" else value <= high))
-        requirement = f"in {within}"
-    elif at_least is not None:
-        ok, requirement = value >= at_least, f">= {at_least}"
-    elif above is not None:
-        ok, requirement = value > above, f"> {above}"
-    else:
-        ok, requirement = True, ""
-    if isinstance(value, float) and not math.isfinite(value):  # nan compares false, inf may pass
-        raise UserError(f"--{name} must be a finite number{' ' + requirement if requirement else ''}, "
-                        f"got {value}")
-    if not ok:
-        raise UserError(f"--{name} must be {requirement}, got {value}")
-
-
-TYPES = {"int": int, "float": float, "str": str, "bool": bool}  # the annotations, as strings
-ARTICLE = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-
-
-def _fits(value, kind: type) -> bool:
-    if isinstance(value, bool):  # bool is a subclass of int: True is no n_layer
-        return kind is bool
-    return isinstance(value, kind) or (kind is float and isinstance(value, int))
-
-
-def check_fields(section) -> None:
-    """Each field of a config section alone: its type, then its rule (option's metadata)."""
-    for f in fields(section):
-        value = getattr(section, f.name)
-        if not _fits(value, TYPES[f.type]):
-            raise UserError(f"--{f.name} expects {ARTICLE[f.type]}, got {value!r}")
-        rule = {k: v for k, v in f.metadata.items() if k != "help"}
-        check_value(f.name, value, **rule)
+# fields are declared with option(default, meaning, rule), shared with the objectives' own options:
+# check_fields checks each alone, a section's validate() the rules that tie fields together
+from minilm.options import ARTICLE, TYPES, check_fields, check_value, merge_fields, option, type_name  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- the four sections
@@ -121,15 +56,15 @@ class ModelConfig:
                             within="[0, 1)")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = option(True, "the LM head reuses the token embedding matrix")
-    # objectives that read sentence pairs need n_segment >= 2 (objectives/base.py, model settings)
+    # objectives that read sentence pairs or translations raise it to 2 (their configure: sop.py, tlm.py)
     n_segment: int = option(0, "segment (token-type) embeddings; 0 = none, but objectives that read "
-                               "sentence pairs (sop) use 2 or more", at_least=0)
-    # the masked LMs turn it on for their encoder (objectives/mlm.py)
+                               "sentence pairs or translations use 2 or more", at_least=0)
+    # the masked LMs turn it on for their encoder (objectives/mlm.py, configure)
     embed_norm: bool = option(False, "a norm on the summed embeddings before the first block (BERT, "
                                      "RoBERTa, ModernBERT); the masked LMs always use it")
-    # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/base.py)
-    n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder (t5), which has n_layer encoder "
-                                     "blocks; 0 = no decoder stack (t5 then uses n_layer)", at_least=0)
+    # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/t5.py, configure)
+    n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder, which has n_layer encoder "
+                                     "blocks; 0 = no decoder stack (an encoder-decoder then uses n_layer)", at_least=0)
 
     @property
     def head_dim(self) -> int:
@@ -174,12 +109,12 @@ PRESETS: dict[str, dict] = {
 class DataConfig:
     data: str = option("", "text file, folder, glob or .jsonl; empty = the built-in corpus")
     text_field: str = option("text", "the field (JSON, JSON Lines) or column (CSV, TSV) holding the text")
-    label_field: str = option("label", "classify: the field or column holding each row's label (any string)")
-    pair_field: str = option("", "row data with two texts: the second text's field or column (tlm: the "
-                                 "translation; simcse pairs: the positive)")
-    negative_field: str = option("", "simcse pairs: the hard negative's field or column (optional)")
+    label_field: str = option("label", "labelled rows: the field or column holding each row's label (any string)")
+    pair_field: str = option("", "row data with two texts: the second text's field or column (a "
+                                 "translation, or a sentence pair's positive)")
+    negative_field: str = option("", "sentence pairs: the hard negative's field or column (optional)")
     val_data: str = option("", "row data: a file of validation rows; empty: a split of --data (stratified "
-                               "by label for classify)")
+                               "by label for labelled rows)")
     tokenizer: str = option("", "a tokenizer.model to use (e.g. another run's out_dir/tokenizer.model) instead of "
                                 "training one on --data; it sets --vocab_size")
     character_coverage: float = option(0.9995, "share of characters sentencepiece gives their own piece; "
@@ -193,88 +128,46 @@ class DataConfig:
         check_fields(self)
 
 
-@dataclass
-class ObjectiveConfig:
-    """Options of the objectives (masking rates, span laws, loss weights). Each objective reads
-    the fields it needs and documents them in its own file. The objective names and the format
-    of objective_weights are checked where they are read (minilm/objectives/)."""
-    objective_weights: str = option("", "a+b objectives: one loss weight per part, e.g. 1,0.5; "
-                                         "empty: every weight is 1")
-    # causal LM (minilm/objectives/clm.py)
-    predict_after_eos: bool = option(True, "clm: predict a document's first token from the end of the "
-                                           "one before; false ignores those targets (<eos> itself is "
-                                           "always a target)")
-    # masked-LM family (mlm, wwm, span; minilm/objectives/mlm.py, minilm/masking.py)
-    mask_prob: float = option(0.15, "masked LMs: share of eligible (non-special) tokens to predict; mlm "
-                                    "each independently, wwm max(1, round(p*n)) tokens in whole words, span "
-                                    "exactly ceil(p*n)", within="(0, 1]")
-    mask_replace_prob: float = option(0.8, "of the chosen tokens, the share shown as <mask>",
-                                      within="[0, 1]")
-    random_replace_prob: float = option(0.1, "the share shown as a random non-special token; the rest "
-                                             "stay unchanged", within="[0, 1]")
-    span_geometric_p: float = option(0.2, "span: span length in words ~ Geometric(p), clipped to "
-                                          "span_min_words..span_max_words and renormalized",
-                                     within="(0, 1]")
-    span_min_words: int = option(1, "span: the shortest span, in words", at_least=1)
-    span_max_words: int = option(10, "span: the longest span, in words", at_least=1)
-    # T5 span corruption (minilm/objectives/t5.py, minilm/masking.py)
-    noise_density: float = option(0.15, "t5: share of each window's tokens hidden in noise spans (each span "
-                                        "becomes one sentinel in the input)", within="(0, 1)")
-    mean_noise_span_length: float = option(3.0, "t5: mean length of a noise span, in tokens; spans = "
-                                                "round(noise tokens / this)", at_least=1)
-    # replaced-token detection (ELECTRA; minilm/objectives/rtd.py); its masking reads --mask_prob too
-    generator_fraction: float = option(0.25, "rtd: the generator's width as a share of the discriminator's "
-                                             "(head size kept, so its heads are scaled; at least one)",
-                                       within="(0, 1]")
-    rtd_weight: float = option(50.0, "rtd: loss = generator MLM loss + this x discriminator loss",
-                               at_least=0)
-    rtd_replacement: str = option("electra", "rtd: what the generator sees at a chosen token: electra (85% "
-                                             "<mask>, 15% unchanged) or bert (--mask_replace_prob / "
-                                             "--random_replace_prob, 80/10/10)", choices=("electra", "bert"))
-    generator_temperature: float = option(1.0, "rtd: replacements are sampled from softmax(generator logits "
-                                               "/ this)", above=0)
-    embedding_sharing: str = option("electra", "rtd: the token table of the generator and the discriminator: "
-                                               "electra (one table), none (one each) or gdes (the "
-                                               "discriminator's is the generator's, without its gradient, "
-                                               "plus a residual of its own: DeBERTa-v3)",
-                                    choices=("electra", "none", "gdes"))
-    # permutation LM (minilm/objectives/plm.py)
-    plm_partial_k: int = option(6, "plm: predict the last 1/K of each sequence's random factorization order "
-                                   "(XLNet's K): round(seq_len / K) targets per row", at_least=2)
-    plm_span_targets: bool = option(False, "plm: choose the targets as XLNet's spans (n = 1..5 tokens with p ~ 1/n, "
-                                           "one per stretch of 7n tokens) instead of uniformly")
-    sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
-                                       "(BERT: B random?)", choices=("sop", "nsp"))
-    # --- classify (fine-tuning a classification head; minilm/objectives/classify.py) ---
-    pooling: str = option("auto", "classify: the one vector per text the head reads: first ([CLS]), mean (over "
-                                  "the real tokens) or last (the last real token, for causal decoders); auto = "
-                                  "last for a causal backbone, first from scratch or after sop/simcse (which "
-                                  "train [CLS]), mean after the other pretraining objectives", choices=("auto", "first", "mean", "last"))
-    classifier_attention: str = option("auto", "classify: how the backbone reads: bidirectional (an encoder) or "
-                                               "causal (a decoder: clm); auto = the --init_from parent's way, "
-                                               "bidirectional from scratch",
-                                       choices=("auto", "bidirectional", "causal"))
-    labels: str = option("", "classify: the label names in id order, a JSON list; filled in from the data and "
-                             "saved with the model (give it only to insist on exactly these labels)")
-    freeze_backbone: bool = option(False, "classify: train the head only (a linear probe); the backbone stays "
-                                          "as loaded, in eval mode")
-    head_lr: float = option(0.0, "classify: the head's peak learning rate; 0 = --lr (the schedule scales both)",
-                            at_least=0)
-    # contrastive sentence embeddings (simcse, simcse_sup; minilm/objectives/simcse.py)
-    simcse_pooling: str = option("first", "simcse: the sentence vector: first ([CLS], with an MLP in training "
-                                          "only) or mean (over the real tokens)", choices=("first", "mean"))
-    simcse_temperature: float = option(0.05, "simcse: InfoNCE logits are cosine similarities / this", above=0)
-    simcse_hard_negative_weight: float = option(0.0, "simcse_sup: added to each row's logit of its own hard "
-                                                     "negative (SimCSE's hard_negative_weight)")
+# ObjectiveConfig: the options of every registered objective (minilm/objectives/__init__.py), one
+# flat section: each objective declares its own in its file (an Options dataclass), and the run's
+# section is their union, made when it is first used (so an objective registered later, a toy in
+# a test or a user's script, gets its flags too). Flat, so a checkpoint's "obj" table, and every
+# flag, stay as they were when all of them lived here.
+_objective_config: tuple[tuple, type] | None = None
 
-    def validate(self) -> None:
-        check_fields(self)
-        if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
-            raise UserError(f"--mask_replace_prob + --random_replace_prob must be at most 1, got "
-                            f"{self.mask_replace_prob} + {self.random_replace_prob}")
-        if self.span_min_words > self.span_max_words:
-            raise UserError(f"span lengths need 1 <= --span_min_words <= --span_max_words, got "
-                            f"{self.span_min_words} and {self.span_max_words}")
+
+def _validate_objective_options(self) -> None:
+    """Each field alone, then each objective's own rules (its Options.validate) on its fields."""
+    check_fields(self)
+    for options_class in self.option_classes:
+        options_class(**{f.name: getattr(self, f.name) for f in fields(options_class)}).validate()
+
+
+def objective_config_class() -> type:
+    """The dataclass of the objective section: the registered objectives' Options fields, grouped
+    by objective in the registry's order. Made again when the registry has changed."""
+    global _objective_config
+    from minilm.objectives import option_classes   # the registry (imports torch): only once a Config is made
+    classes = tuple(option_classes())
+    if _objective_config is None or _objective_config[0] != classes:
+        # types as their names ("float"), as this module's own annotations are (parse_overrides reads them)
+        declared = [(f.name, type_name(f), field(default=f.default, metadata=f.metadata))
+                    for f in merge_fields(classes)]
+        made = dataclasses.make_dataclass("ObjectiveConfig", declared, namespace={
+            "__doc__": "Options of the registered objectives, one flat section: each objective declares its "
+                       "own (its Options dataclass, in its file) and reads them there.",
+            "__module__": __name__,
+            "option_classes": classes,
+            "validate": _validate_objective_options})
+        _objective_config = (classes, made)
+    return _objective_config[1]
+
+
+def __getattr__(name: str):
+    # `from minilm.config import ObjectiveConfig`: the class of the registry as it is now
+    if name == "ObjectiveConfig":
+        return objective_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 TENSORBOARD_HINT = ('--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '
@@ -342,7 +235,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    obj: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    obj: ObjectiveConfig = field(default_factory=lambda: objective_config_class()())
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -354,7 +247,7 @@ class Config:
             known = {f.name for f in fields(klass)}
             return klass(**{k: v for k, v in (values or {}).items() if k in known})
         return cls(model=build(ModelConfig, d.get("model")), data=build(DataConfig, d.get("data")),
-                   obj=build(ObjectiveConfig, d.get("obj")), train=build(TrainConfig, d.get("train")))
+                   obj=build(objective_config_class(), d.get("obj")), train=build(TrainConfig, d.get("train")))
 
     def validate(self) -> None:
         """A one-line UserError naming the flag for the first field out of its range, or for two
@@ -377,7 +270,11 @@ class Config:
 
 
 SECTIONS = ("model", "data", "obj", "train")
-SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "obj": ObjectiveConfig, "train": TrainConfig}
+
+
+def section_classes() -> dict[str, type]:
+    """Section name -> its dataclass (the objective section's as the registry makes it now)."""
+    return {"model": ModelConfig, "data": DataConfig, "obj": objective_config_class(), "train": TrainConfig}
 
 
 def config_from_saved(saved) -> Config:
@@ -389,10 +286,10 @@ def config_from_saved(saved) -> Config:
     of an older minilm lacks the newer fields). UserError naming the first problem."""
     if not isinstance(saved, dict):
         raise UserError(f"the config is {type(saved).__name__}, not a table of sections")
-    extra = [name for name in saved if name not in SECTION_CLASSES]
+    extra = [name for name in saved if name not in SECTIONS]
     if extra:
         raise UserError(f"the config has an unknown section {extra[0]!r} (known: {', '.join(SECTIONS)})")
-    for section, klass in SECTION_CLASSES.items():
+    for section, klass in section_classes().items():
         values = saved.get(section, {})
         if not isinstance(values, dict):
             raise UserError(f"the config's {section!r} section is {type(values).__name__}, not a table of fields")

@@ -87,7 +87,9 @@ def test_declared_settings_and_data_minimums():
     assert resolve("sop", small()) == small(n_segment=2)
     assert resolve("sop", small(n_segment=3)) == small(n_segment=3)      # a minimum, not a value
     assert resolve("mlm+sop", small()) == small(embed_norm=True, n_segment=2)
-    assert MaskedLM.model_settings == {"embed_norm": True} and SentenceOrder.model_settings == {}
+    # what each declares in its configure: the masked LM an exact value, sop a minimum
+    assert MaskedLM.configure(small(), MaskedLM.Options()) == small(embed_norm=True)
+    assert SentenceOrder.configure(small(embed_norm=True), SentenceOrder.Options()) == small(embed_norm=True, n_segment=2)
     with pytest.raises(UserError, match="unknown --objective 'mlmx'"):
         resolve("mlmx", small())
 
@@ -95,7 +97,10 @@ def test_declared_settings_and_data_minimums():
 def test_conflicting_parts_are_one_user_error(monkeypatch):
     class Plain(Objective):
         name = "plain"
-        model_settings = {"embed_norm": False}
+
+        @classmethod
+        def configure(cls, model_cfg, options):
+            return dataclasses.replace(model_cfg, embed_norm=False)
     monkeypatch.setitem(OBJECTIVES, "plain", Plain)
     with pytest.raises(UserError, match=r"^mlm needs --embed_norm True but plain needs --embed_norm False; "
                                         r"these objectives cannot share one model$"):
@@ -103,10 +108,18 @@ def test_conflicting_parts_are_one_user_error(monkeypatch):
 
     class NoSegments(Objective):
         name = "nosegments"
-        model_settings = {"n_segment": 0}
+        reads_padded_rows = True   # so that it may read sop's sentence pairs, and only the model conflicts
+
+        @classmethod
+        def configure(cls, model_cfg, options):
+            return dataclasses.replace(model_cfg, n_segment=0)
     monkeypatch.setitem(OBJECTIVES, "nosegments", NoSegments)
-    with pytest.raises(UserError, match="nosegments needs --n_segment 0 but segment_pairs data needs at least 2"):
+    # sop reads sentence pairs, which need two segment embeddings or more
+    with pytest.raises(UserError, match=r"^nosegments needs --n_segment 0 but sop needs --n_segment 2 or more; "
+                                        r"these objectives cannot share one model$"):
         objectives.model_config_for("nosegments+sop", small())
+    with pytest.raises(UserError, match=r"^sop needs --n_segment 2 or more but nosegments needs --n_segment 0; "):
+        objectives.model_config_for("sop+nosegments", small())
 
 
 def test_constructors_build_exactly_the_config_they_are_given():

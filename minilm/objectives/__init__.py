@@ -19,7 +19,7 @@ import difflib
 
 from minilm.errors import UserError
 from minilm.objectives.base import IGNORE, Objective, check_rows_fit, finalize, resolve_model_config
-from minilm.objectives.classify import Classifier  # classify
+from minilm.objectives.classify import Classifier
 from minilm.objectives.clm import CausalLM
 from minilm.objectives.mlm import MaskedLM
 from minilm.objectives.multitask import MultiTask, check_parts, common_data
@@ -30,61 +30,96 @@ from minilm.objectives.simcse import SimCSE, SupervisedSimCSE
 from minilm.objectives.sop import SentenceOrder
 from minilm.objectives.span import SpanMaskedLM
 from minilm.objectives.t5 import SpanCorruption
-from minilm.objectives.tlm import TranslationLM  # tlm
+from minilm.objectives.tlm import TranslationLM
 from minilm.objectives.ul2 import MixtureOfDenoisers
 from minilm.objectives.wwm import WholeWordMaskedLM
+from minilm.options import merge_fields
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    CausalLM.name: CausalLM,
-    MaskedLM.name: MaskedLM,
-    WholeWordMaskedLM.name: WholeWordMaskedLM,
-    SpanMaskedLM.name: SpanMaskedLM,
-    SentenceOrder.name: SentenceOrder,
-    PrefixLM.name: PrefixLM,
-    SpanCorruption.name: SpanCorruption,
-    ReplacedTokenDetection.name: ReplacedTokenDetection,
-    PermutationLM.name: PermutationLM,
-    Classifier.name: Classifier,   # classify: fine-tuning a classification head (classify.py)
-    # simcse: contrastive sentence embeddings, from sentences or from (anchor, positive) rows
-    SimCSE.name: SimCSE,
-    SupervisedSimCSE.name: SupervisedSimCSE,
-    TranslationLM.name: TranslationLM,   # tlm
-    MixtureOfDenoisers.name: MixtureOfDenoisers,
-}
+OBJECTIVES: dict[str, type[Objective]] = {}
 
 
-def model_config_for(name: str, model_cfg):
+def register(cls: type[Objective]) -> type[Objective]:
+    """Make objective `cls` trainable as --objective cls.name (replacing one of that name) and its
+    Options fields flags. ValueError, before anything changes, for a name that cannot be a flag
+    value, Options that are not a dataclass of option() fields or that declare a field another
+    registered objective declares too (share it by inheritance instead), or `defaults` naming no
+    ModelConfig or TrainConfig field. Returns `cls`, so it can decorate the class."""
+    from minilm.config import ModelConfig, TrainConfig
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        raise ValueError(f"register takes a subclass of minilm.objectives.Objective, got {cls!r}")
+    if not cls.name or "+" in cls.name or cls.name != cls.name.strip():
+        raise ValueError(f"{cls.__qualname__}.name must be a name without '+' or spaces, got {cls.name!r}")
+    others = [c for name, c in OBJECTIVES.items() if name != cls.name]
+    merge_fields(option_classes(others + [cls]))
+    shared = {f.name for section in (ModelConfig, TrainConfig) for f in dataclasses.fields(section)}
+    unknown = sorted(set(cls.defaults) - shared)
+    if unknown:
+        raise ValueError(f"{cls.__qualname__}.defaults names --{unknown[0]}, which is no ModelConfig or "
+                         "TrainConfig field")
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def option_classes(classes=None) -> list[type]:
+    """The Options classes behind the objective section of a Config (config.ObjectiveConfig): a+b's
+    own, then each registered objective's (or each of `classes`'), each once, in registry order."""
+    found = [MultiTask.Options]
+    for cls in (OBJECTIVES.values() if classes is None else classes):
+        if cls.Options not in found:
+            found.append(cls.Options)
+    return found
+
+
+register(CausalLM)
+register(MaskedLM)
+register(WholeWordMaskedLM)
+register(SpanMaskedLM)
+register(SentenceOrder)
+register(PrefixLM)
+register(SpanCorruption)
+register(ReplacedTokenDetection)
+register(PermutationLM)
+register(Classifier)                 # fine-tuning a classification head
+register(SimCSE)                     # contrastive sentence embeddings, from sentences
+register(SupervisedSimCSE)           # ... or from (anchor, positive) rows
+register(TranslationLM)
+register(MixtureOfDenoisers)         # UL2's mixture of denoisers
+
+
+def model_config_for(name: str, model_cfg, options=None):
     """The ModelConfig that objective `name` ("mlm", "mlm+sop", ...) builds from `model_cfg`: a
-    copy with the settings its parts declare and what its data needs. Idempotent, and the same
-    for "a+b" and "b+a". One-line UserErrors for an unknown name or parts that cannot share one
-    model."""
+    copy with what its parts need (their configure; `options`: the run's objective section, or the
+    defaults when None). Idempotent, and the same for "a+b" and "b+a". One-line UserErrors for an
+    unknown name or parts that cannot share one model."""
     classes = [objective_class(part) for part in name.split("+")]
     if len(classes) > 1:
         check_parts(classes)
-    return resolve_model_config(classes, common_data(classes), model_cfg)
+    return resolve_model_config(classes, model_cfg, options)
 
 
-# simcse: model defaults (base.py), e.g. its dropout 0.1, for the fields a command line leaves out
 def model_defaults_for(name: str, model_cfg, given: set[str]):
-    """A copy of model_cfg with objective `name`'s model_defaults for the fields not in `given`
-    (the flags on the command line, config.explicit_flags). train.py applies it to a fresh run,
-    never on --resume, whose checkpoint's config already holds what its run chose. Parts of "a+b"
-    that default one field differently: a UserError asking for the flag."""
-    return _defaults_for(name, model_cfg, given, "model_defaults")
+    """A copy of model_cfg with objective `name`'s `defaults` for the ModelConfig fields not in
+    `given` (the flags on the command line, config.explicit_flags; simcse's dropout 0.1). train.py
+    applies it to a fresh run, never on --resume, whose checkpoint's config already holds what its
+    run chose. Parts of "a+b" that default one field differently: a UserError asking for the flag."""
+    return _defaults_for(name, model_cfg, given)
 
 
 def train_defaults_for(name: str, train_cfg, given: set[str]):
-    """The same for TrainConfig fields (an objective's own learning rate, base.py's
-    `train_defaults`): a copy of train_cfg, checked again (--min_lr must stay at most --lr)."""
-    train_cfg = _defaults_for(name, train_cfg, given, "train_defaults")
+    """The same for TrainConfig fields (an objective's own learning rate): a copy of train_cfg,
+    checked again (--min_lr must stay at most --lr)."""
+    train_cfg = _defaults_for(name, train_cfg, given)
     train_cfg.validate()
     return train_cfg
 
 
-def _defaults_for(name: str, section, given: set[str], declared: str):
+def _defaults_for(name: str, section, given: set[str]):
+    own = {f.name for f in dataclasses.fields(section)}
     chosen: dict = {}
     for cls in (objective_class(part) for part in name.split("+")):
-        for setting, value in getattr(cls, declared).items():
+        for setting, value in cls.defaults.items():
+            if setting not in own:
+                continue
             if setting in chosen and chosen[setting][1] != value and setting not in given:
                 raise UserError(f"{chosen[setting][0]} defaults --{setting} to {chosen[setting][1]} but {cls.name} "
                                 f"to {value}; pass --{setting} to choose")
@@ -115,17 +150,19 @@ def is_encoder_decoder(name: str) -> bool:
 
 
 def build_objective(name: str, model_cfg, tokenizer=None, options=None) -> Objective:
-    """`options` is the run's ObjectiveConfig (defaults when None). The model is built from
-    model_config_for(name, model_cfg); `model_cfg` itself is not changed."""
-    model_cfg = model_config_for(name, model_cfg)
-    if options is None:
-        from minilm.config import ObjectiveConfig
-        options = ObjectiveConfig()
+    """`options`: the run's objective section (config.ObjectiveConfig; the defaults when None), from
+    which the objective gets its own Options (each part of "a+b" its own). The model is built from
+    model_config_for(name, model_cfg, options); `model_cfg` itself is not changed. A section is
+    validated whole, as a command line is, whichever of its options the objective reads."""
+    if options is not None and hasattr(options, "validate"):
+        options.validate()
+    model_cfg = model_config_for(name, model_cfg, options)
     if "+" in name:
         return MultiTask([objective_class(part) for part in name.split("+")], model_cfg, tokenizer, options)
     if getattr(options, "objective_weights", "").strip():
         raise UserError(f"--objective_weights is for combined objectives such as mlm+sop; {name} has one loss")
-    return objective_class(name)(model_cfg, tokenizer, options)
+    cls = objective_class(name)
+    return cls(model_cfg, tokenizer, cls.make_options(options))
 
 
 def objective_class(name: str) -> type[Objective]:
@@ -138,5 +175,5 @@ def objective_class(name: str) -> type[Objective]:
 
 
 __all__ = ["IGNORE", "OBJECTIVES", "Objective", "build_objective", "data_kind_for", "finalize", "is_encoder_decoder",
-           "model_config_for", "window_length_for"]
-__all__ += ["model_defaults_for", "train_defaults_for"]   # simcse; train_defaults_for: any objective
+           "model_config_for", "model_defaults_for", "option_classes", "register", "train_defaults_for",
+           "window_length_for"]

@@ -41,6 +41,11 @@ line does not give (simcse's dropout 0.1, rtd's lr). What train.py needs beyond 
 objective (finishing `auto` options, facts read from the data, which parents it may start from)
 are classmethod hooks with do-nothing defaults, overridden in that objective's file.
 
+An objective's options are its own dataclass, `Options` (fields made with minilm.options.option):
+the run's objective section (config.ObjectiveConfig, saved flat as "obj") is the union of the
+registered objectives' Options, and build_objective hands each objective an instance of its own
+(make_options, which validates it).
+
 Trivial baselines. Each objective declares the predictor that has learned nothing (`baseline`, a
 Baseline): each target by its frequency (a unigram; for labels the prior), a detector calling
 every token by the base rate, or a guess among the candidates. The trainer adds its sums at
@@ -60,14 +65,8 @@ from minilm.errors import UserError
 from minilm.flops import lm_head_matmul_weights, transformer_flops
 from minilm.losses import IGNORE, cross_entropy_sum, step_mean
 from minilm.model import Transformer
+from minilm.options import Options, options_from
 from minilm.tokenizer import EOS_ID
-
-# What reading a kind of data needs of the model, as minimums. Sentence pairs carry segment ids
-# 0 (A) and 1 (B), so their backbone needs two segment embeddings (more are allowed).
-DATA_MODEL_MINIMUMS: dict[str, dict[str, int]] = {"segment_pairs": {"n_segment": 2}}
-# tlm: translation pairs carry a language id per token (0 source, 1 target), read through the
-# segment embeddings (XLM's language embeddings; objectives/tlm.py)
-DATA_MODEL_MINIMUMS["parallel"] = {"n_segment": 2}
 
 # The shortest context a row of each kind of data fits in (its frame plus a token per text): the
 # data sources refuse a shorter --seq_len, but only once the data is tokenized, so train.py checks
@@ -145,13 +144,10 @@ class Objective(nn.Module):
     prompt_is_prefix: bool = False  # with "generate": the prompt is read in both directions (a prefix LM)
     embeds_sentences: bool = False  # with "embed": trained for it, `embed(input_ids, lengths)` pools as it was
                                     # trained; otherwise embed() is the mean of the final hidden states
-    model_settings: dict = {}     # ModelConfig fields this objective needs, with their values
-                                  # (see "Declared model settings" above; never mutated)
-    # simcse: ModelConfig fields this objective defaults differently (simcse: dropout 0.1), applied
-    # by train.py to a fresh run only where the flag was not given (objectives.model_defaults_for)
-    model_defaults: dict = {}
-    # TrainConfig fields this objective defaults differently (its own lr), applied the same way
-    train_defaults: dict = {}
+    Options: type = Options        # its options, a dataclass in its file (module docstring); none here
+    # ModelConfig or TrainConfig fields this objective defaults differently (simcse: dropout 0.1, rtd:
+    # its lr), applied by train.py to a fresh run only where the flag was not given
+    defaults: dict = {}
 
     # the shortest --seq_len a row of it can use, and why (window_length checks it before any data work)
     shortest_seq_len: tuple[int, str] = (1, "reads at least one token per row")
@@ -167,11 +163,19 @@ class Objective(nn.Module):
         return False
 
     @classmethod
-    def derived_model_settings(cls, model_cfg) -> dict:
-        """Settings this objective fills in from the others when `model_cfg` leaves them unset
-        (t5: n_decoder_layer 0 -> n_layer). Must return {} for a config it has resolved already
-        (model_config_for is idempotent). None by default."""
-        return {}
+    def configure(cls, model_cfg, options):
+        """The config this objective's model is built from: `model_cfg` with what it needs of the
+        model (module docstring), a new config when anything changes. Idempotent. `options`: an
+        instance of cls.Options. Nothing by default."""
+        return model_cfg
+
+    @classmethod
+    def make_options(cls, section=None):
+        """An instance of cls.Options, validated: from `section`, the run's objective section
+        (config.ObjectiveConfig) or any object with its fields, or the defaults when None."""
+        options = options_from(cls.Options, section)
+        options.validate()
+        return options
 
     @classmethod
     def window_length(cls, model_cfg, options=None) -> int:
@@ -187,8 +191,8 @@ class Objective(nn.Module):
 
     def build_backbone(self, model_cfg) -> Transformer:
         """The backbone, built from exactly `model_cfg`, which must already hold what this
-        objective declares (model_config_for / build_objective apply it)."""
-        check_model_config([type(self)], self.data, model_cfg)
+        objective needs (configure; model_config_for / build_objective apply it)."""
+        check_model_config([type(self)], model_cfg, getattr(self, "options", None))
         return Transformer(model_cfg)
 
     def backbone_replaced(self) -> None:
@@ -270,28 +274,6 @@ class Objective(nn.Module):
         return transformer_flops(self.backbone, self.backbone.cfg.seq_len, head=lm_head_matmul_weights(self.backbone))
 
 
-def model_requirements(classes, data: str) -> tuple[dict, dict]:
-    """(exact settings, minimums) that the objectives `classes`, reading `data` together, need of
-    the model: the union of their model_settings, and of DATA_MODEL_MINIMUMS for their own data
-    kinds and `data`. Two parts that need different values of one setting: a UserError."""
-    exact: dict = {}
-    wanted_by: dict = {}
-    for cls in classes:
-        for setting, value in cls.model_settings.items():
-            if setting in exact and exact[setting] != value:
-                raise UserError(f"{wanted_by[setting]} needs --{setting} {exact[setting]} but {cls.name} needs "
-                                f"--{setting} {value}; these objectives cannot share one model")
-            exact[setting], wanted_by[setting] = value, cls.name
-    minimums: dict = {}
-    for kind in sorted({data} | {cls.data for cls in classes}):
-        for setting, least in DATA_MODEL_MINIMUMS.get(kind, {}).items():
-            minimums[setting] = max(least, minimums.get(setting, least))
-            if setting in exact and exact[setting] < minimums[setting]:
-                raise UserError(f"{wanted_by[setting]} needs --{setting} {exact[setting]} but {kind} data needs "
-                                f"at least {minimums[setting]}; these objectives cannot share one model")
-    return exact, minimums
-
-
 def check_one_encoder_decoder(classes) -> None:
     """A one-line UserError for an encoder-decoder (t5) combined with anything else."""
     seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
@@ -308,31 +290,65 @@ def check_backbone_kinds(classes, model_cfg) -> None:
     check_one_encoder_decoder(classes)
     seq2seq = [cls.name for cls in classes if cls.model_kind == "seq2seq"]
     if not seq2seq and model_cfg.n_decoder_layer:
-        raise UserError(f"--n_decoder_layer is for encoder-decoder objectives (t5); {names} builds one stack of "
-                        f"--n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")
+        from minilm.objectives import OBJECTIVES   # the registry, which imports this module
+        encoder_decoders = ", ".join(name for name, cls in OBJECTIVES.items() if cls.model_kind == "seq2seq")
+        raise UserError(f"--n_decoder_layer is for encoder-decoder objectives ({encoder_decoders}); {names} builds "
+                        f"one stack of --n_layer blocks, so leave --n_decoder_layer at 0 (got {model_cfg.n_decoder_layer})")
 
 
-def resolve_model_config(classes, data: str, model_cfg):
-    """A copy of model_cfg with what `classes` reading `data` need (model_requirements) applied:
-    exact settings set, minimums raised to, then each class's derived settings. Idempotent: a
-    resolved config resolves to itself."""
+def _changed(before, after) -> list[str]:
+    return [f.name for f in dataclasses.fields(before) if getattr(before, f.name) != getattr(after, f.name)]
+
+
+def _needs(cls, options, model_cfg, setting: str) -> tuple[object, bool]:
+    """(the value of `setting` that `cls` needs, given `model_cfg`; whether it is a minimum): a
+    number its configure raises a lower value to, and leaves alone once it is higher."""
+    value = getattr(cls.configure(model_cfg, options), setting)
+    if isinstance(value, int) and not isinstance(value, bool):
+        lower, higher = (dataclasses.replace(model_cfg, **{setting: value + step}) for step in (-1, 1))
+        return value, (getattr(cls.configure(lower, options), setting) == value
+                       and getattr(cls.configure(higher, options), setting) == value + 1)
+    return value, False
+
+
+def resolve_model_config(classes, model_cfg, options=None):
+    """A copy of model_cfg with what `classes` need of the model: each one's configure in turn
+    (`options`: the run's objective section, each class reads its own Options from it). The
+    result must be one that every part's configure leaves alone, so it is idempotent, and two parts
+    that need different values of one setting are a one-line UserError."""
     check_backbone_kinds(classes, model_cfg)
-    exact, minimums = model_requirements(classes, data)
-    changes = dict(exact)
-    changes.update({setting: max(getattr(model_cfg, setting), least) for setting, least in minimums.items()})
-    resolved = dataclasses.replace(model_cfg, **changes)
-    for cls in classes:
-        resolved = dataclasses.replace(resolved, **cls.derived_model_settings(resolved))
+    parts = [(cls, cls.make_options(options)) for cls in classes]
+    resolved, set_by = model_cfg, {}
+    for cls, part_options in parts:
+        configured = cls.configure(resolved, part_options)
+        set_by.update({setting: (cls, part_options) for setting in _changed(resolved, configured)})
+        resolved = configured
+    for cls, part_options in parts:
+        again = cls.configure(resolved, part_options)
+        for setting in _changed(resolved, again):
+            if setting not in set_by or set_by[setting][0] is cls:
+                raise ValueError(f"{cls.name}.configure is not idempotent: it changes {setting} of the config it "
+                                 "returned; it must leave a config that already has what it needs alone")
+            other, other_options = set_by[setting]
+            said = [f"--{setting} {value}" + (" or more" if minimum else "")
+                    for value, minimum in (_needs(cls, part_options, resolved, setting),
+                                           _needs(other, other_options, resolved, setting))]
+            raise UserError(f"{cls.name} needs {said[0]} but {other.name} needs {said[1]}; these objectives "
+                            "cannot share one model")
     return resolved
 
 
-def check_model_config(classes, data: str, model_cfg) -> None:
-    """Refuse a config that lacks what `classes` reading `data` declare (a programming error: the
-    caller skipped model_config_for, so the model would not be the one its config says)."""
-    exact, minimums = model_requirements(classes, data)
-    missing = [f"{s}={v}" for s, v in exact.items() if getattr(model_cfg, s) != v]
-    missing += [f"{s}>={v}" for s, v in minimums.items() if getattr(model_cfg, s) < v]
-    missing += [f"{s}={v}" for cls in classes for s, v in cls.derived_model_settings(model_cfg).items()]
+def check_model_config(classes, model_cfg, options=None) -> None:
+    """Refuse a config that lacks what `classes` need (a programming error: the caller skipped
+    model_config_for, so the model would not be the one its config says)."""
+    resolved = resolve_model_config(classes, model_cfg, options)
+    parts = [(cls, cls.make_options(options)) for cls in classes]
+    missing = []
+    for setting in _changed(model_cfg, resolved):
+        needs = [_needs(cls, part_options, model_cfg, setting) for cls, part_options in parts]
+        # "n_segment>=2" where the part that changes it needs a minimum
+        minimum = any(is_minimum for value, is_minimum in needs if value != getattr(model_cfg, setting))
+        missing.append(f"{setting}{'>=' if minimum else '='}{getattr(resolved, setting)}")
     if missing:
         names = "+".join(cls.name for cls in classes)
         raise ValueError(f"{names} needs a model config with {', '.join(missing)}; resolve it first with "

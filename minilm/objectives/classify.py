@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -53,11 +54,31 @@ from minilm.flops import transformer_flops
 from minilm.losses import step_mean
 from minilm.model import CAUSAL, Transformer, padding_mask
 from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.options import Options, option
 from minilm.pooling import pool
 
 # the parent objectives' model_kind -> how a classifier on their backbone reads (auto)
 ATTENTION_OF_KIND = {"decoder": "causal", "prefix_decoder": "bidirectional", "encoder": "bidirectional",
                      "seq2seq": "bidirectional", "classifier": None}
+
+
+@dataclass
+class ClassifierOptions(Options):
+    pooling: str = option("auto", "classify: the one vector per text the head reads: first ([CLS]), mean (over "
+                                  "the real tokens) or last (the last real token, for causal decoders); auto = "
+                                  "last for a causal backbone, first from scratch or after sop/simcse (which "
+                                  "train [CLS]), mean after the other pretraining objectives",
+                          choices=("auto", "first", "mean", "last"))
+    classifier_attention: str = option("auto", "classify: how the backbone reads: bidirectional (an encoder) or "
+                                               "causal (a decoder: clm); auto = the --init_from parent's way, "
+                                               "bidirectional from scratch",
+                                       choices=("auto", "bidirectional", "causal"))
+    labels: str = option("", "classify: the label names in id order, a JSON list; filled in from the data and "
+                             "saved with the model (give it only to insist on exactly these labels)")
+    freeze_backbone: bool = option(False, "classify: train the head only (a linear probe); the backbone stays "
+                                          "as loaded, in eval mode")
+    head_lr: float = option(0.0, "classify: the head's peak learning rate; 0 = --lr (the schedule scales both)",
+                            at_least=0)
 
 
 def parse_labels(text: str) -> list[str]:
@@ -119,6 +140,7 @@ class Classifier(Objective):
     name = "classify"
     data = "labelled"
     model_kind = "classifier"
+    Options = ClassifierOptions
     capabilities = frozenset({"classify"})   # label_names, logits(input_ids, lengths): minilm.api.classify_texts
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
@@ -126,13 +148,11 @@ class Classifier(Objective):
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        if options is None:
-            from minilm.config import ObjectiveConfig
-            options = ObjectiveConfig()
+        options = self.make_options(options)
         if not options.labels:
             raise UserError("--objective classify needs its label names (--labels); train.py fills them in from "
                             "the labelled --data")
-        options = resolve_options(options)
+        self.options = options = resolve_options(options)
         self.label_names = parse_labels(options.labels)
         self.causal = options.classifier_attention == "causal"
         self.pooling = options.pooling

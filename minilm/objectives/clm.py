@@ -24,9 +24,12 @@ The target after <eos> (doc B's first token, predicted from doc A) is kept, as n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.options import Options, option
 from minilm.tokenizer import EOS_ID
 
 
@@ -43,9 +46,17 @@ def causal_labels(raw: torch.Tensor, lengths: torch.Tensor | None = None, predic
     return input_ids, labels
 
 
+@dataclass
+class CausalLMOptions(Options):
+    predict_after_eos: bool = option(True, "clm: predict a document's first token from the end of the "
+                                           "one before; false ignores those targets (<eos> itself is "
+                                           "always a target)")
+
+
 class CausalLM(Objective):
     name = "clm"
     data = "blocks"
+    Options = CausalLMOptions   # prefix_lm's too
     model_kind = "decoder"
     capabilities = frozenset({"generate", "score"})   # score: log p(token | the tokens before it)
     token_score = "log p"
@@ -54,9 +65,10 @@ class CausalLM(Objective):
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
+        self.options = options = self.make_options(options)
         self.backbone = self.build_backbone(model_cfg)
         self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
-        self.predict_after_eos = getattr(options, "predict_after_eos", True)
+        self.predict_after_eos = options.predict_after_eos
 
     def make_batch(self, raw, generator=None, lengths=None):
         input_ids, labels = causal_labels(raw, lengths, self.predict_after_eos)

@@ -40,23 +40,40 @@ Where we differ from the references:
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm import masking
+from minilm.errors import UserError
 from minilm.flops import lm_head_matmul_weights, parameters_of, transformer_flops
 from minilm.model import Transformer, make_norm, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.options import Options, option
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
 
 
-def check_masking_options(opts) -> None:
-    """One-line UserErrors for impossible masking options. The rules live with the fields
-    (ObjectiveConfig.validate, which parse_overrides runs on every command line); this runs them
-    for options built in Python too."""
-    opts.validate()
+@dataclass
+class MaskedLMOptions(Options):
+    """The masking options of the masked-LM family (mlm, wwm, span, tlm; rtd's generator inputs
+    too, minilm/masking.py): how many tokens to predict, and how they are shown."""
+    mask_prob: float = option(0.15, "masked LMs: share of eligible (non-special) tokens to predict; mlm "
+                                    "each independently, wwm max(1, round(p*n)) tokens in whole words, span "
+                                    "exactly ceil(p*n)", within="(0, 1]")
+    mask_replace_prob: float = option(0.8, "of the chosen tokens, the share shown as <mask>",
+                                      within="[0, 1]")
+    random_replace_prob: float = option(0.1, "the share shown as a random non-special token; the rest "
+                                             "stay unchanged", within="[0, 1]")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mask_replace_prob + self.random_replace_prob > 1.0 + 1e-9:
+            raise UserError(f"--mask_replace_prob + --random_replace_prob must be at most 1, got "
+                            f"{self.mask_replace_prob} + {self.random_replace_prob}")
 
 
 class MLMHead(nn.Module):
@@ -86,16 +103,12 @@ class MaskedLM(Objective):
     model_kind = "encoder"
     capabilities = frozenset({"fill", "embed"})   # fill: predict(input_ids), the masked-LM head's logits
     reads_padded_rows = True   # wwm, span and tlm too
-    model_settings = {"embed_norm": True}   # the encoder normalizes its embeddings (module docstring)
+    Options = MaskedLMOptions
     baseline = Baseline("each masked token predicted by its unigram frequency", targets="targets", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        if options is None:
-            from minilm.config import ObjectiveConfig
-            options = ObjectiveConfig()
-        check_masking_options(options)
-        self.options = options
+        self.options = options = self.make_options(options)
         self.seq_len = model_cfg.seq_len
         self.backbone = self.build_backbone(model_cfg)
         self.head = MLMHead(model_cfg, self.backbone.output_weight.shape[1])
@@ -112,6 +125,10 @@ class MaskedLM(Objective):
         for name, table in zip(("special_table", "starts_word_table", "breaks_line_table", "bytes_per_token"), tables):
             self.register_buffer(name, table.clone(), persistent=False)
         self.register_buffer("random_ids", torch.nonzero(~self.special_table).squeeze(1), persistent=False)
+
+    @classmethod
+    def configure(cls, model_cfg, options):
+        return dataclasses.replace(model_cfg, embed_norm=True)   # the encoder normalizes its embeddings
 
     # --------------------------------------------------------------- which positions to predict
     def word_starts(self, ids):

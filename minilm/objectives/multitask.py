@@ -37,11 +37,20 @@ weighted sum that is trained; metrics() adds each part's own ("rtd/discriminator
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch.nn as nn
 
 from minilm.errors import UserError
-from minilm.objectives.base import Objective, check_model_config, check_one_encoder_decoder, model_requirements
+from minilm.objectives.base import Objective, check_model_config, check_one_encoder_decoder
+from minilm.options import Options, option
+
+
+@dataclass
+class MultiTaskOptions(Options):
+    """The option of a+b itself; each part reads its own (their formats are checked where read)."""
+    objective_weights: str = option("", "a+b objectives: one loss weight per part, e.g. 1,0.5; "
+                                         "empty: every weight is 1")
 
 
 def parse_weights(text: str, names: list[str]) -> list[float]:
@@ -90,16 +99,14 @@ def check_reads_padded_rows(classes: list[type[Objective]], data: str) -> None:
 def check_parts(classes: list[type[Objective]]) -> None:
     """One-line UserErrors for parts that cannot train together as a+b, found before any data is
     prepared (model_config_for calls it): one named twice, an encoder-decoder with another
-    backbone, no data kind they can all read, model settings that conflict, or a part that cannot
-    read the common data's padded rows."""
+    backbone, no data kind they can all read, or a part that cannot read the common data's padded
+    rows. Model settings that conflict: model_config_for, as it resolves the parts' model."""
     names = [cls.name for cls in classes]
     if len(set(names)) != len(names):
         raise UserError(f"--objective {'+'.join(names)} names an objective twice; use --objective_weights "
                         "to weigh one more")
     check_one_encoder_decoder(classes)
-    data = common_data(classes)
-    model_requirements(classes, data)
-    check_reads_padded_rows(classes, data)
+    check_reads_padded_rows(classes, common_data(classes))
 
 
 def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
@@ -111,15 +118,19 @@ def share_backbone(part: nn.Module, backbone: nn.Module) -> None:
 
 
 class MultiTask(Objective):
+    Options = MultiTaskOptions
+
     def __init__(self, classes: list[type[Objective]], model_cfg, tokenizer=None, options=None):
+        """options: the run's objective section (config.ObjectiveConfig), or None for the defaults:
+        objective_weights for a+b, and each part's own Options, made from it."""
         super().__init__()
         names = [cls.name for cls in classes]
         check_parts(classes)
         self.name = "+".join(names)
         self.data = common_data(classes)
-        self.weights = parse_weights(getattr(options, "objective_weights", ""), names)
-        check_model_config(classes, self.data, model_cfg)
-        parts = [cls(model_cfg, tokenizer, options) for cls in classes]
+        self.weights = parse_weights(self.make_options(options).objective_weights, names)
+        check_model_config(classes, model_cfg, options)
+        parts = [cls(model_cfg, tokenizer, cls.make_options(options)) for cls in classes]
         self.model_kind = parts[0].model_kind
         self.backbone = parts[0].backbone
         for part in parts:

@@ -40,11 +40,14 @@ a row share one permutation of T/2. Where we differ from XLNet:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from minilm.flops import key_value_weights, matmul_weights, parameters_of
 from minilm.objectives.base import Baseline, Objective
+from minilm.options import Options, option
 
 MAX_SPAN = 5          # XLNet's max_gram: n-gram spans of 1..5 tokens
 CONTEXT_PER_TOKEN = 6  # XLNet's mask_alpha / mask_beta: a span of n sits in 6n tokens of context
@@ -125,20 +128,26 @@ def two_stream_masks(ranks: torch.Tensor, num_targets: int):
     return content[:, None], query[:, None]
 
 
+@dataclass
+class PermutationLMOptions(Options):
+    plm_partial_k: int = option(6, "plm: predict the last 1/K of each sequence's random factorization order "
+                                   "(XLNet's K): round(seq_len / K) targets per row", at_least=2)
+    plm_span_targets: bool = option(False, "plm: choose the targets as XLNet's spans (n = 1..5 tokens with p ~ 1/n, "
+                                           "one per stretch of 7n tokens) instead of uniformly")
+
+
 class PermutationLM(Objective):
     name = "plm"
     data = "blocks"
     model_kind = "encoder"
+    Options = PermutationLMOptions
     capabilities = frozenset({"embed"})   # its head predicts a token at a position given others, not a <mask>
     shortest_seq_len = (2, "predicts some tokens of a row from the others")   # a target and some context
     baseline = Baseline("each target predicted by its unigram frequency", targets="targets", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        if options is None:
-            from minilm.config import ObjectiveConfig
-            options = ObjectiveConfig()
-        options.validate()
+        self.options = options = self.make_options(options)
         self.seq_len = model_cfg.seq_len
         self.partial_k = options.plm_partial_k
         self.num_targets = targets_per_row(model_cfg.seq_len, options.plm_partial_k)   # M at full length

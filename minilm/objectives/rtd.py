@@ -45,6 +45,7 @@ Where we differ from ELECTRA:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -56,10 +57,31 @@ from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
-from minilm.objectives.mlm import MLMHead
+from minilm.objectives.mlm import MaskedLMOptions, MLMHead
+from minilm.options import option
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL
 
 ELECTRA_MASK_SHARE = 0.85   # of the chosen tokens, shown as <mask>; the rest unchanged (no random)
+
+
+@dataclass
+class ReplacedTokenDetectionOptions(MaskedLMOptions):
+    """The masked LM's options (its masking reads --mask_prob too), and the generator's."""
+    generator_fraction: float = option(0.25, "rtd: the generator's width as a share of the discriminator's "
+                                             "(head size kept, so its heads are scaled; at least one)",
+                                       within="(0, 1]")
+    rtd_weight: float = option(50.0, "rtd: loss = generator MLM loss + this x discriminator loss",
+                               at_least=0)
+    rtd_replacement: str = option("electra", "rtd: what the generator sees at a chosen token: electra (85% "
+                                             "<mask>, 15% unchanged) or bert (--mask_replace_prob / "
+                                             "--random_replace_prob, 80/10/10)", choices=("electra", "bert"))
+    generator_temperature: float = option(1.0, "rtd: replacements are sampled from softmax(generator logits "
+                                               "/ this)", above=0)
+    embedding_sharing: str = option("electra", "rtd: the token table of the generator and the discriminator: "
+                                               "electra (one table), none (one each) or gdes (the "
+                                               "discriminator's is the generator's, without its gradient, "
+                                               "plus a residual of its own: DeBERTa-v3)",
+                                    choices=("electra", "none", "gdes"))
 
 
 def generator_config(cfg, fraction: float):
@@ -178,23 +200,23 @@ class ReplacedTokenDetection(Objective):
     capabilities = frozenset({"score", "embed"})   # score: the discriminator's P(replaced) per token
     token_score = "P(replaced)"
     reads_padded_rows = True
-    # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
-    # so the discriminator needs no separate LM head either
-    model_settings = {"embed_norm": True, "tie_embeddings": True}
+    Options = ReplacedTokenDetectionOptions
     # ELECTRA-Small's peak lr (and a tenth of it at the end), not the causal LM's 2e-3, at which the
     # discriminator stays at the all-original base rate (benchmarks/README.md, "rtd: why the
     # discriminator stays at its base rate")
-    train_defaults = {"lr": 5e-4, "min_lr": 5e-5}
+    defaults = {"lr": 5e-4, "min_lr": 5e-5}
     baseline = Baseline("every token called by the base rate of replaced ones", part="discriminator", margin=0.02,
                         hint="--embedding_sharing none, which gave the discriminator its clearest lead")
 
+    @classmethod
+    def configure(cls, model_cfg, options):
+        # the encoders normalize their embeddings (mlm.py); the generator's head is the token matrix,
+        # so the discriminator needs no separate LM head either
+        return dataclasses.replace(model_cfg, embed_norm=True, tie_embeddings=True)
+
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        if options is None:
-            from minilm.config import ObjectiveConfig
-            options = ObjectiveConfig()
-        options.validate()
-        self.options = options
+        self.options = options = self.make_options(options)
         self.seq_len = model_cfg.seq_len
         self.backbone = self.build_backbone(model_cfg)                     # the discriminator
         # no LM head on the discriminator: a factorized backbone's C -> E projection would be a

@@ -44,17 +44,18 @@ rank with only the local slice carrying gradient, which averages to 1/world_size
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.distributed import gather_with_gradient
-from minilm.errors import UserError
 from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
+from minilm.options import Options, option
 from minilm.pooling import pool
 
 POOLINGS = ("first", "mean")
@@ -116,13 +117,24 @@ def embedding_metrics(sums: dict) -> dict:
     return out
 
 
+@dataclass
+class SimCSEOptions(Options):
+    simcse_pooling: str = option("first", "simcse: the sentence vector: first ([CLS], with an MLP in training "
+                                          "only) or mean (over the real tokens)", choices=POOLINGS)
+    simcse_temperature: float = option(0.05, "simcse: InfoNCE logits are cosine similarities / this", above=0)
+    simcse_hard_negative_weight: float = option(0.0, "simcse_sup: added to each row's logit of its own hard "
+                                                     "negative (SimCSE's hard_negative_weight)")
+
+
 class SimCSE(Objective):
     name = "simcse"
     data = "sentences"
     model_kind = "encoder"
     capabilities = frozenset({"embed"})
     embeds_sentences = True          # has embed(input_ids, lengths): minilm/api.py uses its pooling
-    model_defaults = {"dropout": 0.1}
+    Options = SimCSEOptions          # simcse_sup's too
+    # dropout is unsupervised SimCSE's only noise: BERT's 0.1 unless --dropout is given
+    defaults = {"dropout": 0.1}
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("a uniform guess among the batch's candidates, ln(candidates)", margin=0.05)
 
@@ -132,11 +144,10 @@ class SimCSE(Objective):
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        self.pooling = getattr(options, "simcse_pooling", "first")
-        if self.pooling not in POOLINGS:
-            raise UserError(f"--simcse_pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        self.temperature = getattr(options, "simcse_temperature", 0.05)
-        self.hard_negative_weight = getattr(options, "simcse_hard_negative_weight", 0.0)
+        self.options = options = self.make_options(options)
+        self.pooling = options.simcse_pooling
+        self.temperature = options.simcse_temperature
+        self.hard_negative_weight = options.simcse_hard_negative_weight
         self.backbone = self.build_backbone(model_cfg)
         # SimCSE's MLPLayer over [CLS], in training only; mean pooling has none (as SimCSE's "avg")
         self.mlp = nn.Sequential(nn.Linear(model_cfg.n_embd, model_cfg.n_embd), nn.Tanh()) \

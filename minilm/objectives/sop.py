@@ -32,18 +32,20 @@ whole corpus.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.data import pack_pairs
-from minilm.errors import UserError
 from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Pooler, Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.options import Options, option
 
 SWAP_PROB = 0.5
 TASKS = ("sop", "nsp")
@@ -59,10 +61,17 @@ def partners_from_other_documents(documents: torch.Tensor, generator=None):
     return torch.multinomial(weights, 1, generator=generator).squeeze(1), has_partner
 
 
+@dataclass
+class SentenceOrderOptions(Options):
+    sentence_task: str = option("sop", "the sentence-pair head: sop (ALBERT: order swapped?) or nsp "
+                                       "(BERT: B random?)", choices=TASKS)
+
+
 class SentenceOrder(Objective):
     name = "sop"
     data = "segment_pairs"
     model_kind = "encoder"
+    Options = SentenceOrderOptions
     capabilities = frozenset({"embed"})
     baseline = Baseline("the label prior: a coin flip, ln 2", targets="labels", margin=0.01)
 
@@ -70,11 +79,15 @@ class SentenceOrder(Objective):
     def trains_first_position(cls, options) -> bool:
         return True   # the pooler and the order head read [CLS]
 
+    @classmethod
+    def configure(cls, model_cfg, options):
+        # sentence pairs carry segment ids 0 (A) and 1 (B): two segment embeddings (more are allowed)
+        return dataclasses.replace(model_cfg, n_segment=max(model_cfg.n_segment, 2))
+
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        self.task = getattr(options, "sentence_task", "sop")
-        if self.task not in TASKS:
-            raise UserError(f"--sentence_task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self.options = options = self.make_options(options)
+        self.task = options.sentence_task
         self.backbone = self.build_backbone(model_cfg)
         self.warned_without_negatives = False
         self.pooler = Pooler(model_cfg)

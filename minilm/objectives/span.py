@@ -26,12 +26,33 @@ Where we differ from SpanBERT:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from minilm import masking
-from minilm.objectives.mlm import MaskedLM
+from minilm.errors import UserError
+from minilm.objectives.mlm import MaskedLM, MaskedLMOptions
+from minilm.options import option
+
+
+@dataclass
+class SpanMaskedLMOptions(MaskedLMOptions):
+    """The masked LM's options, and the law of the span lengths."""
+    span_geometric_p: float = option(0.2, "span: span length in words ~ Geometric(p), clipped to "
+                                          "span_min_words..span_max_words and renormalized",
+                                     within="(0, 1]")
+    span_min_words: int = option(1, "span: the shortest span, in words", at_least=1)
+    span_max_words: int = option(10, "span: the longest span, in words", at_least=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.span_min_words > self.span_max_words:
+            raise UserError(f"span lengths need 1 <= --span_min_words <= --span_max_words, got "
+                            f"{self.span_min_words} and {self.span_max_words}")
 
 
 class SpanMaskedLM(MaskedLM):
     name = "span"
+    Options = SpanMaskedLMOptions
 
     def choose(self, ids, eligible, generator):
         o = self.options

@@ -40,6 +40,9 @@ to T5.1.1's gated GELU).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -48,11 +51,20 @@ from minilm.flops import encoder_decoder_flops
 from minilm.masking import SpanCorruptionError
 from minilm.model import EncoderDecoder
 from minilm.objectives.base import Baseline, Objective, check_model_config
+from minilm.options import Options, option
 from minilm.tokenizer import PAD_ID, SENTINEL_IDS
 
 # The decoder's first input token: <pad>, as in T5 (decoder_start_token_id = pad_token_id).
 # minilm/generate.py takes it as an argument; minilm/api.py reads it as the objective's decoder_start_id.
 DECODER_START_ID = PAD_ID
+
+
+@dataclass
+class SpanCorruptionOptions(Options):
+    noise_density: float = option(0.15, "t5: share of each window's tokens hidden in noise spans (each span "
+                                        "becomes one sentinel in the input)", within="(0, 1)")
+    mean_noise_span_length: float = option(3.0, "t5: mean length of a noise span, in tokens; spans = "
+                                                "round(noise tokens / this)", at_least=1)
 
 
 def span_corruption_lengths(model_cfg, options) -> tuple[int, int]:
@@ -77,34 +89,31 @@ class SpanCorruption(Objective):
     name = "t5"
     data = "blocks"
     model_kind = "seq2seq"
+    Options = SpanCorruptionOptions
     capabilities = frozenset({"infill", "embed"})   # embed: the encoder's hidden states
     decoder_start_id = DECODER_START_ID              # what infill's decoding starts from
     baseline = Baseline("each decoder target predicted by its unigram frequency", targets="labels", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
-        if options is None:
-            from minilm.config import ObjectiveConfig
-            options = ObjectiveConfig()
-        self.options = options
+        self.options = options = self.make_options(options)
         self.raw_length, self.target_length = span_corruption_lengths(model_cfg, options)
         self.backbone = self.build_backbone(model_cfg)
         self.keep_bytes_per_token(tokenizer, model_cfg.vocab_size)     # for bits per byte
 
     @classmethod
-    def derived_model_settings(cls, model_cfg) -> dict:
+    def configure(cls, model_cfg, options):
         # a decoder as deep as the encoder unless --n_decoder_layer says otherwise
-        return {"n_decoder_layer": model_cfg.n_layer} if model_cfg.n_decoder_layer == 0 else {}
+        if model_cfg.n_decoder_layer == 0:
+            return dataclasses.replace(model_cfg, n_decoder_layer=model_cfg.n_layer)
+        return model_cfg
 
     @classmethod
     def window_length(cls, model_cfg, options=None) -> int:
-        if options is None:
-            from minilm.config import ObjectiveConfig
-            options = ObjectiveConfig()
-        return span_corruption_lengths(model_cfg, options)[0]
+        return span_corruption_lengths(model_cfg, cls.make_options(options))[0]
 
     def build_backbone(self, model_cfg) -> EncoderDecoder:
-        check_model_config([type(self)], self.data, model_cfg)
+        check_model_config([type(self)], model_cfg, self.options)
         return EncoderDecoder(model_cfg)
 
     def make_batch(self, raw, generator=None):

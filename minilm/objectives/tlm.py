@@ -32,12 +32,21 @@ side of a pair per row (`monolingual` in data/parallel.py), where XLM reads 256-
 """
 from __future__ import annotations
 
+import dataclasses
+
 from minilm.objectives.mlm import MaskedLM
 
 
 class TranslationLM(MaskedLM):
     name = "tlm"
     data = "parallel"
+
+    @classmethod
+    def configure(cls, model_cfg, options):
+        # the masked LM's encoder, and a language id per token (0 source, 1 target) read through the
+        # segment embeddings (XLM's language embeddings): two of them at least
+        model_cfg = super().configure(model_cfg, options)
+        return dataclasses.replace(model_cfg, n_segment=max(model_cfg.n_segment, 2))
 
     def make_batch(self, raw, generator=None):
         """raw: a ParallelSource batch -> MaskedLM's inputs (masking over both halves, padding and

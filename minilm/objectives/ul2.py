@@ -41,13 +41,13 @@ DECODER_START_ID and writes sentinels and spans (R, X) or the continuation (S).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from minilm import masking
-from minilm.config import check_fields, option
+from minilm.options import Options, option
 from minilm.errors import UserError
 from minilm.masking import SpanCorruptionError
 from minilm.model import padding_mask
@@ -62,7 +62,7 @@ SPAN_SENTINEL_IDS = SENTINEL_IDS[:-3]     # 97 sentinels: at most 97 noise spans
 
 
 @dataclass
-class UL2Options:
+class UL2Options(Options):
     ul2_denoisers: str = option("R:3:0.15,X:32:0.15,X:3:0.5,S:0.25",
                                 "ul2: the denoisers, comma-separated: MODE:MEAN_SPAN:DENSITY for span corruption "
                                 "(MODE R or X, the mode token [NLU] or [NLG]), S:DENSITY for the prefix LM ([S2S]; "
@@ -71,17 +71,8 @@ class UL2Options:
                                          "UL2R's: S half the rows, the others alike")
 
     def validate(self) -> None:
-        check_fields(self)
+        super().validate()
         denoisers(self)
-
-
-def ul2_options(options) -> UL2Options:
-    """UL2Options from `options`, validated: its own ul2 fields where it has them (a UL2Options,
-    or a flat options section holding them), the defaults otherwise (None, another section)."""
-    given = {f.name: getattr(options, f.name) for f in fields(UL2Options) if hasattr(options, f.name)}
-    options = UL2Options(**given)
-    options.validate()
-    return options
 
 
 @dataclass(frozen=True)
@@ -170,7 +161,7 @@ class MixtureOfDenoisers(SpanCorruption):
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         Objective.__init__(self)    # t5's constructor checks t5's options; these lengths are ours
-        self.options = ul2_options(options)
+        self.options = self.make_options(options)
         self.mixture = denoisers(self.options)
         self.raw_length, self.prefix_length, self.target_length = ul2_lengths(
             model_cfg.seq_len, [d for d, _ in self.mixture])
@@ -179,7 +170,7 @@ class MixtureOfDenoisers(SpanCorruption):
 
     @classmethod
     def window_length(cls, model_cfg, options=None) -> int:
-        return ul2_lengths(model_cfg.seq_len, [d for d, _ in denoisers(ul2_options(options))])[0]
+        return ul2_lengths(model_cfg.seq_len, [d for d, _ in denoisers(cls.make_options(options))])[0]
 
     # ------------------------------------------------------------------ the batch
     def make_batch(self, raw, generator=None):
