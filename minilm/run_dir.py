@@ -1,10 +1,11 @@
 """One run folder, one run: the rules that keep --out_dir from mixing two runs, or a run and a
 user's own files.
 
+    lock = claim_run_dir(out_dir, fresh=..., overwrite=...)   # all four steps below, in order:
     check_run_dir(out_dir, fresh=..., overwrite=...)   # before anything is written: refuse, or allow
     lock = RunLock.acquire(out_dir)     # a second train.py on the same folder is a one-line error
     mark_run_dir(out_dir)               # the folder is minilm's from now on
-    clear_previous_run(out_dir)         # once the new run's data is ready: the old run's files go
+    clear_earlier_run(out_dir, ...)     # once the new run's data is ready: the old run's files go
     keep_metrics_up_to(out_dir, step)   # a resumed run drops the rows it is about to redo
 
 Why each rule exists (each was a silent data loss before):
@@ -41,7 +42,8 @@ import socket
 from minilm.checkpoint import atomic_write_bytes, checkpoint_loads, list_checkpoints
 from minilm.data import inspect_prepared
 from minilm.errors import UserError
-from minilm.trainer import BEST_NAME, TENSORBOARD_NAME
+from minilm.faults import TENSORBOARD_NAME, check_writable
+from minilm.trainer import BEST_NAME
 
 try:
     import fcntl
@@ -53,7 +55,7 @@ MARK_NAME = ".minilm-run"            # written when a run claims the folder: min
 METRICS_NAME = "metrics.jsonl"
 TOKENIZER_NAME = "tokenizer.model"
 DATA_NAME = "data"                   # the prepared token files
-WRITE_TEST_NAME = ".write-test"      # trainer.check_writable's probe
+WRITE_TEST_NAME = ".write-test"      # faults.check_writable's probe
 TEMPORARY_PREFIX = ".tmp-"           # checkpoint.atomic_write_bytes' temporaries
 # every name a run writes in its folder, besides ckpt-STEP.pt and the temporaries: what
 # --overwrite deletes, and what a run refuses to replace in a folder minilm did not make
@@ -226,6 +228,35 @@ def clear_previous_run(out_dir: str, keep: tuple[str, ...] = PREPARED_NAMES) -> 
         else:
             os.unlink(path)
     return doomed
+
+
+def claim_run_dir(out_dir: str, fresh: bool, overwrite: bool, keep: tuple[str, ...] = ()) -> RunLock:
+    """check_run_dir, a write test, then the lock and the mark: out_dir is this run's. Checked again
+    under the lock, since the folder is this run's to judge only now. A refused run has written
+    nothing but the lock file."""
+    check_run_dir(out_dir, fresh=fresh, overwrite=overwrite, keep=keep)
+    check_writable(out_dir)
+    lock = RunLock.acquire(out_dir)
+    try:
+        check_run_dir(out_dir, fresh=fresh, overwrite=overwrite, keep=keep)
+        mark_run_dir(out_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def clear_earlier_run(out_dir: str, overwrite: bool, log) -> None:
+    """A fresh run, its data prepared and its model built: delete what an earlier run left in
+    out_dir (with --overwrite its checkpoints; always its metrics and temporaries), and say so.
+    Only now, so that a run stopped by bad input or a bad flag on the way here loses nothing. The
+    tokenizer and token files are this run's by now (reused, or made again)."""
+    deleted = clear_previous_run(out_dir)
+    if deleted:
+        checkpoints = [name for name in deleted if name.startswith("ckpt-")]
+        parts = ([f"{len(checkpoints)} checkpoint(s)"] if checkpoints else []) + \
+            [name for name in deleted if not name.startswith("ckpt-")]
+        log(f"{'--overwrite: ' if overwrite else ''}deleted {', '.join(parts)} of the previous run in {out_dir}")
 
 
 def keep_metrics_up_to(out_dir: str, step: int) -> int:

@@ -16,8 +16,9 @@ also goes to out_dir/tensorboard.
 
 Under torchrun the same loop runs in every process (DDP or FSDP2, minilm/distributed.py): the
 counts of step 3 are summed over all processes, only rank 0 logs and writes checkpoints.
-Faults: a signal ends the current step and saves; a non-finite loss stops (or rolls back, with
---on_nan rollback) before any checkpoint of a diverged model is written.
+Faults (minilm/faults.py, which the Trainer inherits): a signal ends the current step and saves;
+a non-finite loss stops (or rolls back, with --on_nan rollback) before any checkpoint of a
+diverged model is written; a full disk is found before the first step, not after an hour.
 
 The trainer knows nothing about masks or heads: everything objective-specific is in the
 objective's make_batch and forward.
@@ -25,34 +26,29 @@ objective's make_batch and forward.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import numpy as np
 import torch
 
-from minilm.checkpoint import (bytes_to_tensor, checkpoint_loads, checkpoint_path, list_checkpoints,
-                               load_checkpoint, newest_loadable, prune_checkpoints, save_checkpoint)
-from minilm.config import TENSORBOARD_HINT, Config
+from minilm.checkpoint import (bytes_to_tensor, checkpoint_loads, checkpoint_path, load_checkpoint,
+                               prune_checkpoints, save_checkpoint)
+from minilm.config import Config
 from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
 from minilm.errors import UserError
+from minilm.faults import FaultHandling, NonFiniteLoss, check_finite
 from minilm.flops import measure_peak_flops
 from minilm.objectives import finalize, objective_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ROLLBACKS_ALLOWED = 6                      # --on_nan rollback gives up below lr x 1/64
-MIN_LR_SCALE = 0.5 ** ROLLBACKS_ALLOWED
 BEST_NAME = "best.pt"                      # the best checkpoint by the objective's best_metric
-TENSORBOARD_NAME = "tensorboard"           # --tensorboard's event files
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -132,8 +128,8 @@ def lr_at(step: int, cfg) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     if cfg.schedule == "linear":
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     if cfg.schedule == "cosine":
@@ -152,30 +148,6 @@ def run_info(world_size: int = 1) -> dict:
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
-
-
-def check_writable(folder: str) -> None:
-    """Fail before training, not after an hour, when checkpoints could not be written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 65536)
-            f.flush()
-            os.fsync(f.fileno())
-        os.unlink(probe)
-    except OSError as err:
-        raise UserError(f"cannot write to --out_dir {folder}: {err.strerror}; choose another folder") from None
-
-
-def summary_writer_class():
-    """torch.utils.tensorboard.SummaryWriter, imported only for --tensorboard: it needs the
-    tensorboard package, which minilm does not depend on."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(TENSORBOARD_HINT) from None
-    return SummaryWriter
 
 
 # ----------------------------------------------------------------------------- learned nothing?
@@ -203,15 +175,7 @@ def warn_if_parent_learned_nothing(parent: dict, parent_path: str, log) -> None:
 
 
 # ----------------------------------------------------------------------------- the trainer
-class NonFiniteLoss(Exception):
-    """Raised inside fit() when a step's loss is NaN or infinite; carries the step number."""
-
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss {value} at step {step}")
-        self.step, self.value = step, value
-
-
-class Trainer:
+class Trainer(FaultHandling):
     def __init__(self, cfg: Config, objective, train_source, val_source=None, tokenizer=None, log=print,
                  dist_info: DistInfo | None = None, provenance: dict | None = None):
         """provenance: what the run was made from, stored in every checkpoint as is (train.py
@@ -224,8 +188,7 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *_: None)  # only rank 0 talks
         self.device = resolve_device(self.tcfg.device)
         self.dtype = resolve_dtype(self.tcfg.dtype, self.device)
-        if self.tcfg.on_nan not in ("stop", "rollback"):
-            raise UserError(f"--on_nan must be stop or rollback, got {self.tcfg.on_nan!r}")
+        self.init_fault_handling()   # --on_nan checked, stop_signal, the --tensorboard package (faults.py)
         if self.tcfg.fsdp and not self.dist.enabled:
             raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
         if self.tcfg.deterministic:
@@ -250,7 +213,6 @@ class Trainer:
         self.best_value: float | None = None  # the best value of the objective's best_metric so far
         self.warned_at_baseline = False       # the "learned nothing" line is said once per run
         self.info = run_info(self.dist.world_size)
-        self.stop_signal: int | None = None
         backbone = objective.backbone
         mc = backbone.cfg
         # tokens counted as the model's input tokens, seq_len per row (t5: the encoder's input;
@@ -260,9 +222,6 @@ class Trainer:
         # this rank's input tokens and training FLOPs since the last log line (count_work)
         self.tokens_counted, self.flops_counted = 0, 0.0
         self.peak_flops = None
-        # --tensorboard: the package is checked now, not at the first log line; the writer is made then
-        self.summary_writer_class = summary_writer_class() if self.tcfg.tensorboard and self.dist.is_main else None
-        self.summary_writer = None
 
     # --------------------------------------------------------------- one step
     def _generator(self, step: int, micro: int) -> torch.Generator:
@@ -477,82 +436,6 @@ class Trainer:
         self.last_eval = state.get("last_eval", {})
         self.best_value = state.get("best_value")
 
-    # --------------------------------------------------------------- signals
-    def _on_signal(self, signum, frame):
-        self.stop_signal = signum  # acted on after the current step: save, then exit
-
-    def _stop_requested(self) -> bool:
-        """True on every rank when any rank got a signal, so all stop at the same step.
-
-        Under torchrun the ranks agree through an all-reduce, which waits for the device: asked
-        only on logging and checkpoint steps, so the steps in between stay asynchronous.
-        torchrun kills its workers 30 s after passing on a SIGTERM: keep log_every steps shorter."""
-        if not self.dist.enabled:
-            return self.stop_signal is not None
-        if self.step % self.tcfg.log_every and self.step % self.tcfg.ckpt_every:
-            return False
-        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
-        return all_reduce_sum(flag, self.dist).item() > 0
-
-    # --------------------------------------------------------------- the loop
-    def _write_metrics(self, record: dict) -> None:
-        """Append one JSON line with a single write; if it fails (a full disk), cut the file back
-        to its last whole line, so no torn row is left for a plot to choke on. Every row gets the
-        tokens seen after its step; with --tensorboard it is also logged there."""
-        if not self.dist.is_main:
-            return
-        record = {"step": record["step"], "tokens": record["step"] * self.tokens_per_step, **record}
-        path = os.path.join(self.tcfg.out_dir, "metrics.jsonl")
-        line = (json.dumps(record) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                if os.write(fd, line) != len(line):
-                    raise OSError(28, "short write (disk full?)")
-            except OSError as err:
-                try:
-                    os.ftruncate(fd, size)
-                except OSError:
-                    pass
-                older = list_checkpoints(self.tcfg.out_dir)
-                kept = (f"; {older[-1]} is the last good checkpoint, resume from it with --resume once there "
-                        "is space" if older else "; no checkpoint was written yet")
-                raise UserError(f"could not append to {path}: {err.strerror or err}{kept}") from None
-        finally:
-            os.close(fd)
-        self._write_tensorboard(record)
-
-    def _write_tensorboard(self, record: dict) -> None:
-        """Each number of a metrics row as a TensorBoard scalar at its step. The writer is made at
-        the first row: purge_step drops the events a crashed run logged past the step this (resumed)
-        run starts logging from, so no curve holds the redone steps twice."""
-        if self.summary_writer_class is None:
-            return
-        if self.summary_writer is None:
-            self.summary_writer = self.summary_writer_class(os.path.join(self.tcfg.out_dir, TENSORBOARD_NAME),
-                                                            purge_step=record["step"])
-        for key, value in record.items():
-            if key not in ("step", "tokens"):
-                self.summary_writer.add_scalar(key, value, record["step"])
-        self.summary_writer.flush()   # rows are rare (every log_every steps): a kill loses none
-
-    def preflight(self) -> None:
-        """Refuse to start when checkpoints could not be written, rather than after an hour."""
-        if self.dist.is_main:
-            check_writable(self.tcfg.out_dir)
-            n_values = sum(p.numel() for p in self.objective.parameters()) * 3  # weights + 2 Adam moments
-            # at the peak, keep_checkpoints files plus the one being written (0 keeps every file:
-            # count two), less the ones already there, plus slack
-            files = (self.tcfg.keep_checkpoints if self.tcfg.keep_checkpoints > 0 else 1) + 1
-            files = max(1, files - len(list_checkpoints(self.tcfg.out_dir)))
-            need = 4 * n_values * files + (64 << 20)
-            free = shutil.disk_usage(self.tcfg.out_dir).free
-            if free < need:
-                raise UserError(f"--out_dir {self.tcfg.out_dir} has {free / 2**20:.0f} MiB free but a checkpoint "
-                                f"needs about {need / 2**20:.0f} MiB; free some space or choose another folder")
-        barrier(self.dist)
-
     def fit(self, until: int | None = None) -> list[float]:
         """Train to max_steps (or to `until`, to stop early and resume later: the schedule still
         follows max_steps). Returns the loss of every step trained so far.
@@ -572,39 +455,13 @@ class Trainer:
                  f"{tc.grad_accum} x {self.dist.world_size} processes = "
                  f"{tc.batch_size * tc.grad_accum * self.dist.world_size} sequences of "
                  f"{self.objective.backbone.cfg.seq_len}), measured matmul peak {self.peak_flops / 1e9:.1f} GFLOP/s")
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, self._on_signal)
-        try:
+        with self.catching_signals():
             while True:
                 try:
                     self._loop(until)
                     break
-                except NonFiniteLoss as bad:
-                    if tc.on_nan != "rollback":
-                        raise UserError(f"the loss became {bad.value} at step {bad.step}; lower --lr or raise "
-                                        "--warmup_steps and --resume, or pass --on_nan rollback") from None
-                    if not list_checkpoints(tc.out_dir):
-                        raise UserError(f"the loss became {bad.value} at step {bad.step}, before any checkpoint "
-                                        "to roll back to; lower --lr or raise --warmup_steps") from None
-                    scale = self.lr_scale
-                    path, state = newest_loadable(tc.out_dir, log=self.log)
-                    self.load(path, state)
-                    # halve from the lowest scale reached so far: the checkpoint may predate the
-                    # last rollback, and its data, masks and random state would bring the same
-                    # NaN back at the same learning rate forever
-                    self.lr_scale = min(scale, self.lr_scale) * 0.5
-                    if self.lr_scale < MIN_LR_SCALE:
-                        raise UserError(f"the loss became {bad.value} at step {bad.step} again after rolling "
-                                        f"back {ROLLBACKS_ALLOWED} times; lower --lr, raise --warmup_steps or "
-                                        "check the data") from None
-                    self.log(f"step {bad.step:>6} | loss {bad.value}: rolled back to {path} (step {self.step}), "
-                             f"learning rate now x{self.lr_scale:g}")
-                    self.history = self.history[:self.step]
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                except NonFiniteLoss as bad:   # --on_nan: stop, or roll back and go on (faults.py)
+                    self.roll_back(bad)
         return self.history
 
     def _loop(self, until: int) -> None:
@@ -621,9 +478,7 @@ class Trainer:
             losses = all_reduce_sum(torch.stack(pending), self.dist).tolist()
             first_step = self.step - len(pending) + 1
             pending.clear()
-            for offset, value in enumerate(losses):
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(first_step + offset, value)
+            check_finite(losses, first_step)
             self.history += losses
             return losses
 
@@ -632,7 +487,7 @@ class Trainer:
             pending.append(step_loss)
             self.step += 1
             last = self.step == until
-            stopping = self._stop_requested()
+            stopping = self.stop_requested()
             saving = self.step % tc.ckpt_every == 0 or last or stopping
             if self.step % tc.log_every == 0 or last or saving:
                 losses = flush_losses()   # before any checkpoint: never save a diverged model
@@ -644,8 +499,8 @@ class Trainer:
                     eta = (now - t_start) / max(1, self.step - start_step) * (tc.max_steps - self.step)
                     self.log(f"step {self.step:>6}/{tc.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
                              f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}")
-                    self._write_metrics({"step": self.step, "loss": losses[-1], "lr": lr,
-                                         "tokens_per_s": tok_s, "mfu": mfu})
+                    self.write_metrics({"step": self.step, "loss": losses[-1], "lr": lr,
+                                        "tokens_per_s": tok_s, "mfu": mfu})
                     t_last = time.perf_counter()
                     self.tokens_counted, self.flops_counted = 0, 0.0
             t_pause = time.perf_counter()  # evaluation and saving are not training throughput
@@ -653,7 +508,7 @@ class Trainer:
                 self.last_eval = self.evaluate()
                 ev = self.last_eval
                 self.log(f"step {self.step:>6} | val " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                self._write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
+                self.write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
                 self.keep_best()
                 self.warn_if_learned_nothing()
             if saving:

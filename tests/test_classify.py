@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from minilm.objectives import finalize
+from minilm.objectives.classify import options_for_parent
+from minilm.provenance import parent_config
 from tests.conftest import load_script, run_in_process
 from tests.test_cli import TINY, assert_user_error
 
@@ -179,7 +181,7 @@ def test_init_from_loads_the_parents_backbone(parent, parents, labelled, tmp_pat
     state = load_checkpoint(parents[parent])
     argv = ["--objective", "classify", "--data", labelled[0], "--init_from", parents[parent], "--out_dir", str(tmp_path)]
     cfg = train_script.config_for_init(argv, state, parents[parent])
-    cfg.obj = train_script.classifier_options(cfg.obj, state)
+    cfg.obj = options_for_parent(cfg.obj, parent_config(state))
     cfg.obj.labels = '["food", "space", "sport"]'
     objective = build_objective("classify", cfg.model, None, cfg.obj)
     before = {k: v.clone() for k, v in objective.state_dict().items()}
@@ -196,7 +198,6 @@ def test_init_from_loads_the_parents_backbone(parent, parents, labelled, tmp_pat
 
 def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_position():
     from minilm.config import Config, ObjectiveConfig
-    train_script = load_script("train.py")
 
     def resolved(parent_objective, **parent_options):
         parent = None
@@ -206,7 +207,7 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
             for key, value in parent_options.items():
                 setattr(cfg.obj, key, value)
             parent = {"config": cfg.to_dict(), "objective": parent_objective}
-        options = train_script.classifier_options(ObjectiveConfig(), parent)
+        options = options_for_parent(ObjectiveConfig(), parent and parent_config(parent))
         return options.classifier_attention, options.pooling
 
     assert resolved(None) == ("bidirectional", "mean")               # from scratch: as after an encoder
@@ -219,8 +220,8 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
     assert resolved("simcse", simcse_pooling="mean") == ("bidirectional", "mean")
     assert resolved("classify", pooling="last", classifier_attention="causal") == ("causal", "last")
     assert resolved("classify", pooling="mean", classifier_attention="bidirectional") == ("bidirectional", "mean")
-    explicit = train_script.classifier_options(ObjectiveConfig(pooling="first"), {"config": Config().to_dict(),
-                                                                                 "objective": "mlm"})
+    explicit = options_for_parent(ObjectiveConfig(pooling="first"), parent_config({"config": Config().to_dict(),
+                                                                                   "objective": "mlm"}))
     assert explicit.pooling == "first"                                  # a given --pooling is kept
 
 
@@ -419,3 +420,30 @@ def entropy_of(counts: list[int]) -> float:
     import math
     n = sum(counts)
     return -sum(c / n * math.log(c / n) for c in counts if c) + (len(counts) - 1) / (2 * n)
+
+
+def test_a_classifier_parent_gives_its_head_only_to_the_same_labels():
+    """The run hooks classify overrides (objectives/base.py): a classifier parent is never trained
+    again without --objective; its head is taken by a child with the same label set and starts
+    afresh in one with another (its outputs would mean other labels); the report is the
+    confusion matrix."""
+    from minilm.config import Config, ModelConfig, ObjectiveConfig
+    from minilm.errors import UserError
+    from minilm.objectives import build_objective
+    from minilm.provenance import config_for_init, load_parent_weights
+    model = ModelConfig(vocab_size=300, seq_len=32, n_layer=1, n_head=2, n_embd=32)
+    parent_cfg = Config(model=model)
+    parent_cfg.train.objective, parent_cfg.obj.labels = "classify", '["a", "b"]'
+    torch.manual_seed(0)
+    parent = build_objective("classify", model, None, parent_cfg.obj)
+    state = {"model": parent.state_dict(), "config": parent_cfg.to_dict(), "objective": "classify", "step": 3}
+    with pytest.raises(UserError, match=r"^--init_from p.pt is a classifier: pass --objective classify to fine-tune"):
+        config_for_init([], state, "p.pt")
+    for labels, kept in (('["a", "b"]', True), ('["b", "c"]', False)):
+        torch.manual_seed(1)
+        child = build_objective("classify", model, None, ObjectiveConfig(labels=labels))
+        load_parent_weights(child, state, "p.pt", log=lambda *_: None)
+        assert torch.equal(child.label_head.weight, parent.label_head.weight) == kept, labels
+        assert torch.equal(child.backbone.tok_emb.weight, parent.backbone.tok_emb.weight)
+    assert child.report({}) is None
+    assert child.report({"confusion": torch.tensor([[3, 1], [0, 2]])}).startswith("confusion matrix of the validation")

@@ -287,3 +287,41 @@ def test_a_reader_that_goes_away_ends_the_program_quietly():
     _, stderr = reader.communicate(timeout=60)
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()[-2000:]
     assert reader.returncode == 141
+
+
+def code_words(path: str) -> list[tuple[int, str]]:
+    """(line, text) of every identifier and string literal of a Python file's code: its comments
+    and docstrings left out."""
+    import ast
+    import io
+    import tokenize
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    docstrings = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return [(token.start[0], token.string) for token in tokenize.generate_tokens(io.StringIO(source).readline)
+            if token.type in (tokenize.NAME, tokenize.STRING) and token.start[0] not in docstrings]
+
+
+@pytest.mark.parametrize("path", ["train.py", "minilm/trainer.py", "minilm/faults.py", "minilm/provenance.py",
+                                  "minilm/run_dir.py"])
+def test_the_training_path_names_no_objective(path):
+    """train.py and the files it calls on name no objective in code: what an objective needs of a
+    run (its `auto` options, its label set, which parents it starts from, its report) is a hook it
+    overrides in its own file (objectives/base.py, run hooks)."""
+    import re
+    from minilm.objectives import OBJECTIVES
+    found = [(line, text) for line, text in code_words(os.path.join(ROOT, path)) for name in OBJECTIVES
+             if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", text)]
+    assert found == []
+
+
+def test_train_py_reads_in_one_sitting():
+    """train.py is the path (config, tokenizer and data, objective, Trainer); the plumbing around it
+    lives in minilm/provenance.py and minilm/run_dir.py."""
+    with open(os.path.join(ROOT, "train.py"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 250

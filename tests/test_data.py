@@ -370,3 +370,21 @@ def test_block_source_without_prepared_data(tmp_path, prepared):
     os.remove(copy / "meta.json")
     with pytest.raises(UserError, match="no prepared data in"):
         BlockSource(str(copy), "train", seq_len=8, batch_size=2)
+
+
+def test_data_package_imports_one_way():
+    """No two modules of minilm/data import each other (at the top or inside a function): the
+    package reads from the bottom (reading.py) up, with no circle to untangle."""
+    import ast
+    import glob
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minilm", "data")
+    imports = {}
+    for path in glob.glob(os.path.join(folder, "*.py")):
+        name = os.path.splitext(os.path.basename(path))[0]
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        imports[name] = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module
+                         and node.module.startswith("minilm.data.")}
+    circles = sorted((a, b) for a in imports for b in imports[a] if a < b and a in imports.get(b, ()))
+    assert circles == []

@@ -258,9 +258,9 @@ def test_a_nan_before_the_first_checkpoint_says_so(tmp_path, prepared, tokenizer
 
 # ----------------------------------------------------------------------------- before training starts
 def test_full_disk_is_reported_before_training(tmp_path, prepared, tokenizer, monkeypatch):
-    import minilm.trainer as trainer_module
-    usage = trainer_module.shutil.disk_usage(str(tmp_path))
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage",
+    import minilm.faults as faults_module
+    usage = faults_module.shutil.disk_usage(str(tmp_path))
+    monkeypatch.setattr(faults_module.shutil, "disk_usage",
                         lambda path: usage._replace(free=1 << 20))
     trainer = make_trainer(make_config(tmp_path, tokenizer.vocab_size, max_steps=3), prepared, tokenizer)
     with pytest.raises(UserError, match="MiB free"):

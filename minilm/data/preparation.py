@@ -389,11 +389,35 @@ def inspect_prepared(folder: str) -> tuple[dict | None, str | None]:
             return None, (f"{display(path)} has {size:,} bytes but meta.json says {n:,} tokens "
                           f"({n * dtype.itemsize:,} bytes)")
     if meta.get("kind") == "rows":
-        from minilm.data.rows import check_rows  # here: rows.py builds on this module
         damage = check_rows(folder, meta)
         if damage is not None:
             return None, damage
     return meta, None
+
+
+def check_rows(folder: str, meta: dict) -> str | None:
+    """Why the row index files of prepared row data (rows.py) are damaged, or None when they are
+    sound. Here, beside inspect_prepared, so that rows.py builds on this module and not the reverse."""
+    n_columns = len(meta.get("columns") or [])
+    for split in SPLITS:
+        path = os.path.join(folder, f"{split}.rows.npy")
+        try:
+            rows = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            return f"{display(path)} is missing or unreadable ({err.__class__.__name__})"
+        if rows.ndim != 3 or rows.shape[1:] != (n_columns, 2) or rows.shape[0] != meta.get(f"{split}_rows"):
+            return f"{display(path)} has shape {rows.shape}, not ({meta.get(f'{split}_rows')}, {n_columns}, 2)"
+        if len(rows) and int((rows[..., 0] + rows[..., 1]).max()) > meta.get(f"{split}_tokens", 0):
+            return f"{display(path)} points past the end of {split}.bin"
+        if meta.get("label_column"):
+            path = os.path.join(folder, f"{split}.labels.npy")
+            try:
+                labels = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                return f"{display(path)} is missing or unreadable ({err.__class__.__name__})"
+            if labels.shape != (rows.shape[0],):
+                return f"{display(path)} has {labels.shape} labels for {rows.shape[0]} rows"
+    return None
 
 
 def load_meta(folder: str) -> dict | None:

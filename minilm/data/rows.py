@@ -51,7 +51,6 @@ from minilm.data.reading import (
 from minilm.errors import UserError
 from minilm.tokenizer import PAD_ID, Tokenizer
 
-SPLITS = ("train", "val")
 
 
 def _number(name: str) -> float | None:
@@ -252,30 +251,6 @@ def prepare_rows(source: str, tokenizer: Tokenizer, folder: str, *, columns: lis
 def _save_npy(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
-
-
-def check_rows(folder: str, meta: dict) -> str | None:
-    """Why the row index files of prepared row data are damaged, or None when they are sound."""
-    n_columns = len(meta.get("columns") or [])
-    for split in SPLITS:
-        path = os.path.join(folder, f"{split}.rows.npy")
-        try:
-            rows = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as err:
-            return f"{display(path)} is missing or unreadable ({err.__class__.__name__})"
-        if rows.ndim != 3 or rows.shape[1:] != (n_columns, 2) or rows.shape[0] != meta.get(f"{split}_rows"):
-            return f"{display(path)} has shape {rows.shape}, not ({meta.get(f'{split}_rows')}, {n_columns}, 2)"
-        if len(rows) and int((rows[..., 0] + rows[..., 1]).max()) > meta.get(f"{split}_tokens", 0):
-            return f"{display(path)} points past the end of {split}.bin"
-        if meta.get("label_column"):
-            path = os.path.join(folder, f"{split}.labels.npy")
-            try:
-                labels = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as err:
-                return f"{display(path)} is missing or unreadable ({err.__class__.__name__})"
-            if labels.shape != (rows.shape[0],):
-                return f"{display(path)} has {labels.shape} labels for {rows.shape[0]} rows"
-    return None
 
 
 class RowTable:

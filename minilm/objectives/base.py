@@ -273,6 +273,39 @@ class Objective(nn.Module):
         cross-attention over the encoder's length, flops.encoder_decoder_flops; ul2 inherits it)."""
         return transformer_flops(self.backbone, self.backbone.cfg.seq_len, head=lm_head_matmul_weights(self.backbone))
 
+    # --------------------------------------------------------------- run hooks (train.py)
+    # What train.py asks of an objective besides the contract; each does nothing by default.
+    reads_encoder_stack: bool = False   # --init_from an encoder-decoder: its encoder stack is this
+                                        # objective's backbone (classify), else the kinds must match
+
+    @classmethod
+    def finish_config(cls, cfg, parent_cfg, given: set[str]):
+        """A fresh run's Config made concrete before it is printed and saved (`auto` options, say);
+        parent_cfg: an --init_from parent's Config or None; given: the flags on the command line."""
+        return cfg
+
+    @classmethod
+    def read_data_facts(cls, cfg, data_dir: str, log):
+        """The Config with what this objective learns from the prepared data in `data_dir` (a
+        classifier's label names), once the data is ready and before the model is built."""
+        return cfg
+
+    @classmethod
+    def why_not_inherited(cls, parent_path: str) -> str | None:
+        """Why an --init_from child of this objective's checkpoint must name its --objective rather
+        than train this one again (a UserError's text), or None: it trains this one again."""
+        return None
+
+    def parent_tensors(self, tensors: dict, parent_cfg) -> dict:
+        """Of an --init_from parent's tensors (by state_dict name), those this objective may take;
+        parent_cfg: the parent's Config. A head whose outputs mean something else is left out."""
+        return tensors
+
+    def report(self, sums: dict) -> str | None:
+        """Text train.py prints after the run from the last evaluation's raw `sums` (a classifier's
+        confusion matrix), or None."""
+        return None
+
 
 def check_one_encoder_decoder(classes) -> None:
     """A one-line UserError for an encoder-decoder (t5) combined with anything else."""

@@ -136,6 +136,18 @@ def scratch_model_config(model_cfg, given: set[str]):
     return dataclasses.replace(model_cfg, **changes)
 
 
+def options_for_parent(options, parent_cfg):
+    """resolve_options for an --init_from parent's Config (its train.objective the objective it
+    trained; None from scratch): the parent's first part's model_kind, and whether any part
+    taught the first position."""
+    if parent_cfg is None:
+        return resolve_options(options)
+    from minilm.objectives import objective_class   # here: the registry imports this module
+    classes = [objective_class(part) for part in parent_cfg.train.objective.split("+")]
+    trained_first = any(cls.trains_first_position(parent_cfg.obj) for cls in classes)
+    return resolve_options(options, classes[0].model_kind, parent_cfg.obj, trained_first)
+
+
 class Classifier(Objective):
     name = "classify"
     data = "labelled"
@@ -145,6 +157,7 @@ class Classifier(Objective):
     best_metric = "macro_f1"      # the trainer keeps out_dir/best.pt by this validation metric
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("the label prior (the majority class)", targets="labels", margin=0.02)
+    reads_encoder_stack = True    # from t5: its encoder stack is the backbone (base.py, run hooks)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
@@ -167,6 +180,53 @@ class Classifier(Objective):
         Transformer._init_weights(self.label_head)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+
+    # --------------------------------------------------------------- run hooks (base.py)
+    @classmethod
+    def finish_config(cls, cfg, parent_cfg, given):
+        """The `auto` options made concrete (resolve_options): an --init_from parent's backbone says
+        how the classifier reads (causal for clm) and pools (whether its pretraining taught the
+        first position anything). From scratch, the model a fine-tuned encoder would be
+        (scratch_model_config)."""
+        cfg.obj = options_for_parent(cfg.obj, parent_cfg)
+        if parent_cfg is None:
+            cfg.model = scratch_model_config(cfg.model, given)
+        return cfg
+
+    @classmethod
+    def read_data_facts(cls, cfg, data_dir, log):
+        """The label names of the prepared labelled data, as --labels' JSON list. A run that already
+        has labels (given as --labels, or a resumed checkpoint's) must find exactly those, in that
+        order: the head's outputs mean those labels."""
+        from minilm.data import load_meta
+        names = list((load_meta(data_dir) or {}).get("labels") or [])
+        found = json.dumps(names, ensure_ascii=False)
+        parse_labels(found)   # two labels or more
+        if cfg.obj.labels and parse_labels(cfg.obj.labels) != names:
+            raise UserError(f"the labelled data has the labels {found} but the model's are {cfg.obj.labels}; "
+                            "the head's outputs mean those labels: give data with the same labels (or drop --labels)")
+        log(f"{cls.name}: {len(names)} labels: {', '.join(names[:20])}{', ...' if len(names) > 20 else ''}")
+        cfg.obj.labels = found
+        return cfg
+
+    @classmethod
+    def why_not_inherited(cls, parent_path):
+        return (f"--init_from {parent_path} is a classifier: pass --objective {cls.name} to fine-tune it again, "
+                "or a pretraining --objective to train its backbone")
+
+    def parent_tensors(self, tensors, parent_cfg):
+        """A classifier parent's head is taken only for the same label set: with other labels its
+        outputs mean other things, so the head starts afresh."""
+        if parent_cfg.obj.labels != json.dumps(self.label_names, ensure_ascii=False):
+            tensors = {key: value for key, value in tensors.items() if not key.startswith("label_head.")}
+        return tensors
+
+    def report(self, sums):
+        """The confusion matrix of the last evaluation, when there was one."""
+        if "confusion" not in sums:
+            return None
+        return ("confusion matrix of the validation rows (rows: true label, columns: predicted):\n"
+                + format_confusion(sums["confusion"], self.label_names))
 
     @property
     def n_labels(self) -> int:
