@@ -6,6 +6,8 @@ a matmul really uses at every position (matmul_weights): the blocks, the norms, 
 model's embed_project (E -> C), and the LM head when the objective runs one (tied: head_project
 C -> E if factorized, then the token matrix, once; untied: lm_head). The token, position and
 segment tables are lookups and count nothing; an untied token table is not the head's matmul.
+transformer_flops is the one count every objective uses (Objective.flops_per_token), told at which
+share of positions the last block and a head run; encoder_decoder_flops is t5's.
 
 The peak is *measured*, not looked up: the best throughput of a large square matmul in the
 training dtype on this device. So MFU = achieved / achievable-by-a-matmul here, comparable
@@ -33,6 +35,45 @@ def matmul_weights(backbone, lm_head: bool = True) -> int:
         n -= backbone.lm_head.weight.numel()
     n -= lm_head_weights(backbone)              # added back just below when the head runs
     return n + (lm_head_weights(backbone) + backbone.output_weight.numel() if lm_head else 0)
+
+
+def parameters_of(module) -> int:
+    """How many parameters `module` holds (0 for None): the weights of a head's matmuls."""
+    return 0 if module is None else sum(w.numel() for w in module.parameters())
+
+
+def key_value_weights(attention) -> int:
+    """The key and value projections' share of an Attention's (3C, C) qkv layer, with its bias."""
+    return sum(w.numel() for w in attention.qkv.parameters()) * 2 // 3
+
+
+def transformer_flops(backbone, length: int, *, outputs_share: float = 1.0, head: int = 0,
+                      head_share: float | None = None) -> float:
+    """Training FLOPs per token of one pass of a Transformer (minilm/model.py) over rows of
+    `length` tokens: the generic count every objective's MFU uses (Objective.flops_per_token).
+
+        6 x every weight at every position      matmul_weights without the LM head: the blocks,
+                                                norms, a factorized model's embed_project
+        except the last block and the final     the last block's keys and values still at every
+        norm when only an outputs_share of      position, the rest (queries, projection, MLP) and
+        positions is wanted (outputs_at)        the final norm at that share
+        + 6 x `head` weights at head_share      a head on the hidden states (the LM head's
+          of positions (outputs_share if None)  lm_head_matmul_weights, a pooler: 1 / length)
+        + 12 H D length per block               attention scores and values (the last block's
+                                                at outputs_share)
+    """
+    cfg = backbone.cfg
+    last = backbone.blocks[-1]
+    skipped = (1 - outputs_share) * (parameters_of(last) - key_value_weights(last.attn) + parameters_of(backbone.norm))
+    weights = matmul_weights(backbone, lm_head=False) - skipped
+    head_share = outputs_share if head_share is None else head_share
+    attention = (len(backbone.blocks) - 1 + outputs_share) * 12 * cfg.n_head * cfg.head_dim * length
+    return 6 * (weights + head_share * head) + attention
+
+
+def lm_head_matmul_weights(backbone) -> int:
+    """The weights the LM head multiplies by: head_project (factorized, tied) and the output matrix."""
+    return lm_head_weights(backbone) + backbone.output_weight.numel()
 
 
 def embed_project_weights(backbone) -> int:

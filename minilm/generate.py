@@ -18,7 +18,7 @@ import torch
 
 from minilm.errors import UserError
 from minilm.model import (CAUSAL, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
-                          prefix_lm_mask)
+                          prefix_mask)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -69,7 +69,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
     positions attend to each other in both directions, as in training, and every new token
     causally. With the cache that is two plain calls: the prompt in one go with mask=None (all of
     it sees all of it), then one token at a time with mask=None (one new token sees everything
-    cached). Without the cache, each step recomputes with prefix_lm_mask.
+    cached). Without the cache, each step recomputes with prefix_mask.
 
     Context window: the model sees at most seq_len tokens. A longer prompt keeps its last
     seq_len tokens, and once the text outgrows the window every new token is predicted from the
@@ -114,7 +114,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
             mask = CAUSAL
             if prompt_is_prefix:  # the prompt tokens still inside the window are the prefix
                 prefix_len = max(0, prompt_len - (tokens.shape[1] - visible.shape[1]))
-                mask = prefix_lm_mask(torch.tensor([prefix_len], device=tokens.device), visible.shape[1])
+                mask = prefix_mask(torch.tensor([prefix_len], device=tokens.device), visible.shape[1])
             hidden = model(visible, mask=mask)
         logits = model.logits(hidden[:, -1])
         check_finite_logits(logits)
@@ -128,57 +128,57 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
 # An encoder-decoder (minilm.model.EncoderDecoder) decodes in three ways, greedy, sampling and
 # beam search, all driven by one step function, seq2seq_step: the decoder tokens so far in, the
 # next token's logits out. The encoder runs once per example (encode_inputs); beams and multiple
-# samples share that encoding: decoder rows b*copies .. b*copies+copies-1 read memory row b.
+# samples share that encoding: decoder rows b*copies .. b*copies+copies-1 read its row b.
 
 
-def seq2seq_step(model: EncoderDecoder, tokens: torch.Tensor, memory: torch.Tensor,
-                 memory_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+def seq2seq_step(model: EncoderDecoder, tokens: torch.Tensor, encoder_output: torch.Tensor,
+                 encoder_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
     """The decoder's next-token logits: tokens (N, t) -> (N, V) float32.
 
     tokens are every decoder token so far (the start token first). With a cache only those it does
     not hold yet are fed (the first call feeds the start token and computes the cross-attention
-    keys/values of `memory` once; later calls feed one token, mask None). Without a cache the
-    whole prefix is recomputed under the causal mask: the same logits, slower.
+    keys/values of `encoder_output` once; later calls feed one token, mask None). Without a cache
+    the whole prefix is recomputed under the causal mask: the same logits, slower.
     """
     if cache is None:
-        hidden = model.decode(tokens, memory, memory_mask, mask=CAUSAL)
+        hidden = model.decode(tokens, encoder_output, encoder_mask, mask=CAUSAL)
     else:
         new = tokens[:, cache.length:]
         mask = decoding_mask(new.shape[1], cache.length, device=new.device) if cache.length else CAUSAL
-        hidden = model.decode(new, memory, memory_mask, mask=mask, cache=cache)
+        hidden = model.decode(new, encoder_output, encoder_mask, mask=mask, cache=cache)
     return model.logits(hidden[:, -1]).float()
 
 
 class Seq2SeqSteps:
-    """One decode's state between steps: the memory (B, S, C), its mask and the decoder's KV cache
-    over N = B * copies rows (copies: beams or samples per example).
+    """One decode's state between steps: the encoder's output (B, S, C), its mask and the decoder's
+    KV cache over N = B * copies rows (copies: beams or samples per example).
 
     step(tokens) -> (N, V) logits (seq2seq_step); reorder(index) keeps rows `index` of the cache
     (beam search: each surviving beam takes its parent's keys/values). Reordering never moves a
-    beam to another example, so the memory and its cross-attention keys/values, one row per
+    beam to another example, so the encoder's output and its cross-attention keys/values, one row per
     example, are never reordered.
     """
 
-    def __init__(self, model: EncoderDecoder, memory, memory_mask, use_cache: bool, max_len: int, rows: int):
-        # rows: decoder rows, a whole multiple of memory's (the beams or samples of each example)
-        self.model, self.memory, self.memory_mask = model, memory, memory_mask
+    def __init__(self, model: EncoderDecoder, encoder_output, encoder_mask, use_cache: bool, max_len: int, rows: int):
+        # rows: decoder rows, a whole multiple of encoder_output's (the beams or samples of each example)
+        self.model, self.encoder_output, self.encoder_mask = model, encoder_output, encoder_mask
         self.cache = None
         if use_cache:
-            self.cache = KVCache(model.decoder.cfg, rows, memory.device, memory.dtype, max_len=max_len)
+            self.cache = KVCache(model.decoder.cfg, rows, encoder_output.device, encoder_output.dtype, max_len=max_len)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return seq2seq_step(self.model, tokens, self.memory, self.memory_mask, self.cache)
+        return seq2seq_step(self.model, tokens, self.encoder_output, self.encoder_mask, self.cache)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.cache is not None:
-            self.cache.reorder(index, cross_too=False)   # a beam never leaves its example: same memory
+            self.cache.reorder(index, cross_too=False)   # a beam never leaves its example: same encoder_output
 
 
 def encode_inputs(model: EncoderDecoder, input_ids: torch.Tensor, input_lengths: torch.Tensor | None):
     """Run the encoder once: input_ids (B, S), right-padded to S when input_lengths (B,) is given
-    -> memory (B, S, C) and its padding mask (B, 1, 1, S) or None. It is not repeated for the
-    beams or samples: decoder rows b*copies .. b*copies+copies-1 all read memory row b
-    (Attention, memory with fewer rows than x)."""
+    -> encoder_output (B, S, C) and its padding mask (B, 1, 1, S) or None. It is not repeated for
+    the beams or samples: decoder rows b*copies .. b*copies+copies-1 all read its row b
+    (model.attention, grouped query rows)."""
     mask = None if input_lengths is None else padding_mask(input_lengths.to(input_ids.device), input_ids.shape[1])
     return model.encode(input_ids, mask), mask
 
@@ -231,9 +231,9 @@ def generate_seq2seq(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tok
     check_decoder_length(model, max_new_tokens)
     was_training = model.training
     model.eval()
-    memory, memory_mask = encode_inputs(model, input_ids, input_lengths)
+    encoder_output, encoder_mask = encode_inputs(model, input_ids, input_lengths)
     rows = input_ids.shape[0] * num_samples
-    steps = Seq2SeqSteps(model, memory, memory_mask, use_cache, max_len=max(1, max_new_tokens), rows=rows)
+    steps = Seq2SeqSteps(model, encoder_output, encoder_mask, use_cache, max_len=max(1, max_new_tokens), rows=rows)
     out = sample_loop(steps.step, rows, max_new_tokens, start_id=start_id, eos_id=eos_id,
                       pad_id=eos_id if pad_id is None else pad_id, temperature=temperature, top_k=top_k,
                       top_p=top_p, generator=generator, device=input_ids.device)
@@ -362,8 +362,8 @@ def beam_search(model: EncoderDecoder, input_ids: torch.Tensor, max_new_tokens: 
     check_decoder_length(model, max_new_tokens)
     was_training = model.training
     model.eval()
-    memory, memory_mask = encode_inputs(model, input_ids, input_lengths)
-    steps = Seq2SeqSteps(model, memory, memory_mask, use_cache, max_len=max(1, max_new_tokens),
+    encoder_output, encoder_mask = encode_inputs(model, input_ids, input_lengths)
+    steps = Seq2SeqSteps(model, encoder_output, encoder_mask, use_cache, max_len=max(1, max_new_tokens),
                          rows=input_ids.shape[0] * beam_size)
     out = beam_loop(steps.step, steps.reorder, input_ids.shape[0], beam_size, max_new_tokens,
                     start_id=start_id, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id,

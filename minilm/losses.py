@@ -15,6 +15,8 @@ the gradient is written straight into the logits' dtype. Same loss, same gradien
 (tests/test_losses.py checks both against F.cross_entropy); what it saves on a CPU is in
 benchmarks/README.md, "The blockwise cross-entropy".
 
+step_mean turns such a sum into a micro-batch's share of the step's loss (objectives/base.py).
+
 The blocking is a CPU cache optimization. On a GPU (memory bandwidth to spare, one kernel launch
 per op) and under torch.compile (which fuses the loss by itself) the plain F.cross_entropy path is
 used instead.
@@ -63,3 +65,12 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     if logits.device.type != "cpu" or torch.compiler.is_compiling():
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
     return _SummedCrossEntropy.apply(logits, labels)
+
+
+def step_mean(summed: torch.Tensor, batch: dict, totals: dict | None, key: str = "targets") -> torch.Tensor:
+    """A micro-batch's share of the step's mean loss: its summed loss over the step's count of
+    `key` (the trainer's `totals`, batch["counts"] added over every micro-batch of the step), or
+    over the batch's own count without totals (evaluation, a single batch); at least 1, so a batch
+    with nothing to predict gives 0. Backpropagating every micro-batch's share gives exactly the
+    gradient of the step's one big batch (objectives/base.py)."""
+    return summed / (totals or batch["counts"])[key].clamp(min=1)

@@ -1,4 +1,4 @@
-"""The Transformer: one set of blocks for decoders, encoders and (later) encoder-decoders.
+"""The Transformer: one set of blocks for decoders, encoders and encoder-decoders.
 
 Read top to bottom: norms -> rotary positions -> attention -> MLP -> Block -> padding mask ->
 Transformer -> EncoderDecoder -> Pooler -> KV cache.
@@ -94,7 +94,14 @@ CPU_MATH_ATTENTION_MAX_KEYS = 512
 
 
 def attention(q, k, v, *, mask=None, dropout_p=0.0):
-    """softmax(q k^T / sqrt(D) + mask) v: q (B, H, T, D), k and v (B, H, S, D) -> (B, H, T, D).
+    """softmax(q k^T / sqrt(D) + mask) v: q (B, H, T, D), k and v (B', H, S, D) -> (B, H, T, D).
+
+    Grouped query rows: k and v may hold fewer rows than q, B = g * B'. Rows b*g .. b*g+g-1 of q
+    then all read row b of k and v, as one row of g*T queries (the row-wise counterpart of
+    grouped-query attention's shared heads): several decoder rows over one encoded input (beams,
+    samples) read its keys and values once, not once per row. Exact, since a query's result does
+    not depend on the other queries; the mask must then be the same for every query of a row (None,
+    or a padding mask (B', 1, 1, S): cross-attention).
 
     mask: None (every query sees every key), CAUSAL (query i sees keys 0..i, aligned top-left as
     SDPA's is_causal), a bool tensor (True = may attend, broadcast to (B, H, T, S)) or a float one
@@ -109,12 +116,17 @@ def attention(q, k, v, *, mask=None, dropout_p=0.0):
     under autocast does; the fused kernel keeps them in fp32), about 2-3x the fused kernel's error
     for large scores (tests/test_model.py). Set CPU_MATH_ATTENTION_MAX_KEYS = 0 to always fuse.
     """
+    group = q.shape[0] // k.shape[0]        # query rows per key/value row: 1 but for grouped rows
+    if group > 1:
+        q = rearrange(q, "(b g) h t d -> b h (g t) d", g=group)
     if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
             and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS):
-        return attention_math(q, k, v, mask=mask, dropout_p=dropout_p)
-    causal = isinstance(mask, str)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                          dropout_p=dropout_p)
+        y = attention_math(q, k, v, mask=mask, dropout_p=dropout_p)
+    else:
+        causal = isinstance(mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           dropout_p=dropout_p)
+    return y if group == 1 else rearrange(y, "b h (g t) d -> (b g) h t d", g=group)
 
 
 def causal_mask(T: int, S: int | None = None, device=None) -> torch.Tensor:
@@ -132,11 +144,11 @@ def decoding_mask(n_new: int, n_cached: int, device=None):
     return torch.ones(n_new, n_cached + n_new, dtype=torch.bool, device=device).tril(diagonal=n_cached)
 
 
-def prefix_lm_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
+def prefix_mask(prefix_lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(B, 1, T, T) bool, True = may attend: query i sees key j iff j < prefix_lengths[b] (the
-    prefix, in both directions) or j <= i (causal after it): a prefix LM (objectives/prefix_lm.py)
-    and its generation (generate.py). prefix_lengths (B,) int, on the mask's device. A prefix of
-    0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
+    prefix, in both directions) or j <= i (causal after it): a prefix LM's training
+    (objectives/prefix_lm.py) and its generation (generate.py). prefix_lengths (B,) int, on the
+    mask's device. A prefix of 0 or 1 is a plain causal mask; a prefix of T, no mask at all."""
     index = torch.arange(T, device=prefix_lengths.device)
     causal = index[None, :] <= index[:, None]                      # (T, T): key j <= query i
     in_prefix = index[None, :] < prefix_lengths[:, None]           # (B, T): key j is a prefix token
@@ -163,15 +175,17 @@ def attention_math(q, k, v, *, mask=None, dropout_p=0.0):
 
 
 class Attention(nn.Module):
-    """Multi-head attention: queries from x, keys and values from `memory` (x itself by default).
+    """Multi-head attention: queries from x, keys and values from a `source` (x itself by default).
 
     That one idea covers every use in minilm:
-      self-attention          attn(x)                         memory is x
+      self-attention          attn(x)                          the source is x
       cross-attention (T5)    attn(x, encoder_output)          keys/values from the other stack
-      queries at a subset     attn(x_picked, x)                a masked LM's last layer computes
-                              (Transformer's outputs_at)       only the positions it predicts
+      queries at some         attn(x_picked, x)                a masked LM's last block computes
+      positions               (Transformer's outputs_at)       only the positions it predicts
+      XLNet's query stream    attn(g, h)                       queries of the targets read the
+                              (objectives/plm.py)              content stream h
     The mask and the positions are arguments, never baked into the layer. One (3C, C) weight holds
-    the query, key and value projections: a single matmul when memory is x, split otherwise.
+    the query, key and value projections: a single matmul when the source is x, split otherwise.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -181,45 +195,37 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, memory=None, *, mask=None, rotary=None, positions=None, memory_positions=None,
-                cache=None, layer: int = 0):
-        """x (B, T, C), memory (B, S, C) -> (B, T, C).
+    def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
+                cache=None):
+        """x (B, T, C), source (B', S, C) -> (B, T, C).
 
         positions (B, T) or (T,): x's positions for the rotary embedding (0..T-1 when None);
-        memory_positions: memory's (x's when memory is None; 0..S-1 otherwise).
-        cache (KVCache): without memory, this call's keys/values are appended to layer `layer`'s
-        and attention runs over all of them; with memory (cross-attention), the memory's
-        keys/values are computed on the first call and reused after (the encoder output does not
-        change while a decoder generates).
-        memory may hold fewer rows than x, B = g * B_memory: then rows b*g .. b*g+g-1 of x all
-        read memory row b (several beams or samples of one encoded example).
+        source_positions: the source's (x's when the source is x; 0..S-1 otherwise).
+        cache (this layer's part of a KVCache, KVCache.layers[i]): for self-attention, this call's
+        keys/values are appended to it and attention runs over all of them; for a source
+        (cross-attention), its keys/values are computed on the first call and reused after (the
+        encoder output does not change while a decoder generates).
+        The source may hold fewer rows than x (B = g * B', attention()'s grouped query rows).
         """
         C = x.shape[-1]
-        if memory is None:
+        if source is None:
             q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-            memory_positions = positions
+            source_positions = positions
         else:
             w_q, w_kv = self.qkv.weight.split([C, 2 * C])
             b_q, b_kv = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
             q = rearrange(F.linear(x, w_q, b_q), "b t (h d) -> b h t d", h=self.n_head)
 
-            def keys_values():
-                kv = F.linear(memory, w_kv, b_kv)
+            def keys_values():   # the source's, (B', H, S, D) each
+                kv = F.linear(source, w_kv, b_kv)
                 return tuple(rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=self.n_head))
 
-            k, v = keys_values() if cache is None else cache.memory(layer, keys_values)
+            k, v = keys_values() if cache is None else cache.source(keys_values)
         if rotary is not None:
-            q, k = rotary(q, positions), rotary(k, memory_positions)
-        if cache is not None and memory is None:
-            k, v = cache.append(layer, k, v)  # every key/value so far: (B, H, cached + T, D)
-        shared = q.shape[0] // k.shape[0]   # rows of x per memory row: 1, or several beams/samples
-        if shared > 1:
-            # rows b*g .. b*g+g-1 of x (the beams of example b) share memory row b: their queries
-            # attend together, so each example's keys/values are read once, not once per beam
-            q = rearrange(q, "(b g) h t d -> b h (g t) d", g=shared)
+            q, k = rotary(q, positions), rotary(k, source_positions)
+        if cache is not None and source is None:
+            k, v = cache.append(k, v)  # every key/value so far: (B, H, cached + T, D)
         y = attention(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        if shared > 1:
-            y = rearrange(y, "b h (g t) d -> (b g) h t d", g=shared)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
@@ -251,14 +257,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block, the only one: encoders, decoders and encoder-decoders all use it.
 
-        x = x + self_attention(norm1(x))                      keys/values: norm1(context or x)
-        x = x + cross_attention(norm_cross(x), memory)        only in an encoder-decoder's decoder
-        x = x + mlp(norm2(x))
+        x = x + self_attention(norm1(x), norm1(source or x))     attend
+        x = x + cross_attention(norm_cross(x), encoder_output)   cross_attend: an encoder-decoder's decoder
+        x = x + mlp(norm2(x))                                    feed_forward
 
-    context (B, S, C): the stream the self-attention reads its keys and values from when x holds
-    only some of its positions (queries at a subset: the masked LM's last layer); it goes through
-    the same norm1. memory (B, S', C): the encoder's output, already normed by the encoder; the
+    source (B, S, C): the stream the self-attention reads its keys and values from when it is not
+    x (Attention's one idea): the whole row when x holds queries at some of its positions (the
+    last block of Transformer's outputs_at), the content stream for XLNet's query stream; it goes
+    through the same norm1. encoder_output (B', S', C): already normed by the encoder; the
     cross-attention has no rotary positions (the decoder attends to the encoder by content).
+    forward is the three steps in order; they are methods so that a caller can do something
+    between them (outputs_at drops padding rows before the MLP) without reaching into the parts.
     """
 
     def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
@@ -271,17 +280,30 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, *, mask=None, rotary=None, positions=None, context=None, context_positions=None,
-                memory=None, memory_mask=None, cache=None, layer: int = 0):
-        h = self.norm1(x)
-        keys_from = None if context is None else self.norm1(context)
-        x = x + self.drop(self.attn(h, keys_from, mask=mask, rotary=rotary, positions=positions,
-                                    memory_positions=context_positions, cache=cache, layer=layer))
+    def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, encoder_output=None,
+                encoder_mask=None, cache=None):
+        x = self.attend(x, source, mask=mask, rotary=rotary, positions=positions, cache=cache)
         if self.cross is not None:
-            if memory is None:
-                raise ValueError("this block cross-attends: pass memory (the encoder's output)")
-            x = x + self.drop(self.cross(self.norm_cross(x), memory, mask=memory_mask,
-                                         cache=cache, layer=layer))
+            x = self.cross_attend(x, encoder_output, encoder_mask, cache=cache)
+        return self.feed_forward(x)
+
+    def attend(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
+               cache=None):
+        """x + self-attention: x (B, T, C), source (B, S, C) or None (x) -> (B, T, C).
+        source_positions: the source's positions when they are not 0..S-1 (attention's rotary)."""
+        source = None if source is None else self.norm1(source)
+        return x + self.drop(self.attn(self.norm1(x), source, mask=mask, rotary=rotary, positions=positions,
+                                       source_positions=source_positions, cache=cache))
+
+    def cross_attend(self, x, encoder_output, encoder_mask=None, *, cache=None):
+        """x + cross-attention to the encoder's output (B', S, C), masked by encoder_mask (B', 1, 1, S)."""
+        if encoder_output is None:
+            raise ValueError("this block cross-attends: pass encoder_output (the encoder's output)")
+        return x + self.drop(self.cross(self.norm_cross(x), encoder_output, mask=encoder_mask,
+                                        cache=cache))
+
+    def feed_forward(self, x):
+        """x + MLP, position by position: (..., C) -> (..., C)."""
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -316,7 +338,8 @@ class Transformer(nn.Module):
     forward(ids, mask=m, cache=kv)                 incremental decoding with a KVCache: positions
                                                    continue after what the cache holds; the mask
                                                    is stated (decoding_mask), never guessed
-    forward(ids, memory=enc, memory_mask=pad)      a decoder that cross-attends (EncoderDecoder)
+    forward(ids, encoder_output=enc,               a decoder that cross-attends (EncoderDecoder)
+            encoder_mask=pad)
     forward(ids, mask=padmask, outputs_at=flat)    only the outputs at flat positions b*T + t, (N, C)
 
     Segment (token-type) embeddings exist when cfg.n_segment > 0 (BERT's two: sentence A and B).
@@ -385,8 +408,8 @@ class Transformer(nn.Module):
             x = self.embed_project(x)                          # (B, T, E) -> (B, T, C)
         return self.drop(x)
 
-    def forward(self, ids, *, mask=CAUSAL, positions=None, segment_ids=None, cache=None, memory=None,
-                memory_mask=None, outputs_at=None):
+    def forward(self, ids, *, mask=CAUSAL, positions=None, segment_ids=None, cache=None, encoder_output=None,
+                encoder_mask=None, outputs_at=None):
         """ids (B, T) -> hidden states (B, T, C), after the final norm.
 
         mask: CAUSAL (default), None, or a bool/float tensor broadcast to (B, H, T, S) (attention()).
@@ -394,8 +417,9 @@ class Transformer(nn.Module):
         segment_ids (B, T): only with n_segment > 0.
         cache: a KVCache this call appends to; a non-empty cache needs an explicit mask (a chunk
         of new tokens: decoding_mask(T, cache.length); one token: None).
-        memory (B, S, C), memory_mask (B, 1, 1, S): the encoder's output and its padding mask, for a
-        decoder built with cross_attention.
+        encoder_output (B', S, C), encoder_mask (B', 1, 1, S): the encoder's output and its padding
+        mask, for a decoder built with cross_attention; B may be g * B' (the g rows b*g .. b*g+g-1
+        read encoder row b: attention()'s grouped query rows).
         outputs_at (N,): sorted flat indices b*T + t (torch.nonzero's order) of the only positions
         whose output is wanted; returns (N, C), the rows of the full output there, computing the
         last block's queries, output projection and MLP at those positions alone (keys and values
@@ -417,13 +441,14 @@ class Transformer(nn.Module):
         if outputs_at is not None and cache is not None:
             raise ValueError("outputs_at computes a subset of one full pass; it cannot append to a cache")
         x = self.embed(ids, positions, segment_ids)
-        shared = dict(rotary=self.rotary, memory=memory, memory_mask=memory_mask, cache=cache)
+        shared = dict(rotary=self.rotary, encoder_output=encoder_output, encoder_mask=encoder_mask)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i == last and outputs_at is not None:
                 x = self._last_block_at(block, x, outputs_at, mask, positions)
             else:
-                x = block(x, mask=mask, positions=positions, layer=i, **shared)
+                layer_cache = None if cache is None else cache.layers[i]
+                x = block(x, mask=mask, positions=positions, cache=layer_cache, **shared)
         if cache is not None:
             cache.length = cached + T
         return self.norm(x)
@@ -432,7 +457,7 @@ class Transformer(nn.Module):
         """The last block at the positions outputs_at only: (B, T, C) -> (N, C).
 
         Each row's queries are packed into (B, M, C), M = the most any row has, and attend to the
-        whole row (keys and values from x, as Block's context); the few padding slots read
+        whole row (the self-attention's source is x); the few padding slots read
         position 0 and are dropped. The mask keeps its meaning: a causal or per-query mask is cut
         down to the packed queries' rows."""
         B, T, C = x.shape
@@ -453,12 +478,11 @@ class Transformer(nn.Module):
             mask = rows_mask.gather(2, query_columns[:, None, :, None].expand(B, rows_mask.shape[1], M, T))
         if block.cross is not None:
             raise ValueError("outputs_at is for encoders and decoders, not a cross-attending decoder")
-        # Block.forward spelled out, so that after attention the rows go back to one per wanted
-        # position, (N, C): the MLP (most of the block's work) never runs on the padding slots
-        attended = block.attn(block.norm1(picked), block.norm1(x), mask=mask, rotary=self.rotary,
-                              positions=query_positions, memory_positions=all_positions)   # (B, M, C)
-        out = picked[rows, slot] + block.drop(attended[rows, slot])                        # (N, C)
-        return out + block.drop(block.mlp(block.norm2(out)))
+        # Block's own steps, with the rows back to one per wanted position, (N, C), between the
+        # attention and the MLP: the MLP (most of the block's work) never runs on the padding slots
+        attended = block.attend(picked, x, mask=mask, rotary=self.rotary, positions=query_positions,
+                                source_positions=all_positions)                           # (B, M, C)
+        return block.feed_forward(attended[rows, slot])                                   # (N, C)
 
     @property
     def output_weight(self):
@@ -496,8 +520,8 @@ class EncoderDecoder(nn.Module):
     cfg.n_decoder_layer decoder blocks. Each stack has its own positions (rotary or learned):
     the encoder's 0..S-1, the decoder's 0..T-1.
 
-    encode(input_ids, input_mask) -> memory (B, S, C)              once per example
-    decode(decoder_ids, memory, memory_mask, ...) -> (B, T, C)     per step when generating, with a
+    encode(input_ids, input_mask) -> encoder_output (B, S, C)              once per example
+    decode(decoder_ids, encoder_output, encoder_mask, ...) -> (B, T, C)    per step when generating, with a
                                                                     KVCache whose cross-attention
                                                                     keys/values are computed once
     """
@@ -515,13 +539,13 @@ class EncoderDecoder(nn.Module):
         self.encoder.head_project = None                 # the LM head (factorized, tied) is the decoder's
 
     def encode(self, input_ids, input_mask=None, positions=None):
-        """input_ids (B, S), input_mask (B, 1, 1, S) bool padding mask or None -> memory (B, S, C)."""
+        """input_ids (B, S), input_mask (B, 1, 1, S) bool padding mask or None -> (B, S, C)."""
         return self.encoder(input_ids, mask=input_mask, positions=positions)
 
-    def decode(self, decoder_ids, memory, memory_mask=None, *, mask=CAUSAL, positions=None, cache=None):
-        """decoder_ids (B, T), memory (B, S, C) -> hidden states (B, T, C)."""
-        return self.decoder(decoder_ids, mask=mask, positions=positions, cache=cache, memory=memory,
-                            memory_mask=memory_mask)
+    def decode(self, decoder_ids, encoder_output, encoder_mask=None, *, mask=CAUSAL, positions=None, cache=None):
+        """decoder_ids (B, T), encoder_output (B', S, C), B = g * B' -> hidden states (B, T, C)."""
+        return self.decoder(decoder_ids, mask=mask, positions=positions, cache=cache, encoder_output=encoder_output,
+                            encoder_mask=encoder_mask)
 
     def forward(self, input_ids, decoder_ids, input_mask=None):
         return self.decode(decoder_ids, self.encode(input_ids, input_mask), input_mask)
@@ -578,6 +602,7 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.cross: list = [None] * cfg.n_layer
         self.length = 0
+        self.layers = [LayerCache(self, i) for i in range(cfg.n_layer)]   # what each block is handed
 
     def append(self, layer: int, k, v):
         """Write (B, H, T, D) keys/values at positions length .. length+T-1 of `layer`; returns
@@ -589,8 +614,9 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def memory(self, layer: int, compute):
-        """Layer `layer`'s cross-attention (keys, values): compute() the first time, then stored."""
+    def source(self, layer: int, compute):
+        """Layer `layer`'s (keys, values) of a source that does not change between steps (the
+        encoder's output, for cross-attention): compute() the first time, then stored."""
         if self.cross[layer] is None:
             self.cross[layer] = compute()
         return self.cross[layer]
@@ -598,7 +624,7 @@ class KVCache:
     def reorder(self, index: torch.Tensor, cross_too: bool = True) -> None:
         """Keep rows `index` (B',) of the batch, in that order (B' may differ from B). Only the
         positions held so far are copied. cross_too=False leaves the cross-attention keys/values
-        as they are: right when every row moves only among rows with the same memory (the beams of
+        as they are: right when every row moves only among rows with the same source (the beams of
         one example), where copying them, (B, H, S, D) per layer each step, would change nothing."""
         filled = slice(0, self.length)
         k = self.k.new_empty((self.k.shape[0], len(index)) + self.k.shape[2:])
@@ -607,3 +633,17 @@ class KVCache:
         self.k, self.v = k, v
         if cross_too:
             self.cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]
+
+
+class LayerCache:
+    """One layer's part of a KVCache, what a Block and its Attention are handed: append and source
+    as KVCache's, for this layer."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def append(self, k, v):
+        return self.cache.append(self.layer, k, v)
+
+    def source(self, compute):
+        return self.cache.source(self.layer, compute)

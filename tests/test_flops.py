@@ -62,3 +62,22 @@ def test_flops_per_token_counts_what_each_objective_computes(monkeypatch):
     # at most 2% over (norms and biases); a hair under 1.0 for the masked LMs, whose packed queries'
     # few padding slots (outputs_at: up to the most any row has) also go through two projections
     assert all(0.997 <= ratio < 1.02 for ratio in ratios.values()), ratios
+
+
+def test_the_generic_count_is_nanogpts_for_a_causal_lm_and_counts_keys_values_everywhere():
+    """flops.transformer_flops with the LM head at every position is nanoGPT's 6N + 12 L H D T;
+    with outputs at a share p of positions, the last block but its keys and values, and the head,
+    run at p, and so does that block's attention."""
+    from minilm.flops import (flops_per_token, key_value_weights, lm_head_matmul_weights, matmul_weights,
+                              parameters_of, transformer_flops)
+    from minilm.model import Transformer
+    cfg = config()
+    backbone = Transformer(cfg)
+    dense = transformer_flops(backbone, T, head=lm_head_matmul_weights(backbone))
+    assert dense == flops_per_token(matmul_weights(backbone, lm_head=True), cfg.n_layer, cfg.n_head, cfg.head_dim, T)
+    p = 0.25
+    last = backbone.blocks[-1]
+    rest = parameters_of(last) - key_value_weights(last.attn) + parameters_of(backbone.norm)
+    sparse = transformer_flops(backbone, T, outputs_share=p, head=lm_head_matmul_weights(backbone))
+    head = lm_head_matmul_weights(backbone)
+    assert sparse == pytest.approx(dense - 6 * (1 - p) * (rest + head) - (1 - p) * 12 * cfg.n_head * cfg.head_dim * T)

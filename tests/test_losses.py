@@ -91,3 +91,12 @@ def test_blocking_is_for_cpu_only():
         return type(cross_entropy_sum(logits, torch.zeros(4, dtype=torch.long, device=device)).grad_fn).__name__
     assert backward_name("meta") == "NllLossBackward0"
     assert "SummedCrossEntropy" in backward_name("cpu")
+
+
+def test_step_mean_divides_by_the_step_total_or_the_batch_count_and_never_by_zero():
+    from minilm.losses import step_mean
+    batch = {"counts": {"targets": torch.tensor(4), "tokens": torch.tensor(0)}}
+    summed = torch.tensor(12.0)
+    assert step_mean(summed, batch, None) == 3.0                                  # the batch's own count
+    assert step_mean(summed, batch, {"targets": torch.tensor(8)}) == 1.5          # the step's total
+    assert step_mean(summed, batch, None, "tokens") == 12.0                       # nothing counted: / 1

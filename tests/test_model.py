@@ -555,3 +555,36 @@ def test_compiled_model_checkpoint_loads_into_uncompiled(tmp_path):
         fresh.load_state_dict(state["model"])  # strict: every key present, none extra
         torch.testing.assert_close(fresh.logits(fresh(ids)), want, atol=0, rtol=0)
         torch.testing.assert_close(fresh.logits(fresh(ids)), model.logits(compiled(ids)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_rows_read_their_key_value_row_as_if_it_were_repeated(dtype):
+    """attention() with g * B' query rows over B' key/value rows (the beams of one encoded input):
+    rows b*g .. b*g+g-1 read row b, the same as repeating each key/value row g times, under a
+    padding mask of the key/value rows; the packed path (SDPA, and the CPU bf16 one) does it
+    without the copy."""
+    g = torch.Generator().manual_seed(0)
+    rows, group, H, T, S_, D = 2, 3, 2, 4, 5, 8
+    q = torch.randn(rows * group, H, T, D, generator=g).to(dtype)
+    k, v = (torch.randn(rows, H, S_, D, generator=g).to(dtype) for _ in range(2))
+    mask = padding_mask(torch.tensor([5, 3]), S_)                       # (B', 1, 1, S)
+    repeated = attention(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0),
+                         mask=mask.repeat_interleave(group, 0))
+    torch.testing.assert_close(attention(q, k, v, mask=mask), repeated)
+
+
+def test_block_forward_is_its_three_steps_and_a_source_is_where_keys_and_values_come_from():
+    """Block.forward(x) is attend, then feed_forward; with a source, queries come from x and keys
+    and values from the source: x's own rows as source is self-attention (the one idea)."""
+    torch.manual_seed(0)
+    model = randomize_(Transformer(tiny_cfg(position="rope")))
+    block = model.blocks[0]
+    x = torch.randn(2, 6, 32)
+    steps = block.feed_forward(block.attend(x, mask=CAUSAL, rotary=model.rotary))
+    torch.testing.assert_close(block(x, mask=CAUSAL, rotary=model.rotary), steps)
+    torch.testing.assert_close(block(x, x, mask=CAUSAL, rotary=model.rotary), steps, atol=1e-5, rtol=1e-5)
+    picked = x[:, [1, 4]]                                               # queries at two positions
+    want = steps[:, [1, 4]]
+    rows = torch.tensor([1, 4])
+    got = block(picked, x, mask=(torch.arange(6)[None, :] <= rows[:, None]), rotary=model.rotary, positions=rows)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

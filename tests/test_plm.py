@@ -130,7 +130,7 @@ def full_two_stream_query(objective, batch):
     g = objective.query_input(torch.arange(T).expand(B, T))
     for block in backbone.blocks:
         h, g = (block(h, mask=content_mask, rotary=backbone.rotary),
-                block(g, context=h, mask=query_mask, rotary=backbone.rotary))
+                block(g, h, mask=query_mask, rotary=backbone.rotary))
     picked = g.gather(1, target_positions[:, :, None].expand(-1, -1, g.shape[-1]))
     return backbone.norm(picked)
 

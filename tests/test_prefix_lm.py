@@ -15,7 +15,7 @@ from minilm.data import BlockSource
 from minilm.model import Transformer
 from minilm.objectives import IGNORE, build_objective
 from minilm.objectives import prefix_lm
-from minilm.model import prefix_lm_mask
+from minilm.model import prefix_mask
 from minilm.objectives.prefix_lm import PrefixLM
 from minilm.tokenizer import EOS_ID, NUM_SPECIAL
 from minilm.trainer import Trainer
@@ -34,7 +34,7 @@ def tiny_config(seq_len=12):
 
 def test_mask_equals_a_hand_built_one():
     T = 4
-    got = prefix_lm_mask(torch.tensor([0, 1, 2, 4]), T)
+    got = prefix_mask(torch.tensor([0, 1, 2, 4]), T)
     causal = [[1, 0, 0, 0],
               [1, 1, 0, 0],
               [1, 1, 1, 0],
@@ -50,7 +50,7 @@ def test_mask_equals_a_hand_built_one():
 
 
 def outputs(model, ids, prefix_lengths):
-    return model(ids, mask=prefix_lm_mask(prefix_lengths, ids.shape[1]))
+    return model(ids, mask=prefix_mask(prefix_lengths, ids.shape[1]))
 
 
 def test_after_the_prefix_output_at_t_ignores_every_later_token_exactly():
@@ -133,7 +133,7 @@ def test_only_targets_after_the_prefix_count(monkeypatch):
     assert int(batch["counts"]["targets"]) == 6 + 4 + 1 + 2
     loss, sums = objective(batch)
     # the reference: the LM head at every position, F.cross_entropy over the counted targets
-    hidden = objective.backbone(batch["input_ids"], mask=prefix_lm_mask(batch["prefix_lengths"], 6))
+    hidden = objective.backbone(batch["input_ids"], mask=prefix_mask(batch["prefix_lengths"], 6))
     expected = F.cross_entropy(objective.backbone.logits(hidden).flatten(0, 1), batch["labels"].flatten(),
                                ignore_index=IGNORE)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ from minilm.config import ModelConfig
 from minilm.errors import UserError
 from minilm.generate import (beam_loop, beam_search, generate, generate_seq2seq, sample_loop,
                              seq2seq_step)
-from minilm.model import EncoderDecoder, KVCache, Transformer, prefix_lm_mask
+from minilm.model import EncoderDecoder, KVCache, Transformer, prefix_mask
 from minilm.tokenizer import EOS_ID, MASK_ID, SENTINEL_IDS
 from tests.conftest import load_script
 
@@ -303,8 +303,8 @@ def test_prefix_lm_mask():
                          [1, 1, 1, 0, 0],
                          [1, 1, 1, 1, 0],
                          [1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(prefix_lm_mask(torch.tensor([3]), 5)[0, 0], want)
-    assert torch.equal(prefix_lm_mask(torch.tensor([0]), 4)[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.equal(prefix_mask(torch.tensor([3]), 5)[0, 0], want)
+    assert torch.equal(prefix_mask(torch.tensor([0]), 4)[0, 0], torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 @torch.no_grad()

@@ -62,8 +62,8 @@ import torch
 import torch.nn as nn
 
 from minilm.errors import UserError
-from minilm.flops import flops_per_token, matmul_weights
-from minilm.losses import IGNORE, cross_entropy_sum
+from minilm.flops import lm_head_matmul_weights, transformer_flops
+from minilm.losses import IGNORE, cross_entropy_sum, step_mean
 from minilm.model import Transformer
 from minilm.options import Options, options_from
 from minilm.tokenizer import EOS_ID
@@ -247,14 +247,13 @@ class Objective(nn.Module):
         over the step's target count (base contract); accuracy and bytes only in evaluation, where
         they cost an extra pass. Needs keep_bytes_per_token."""
         nll = cross_entropy_sum(logits, labels)
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             real = labels != IGNORE
             sums = {"nll": nll.detach(), "targets": real.sum()}
             if not self.training:
                 sums["correct"] = ((logits.argmax(-1) == labels) & real).sum()
                 sums["bytes"] = (self.bytes_per_token[labels.clamp(min=0)] * real).sum()
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
 
     def tokens_and_flops(self, batch: dict) -> tuple[int, float] | None:
         """(input tokens, training FLOPs) that one micro-batch really computes, for an objective
@@ -264,13 +263,15 @@ class Objective(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per input token, the numerator of the trainer's MFU: nanoGPT's
-        6N + 12 L H D T (minilm/flops.py), N counting the weights of the matmuls this objective
-        runs at every position: the blocks and the LM head (tied or not), never the token table
-        itself (a lookup). Objectives that compute less (no LM head: sop; the masked LMs' sparse
-        head and last layer) override it."""
-        cfg = self.backbone.cfg
-        return flops_per_token(matmul_weights(self.backbone, lm_head=True), cfg.n_layer, cfg.n_head,
-                               cfg.head_dim, cfg.seq_len)
+        6N + 12 L H D T, N counting the weights of the matmuls this objective runs at every
+        position, never the token table itself (a lookup). One generic count,
+        flops.transformer_flops: here the backbone with its LM head at every position (a causal
+        LM). An objective that computes less or more overrides this with the same count and what
+        differs (the masked LMs' outputs at a share of positions, a head once per row, two passes);
+        only two keep a formula of their own, where the generic count cannot work: plm (a second,
+        query stream whose keys and values come from the content stream) and t5 (an encoder-decoder:
+        cross-attention over the encoder's length, flops.encoder_decoder_flops; ul2 inherits it)."""
+        return transformer_flops(self.backbone, self.backbone.cfg.seq_len, head=lm_head_matmul_weights(self.backbone))
 
     # --------------------------------------------------------------- run hooks (train.py)
     # What train.py asks of an objective besides the contract; each does nothing by default.

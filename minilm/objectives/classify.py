@@ -50,7 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.errors import UserError
-from minilm.flops import flops_per_token, matmul_weights
+from minilm.flops import transformer_flops
+from minilm.losses import step_mean
 from minilm.model import CAUSAL, Transformer, padding_mask
 from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.options import Options, option
@@ -252,10 +253,8 @@ class Classifier(Objective):
         """Per input token of rows `length` long (seq_len by default): the backbone at every
         position (no LM head), the head once per row; a frozen backbone runs forward only (2 N,
         not 6 N, and no attention backward)."""
-        cfg = self.backbone.cfg
-        length = length or cfg.seq_len
-        backbone = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                   cfg.head_dim, length)
+        length = length or self.backbone.cfg.seq_len
+        backbone = transformer_flops(self.backbone, length)          # (flops.py)
         head = 6 * self.label_head.weight.numel() / length
         return backbone / 3 + head if self.freeze_backbone else backbone + head
 
@@ -287,7 +286,6 @@ class Classifier(Objective):
         logits = self.logits(batch["input_ids"], batch["lengths"])
         labels = batch["labels"]
         nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE)
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             valid = labels != IGNORE
             predicted = logits.argmax(-1)
@@ -296,7 +294,7 @@ class Classifier(Objective):
                 K = self.n_labels
                 pairs = (labels.clamp(min=0) * K + predicted)[valid]
                 sums["confusion"] = torch.bincount(pairs, minlength=K * K).view(K, K)
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
 
     def metrics(self, sums: dict) -> dict:
         """macro_f1 of the evaluation's confusion matrix (accuracy is the shared correct / targets)."""

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 
 from minilm import masking
 from minilm.errors import UserError
-from minilm.flops import embed_project_weights, lm_head_weights
+from minilm.flops import lm_head_matmul_weights, parameters_of, transformer_flops
 from minilm.model import Transformer, make_norm, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.options import Options, option
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
@@ -157,17 +158,10 @@ class MaskedLM(Objective):
         full; in the last, keys and values everywhere but queries, projection and MLP only at the
         mask_prob share of positions that are predicted; the head (transform + tied output
         matrix, after the C -> E projection when factorized) at those positions too; a factorized
-        embedding's E -> C projection everywhere. 6 FLOPs per weight per token, 12 H D T for attention."""
-        cfg, p = self.backbone.cfg, self.options.mask_prob
-        blocks = self.backbone.blocks
-        per_block = sum(w.numel() for w in blocks[0].parameters())
-        key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))     # 2/3 of the qkv layer
-        head = (lm_head_weights(self.backbone) + sum(w.numel() for w in self.head.parameters())
-                + self.backbone.output_weight.numel())
-        attention = 12 * cfg.n_head * cfg.head_dim * cfg.seq_len
-        weights = (embed_project_weights(self.backbone) + (len(blocks) - 1) * per_block + key_value
-                   + p * (per_block - key_value + head))
-        return 6 * weights + (len(blocks) - 1 + p) * attention
+        embedding's E -> C projection everywhere (flops.transformer_flops)."""
+        head = parameters_of(self.head) + lm_head_matmul_weights(self.backbone)
+        return transformer_flops(self.backbone, self.backbone.cfg.seq_len, outputs_share=self.options.mask_prob,
+                                 head=head)
 
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
@@ -185,7 +179,6 @@ class MaskedLM(Objective):
         logits = self.head(self.backbone.to_output_width(picked), self.backbone.output_weight).float()  # (N, V)
         targets = batch["targets"]
         nll = F.cross_entropy(logits, targets, reduction="sum")
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"]}
             if not self.training:
@@ -193,4 +186,4 @@ class MaskedLM(Objective):
                 # comparable between masked-LM runs, not with a causal LM's
                 sums["correct"] = (logits.argmax(-1) == targets).sum()
                 sums["bytes"] = self.bytes_per_token[targets].sum()
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minilm.flops import matmul_weights
+from minilm.flops import key_value_weights, matmul_weights, parameters_of
 from minilm.objectives.base import Baseline, Objective
 from minilm.options import Options, option
 
@@ -193,7 +193,7 @@ class PermutationLM(Objective):
         last = len(backbone.blocks) - 1
         for i, block in enumerate(backbone.blocks):
             # both from the previous layer's h: the query stream reads the content stream as it was
-            g_next = block(g, context=h, mask=query_mask, rotary=backbone.rotary, positions=target_positions)
+            g_next = block(g, h, mask=query_mask, rotary=backbone.rotary, positions=target_positions)
             if i < last:  # the last content layer would feed no query layer: skip it
                 h = block(h, mask=content_mask, rotary=backbone.rotary)
             g = g_next
@@ -212,13 +212,13 @@ class PermutationLM(Objective):
         """What a step computes, per input token (for MFU), with f = M / T ~ 1/K:
         content stream   L-1 blocks at every position (the last one is skipped)
         query stream     L blocks at the f share of positions, except that each layer projects the
-                         keys and values of every content position again (Attention's memory path)
+                         keys and values of every content position again (Attention with a source)
         LM head          at the f share of positions
         attention        (L-1 + L f) 12 H D T."""
         cfg = self.backbone.cfg
         L, f = cfg.n_layer, self.num_targets / cfg.seq_len
-        per_block = sum(w.numel() for w in self.backbone.blocks[0].parameters())
-        key_value = 2 * cfg.n_embd * (cfg.n_embd + (1 if cfg.bias else 0))
+        per_block = parameters_of(self.backbone.blocks[0])
+        key_value = key_value_weights(self.backbone.blocks[0].attn)
         blocks_and_head = matmul_weights(self.backbone, lm_head=True)
         norms_head = blocks_and_head - L * per_block                      # final norm + output matrix
         weights = (L - 1) * per_block + L * (key_value + f * (per_block - key_value)) + f * norms_head

@@ -5,7 +5,7 @@ right.
 Each window is split at a random point: the tokens before it are read as an encoder reads them
 (every prefix token sees every other), the tokens after it are written as a decoder writes them
 (each sees the whole prefix and the tokens before itself). One Transformer does both, by its
-attention mask alone (model.prefix_lm_mask); the loss covers the tokens after the prefix only.
+attention mask alone (model.prefix_mask); the loss covers the tokens after the prefix only.
 
 Numbers:
   * split law: T5's `random_prefix_noise_mask`, which UL2's S-denoiser reuses through T5's
@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from minilm.flops import lm_head_weights, matmul_weights
-from minilm.model import prefix_lm_mask
+from minilm.flops import lm_head_matmul_weights, transformer_flops
+from minilm.model import prefix_mask
 from minilm.objectives.base import IGNORE
 from minilm.objectives.clm import CausalLM, causal_labels
 
@@ -76,7 +76,7 @@ class PrefixLM(CausalLM):
 
     def forward(self, batch, totals=None):
         input_ids, labels = batch["input_ids"], batch["labels"]
-        mask = prefix_lm_mask(batch["prefix_lengths"], input_ids.shape[1])
+        mask = prefix_mask(batch["prefix_lengths"], input_ids.shape[1])
         hidden = self.backbone(input_ids, mask=mask)                  # (B, T, C)
         real = labels != IGNORE                                       # (B, T)
         targets = labels[real]                                        # (N,)
@@ -84,11 +84,9 @@ class PrefixLM(CausalLM):
         return self.token_loss(logits, targets, batch, totals)
 
     def flops_per_token(self) -> float:
-        """nanoGPT's 6N + 12 L H D T (minilm/flops.py), with the LM head counted at the share of
-        positions that are targets: (T+1)/2 of T on average under the split law (E[L-P] with P
-        uniform on 1..T, L = T+1)."""
-        cfg = self.backbone.cfg
-        head = lm_head_weights(self.backbone) + self.backbone.output_weight.numel()
-        blocks = matmul_weights(self.backbone, lm_head=False)
-        target_share = (cfg.seq_len + 1) / (2 * cfg.seq_len)
-        return 6 * (blocks + target_share * head) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.seq_len
+        """The generic count (flops.transformer_flops), with the LM head at the share of positions
+        that are targets: (T+1)/2 of T on average under the split law (E[L-P] with P uniform on
+        1..T, L = T+1)."""
+        T = self.backbone.cfg.seq_len
+        return transformer_flops(self.backbone, T, head=lm_head_matmul_weights(self.backbone),
+                                 head_share=(T + 1) / (2 * T))

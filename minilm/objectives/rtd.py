@@ -53,8 +53,9 @@ import torch.nn.functional as F
 
 from minilm import masking
 from minilm.errors import UserError
-from minilm.flops import embed_project_weights
+from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
 from minilm.objectives.mlm import MaskedLMOptions, MLMHead
 from minilm.options import option
@@ -306,10 +307,8 @@ class ReplacedTokenDetection(Objective):
         detector_logits = self.discriminator_logits(corrupted, batch.get("attn_mask"))  # (B, T)
         per_token = F.binary_cross_entropy_with_logits(detector_logits, replaced.float(), reduction="none")
         discriminator_nll = (per_token * valid).sum()
-        counts = totals or batch["counts"]
         weight = self.options.rtd_weight
-        loss = (generator_nll / counts["targets"].clamp(min=1)
-                + weight * discriminator_nll / counts["tokens"].clamp(min=1))
+        loss = step_mean(generator_nll, batch, totals) + step_mean(weight * discriminator_nll, batch, totals, "tokens")
         with torch.no_grad():
             called = (detector_logits > 0) & valid
             replaced &= valid
@@ -337,24 +336,12 @@ class ReplacedTokenDetection(Objective):
         return out
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per input token (for MFU), 6 per weight per token plus 12 H D T per block
-        for attention: the discriminator (with its embedding projection E -> C when factorized)
-        and its head everywhere; the generator's embedding projection and every block but the
-        last everywhere, its last block's keys and values everywhere and the rest of that block and its head (with the tied token matrix) at the
-        mask_prob share of positions (as mlm.py counts). The sampling is not counted."""
-        p = self.options.mask_prob
+        """Training FLOPs per input token (for MFU), the generic count (flops.transformer_flops) of
+        two passes: the discriminator and its head everywhere; the generator's outputs and its
+        head (with the tied token matrix) at the mask_prob share of positions, as mlm.py counts.
+        The sampling is not counted."""
         disc, gen = self.backbone, self.generator
-        dcfg, gcfg = disc.cfg, gen.cfg
-
-        def block_weights(model):
-            return sum(w.numel() for w in model.blocks[0].parameters())
-        discriminator = (embed_project_weights(disc) + len(disc.blocks) * block_weights(disc)
-                         + sum(w.numel() for w in self.discriminator_head.parameters()))
-        key_value = 2 * gcfg.n_embd * (gcfg.n_embd + (1 if gcfg.bias else 0))
-        project = embed_project_weights(gen)
-        head = sum(w.numel() for w in self.generator_head.parameters()) + gen.tok_emb.weight.numel()
-        generator = (project + (len(gen.blocks) - 1) * block_weights(gen) + key_value
-                     + p * (block_weights(gen) - key_value + head))
-        attention = (len(disc.blocks) * 12 * dcfg.n_head * dcfg.head_dim * dcfg.seq_len
-                     + (len(gen.blocks) - 1 + p) * 12 * gcfg.n_head * gcfg.head_dim * gcfg.seq_len)
-        return 6 * (discriminator + generator) + attention
+        discriminator = transformer_flops(disc, disc.cfg.seq_len, head=parameters_of(self.discriminator_head))
+        generator_head = parameters_of(self.generator_head) + gen.tok_emb.weight.numel()
+        generator = transformer_flops(gen, gen.cfg.seq_len, outputs_share=self.options.mask_prob, head=generator_head)
+        return discriminator + generator

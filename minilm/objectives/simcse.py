@@ -51,8 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.distributed import gather_with_gradient
-from minilm.flops import flops_per_token, matmul_weights
+from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
 from minilm.options import Options, option
 from minilm.pooling import pool
@@ -160,11 +161,8 @@ class SimCSE(Objective):
         position per row. simcse_sup counts the same two passes (anchor, positive); a hard
         negative is a third pass the trainer's MFU does not see (it is fixed before any batch).
         The (B, N) similarity matrix, 6 N C per row, is left out: N C << 12 L C^2 T."""
-        cfg = self.backbone.cfg
-        encoder = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                  cfg.head_dim, cfg.seq_len)
-        mlp = sum(w.numel() for w in self.mlp.parameters()) if self.mlp is not None else 0
-        return 2 * (encoder + 6 * mlp / cfg.seq_len)
+        T = self.backbone.cfg.seq_len
+        return 2 * transformer_flops(self.backbone, T, head=parameters_of(self.mlp), head_share=1 / T)
 
     # ---------------------------------------------------------------- embeddings
     def embed(self, input_ids, lengths):
@@ -216,13 +214,12 @@ class SimCSE(Objective):
                                          negative_valid=batch.get("has_negative"),
                                          hard_negative_weight=self.hard_negative_weight, gather=self.training)
         nll = F.cross_entropy(logits, labels, reduction="sum")
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"],
                     "correct": (logits.argmax(dim=1) == labels).sum()}
             if not self.training:
                 sums.update(embedding_sums(*self.positive_pairs(batch, pooled, B)))
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums
 
 
 class SupervisedSimCSE(SimCSE):

@@ -41,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilm.data import pack_pairs
-from minilm.flops import flops_per_token, matmul_weights
+from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Pooler, Transformer, padding_mask
+from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.options import Options, option
 
@@ -96,12 +97,10 @@ class SentenceOrder(Objective):
     def flops_per_token(self) -> float:
         """What a step computes, per input token (for MFU): the encoder at every position but no
         LM head (its output matrix is never used), then the pooler and the two-way head on one
-        position per row, shared by the row's seq_len tokens."""
-        cfg = self.backbone.cfg
-        heads = sum(w.numel() for w in self.pooler.parameters()) + sum(w.numel() for w in self.head.parameters())
-        encoder = flops_per_token(matmul_weights(self.backbone, lm_head=False), cfg.n_layer, cfg.n_head,
-                                  cfg.head_dim, cfg.seq_len)
-        return encoder + 6 * heads / cfg.seq_len
+        position per row, shared by the row's seq_len tokens (flops.transformer_flops)."""
+        T = self.backbone.cfg.seq_len
+        return transformer_flops(self.backbone, T, head=parameters_of(self.pooler) + parameters_of(self.head),
+                                 head_share=1 / T)
 
     def make_batch(self, raw, generator=None):
         """raw: a SegmentPairSource batch (A then B, in order) -> inputs with labels (B,): 0, 1,
@@ -147,8 +146,7 @@ class SentenceOrder(Objective):
         logits = self.head(self.pooler(hidden)).float()                          # (B, 2)
         labels = batch["labels"]
         nll = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE)
-        denominator = (totals or batch["counts"])["targets"].clamp(min=1)
         with torch.no_grad():
             sums = {"nll": nll.detach(), "targets": batch["counts"]["targets"],
                     "correct": (logits.argmax(-1) == labels).sum()}
-        return nll / denominator, sums
+        return step_mean(nll, batch, totals), sums

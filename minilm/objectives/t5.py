@@ -127,8 +127,8 @@ class SpanCorruption(Objective):
                 "counts": {"targets": torch.tensor(labels.numel(), device=labels.device)}}
 
     def forward(self, batch, totals=None):
-        memory = self.backbone.encode(batch["input_ids"])                        # (B, S, C)
-        hidden = self.backbone.decode(batch["decoder_input_ids"], memory)        # (B, T, C)
+        encoder_output = self.backbone.encode(batch["input_ids"])                # (B, S, C)
+        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output)  # (B, T, C)
         logits = self.backbone.logits(hidden)                                    # (B, T, V)
         return self.token_loss(logits.flatten(0, 1), batch["labels"].flatten(), batch, totals)
 

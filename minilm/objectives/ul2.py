@@ -234,8 +234,8 @@ class MixtureOfDenoisers(SpanCorruption):
     def forward(self, batch, totals=None):
         input_ids, labels = batch["input_ids"], batch["labels"]
         input_mask = padding_mask(batch["input_lengths"], input_ids.shape[1])          # (B, 1, 1, S)
-        memory = self.backbone.encode(input_ids, input_mask)                           # (B, S, C)
-        hidden = self.backbone.decode(batch["decoder_input_ids"], memory, input_mask)  # (B, T, C)
+        encoder_output = self.backbone.encode(input_ids, input_mask)                   # (B, S, C)
+        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output, input_mask)  # (B, T, C)
         real = labels != IGNORE
         logits = self.backbone.logits(hidden[real])                                    # (N, V): real targets only
         return self.token_loss(logits, labels[real], batch, totals)
