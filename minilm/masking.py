@@ -384,7 +384,7 @@ def random_segmentation(num_items: int, num_segments: int, rows: int, generator:
     likely (there are C(n-1, k-1) of both). One part then has length j with probability
     C(n-j-1, k-2) / C(n-1, k-1): close to, but not, geometric (no part exceeds n-k+1).
     The k-1 gaps with the smallest random keys are a uniformly random set of k-1 gaps (topk, not
-    a full argsort: 5x faster for 27 of 482). Keys are float64 (float32 on MPS, which has none)
+    a full argsort, which is slower: benchmarks/README.md). Keys are float64 (float32 on MPS, which has none)
     so that ties, which topk breaks by position, are negligible.
     """
     assert 1 <= num_segments <= num_items, (num_segments, num_items)

@@ -248,7 +248,7 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             # exact (erf) GELU, as BERT; GPT-2's tanh approximation was a speed hack that is
-            # slower than the exact kernel on today's CPUs (measured: ~5% of a bf16 step)
+            # slower than the exact kernel on today's CPUs (benchmarks/README.md)
             h = F.gelu(h)
         return self.down(h)
 
@@ -402,7 +402,7 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             # an encoder must fetch every masked token's information from the *other* positions'
             # embeddings; at std 0.02 they are soon drowned in what the blocks add to the stream,
-            # and a pre-norm encoder then learns far slower (measured in objectives/mlm.py)
+            # and a pre-norm encoder then learns far slower (benchmarks/README.md, "the embedding norm")
             x = self.embed_norm(x)
         if self.embed_project is not None:
             x = self.embed_project(x)                          # (B, T, E) -> (B, T, C)

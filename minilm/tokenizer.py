@@ -62,7 +62,7 @@ NUM_SPECIAL = 7 + NUM_SENTINELS + NUM_LANG_TAGS  # ids below this are special
 # the pieces at ids 4 .. NUM_SPECIAL - 1, in id order (sentencepiece control symbols)
 RESERVED_PIECES = (["<mask>", "<cls>", "<sep>"] + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
                    + [f"<lang_{i}>" for i in range(NUM_LANG_TAGS)])
-USER_DEFINED = RESERVED_PIECES  # their old name, from when they were user-defined symbols
+USER_DEFINED = RESERVED_PIECES  # another name for them, kept for code that imports it
 WORD_MARK = "\u2581"
 # sentencepiece needs room for the specials, 256 byte pieces and some merges
 MIN_VOCAB = NUM_SPECIAL + 256 + 16

@@ -106,8 +106,7 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
     summarize the row (`parent_trained_first`: sop's and simcse's heads read it), mean otherwise,
     from scratch too (as an encoder parent's classifier: scratch_model_config). A masked LM
     pretrained on running text never sees [CLS], so its first position starts as an untrained
-    vector: ELECTRA's discriminator, for one, gives nearly the same [CLS] vector for every row, and
-    fine-tuning from it barely moved (compare_objectives.py)."""
+    vector (ELECTRA's discriminator, for one, gives nearly the same [CLS] vector for every row)."""
     options = copy.deepcopy(options)
     if options.classifier_attention == "auto":
         kind = ATTENTION_OF_KIND.get(parent_kind) if parent_kind else "bidirectional"
