@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from minilm.config import ModelConfig
-from minilm.data import BlockSource
 from minilm.errors import UserError
 from minilm.generate import generate_seq2seq
 from minilm.objectives import build_objective, is_encoder_decoder, model_config_for, window_length_for
@@ -21,7 +20,7 @@ from minilm.objectives.base import IGNORE
 from minilm.objectives.t5 import DECODER_START_ID
 from minilm.objectives.ul2 import MODE_IDS, SPAN_SENTINEL_IDS, MixtureOfDenoisers, UL2Options
 from minilm.tokenizer import EOS_ID, NUM_SPECIAL, PAD_ID, SENTINEL_IDS
-from minilm.trainer import Trainer
+from tests.test_t5 import tiny_run
 from tests.test_t5_noise import chi_square, composition_part_pmf, expected_counts, reconstruct
 from tests.test_trainer import accumulated_gradients, make_config
 
@@ -320,19 +319,7 @@ def test_encoder_input_for_inference():
 def test_a_tiny_model_learns_the_mixture(tmp_path, prepared, tokenizer):
     """Start: about ln(V) nats over every target (spans, sentinels, continuations, <eos>). Sixty
     steps later, on held-out windows, far lower."""
-    cfg = make_config(tmp_path, tokenizer.vocab_size, objective="ul2", max_steps=60, lr=3e-3, min_lr=3e-4,
-                      eval_batches=4, batch_size=16)
-    cfg.model = model_config_for("ul2", cfg.model)
-    torch.manual_seed(0)
-    objective = build_objective("ul2", cfg.model, tokenizer, UL2Options())
-    folder, _ = prepared
-    window = window_length_for("ul2", cfg.model, UL2Options())
-    train = BlockSource(folder, "train", cfg.model.seq_len, cfg.train.batch_size, seed=1, window_length=window)
-    val = BlockSource(folder, "val", cfg.model.seq_len, cfg.train.batch_size, window_length=window)
-    trainer = Trainer(cfg, objective, train, val, tokenizer, log=lambda *_: None)
-    start = trainer.evaluate()
-    trainer.fit()
-    end = trainer.last_eval
+    start, end = tiny_run("ul2", tmp_path, prepared, tokenizer, UL2Options())
     assert start["loss"] > math.log(tokenizer.vocab_size) - 0.3, start
     assert end["loss"] < start["loss"] - 1.2, (start, end)
 
