@@ -200,6 +200,18 @@ class Objective(nn.Module):
         an objective whose other modules hold pieces of the backbone it built (a table they share)
         points them at the shared one here. Nothing by default."""
 
+    def explain(self, batch: dict, tokenizer):
+        """What one row of make_batch's batch (B == 1) means, for minilm/explain.py: an Explained
+        with the pieces read, the targets, this objective's own columns and every attention mask
+        its forward uses. The default reads batch["input_ids"] and batch["labels"] under a causal
+        mask; an objective that reads or masks otherwise overrides it in its own file."""
+        from minilm.explain import Explained, pieces, targets
+        from minilm.model import causal_mask
+        ids = batch["input_ids"][0]
+        labels = pieces(tokenizer, ids)
+        return Explained(columns={"reads": labels, "target": targets(tokenizer, batch["labels"][0], IGNORE)},
+                         masks={"causal self-attention": (labels, labels, causal_mask(len(labels)))})
+
     def encoder_input(self, ids: list[int], verb: str, mode: str = "") -> list[int]:
         """An encoder-decoder's encoder input at inference (api.py's infill, and generate where
         declared), framed as in training: `ids` (the text with its sentinels, or a prompt), then
