@@ -203,14 +203,38 @@ class Objective(nn.Module):
     def explain(self, batch: dict, tokenizer):
         """What one row of make_batch's batch (B == 1) means, for minilm/explain.py: an Explained
         with the pieces read, the targets, this objective's own columns and every attention mask
-        its forward uses. The default reads batch["input_ids"] and batch["labels"] under a causal
-        mask; an objective that reads or masks otherwise overrides it in its own file."""
-        from minilm.explain import Explained, pieces, targets
+        its forward uses. An objective overrides it in its own file; this default reads what a
+        batch commonly holds, so that every objective has a view: batch["input_ids"] (the first
+        view of (B, V, T) rows), batch["labels"] where they are per position (a per-row label is
+        a note), the decoder's rows of an encoder-decoder, and the mask: causal for a decoder,
+        batch["attn_mask"] (a padding mask) where make_batch put one, else none is claimed."""
+        from minilm.explain import DASH, Explained, pieces, targets
         from minilm.model import causal_mask
         ids = batch["input_ids"][0]
-        labels = pieces(tokenizer, ids)
-        return Explained(columns={"reads": labels, "target": targets(tokenizer, batch["labels"][0], IGNORE)},
-                         masks={"causal self-attention": (labels, labels, causal_mask(len(labels)))})
+        notes = [f"the default view of {self.name}'s batch (Objective.explain): its own explanation is not written yet"]
+        if ids.dim() > 1:
+            notes.append(f"{ids.shape[0]} views of the row; the first is shown")
+            ids = ids[0]
+        read = pieces(tokenizer, ids)
+        labels = batch.get("labels")
+        row_labels = labels[0] if torch.is_tensor(labels) and labels.dim() > 0 else None
+        if row_labels is not None and row_labels.shape == ids.shape:
+            target = targets(tokenizer, row_labels, IGNORE)
+        else:
+            target = [DASH] * len(read)
+            if row_labels is not None and row_labels.dim() == 0:
+                notes.append(f"the row's label: {int(row_labels)}")
+        decoder = None
+        if "decoder_input_ids" in batch and torch.is_tensor(labels) and labels.dim() > 1:
+            decoder = {"reads": pieces(tokenizer, batch["decoder_input_ids"][0]),
+                       "target": targets(tokenizer, labels[0], IGNORE)}
+        masks = {}
+        if self.model_kind == "decoder":
+            masks["causal self-attention"] = (read, read, causal_mask(len(read)))
+        elif torch.is_tensor(batch.get("attn_mask")):
+            keys = batch["attn_mask"][0].reshape(-1, batch["attn_mask"].shape[-1])   # (1 or T, T)
+            masks["self-attention (padding)"] = (read, read, keys.expand(len(read), -1).clone())
+        return Explained(columns={"reads": read, "target": target}, decoder=decoder, masks=masks, notes=notes)
 
     def encoder_input(self, ids: list[int], verb: str, mode: str = "") -> list[int]:
         """An encoder-decoder's encoder input at inference (api.py's infill, and generate where

@@ -75,6 +75,18 @@ class CausalLM(Objective):
         return {"input_ids": input_ids, "labels": labels,
                 "counts": {"targets": (labels != IGNORE).sum()}}
 
+    def explain(self, batch, tokenizer):
+        """The default rows (each position reads a piece and predicts the next one, under the causal
+        mask forward's backbone applies), and what the labels leave out."""
+        explained = super().explain(batch, tokenizer)
+        ignored = int((batch["labels"][0] == IGNORE).sum())
+        explained.notes.append("position t reads piece t and predicts piece t+1: the target column is the reads "
+                               "column shifted up by one")
+        if ignored:
+            explained.notes.append(f"{ignored} position(s) predict nothing (padding, or the first token after <eos> "
+                                   "with --predict_after_eos false)")
+        return explained
+
     @torch.no_grad()
     def token_scores(self, input_ids):
         """score(): (B, T) framed after <eos> -> (B, T - 1), log p(token | the tokens before it),

@@ -74,9 +74,27 @@ class PrefixLM(CausalLM):
         return {"input_ids": input_ids, "labels": labels, "prefix_lengths": prefix_lengths,
                 "counts": {"targets": (labels != IGNORE).sum()}}
 
+    def attention_mask(self, batch) -> torch.Tensor:
+        """(B, 1, T, T) bool, True = may attend: the prefix both ways, causal after it
+        (model.prefix_mask); forward and explain both take it from here."""
+        return prefix_mask(batch["prefix_lengths"], batch["input_ids"].shape[1])
+
+    def explain(self, batch, tokenizer):
+        """The causal LM's rows plus "prefix/target" per position (the prefix is read both ways,
+        the rest written left to right) and the prefix mask forward hands the model."""
+        from minilm.explain import Explained, pieces, targets
+        ids, P = batch["input_ids"][0], int(batch["prefix_lengths"][0])
+        labels = pieces(tokenizer, ids)
+        part = ["prefix" if t < P else "target" for t in range(len(labels))]
+        return Explained(
+            columns={"reads": labels, "target": targets(tokenizer, batch["labels"][0], IGNORE), "prefix/target": part},
+            masks={"prefix LM self-attention": (labels, labels, self.attention_mask(batch)[0, 0])},
+            notes=[f"a prefix of {P} tokens (drawn uniformly from 1 to the row's raw tokens - 1) sees itself both "
+                   "ways; the position that reads its last token predicts the first target"])
+
     def forward(self, batch, totals=None):
         input_ids, labels = batch["input_ids"], batch["labels"]
-        mask = prefix_mask(batch["prefix_lengths"], input_ids.shape[1])
+        mask = self.attention_mask(batch)
         hidden = self.backbone(input_ids, mask=mask)                  # (B, T, C)
         real = labels != IGNORE                                       # (B, T)
         targets = labels[real]                                        # (N,)
