@@ -4,6 +4,7 @@
     m = minilm.load("out")                       # a run's newest checkpoint, ready for inference
     m.generate("Once upon a time")               # fill, infill, score, embed: see minilm/api.py
     minilm.export("out", "model.safetensors")    # a run's newest checkpoint -> weights + config
+    minilm.explain("mlm", "Any sentence.")       # what an objective does to it: minilm/explain.py
 
 `import minilm` itself is light: what load and export need is imported when it is called, so
 `import minilm.config` still pulls in no torch. Submodules import as before (`import
@@ -36,4 +37,13 @@ def export(checkpoint: str, out_path: str, log=None) -> str:
     return export_file(os.fspath(checkpoint), os.fspath(out_path), log)
 
 
-__all__ = ["export", "load"]
+def explain(objective: str | None, text: str, **kwargs):
+    """What objective `objective` does to `text`: its training batch for that sentence, position by
+    position, and every attention mask its model receives (a minilm.explain.Explanation: .columns,
+    .decoder, .masks, .notes, .table(), .save_png(path)). Keywords: ckpt, tokenizer, seed, options,
+    seq_len, text_pair (minilm/explain.py)."""
+    from minilm.explain import explain as explain_text
+    return explain_text(objective, text, **kwargs)
+
+
+__all__ = ["explain", "export", "load"]

@@ -211,7 +211,8 @@ class Objective(nn.Module):
         from minilm.explain import DASH, Explained, pieces, targets
         from minilm.model import causal_mask
         ids = batch["input_ids"][0]
-        notes = [f"the default view of {self.name}'s batch (Objective.explain): its own explanation is not written yet"]
+        notes = ([f"the default view of {self.name}'s batch (Objective.explain): its own explanation is not written yet"]
+                 if type(self).explain is Objective.explain else [])
         if ids.dim() > 1:
             notes.append(f"{ids.shape[0]} views of the row; the first is shown")
             ids = ids[0]
