@@ -191,6 +191,7 @@ GALLERY_SEED = 4   # a seed whose draws show each objective's parts on GALLERY_S
 GALLERY_SENTENCE = "The function returns a new list. It raises an error when the list is empty."
 SMALL_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64}   # an untrained model: explaining costs nothing
 THROWAWAY_VOCAB = 4096
+LONGEST_FITTED = 512   # without --seq_len or --ckpt, the longest row fitted to a sentence
 THROWAWAY_DOCS = 400   # about 1.8 MB of the built-in corpus: half a second of training
 
 
@@ -409,6 +410,8 @@ def explain(objective_name: str | None, text: str, *, ckpt: str | None = None, t
     model, model_seq_len = None, None
     if ckpt is not None:
         from minilm.api import load_for_inference
+        if tokenizer is not None:
+            raise UserError("a checkpoint carries its own tokenizer: leave out --tokenizer with --ckpt")
         model, tokenizer, cfg = load_for_inference(os.fspath(ckpt), torch.device("cpu"), flag="--ckpt")
         saved = model.name
         if objective_name is not None and objective_name != saved:
@@ -439,6 +442,9 @@ def explain(objective_name: str | None, text: str, *, ckpt: str | None = None, t
                                                             model_seq_len, option_values, fixed_window)
     if model_seq_len is not None and row_seq_len > model_seq_len:
         raise _too_long(cls.name, row_seq_len, model_seq_len, "one row")
+    if seq_len is None and model_seq_len is None and row_seq_len > LONGEST_FITTED:
+        raise UserError(f"the sentence needs a context of {row_seq_len} tokens for {cls.name}; the explainer fits "
+                        f"rows of up to {LONGEST_FITTED} by itself: give a shorter sentence or --seq_len {row_seq_len}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model is None:

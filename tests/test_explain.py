@@ -184,6 +184,7 @@ def test_the_command_prints_one_aligned_row_per_position_and_the_grid(tokenizer,
     (["--objective", "nope", "a"], "unknown --objective"),
     (["--objective", "mlm+sop", TWO], "one objective at a time"),
     (["--objective", "clm", "a", "--no_such_flag", "1"], "unknown flag --no_such_flag"),
+    (["--objective", "clm", "word " * 600], "fits rows of up to 512"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tokenizer, tmp_path):
     path = tmp_path / "tok.model"
@@ -202,6 +203,10 @@ def test_a_checkpoint_gives_its_tokenizer_model_and_objective_and_refuses_anothe
     assert code == 2 and "is a checkpoint of --objective t5, not clm" in err
     code, out, err = run_explain("--ckpt", ckpt, "word " * 60)
     assert code == 2 and "longer than" in err
+    with pytest.raises(UserError, match="carries its own tokenizer"):
+        explain(None, TWO, ckpt=ckpt, tokenizer=tokenizer)
+    labelled = explain(None, "The list.", ckpt=save_tiny(tmp_path / "classify.pt", "classify", tokenizer))
+    assert labelled.objective == "classify" and labelled.raw["input_ids"][0, 0] == CLS_ID
 
 
 def test_png_draws_the_table_and_masks_or_names_the_extra(tokenizer, tmp_path, monkeypatch):
