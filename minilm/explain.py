@@ -74,11 +74,15 @@ def targets(tokenizer, labels, ignore: int) -> list[str]:
 @dataclass
 class Explanation(Explained):
     """Explained plus what it was made from: the objective, the sentence, the seed, the `raw` row
-    the data source would have produced and the `batch` make_batch made of it (B == 1)."""
+    the data source would have produced, `lengths` (its real raw tokens, passed to make_batch
+    where the row is right-padded, else None), `seq_len` (the row's context) and the `batch`
+    make_batch made of it (B == 1)."""
     objective: str = ""
     text: str = ""
     seed: int = 0
     raw: object = None
+    lengths: object = None
+    seq_len: int = 0
     batch: dict = field(default_factory=dict)
 
     def table(self) -> str:
@@ -458,7 +462,7 @@ def explain(objective_name: str | None, text: str, *, ckpt: str | None = None, t
             explained = model.explain(batch, tokenizer)
     return Explanation(columns=explained.columns, decoder=explained.decoder, masks=explained.masks,
                        notes=notes + list(explained.notes), objective=objective_name, text=text, seed=seed,
-                       raw=raw, batch=batch)
+                       raw=raw, lengths=extra.get("lengths"), seq_len=row_seq_len, batch=batch)
 
 
 # ----------------------------------------------------------------------------- the gallery

@@ -150,9 +150,23 @@ def test_the_seed_fixes_the_choices(tokenizer):
         explain("prefix_lm", TWO, tokenizer=tokenizer, seed=4).columns
 
 
+def same(a, b) -> bool:
+    """Batches (nested dicts of tensors) equal key by key, tensor by tensor."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
 @pytest.mark.parametrize("name", sorted(n for n in OBJECTIVES if n != "classify"))
-def test_every_objective_explains_a_sentence_in_columns_of_one_string_per_position(name, tokenizer):
-    e = explain(name, TWO, tokenizer=tokenizer)
+def test_every_objective_explains_its_own_training_batch_in_columns_of_one_string_per_position(name, tokenizer):
+    e = explain(name, TWO, tokenizer=tokenizer, seed=7)
+    # the batch is what the objective's make_batch makes of the row with the seed's generator
+    from minilm.config import ModelConfig
+    from minilm.objectives import build_objective
+    objective = build_objective(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=e.seq_len, n_layer=1,
+                                                  n_head=2, n_embd=32), tokenizer)
+    extra = {} if e.lengths is None else {"lengths": e.lengths}
+    assert same(e.batch, objective.make_batch(e.raw, torch.Generator().manual_seed(7), **extra))
     assert list(e.columns)[:2] == ["reads", "target"]
     assert len({len(v) for v in e.columns.values()}) == 1
     for queries, keys, mask in e.masks.values():
