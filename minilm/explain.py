@@ -235,14 +235,10 @@ def _too_long(name: str, n: int, seq_len: int, what: str):
                      "give a shorter sentence or a larger --seq_len")
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text)
-
-
 def row_blocks(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, fixed_window):
     """(raw (1, W), make_batch's extra keyword arguments, seq_len, notes) for "blocks" data."""
     from minilm.tokenizer import EOS_ID, PAD_ID
-    ids = _encode(tokenizer, text if text_pair is None else text + " " + text_pair) + [EOS_ID]
+    ids = tokenizer.encode(text if text_pair is None else text + " " + text_pair) + [EOS_ID]
     window = functools.partial(_window_length, cls, options)
     notes = []
     if seq_len is None:
@@ -265,7 +261,7 @@ def row_blocks(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options,
 def row_segment_pairs(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, fixed_window):
     from minilm.data.segment_pairs import pack_pairs
     first, second = _halves(text, text_pair, tokenizer, cls.name, "a pair of sentence runs [CLS] A [SEP] B [SEP]")
-    a, b = _encode(tokenizer, first), _encode(tokenizer, second)
+    a, b = tokenizer.encode(first), tokenizer.encode(second)
     seq_len = seq_len or max(len(a) + len(b) + 3, 5)
     if len(a) + len(b) + 3 > seq_len:
         raise _too_long(cls.name, len(a) + len(b) + 3, seq_len, "[CLS] A [SEP] B [SEP]")
@@ -279,13 +275,13 @@ def row_segment_pairs(cls, tokenizer, text, text_pair, seq_len, model_seq_len, o
 
 def _framed(tokenizer, text, seq_len):
     from minilm.data.sentences import frame_sentences
-    ids = _encode(tokenizer, text)
+    ids = tokenizer.encode(text)
     return frame_sentences(torch.tensor([ids]).reshape(1, -1), torch.tensor([len(ids)]), seq_len)
 
 
 def row_sentences(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, fixed_window):
     texts = [text] + ([text_pair] if text_pair is not None else [])
-    longest = max(len(_encode(tokenizer, t)) for t in texts) + 2
+    longest = max(len(tokenizer.encode(t)) for t in texts) + 2
     seq_len = seq_len or max(longest, 3)
     if longest > seq_len:
         raise _too_long(cls.name, longest, seq_len, "[CLS] sentence [SEP]")
@@ -299,7 +295,7 @@ def row_sentences(cls, tokenizer, text, text_pair, seq_len, model_seq_len, optio
 
 def row_pairs(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, fixed_window):
     anchor, positive = _halves(text, text_pair, tokenizer, cls.name, "(anchor, positive) pairs")
-    longest = max(len(_encode(tokenizer, t)) for t in (anchor, positive)) + 2
+    longest = max(len(tokenizer.encode(t)) for t in (anchor, positive)) + 2
     seq_len = seq_len or max(longest, 3)
     if longest > seq_len:
         raise _too_long(cls.name, longest, seq_len, "[CLS] text [SEP]")
@@ -311,7 +307,7 @@ def row_pairs(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, 
 def row_parallel(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, fixed_window):
     from minilm.data.parallel import SEPARATORS, pack_monolingual, pack_translation
     source, target = _halves(text, text_pair, tokenizer, cls.name, "translation pairs (a source and its translation)")
-    a, b = _encode(tokenizer, source), _encode(tokenizer, target)
+    a, b = tokenizer.encode(source), tokenizer.encode(target)
     seq_len = seq_len or len(a) + len(b) + SEPARATORS
     if len(a) + len(b) + SEPARATORS > seq_len:
         raise _too_long(cls.name, len(a) + len(b) + SEPARATORS, seq_len, "<eos> source <eos> <eos> target <eos>")
@@ -323,7 +319,7 @@ def row_parallel(cls, tokenizer, text, text_pair, seq_len, model_seq_len, option
 
 
 def row_labelled(cls, tokenizer, text, text_pair, seq_len, model_seq_len, options, fixed_window):
-    longest = len(_encode(tokenizer, text)) + 2
+    longest = len(tokenizer.encode(text)) + 2
     seq_len = seq_len or max(longest, 3)
     if longest > seq_len:
         raise _too_long(cls.name, longest, seq_len, "[CLS] text [SEP]")
@@ -441,8 +437,7 @@ def explain(objective_name: str | None, text: str, *, ckpt: str | None = None, t
             tokenizer = Tokenizer(f.read())
     option_values = model.options if model is not None and hasattr(model, "options") else objective_options(cls, options)
     fixed_window = _has_own_window(cls) and model is not None
-    raw, extra, row_seq_len, notes = ROW_BUILDERS[cls.data](cls, tokenizer, text, text_pair,
-                                                            seq_len if seq_len is not None else None,
+    raw, extra, row_seq_len, notes = ROW_BUILDERS[cls.data](cls, tokenizer, text, text_pair, seq_len,
                                                             model_seq_len, option_values, fixed_window)
     if model_seq_len is not None and row_seq_len > model_seq_len:
         raise _too_long(cls.name, row_seq_len, model_seq_len, "one row")
