@@ -115,8 +115,10 @@ class Explanation(Explained):
         masks = list(self.masks.items())
         n_tables = 1 + (decoder_rows is not None)
         table_height = [0.4 + 0.19 * len(rows)] + ([0.4 + 0.19 * len(decoder_rows)] if decoder_rows else [])
-        mask_size = 1.5 + 0.22 * max([m[2].shape[-1] for _, m in masks] + [0])
-        width = max(8.0, 1.6 * len(self.columns) + 1, min(len(masks), 3) * mask_size)
+        # three square grids a row, each as wide as its keys need (0.22 in a key) up to a third of the page
+        keys = max([m[2].shape[-1] for _, m in masks] + [0])
+        width = max(8.0, 1.6 * len(self.columns) + 1, min(len(masks), 3) * (1.5 + 0.22 * keys))
+        mask_size = min(1.5 + 0.22 * keys, width / 3) + 1.0     # + the labels under it
         grid_rows = -(-len(masks) // 3)
         heights = table_height + [mask_size] * grid_rows
         import textwrap
@@ -129,7 +131,9 @@ class Explanation(Explained):
             ax = fig.add_subplot(spec[i, :])
             ax.axis("off")
             ax.set_title(f"{self.objective} ({title}), seed {self.seed}" if i == 0 else title, loc="left", fontsize=9)
-            cells = ax.table(cellText=table_rows, colLabels=header, loc="upper left", cellLoc="left")
+            chars = [max(len(r[c]) for r in [header] + table_rows) + 2 for c in range(len(header))]
+            cells = ax.table(cellText=table_rows, colLabels=header, loc="upper left", cellLoc="left",
+                             colWidths=[c / sum(chars) for c in chars])
             cells.auto_set_font_size(False)
             cells.set_fontsize(7)
         for k, (title, (queries, keys, mask)) in enumerate(masks):
