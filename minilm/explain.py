@@ -558,6 +558,8 @@ def main(argv: list[str]) -> None:
             if takes_value and i + 1 < len(argv):
                 rest.append(argv[i + 1])
                 i += 1
+            elif name in bare and "=" not in arg:
+                rest.append("true")          # `--masks` alone means --masks true
         else:
             sentences.append(arg)
         i += 1

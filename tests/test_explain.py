@@ -185,6 +185,9 @@ def test_the_command_prints_one_aligned_row_per_position_and_the_grid(tokenizer,
     assert [row.split()[1] for row in rows[:len(e.columns["reads"])]] == e.columns["reads"]
     starts = {line.index(e.columns["target"][i]) for i, line in enumerate(rows[:len(e.columns["reads"])])}
     assert len(starts) == 1                                   # the target column is aligned
+    code, bare_flag, err = run_explain("--objective", "clm", "--predict_after_eos", "The list is empty.", "--masks",
+                                       "--tokenizer", path, "--seed", 2)
+    assert code == 0 and bare_flag == out, err          # a bool flag alone means true (its default here)
     grid = [line for line in out.splitlines() if re.fullmatch(r"\s*\S+ [x.]+", line)]
     assert "".join(grid).count("x") == int(e.masks["causal self-attention"][2].sum())
 
