@@ -76,6 +76,17 @@ class MaskedLMOptions(Options):
                             f"{self.mask_replace_prob} + {self.random_replace_prob}")
 
 
+CHOICES = {masking.MASKED: "masked", masking.RANDOM: "random", masking.KEPT: "unchanged"}   # shown_as -> word
+
+
+def row_attention(mask, T: int) -> torch.Tensor:
+    """Row 0 of an encoder's attention mask as the (T, T) bool grid explain shows, True = query
+    (row) may attend to key (column): `mask` None (every position sees every other) or a
+    (B, 1, 1 or T, T) bool mask as the backbone receives it, broadcast over the queries."""
+    grid = torch.ones(T, T, dtype=torch.bool)
+    return grid if mask is None else grid & mask[0, 0].cpu()
+
+
 class MLMHead(nn.Module):
     """BERT/RoBERTa's prediction head: transform (Linear W->W, GELU, norm), then the output matrix
     (the tied token embeddings) and a bias per vocabulary entry. (..., W) -> (..., V).
@@ -139,16 +150,24 @@ class MaskedLM(Objective):
         masking override this and nothing else."""
         return masking.choose_bernoulli(eligible, self.options.mask_prob, generator), None
 
+    def chosen_units(self, original, chosen, eligible):
+        """What each chosen token was chosen as part of, for explain: (column title, (T,) long:
+        the position of its unit's first token, -1 where not chosen), or None when tokens are
+        chosen one by one (mlm). wwm's words and span's spans override it. One row: (T,) tensors."""
+        return None
+
     def make_batch(self, raw, generator=None, lengths=None):
         """raw (B, T+1) -> model inputs; `lengths` (B,) for right-padded rows."""
         ids = raw[:, :self.seq_len]
         eligible = masking.eligible_positions(ids, self.special_table, lengths)
         chosen, groups = self.choose(ids, eligible, generator)
-        input_ids, _ = masking.replace(ids, chosen, generator, MASK_ID, self.random_ids,
-                                       self.options.mask_replace_prob, self.options.random_replace_prob, groups)
+        input_ids, shown_as = masking.replace(ids, chosen, generator, MASK_ID, self.random_ids,
+                                              self.options.mask_replace_prob, self.options.random_replace_prob, groups)
         positions = torch.nonzero(chosen.flatten()).squeeze(1)      # (N,) flat indices b*T + t
+        # shown_as (B, T) int8, what was done at each position (0 not chosen, masking.MASKED, RANDOM,
+        # KEPT): forward never reads it, explain does (a random token may draw the original itself)
         batch = {"input_ids": input_ids, "labels": torch.where(chosen, ids, IGNORE), "positions": positions,
-                 "targets": ids.flatten()[positions], "counts": {"targets": chosen.sum()}}
+                 "targets": ids.flatten()[positions], "shown_as": shown_as, "counts": {"targets": chosen.sum()}}
         if lengths is not None:
             batch["attn_mask"] = padding_mask(lengths, ids.shape[1])
         return batch
@@ -163,17 +182,57 @@ class MaskedLM(Objective):
         return transformer_flops(self.backbone, self.backbone.cfg.seq_len, outputs_share=self.options.mask_prob,
                                  head=head)
 
+    # --------------------------------------------------------------- explain
+    def explain(self, batch, tokenizer):
+        """One row of make_batch's batch: what the encoder reads, the originals it predicts, what
+        was done at each chosen token (batch["shown_as"], masking.replace's record: masked, random
+        or unchanged), the unit it was chosen in (chosen_units: wwm's word, span's span) and the
+        encoder's attention mask, the one forward passes (attention_mask)."""
+        from minilm.explain import DASH, Explained, pieces, targets
+        ids, labels, shown_as = batch["input_ids"][0], batch["labels"][0], batch["shown_as"][0]
+        T = len(ids)
+        chosen = labels != IGNORE
+        original = torch.where(chosen, labels, ids)          # the window before any replacement, (T,)
+        mask = self.attention_mask(batch)
+        # the tokens that could be chosen, by make_batch's own rule; a padded row's length from its mask
+        lengths = None if mask is None else mask[:1, 0, 0].sum(-1)
+        eligible = masking.eligible_positions(original[None], self.special_table, lengths)[0]
+        reads = pieces(tokenizer, ids)
+        columns = {"reads": reads, "target": targets(tokenizer, labels, IGNORE),
+                   "choice": [CHOICES.get(int(k), DASH) for k in shown_as]}
+        counts = {name: int((shown_as == k).sum()) for k, name in CHOICES.items()}
+        notes = [f"{int(chosen.sum())} of {int(eligible.sum())} eligible tokens chosen: "
+                 + ", ".join(f"{n} {name}" for name, n in counts.items())]
+        units = self.chosen_units(original, chosen, eligible)
+        if units is not None:
+            title, first = units
+            column = [DASH] * T
+            for k, start in enumerate(sorted(set(first[chosen].tolist())), 1):
+                where = torch.nonzero(first == start).squeeze(1).tolist()
+                for t in where:
+                    column[t] = f"{k} ({where[0]}-{where[-1]})"
+                notes.append(f"{title} {k}, positions {where[0]}-{where[-1]}: "
+                             f"{tokenizer.decode(original[where].tolist())!r}")
+            columns[title] = column
+        title = "bidirectional self-attention" if mask is None else "self-attention, padding masked"
+        return Explained(columns=columns, masks={title: (reads, reads, row_attention(mask, T))}, notes=notes)
+
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):
         """The dense path: logits at every position, (B, T) -> (B, T, V)."""
         hidden = self.backbone(input_ids, mask=attn_mask, segment_ids=segment_ids)
         return self.head(self.backbone.to_output_width(hidden), self.backbone.output_weight)
 
+    def attention_mask(self, batch):
+        """What the encoder's attention is masked with: the padding mask (B, 1, 1, T) of padded rows,
+        else None, every position sees every other (no causal mask: this is an encoder)."""
+        return batch.get("attn_mask")
+
     def forward(self, batch, totals=None):
         # attn_mask: padded rows only; segment_ids: sentence pairs (mlm+sop, objectives/multitask.py)
         # or languages (tlm); position_ids: tlm's, which restart at the translation (B, T)
         # only the chosen positions' outputs: the last block computes them alone (model.py, outputs_at)
-        picked = self.backbone(batch["input_ids"], mask=batch.get("attn_mask"), positions=batch.get("position_ids"),
+        picked = self.backbone(batch["input_ids"], mask=self.attention_mask(batch), positions=batch.get("position_ids"),
                                segment_ids=batch.get("segment_ids"), outputs_at=batch["positions"])  # (N, C)
         # fp32 for a stable softmax: a no-op in fp32, an (N, V) cast under bf16 autocast
         logits = self.head(self.backbone.to_output_width(picked), self.backbone.output_weight).float()  # (N, V)

@@ -57,7 +57,7 @@ from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
-from minilm.objectives.mlm import MaskedLMOptions, MLMHead
+from minilm.objectives.mlm import MaskedLMOptions, MLMHead, row_attention
 from minilm.options import option
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL
 
@@ -278,9 +278,14 @@ class ReplacedTokenDetection(Objective):
         corrupted = ids.flatten().scatter(0, positions, sampled).view_as(ids)
         return corrupted, corrupted != ids
 
+    def attention_mask(self, batch):
+        """What both encoders' attention is masked with: the padding mask (B, 1, 1, T) of padded
+        rows, else None (every position sees every other)."""
+        return batch.get("attn_mask")
+
     def generator_logits(self, batch):
         """The generator's logits at the chosen positions, (N, V), fp32 for a stable softmax."""
-        picked = self.generator(batch["masked_ids"], mask=batch.get("attn_mask"),
+        picked = self.generator(batch["masked_ids"], mask=self.attention_mask(batch),
                                 outputs_at=batch["positions"])                 # (N, C_g)
         return self.generator_head(picked, self.generator.tok_emb.weight).float()
 
@@ -304,7 +309,7 @@ class ReplacedTokenDetection(Objective):
         with torch.no_grad():   # no gradient flows through the sampling (ELECTRA's stop_gradient)
             sampled = sample_from_logits(logits, batch["sample_noise"], self.options.generator_temperature)
             corrupted, replaced = self.corrupt(batch, sampled)
-        detector_logits = self.discriminator_logits(corrupted, batch.get("attn_mask"))  # (B, T)
+        detector_logits = self.discriminator_logits(corrupted, self.attention_mask(batch))  # (B, T)
         per_token = F.binary_cross_entropy_with_logits(detector_logits, replaced.float(), reduction="none")
         discriminator_nll = (per_token * valid).sum()
         weight = self.options.rtd_weight
@@ -322,6 +327,41 @@ class ReplacedTokenDetection(Objective):
                     "discriminator/predicted_positives": called.sum(),
                     "discriminator/positives": replaced.sum()}
         return loss, sums
+
+    def explain(self, batch, tokenizer):
+        """One row of make_batch's batch, through both networks: what the generator reads (the
+        chosen tokens as <mask>, or random, or unchanged), its target (the original there), the
+        token it samples (run here as forward runs it, under no_grad, with make_batch's
+        sample_noise, so the seed fixes the samples; in the mode the caller left the model in),
+        what the discriminator then reads ("reads") and its label at every real token: replaced
+        where the sample differs from the original, original where it equals it (forward's
+        corrupt). Both encoders' masks are the one forward passes (attention_mask)."""
+        from minilm.explain import DASH, Explained, pieces
+        with torch.no_grad():
+            sampled = sample_from_logits(self.generator_logits(batch), batch["sample_noise"],
+                                         self.options.generator_temperature)              # (N,)
+            corrupted, replaced = self.corrupt(batch, sampled)                            # (B, T)
+        T = batch["input_ids"].shape[1]
+        chosen = batch["positions"] < T                       # row 0's chosen: flat index b*T + t, b = 0
+        positions, sampled = batch["positions"][chosen].tolist(), sampled[chosen].tolist()
+        sample, target = [DASH] * T, [DASH] * T
+        originals = batch["input_ids"][0]
+        for t, s in zip(positions, sampled):
+            sample[t], target[t] = tokenizer.id_to_piece(s), tokenizer.id_to_piece(int(originals[t]))
+        valid = batch["valid"][0].tolist()
+        label = [("replaced" if r else "original") if v else DASH for r, v in zip(replaced[0].tolist(), valid)]
+        reads = pieces(tokenizer, corrupted[0])
+        columns = {"reads": reads, "target": target, "generator reads": pieces(tokenizer, batch["masked_ids"][0]),
+                   "sample": sample, "label": label}
+        n_replaced = int(replaced[0].sum())
+        notes = [f"generator sampled at {len(positions)} positions: {n_replaced} replaced, "
+                 f"{len(positions) - n_replaced} drew the original (labelled original)",
+                 "the discriminator predicts the label at every real token; the generator the target"]
+        grid = row_attention(self.attention_mask(batch), T)
+        title = "bidirectional self-attention" if self.attention_mask(batch) is None else "self-attention, padding masked"
+        masks = {f"generator {title}": (pieces(tokenizer, batch["masked_ids"][0]),) * 2 + (grid,),
+                 f"discriminator {title}": (reads, reads, grid)}
+        return Explained(columns=columns, masks=masks, notes=notes)
 
     def metrics(self, sums: dict) -> dict:
         """The discriminator's precision and recall of "replaced", and positive_share, the share of

@@ -59,3 +59,8 @@ class SpanMaskedLM(MaskedLM):
         chosen = masking.span_choice(self.word_starts(ids), eligible, o.mask_prob, generator,
                                      o.span_geometric_p, o.span_min_words, o.span_max_words)
         return chosen, masking.span_ids(chosen)
+
+    def chosen_units(self, original, chosen, eligible):
+        # the merged spans (maximal runs of chosen tokens), the groups make_batch's replacement drew
+        # one choice for; in one row a run's flat id is its first position
+        return "span", masking.span_ids(chosen[None])[0]

@@ -55,3 +55,15 @@ class TranslationLM(MaskedLM):
         batch["segment_ids"] = raw["segment_ids"]
         batch["position_ids"] = raw["position_ids"]
         return batch
+
+    def explain(self, batch, tokenizer):
+        """MaskedLM's explanation (both halves masked alike) with the row's language ids (the
+        segment ids the encoder adds) and its positions, which restart at the translation."""
+        explained = super().explain(batch, tokenizer)
+        languages, positions = batch["segment_ids"][0].tolist(), batch["position_ids"][0].tolist()
+        explained.columns["language"] = [("source", "target")[language] for language in languages]
+        explained.columns["position"] = [str(p) for p in positions]
+        restart = next((t for t in range(1, len(positions)) if positions[t] < positions[t - 1]), None)
+        if restart is not None:
+            explained.notes.append(f"positions restart at 0 where the translation begins (position {restart})")
+        return explained

@@ -24,6 +24,8 @@ transformers #11768, #9866); random replacements are uniform over the non-specia
 """
 from __future__ import annotations
 
+import torch
+
 from minilm import masking
 from minilm.objectives.mlm import MaskedLM
 
@@ -34,3 +36,8 @@ class WholeWordMaskedLM(MaskedLM):
     def choose(self, ids, eligible, generator):
         chosen = masking.whole_word_choice(self.word_starts(ids), eligible, self.options.mask_prob, generator)
         return chosen, None
+
+    def chosen_units(self, original, chosen, eligible):
+        # the words of masking.whole_word_choice: runs of eligible tokens from one word start on
+        starts = masking.word_starts_within(self.word_starts(original[None]), eligible[None])
+        return "word", torch.where(chosen, masking.start_of_word(starts)[0], -1)
