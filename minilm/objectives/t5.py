@@ -175,10 +175,11 @@ class SpanCorruption(Objective):
         encoder_mask, decoder_mask, cross_mask = self.attention_masks(batch)
         notes = []
         if spans:
-            first, last = (tokenizer.id_to_piece(token) for token in (min(spans), max(spans)))
-            notes.append(f"{len(spans)} noise spans hide {sum(map(len, spans.values()))} tokens: the encoder reads "
-                         f"{first}..{last} in their place, in order; the decoder writes each sentinel, then its span, "
-                         f"then {tokenizer.id_to_piece(EOS_ID)}")
+            names = [tokenizer.id_to_piece(token) for token in spans]        # in the order they came
+            read = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}, in order,"
+            notes.append(f"{len(spans)} noise {'spans hide' if len(spans) > 1 else 'span hides'} {sum(map(len, spans.values()))} "
+                         f"tokens: the encoder reads {read} in their place; the decoder writes each sentinel, then "
+                         f"its span, then {tokenizer.id_to_piece(EOS_ID)}")
         notes.append(f"the decoder reads its target shifted right, from {tokenizer.id_to_piece(self.decoder_start_id)}: "
                      "it sees the target tokens before the one it predicts, and the whole encoder input")
         return Explained(

@@ -263,7 +263,7 @@ class MixtureOfDenoisers(SpanCorruption):
             [DASH] * (length - 1) + ["padding"] * (S - length)
         if denoiser.mode == "S":
             what = (f"a prefix LM: the encoder reads the first {length - 2} tokens, the decoder writes the next "
-                    f"{int((batch['labels'][0] != IGNORE).sum()) - 1} and <eos>")
+                    f"{int((batch['labels'][0] != IGNORE).sum()) - 1} and {tokenizer.id_to_piece(EOS_ID)}")
         else:
             what = f"T5's span corruption, mean span {denoiser.mean_span:g}, noise density {denoiser.density:g}"
         explained.notes.insert(0, f"denoiser {denoiser} drawn (probability {share:.2g}): mode token "
