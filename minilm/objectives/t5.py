@@ -177,9 +177,10 @@ class SpanCorruption(Objective):
         if spans:
             names = [tokenizer.id_to_piece(token) for token in spans]        # in the order they came
             read = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}, in order,"
-            notes.append(f"{len(spans)} noise {'spans hide' if len(spans) > 1 else 'span hides'} {sum(map(len, spans.values()))} "
-                         f"tokens: the encoder reads {read} in their place; the decoder writes each sentinel, then "
-                         f"its span, then {tokenizer.id_to_piece(EOS_ID)}")
+            hide = "spans hide" if len(names) > 1 else "span hides"
+            notes.append(f"{len(names)} noise {hide} {sum(map(len, spans.values()))} tokens: the encoder reads {read} "
+                         f"in their place; the decoder writes each sentinel, then its span, then "
+                         f"{tokenizer.id_to_piece(EOS_ID)}")
         notes.append(f"the decoder reads its target shifted right, from {tokenizer.id_to_piece(self.decoder_start_id)}: "
                      "it sees the target tokens before the one it predicts, and the whole encoder input")
         return Explained(
