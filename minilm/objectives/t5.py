@@ -181,8 +181,9 @@ class SpanCorruption(Objective):
             notes.append(f"{len(names)} noise {hide} {sum(map(len, spans.values()))} tokens: the encoder reads {read} "
                          f"in their place; the decoder writes each sentinel, then its span, then "
                          f"{tokenizer.id_to_piece(EOS_ID)}")
-        notes.append(f"the decoder reads its target shifted right, from {tokenizer.id_to_piece(self.decoder_start_id)}: "
-                     "it sees the target tokens before the one it predicts, and the whole encoder input")
+        start = tokenizer.id_to_piece(self.decoder_start_id)
+        notes.append(f"the decoder reads its target shifted right, from {start}: it sees the target tokens before "
+                     "the one it predicts, and the whole encoder input")
         return Explained(
             columns={"reads": reads, "target": [DASH] * S, "hides": hides},
             decoder={"reads": decoder_reads, "target": targets(tokenizer, labels, IGNORE), "hidden in": hidden_in},
