@@ -208,6 +208,32 @@ class PermutationLM(Objective):
         targets = batch["targets"].flatten()                                # (B*M,)
         return self.token_loss(logits, targets, batch, totals)
 
+    def explain(self, batch, tokenizer):
+        """One row: every position's rank in the factorization order (0 for the context, 1..M for
+        the targets in the order they are predicted), the token predicted at each target, and both
+        streams' masks side by side as two_stream_masks gives them to forward: content (T, T),
+        query (M, T), one query row per target in order."""
+        from minilm.explain import DASH, Explained, pieces
+        input_ids, ranks, target_positions = batch["input_ids"][0], batch["ranks"][0], batch["target_positions"][0]
+        content_mask, query_mask = two_stream_masks(batch["ranks"], batch["target_positions"].shape[1])
+        reads = pieces(tokenizer, input_ids)
+        target = [DASH] * len(reads)
+        for position, token in zip(target_positions.tolist(), batch["targets"][0].tolist()):
+            target[position] = tokenizer.id_to_piece(token)
+        predicted = [reads[position] for position in target_positions.tolist()]   # in the order, slot m = rank m+1
+        M, T = len(predicted), len(reads)
+        chosen = "as XLNet's spans" if self.span_targets else "uniformly"
+        return Explained(
+            columns={"reads": reads, "target": target, "rank": [str(r) for r in ranks.tolist()],
+                     "target?": ["yes" if r > 0 else "no" for r in ranks.tolist()]},
+            masks={"content stream": (reads, reads, content_mask[0, 0]),
+                   "query stream": (predicted, reads, query_mask[0, 0])},
+            notes=[f"{M} of {T} tokens are targets (the last 1/{self.partial_k} of the order, chosen {chosen}), "
+                   f"predicted in this order: {' '.join(predicted)}",
+                   "content stream: a position sees every token of rank <= its own (the context, rank 0, sees "
+                   "only the context); query stream: the target of rank r sees those of rank < r, its own position "
+                   "but never its own token"])
+
     def flops_per_token(self) -> float:
         """What a step computes, per input token (for MFU), with f = M / T ~ 1/K:
         content stream   L-1 blocks at every position (the last one is skipped)

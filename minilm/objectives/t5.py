@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.flops import encoder_decoder_flops
 from minilm.masking import SpanCorruptionError
-from minilm.model import EncoderDecoder
-from minilm.objectives.base import Baseline, Objective, check_model_config
+from minilm.model import CAUSAL, EncoderDecoder, causal_mask
+from minilm.objectives.base import IGNORE, Baseline, Objective, check_model_config
 from minilm.options import Options, option
-from minilm.tokenizer import PAD_ID, SENTINEL_IDS
+from minilm.tokenizer import EOS_ID, PAD_ID, SENTINEL_IDS
 
 # The decoder's first input token: <pad>, as in T5 (decoder_start_token_id = pad_token_id).
 # minilm/generate.py takes it as an argument; minilm/api.py reads it as the objective's decoder_start_id.
@@ -85,6 +85,17 @@ def span_corruption_lengths(model_cfg, options) -> tuple[int, int]:
     return raw_length, target_length
 
 
+def mask_grid(mask, queries: int, keys: int) -> torch.Tensor:
+    """A mask as attention() takes it, for row 0 of the batch -> the (queries, keys) bool grid it
+    means, True = may attend: None (every key), CAUSAL (model.causal_mask, what attention() turns
+    it into), or a bool tensor broadcast to (B, H, queries, keys) (a padding mask (B, 1, 1, S))."""
+    if mask is None:
+        return torch.ones(queries, keys, dtype=torch.bool)
+    if isinstance(mask, str):
+        return causal_mask(queries, keys)
+    return torch.broadcast_to(mask[:1], (1, 1, queries, keys))[0, 0].cpu()
+
+
 class SpanCorruption(Objective):
     name = "t5"
     data = "blocks"
@@ -92,6 +103,7 @@ class SpanCorruption(Objective):
     Options = SpanCorruptionOptions
     capabilities = frozenset({"infill", "embed"})   # embed: the encoder's hidden states
     decoder_start_id = DECODER_START_ID              # what infill's decoding starts from
+    span_sentinel_ids = SENTINEL_IDS                 # the sentinels a noise span may become
     baseline = Baseline("each decoder target predicted by its unigram frequency", targets="labels", margin=0.05)
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
@@ -126,11 +138,59 @@ class SpanCorruption(Objective):
         return {"input_ids": input_ids, "decoder_input_ids": decoder_input_ids, "labels": labels,
                 "counts": {"targets": torch.tensor(labels.numel(), device=labels.device)}}
 
+    def attention_masks(self, batch):
+        """The masks forward hands the backbone: (encoder self-attention, decoder self-attention,
+        cross-attention), each as attention() takes it. t5's rows are never padded: None (every
+        query sees every key) in the encoder and across, CAUSAL in the decoder."""
+        return None, CAUSAL, None
+
     def forward(self, batch, totals=None):
-        encoder_output = self.backbone.encode(batch["input_ids"])                # (B, S, C)
-        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output)  # (B, T, C)
+        encoder_mask, decoder_mask, cross_mask = self.attention_masks(batch)
+        encoder_output = self.backbone.encode(batch["input_ids"], encoder_mask)  # (B, S, C)
+        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output, cross_mask,
+                                      mask=decoder_mask)                          # (B, T, C)
         logits = self.backbone.logits(hidden)                                    # (B, T, V)
         return self.token_loss(logits.flatten(0, 1), batch["labels"].flatten(), batch, totals)
+
+    def explain(self, batch, tokenizer):
+        """One row of the batch: the encoder's input (a sentinel in place of each noise span;
+        "hides": what each sentinel stands for), the decoder's input and target ("hidden in": the
+        sentinel whose span a target token was hidden in), and the three masks forward hands the
+        backbone. The spans are read off the target, which lists each sentinel then its tokens."""
+        from minilm.explain import DASH, Explained, pieces, targets
+        input_ids, labels = batch["input_ids"][0], batch["labels"][0]
+        reads, decoder_reads = pieces(tokenizer, input_ids), pieces(tokenizer, batch["decoder_input_ids"][0])
+        written = int((labels != IGNORE).sum())     # the target's real tokens; the last is <eos>
+        hidden_in = [DASH] * len(labels)            # per decoder position: the sentinel its token was hidden in
+        spans: dict[int, list[str]] = {}            # sentinel id -> the pieces of its span
+        sentinel = None
+        for t, token in enumerate(labels[:written - 1].tolist()):
+            if token in self.span_sentinel_ids:
+                sentinel, spans[token] = token, []
+            elif sentinel is not None:
+                spans[sentinel].append(tokenizer.id_to_piece(token))
+                hidden_in[t] = tokenizer.id_to_piece(sentinel)
+        hides = [" ".join(spans[token]) if token in spans else DASH for token in input_ids.tolist()]
+        S, T = len(reads), len(decoder_reads)
+        encoder_mask, decoder_mask, cross_mask = self.attention_masks(batch)
+        notes = []
+        if spans:
+            names = [tokenizer.id_to_piece(token) for token in spans]        # in the order they came
+            read = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}, in order,"
+            hide = "spans hide" if len(names) > 1 else "span hides"
+            notes.append(f"{len(names)} noise {hide} {sum(map(len, spans.values()))} tokens: the encoder reads {read} "
+                         f"in their place; the decoder writes each sentinel, then its span, then "
+                         f"{tokenizer.id_to_piece(EOS_ID)}")
+        start = tokenizer.id_to_piece(self.decoder_start_id)
+        notes.append(f"the decoder reads its target shifted right, from {start}: it sees the target tokens before "
+                     "the one it predicts, and the whole encoder input")
+        return Explained(
+            columns={"reads": reads, "target": [DASH] * S, "hides": hides},
+            decoder={"reads": decoder_reads, "target": targets(tokenizer, labels, IGNORE), "hidden in": hidden_in},
+            masks={"encoder self-attention": (reads, reads, mask_grid(encoder_mask, S, S)),
+                   "decoder causal self-attention": (decoder_reads, decoder_reads, mask_grid(decoder_mask, T, T)),
+                   "cross-attention": (decoder_reads, reads, mask_grid(cross_mask, T, S))},
+            notes=notes)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per encoder input token (what the trainer's tokens/s counts): one

@@ -50,7 +50,7 @@ from minilm import masking
 from minilm.options import Options, option
 from minilm.errors import UserError
 from minilm.masking import SpanCorruptionError
-from minilm.model import padding_mask
+from minilm.model import CAUSAL, padding_mask
 from minilm.objectives.base import IGNORE, Objective
 from minilm.objectives.t5 import DECODER_START_ID, SpanCorruption
 from minilm.tokenizer import EOS_ID, PAD_ID, SENTINEL_IDS
@@ -158,6 +158,7 @@ class MixtureOfDenoisers(SpanCorruption):
     # infill (modes R, X) and generate (mode S: the prompt is the encoder's input, the decoder
     # writes the continuation), and embed (the encoder's hidden states), as t5
     capabilities = frozenset({"infill", "generate", "embed"})
+    span_sentinel_ids = SPAN_SENTINEL_IDS   # the last three sentinels are the mode tokens
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         Objective.__init__(self)    # t5's constructor checks t5's options; these lengths are ours
@@ -231,14 +232,46 @@ class MixtureOfDenoisers(SpanCorruption):
         targets = torch.where(step < L - P, rest, torch.where(step == L - P, EOS_ID, IGNORE))
         return inputs, (P[:, 0] + 2), targets
 
+    def attention_masks(self, batch):
+        """(encoder self-attention, decoder self-attention, cross-attention) as forward hands them
+        to the backbone: the rows are right-padded, so the encoder and the cross-attention skip the
+        padded input keys (one padding mask (B, 1, 1, S) for both); the decoder is causal (its
+        padded targets are dropped from the loss instead)."""
+        input_mask = padding_mask(batch["input_lengths"], batch["input_ids"].shape[1])    # (B, 1, 1, S)
+        return input_mask, CAUSAL, input_mask
+
     def forward(self, batch, totals=None):
         input_ids, labels = batch["input_ids"], batch["labels"]
-        input_mask = padding_mask(batch["input_lengths"], input_ids.shape[1])          # (B, 1, 1, S)
-        encoder_output = self.backbone.encode(input_ids, input_mask)                   # (B, S, C)
-        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output, input_mask)  # (B, T, C)
+        encoder_mask, decoder_mask, cross_mask = self.attention_masks(batch)
+        encoder_output = self.backbone.encode(input_ids, encoder_mask)                 # (B, S, C)
+        hidden = self.backbone.decode(batch["decoder_input_ids"], encoder_output, cross_mask,
+                                      mask=decoder_mask)                               # (B, T, C)
         real = labels != IGNORE
         logits = self.backbone.logits(hidden[real])                                    # (N, V): real targets only
         return self.token_loss(logits, labels[real], batch, totals)
+
+    def explain(self, batch, tokenizer):
+        """t5's explanation (the sentinels, what each hides, the three masks, here with padding),
+        plus the denoiser the row drew: a "denoiser" column (its mode token first, then the text
+        it corrupted, then padding) and a note."""
+        from minilm.explain import DASH
+        explained = super().explain(batch, tokenizer)
+        denoiser, share = self.mixture[int(batch["modes"][0])]
+        length, S = int(batch["input_lengths"][0]), batch["input_ids"].shape[1]
+        mode_token = tokenizer.id_to_piece(MODE_IDS[denoiser.mode])
+        explained.columns["denoiser"] = [f"{denoiser} mode {MODE_TOKENS[denoiser.mode]}"] + \
+            [DASH] * (length - 1) + ["padding"] * (S - length)
+        if denoiser.mode == "S":
+            what = (f"a prefix LM: the encoder reads the first {length - 2} tokens, the decoder writes the next "
+                    f"{int((batch['labels'][0] != IGNORE).sum()) - 1} and {tokenizer.id_to_piece(EOS_ID)}")
+        else:
+            what = f"T5's span corruption, mean span {denoiser.mean_span:g}, noise density {denoiser.density:g}"
+        explained.notes.insert(0, f"denoiser {denoiser} drawn (probability {share:.2g}): mode token "
+                                  f"{MODE_TOKENS[denoiser.mode]} ({mode_token}) first, then {what}")
+        if length < S:
+            explained.notes.append(f"input padded from {length} to {S} tokens: the encoder and the cross-attention "
+                                   "skip the padded keys")
+        return explained
 
     # ------------------------------------------------------------------ inference
     # the mode a verb uses unless the user picks one: infill as R's short gaps, continue a prompt as S
