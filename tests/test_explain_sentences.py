@@ -1,0 +1,147 @@
+"""The explainer's view of the sentence objectives (sop and nsp, simcse and simcse_sup, classify,
+a+b): each explanation is its batch decoded (reads, targets, segments, views), its masks are the
+ones forward hands the backbone (recorded by a hook, not rebuilt here), and on hand-built rows
+whose random choices are known the labels and notes say what was drawn."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minilm.config import ModelConfig, ObjectiveConfig
+from minilm.data import pack_pairs
+from minilm.data.sentences import frame_sentences
+from minilm.explain import DASH, Explained, pieces
+from minilm.model import causal_mask
+from minilm.objectives import IGNORE, build_objective
+from minilm.objectives.sop import SWAP_PROB
+from minilm.tokenizer import PAD_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
+
+T = 24
+FIRST, SECOND = "The cat sat on the mat.", "Then it slept."
+
+
+def tiny(name, tokenizer, dropout=0.0, **options):
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=T, n_layer=1, n_head=2, n_embd=16, dropout=dropout)
+    section = ObjectiveConfig()
+    for key, value in options.items():
+        setattr(section, key, value)
+    torch.manual_seed(0)
+    return build_objective(name, cfg, tokenizer, section)
+
+
+def pair_rows(tokenizer, texts, documents=None):
+    """SegmentPairSource rows `[CLS] A [SEP] B [SEP] [PAD]...` of (A, B) texts, built with the
+    source's own pack_pairs: one row per pair, row i from document documents[i] (i by default)."""
+    a = [tokenizer.encode(first) for first, _ in texts]
+    b = [tokenizer.encode(second) for _, second in texts]
+    flat = torch.tensor([t for x, y in zip(a, b) for t in x + y])
+    a_len, b_len = torch.tensor([len(x) for x in a]), torch.tensor([len(y) for y in b])
+    a_start = torch.cumsum(a_len + b_len, 0) - a_len - b_len
+    ids, segments, lengths = pack_pairs(flat, a_start, a_len, a_start + a_len, b_len, T)
+    documents = torch.arange(len(texts)) if documents is None else torch.tensor(documents)
+    return {"input_ids": ids, "segment_ids": segments, "lengths": lengths, "a_lengths": a_len,
+            "b_lengths": b_len, "documents": documents}
+
+
+def seed_drawing(flip: bool, rows: int = 1) -> int:
+    """A seed whose generator makes sop's make_batch swap row 0 (flip) or keep it in order."""
+    for seed in range(100):
+        if bool(torch.rand(rows, generator=torch.Generator().manual_seed(seed))[0] < SWAP_PROB) == flip:
+            return seed
+    raise AssertionError("no seed in 0..99 draws that")
+
+
+def batch_of(objective, raw, seed):
+    return objective.make_batch(raw, torch.Generator().manual_seed(seed))
+
+
+def masks_forward_uses(objective, batch) -> list[torch.Tensor]:
+    """Every mask the backbone receives when forward runs on `batch`, recorded at the backbone."""
+    seen = []
+    backbone = objective.backbone
+    original = backbone.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("mask"))
+        return original(*args, **kwargs)
+
+    backbone.forward = recording
+    try:
+        with torch.no_grad():
+            objective(batch)
+    finally:
+        del backbone.forward
+    return seen
+
+
+def as_grid(mask, T) -> torch.Tensor:
+    """A mask as the backbone takes it ((B, 1, 1, T) padding: keys) -> row 0's (T, T) grid."""
+    return mask[0, 0].expand(T, T)
+
+
+def check_shape(explained: Explained, T: int):
+    assert list(explained.columns)[:2] == ["reads", "target"]
+    assert all(len(values) == T for values in explained.columns.values())
+    for queries, keys, grid in explained.masks.values():
+        assert grid.dtype == torch.bool and grid.shape == (len(queries), len(keys))
+
+
+# ---------------------------------------------------------------------------------------- sop / nsp
+@pytest.mark.parametrize("task", ["sop", "nsp"])
+def test_sentence_pair_explanation_is_its_batch(task, tokenizer):
+    objective = tiny("sop", tokenizer, sentence_task=task)
+    # two rows of two documents, so that nsp has a partner: the explanation is row 0's
+    batch = batch_of(objective, pair_rows(tokenizer, [(FIRST, SECOND), ("Rain fell all day.", "Birds sang.")]), 0)
+    explained = objective.explain(batch, tokenizer)
+    check_shape(explained, T)
+    length = int(batch["lengths"][0])
+    assert explained.columns["reads"] == pieces(tokenizer, batch["input_ids"][0])
+    assert explained.columns["segment"] == ["AB"[s] for s in batch["segment_ids"][0, :length].tolist()] \
+        + [DASH] * (T - length)
+    queries, keys, grid = explained.masks["padding (encoder, both ways)"]
+    assert queries == keys == explained.columns["reads"]
+    [used] = masks_forward_uses(objective, batch)
+    assert torch.equal(grid, as_grid(used, T))
+    assert grid[:, :length].all() and not grid[:, length:].any()
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_sop_on_a_hand_built_pair_says_whether_it_swapped(swapped, tokenizer):
+    """A known pair and a seed known to swap it or not: the rows, segments, label and note follow."""
+    objective = tiny("sop", tokenizer)
+    a, b = tokenizer.encode(FIRST), tokenizer.encode(SECOND)
+    batch = batch_of(objective, pair_rows(tokenizer, [(FIRST, SECOND)]), seed_drawing(swapped))
+    explained = objective.explain(batch, tokenizer)
+    first, second = (b, a) if swapped else (a, b)
+    n = len(a) + len(b) + 3
+    assert explained.columns["reads"][:n] == (["<cls>"] + pieces(tokenizer, first) + ["<sep>"]
+                                              + pieces(tokenizer, second) + ["<sep>"])
+    assert set(explained.columns["reads"][n:]) == {tokenizer.id_to_piece(PAD_ID)}
+    assert explained.columns["segment"] == ["A"] * (len(first) + 2) + ["B"] * (len(second) + 1) + [DASH] * (T - n)
+    assert explained.columns["target"] == ["swapped" if swapped else "in order"] + [DASH] * (T - 1)
+    assert int(batch["labels"][0]) == int(swapped)
+    assert explained.notes[0].startswith(f"label {int(swapped)}, {'swapped' if swapped else 'in order'}:")
+
+
+def test_nsp_random_b_comes_from_the_other_document_and_one_row_has_no_label(tokenizer):
+    objective = tiny("sop", tokenizer, sentence_task="nsp")
+    # two rows of two documents: a seed that flips row 0 gives it row 1's B
+    other = ("Rain fell all day.", "Birds sang.")
+    raw = pair_rows(tokenizer, [(FIRST, SECOND), other])
+    batch = batch_of(objective, raw, seed_drawing(True, rows=2))
+    explained = objective.explain(batch, tokenizer)
+    a, b = tokenizer.encode(FIRST), tokenizer.encode(other[1])
+    assert explained.columns["reads"][:len(a) + len(b) + 3] == (["<cls>"] + pieces(tokenizer, a) + ["<sep>"]
+                                                              + pieces(tokenizer, b) + ["<sep>"])
+    assert explained.columns["target"][0] == "random" and explained.notes[0].startswith("label 1, random:")
+    # one row alone has no other document: the real B, no label, said so
+    with pytest.warns(UserWarning, match="one document"):
+        alone = batch_of(objective, pair_rows(tokenizer, [(FIRST, SECOND)]), seed_drawing(True))
+    explained = objective.explain(alone, tokenizer)
+    assert int(alone["labels"][0]) == IGNORE
+    assert explained.columns["target"] == [DASH] * T
+    assert explained.notes[0].startswith("no label")
