@@ -145,3 +145,71 @@ def test_nsp_random_b_comes_from_the_other_document_and_one_row_has_no_label(tok
     assert int(alone["labels"][0]) == IGNORE
     assert explained.columns["target"] == [DASH] * T
     assert explained.notes[0].startswith("no label")
+
+
+# ---------------------------------------------------------------------------------------- simcse
+def framed(tokenizer, texts):
+    """Texts as the sentence sources frame them (their own frame_sentences): (ids (N, T), lengths (N,))."""
+    encoded = [tokenizer.encode(text) for text in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in encoded])
+    return frame_sentences(ids, torch.tensor([len(row) for row in encoded]), T)
+
+
+def view_grids(objective, batch) -> list[torch.Tensor]:
+    """The padding mask forward gives each view of row 0, as (T, T) grids (the pass is view-major)."""
+    [used] = masks_forward_uses(objective, batch)
+    B = batch["input_ids"].shape[0]
+    return [used[v * B, 0].expand(T, T) for v in range(batch["input_ids"].shape[1])]
+
+
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_simcse_explanation_is_two_views_of_the_same_ids(pooling, tokenizer):
+    objective = tiny("simcse", tokenizer, dropout=0.1, simcse_pooling=pooling)
+    ids, lengths = framed(tokenizer, [FIRST])
+    batch = objective.make_batch({"input_ids": ids, "lengths": lengths})
+    explained = objective.explain(batch, tokenizer)
+    check_shape(explained, T)
+    n = int(lengths[0])
+    assert explained.columns["reads"] == explained.columns["view 2 reads"] == pieces(tokenizer, ids[0])
+    assert explained.columns["reads"][:n] == ["<cls>"] + pieces(tokenizer, tokenizer.encode(FIRST)) + ["<sep>"]
+    # the sentence vector: [CLS] alone, or the mean over exactly the real tokens, [CLS] and [SEP] included
+    pooled = [0] if pooling == "first" else list(range(n))
+    assert [t for t, p in enumerate(explained.columns["pooled"]) if p != DASH] == pooled
+    assert [t for t, p in enumerate(explained.columns["target"]) if p != DASH] == pooled
+    assert {explained.columns["target"][t] for t in pooled} == {"its view 2"}
+    assert list(explained.masks) == ["padding, view 1", "padding, view 2"]
+    for (queries, keys, grid), used in zip(explained.masks.values(), view_grids(objective, batch)):
+        assert queries == keys == explained.columns["reads"]
+        assert torch.equal(grid, used) and grid[:, :n].all() and not grid[:, n:].any()
+    assert "dropout (p = 0.1)" in explained.notes[0] and "differ" in explained.notes[0]
+
+
+def test_simcse_without_dropout_says_the_views_coincide(tokenizer):
+    objective = tiny("simcse", tokenizer, dropout=0.0)
+    ids, lengths = framed(tokenizer, [FIRST])
+    explained = objective.explain(objective.make_batch({"input_ids": ids, "lengths": lengths}), tokenizer)
+    assert "--dropout 0" in explained.notes[0] and "one vector" in explained.notes[0]
+
+
+@pytest.mark.parametrize("has_negative", [True, False])
+def test_simcse_sup_shows_anchor_positive_and_hard_negative_rows(has_negative, tokenizer):
+    """A hand-built (anchor, positive, hard negative) row of three lengths: each view's pieces and
+    its own padding mask, as forward hands them to the encoder."""
+    objective = tiny("simcse_sup", tokenizer)
+    texts = [FIRST, SECOND, "Dogs bark at night." if has_negative else ""]
+    ids, lengths = framed(tokenizer, texts)
+    raw = {"input_ids": ids[None], "lengths": lengths[None], "has_negative": (lengths[None, 2] > 2)}
+    batch = objective.make_batch(raw)
+    explained = objective.explain(batch, tokenizer)
+    check_shape(explained, T)
+    assert explained.columns["reads"] == pieces(tokenizer, ids[0])
+    assert explained.columns["positive reads"] == pieces(tokenizer, ids[1])
+    assert explained.columns["hard negative reads"] == pieces(tokenizer, ids[2])
+    assert explained.columns["target"][0] == "its positive" and set(explained.columns["target"][1:]) == {DASH}
+    assert list(explained.masks) == ["padding, anchor", "padding, positive", "padding, hard negative"]
+    for v, ((queries, keys, grid), used) in enumerate(zip(explained.masks.values(), view_grids(objective, batch))):
+        assert queries == keys == pieces(tokenizer, ids[v])
+        assert torch.equal(grid, used) and int(grid[0].sum()) == int(lengths[v])
+    said = "one more candidate" if has_negative else "no hard negative"
+    assert any(said in note for note in explained.notes)
