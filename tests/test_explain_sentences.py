@@ -213,3 +213,46 @@ def test_simcse_sup_shows_anchor_positive_and_hard_negative_rows(has_negative, t
         assert torch.equal(grid, used) and int(grid[0].sum()) == int(lengths[v])
     said = "one more candidate" if has_negative else "no hard negative"
     assert any(said in note for note in explained.notes)
+
+
+# ---------------------------------------------------------------------------------------- classify
+LABELS = ["negative", "positive"]
+
+
+@pytest.mark.parametrize("attention, pooling", [("bidirectional", "first"), ("bidirectional", "mean"),
+                                                ("causal", "last")])
+def test_classify_explanation_is_its_batch_with_the_label_at_the_pooled_positions(attention, pooling, tokenizer):
+    """Row 0 shorter than row 1, so make_batch's cut leaves it padding: the label sits where the head's
+    vector is pooled from, and the mask is the one logits() gives the backbone."""
+    objective = tiny("classify", tokenizer, labels=json.dumps(LABELS), classifier_attention=attention,
+                     pooling=pooling)
+    ids, lengths = framed(tokenizer, [SECOND, FIRST])
+    raw = {"input_ids": ids, "lengths": lengths, "labels": torch.tensor([1, 0]),
+           "row_valid": torch.tensor([True, True]), "rows": torch.tensor([0, 1])}
+    batch = objective.make_batch(raw)
+    explained = objective.explain(batch, tokenizer)
+    cut, n = batch["input_ids"].shape[1], int(lengths[0])
+    assert cut == int(lengths[1]) > n
+    check_shape(explained, cut)
+    assert explained.columns["reads"] == pieces(tokenizer, ids[0, :cut])
+    assert explained.columns["reads"][:n] == ["<cls>"] + pieces(tokenizer, tokenizer.encode(SECOND)) + ["<sep>"]
+    pooled = {"first": [0], "mean": list(range(n)), "last": [n - 1]}[pooling]
+    assert [t for t, p in enumerate(explained.columns["pooled"]) if p != DASH] == pooled
+    assert explained.columns["target"] == ["positive" if t in pooled else DASH for t in range(cut)]
+    assert explained.notes[0].startswith("label 1, positive:")
+    [used] = masks_forward_uses(objective, batch)
+    [(title, (queries, keys, grid))] = explained.masks.items()
+    assert queries == keys == explained.columns["reads"]
+    if attention == "causal":
+        assert used == "causal" and title == "causal" and torch.equal(grid, causal_mask(cut))
+    else:
+        assert torch.equal(grid, as_grid(used, cut)) and grid[:, :n].all() and not grid[:, n:].any()
+
+
+def test_classify_padding_row_has_no_label(tokenizer):
+    objective = tiny("classify", tokenizer, labels=json.dumps(LABELS))
+    ids, lengths = framed(tokenizer, [FIRST])
+    raw = {"input_ids": ids, "lengths": lengths, "labels": torch.tensor([0]), "row_valid": torch.tensor([False]),
+           "rows": torch.tensor([-1])}
+    explained = objective.explain(objective.make_batch(raw), tokenizer)
+    assert set(explained.columns["target"]) == {DASH} and explained.notes[0].startswith("an evaluation padding row")
