@@ -256,3 +256,40 @@ def test_classify_padding_row_has_no_label(tokenizer):
            "rows": torch.tensor([-1])}
     explained = objective.explain(objective.make_batch(raw), tokenizer)
     assert set(explained.columns["target"]) == {DASH} and explained.notes[0].startswith("an evaluation padding row")
+
+
+# ---------------------------------------------------------------------------------------- a+b
+def test_a_plus_b_puts_each_parts_explanation_of_its_own_batch_side_by_side(tokenizer):
+    """mlm+sop on a hand-built pair, with a seed at which sop swaps it: each part's columns, masks
+    and notes are its own explanation of its own batch, under its name; mlm reads the pair in
+    document order while sop reads it swapped."""
+    objective = tiny("mlm+sop", tokenizer, objective_weights="1,0.5")
+    raw = pair_rows(tokenizer, [(FIRST, SECOND)])
+    batch = next(b for b in (batch_of(objective, raw, seed) for seed in range(100)) if int(b["sop"]["labels"][0]) == 1)
+    explained = objective.explain(batch, tokenizer)
+    for name, part in objective.parts.items():
+        own = part.explain(batch[name], tokenizer)
+        assert {title: values for title, values in explained.columns.items() if title.startswith(name + "/")} \
+            == {f"{name}/{title}": values for title, values in own.columns.items()}
+        for title, (queries, keys, grid) in own.masks.items():
+            got = explained.masks[f"{name}: {title}"]
+            assert got[:2] == (queries, keys) and torch.equal(got[2], grid)
+        assert [note for note in explained.notes if note.startswith(name + ": ")] == [f"{name}: {n}" for n in own.notes]
+    assert len(explained.masks) == sum(len(part.explain(batch[name], tokenizer).masks)
+                                       for name, part in objective.parts.items())
+    assert explained.notes[0] == "one backbone, one pass per part over its own batch; the loss is 1 * mlm + 0.5 * sop"
+    a, b = tokenizer.encode(FIRST), tokenizer.encode(SECOND)
+    swapped = ["<cls>"] + pieces(tokenizer, b) + ["<sep>"] + pieces(tokenizer, a) + ["<sep>"]
+    assert explained.columns["sop/reads"][:len(swapped)] == swapped
+    assert explained.columns["sop/target"][0] == "swapped"
+    assert explained.columns["mlm/reads"] == pieces(tokenizer, batch["mlm"]["input_ids"][0])
+    # mlm reads the pair as the source made it, A first (bar its masked tokens): most of its text
+    # positions hold the source's token there, where the swapped row differs
+    n = len(a) + len(b) + 3
+    as_made = (batch["mlm"]["input_ids"][0] == raw["input_ids"][0])[1:n - 1]
+    as_swapped = (batch["sop"]["input_ids"][0] == raw["input_ids"][0])[1:n - 1]
+    assert as_made.float().mean() > 0.6 > as_swapped.float().mean()
+    # sop's mask is the one its forward gives the shared backbone (the second pass: mlm's runs first)
+    used = masks_forward_uses(objective, batch)
+    assert len(used) == 2
+    assert torch.equal(explained.masks["sop: padding (encoder, both ways)"][2], as_grid(used[1], T))
