@@ -206,11 +206,11 @@ class SimCSE(Objective):
         masks = {f"padding, {self.views[v]}": (reads[v], reads[v], padding_mask(lengths[v:v + 1], T)[0, 0].expand(T, T))
                  for v in range(V)}
         vector = ("the [CLS] state, then an MLP (Linear, tanh) in training only" if self.pooling == "first"
-                  else f"the mean over view 1's {int(lengths[0])} real tokens")
+                  else f"the mean over its {int(lengths[0])} real tokens")
         notes = self.view_notes(batch) + [
             f"sentence vector ({self.pooling} pooling): {vector}",
-            f"InfoNCE: view 1's vector must be nearer (cosine / {self.temperature:g}) to its own {self.views[1]} than "
-            f"to the other rows' {self.views[1]}s of the batch (a one-row batch has none)"]
+            f"InfoNCE: the {self.views[0]} vector must be nearer (cosine / {self.temperature:g}) to its "
+            f"{self.views[1]}'s than to the batch's other rows' (a one-row batch has none)"]
         return Explained(columns=columns, masks=masks, notes=notes)
 
     def view_notes(self, batch) -> list[str]:
@@ -265,8 +265,9 @@ class SupervisedSimCSE(SimCSE):
     views = ("anchor", "positive", "hard negative")
 
     def view_notes(self, batch) -> list[str]:
-        notes = [f"anchor and positive are two texts of one table row (an entailment, a paraphrase); dropout "
-                 f"(p = {self.backbone.cfg.dropout:g}) also applies to each pass"]
+        p = self.backbone.cfg.dropout
+        notes = ["anchor and positive are two texts of one table row (an entailment, a paraphrase)"
+                 + (f"; dropout (p = {p:g}) also applies to each pass" if p else "")]
         if batch["input_ids"].shape[1] == 3:
             if bool(batch["has_negative"][0]):
                 notes.append(f"the hard negative is one more candidate the anchor must rank below its positive "
