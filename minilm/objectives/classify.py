@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from minilm.errors import UserError
 from minilm.flops import transformer_flops
 from minilm.losses import step_mean
-from minilm.model import CAUSAL, Transformer, padding_mask
+from minilm.model import CAUSAL, Transformer, causal_mask, padding_mask
 from minilm.objectives.base import IGNORE, Baseline, Objective
 from minilm.options import Options, option
 from minilm.pooling import pool
@@ -273,13 +273,42 @@ class Classifier(Objective):
         return {"input_ids": raw["input_ids"][:, :T], "lengths": raw["lengths"], "row_valid": valid,
                 "labels": torch.where(valid, raw["labels"], IGNORE), "counts": {"targets": valid.sum()}}
 
+    def attention_mask(self, input_ids, lengths):
+        """What the backbone is given as its mask: CAUSAL (a decoder's way) or the padding mask
+        (B, 1, 1, T) of right-padded rows read both ways."""
+        return CAUSAL if self.causal else padding_mask(lengths, input_ids.shape[1])
+
     def logits(self, input_ids, lengths):
         """input_ids (B, T) framed [CLS] text [SEP], right-padded; lengths (B,) -> (B, n_labels) fp32."""
-        mask = CAUSAL if self.causal else padding_mask(lengths, input_ids.shape[1])
+        mask = self.attention_mask(input_ids, lengths)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             hidden = self.backbone(input_ids, mask=mask)                       # (B, T, C)
             pooled = pool(hidden, lengths, self.pooling)                        # (B, C)
         return self.label_head(self.head_dropout(pooled)).float()              # (B, n_labels)
+
+    def explain(self, batch, tokenizer):
+        """Row 0 of make_batch's batch (explain.py): the pieces read, the row's label as the target
+        of the positions the head's vector pools (found by applying pool() itself to one-hot
+        states), and the mask logits() gives the backbone (CAUSAL drawn as model.causal_mask)."""
+        from minilm.explain import DASH, Explained, pieces
+        ids, lengths = batch["input_ids"][:1], batch["lengths"][:1]
+        T, label = ids.shape[1], int(batch["labels"][0])
+        reads = pieces(tokenizer, ids[0])
+        pooled = pool(torch.eye(T, device=ids.device)[None], lengths, self.pooling)[0] > 0      # (T,)
+        name = self.label_names[label] if label != IGNORE else DASH
+        mask = self.attention_mask(ids, lengths)
+        if mask is CAUSAL:
+            title, grid = "causal", causal_mask(T, device=ids.device)
+        else:
+            title, grid = "padding (both ways)", mask[0, 0].expand(T, T)
+        where = {"first": "the [CLS] state", "mean": "the mean over the real tokens",
+                 "last": "the last real token, the one that has seen the whole row"}[self.pooling]
+        notes = [f"label {label}, {name}: the head reads {where} ({self.pooling} pooling)" if label != IGNORE
+                 else "an evaluation padding row: no label, counted nowhere",
+                 f"{self.n_labels} labels: {', '.join(self.label_names)}"]
+        return Explained(columns={"reads": reads, "target": [name if p else DASH for p in pooled.tolist()],
+                                  "pooled": [self.pooling if p else DASH for p in pooled.tolist()]},
+                         masks={title: (reads, reads, grid)}, notes=notes)
 
     def forward(self, batch, totals=None):
         logits = self.logits(batch["input_ids"], batch["lengths"])

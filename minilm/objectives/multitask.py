@@ -182,6 +182,26 @@ class MultiTask(Objective):
             batch["counts"].update({f"{name}/{k}": v for k, v in part_batch["counts"].items()})
         return batch
 
+    def explain(self, batch, tokenizer):
+        """The parts' explanations side by side (explain.py), each from its own part of the batch:
+        every column titled "NAME/title" ("mlm/reads", "sop/segment"; no bare "reads": each part
+        reads its own row), a shorter part's columns padded with "" to the longest, every mask
+        titled "NAME: title" and every note prefixed "NAME: ". The parts draw from the one
+        generator in turn (mlm's masks, then sop's swap), as in training."""
+        from minilm.explain import Explained
+        parts = {name: part.explain(batch[name], tokenizer) for name, part in self.parts.items()}
+        rows = max(len(values) for explained in parts.values() for values in explained.columns.values())
+        columns = {f"{name}/{title}": values + [""] * (rows - len(values))
+                   for name, explained in parts.items() for title, values in explained.columns.items()}
+        decoders = {f"{name}/{title}": values for name, explained in parts.items()
+                    for title, values in (explained.decoder or {}).items()}
+        masks = {f"{name}: {title}": mask for name, explained in parts.items()
+                 for title, mask in explained.masks.items()}
+        weights = " + ".join(f"{weight:g} * {name}" for name, weight in zip(self.parts, self.weights))
+        notes = [f"one backbone, one pass per part over its own batch; the loss is {weights}"]
+        notes += [f"{name}: {note}" for name, explained in parts.items() for note in explained.notes]
+        return Explained(columns=columns, decoder=decoders or None, masks=masks, notes=notes)
+
     def forward(self, batch, totals=None):
         loss, sums = 0.0, {}
         for (name, part), weight in zip(self.parts.items(), self.weights):

@@ -137,6 +137,7 @@ class SimCSE(Objective):
     defaults = {"dropout": 0.1}
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
     baseline = Baseline("a uniform guess among the batch's candidates, ln(candidates)", margin=0.05)
+    views = ("view 1", "view 2")     # what a row's texts are, in make_batch's order (explain)
 
     @classmethod
     def trains_first_position(cls, options) -> bool:
@@ -187,6 +188,40 @@ class SimCSE(Objective):
         its neighbour (encoded after the views, rows V*B..), valid where it has one."""
         return pooled[:B], pooled[-B:], batch["has_neighbour"]
 
+    # ---------------------------------------------------------------- explanation
+    def explain(self, batch, tokenizer):
+        """Row 0 of make_batch's batch (explain.py): view 1's pieces, then each other view's (the
+        same ids for simcse; the positive and hard negative for simcse_sup); which positions the
+        sentence vector pools (found by applying pool() itself to one-hot states) with the view its
+        vector must find among the batch's as their target; and one padding mask per view, as
+        embed() builds them for the encoder's one pass over every view."""
+        from minilm.explain import DASH, Explained, pieces
+        ids, lengths = batch["input_ids"][0], batch["lengths"][0]              # (V, T), (V,)
+        V, T = ids.shape
+        reads = [pieces(tokenizer, view) for view in ids]
+        pooled = pool(torch.eye(T, device=ids.device)[None], lengths[:1], self.pooling)[0] > 0   # (T,)
+        columns = {"reads": reads[0], "target": [f"its {self.views[1]}" if p else DASH for p in pooled.tolist()],
+                   "pooled": [self.pooling if p else DASH for p in pooled.tolist()]}
+        columns.update({f"{self.views[v]} reads": reads[v] for v in range(1, V)})
+        masks = {f"padding, {self.views[v]}": (reads[v], reads[v], padding_mask(lengths[v:v + 1], T)[0, 0].expand(T, T))
+                 for v in range(V)}
+        vector = ("the [CLS] state, then an MLP (Linear, tanh) in training only" if self.pooling == "first"
+                  else f"the mean over its {int(lengths[0])} real tokens")
+        notes = self.view_notes(batch) + [
+            f"sentence vector ({self.pooling} pooling): {vector}",
+            f"InfoNCE: the {self.views[0]} vector must be nearer (cosine / {self.temperature:g}) to its "
+            f"{self.views[1]}'s than to the batch's other rows' (a one-row batch has none)"]
+        return Explained(columns=columns, masks=masks, notes=notes)
+
+    def view_notes(self, batch) -> list[str]:
+        """What makes the row's views differ, in a line or two."""
+        p = self.backbone.cfg.dropout
+        if p == 0:
+            return ["both views read the same ids and, with --dropout 0, are one vector: InfoNCE has nothing to "
+                    "learn (SimCSE's dropout is 0.1)"]
+        return [f"both views read the same ids: dropout (p = {p:g}) on each pass makes their two vectors differ, "
+                "the only noise unsupervised SimCSE has"]
+
     # ---------------------------------------------------------------- batches
     def make_batch(self, raw, generator=None):
         """A SentenceSource batch -> each sentence twice, (B, 2, T): dropout makes the views
@@ -227,6 +262,19 @@ class SupervisedSimCSE(SimCSE):
 
     name = "simcse_sup"
     data = "pairs"
+    views = ("anchor", "positive", "hard negative")
+
+    def view_notes(self, batch) -> list[str]:
+        p = self.backbone.cfg.dropout
+        notes = ["anchor and positive are two texts of one table row (an entailment, a paraphrase)"
+                 + (f"; dropout (p = {p:g}) also applies to each pass" if p else "")]
+        if batch["input_ids"].shape[1] == 3:
+            if bool(batch["has_negative"][0]):
+                notes.append(f"the hard negative is one more candidate the anchor must rank below its positive "
+                             f"(its logit offset {self.hard_negative_weight:g})")
+            else:
+                notes.append("this row has no hard negative ([CLS] [SEP] alone): its candidate is masked out")
+        return notes
 
     def make_batch(self, raw, generator=None):
         """A PairSource batch is already (B, V, T): anchor, positive[, hard negative]."""

@@ -49,6 +49,7 @@ from minilm.options import Options, option
 
 SWAP_PROB = 0.5
 TASKS = ("sop", "nsp")
+LABEL_NAMES = {"sop": ("in order", "swapped"), "nsp": ("next", "random")}   # label id -> what it says
 
 
 def partners_from_other_documents(documents: torch.Tensor, generator=None):
@@ -138,6 +139,41 @@ class SentenceOrder(Objective):
                       "accuracy (a split of one document, or --batch_size 1, gives NSP nothing to measure)",
                       stacklevel=3)
         self.warned_without_negatives = True
+
+    def explain(self, batch, tokenizer):
+        """Row 0 of make_batch's batch (explain.py): the pieces read; the pair's label as the target
+        of [CLS], the one position the pooler and the head read; each position's segment embedding
+        (A: segment id 0, B: 1; DASH on padding, which no query attends to) and the padding mask
+        forward gives the encoder. Which text came first in the document is in the notes."""
+        from minilm.explain import DASH, Explained, pieces
+        ids, lengths = batch["input_ids"][0], batch["lengths"][:1]
+        T, length, label = len(ids), int(lengths[0]), int(batch["labels"][0])
+        reads = pieces(tokenizer, ids)
+        target = [DASH] * T
+        if label != IGNORE:
+            target[0] = LABEL_NAMES[self.task][label]
+        segment = ["AB"[s] if t < length else DASH for t, s in enumerate(batch["segment_ids"][0].tolist())]
+        keys_seen = padding_mask(lengths, T)[0, 0].expand(T, T)             # (T, T): forward's mask, per query
+        notes = [self.label_note(label),
+                 f"the pooler (dense + tanh) reads [CLS] and a two-way head predicts the label there; no token "
+                 f"is predicted (the label was drawn with probability {SWAP_PROB} from the seed's generator)"]
+        if length < T:
+            notes.append(f"positions {length}..{T - 1} are padding: hidden as keys from every query")
+        return Explained(columns={"reads": reads, "target": target, "segment": segment},
+                         masks={"padding (encoder, both ways)": (reads, reads, keys_seen)}, notes=notes)
+
+    def label_note(self, label: int) -> str:
+        """One line: what the row's label says about its segments A and B."""
+        if label == IGNORE:
+            return ("no label: the batch holds no row of another document to take a random B from, so B is the "
+                    "real continuation and the row is left out of the NSP loss (NSP needs a batch of several "
+                    "documents)")
+        said = {("sop", 0): "A then B, as in the document",
+                ("sop", 1): "the text read first (segment A) came second in the document, and segment B "
+                            "came before it",
+                ("nsp", 0): "segment B is the text that follows A in the document",
+                ("nsp", 1): "segment B is another document's text, cut to fit, put after A"}
+        return f"label {label}, {LABEL_NAMES[self.task][label]}: {said[self.task, label]}"
 
     def forward(self, batch, totals=None):
         ids = batch["input_ids"]
