@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minilm.model import causal_mask
+
 DASH = "\u2013"   # "nothing predicted here"
 
 
@@ -68,6 +70,17 @@ def pieces(tokenizer, ids) -> list[str]:
 def targets(tokenizer, labels, ignore: int) -> list[str]:
     """A row of labels (IGNORE where nothing is predicted) -> pieces, DASH at the ignored."""
     return [DASH if int(i) == ignore else tokenizer.id_to_piece(int(i)) for i in labels.tolist()]
+
+
+def mask_grid(mask, queries: int, keys: int) -> torch.Tensor:
+    """A mask as attention() takes it, for row 0 of the batch -> the (queries, keys) bool grid it
+    means, True = may attend: None (every key), CAUSAL (model.causal_mask, what attention() turns
+    it into), or a bool tensor broadcast to (B, H, queries, keys) (a padding mask (B, 1, 1, S))."""
+    if mask is None:
+        return torch.ones(queries, keys, dtype=torch.bool)
+    if isinstance(mask, str):
+        return causal_mask(queries, keys)
+    return torch.broadcast_to(mask[:1], (1, 1, queries, keys))[0, 0].cpu()
 
 
 # ----------------------------------------------------------------------------- the explanation

@@ -36,28 +36,38 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     run() for what needs a real process: signals, torchrun, exit_process's own wiring, and one
     end-to-end run per kind of command. What a run changes in this process is put back: the
     thread count (--threads) and torch's random state (train.py seeds it)."""
-    import contextlib
-    import io
-    from minilm.cli import run_cli
     from minilm.distributed import launched_by_torchrun
     assert not launched_by_torchrun(), "run_cli would end this process with os._exit"
     module = load_script(script)
     argv = [os.path.join(ROOT, script), *map(str, args)]
+    threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+    try:
+        code, out, err = run_main(module.main, argv)
+    finally:
+        torch.set_num_threads(threads)
+        torch.random.set_rng_state(rng)
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def run_main(main, argv: list[str]) -> tuple[int, str, str]:
+    """A command's `main` through run_cli with sys.argv = argv, stdout and stderr captured and its
+    exit caught: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    from minilm.cli import run_cli
     stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv, threads, rng = sys.argv, torch.get_num_threads(), torch.random.get_rng_state()
+    saved_argv = sys.argv
     sys.argv = argv
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                run_cli(module.main)
+                run_cli(main)
                 code = 0
             except SystemExit as stop:
                 code = stop.code
     finally:
         sys.argv = saved_argv
-        torch.set_num_threads(threads)
-        torch.random.set_rng_state(rng)
-    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def corpus_texts(n_docs: int = 60) -> list[str]:

@@ -5,8 +5,6 @@ the checkpoint path; and the gallery in docs/explainer.md, whose text must equal
 Objective-specific rows are tested in tests/test_explain_<group>.py, next to their explain."""
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import sys
@@ -22,7 +20,7 @@ from minilm.losses import IGNORE
 from minilm.model import prefix_mask
 from minilm.objectives import OBJECTIVES, window_length_for
 from minilm.tokenizer import CLS_ID, EOS_ID, PAD_ID, SEP_ID
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_main
 from tests.test_api import save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -33,20 +31,7 @@ TWO = "The function returns a new list. It raises an error when the list is empt
 
 def run_explain(*args) -> tuple[int, str, str]:
     """`python -m minilm.explain args` in-process, through run_cli: (exit code, stdout, stderr)."""
-    from minilm.cli import run_cli
-    stdout, stderr = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["minilm.explain", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                run_cli(explain_module.main)
-                code = 0
-            except SystemExit as stop:
-                code = stop.code
-    finally:
-        sys.argv = saved
-    return code, stdout.getvalue(), stderr.getvalue()
+    return run_main(explain_module.main, ["minilm.explain", *map(str, args)])
 
 
 # ----------------------------------------------------------------------------- the row is the data's row

@@ -14,7 +14,7 @@ from minilm.data import pack_translation
 from minilm.explain import DASH, pieces, targets
 from minilm.losses import IGNORE
 from minilm.objectives import build_objective, objective_class
-from minilm.objectives.mlm import row_attention
+from minilm.explain import mask_grid
 from minilm.tokenizer import EOS_ID, MASK_ID, PAD_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -99,7 +99,7 @@ def test_masked_lm_rows_are_the_batch(tokenizer, name, padded):
     (title, (queries, keys, grid)), = explained.masks.items()
     assert queries == keys == explained.columns["reads"] and grid.shape == (T, T)
     (_, mask), = masks_forward_passes(objective, batch).values()
-    assert torch.equal(grid, row_attention(mask, T))
+    assert torch.equal(grid, mask_grid(mask, T, T))
     if padded:   # every query sees exactly the real keys
         assert "padding" in title and grid[:, :17].all() and not grid[:, 17:].any()
     else:        # an encoder: every position sees every other, no causal mask
@@ -189,7 +189,7 @@ def test_translation_rows_name_languages_and_restarted_positions(tokenizer):
     assert all(c == DASH for c in explained.columns["choice"][n:])
     (_, (_, _, grid)), = explained.masks.items()
     (_, mask), = masks_forward_passes(objective, batch).values()
-    assert torch.equal(grid, row_attention(mask, T)) and grid[:, :n].all() and not grid[:, n:].any()
+    assert torch.equal(grid, mask_grid(mask, T, T)) and grid[:, :n].all() and not grid[:, n:].any()
 
 
 # ----------------------------------------------------------------------------- rtd
@@ -227,8 +227,8 @@ def test_rtd_reads_what_the_discriminator_reads(tokenizer, padded):
             assert columns["label"][t] == ("replaced" if disc_ids[0, t] != original[t] else "original")
     title = "self-attention, padding masked" if padded else "bidirectional self-attention"
     assert set(explained.masks) == {f"generator {title}", f"discriminator {title}"}
-    assert torch.equal(explained.masks[f"generator {title}"][2], row_attention(gen_mask, T))
-    assert torch.equal(explained.masks[f"discriminator {title}"][2], row_attention(disc_mask, T))
+    assert torch.equal(explained.masks[f"generator {title}"][2], mask_grid(gen_mask, T, T))
+    assert torch.equal(explained.masks[f"discriminator {title}"][2], mask_grid(disc_mask, T, T))
     if padded:
         assert explained.masks[f"discriminator {title}"][2][:, :14].all()
         assert not explained.masks[f"discriminator {title}"][2][:, 14:].any()

@@ -79,14 +79,6 @@ class MaskedLMOptions(Options):
 CHOICES = {masking.MASKED: "masked", masking.RANDOM: "random", masking.KEPT: "unchanged"}   # shown_as -> word
 
 
-def row_attention(mask, T: int) -> torch.Tensor:
-    """Row 0 of an encoder's attention mask as the (T, T) bool grid explain shows, True = query
-    (row) may attend to key (column): `mask` None (every position sees every other) or a
-    (B, 1, 1 or T, T) bool mask as the backbone receives it, broadcast over the queries."""
-    grid = torch.ones(T, T, dtype=torch.bool)
-    return grid if mask is None else grid & mask[0, 0].cpu()
-
-
 class MLMHead(nn.Module):
     """BERT/RoBERTa's prediction head: transform (Linear W->W, GELU, norm), then the output matrix
     (the tied token embeddings) and a bias per vocabulary entry. (..., W) -> (..., V).
@@ -188,7 +180,7 @@ class MaskedLM(Objective):
         was done at each chosen token (batch["shown_as"], masking.replace's record: masked, random
         or unchanged), the unit it was chosen in (chosen_units: wwm's word, span's span) and the
         encoder's attention mask, the one forward passes (attention_mask)."""
-        from minilm.explain import DASH, Explained, pieces, targets
+        from minilm.explain import DASH, Explained, mask_grid, pieces, targets
         ids, labels, shown_as = batch["input_ids"][0], batch["labels"][0], batch["shown_as"][0]
         T = len(ids)
         chosen = labels != IGNORE
@@ -215,7 +207,7 @@ class MaskedLM(Objective):
                              f"{tokenizer.decode(original[where].tolist())!r}")
             columns[title] = column
         title = "bidirectional self-attention" if mask is None else "self-attention, padding masked"
-        return Explained(columns=columns, masks={title: (reads, reads, row_attention(mask, T))}, notes=notes)
+        return Explained(columns=columns, masks={title: (reads, reads, mask_grid(mask, T, T))}, notes=notes)
 
     # --------------------------------------------------------------- model
     def predict(self, input_ids, attn_mask=None, segment_ids=None):

@@ -57,7 +57,7 @@ from minilm.flops import parameters_of, transformer_flops
 from minilm.model import Transformer, padding_mask
 from minilm.losses import step_mean
 from minilm.objectives.base import Baseline, Objective
-from minilm.objectives.mlm import MaskedLMOptions, MLMHead, row_attention
+from minilm.objectives.mlm import MaskedLMOptions, MLMHead
 from minilm.options import option
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL
 
@@ -336,7 +336,7 @@ class ReplacedTokenDetection(Objective):
         what the discriminator then reads ("reads") and its label at every real token: replaced
         where the sample differs from the original, original where it equals it (forward's
         corrupt). Both encoders' masks are the one forward passes (attention_mask)."""
-        from minilm.explain import DASH, Explained, pieces
+        from minilm.explain import DASH, Explained, mask_grid, pieces
         with torch.no_grad():
             sampled = sample_from_logits(self.generator_logits(batch), batch["sample_noise"],
                                          self.options.generator_temperature)              # (N,)
@@ -357,7 +357,7 @@ class ReplacedTokenDetection(Objective):
         notes = [f"generator sampled at {len(positions)} positions: {n_replaced} replaced, "
                  f"{len(positions) - n_replaced} drew the original (labelled original)",
                  "the discriminator predicts the label at every real token; the generator the target"]
-        grid = row_attention(self.attention_mask(batch), T)
+        grid = mask_grid(self.attention_mask(batch), T, T)
         title = "bidirectional self-attention" if self.attention_mask(batch) is None else "self-attention, padding masked"
         masks = {f"generator {title}": (pieces(tokenizer, batch["masked_ids"][0]),) * 2 + (grid,),
                  f"discriminator {title}": (reads, reads, grid)}

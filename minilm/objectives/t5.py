@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.flops import encoder_decoder_flops
 from minilm.masking import SpanCorruptionError
-from minilm.model import CAUSAL, EncoderDecoder, causal_mask
+from minilm.model import CAUSAL, EncoderDecoder
 from minilm.objectives.base import IGNORE, Baseline, Objective, check_model_config
 from minilm.options import Options, option
 from minilm.tokenizer import EOS_ID, PAD_ID, SENTINEL_IDS
@@ -83,17 +83,6 @@ def span_corruption_lengths(model_cfg, options) -> tuple[int, int]:
             f"--objective t5 with --seq_len {seq_len} and --noise_density {options.noise_density} makes targets of "
             f"{target_length} tokens, more than the decoder's {seq_len} positions; lower --noise_density")
     return raw_length, target_length
-
-
-def mask_grid(mask, queries: int, keys: int) -> torch.Tensor:
-    """A mask as attention() takes it, for row 0 of the batch -> the (queries, keys) bool grid it
-    means, True = may attend: None (every key), CAUSAL (model.causal_mask, what attention() turns
-    it into), or a bool tensor broadcast to (B, H, queries, keys) (a padding mask (B, 1, 1, S))."""
-    if mask is None:
-        return torch.ones(queries, keys, dtype=torch.bool)
-    if isinstance(mask, str):
-        return causal_mask(queries, keys)
-    return torch.broadcast_to(mask[:1], (1, 1, queries, keys))[0, 0].cpu()
 
 
 class SpanCorruption(Objective):
@@ -157,7 +146,7 @@ class SpanCorruption(Objective):
         "hides": what each sentinel stands for), the decoder's input and target ("hidden in": the
         sentinel whose span a target token was hidden in), and the three masks forward hands the
         backbone. The spans are read off the target, which lists each sentinel then its tokens."""
-        from minilm.explain import DASH, Explained, pieces, targets
+        from minilm.explain import DASH, Explained, mask_grid, pieces, targets
         input_ids, labels = batch["input_ids"][0], batch["labels"][0]
         reads, decoder_reads = pieces(tokenizer, input_ids), pieces(tokenizer, batch["decoder_input_ids"][0])
         written = int((labels != IGNORE).sum())     # the target's real tokens; the last is <eos>
