@@ -72,6 +72,17 @@ def targets(tokenizer, labels, ignore: int) -> list[str]:
     return [DASH if int(i) == ignore else tokenizer.id_to_piece(int(i)) for i in labels.tolist()]
 
 
+def add_predictions(explained: Explained, predicted, tokenizer) -> None:
+    """A "predicts" column beside the target column (the decoder's, where there is one): the
+    model's best guess (Objective.predictions, (T,) ids) where a target is shown, DASH elsewhere.
+    Nothing when the objective does not say."""
+    if predicted is None:
+        return
+    table = explained.decoder if explained.decoder and "target" in explained.decoder else explained.columns
+    shown = pieces(tokenizer, predicted)
+    table["predicts"] = [DASH if target == DASH else guess for target, guess in zip(table["target"], shown)]
+
+
 def mask_grid(mask, queries: int, keys: int) -> torch.Tensor:
     """A mask as attention() takes it, for row 0 of the batch -> the (queries, keys) bool grid it
     means, True = may attend: None (every key), CAUSAL (model.causal_mask, what attention() turns
@@ -472,6 +483,9 @@ def explain(objective_name: str | None, text: str, *, ckpt: str | None = None, t
         batch = model.make_batch(raw, generator, **extra)
         with torch.no_grad():
             explained = model.explain(batch, tokenizer)
+            if ckpt is not None:   # a trained model: what it predicts at the targets (dropout off)
+                model.eval()
+                add_predictions(explained, model.predictions(batch), tokenizer)
     return Explanation(columns=explained.columns, decoder=explained.decoder, masks=explained.masks,
                        notes=notes + list(explained.notes), objective=objective_name, text=text, seed=seed,
                        raw=raw, lengths=extra.get("lengths"), seq_len=row_seq_len, batch=batch)

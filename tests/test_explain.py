@@ -249,3 +249,41 @@ def test_the_gallery_shows_every_registered_objective():
     text = gallery_markdown(list(entries.items()))
     for name in OBJECTIVES:
         assert f"## {name}\n" in text
+
+
+# ----------------------------------------------------------------------------- a checkpoint's predictions
+@pytest.mark.parametrize("name", ["clm", "prefix_lm", "mlm", "span", "t5", "ul2"])
+def test_with_a_checkpoint_the_predictions_are_what_forward_computes(name, tokenizer, tmp_path, monkeypatch):
+    """With --ckpt the table gains "predicts" at every shown target: the model's argmax there,
+    equal to the argmax of the logits the objective's own forward computes (the masked LMs' and
+    the prefix LM's sparse heads at their targets only, the decoders' over every position)."""
+    path = save_tiny(tmp_path / f"{name}.pt", name, tokenizer, seed=1)
+    e = explain(None, TWO, ckpt=path, seed=2)
+    table = e.decoder if e.decoder and "target" in e.decoder else e.columns
+    shown = [guess for target, guess in zip(table["target"], table["predicts"]) if target != DASH]
+    assert shown and DASH not in shown
+    assert all(guess == DASH for target, guess in zip(table["target"], table["predicts"]) if target == DASH)
+    objective = minilm.load(path, device="cpu").objective.eval()
+    computed = []
+    if hasattr(objective, "head"):    # the masked LMs: the head runs at the chosen positions, in order
+        objective.head.register_forward_hook(lambda module, args, out: computed.append(out))
+    else:
+        logits = objective.backbone.logits
+        monkeypatch.setattr(objective.backbone, "logits", lambda hidden: computed.append(logits(hidden)) or computed[-1])
+    with torch.no_grad():
+        objective(e.batch)
+        objective.predictions(e.batch)
+    from_forward, from_predictions = computed[0], computed[1][0]          # (N or B x T, V), (T, V)
+    labels = e.batch["labels"][0] if "labels" in e.batch else None
+    if from_forward.dim() > 2:           # a dense head: row 0's positions that have a target
+        from_forward = from_forward[0][labels != IGNORE]
+    at_targets = from_predictions[labels != IGNORE] if labels is not None else \
+        from_predictions[e.batch["positions"][e.batch["positions"] < from_predictions.shape[0]]]
+    # the same logits, not only the same argmax: the mask, positions and segments all reach the
+    # dense path as they reach forward's
+    assert torch.allclose(at_targets, from_forward, atol=1e-5)
+    assert [tokenizer.id_to_piece(int(i)) for i in from_forward.argmax(-1)] == shown
+
+
+def test_without_a_checkpoint_nothing_is_predicted(tokenizer):
+    assert "predicts" not in explain("mlm", TWO, tokenizer=tokenizer, seed=2).columns

@@ -237,6 +237,13 @@ class Objective(nn.Module):
             masks["self-attention (padding)"] = (read, read, keys.expand(len(read), -1).clone())
         return Explained(columns={"reads": read, "target": target}, decoder=decoder, masks=masks, notes=notes)
 
+    def predictions(self, batch: dict) -> torch.Tensor | None:
+        """The model's best guess (argmax) at each position of row 0 whose target the explanation
+        shows (the decoder's positions for an encoder-decoder), read as forward reads the batch:
+        (T,) token ids, for explain's "predicts" column when a trained checkpoint is explained.
+        None: this objective does not say (the default)."""
+        return None
+
     def encoder_input(self, ids: list[int], verb: str, mode: str = "") -> list[int]:
         """An encoder-decoder's encoder input at inference (api.py's infill, and generate where
         declared), framed as in training: `ids` (the text with its sentinels, or a prompt), then

@@ -94,6 +94,11 @@ class CausalLM(Objective):
         log_probs = self.backbone.logits(self.backbone(input_ids)[:, :-1]).float().log_softmax(dim=-1)  # (B, T-1, V)
         return log_probs.gather(2, input_ids[:, 1:, None]).squeeze(2)
 
+    @torch.no_grad()
+    def predictions(self, batch):
+        """The next token the model finds likeliest at each position of row 0: (T,)."""
+        return self.backbone.logits(self.backbone(batch["input_ids"][:1]))[0].argmax(-1)
+
     def forward(self, batch, totals=None):
         hidden = self.backbone(batch["input_ids"])      # (B, T, C)
         logits = self.backbone.logits(hidden)                         # (B, T, V), bf16 under autocast

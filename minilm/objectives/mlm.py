@@ -220,6 +220,15 @@ class MaskedLM(Objective):
         else None, every position sees every other (no causal mask: this is an encoder)."""
         return batch.get("attn_mask")
 
+    @torch.no_grad()
+    def predictions(self, batch):
+        """The token the masked-LM head finds likeliest at every position of row 0, read as forward
+        reads the batch (its mask, positions and segments) but densely: (T,)."""
+        row = {key: value[:1] for key, value in batch.items() if torch.is_tensor(value) and value.dim() > 1}
+        hidden = self.backbone(row["input_ids"], mask=self.attention_mask(row), positions=row.get("position_ids"),
+                               segment_ids=row.get("segment_ids"))
+        return self.head(self.backbone.to_output_width(hidden), self.backbone.output_weight)[0].argmax(-1)
+
     def forward(self, batch, totals=None):
         # attn_mask: padded rows only; segment_ids: sentence pairs (mlm+sop, objectives/multitask.py)
         # or languages (tlm); position_ids: tlm's, which restart at the translation (B, T)

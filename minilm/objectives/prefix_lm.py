@@ -92,6 +92,13 @@ class PrefixLM(CausalLM):
             notes=[f"a prefix of {P} tokens (drawn uniformly from 1 to the row's raw tokens - 1) sees itself both "
                    "ways; the position that reads its last token predicts the first target"])
 
+    @torch.no_grad()
+    def predictions(self, batch):
+        """The next token the model finds likeliest at each position of row 0, the prefix read both
+        ways as in forward: (T,)."""
+        hidden = self.backbone(batch["input_ids"][:1], mask=self.attention_mask(batch)[:1])
+        return self.backbone.logits(hidden)[0].argmax(-1)
+
     def forward(self, batch, totals=None):
         input_ids, labels = batch["input_ids"], batch["labels"]
         mask = self.attention_mask(batch)

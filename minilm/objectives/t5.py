@@ -141,6 +141,16 @@ class SpanCorruption(Objective):
         logits = self.backbone.logits(hidden)                                    # (B, T, V)
         return self.token_loss(logits.flatten(0, 1), batch["labels"].flatten(), batch, totals)
 
+    @torch.no_grad()
+    def predictions(self, batch):
+        """The token the decoder finds likeliest at each decoder position of row 0, reading the true
+        target before it (teacher forcing, as in training): (T,)."""
+        row = {key: value[:1] for key, value in batch.items() if torch.is_tensor(value) and value.dim() >= 1}
+        encoder_mask, decoder_mask, cross_mask = self.attention_masks(row)
+        encoder_output = self.backbone.encode(row["input_ids"], encoder_mask)
+        hidden = self.backbone.decode(row["decoder_input_ids"], encoder_output, cross_mask, mask=decoder_mask)
+        return self.backbone.logits(hidden)[0].argmax(-1)
+
     def explain(self, batch, tokenizer):
         """One row of the batch: the encoder's input (a sentinel in place of each noise span;
         "hides": what each sentinel stands for), the decoder's input and target ("hidden in": the
