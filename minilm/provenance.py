@@ -42,7 +42,7 @@ from minilm.distributed import DistInfo
 from minilm.errors import UserError
 from minilm.objectives import OBJECTIVES, data_kind_for, is_encoder_decoder, model_config_for, objective_class
 from minilm.run_dir import DATA_NAME, TOKENIZER_NAME, RunLock, check_data_outside, claim_run_dir
-from minilm.tokenizer import Tokenizer
+from minilm.tokenizer import Tokenizer, tokenizer_from_bytes
 
 
 # ----------------------------------------------------------------------------- prepared data: reuse or make again
@@ -219,7 +219,7 @@ class Start:
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer the checkpoint carries (the resumed one's, else the parent's), or None."""
         carrier = self.state if self.state is not None else self.parent
-        return None if carrier is None else Tokenizer(tensor_to_bytes(carrier["tokenizer"]))
+        return None if carrier is None else tokenizer_from_bytes(tensor_to_bytes(carrier["tokenizer"]))
 
 
 def parent_config(parent: dict) -> Config:
