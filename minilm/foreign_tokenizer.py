@@ -49,7 +49,7 @@ BINARY_FILES = ("tokenizer.model",)
 SLOT_KEYS = {PAD_ID: "pad_token", UNK_ID: "unk_token", BOS_ID: "bos_token", EOS_ID: "eos_token",
              MASK_ID: "mask_token", CLS_ID: "cls_token", SEP_ID: "sep_token"}
 # the names of minilm's specials (for a slot the foreign vocabulary has no piece for)
-MINILM_NAMES = ["<pad>", "<unk>", "<bos>", "<eos>"] + RESERVED_PIECES
+MINILM_NAMES = ["<pad>", "<unk>", "<s>", "</s>"] + RESERVED_PIECES   # as minilm's sentencepiece models spell them
 # a folder that names none of its specials: the spellings RoBERTa's and GPT-2's vocab.json use
 GUESSED_NAMES = {"pad_token": ("<pad>",), "unk_token": ("<unk>", "<|endoftext|>"),
                  "bos_token": ("<s>", "<|endoftext|>"), "eos_token": ("</s>", "<|endoftext|>"),
@@ -344,3 +344,78 @@ def _added_tokens(files: dict, config: dict) -> dict[int, tuple[str, bool]]:
         if isinstance(f, int):
             added.setdefault(f, (content, True))
     return added
+
+
+# ----------------------------------------------------------------------------- the way out
+def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
+    """Files in `folder` that transformers' AutoTokenizer.from_pretrained(folder) loads, encoding
+    every text to tokenizer.encode's ids (add_special_tokens changes nothing: minilm frames rows
+    itself); the paths written.
+
+    A ForeignTokenizer writes its original files: their ids are the foreign ones
+    (`to_foreign`), and Hugging Face's tokenizer, as its users expect, reads "<mask>" typed in a
+    text as the mask token, which minilm's encode never does.
+
+    minilm's own tokenizer gets a tokenizer.json written here (`sentencepiece_bpe_json`): handing
+    transformers the sentencepiece model does not work. Its LlamaTokenizer assumes Llama's ids
+    (<unk> 0, <s> 1, </s> 2), puts a "▁" before every text and a <s> in front; and in
+    transformers 5 LlamaTokenizer(vocab_file="tokenizer.model") ignores the file altogether,
+    building a vocabulary of those three pieces with no byte pieces, so every character is
+    unknown and dropped: an empty encoding. tokenizer_config.json asks for split_special_tokens,
+    so "<mask>" in a text is text there too (`tok(text, split_special_tokens=False)` gives
+    transformers' fill-mask pipeline its mask)."""
+    from minilm.checkpoint import atomic_write_bytes
+    if isinstance(tokenizer, ForeignTokenizer):
+        return tokenizer.write_files(folder)
+    os.makedirs(folder, exist_ok=True)
+    names = {key: tokenizer.id_to_piece(slot) for slot, key in SLOT_KEYS.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
+              "split_special_tokens": True,             # specials by id only, as in minilm
+              "clean_up_tokenization_spaces": False,    # decode gives the text back as it was
+              "add_bos_token": False, "add_eos_token": False}
+    paths = [os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")]
+    for path, value in zip(paths, (sentencepiece_bpe_json(tokenizer.sp), config)):
+        atomic_write_bytes(path, json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8"))
+    return paths
+
+
+def sentencepiece_bpe_json(sp) -> dict:
+    """A Hugging Face tokenizer.json that encodes as minilm's sentencepiece BPE model does.
+
+    sentencepiece's BPE starts from the text's characters (spaces written "▁") and repeatedly
+    merges the adjacent pair whose concatenation is the piece of highest score; a character
+    with no piece becomes its UTF-8 byte pieces <0xNN>. Hugging Face's BPE model does the same
+    with a ranked list of merges and byte_fallback, so:
+      * vocab: every piece at its id, with "▁" written as the space it stands for. No normalizer
+        is then needed (minilm adds no dummy prefix and keeps whitespace as it is), and a "▁"
+        typed in a text has no piece, so it falls back to its three bytes, as minilm's encode writes it.
+      * merges: every split of each ordinary piece into two pieces, ranked by the merged piece's
+        score (best first): whichever halves the text's characters reach, the pair merges at the
+        piece's rank. No pre-tokenizer: sentencepiece merges across the whole text too (its pieces
+        hold a space only at the start, or only spaces).
+      * the special pieces are added tokens: never matched in text (split_special_tokens), never
+        produced by merges, skipped by decode(skip_special_tokens=True).
+    """
+    V = sp.get_piece_size()
+    special = [sp.is_control(i) or sp.is_unknown(i) or i < NUM_SPECIAL for i in range(V)]
+    text_of = [sp.id_to_piece(i) if special[i] or sp.is_byte(i) else sp.id_to_piece(i).replace(WORD_MARK, " ")
+               for i in range(V)]
+    vocab = {text: i for i, text in enumerate(text_of)}
+    ordinary = {text: i for i, text in enumerate(text_of) if not (special[i] or sp.is_byte(i))}
+    merges = []
+    for text, i in ordinary.items():
+        for k in range(1, len(text)):
+            left, right = text[:k], text[k:]
+            if left in ordinary and right in ordinary:
+                merges.append((-sp.get_score(i), i, ordinary[left], left, right))
+    merges.sort()
+    added = [{"id": i, "content": text_of[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i in range(V) if special[i]]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": text_of[sp.unk_id()], "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": [[left, right] for *_, left, right in merges]},
+    }

@@ -70,7 +70,8 @@ def bytelevel_folder(folder, merges, specials_first: list[str], specials_last: l
 
 ROBERTA_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
                   "cls_token": "<s>", "sep_token": "</s>",
-                  "mask_token": {"content": "<mask>", "lstrip": True, "normalized": False, "special": True},
+                  "mask_token": {"__type": "AddedToken", "content": "<mask>", "lstrip": True, "normalized": False,
+                                 "rstrip": False, "single_word": False},
                   "tokenizer_class": "RobertaTokenizer", "add_prefix_space": False}
 
 
