@@ -272,6 +272,14 @@ class ForeignTokenizer:
         from minilm.tokenizer import Tokenizer
         return Tokenizer.load(path)
 
+    def sentencepiece_settings(self) -> dict:
+        """What the sentencepiece model's own settings say (`read_sentencepiece_settings`), and
+        whether sentencepiece_bpe_json reproduces it: a BPE model, identity normalization, whitespace kept."""
+        spec = read_sentencepiece_settings(self.files["tokenizer.model"])
+        spec["writable"] = (spec["model_type"] == 2 and spec["normalizer"] == "identity"
+                            and not spec["remove_extra_whitespaces"] and spec["escape_whitespaces"])
+        return spec
+
     def write_files(self, folder: str) -> list[str]:
         """The original files, as the folder they came from had them; their paths."""
         from minilm.checkpoint import atomic_write_bytes
@@ -354,7 +362,9 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
 
     A ForeignTokenizer writes its original files: their ids are the foreign ones
     (`to_foreign`), and Hugging Face's tokenizer, as its users expect, reads "<mask>" typed in a
-    text as the mask token, which minilm's encode never does.
+    text as the mask token, which minilm's encode never does. A sentencepiece BPE model that came
+    without a tokenizer.json gets one (transformers would need protobuf to convert it), and its
+    tokenizer_config.json then names the plain PreTrainedTokenizerFast class.
 
     minilm's own tokenizer gets a tokenizer.json written here (`sentencepiece_bpe_json`): handing
     transformers the sentencepiece model does not work. Its LlamaTokenizer assumes Llama's ids
@@ -366,21 +376,39 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
     transformers' fill-mask pipeline its mask)."""
     from minilm.checkpoint import atomic_write_bytes
     if isinstance(tokenizer, ForeignTokenizer):
-        return tokenizer.write_files(folder)
+        paths = tokenizer.write_files(folder)
+        spec = tokenizer.sentencepiece_settings() if tokenizer.kind == "sentencepiece" else None
+        if spec is None or "tokenizer.json" in tokenizer.files or not spec["writable"]:
+            return paths
+        # transformers' LlamaTokenizer would rebuild the pipeline its own way (no "▁" before a text
+        # that starts with a space, unlike sentencepiece): the config names the plain class instead
+        names = {key: tokenizer.pieces[int(tokenizer.foreign_ids[slot])] for slot, key in SLOT_KEYS.items()
+                 if tokenizer.foreign_ids[slot] >= 0}
+        config = {**names, **_json_file(tokenizer.files, "tokenizer_config.json"),
+                  "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp, dummy_prefix=spec["add_dummy_prefix"]),
+                   "tokenizer_config.json": config}
+        paths = [p for p in paths if os.path.basename(p) not in written]
+    else:
+        names = {key: tokenizer.id_to_piece(slot) for slot, key in SLOT_KEYS.items()}
+        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp),
+                   "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **names,
+                                             "split_special_tokens": True,   # specials by id only, as in minilm
+                                             "clean_up_tokenization_spaces": False,   # decode gives the text back
+                                             "add_bos_token": False, "add_eos_token": False}}
+        paths = []
     os.makedirs(folder, exist_ok=True)
-    names = {key: tokenizer.id_to_piece(slot) for slot, key in SLOT_KEYS.items()}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
-              "split_special_tokens": True,             # specials by id only, as in minilm
-              "clean_up_tokenization_spaces": False,    # decode gives the text back as it was
-              "add_bos_token": False, "add_eos_token": False}
-    paths = [os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")]
-    for path, value in zip(paths, (sentencepiece_bpe_json(tokenizer.sp), config)):
-        atomic_write_bytes(path, json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8"))
+    for name, value in written.items():
+        paths.append(os.path.join(folder, name))
+        atomic_write_bytes(paths[-1], json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8"))
     return paths
 
 
-def sentencepiece_bpe_json(sp) -> dict:
-    """A Hugging Face tokenizer.json that encodes as minilm's sentencepiece BPE model does.
+def sentencepiece_bpe_json(sp, dummy_prefix: bool | None = None) -> dict:
+    """A Hugging Face tokenizer.json that encodes as minilm's sentencepiece BPE model does
+    (dummy_prefix None), or as a foreign one with identity normalization does (dummy_prefix: whether
+    it puts a "▁" before every text): then "▁" stays in the pieces and a normalizer writes spaces
+    as "▁", as sentencepiece does, a literal "▁" included.
 
     sentencepiece's BPE starts from the text's characters (spaces written "▁") and repeatedly
     merges the adjacent pair whose concatenation is the piece of highest score; a character
@@ -397,8 +425,9 @@ def sentencepiece_bpe_json(sp) -> dict:
         produced by merges, skipped by decode(skip_special_tokens=True).
     """
     V = sp.get_piece_size()
-    special = [sp.is_control(i) or sp.is_unknown(i) or i < NUM_SPECIAL for i in range(V)]
-    text_of = [sp.id_to_piece(i) if special[i] or sp.is_byte(i) else sp.id_to_piece(i).replace(WORD_MARK, " ")
+    own = dummy_prefix is None
+    special = [sp.is_control(i) or sp.is_unknown(i) or (own and i < NUM_SPECIAL) for i in range(V)]
+    text_of = [sp.id_to_piece(i) if special[i] or sp.is_byte(i) or not own else sp.id_to_piece(i).replace(WORD_MARK, " ")
                for i in range(V)]
     vocab = {text: i for i, text in enumerate(text_of)}
     ordinary = {text: i for i, text in enumerate(text_of) if not (special[i] or sp.is_byte(i))}
@@ -411,11 +440,64 @@ def sentencepiece_bpe_json(sp) -> dict:
     merges.sort()
     added = [{"id": i, "content": text_of[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i in range(V) if special[i]]
+    normalizer, decoders = None, [{"type": "ByteFallback"}, {"type": "Fuse"}]
+    if not own:
+        mark = [{"type": "Prepend", "prepend": WORD_MARK}] if dummy_prefix else []
+        normalizer = {"type": "Sequence", "normalizers": mark + [{"type": "Replace", "pattern": {"String": " "},
+                                                                  "content": WORD_MARK}]}
+        decoders = ([{"type": "Replace", "pattern": {"String": WORD_MARK}, "content": " "}] + decoders
+                    + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else []))
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": None, "post_processor": None,
-        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "normalizer": normalizer, "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": text_of[sp.unk_id()], "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "ignore_merges": False,
                   "vocab": vocab, "merges": [[left, right] for *_, left, right in merges]},
     }
+
+
+def read_sentencepiece_settings(model: bytes) -> dict:
+    """A few fields of a sentencepiece model file, read from its protocol buffer by hand (the
+    sentencepiece package reads them only with protobuf installed): ModelProto field 2 is the
+    TrainerSpec (its field 3 the model type: 1 unigram, 2 BPE), field 3 the NormalizerSpec (1 the
+    rule's name, 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces; booleans
+    default to true, the model type to unigram)."""
+    trainer, normalizer = _proto_fields(_proto_fields(model).get(2, b"")), _proto_fields(_proto_fields(model).get(3, b""))
+    name = normalizer.get(1, b"nmt_nfkc")
+    return {"model_type": trainer.get(3, 1), "normalizer": name.decode("utf-8", "replace"),
+            "add_dummy_prefix": bool(normalizer.get(3, 1)), "remove_extra_whitespaces": bool(normalizer.get(4, 1)),
+            "escape_whitespaces": bool(normalizer.get(5, 1))}
+
+
+def _proto_fields(data: bytes) -> dict[int, int | bytes]:
+    """field number -> value (the last one of a repeated field) of one protocol buffer message:
+    varints as ints, length-delimited fields as bytes, fixed-size ones skipped."""
+    fields, i = {}, 0
+
+    def varint():
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+    try:
+        while i < len(data):
+            key = varint()
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                fields[number] = varint()
+            elif wire == 2:
+                n = varint()
+                fields[number], i = data[i:i + n], i + n
+            elif wire in (1, 5):
+                i += 8 if wire == 1 else 4
+            else:
+                break
+    except IndexError:
+        pass   # a cut message: what was read so far (sentencepiece itself checked the file)
+    return fields
