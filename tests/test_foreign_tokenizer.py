@@ -267,7 +267,8 @@ def test_data_preparation_with_a_foreign_tokenizer(roberta, corpus_dir, tmp_path
     assert isinstance(again, ForeignTokenizer) and again.model_bytes == roberta.model_bytes
     tokens = np.fromfile(os.path.join(folder, "train.bin"), dtype=meta["dtype"])
     first = tokens[:int(np.flatnonzero(tokens == EOS_ID)[0])].tolist()
-    documents = [open(os.path.join(corpus_dir, name), encoding="utf-8").read() for name in sorted(os.listdir(corpus_dir))]
+    documents = [open(os.path.join(corpus_dir, name), encoding="utf-8").read()
+                 for name in sorted(os.listdir(corpus_dir))]
     assert roberta.decode(first) in documents
 
 
