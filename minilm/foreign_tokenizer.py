@@ -1,8 +1,9 @@
 """The tokenizer of a public model (RoBERTa, GPT-2, a Llama), used by minilm as its own.
 
 A public checkpoint comes with its tokenizer's files: vocab.json + merges.txt for GPT-2's and
-RoBERTa's byte-level BPE (encoded here by minilm/bpe.py, our own code), or a sentencepiece
-tokenizer.model (Llama's; sentencepiece applies the model's own normalization), and
+RoBERTa's byte-level BPE (encoded here by minilm/bpe.py, our own code), a sentencepiece
+tokenizer.model (Llama's; sentencepiece applies the model's own normalization) or BERT's WordPiece
+vocab.txt (minilm/wordpiece.py; lossy: decode gives words, not the text), and
 tokenizer_config.json / special_tokens_map.json saying which pieces are <pad>, <s>, <mask>...
 
 minilm's objectives refer to special tokens by fixed ids (tokenizer.py: PAD 0, UNK 1, BOS 2, EOS 3,
@@ -42,7 +43,7 @@ from minilm.tokenizer import (BOS_ID, CLS_ID, EOS_ID, LANG_IDS, MASK_ID, NUM_SPE
 
 HEADER = b"minilm foreign tokenizer 1\n"
 # the files a tokenizer folder may hold that we keep: what defines the ids, and what says which are special
-KEPT_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+KEPT_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json")
 BINARY_FILES = ("tokenizer.model",)
 # minilm's special slots and the tokenizer_config.json key that names the foreign piece for each
@@ -54,6 +55,9 @@ MINILM_NAMES = ["<pad>", "<unk>", "<s>", "</s>"] + RESERVED_PIECES   # as minilm
 GUESSED_NAMES = {"pad_token": ("<pad>",), "unk_token": ("<unk>", "<|endoftext|>"),
                  "bos_token": ("<s>", "<|endoftext|>"), "eos_token": ("</s>", "<|endoftext|>"),
                  "mask_token": ("<mask>",), "cls_token": ("<s>",), "sep_token": ("</s>",)}
+# BERT's, which its tokenizer class knows without a file saying so
+BERT_NAMES = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+              "mask_token": "[MASK]"}
 
 
 class ForeignTokenizer:
@@ -80,6 +84,9 @@ class ForeignTokenizer:
         elif "tokenizer.model" in self.files:
             self.kind = "sentencepiece"
             pieces, special = self._read_sentencepiece(added)
+        elif "vocab.txt" in self.files:
+            self.kind = "wordpiece"
+            pieces, special = self._read_wordpiece(added, config)
         else:
             raise UserError(_why_no_tokenizer(self.files))
         size = max([len(pieces), foreign_vocab_size or 0] + [f + 1 for f in pieces])
@@ -144,6 +151,25 @@ class ForeignTokenizer:
                 special.add(f)
         return pieces, special
 
+    def _read_wordpiece(self, added: dict[int, tuple[str, bool]], config: dict):
+        from minilm.wordpiece import WordPiece
+        try:
+            lines = self.files["vocab.txt"].decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise UserError("vocab.txt is not UTF-8 text; download the tokenizer again") from None
+        if lines and lines[-1] == "":
+            lines.pop()   # the newline that ends the last piece
+        pieces = dict(enumerate(line.rstrip("\r") for line in lines))
+        for f, (content, _) in added.items():
+            pieces.setdefault(f, content)
+        vocab = {piece: f for f, piece in sorted(pieces.items(), reverse=True)}
+        unk = _content(config.get("unk_token")) or BERT_NAMES["unk_token"]
+        if unk not in vocab:
+            raise UserError(f"vocab.txt has no {unk} piece for unknown words; download the tokenizer again")
+        self.wordpiece = WordPiece(vocab, vocab[unk], lowercase=bool(config.get("do_lower_case", True)),
+                                   strip_accents=config.get("strip_accents"))
+        return pieces, {f for f, (_, is_special) in added.items() if is_special}
+
     def _slots(self, config: dict, piece_id: dict[str, int]) -> list[int]:
         """foreign_ids[0 : NUM_SPECIAL]: the foreign id for each minilm special, -1 for a new row."""
         named = {key: _content(config.get(key)) for key in SLOT_KEYS.values()}
@@ -152,6 +178,8 @@ class ForeignTokenizer:
                            ("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id())):
                 if named[key] is None and f >= 0:
                     named[key] = self.sp.id_to_piece(f)
+        elif self.kind == "wordpiece":     # BERT's names where the files name none
+            named = {key: named[key] or BERT_NAMES.get(key) for key in named}
         elif not any(named.values()):      # bare vocab.json + merges.txt: RoBERTa's or GPT-2's spellings
             named = {key: next((n for n in names if n in piece_id), None) for key, names in GUESSED_NAMES.items()}
         slots = [-1] * NUM_SPECIAL
@@ -166,7 +194,10 @@ class ForeignTokenizer:
 
     def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
         texts = list(texts)
-        foreign = [self.bpe.encode(t) for t in texts] if self.kind == "bpe" else self.sp.encode(texts)
+        if self.kind == "sentencepiece":
+            foreign = self.sp.encode(texts)
+        else:
+            foreign = [(self.bpe if self.kind == "bpe" else self.wordpiece).encode(t) for t in texts]
         m = self.minilm_id
         return [([BOS_ID] if bos else []) + [m[f] for f in ids] + ([EOS_ID] if eos else []) for ids in foreign]
 
@@ -179,16 +210,21 @@ class ForeignTokenizer:
     def _decode_foreign(self, foreign: list[int]) -> str:
         if self.kind == "bpe":   # pieces may cut a character's bytes in two: join bytes, then decode
             return b"".join(self.piece_bytes[f] for f in foreign).decode("utf-8", errors="replace")
+        if self.kind == "wordpiece":   # the words, a space between them: "##" pieces continue a word
+            return "".join(p[2:] if p.startswith("##") else (" " + p if k else p)
+                           for k, p in enumerate(self.pieces[f] for f in foreign))
         return self.sp.decode(foreign)
 
     def decode(self, ids, *, specials: bool = False) -> str:
         """The text of `ids`. Special ids print nothing, unless specials=True: then minilm's reserved
-        ones (mask, cls, sep, sentinels, language tags) print their names; pad/bos/eos never do."""
+        ones (mask, cls, sep, sentinels, language tags) print their names; pad/bos/eos never do.
+        The unknown id, which a WordPiece or sentencepiece vocabulary gives for what it lacks, prints
+        as the foreign tokenizer writes it ("[UNK]", " ⁇ ")."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         out, run = [], []
         for i in (int(i) for i in ids):
-            if not self._special[i]:
+            if not self._special[i] or (i == UNK_ID and self._foreign[i] >= 0):   # what the vocabulary lacked
                 run.append(self._foreign[i])
             elif specials and MASK_ID <= i < NUM_SPECIAL:
                 out += [self._decode_foreign(run), self.id_to_piece(i)]
@@ -212,6 +248,9 @@ class ForeignTokenizer:
                 continue
             if self.kind == "bpe":
                 data = self.piece_bytes[f]
+            elif self.kind == "wordpiece":   # a word's first piece stands for the space before it too
+                piece = self.pieces[f]
+                data = piece[2:].encode("utf-8") if piece.startswith("##") else b" " + piece.encode("utf-8")
             elif self.sp.is_byte(f):
                 data = bytes([int(self.pieces[f][3:5], 16)])
             else:
@@ -229,6 +268,8 @@ class ForeignTokenizer:
         self.whitespace_table, self.starts_lower_table, self.ends_stop_table, self.ends_cjk_stop_table, \
             self.closer_table = (torch.tensor(c, dtype=torch.bool) for c in columns[5:])
         self._special = columns[0]
+        if self.kind == "wordpiece" and self.wordpiece.lowercase:   # no case left to tell a sentence start by
+            self.starts_lower_table = torch.zeros_like(self.starts_lower_table)
 
     def word_starts(self, ids: torch.Tensor) -> torch.Tensor:
         return word_starts_from_tables(ids, self.starts_word_table.to(ids.device),
@@ -303,19 +344,17 @@ def load_foreign_tokenizer(folder: str, vocab_size: int | None = None) -> Foreig
                     files[name] = f.read()
             except OSError as err:
                 raise UserError(f"cannot read {path}: {err.strerror}") from None
-    if not (("vocab.json" in files and "merges.txt" in files) or "tokenizer.model" in files):
-        raise UserError(f"{folder}: {_why_no_tokenizer(files, os.listdir(folder))}")
+    if not (("vocab.json" in files and "merges.txt" in files) or "tokenizer.model" in files or "vocab.txt" in files):
+        raise UserError(f"{folder}: {_why_no_tokenizer(files)}")
     return ForeignTokenizer(files, vocab_size)
 
 
-def _why_no_tokenizer(files: dict, listing: list[str] = ()) -> str:
-    if "vocab.txt" in listing:
-        return ("it holds a WordPiece vocab.txt (BERT's tokenizer), which minilm does not read; minilm reads "
-                "byte-level BPE (vocab.json + merges.txt) and sentencepiece (tokenizer.model) tokenizers")
+def _why_no_tokenizer(files: dict) -> str:
     if "tokenizer.json" in files:
-        return ("it has only tokenizer.json; minilm reads vocab.json + merges.txt (GPT-2, RoBERTa) or a sentencepiece "
-                "tokenizer.model: download those files of the model too")
-    return "no tokenizer files (vocab.json + merges.txt, or tokenizer.model); download the model's tokenizer too"
+        return ("it has only tokenizer.json; minilm reads vocab.json + merges.txt (GPT-2, RoBERTa), a sentencepiece "
+                "tokenizer.model or a WordPiece vocab.txt (BERT): download those files of the model too")
+    return ("no tokenizer files (vocab.json + merges.txt, tokenizer.model or vocab.txt); download the model's "
+            "tokenizer too")
 
 
 def _json_file(files: dict, name: str) -> dict:

@@ -105,6 +105,28 @@ def llama_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
+def wordpiece_folder(folder, texts: list[str], lowercase: bool) -> str:
+    """BERT's layout: [PAD], [unused0] [unused1], [UNK] [CLS] [SEP] [MASK], then every character
+    (alone and as a "##" continuation) and the texts' 200 most frequent words."""
+    import collections
+    from minilm.wordpiece import basic_words
+    words = collections.Counter(w for t in texts for w in basic_words(t, lowercase))
+    chars = sorted({c for w in words for c in w})
+    pieces = (["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
+              + ["##" + c for c in chars] + [w for w, _ in words.most_common(200) if len(w) > 1])
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(p + "\n" for p in dict.fromkeys(pieces)))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"do_lower_case": lowercase}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory) -> str:
+    return wordpiece_folder(tmp_path_factory.mktemp("bert"), corpus_texts(20), lowercase=True)
+
+
 @pytest.fixture(scope="session")
 def roberta(roberta_folder) -> ForeignTokenizer:
     return load_foreign_tokenizer(roberta_folder)
@@ -140,6 +162,27 @@ def test_sentencepiece_specials_come_from_the_model(llama_folder):
     assert tok.foreign_ids[:7].tolist() == [-1, 0, 1, 2, -1, -1, -1]
     assert tok.foreign_ids[NUM_SPECIAL:].tolist() == list(range(3, sp.get_piece_size()))
     assert tok.id_to_piece(NUM_SPECIAL) == "<0x00>"           # Llama's byte pieces are ordinary ids
+
+
+def test_bert_wordpiece_layout_encode_and_decode(bert_folder):
+    """BERT's specials by its class's names (the folder's config names none), [unused] pieces
+    ordinary; encode is WordPiece's, and decode gives the words back, a space between them."""
+    from minilm.wordpiece import WordPiece
+    tok = load_foreign_tokenizer(bert_folder)
+    assert tok.kind == "wordpiece"
+    assert tok.foreign_ids[:7].tolist() == [0, 3, -1, -1, 6, 4, 5]
+    assert tok.foreign_ids[NUM_SPECIAL:NUM_SPECIAL + 3].tolist() == [1, 2, 7]
+    lines = open(os.path.join(bert_folder, "vocab.txt"), encoding="utf-8").read().split("\n")[:-1]
+    reference = WordPiece({p: i for i, p in enumerate(lines)}, 3)
+    for text in varied_strings(200, seed=7):
+        assert tok.to_foreign(tok.encode(text)) == reference.encode(text)
+        assert not tok.special_table[tok.encode(text)].any() or 3 in reference.encode(text)   # only [UNK]
+    assert tok.decode(tok.encode("The cat, Sat.")) == "the cat , sat ."
+    assert tok.decode(tok.encode("The cat\u2603 sat")) == "the [UNK] sat"   # no piece for the snowman
+    ids = tok.encode("the cat")
+    assert tok.word_starts(torch.tensor(ids)).tolist() == [not tok.id_to_piece(i).startswith("##") for i in ids]
+    assert not tok.starts_lower_table.any()   # uncased: every word may start a sentence
+    assert ForeignTokenizer.from_bytes(tok.model_bytes).encode("the cat") == ids
 
 
 def test_the_config_s_specials_win_over_the_guess(tmp_path, merges):
@@ -241,8 +284,8 @@ def test_damaged_bytes_and_missing_files_are_one_line_errors(tmp_path, roberta):
         tokenizer_from_bytes(roberta.model_bytes[:-10])
     with pytest.raises(UserError, match="is not a folder"):
         load_foreign_tokenizer(str(tmp_path / "nope"))
-    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n")
-    with pytest.raises(UserError, match=r"WordPiece vocab.txt \(BERT's tokenizer\), which minilm does not read"):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[CLS]\n")
+    with pytest.raises(UserError, match=r"vocab.txt has no \[UNK\] piece"):
         load_foreign_tokenizer(str(tmp_path))
     (tmp_path / "vocab.txt").unlink()
     (tmp_path / "tokenizer.json").write_text("{}")

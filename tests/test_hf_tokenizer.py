@@ -3,9 +3,9 @@ minilm's ids. The tokenizer.json written for minilm's own tokenizer is checked t
 transformers (skipped without it) and, with no Hugging Face package, by applying its merges with
 the merge rule of minilm/bpe.py (what Hugging Face's BPE model does with byte_fallback).
 
-Where equality cannot hold, pinned below: a foreign (RoBERTa, GPT-2) tokenizer's original files
-make Hugging Face read a special's spelling in a text ("<mask>", "</s>") as that special token,
-which minilm's encode never does (specials are inserted by id only)."""
+Where equality cannot hold, pinned below: a foreign (RoBERTa, GPT-2, Llama, BERT) tokenizer's
+original files make Hugging Face read a special's spelling in a text ("<mask>", "</s>", "[MASK]")
+as that special token, which minilm's encode never does (specials are inserted by id only)."""
 from __future__ import annotations
 
 import io
@@ -19,7 +19,8 @@ from minilm.foreign_tokenizer import load_foreign_tokenizer, sentencepiece_bpe_j
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, Tokenizer
 from tests.conftest import corpus_texts
 from tests.test_bpe import SPECIAL_SPELLINGS, varied_strings
-from tests.test_foreign_tokenizer import gpt2_folder, llama_folder, merges, roberta_folder  # noqa: F401 (fixtures)
+from tests.test_foreign_tokenizer import (bert_folder, gpt2_folder, llama_folder, merges, roberta_folder,  # noqa: F401
+                                          wordpiece_folder)
 from tests.test_tokenizer import VARIED, _random_unseen
 
 
@@ -118,7 +119,13 @@ def test_special_spellings_are_text_unless_the_user_asks(tokenizer, tmp_path):
 
 
 # ----------------------------------------------------------------------------- foreign tokenizers
-@pytest.mark.parametrize("kind, model_type", [("roberta", "roberta"), ("gpt2", "gpt2"), ("llama", "llama")])
+@pytest.fixture(scope="module")
+def bert_cased_folder(tmp_path_factory) -> str:
+    return wordpiece_folder(tmp_path_factory.mktemp("bert_cased"), corpus_texts(20), lowercase=False)
+
+
+@pytest.mark.parametrize("kind, model_type", [("roberta", "roberta"), ("gpt2", "gpt2"), ("llama", "llama"),
+                                              ("bert", "bert"), ("bert_cased", "bert")])
 def test_a_foreign_tokenizer_writes_its_original_files(kind, model_type, request, tmp_path):
     """Same ids in foreign numbering on every text that spells no special; where a text spells one,
     Hugging Face gives the special's id and minilm ordinary pieces (pinned)."""
@@ -144,6 +151,7 @@ def test_a_foreign_tokenizer_writes_its_original_files(kind, model_type, request
             assert ours == theirs, repr(text[:80])
     assert differ > 0
     special, foreign = {"roberta": ("<mask>", tok.foreign_vocab_size - 1), "llama": ("</s>", 2),
-                        "gpt2": ("<|endoftext|>", tok.foreign_vocab_size - 1)}[kind]
+                        "gpt2": ("<|endoftext|>", tok.foreign_vocab_size - 1), "bert": ("[MASK]", 6),
+                        "bert_cased": ("[MASK]", 6)}[kind]
     assert hf.encode(special, add_special_tokens=False) == [foreign]
     assert foreign not in tok.to_foreign(tok.encode(special))
