@@ -78,15 +78,20 @@ class ForeignTokenizer:
         config = {**_json_file(self.files, "special_tokens_map.json"),
                   **_json_file(self.files, "tokenizer_config.json")}
         added = _added_tokens(self.files, config)          # foreign id -> (content, special)
-        if "vocab.json" in self.files and "merges.txt" in self.files:
-            self.kind = "bpe"
-            pieces, special = self._read_bpe(added)
-        elif "tokenizer.model" in self.files:
+        # Hugging Face's tokenizer.json, when there is one, says exactly how text is cut: minilm
+        # reads only what its own code reproduces, never a pipeline it would silently encode otherwise
+        pipeline = _json_file(self.files, "tokenizer.json")
+        model_type = (pipeline.get("model") or {}).get("type")
+        if "tokenizer.model" in self.files:
             self.kind = "sentencepiece"
             pieces, special = self._read_sentencepiece(added)
-        elif "vocab.txt" in self.files:
+        elif ("vocab.json" in self.files and "merges.txt" in self.files) or model_type == "BPE":
+            self.kind = "bpe"
+            _check_gpt2_pipeline(pipeline, config)
+            pieces, special = self._read_bpe(added, pipeline.get("model"))
+        elif "vocab.txt" in self.files or model_type == "WordPiece":
             self.kind = "wordpiece"
-            pieces, special = self._read_wordpiece(added, config)
+            pieces, special = self._read_wordpiece(added, config, pipeline)
         else:
             raise UserError(_why_no_tokenizer(self.files))
         size = max([len(pieces), foreign_vocab_size or 0] + [f + 1 for f in pieces])
@@ -109,16 +114,21 @@ class ForeignTokenizer:
         self._build_tables()
 
     # ------------------------------------------------------------------ reading the files
-    def _read_bpe(self, added: dict[int, tuple[str, bool]]):
-        try:
-            vocab = json.loads(self.files["vocab.json"].decode("utf-8"))
-            lines = self.files["merges.txt"].decode("utf-8").splitlines()
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"vocab.json or merges.txt is not readable ({err}); download the tokenizer again") from None
+    def _read_bpe(self, added: dict[int, tuple[str, bool]], model: dict | None):
+        if "vocab.json" in self.files and "merges.txt" in self.files:
+            try:
+                vocab = json.loads(self.files["vocab.json"].decode("utf-8"))
+                lines = self.files["merges.txt"].decode("utf-8").splitlines()
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise UserError(f"vocab.json or merges.txt is not readable ({err}); download the tokenizer "
+                                "again") from None
+            # merges.txt: an optional "#version" line, then "left right" per line, best merge first
+            merges = [tuple(line.split(" ")) for line in lines if line.strip() and not line.startswith("#version")]
+        else:   # tokenizer.json's model: the same vocab, merges as "left right" or [left, right]
+            vocab, merges = model.get("vocab"), model.get("merges") or []
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
         if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise UserError("vocab.json is not a table of pieces to ids; download the tokenizer again")
-        # merges.txt: an optional "#version" line, then "left right" per line, best merge first
-        merges = [tuple(line.split(" ")) for line in lines if line.strip() and not line.startswith("#version")]
         if any(len(m) != 2 for m in merges):
             raise UserError("merges.txt has a line that is not two pieces separated by a space; download it again")
         missing = [c for c in unicode_to_bytes() if c not in vocab]
@@ -151,15 +161,19 @@ class ForeignTokenizer:
                 special.add(f)
         return pieces, special
 
-    def _read_wordpiece(self, added: dict[int, tuple[str, bool]], config: dict):
+    def _read_wordpiece(self, added: dict[int, tuple[str, bool]], config: dict, pipeline: dict):
         from minilm.wordpiece import WordPiece
-        try:
-            lines = self.files["vocab.txt"].decode("utf-8").split("\n")
-        except UnicodeDecodeError:
-            raise UserError("vocab.txt is not UTF-8 text; download the tokenizer again") from None
-        if lines and lines[-1] == "":
-            lines.pop()   # the newline that ends the last piece
-        pieces = dict(enumerate(line.rstrip("\r") for line in lines))
+        if "vocab.txt" in self.files:
+            try:
+                lines = self.files["vocab.txt"].decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                raise UserError("vocab.txt is not UTF-8 text; download the tokenizer again") from None
+            if lines and lines[-1] == "":
+                lines.pop()   # the newline that ends the last piece
+            pieces = dict(enumerate(line.rstrip("\r") for line in lines))
+        else:
+            pieces = {f: piece for piece, f in (pipeline["model"].get("vocab") or {}).items() if isinstance(f, int)}
+        config = {**config, **_check_bert_pipeline(pipeline)}
         for f, (content, _) in added.items():
             pieces.setdefault(f, content)
         vocab = {piece: f for f, piece in sorted(pieces.items(), reverse=True)}
@@ -344,15 +358,54 @@ def load_foreign_tokenizer(folder: str, vocab_size: int | None = None) -> Foreig
                     files[name] = f.read()
             except OSError as err:
                 raise UserError(f"cannot read {path}: {err.strerror}") from None
-    if not (("vocab.json" in files and "merges.txt" in files) or "tokenizer.model" in files or "vocab.txt" in files):
+    if not files.keys() & {"vocab.json", "tokenizer.model", "vocab.txt", "tokenizer.json"}:
         raise UserError(f"{folder}: {_why_no_tokenizer(files)}")
-    return ForeignTokenizer(files, vocab_size)
+    try:
+        return ForeignTokenizer(files, vocab_size)
+    except UserError as err:
+        raise UserError(f"{folder}: {err}") from None
+
+
+def _check_gpt2_pipeline(pipeline: dict, config: dict) -> None:
+    """A UserError unless tokenizer.json (if any) and tokenizer_config.json describe what
+    minilm/bpe.py does: no normalizer, GPT-2's ByteLevel pre-tokenizer with its pattern and no
+    added space, a plain BPE model."""
+    pre, model = pipeline.get("pre_tokenizer"), pipeline.get("model") or {}
+    differs = None
+    if config.get("add_prefix_space"):
+        differs = "puts a space before every text (add_prefix_space)"
+    elif pipeline.get("normalizer") is not None:
+        differs = f"normalizes text ({pipeline['normalizer'].get('type')})"
+    elif pre is not None and (pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
+                              or not pre.get("use_regex", True)):
+        differs = f"cuts words with a {pre.get('type')} pre-tokenizer other than GPT-2's"
+    elif pipeline and (model.get("ignore_merges") or model.get("continuing_subword_prefix")
+                       or model.get("end_of_word_suffix")):
+        differs = "uses BPE options GPT-2's tokenizer does not (ignore_merges or subword affixes)"
+    if differs is not None:
+        raise UserError(f"this byte-level BPE tokenizer {differs}; minilm's (minilm/bpe.py) encodes as GPT-2 and "
+                        "RoBERTa do and would give other ids than the model was trained with, so it is not supported")
+
+
+def _check_bert_pipeline(pipeline: dict) -> dict:
+    """tokenizer.json's BertNormalizer settings as tokenizer_config.json keys ({} without one);
+    a UserError for a WordPiece pipeline minilm/wordpiece.py does not reproduce."""
+    if not pipeline:
+        return {}
+    normalizer, pre = pipeline.get("normalizer") or {}, pipeline.get("pre_tokenizer") or {}
+    if normalizer.get("type") != "BertNormalizer" or pre.get("type") != "BertPreTokenizer" \
+            or not normalizer.get("clean_text", True) or not normalizer.get("handle_chinese_chars", True):
+        raise UserError(f"this WordPiece tokenizer cuts text with {normalizer.get('type')} and {pre.get('type')}, "
+                        "not BERT's own normalizer and pre-tokenizer; minilm (minilm/wordpiece.py) would give other "
+                        "ids than the model was trained with, so it is not supported")
+    return {"do_lower_case": normalizer.get("lowercase", True), "strip_accents": normalizer.get("strip_accents")}
 
 
 def _why_no_tokenizer(files: dict) -> str:
     if "tokenizer.json" in files:
-        return ("it has only tokenizer.json; minilm reads vocab.json + merges.txt (GPT-2, RoBERTa), a sentencepiece "
-                "tokenizer.model or a WordPiece vocab.txt (BERT): download those files of the model too")
+        return ("its tokenizer.json is neither a byte-level BPE nor a WordPiece model; minilm reads vocab.json + "
+                "merges.txt (GPT-2, RoBERTa), a sentencepiece tokenizer.model (Llama) or BERT's vocab.txt: download "
+                "those files of the model too")
     return ("no tokenizer files (vocab.json + merges.txt, tokenizer.model or vocab.txt); download the model's "
             "tokenizer too")
 

@@ -202,6 +202,42 @@ def test_a_larger_embedding_table_adds_ids_no_text_makes(roberta_folder, roberta
     assert ForeignTokenizer.from_bytes(tok.model_bytes).vocab_size == tok.vocab_size
 
 
+def gpt2_pipeline(vocab: dict, merges: list, **changes) -> dict:
+    """A tokenizer.json as Hugging Face writes one for GPT-2 or RoBERTa, with `changes` on top."""
+    spec = {"version": "1.0", "added_tokens": [], "normalizer": None, "post_processor": None, "decoder": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "vocab": vocab, "merges": [list(m) for m in merges], "ignore_merges": False,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None}}
+    return {**spec, **changes}
+
+
+def test_a_tokenizer_json_alone_reads_as_vocab_json_and_merges_txt(roberta, roberta_folder, tmp_path):
+    vocab = json.load(open(os.path.join(roberta_folder, "vocab.json"), encoding="utf-8"))
+    lines = open(os.path.join(roberta_folder, "merges.txt"), encoding="utf-8").read().splitlines()[1:]
+    merges = [line.split(" ") for line in lines]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(gpt2_pipeline(vocab, merges)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(ROBERTA_CONFIG))
+    alone = load_foreign_tokenizer(str(tmp_path))
+    assert torch.equal(alone.foreign_ids, roberta.foreign_ids)
+    for text in varied_strings(100, seed=8):
+        assert alone.encode(text) == roberta.encode(text)
+
+
+@pytest.mark.parametrize("changes, config, says", [
+    (dict(pre_tokenizer={"type": "Sequence", "pretokenizers": []}), {}, "cuts words with a Sequence pre-tokenizer"),
+    (dict(normalizer={"type": "NFC"}), {}, r"normalizes text \(NFC\)"),
+    ({}, {"add_prefix_space": True}, "puts a space before every text"),
+])
+def test_a_bpe_pipeline_minilm_would_encode_otherwise_is_refused(changes, config, says, roberta_folder, tmp_path):
+    vocab = json.load(open(os.path.join(roberta_folder, "vocab.json"), encoding="utf-8"))
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes(open(os.path.join(roberta_folder, name), "rb").read())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(gpt2_pipeline(vocab, [], **changes)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"^{tmp_path}: this byte-level BPE tokenizer {says}.*; .* not supported$"):
+        load_foreign_tokenizer(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- encode / decode
 def test_encode_is_the_foreign_encoding_reordered(roberta, roberta_folder, gpt2_folder, llama_folder):
     import sentencepiece as spm
@@ -288,9 +324,10 @@ def test_damaged_bytes_and_missing_files_are_one_line_errors(tmp_path, roberta):
     with pytest.raises(UserError, match=r"vocab.txt has no \[UNK\] piece"):
         load_foreign_tokenizer(str(tmp_path))
     (tmp_path / "vocab.txt").unlink()
-    (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(UserError, match="it has only tokenizer.json"):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
+    with pytest.raises(UserError, match="its tokenizer.json is neither a byte-level BPE nor a WordPiece model"):
         load_foreign_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
     (tmp_path / "merges.txt").write_text("a b\n")
     with pytest.raises(UserError, match="lacks the byte piece .* not a byte-level BPE"):

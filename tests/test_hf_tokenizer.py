@@ -155,3 +155,28 @@ def test_a_foreign_tokenizer_writes_its_original_files(kind, model_type, request
                         "bert_cased": ("[MASK]", 6)}[kind]
     assert hf.encode(special, add_special_tokens=False) == [foreign]
     assert foreign not in tok.to_foreign(tok.encode(special))
+
+
+@pytest.mark.parametrize("kind, model_type", [("roberta", "roberta"), ("bert", "bert"), ("bert_cased", "bert")])
+def test_folders_transformers_saved_import_with_its_ids(kind, model_type, request, tmp_path):
+    """What save_pretrained writes (a tokenizer.json beside, or instead of, vocab.json + merges.txt
+    or vocab.txt) imports with the ids transformers gives, except where a text spells a special."""
+    import shutil
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "source"
+    shutil.copytree(request.getfixturevalue(f"{kind}_folder"), source)
+    (source / "config.json").write_text(json.dumps({"model_type": model_type}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(source))
+    saved = tmp_path / "saved"
+    hf.save_pretrained(str(saved))
+    assert "tokenizer.json" in os.listdir(saved)
+    only_json = tmp_path / "only_json"
+    only_json.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(saved / name, only_json / name)
+    for folder in (saved, only_json):
+        tok = load_foreign_tokenizer(str(folder))
+        specials = {tok.pieces[f] for f in tok.foreign_special if tok.pieces[f]}
+        for text in strings():
+            if not any(s in text for s in specials):
+                assert tok.to_foreign(tok.encode(text)) == hf.encode(text, add_special_tokens=False), repr(text[:80])
