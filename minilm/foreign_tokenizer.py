@@ -16,8 +16,10 @@ REORDERS ids instead of teaching every objective new ones:
     new row: foreign_ids[i] == -1, an embedding the import initializes fresh.
   * ids NUM_SPECIAL ..: every other foreign id, in foreign order. (RoBERTa's "the", foreign
     id 5, becomes NUM_SPECIAL + 1, after "." at NUM_SPECIAL.)
-Importing weights permutes embedding rows the same way (`new_rows = old_rows[foreign_ids]`);
-exporting gives a foreign id the row of the first minilm id mapped to it.
+Importing weights permutes embedding rows the same way (`new_rows = old_rows[foreign_ids]`, fresh
+rows where -1); exporting takes them back with `foreign_rows = rows[export_ids]`: each foreign id
+gets the row of a minilm id mapped to it, the one minilm's data trains where there are two
+(RoBERTa's <s> from cls, not bos; </s> from eos, not sep).
 
 As with minilm's own tokenizer, specials are inserted by id only: text that spells "<mask>" or
 "</s>" is ordinary text and encodes to ordinary pieces (Hugging Face's tokenizers match such
@@ -55,6 +57,8 @@ MINILM_NAMES = ["<pad>", "<unk>", "<s>", "</s>"] + RESERVED_PIECES   # as minilm
 GUESSED_NAMES = {"pad_token": ("<pad>",), "unk_token": ("<unk>", "<|endoftext|>"),
                  "bos_token": ("<s>", "<|endoftext|>"), "eos_token": ("</s>", "<|endoftext|>"),
                  "mask_token": ("<mask>",), "cls_token": ("<s>",), "sep_token": ("</s>",)}
+# which of two slots holding one foreign special gives its row back at export, best first (export_ids)
+EXPORT_PREFERENCE = (EOS_ID, CLS_ID, SEP_ID, MASK_ID, BOS_ID, PAD_ID, UNK_ID)
 # BERT's, which its tokenizer class knows without a file saying so
 BERT_NAMES = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
               "mask_token": "[MASK]"}
@@ -110,6 +114,15 @@ class ForeignTokenizer:
         for i, f in enumerate(foreign_ids):
             if f >= 0 and self.minilm_id[f] < 0:
                 self.minilm_id[f] = i
+        # foreign id -> the minilm id whose row an export should write back. A foreign special at
+        # two slots (RoBERTa's <s> at bos and cls, </s> at eos and sep; GPT-2's <|endoftext|> at
+        # unk, bos and eos) has two rows after import, and only the one minilm's data writes trains:
+        # eos (between documents), cls, sep, mask; never bos or unk (the first one, bos, for <s>).
+        export = list(self.minilm_id)
+        for i in reversed(EXPORT_PREFERENCE):
+            if foreign_ids[i] >= 0:
+                export[foreign_ids[i]] = i
+        self.export_ids = torch.tensor(export, dtype=torch.long)
         self.foreign_special = special
         self._build_tables()
 

@@ -145,6 +145,10 @@ def test_roberta_specials_go_to_minilm_slots_and_the_rest_follow_in_order(robert
     assert roberta.id_to_piece(NUM_SPECIAL) == bytes_to_unicode()[0] == "Ā"   # byte 0, the first after the specials
     # encode returns, for a foreign id mapped twice, the first minilm id: <s> is bos (2), not cls (5)
     assert roberta.minilm_id[0] == BOS_ID and roberta.minilm_id[2] == EOS_ID
+    # an export takes <s>'s row from cls and </s>'s from eos: the rows minilm's data trains
+    assert roberta.export_ids[0] == CLS_ID and roberta.export_ids[2] == EOS_ID
+    assert roberta.export_ids[1] == PAD_ID and roberta.export_ids[3] == UNK_ID
+    assert torch.equal(roberta.foreign_ids[roberta.export_ids], torch.arange(roberta.foreign_vocab_size))
 
 
 def test_a_bare_gpt2_folder_maps_endoftext_to_unk_bos_and_eos(gpt2_folder):
@@ -153,6 +157,8 @@ def test_a_bare_gpt2_folder_maps_endoftext_to_unk_bos_and_eos(gpt2_folder):
     assert tok.foreign_ids[:7].tolist() == [-1, end, end, end, -1, -1, -1]   # no <pad>, <mask>, cls, sep
     assert tok.foreign_ids[NUM_SPECIAL:].tolist() == list(range(end))
     assert tok.vocab_size == NUM_SPECIAL + end
+    assert tok.export_ids[end] == EOS_ID   # the document separator's row, the one that trains
+    assert torch.equal(tok.foreign_ids[tok.export_ids], torch.arange(tok.foreign_vocab_size))
 
 
 def test_sentencepiece_specials_come_from_the_model(llama_folder):
