@@ -14,6 +14,8 @@ Decisions that matter for the rest of the library:
     "<mask>" or "<extra_id_0>", for a person reading fill-mask or span-corruption output.
     A model is loaded (--tokenizer, a checkpoint's) only when it has this layout and byte fallback
     (`_why_not_minilm`): ordinary pieces at reserved ids would be taken for the objectives' markers.
+    A public model's tokenizer (RoBERTa's, GPT-2's, a Llama's, BERT's) keeps these ids too, by
+    reordering its own: minilm/foreign_tokenizer.py; `tokenizer_from_bytes` tells the two kinds apart.
   * A tokenizer whose reserved pieces are sentencepiece "user-defined" symbols (as in out_dirs and
     checkpoints of earlier minilm releases) would match "<mask>" typed in a document as id 4. It
     keeps its ids: it is recognised when loaded (`escapes_reserved_text`) and encode escapes the
