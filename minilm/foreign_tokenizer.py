@@ -22,8 +22,9 @@ gets the row of a minilm id mapped to it, the one minilm's data trains where the
 (RoBERTa's <s> from cls, not bos; </s> from eos, not sep).
 
 As with minilm's own tokenizer, specials are inserted by id only: text that spells "<mask>" or
-"</s>" is ordinary text and encodes to ordinary pieces (Hugging Face's tokenizers match such
-spellings; that is the one place where ids differ from theirs, see tests/test_hf_tokenizer.py).
+"</s>" is ordinary text and encodes to ordinary pieces (Hugging Face's tokenizers match the
+spelling of every special or added token in a text: that is where ids differ from theirs, see
+tests/test_hf_tokenizer.py).
 
 In a checkpoint, a token folder's fingerprint and out_dir/tokenizer.model, the tokenizer is one
 byte string: a header line and a JSON object holding the original files
@@ -147,7 +148,8 @@ class ForeignTokenizer:
         missing = [c for c in unicode_to_bytes() if c not in vocab]
         if missing:
             raise UserError(f"vocab.json lacks the byte piece {missing[0]!r}: it is not a byte-level BPE "
-                            "(GPT-2/RoBERTa); minilm reads those and sentencepiece tokenizer.model files")
+                            "(GPT-2/RoBERTa); minilm reads those, sentencepiece tokenizer.model files and BERT's "
+                            "vocab.txt")
         self.bpe = ByteLevelBPE(vocab, merges)
         pieces = {i: piece for piece, i in vocab.items()}
         for f, (content, _) in added.items():
@@ -475,7 +477,9 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
     building a vocabulary of those three pieces with no byte pieces, so every character is
     unknown and dropped: an empty encoding. tokenizer_config.json asks for split_special_tokens,
     so "<mask>" in a text is text there too (`tok(text, split_special_tokens=False)` gives
-    transformers' fill-mask pipeline its mask)."""
+    transformers' fill-mask pipeline its mask). A model with minilm's layout but a dummy prefix
+    (as minilm's first releases trained) gets the prefix in the file too; one that normalizes
+    text (NFKC) is a UserError: no tokenizer.json written here would give its ids."""
     from minilm.checkpoint import atomic_write_bytes
     if isinstance(tokenizer, ForeignTokenizer):
         paths = tokenizer.write_files(folder)
@@ -488,12 +492,22 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
                  if tokenizer.foreign_ids[slot] >= 0}
         config = {**names, **_json_file(tokenizer.files, "tokenizer_config.json"),
                   "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp, dummy_prefix=spec["add_dummy_prefix"]),
+        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp, dummy_prefix=spec["add_dummy_prefix"],
+                                                             literal_spaces=False, special_below=0),
                    "tokenizer_config.json": config}
         paths = [p for p in paths if os.path.basename(p) not in written]
     else:
         names = {key: tokenizer.id_to_piece(slot) for slot, key in SLOT_KEYS.items()}
-        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp),
+        # a model minilm trained has no dummy prefix; one trained before it said so (or elsewhere,
+        # with minilm's layout) may have one, or a normalization no tokenizer.json here reproduces
+        spec = read_sentencepiece_settings(tokenizer.model_bytes)
+        if not (spec["model_type"] == 2 and spec["normalizer"] == "identity" and spec["escape_whitespaces"]
+                and not spec["remove_extra_whitespaces"]):
+            raise UserError(f"this tokenizer normalizes text ({spec['normalizer']}"
+                            f"{', extra whitespace removed' if spec['remove_extra_whitespaces'] else ''}), which the "
+                            "tokenizer.json minilm writes does not reproduce; train the model with minilm's own "
+                            "tokenizer (leave out --tokenizer) to export it")
+        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp, dummy_prefix=spec["add_dummy_prefix"]),
                    "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **names,
                                              "split_special_tokens": True,   # specials by id only, as in minilm
                                              "clean_up_tokenization_spaces": False,   # decode gives the text back
@@ -506,30 +520,30 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
     return paths
 
 
-def sentencepiece_bpe_json(sp, dummy_prefix: bool | None = None) -> dict:
-    """A Hugging Face tokenizer.json that encodes as minilm's sentencepiece BPE model does
-    (dummy_prefix None), or as a foreign one with identity normalization does (dummy_prefix: whether
-    it puts a "▁" before every text): then "▁" stays in the pieces and a normalizer writes spaces
-    as "▁", as sentencepiece does, a literal "▁" included.
+def sentencepiece_bpe_json(sp, *, dummy_prefix: bool = False, literal_spaces: bool = True,
+                           special_below: int = NUM_SPECIAL) -> dict:
+    """A Hugging Face tokenizer.json that encodes as a sentencepiece BPE model with identity
+    normalization does (minilm's, or a foreign one such as Llama's).
 
-    sentencepiece's BPE starts from the text's characters (spaces written "▁") and repeatedly
-    merges the adjacent pair whose concatenation is the piece of highest score; a character
-    with no piece becomes its UTF-8 byte pieces <0xNN>. Hugging Face's BPE model does the same
-    with a ranked list of merges and byte_fallback, so:
-      * vocab: every piece at its id, with "▁" written as the space it stands for. No normalizer
-        is then needed (minilm adds no dummy prefix and keeps whitespace as it is), and a "▁"
-        typed in a text has no piece, so it falls back to its three bytes, as minilm's encode writes it.
+    sentencepiece's BPE writes each space as "▁" (and one before the text: dummy_prefix), starts
+    from the characters and repeatedly merges the adjacent pair whose concatenation is the piece
+    of highest score; a character with no piece becomes its UTF-8 byte pieces <0xNN>. Hugging
+    Face's BPE model does the same with a ranked list of merges and byte_fallback, so:
+      * vocab: every piece at its id. literal_spaces (minilm's): "▁" is written as the space it
+        stands for, so no normalizer is needed (a Prepend of " " for a dummy prefix) and a "▁"
+        typed in a text has no piece and falls back to its three bytes, as minilm's encode
+        writes it. Otherwise "▁" stays, and a normalizer writes spaces as "▁" as sentencepiece
+        does, a typed "▁" then being a space too (as it is to sentencepiece).
       * merges: every split of each ordinary piece into two pieces, ranked by the merged piece's
         score (best first): whichever halves the text's characters reach, the pair merges at the
         piece's rank. No pre-tokenizer: sentencepiece merges across the whole text too (its pieces
         hold a space only at the start, or only spaces).
-      * the special pieces are added tokens: never matched in text (split_special_tokens), never
-        produced by merges, skipped by decode(skip_special_tokens=True).
+      * the special pieces (control pieces, <unk>, ids below special_below: minilm's reserved
+        ones) are added tokens: never produced by merges, skipped by decode(skip_special_tokens=True).
     """
     V = sp.get_piece_size()
-    own = dummy_prefix is None
-    special = [sp.is_control(i) or sp.is_unknown(i) or (own and i < NUM_SPECIAL) for i in range(V)]
-    keep = [special[i] or sp.is_byte(i) or not own for i in range(V)]   # pieces written as they are
+    special = [sp.is_control(i) or sp.is_unknown(i) or i < special_below for i in range(V)]
+    keep = [special[i] or sp.is_byte(i) or not literal_spaces for i in range(V)]   # pieces written as they are
     text_of = [sp.id_to_piece(i) if keep[i] else sp.id_to_piece(i).replace(WORD_MARK, " ") for i in range(V)]
     vocab = {text: i for i, text in enumerate(text_of)}
     ordinary = {text: i for i, text in enumerate(text_of) if not (special[i] or sp.is_byte(i))}
@@ -542,16 +556,16 @@ def sentencepiece_bpe_json(sp, dummy_prefix: bool | None = None) -> dict:
     merges.sort()
     added = [{"id": i, "content": text_of[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i in range(V) if special[i]]
-    normalizer, decoders = None, [{"type": "ByteFallback"}, {"type": "Fuse"}]
-    if not own:
-        mark = [{"type": "Prepend", "prepend": WORD_MARK}] if dummy_prefix else []
-        normalizer = {"type": "Sequence", "normalizers": mark + [{"type": "Replace", "pattern": {"String": " "},
-                                                                  "content": WORD_MARK}]}
-        decoders = ([{"type": "Replace", "pattern": {"String": WORD_MARK}, "content": " "}] + decoders
-                    + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else []))
+    space = " " if literal_spaces else WORD_MARK
+    normalizers = ([{"type": "Prepend", "prepend": space}] if dummy_prefix else []) + (
+        [] if literal_spaces else [{"type": "Replace", "pattern": {"String": " "}, "content": WORD_MARK}])
+    decoders = (([] if literal_spaces else [{"type": "Replace", "pattern": {"String": WORD_MARK}, "content": " "}])
+                + [{"type": "ByteFallback"}, {"type": "Fuse"}]
+                + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else []))
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": normalizer, "pre_tokenizer": None, "post_processor": None,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers} if normalizers else None,
+        "pre_tokenizer": None, "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": text_of[sp.unk_id()], "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "ignore_merges": False,

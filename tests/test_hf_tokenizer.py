@@ -52,7 +52,7 @@ def test_a_foreign_sentencepiece_tokenizer_json_encodes_as_sentencepiece(llama_f
     """Llama's settings: a "▁" before the text and for each space, by the normalizer the file names."""
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=os.path.join(llama_folder, "tokenizer.model"))
-    spec = sentencepiece_bpe_json(sp, dummy_prefix=True)
+    spec = sentencepiece_bpe_json(sp, dummy_prefix=True, literal_spaces=False, special_below=0)
     assert [n["type"] for n in spec["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
     for text in varied_strings(200, seed=6):
         normalized = ("\u2581" + text.replace(" ", "\u2581")) if text else ""
@@ -180,3 +180,27 @@ def test_folders_transformers_saved_import_with_its_ids(kind, model_type, reques
         for text in strings():
             if not any(s in text for s in specials):
                 assert tok.to_foreign(tok.encode(text)) == hf.encode(text, add_special_tokens=False), repr(text[:80])
+
+
+def test_a_tokenizer_with_minilm_s_layout_but_a_dummy_prefix_exports_its_ids(tmp_path):
+    """A model another trainer (or minilm's first releases) made with minilm's ids but a "▁" before
+    every text: the file writes the prefix too. Not where the text holds a "▁" itself: minilm's
+    encode cuts the text there and sentencepiece prefixes each part. One that normalizes text (NFKC)
+    cannot be written to give its ids: a one-line error instead of wrong ids."""
+    from minilm.errors import UserError
+    from minilm.tokenizer import USER_DEFINED
+    from tests.test_tokenizer import foreign_model
+    transformers = pytest.importorskip("transformers")
+    prefixed = Tokenizer(foreign_model(vocab_size=400, byte_fallback=True, control_symbols=USER_DEFINED,
+                                       normalization_rule_name="identity", remove_extra_whitespaces=False))
+    write_hf_tokenizer(prefixed, str(tmp_path / "prefixed"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "prefixed"))
+    assert hf.encode("the red cat") == prefixed.encode("the red cat")
+    assert prefixed.id_to_piece(prefixed.encode("the red cat")[0]).startswith("\u2581")   # the prefix
+    for text in strings():
+        if "\u2581" not in text:
+            assert hf.encode(text) == prefixed.encode(text), repr(text[:80])
+    assert hf.encode("a\u2581b") != prefixed.encode("a\u2581b")
+    nfkc = Tokenizer(foreign_model(vocab_size=400, byte_fallback=True, control_symbols=USER_DEFINED))
+    with pytest.raises(UserError, match=r"^this tokenizer normalizes text \(nmt_nfkc, extra whitespace removed\)"):
+        write_hf_tokenizer(nfkc, str(tmp_path / "nfkc"))
