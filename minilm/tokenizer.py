@@ -279,6 +279,9 @@ class Tokenizer:
     def load(cls, path: str):
         """The tokenizer saved at `path`: minilm's own (a sentencepiece model) or a foreign one
         (minilm/foreign_tokenizer.py), whichever its bytes are."""
+        if os.path.isdir(path):
+            raise UserError(f"cannot read tokenizer {path}: it is a folder; a tokenizer is one file (a run's "
+                            "tokenizer.model), and a downloaded model's folder starts a run with --init_from FOLDER")
         try:
             with open(path, "rb") as f:
                 data = f.read()

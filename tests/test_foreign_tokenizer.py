@@ -321,6 +321,11 @@ def test_saved_and_loaded_as_one_byte_string(roberta, llama_folder, tmp_path):
     assert roberta.model_bytes != llama.model_bytes
 
 
+def test_a_folder_given_as_a_tokenizer_file_points_to_init_from(roberta_folder):
+    with pytest.raises(UserError, match=r"cannot read tokenizer .*: it is a folder; .* --init_from FOLDER$"):
+        Tokenizer.load(roberta_folder)
+
+
 def test_damaged_bytes_and_missing_files_are_one_line_errors(tmp_path, roberta):
     with pytest.raises(UserError, match="foreign tokenizer whose files do not read back"):
         tokenizer_from_bytes(roberta.model_bytes[:-10])
