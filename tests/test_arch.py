@@ -2,13 +2,15 @@
 the --arch presets, and activation checkpointing. Tiny models on CPU, fp32 throughout."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.config import Config, ModelConfig, config_from_saved
+from minilm.config import ARCHES, PRESETS, Config, ModelConfig, config_from_saved, explicit_flags, help_text, parse_overrides
+from minilm.errors import UserError
 from minilm.model import CAUSAL, MLP, Block, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask
 
 V, S = 97, 32  # vocab and context window of the tiny test models
@@ -176,3 +178,96 @@ def test_gelu_tanh_is_gpt2s_formula():
     mlp.kind = "gelu"
     assert (mlp(x) - want).abs().max() > 1e-4
     assert cfg.mlp_hidden == 4 * 32   # a GELU MLP's width
+
+
+# ----------------------------------------------------------------------------- --arch
+LLAMA = dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope", mlp="swiglu",
+             tie_embeddings=False, n_segment=0, embed_norm=False)
+GPT2 = dict(norm_placement="pre", norm="layernorm", norm_eps=1e-5, bias=True, position="learned", mlp="gelu_tanh",
+            tie_embeddings=True, n_segment=0, embed_norm=False)
+BERT = dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned", mlp="gelu",
+            tie_embeddings=True, n_segment=2, embed_norm=True)
+EXPECTED = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT, "roberta": {**BERT, "n_segment": 1}}
+
+
+def model_fields(cfg: ModelConfig, names) -> dict:
+    return {name: getattr(cfg, name) for name in names}
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_each_arch_resolves_to_its_fields_and_a_flag_overrides_it(arch):
+    assert ARCHES[arch] == EXPECTED[arch]
+    model = parse_overrides(["--arch", arch]).model
+    assert model_fields(model, EXPECTED[arch]) == EXPECTED[arch]
+    # a flag wins, before or after --arch; the arch still sets the rest
+    for argv in (["--arch", arch, "--norm_eps", "1e-7"], ["--norm_eps=1e-7", f"--arch={arch}"]):
+        model = parse_overrides(argv).model
+        assert model.norm_eps == 1e-7
+        assert model_fields(model, EXPECTED[arch]) == {**EXPECTED[arch], "norm_eps": 1e-7}
+    # a size preset and an arch combine; the printed and saved config is the resolved fields
+    cfg = parse_overrides(["--preset", "small", "--arch", arch])
+    assert model_fields(cfg.model, PRESETS["small"]) == PRESETS["small"]
+    assert model_fields(cfg.model, EXPECTED[arch]) == EXPECTED[arch]
+    assert "arch" not in cfg.to_dict()["model"] and "arch=" not in cfg.describe()
+    assert f"norm_placement={EXPECTED[arch]['norm_placement']}" in cfg.describe()
+    Transformer(dataclasses.replace(cfg.model, vocab_size=V, n_layer=1, n_embd=32, n_head=2))  # builds
+    # its fields count as given: an objective's defaults do not undo them
+    assert set(EXPECTED[arch]) <= explicit_flags(["--max_steps", "3", "--arch", arch])
+    assert f"  --arch {arch} " in help_text()
+
+
+def test_an_unknown_arch_is_one_line_naming_the_choices():
+    with pytest.raises(UserError, match=r"unknown --arch 'bart'; choose one of llama, gpt2, bert, roberta") as err:
+        parse_overrides(["--arch", "bart"])
+    assert "\n" not in str(err.value)
+
+
+def test_an_arch_on_a_base_sets_every_field_that_tells_the_families_apart():
+    """Applied on another arch's config (a checkpoint's, --init_from's), an arch gives the same model."""
+    for arch in EXPECTED:
+        for other in EXPECTED:
+            base = parse_overrides(["--arch", other])
+            assert parse_overrides(["--arch", arch], base=base).model == parse_overrides(["--arch", arch]).model
+
+
+# ----------------------------------------------------------------------------- each arch trains
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory, tokenizer):
+    path = str(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+    tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled_file(tmp_path_factory):
+    from tests.test_classify import write_labelled
+    folder = tmp_path_factory.mktemp("labelled")
+    return write_labelled(folder / "train.tsv", 60, 0), write_labelled(folder / "val.tsv", 12, 1)
+
+
+@pytest.mark.usefixtures("peak_flops_once")
+@pytest.mark.parametrize("objective", ["clm", "mlm", "classify"])
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_each_arch_trains_each_kind_of_objective_through_train_py(arch, objective, tmp_path, corpus_dir,
+                                                                  tokenizer_file, labelled_file):
+    """One step of train.py with --arch: the checkpoint's model is the arch's fields as the
+    objective resolves them (a masked LM always norms its embeddings), built as that arch is."""
+    from minilm.checkpoint import load_checkpoint
+    from minilm.objectives import model_config_for
+    from tests.conftest import run_in_process
+    data = ["--data", labelled_file[0], "--val_data", labelled_file[1]] if objective == "classify" else \
+        ["--data", corpus_dir]
+    flags = ["--objective", objective, "--arch", arch, *data, "--tokenizer", tokenizer_file, "--max_steps", 1,
+             "--n_layer", 1, "--n_head", 2, "--n_embd", 32, "--seq_len", 32, "--batch_size", 4, "--eval_batches", 1,
+             "--warmup_steps", 1, "--device", "cpu", "--threads", 1, "--out_dir", tmp_path]
+    result = run_in_process("train.py", *flags)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    state = load_checkpoint(str(tmp_path / "ckpt-00000001.pt"))
+    saved = Config.from_dict(state["config"])
+    expected = dict(EXPECTED[arch], embed_norm=True) if objective == "mlm" else EXPECTED[arch]
+    assert model_fields(saved.model, expected) == expected
+    assert saved.model == model_config_for(objective, saved.model, saved.obj)
+    keys = set(state["model"])
+    assert ("backbone.norm.weight" in keys) == (arch in ("llama", "gpt2"))
+    assert ("backbone.lm_head.weight" in keys) == (arch == "llama" and objective != "classify")
+    assert f"norm_placement={EXPECTED[arch]['norm_placement']}" in result.stdout
