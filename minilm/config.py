@@ -229,6 +229,9 @@ class TrainConfig:
     dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp16 (CUDA "
                                 "only, with loss scaling)", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model (checkpoints hold the uncompiled weights)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of "
+                                                    "keeping them: less memory, ~1 more forward pass of compute, "
+                                                    "same gradients")
     resume: str = option("", "auto (or bare --resume): the newest checkpoint in out_dir that loads; or "
                              "the path of a checkpoint file; empty = start fresh")
     init_from: str = option("", "start a new run from a checkpoint's weights (continued pretraining): "

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from minilm.config import ARCHES, PRESETS, Config, ModelConfig, config_from_saved, explicit_flags, help_text, parse_overrides
 from minilm.errors import UserError
-from minilm.model import CAUSAL, MLP, Block, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask
+from minilm.model import (CAUSAL, MLP, Block, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
+                          set_activation_checkpointing)
 
 V, S = 97, 32  # vocab and context window of the tiny test models
 
@@ -271,3 +272,122 @@ def test_each_arch_trains_each_kind_of_objective_through_train_py(arch, objectiv
     assert ("backbone.norm.weight" in keys) == (arch in ("llama", "gpt2"))
     assert ("backbone.lm_head.weight" in keys) == (arch == "llama" and objective != "classify")
     assert f"norm_placement={EXPECTED[arch]['norm_placement']}" in result.stdout
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+def loss_and_gradients(model, run, checkpointing: bool, seed: int = 3):
+    """run(model) -> loss, with activation checkpointing on or off, from the same RNG state
+    (dropout's noise): (loss, {name: gradient})."""
+    set_activation_checkpointing(model, checkpointing)
+    model.train().zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = run(model)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+KINDS = {
+    # a decoder: causal, next-token loss
+    "decoder": (lambda: Transformer(tiny_cfg(dropout=0.1)),
+                lambda m, ids: F.cross_entropy(m.logits(m(ids[:, :-1])).flatten(0, 1), ids[:, 1:].flatten())),
+    # a post-norm encoder over padded rows, with segments; the loss on a few positions (outputs_at)
+    "encoder": (lambda: Transformer(tiny_cfg(**POST, n_segment=2, embed_norm=True, dropout=0.1, n_layer=3)),
+                lambda m, ids: m.logits(m(ids, mask=padding_mask(torch.tensor([20, 13]), 20),
+                                          segment_ids=(torch.arange(20) >= 8).long().expand(2, 20),
+                                          outputs_at=torch.tensor([1, 5, 17, 22, 30]))).logsumexp(-1).mean()),
+    # an encoder-decoder: the decoder's blocks cross-attend, the gradient flows back into the encoder
+    "encoder-decoder": (lambda: EncoderDecoder(tiny_cfg(dropout=0.1, n_decoder_layer=2)),
+                        lambda m, ids: F.cross_entropy(
+                            m.logits(m(ids[:, :12], ids[:, 12:19], padding_mask(torch.tensor([12, 9]), 12))).flatten(0, 1),
+                            ids[:, 13:].flatten())),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_dropout(kind, monkeypatch):
+    build, run = KINDS[kind]
+    torch.manual_seed(0)
+    model = build()
+    ids = random_ids(2, 20, seed=1)
+    plain_loss, plain = loss_and_gradients(model, lambda m: run(m, ids), checkpointing=False)
+    loss, grads = loss_and_gradients(model, lambda m: run(m, ids), checkpointing=True)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=0)
+    assert grads.keys() == plain.keys() and len(grads) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    # dropout is on: another seed gives other gradients (the equality above is not dropout being off)
+    _, other = loss_and_gradients(model, lambda m: run(m, ids), checkpointing=True, seed=4)
+    assert max((other[n] - plain[n]).abs().max() for n in plain) > 1e-4
+    # and the blocks were recomputed: backward ran each block's MLP a second time
+    calls = []
+    feed_forward = Block.feed_forward
+    monkeypatch.setattr(Block, "feed_forward", lambda self, x: calls.append(1) or feed_forward(self, x))
+    loss_and_gradients(model, lambda m: run(m, ids), checkpointing=True)
+    recomputed = len(calls)
+    calls.clear()
+    loss_and_gradients(model, lambda m: run(m, ids), checkpointing=False)
+    last_at = 1 if kind == "encoder" else 0     # outputs_at's last block is not checkpointed
+    assert recomputed == 2 * len(calls) - last_at
+
+
+def saved_activation_bytes(model, run) -> int:
+    """Bytes of the tensors autograd keeps for backward during one forward (parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(model).backward()
+    return total
+
+
+def test_activation_checkpointing_keeps_fewer_activations_and_not_in_eval(monkeypatch):
+    build, run = KINDS["decoder"]
+    torch.manual_seed(0)
+    model = build().train()
+    ids = random_ids(4, 32, seed=2)
+    model.activation_checkpointing = False
+    kept = saved_activation_bytes(model, lambda m: run(m, ids))
+    model.activation_checkpointing = True
+    assert saved_activation_bytes(model, lambda m: run(m, ids)) < kept / 2
+    # never at inference: a model in eval() runs its blocks once
+    model.eval()
+    calls = []
+    feed_forward = Block.feed_forward
+    monkeypatch.setattr(Block, "feed_forward", lambda self, x: calls.append(1) or feed_forward(self, x))
+    run(model, ids).backward()
+    assert len(calls) == len(model.blocks)
+
+
+@pytest.mark.usefixtures("peak_flops_once")
+def test_train_py_activation_checkpointing_trains_the_same_steps(tmp_path, corpus_dir, tokenizer_file, monkeypatch):
+    """--activation_checkpointing reaches the model through the trainer, and three steps of an
+    encoder with dropout give the same losses and weights as without it."""
+    import json
+
+    import minilm.model
+    from minilm.checkpoint import load_checkpoint
+    from tests.conftest import run_in_process
+    checkpointed = []
+    plain_checkpoint = minilm.model.checkpoint
+    monkeypatch.setattr(minilm.model, "checkpoint", lambda *a, **k: checkpointed.append(1) or plain_checkpoint(*a, **k))
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / str(on)
+        result = run_in_process("train.py", "--objective", "mlm", "--arch", "bert", "--dropout", 0.1, "--data",
+                                corpus_dir, "--tokenizer", tokenizer_file, "--max_steps", 3, "--n_layer", 2,
+                                "--n_head", 2, "--n_embd", 32, "--seq_len", 32, "--batch_size", 4, "--eval_batches", 1,
+                                "--warmup_steps", 1, "--log_every", 1, "--device", "cpu", "--threads", 1,
+                                "--activation_checkpointing", str(on).lower(), "--out_dir", out)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+        runs[on] = losses, load_checkpoint(str(out / "ckpt-00000003.pt"))["model"]
+        assert len(checkpointed) == (3 * 1 if on else 0), len(checkpointed)   # the first block of 2, each step
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    for name, weight in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], weight, atol=1e-6, rtol=1e-5, msg=name)
