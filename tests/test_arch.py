@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.config import ARCHES, PRESETS, Config, ModelConfig, config_from_saved, explicit_flags, help_text, parse_overrides
+from minilm.config import (ARCHES, PRESETS, Config, ModelConfig, config_from_saved, explicit_flags, help_text,
+                           parse_overrides)
 from minilm.errors import UserError
 from minilm.model import (CAUSAL, MLP, Block, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
                           set_activation_checkpointing)
@@ -298,8 +299,8 @@ KINDS = {
     # an encoder-decoder: the decoder's blocks cross-attend, the gradient flows back into the encoder
     "encoder-decoder": (lambda: EncoderDecoder(tiny_cfg(dropout=0.1, n_decoder_layer=2)),
                         lambda m, ids: F.cross_entropy(
-                            m.logits(m(ids[:, :12], ids[:, 12:19], padding_mask(torch.tensor([12, 9]), 12))).flatten(0, 1),
-                            ids[:, 13:].flatten())),
+                            m.logits(m(ids[:, :12], ids[:, 12:19], padding_mask(torch.tensor([12, 9]), 12)))
+                            .flatten(0, 1), ids[:, 13:].flatten())),
 }
 
 
@@ -391,3 +392,71 @@ def test_train_py_activation_checkpointing_trains_the_same_steps(tmp_path, corpu
     assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
     for name, weight in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- the families themselves
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@torch.no_grad()
+def test_an_arch_computes_its_familys_model_exactly_with_the_weights_renamed(arch):
+    """transformers' BertModel / GPT2Model / LlamaModel from a random config, its weights only
+    renamed (and GPT-2's Conv1D transposed): the same hidden states, to fp32 rounding."""
+    transformers = pytest.importorskip("transformers")
+    C, H, L, T = 64, 4, 2, 24
+    torch.manual_seed(0)
+    if arch == "bert":
+        hf = transformers.BertModel(transformers.BertConfig(
+            vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * C,
+            max_position_embeddings=T, type_vocab_size=2), add_pooling_layer=False)
+        names = {"tok_emb": "embeddings.word_embeddings", "pos_emb": "embeddings.position_embeddings",
+                 "seg_emb": "embeddings.token_type_embeddings", "embed_norm": "embeddings.LayerNorm"}
+        for i in range(L):
+            names.update({f"blocks.{i}.{ours}": f"encoder.layer.{i}.{theirs}" for ours, theirs in [
+                ("attn.proj", "attention.output.dense"), ("norm1", "attention.output.LayerNorm"),
+                ("mlp.up", "intermediate.dense"), ("mlp.down", "output.dense"), ("norm2", "output.LayerNorm")]})
+            names[f"blocks.{i}.attn.qkv"] = tuple(f"encoder.layer.{i}.attention.self.{n}"
+                                                  for n in ("query", "key", "value"))
+    elif arch == "gpt2":
+        hf = transformers.GPT2Model(transformers.GPT2Config(vocab_size=V, n_embd=C, n_layer=L, n_head=H, n_positions=T,
+                                                            bos_token_id=0, eos_token_id=0))
+        names = {"tok_emb": "wte", "pos_emb": "wpe", "norm": "ln_f"}
+        for i in range(L):
+            names.update({f"blocks.{i}.{ours}": f"h.{i}.{theirs}" for ours, theirs in [
+                ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("norm1", "ln_1"), ("norm2", "ln_2"),
+                ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]})
+    else:
+        hf = transformers.LlamaModel(transformers.LlamaConfig(
+            vocab_size=V, hidden_size=C, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=H,
+            intermediate_size=96, max_position_embeddings=T, rms_norm_eps=1e-6))
+        names = {"tok_emb": "embed_tokens", "norm": "norm"}
+        for i in range(L):
+            p = f"layers.{i}."
+            names.update({f"blocks.{i}.attn.qkv": tuple(p + f"self_attn.{n}_proj" for n in "qkv"),
+                          f"blocks.{i}.attn.proj": p + "self_attn.o_proj", f"blocks.{i}.norm1": p + "input_layernorm",
+                          f"blocks.{i}.norm2": p + "post_attention_layernorm",
+                          f"blocks.{i}.mlp.up": (p + "mlp.gate_proj", p + "mlp.up_proj"),
+                          f"blocks.{i}.mlp.down": p + "mlp.down_proj"})
+    theirs = hf.eval().state_dict()
+    ours = {}
+    for mine, source in names.items():
+        source = (source,) if isinstance(source, str) else source     # several: concatenated (q, k, v)
+        for suffix in ("weight", "bias"):
+            if f"{source[0]}.{suffix}" in theirs:
+                parts = [theirs[f"{name}.{suffix}"] for name in source]
+                if arch == "gpt2" and suffix == "weight" and ("attn." in mine or "mlp." in mine):
+                    parts = [part.T for part in parts]                # GPT-2's Conv1D stores (in, out)
+                ours[f"{mine}.{suffix}"] = torch.cat(parts)
+    model = Transformer(tiny_cfg(seq_len=T, n_layer=L, n_head=H, n_embd=C, **ARCHES[arch],
+                                 intermediate_size=96 if arch == "llama" else 0)).eval()
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if arch == "llama" else [])   # LlamaModel has no head
+    ids = random_ids(2, T, seed=9)
+    if arch == "bert":
+        lengths = torch.tensor([T, 15])
+        valid = torch.arange(T)[None] < lengths[:, None]
+        segments = (torch.arange(T) >= 10).long().expand(2, T)
+        want = hf(ids, attention_mask=valid.long(), token_type_ids=segments).last_hidden_state[valid]
+        got = model(ids, mask=padding_mask(lengths, T), segment_ids=segments)[valid]
+    else:
+        want, got = hf(ids).last_hidden_state, model(ids)
+    assert want.abs().max() > 0.5       # not all-zero states
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
