@@ -384,6 +384,135 @@ def parse_flags(argv: list[str], defaults: dict) -> dict:
 FRESH_START = ("", "false", "0", "no", "off")
 
 
+# ----------------------------------------------------------------------------- --config run.toml
+# flags that are not fields: they fill several fields at once (applied before the fields' own flags)
+META_FLAGS = ("preset",)
+
+
+def _flag_value(argv: list[str], name: str) -> list[str]:
+    """The values given to --name on a command line (`--name v` or `--name=v`), in order."""
+    values = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:].replace("-", "_") == name:
+            values.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    return values
+
+
+def _toml_value(where: str, name: str, value, kind: type) -> str:
+    """A TOML value as the flag text it stands for, after checking its type: the file and the
+    command line then go through the same parsing and the same checks (and flags stay the one way
+    in). bool is a subclass of int in Python, so it is told apart first."""
+    fits = (isinstance(value, bool) if kind is bool else
+            isinstance(value, str) if kind is str else
+            not isinstance(value, bool) and (isinstance(value, int) or (kind is float and isinstance(value, float))))
+    if not fits:
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)   # as TOML writes it
+        raise UserError(f"{where}: {name} expects {ARTICLE[kind.__name__]}, got {shown}")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _did_you_mean(name: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, sorted(valid), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def read_config_file(path: str) -> list[tuple[str, str]]:
+    """A TOML file of settings as (flag name, flag text) pairs, in the file's order.
+
+    Keys are field names, at the top level or in the table of their section:
+
+        preset = "small"          # and the other flags that are not fields (META_FLAGS)
+        objective = "mlm"
+        [model]
+        n_layer = 8
+        [train]
+        lr = 1e-3
+
+    Each value must have its field's type (a TOML string for a string field, true/false for a
+    bool, ...). An unknown key, a key in another section's table, an unknown table or a key set
+    twice is a one-line UserError naming the file."""
+    try:
+        import tomllib   # the standard library's TOML reader, new in Python 3.11
+    except ModuleNotFoundError:
+        import platform
+        raise UserError(f"--config reads TOML with tomllib, which Python 3.11+ has and this Python "
+                        f"{platform.python_version()} lacks; use Python 3.11+ or give the settings as flags") from None
+    where = path
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path} is a folder; give a .toml file") from None
+    except OSError as err:
+        raise UserError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{where} is not valid TOML: {err}") from None
+    sections = {name: {f.name: f for f in fields(klass)} for name, klass in section_classes().items()}
+    owner = {name: section for section, names in sections.items() for name in names}
+    pairs, seen = [], {}
+
+    def add(name: str, value, place: str) -> None:
+        if name in seen:
+            raise UserError(f"{where} sets {name} twice ({seen[name]} and {place}); keep one")
+        seen[name] = place
+        if name in META_FLAGS:
+            pairs.append((name, _toml_value(where, name, value, str)))
+        else:
+            pairs.append((name, _toml_value(where, name, value, TYPES[type_name(sections[owner[name]][name])])))
+
+    for key, value in table.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: {key} is a section: write its fields under a [{key}] table")
+            for name, item in value.items():
+                if name not in sections[key]:
+                    if name in owner:
+                        raise UserError(f"{where}: [{key}] has no field {name}: it belongs in [{owner[name]}] "
+                                        f"(or at the top of the file)")
+                    raise UserError(f"{where}: [{key}] has no field {name!r}"
+                                    + (_did_you_mean(name, sections[key]) or "; see the README for every flag"))
+                add(name, item, f"[{key}]")
+        elif key in owner or key in META_FLAGS:
+            add(key, value, "the top level")
+        elif isinstance(value, dict):
+            close = difflib.get_close_matches(key, list(sections), n=1)
+            raise UserError(f"{where}: unknown table [{key}]" + (f"; did you mean [{close[0]}]?" if close else "")
+                            + f" (the tables are {', '.join(f'[{name}]' for name in sections)})")
+        else:
+            raise UserError(f"{where}: unknown key {key!r}"
+                            + (_did_you_mean(key, [*owner, *META_FLAGS]) or "; see the README for every flag"))
+    return pairs
+
+
+def _with_config_file(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The command line's (name, value) pairs with a --config file's settings put first, so that
+    every flag on the command line overrides the file wherever it stands."""
+    files = [value for name, value in pairs if name == "config"]
+    if len(files) > 1:
+        raise UserError(f"--config was given {len(files)} times; give one file (flags can override it)")
+    if not files:
+        return pairs
+    return read_config_file(files[0]) + [(name, value) for name, value in pairs if name != "config"]
+
+
+def setting_origins(argv: list[str]) -> str:
+    """One line: which settings the --config file made and which the command line did (the rest
+    are defaults: minilm's, the objective's, a preset's or a resumed checkpoint's)."""
+    files = _flag_value(argv, "config")
+    flags = sorted(explicit_flags(argv, with_file=False) - {"config"})
+    parts = []
+    if files:
+        parts.append(f"from {files[0]}: " + (", ".join(name for name, _ in read_config_file(files[0])) or "nothing"))
+    if flags:
+        parts.append("from the command line" + (" (over the file)" if files else "") + ": " + ", ".join(flags))
+    return "settings " + "; ".join(parts) + "; the rest are defaults" if parts else "settings: all defaults"
+
+
 def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     """A Config from `--preset` and `--field value` flags, applied on top of `base`, validated.
 
@@ -396,7 +525,8 @@ def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     cfg = copy.deepcopy(base) if base is not None else Config()
     index = _field_index(cfg)
     pairs = _split_flags(argv, lambda n: n in index and index[n][1].type == "bool")
-    _reject_unknown(pairs, set(index) | {"preset"})
+    _reject_unknown(pairs, set(index) | set(META_FLAGS) | {"config"})
+    pairs = _with_config_file(pairs)   # --config FILE: its settings first, then the command line's
     # preset first, so explicit flags override it whatever their order
     for name, value in pairs:
         if name == "preset":
@@ -415,9 +545,12 @@ def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     return cfg
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the flags given on a command line (to tell what a resumed run overrides)."""
-    return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+def explicit_flags(argv: list[str], with_file: bool = True) -> set[str]:
+    """Names of the flags given on a command line (to tell what a resumed run overrides), and of
+    the settings of its --config file, which count as given flags."""
+    names = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    files = _flag_value(argv, "config") if with_file else []
+    return names | {name for name, _ in read_config_file(files[0])} if files else names
 
 
 # ----------------------------------------------------------------------------- --help
@@ -439,7 +572,9 @@ def _shown(value) -> str:
 def help_text(width: int = 100) -> str:
     """Every flag, section by section: `--name default`, then its meaning, wrapped to `width`."""
     column = 31  # where meanings start; a longer flag puts its meaning on the next line
-    lines = []
+    lines = [*textwrap.wrap("--config FILE: settings from a TOML file, field = value at the top level or in "
+                            "[model], [data], [obj] and [train] tables (preset = \"small\" too); flags on the "
+                            "command line override the file", width)]
     for section in SECTIONS:
         lines += ["", *textwrap.wrap(SECTION_TITLES[section], width)]
         for f in fields(getattr(Config(), section)):
