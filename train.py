@@ -20,7 +20,7 @@ import os
 import torch
 
 from minilm.cli import run_cli
-from minilm.config import PRESETS, Config, explicit_flags, help_text, parse_overrides
+from minilm.config import PRESETS, Config, explicit_flags, help_text, parse_overrides, setting_origins
 from minilm.data import make_source, mix_seed
 from minilm.distributed import DistInfo, on_main, setup, teardown
 from minilm.errors import UserError
@@ -62,6 +62,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     # 1. the config: this command line's flags, on a resumed checkpoint's config or on an
     #    --init_from parent's model (minilm/provenance.py checks what may change)
     cfg, start = resolve_start(cfg, argv, dist_info, log)
+    log(setting_origins(argv))   # which settings came from --config's file, which from flags
     given, tokenizer = explicit_flags(argv), None
     if start.state is None:   # a fresh run
         tokenizer = given_tokenizer_of(cfg, argv, start.parent)   # --tokenizer: it fixes vocab_size

@@ -436,7 +436,7 @@ def read_config_file(path: str) -> list[tuple[str, str]]:
     twice is a one-line UserError naming the file."""
     try:
         import tomllib   # the standard library's TOML reader, new in Python 3.11
-    except ModuleNotFoundError:
+    except ImportError:
         import platform
         raise UserError(f"--config reads TOML with tomllib, which Python 3.11+ has and this Python "
                         f"{platform.python_version()} lacks; use Python 3.11+ or give the settings as flags") from None
@@ -466,7 +466,8 @@ def read_config_file(path: str) -> list[tuple[str, str]]:
             pairs.append((name, _toml_value(where, name, value, TYPES[type_name(sections[owner[name]][name])])))
 
     for key, value in table.items():
-        if key in sections:
+        # `data` is both a section and a field (the text to train on): a table is the section
+        if key in sections and (isinstance(value, dict) or key not in owner):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: {key} is a section: write its fields under a [{key}] table")
             for name, item in value.items():
