@@ -182,6 +182,9 @@ class TrainConfig:
     batch_size: int = option(16, "sequences per micro-batch", at_least=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
     max_steps: int = option(600, "optimizer steps; 0 = prepare the tokenizer and data only", at_least=0)
+    # --epochs: the steps follow from the prepared data's size (minilm/epochs.py)
+    epochs: int = option(0, "passes over the training data; sets max_steps from the data's size (0 = use "
+                            "--max_steps)", at_least=0)
     lr: float = option(2e-3, "peak learning rate", above=0)
     min_lr: float = option(2e-4, "final learning rate, at max_steps (at most lr)", at_least=0)
     warmup_steps: int = option(100, "linear warmup from 0 to lr (at most max_steps)", at_least=0)
@@ -193,6 +196,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max gradient norm; 0 disables clipping", at_least=0)
     eval_every: int = option(200, "steps between validations (and one at the end)", at_least=1)
     eval_batches: int = option(20, "batches per validation", at_least=1)
+    early_stopping_patience: int = option(0, "stop when the objective's best_metric (classify: macro_f1; others: "
+                                             "val loss) has not improved for this many evaluations; 0 = off",
+                                          at_least=0)
     log_every: int = option(10, "steps between log lines", at_least=1)
     ckpt_every: int = option(500, "steps between checkpoints (and one at the end)", at_least=1)
     seed: int = option(1337, "data order, masking and initialisation", within="[0, 2**64)")
