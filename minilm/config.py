@@ -231,7 +231,8 @@ class TrainConfig:
             raise UserError(TENSORBOARD_HINT)
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
-        if self.max_steps > 0 and self.warmup_steps > self.max_steps:
+        # with --epochs the steps are known once the data is (minilm/epochs.py checks the warmup then)
+        if self.max_steps > 0 and not self.epochs and self.warmup_steps > self.max_steps:
             raise UserError(f"--warmup_steps must be at most --max_steps ({self.max_steps}), got "
                             f"{self.warmup_steps}: the learning rate would never reach --lr; pass "
                             f"--warmup_steps {self.max_steps} or less")
