@@ -41,17 +41,17 @@ def test_a_run_of_two_epochs_reads_every_window_twice(tmp_path, prepared, tokeni
     items) a third time."""
     folder, meta = prepared
     cfg = make_config(tmp_path, tokenizer.vocab_size, epochs=2, grad_accum=2)
-    cfg.model.seq_len = 128
-    source = BlockSource(folder, "train", 128, cfg.train.batch_size, seed=cfg.train.seed)
+    # the small split of the prepared corpus stands for the training data: ~120 windows
+    source = BlockSource(folder, "val", 32, cfg.train.batch_size, seed=cfg.train.seed)
     n = source.epoch_size()
-    assert n == (meta["train_tokens"] - 129) // 128 + 1          # windows of 129 tokens, 128 apart
+    assert n == (meta["val_tokens"] - 33) // 32 + 1              # windows of 33 tokens, 32 apart
     seen = counting(source)
     lines = []
     epochs_source = read_in_passes(cfg, source, 1, set(), lines.append)
     steps = cfg.train.max_steps
     assert steps == -(-2 * n // 16) and f"--epochs 2: {n:,} items per pass, 16 per step" in lines[0]
-    torch_seed_objective = build_objective("clm", cfg.model, tokenizer, cfg.obj)
-    trainer = Trainer(cfg, torch_seed_objective, epochs_source, None, tokenizer, log=lambda *_: None)
+    objective = build_objective("clm", cfg.model, tokenizer, cfg.obj)
+    trainer = Trainer(cfg, objective, epochs_source, None, tokenizer, log=lambda *_: None)
     trainer.fit()
     assert trainer.step == steps
     extra = steps * 16 - 2 * n                                   # rows past the end of the second pass
