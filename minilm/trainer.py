@@ -45,6 +45,7 @@ from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barri
 from minilm.errors import UserError
 from minilm.faults import FaultHandling, NonFiniteLoss, check_finite
 from minilm.flops import measure_peak_flops
+from minilm.memory import MemoryEstimate, advice as memory_advice, estimate as estimate_memory
 from minilm.objectives import finalize, objective_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -492,6 +493,7 @@ class Trainer(FaultHandling):
                  f"{tc.grad_accum} x {self.dist.world_size} processes = "
                  f"{tc.batch_size * tc.grad_accum * self.dist.world_size} sequences of "
                  f"{self.objective.backbone.cfg.seq_len}), measured matmul peak {self.peak_flops / 1e9:.1f} GFLOP/s")
+        self.log_memory_estimate()
         with self.catching_signals():
             while True:
                 try:
@@ -500,6 +502,18 @@ class Trainer(FaultHandling):
                 except NonFiniteLoss as bad:   # --on_nan: stop, or roll back and go on (faults.py)
                     self.roll_back(bad)
         return self.history
+
+    def log_memory_estimate(self) -> MemoryEstimate:
+        """One line before the first step: parameters, gradients, AdamW state and activations at
+        this micro-batch against the device's memory (minilm/memory.py); a second, a warning,
+        when they will not fit."""
+        mem = estimate_memory(self.objective, self.tcfg.batch_size, self.device, self.dtype,
+                              world_size=self.dist.world_size, fsdp=self.tcfg.fsdp,
+                              checkpointing=getattr(self.tcfg, "activation_checkpointing", False))
+        self.log(mem.describe(self.tcfg.batch_size, self.objective.backbone.cfg.seq_len))
+        if not mem.fits():
+            self.log(memory_advice(mem))
+        return mem
 
     def _loop(self, until: int) -> None:
         tc = self.tcfg
