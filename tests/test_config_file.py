@@ -119,3 +119,13 @@ def test_train_py_rejects_an_unknown_key_before_any_work(tmp_path):
     result = run_in_process("train.py", "--config", path, *TINY, "--out_dir", tmp_path / "out")
     assert_user_error(result, "run.toml: [train] has no field 'max_step'; did you mean max_steps?")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readmes_example_file_parses(tmp_path):
+    import os
+    from tests.conftest import ROOT
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    path = write(tmp_path, readme.split("```toml\n")[1].split("```")[0])
+    cfg = parse_overrides(["--config", path])
+    assert (cfg.train.objective, cfg.train.epochs, cfg.train.early_stopping_patience) == ("classify", 3, 2)
+    assert (cfg.data.data, cfg.model.n_layer, cfg.model.dropout) == ("train.tsv", 6, 0.1)
