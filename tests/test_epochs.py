@@ -153,3 +153,14 @@ def test_train_py_refuses_disagreeing_epochs_and_max_steps(tmp_path, corpus_dir)
     result = run_in_process("train.py", *TINY, "--data", corpus_dir, "--out_dir", tmp_path / "out", "--epochs", 1,
                             "--max_steps", 3)
     assert_user_error(result, "--epochs 1 is", "but --max_steps 3 was given; drop one of them")
+
+
+def test_a_source_drawn_at_random_refuses_epochs(tmp_path, prepared, tokenizer):
+    """Sentence pairs (sop) and translations are made at random per batch: no list to pass over."""
+    from minilm.data import SegmentPairSource
+    folder, _ = prepared
+    cfg = make_config(tmp_path, tokenizer.vocab_size, epochs=1, objective="sop")
+    source = SegmentPairSource(folder, "train", 32, 4, tokenizer=tokenizer)
+    with pytest.raises(UserError, match="--epochs needs data it can list, and --objective sop reads "
+                                        "SegmentPairSource, which draws at random: use --max_steps instead"):
+        read_in_passes(cfg, source, 1, set(), lambda _: None)
