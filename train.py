@@ -127,7 +127,8 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, start: Start, token
     window = window_length_for(cfg.train.objective, cfg.model, cfg.obj)
     train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
                                seed=cfg.train.seed, log=log, window_length=window)
-    train_source = read_in_passes(cfg, train_source, dist_info.world_size, flags_given, log)   # --epochs N: sets max_steps
+    # --epochs N: the training data in passes, and max_steps from its size
+    train_source = read_in_passes(cfg, train_source, dist_info.world_size, flags_given, log)
     # validation windows do not depend on the training seed: runs with different seeds compare
     val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0,
                              log=log, window_length=window)

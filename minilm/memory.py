@@ -32,8 +32,8 @@ An estimate: allocator overhead, the optimizer step's temporaries, an objective'
 (a classifier's is tiny) and the few (B, T) integer tensors are left out; the logits count one
 vocabulary row per position for objectives that read running text, and a decoder's blocks as
 many positions as the encoder's; so for the masked LMs (which predict some positions only) and
-the encoder-decoders (whose targets are shorter) it is an upper bound. tests/test_memory.py holds it to the peak that PyTorch's
-profiler measures on CPU.
+the encoder-decoders (whose targets are shorter) it is an upper bound. tests/test_memory.py holds
+it to the peak that PyTorch's profiler measures on CPU.
 """
 from __future__ import annotations
 
