@@ -63,7 +63,6 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     # 1. the config: this command line's flags, on a resumed checkpoint's config or on an
     #    --init_from parent's model (minilm/provenance.py checks what may change)
     cfg, start = resolve_start(cfg, argv, dist_info, log)
-    log(setting_origins(argv))   # which settings came from --config's file, which from flags
     given, tokenizer = explicit_flags(argv), None
     if start.state is None:   # a fresh run
         tokenizer = given_tokenizer_of(cfg, argv, start.parent)   # --tokenizer: it fixes vocab_size
@@ -74,6 +73,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         cfg.train = train_defaults_for(cfg.train.objective, cfg.train, given)
     # the objective's model settings are applied here, once: what is printed and saved is the model
     cfg.model = model_config_for(cfg.train.objective, cfg.model, cfg.obj)
+    log(setting_origins(argv, cfg))   # each value that is not minilm's default: from the flags, --config's file...
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg.model.validate()

@@ -508,17 +508,26 @@ def _with_config_file(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return read_config_file(files[0]) + [(name, value) for name, value in pairs if name != "config"]
 
 
-def setting_origins(argv: list[str]) -> str:
-    """One line: which settings the --config file made and which the command line did (the rest
-    are defaults: minilm's, the objective's, a preset's or a resumed checkpoint's)."""
+def setting_origins(argv: list[str], cfg: Config) -> str:
+    """One line: each value of `cfg` that differs from minilm's default, and where it came from:
+    the command line, the --config file, a --preset, or else the run's own resolution (an
+    objective's defaults, a resumed checkpoint's or an --init_from parent's config, the device)."""
     files = _flag_value(argv, "config")
-    flags = sorted(explicit_flags(argv, with_file=False) - {"config"})
-    parts = []
-    if files:
-        parts.append(f"from {files[0]}: " + (", ".join(name for name, _ in read_config_file(files[0])) or "nothing"))
-    if flags:
-        parts.append("from the command line" + (" (over the file)" if files else "") + ": " + ", ".join(flags))
-    return "settings " + "; ".join(parts) + "; the rest are defaults" if parts else "settings: all defaults"
+    in_file = dict(read_config_file(files[0])) if files else {}
+    on_line = explicit_flags(argv, with_file=False)
+    presets = [value for value in [in_file.get("preset"), *_flag_value(argv, "preset")] if value in PRESETS]
+    from_preset = set(PRESETS[presets[-1]]) if presets else set()
+    default, shown = Config(), []
+    for section in SECTIONS:
+        for f in fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if value == getattr(getattr(default, section), f.name):
+                continue
+            origin = ("command line" if f.name in on_line else files[0] if f.name in in_file else
+                      f"--preset {presets[-1]}" if f.name in from_preset else "resolved")
+            text = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+            shown.append(f"{f.name}={text} ({origin})")
+    return "settings other than the defaults: " + (", ".join(shown) if shown else "none")
 
 
 def parse_overrides(argv: list[str], base: Config | None = None) -> Config:

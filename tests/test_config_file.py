@@ -50,11 +50,14 @@ def test_flags_on_the_command_line_override_the_file_wherever_they_stand(tmp_pat
 def test_the_file_settings_count_as_given_flags(tmp_path):
     """train.py fills the objective's own defaults (classify's lr, simcse's dropout) only where the
     flags leave a field out: a field the file sets is given."""
-    path = write(tmp_path, 'preset = "tiny"\n[train]\nlr = 1e-3\n')
-    assert explicit_flags(["--config", path, "--seed", "3"]) == {"config", "preset", "lr", "seed"}
-    line = setting_origins(["--config", path, "--seed", "3"])
-    assert line == f"settings from {path}: preset, lr; from the command line (over the file): seed; " \
-                   "the rest are defaults"
+    path = write(tmp_path, 'preset = "tiny"\n[train]\nlr = 1e-3\nseed = 5\n')
+    argv = ["--config", path, "--seed", "3"]
+    assert explicit_flags(argv) == {"config", "preset", "lr", "seed"}
+    cfg = parse_overrides(argv)
+    cfg.model.embed_norm = True   # as an objective's own default would
+    assert setting_origins(argv, cfg) == (
+        "settings other than the defaults: n_layer=2 (--preset tiny), n_embd=128 (--preset tiny), "
+        f"embed_norm=True (resolved), lr=0.001 ({path}), seed=3 (command line)")
 
 
 BAD_FILES = [
@@ -107,8 +110,8 @@ def test_train_py_runs_from_a_file_and_says_where_settings_came_from(tmp_path, c
                            'eval_batches = 1\nseed = 5\ndevice = "cpu"\nthreads = 1\n')
     result = run_in_process("train.py", "--config", path, "--seed", "9")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"settings from {path}: data, out_dir, n_layer" in result.stdout
-    assert "from the command line (over the file): seed" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if line.startswith("settings other than the defaults"))
+    assert f"n_layer=1 ({path})" in line and "seed=9 (command line)" in line and "device=cpu" in line
     ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt-00000003.pt"), map_location="cpu")
     assert ckpt["config"]["model"]["n_layer"] == 1 and ckpt["config"]["model"]["n_embd"] == 32
     assert ckpt["config"]["train"]["seed"] == 9 and ckpt["step"] == 3
