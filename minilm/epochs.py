@@ -54,7 +54,9 @@ class EpochSource:
     def batch(self, step: int, micro: int = 0):
         return self.source.items(self.indices(step, micro))
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):   # only for names not found on self: the source's own
+        if name == "source":            # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.source, name)
 
 
