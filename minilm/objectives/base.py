@@ -127,6 +127,18 @@ def prior_entropy(counts) -> float:
     return float(-(p * p.log()).sum() + (len(seen) - 1) / (2 * n))
 
 
+@dataclasses.dataclass(frozen=True)
+class HFHead:
+    """What an objective's head is called in Hugging Face transformers (minilm/hf_format.py reads it):
+    `architecture` the class a folder's config.json names (LlamaForCausalLM), `names` {minilm
+    state_dict name: HF name} of the head's modules or parameters (a module's .weight and .bias
+    follow it), `vocab_rows` the minilm names among them with a row per token id (a masked LM's
+    output bias), which a foreign tokenizer's id order permutes."""
+    architecture: str
+    names: dict = dataclasses.field(default_factory=dict)
+    vocab_rows: tuple = ()
+
+
 class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (a key of minilm/data SOURCES)
@@ -333,6 +345,35 @@ class Objective(nn.Module):
         """The Config with what this objective learns from the prepared data in `data_dir` (a
         classifier's label names), once the data is ready and before the model is built."""
         return cfg
+
+    # --------------------------------------------------------------- Hugging Face heads (hf_format.py)
+    # {arch (minilm.config.ARCHES): HFHead} for the architectures where this objective's trained
+    # model has an exact counterpart in transformers; none by default (no HF head).
+    hf_heads: dict = {}
+
+    @classmethod
+    def hf_head(cls, arch: str, options=None) -> HFHead:
+        """This objective's HFHead on `arch`, or a one-line UserError naming what is missing and the
+        objectives that do have a head there. `options`: an instance of cls.Options (a classifier
+        checks that its head is the one the HF class computes)."""
+        if arch in cls.hf_heads:
+            return cls.hf_heads[arch]
+        from minilm.objectives import OBJECTIVES   # the registry, which imports this module
+        fits = [name for name, other in OBJECTIVES.items() if arch in other.hf_heads]
+        where = ", ".join(sorted(cls.hf_heads)) or "no architecture"
+        raise UserError(f"{cls.name} has no Hugging Face counterpart on a {arch} model (it has one on {where}); "
+                        f"on {arch}, export a checkpoint of {', '.join(fits) or 'none of the objectives'}")
+
+    @classmethod
+    def hf_config(cls, options) -> dict:
+        """Entries this objective adds to an exported config.json (a classifier's id2label)."""
+        return {}
+
+    @classmethod
+    def options_from_hf(cls, arch: str, hf_config: dict) -> dict:
+        """{option: value} of this objective's options that an imported HF folder's config.json
+        (`hf_config`, a dict) fixes; none by default."""
+        return {}
 
     @classmethod
     def why_not_inherited(cls, parent_path: str) -> str | None:

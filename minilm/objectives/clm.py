@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.objectives.base import IGNORE, Baseline, HFHead, Objective
 from minilm.options import Options, option
 from minilm.tokenizer import EOS_ID
 
@@ -62,6 +62,10 @@ class CausalLM(Objective):
     token_score = "log p"
     reads_padded_rows = True   # prefix_lm too
     baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
+    # transformers' causal LMs: the backbone's logits are the whole head; an untied output matrix is
+    # their lm_head (a tied one is not stored: config.json's tie_word_embeddings says so)
+    hf_heads = {"llama": HFHead("LlamaForCausalLM", {"backbone.lm_head": "lm_head"}, ("backbone.lm_head.weight",)),
+                "gpt2": HFHead("GPT2LMHeadModel", {"backbone.lm_head": "lm_head"}, ("backbone.lm_head.weight",))}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
