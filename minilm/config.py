@@ -46,8 +46,13 @@ class ModelConfig:
                                     "ELECTRA: 128); 0 = n_embd, no projection", at_least=0)
     intermediate_size: int = option(0, "MLP hidden width; 0 = 4 x n_embd (GELU) or 8/3 x n_embd (SwiGLU)",
                                     at_least=0)
-    mlp: str = option("gelu", "the MLP: gelu or swiglu", choices=("gelu", "swiglu"))
+    mlp: str = option("gelu", "the MLP: gelu (exact, BERT), swiglu (Llama) or gelu_tanh (GPT-2's tanh "
+                              "approximation)", choices=("gelu", "swiglu", "gelu_tanh"))
     norm: str = option("rmsnorm", "the norm: rmsnorm or layernorm", choices=("rmsnorm", "layernorm"))
+    # model.py's Block says why pre is the default
+    norm_placement: str = option("pre", "where each block's norms sit: pre (before each sub-layer, and a final "
+                                        "norm; stable without warmup) or post (after each residual sum, no final "
+                                        "norm: BERT, RoBERTa)", choices=("pre", "post"))
     position: str = option("rope", "positions: rope (rotary) or learned (GPT-2's table)",
                            choices=("rope", "learned"))
     rope_base: float = option(10000.0, "RoPE frequency base", above=1)
