@@ -190,7 +190,7 @@ def from_hf_state(tensors: dict, renames: list[Rename], offset: int = 0, where: 
         else:
             out[ours] = parts[0]
     for r in renames:   # the base model's tensors must all be there; a head's may be left to start afresh
-        if r.ours.startswith("backbone.") and r.ours != "backbone.lm_head" and \
+        if r.ours.startswith("backbone.") and not r.ours.startswith("backbone.lm_head") and \
                 not any(k == r.ours or k.startswith(r.ours + ".") for k in out):
             raise UserError(f"{where} lacks {r.theirs[0]}.weight, which the model needs; is it a complete "
                             "checkpoint of the architecture its config.json names?")

@@ -64,8 +64,8 @@ class CausalLM(Objective):
     baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
     # transformers' causal LMs: the backbone's logits are the whole head; an untied output matrix is
     # their lm_head (a tied one is not stored: config.json's tie_word_embeddings says so)
-    hf_heads = {"llama": HFHead("LlamaForCausalLM", {"backbone.lm_head": "lm_head"}, ("backbone.lm_head.weight",)),
-                "gpt2": HFHead("GPT2LMHeadModel", {"backbone.lm_head": "lm_head"}, ("backbone.lm_head.weight",))}
+    hf_heads = {arch: HFHead(architecture, {"backbone.lm_head.weight": "lm_head.weight"}, ("backbone.lm_head.weight",))
+                for arch, architecture in (("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"))}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

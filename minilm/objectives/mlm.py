@@ -112,12 +112,12 @@ class MaskedLM(Objective):
     hf_heads = {"bert": HFHead("BertForMaskedLM", {"head.dense": "cls.predictions.transform.dense",
                                                    "head.norm": "cls.predictions.transform.LayerNorm",
                                                    "head.bias": "cls.predictions.bias",
-                                                   "backbone.lm_head": "cls.predictions.decoder"},
+                                                   "backbone.lm_head.weight": "cls.predictions.decoder.weight"},
                                ("head.bias", "backbone.lm_head.weight")),
                 "roberta": HFHead("RobertaForMaskedLM", {"head.dense": "lm_head.dense",
                                                          "head.norm": "lm_head.layer_norm",
                                                          "head.bias": "lm_head.bias",
-                                                         "backbone.lm_head": "lm_head.decoder"},
+                                                         "backbone.lm_head.weight": "lm_head.decoder.weight"},
                                   ("head.bias", "backbone.lm_head.weight"))}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):

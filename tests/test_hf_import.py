@@ -1,0 +1,191 @@
+"""Import from Hugging Face transformers' folders (minilm/hf_import.py) and `train.py --init_from FOLDER`.
+
+With transformers (skipped without it): a model built from a random config and saved by
+save_pretrained imports with equal logits, from model.safetensors or pytorch_model.bin. Without
+it: config.json's settings minilm does not compute are one-line errors naming what is supported;
+--init_from FOLDER trains the folder's own objective unless --objective says otherwise (issue 18's
+trap stays fixed), a classifier's folder must name its objective, a shorter --seq_len keeps the
+first rows of the position table, and the run's checkpoint exports back."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import minilm
+from minilm.checkpoint import load_checkpoint
+from minilm.errors import UserError
+from minilm.hf_format import from_hf_config
+from minilm.hf_import import load_hf_module, read_folder
+from tests.conftest import run_in_process
+from tests.test_cli import assert_user_error
+from tests.test_hf_export import make_checkpoint, minilm_logits, padded_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")  # conftest.py
+
+V = 300
+RUN = ["--max_steps", "2", "--batch_size", "2", "--eval_every", "100", "--eval_batches", "1", "--log_every", "1",
+       "--warmup_steps", "1", "--device", "cpu", "--threads", "1"]
+
+
+def random_transformers_model(arch: str, head: str):
+    """A transformers model of `arch` with `head` from a random config (2 layers x 64), every weight
+    moved off its initial value (biases and norms too)."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    config = {"llama": lambda: transformers.LlamaConfig(max_position_embeddings=64, rope_theta=500.0, pad_token_id=0,
+                                                        **sizes),
+              "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                      n_inner=96, bos_token_id=2, eos_token_id=3, pad_token_id=0),
+              "bert": lambda: transformers.BertConfig(max_position_embeddings=64, **sizes),
+              "roberta": lambda: transformers.RobertaConfig(max_position_embeddings=66, **sizes)}[arch]()
+    config.num_labels = 3
+    name = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta"}[arch]
+    cls = getattr(transformers, name + {"clm": ("LMHeadModel" if arch == "gpt2" else "ForCausalLM"),
+                                        "mlm": "ForMaskedLM", "classify": "ForSequenceClassification"}[head])
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+IMPORTS = [("llama", "clm"), ("gpt2", "clm"), ("bert", "mlm"), ("roberta", "mlm"), ("bert", "classify"),
+           ("roberta", "classify"), ("llama", "classify"), ("gpt2", "classify")]
+
+
+@pytest.mark.parametrize("arch,head", IMPORTS)
+def test_a_transformers_model_imports_with_equal_logits(arch, head, tmp_path):
+    model = random_transformers_model(arch, head)
+    model.save_pretrained(str(tmp_path))
+    objective, imported = load_hf_module(str(tmp_path))   # loaded strictly: every tensor has its place
+    assert (imported.arch, imported.objective, imported.tokenizer) == (arch, head, None)
+    ids, lengths, attention_mask = padded_rows(V, (16, 11, 6))
+    with torch.no_grad():
+        if head == "classify":
+            theirs = model(input_ids=ids, attention_mask=attention_mask).logits
+        else:
+            ids = ids.masked_fill(ids == 0, 200)   # no padding (RoBERTa's pad id 1 never appears either)
+            theirs = model(input_ids=ids).logits
+    torch.testing.assert_close(minilm_logits(objective, head, ids, lengths), theirs, atol=1e-5, rtol=0)
+
+
+def test_pytorch_model_bin_imports_too(tmp_path):
+    """An older folder: pytorch_model.bin (read with weights_only=True), BERT's gamma/beta names."""
+    model = random_transformers_model("bert", "mlm")
+    model.save_pretrained(str(tmp_path))
+    state = {name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): t
+             for name, t in model.state_dict().items()}
+    torch.save(state, str(tmp_path / "pytorch_model.bin"))
+    os.remove(tmp_path / "model.safetensors")
+    objective, _ = load_hf_module(str(tmp_path))
+    ids = torch.randint(10, V, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(objective.predict(ids), model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- what minilm does not compute
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": 64,
+         "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
+         "rms_norm_eps": 1e-6, "rope_theta": 500.0}
+
+
+def test_config_json_both_ways_and_what_it_refuses():
+    arch, architecture, cfg = from_hf_config(LLAMA, "config.json")
+    assert (arch, architecture) == ("llama", "LlamaForCausalLM")
+    assert (cfg.n_embd, cfg.intermediate_size, cfg.rope_base, cfg.norm_eps, cfg.seq_len) == (64, 96, 500.0, 1e-6, 64)
+    assert (cfg.mlp, cfg.norm, cfg.position, cfg.bias, cfg.tie_embeddings) == ("swiglu", "rmsnorm", "rope", False, False)
+    refusals = [({"model_type": "mistral"}, "model_type 'mistral' has no counterpart in minilm; it imports llama, "
+                                            "gpt2, bert, roberta"),
+                ({"num_key_value_heads": 2}, "grouped-query attention"),
+                ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
+                ({"hidden_act": "gelu"}, "hidden_act is 'gelu'; minilm's llama has 'silu'"),
+                ({"architectures": ["LlamaForCausalLM", "X"]}, "architectures must name one class"),
+                ({"hidden_size": "64"}, "hidden_size must be int")]
+    for change, message in refusals:
+        with pytest.raises(UserError, match=message.replace("(", ".").replace(")", ".")):
+            from_hf_config({**LLAMA, **change}, "config.json")
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": V, "n_embd": 64, "n_layer": 2,
+            "n_head": 4, "n_positions": 64, "activation_function": "relu"}
+    with pytest.raises(UserError, match="activation_function is 'relu'; minilm's gpt2 has 'gelu_new' or"):
+        from_hf_config(gpt2, "config.json")
+
+
+def test_a_class_without_a_minilm_head_or_weights_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "architectures": ["LlamaForQuestionAnswering"]}))
+    with pytest.raises(UserError, match="LlamaForQuestionAnswering has no counterpart among minilm's heads; it "
+                                        "imports LlamaForCausalLM, LlamaForSequenceClassification"):
+        read_folder(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    with pytest.raises(UserError, match="has config.json but no weights"):
+        read_folder(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- train.py --init_from FOLDER
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    """Exported folders of tiny checkpoints: bert mlm, gpt2 clm, llama classify."""
+    out = {}
+    for arch, name in (("bert", "mlm"), ("gpt2", "clm"), ("llama", "classify")):
+        run = tmp_path_factory.mktemp(f"run-{arch}")
+        path, _ = make_checkpoint(run / "ckpt-00000003.pt", tokenizer, name, arch)
+        out[name] = minilm.export(path, str(tmp_path_factory.mktemp("hf") / arch), format="hf")
+    return out
+
+
+def test_init_from_a_folder_trains_its_objective_and_exports_back(folders, corpus_dir, tmp_path):
+    """No --objective: the folder's BertForMaskedLM trains mlm, as an mlm checkpoint would (issue
+    18: never a causal LM on a masked LM's backbone), from exactly the folder's weights; the
+    run's checkpoint exports back to a folder transformers' class reads."""
+    out = tmp_path / "child"
+    result = run_in_process("train.py", "--init_from", folders["mlm"], "--data", corpus_dir, "--out_dir", out,
+                            "--lr", "1e-9", "--min_lr", "0", *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--init_from: training mlm, the objective of {folders['mlm']}" in result.stdout
+    assert f"--init_from {folders['mlm']}: BertForMaskedLM (bert, 2 layers, 64 wide" in result.stdout
+    child = load_checkpoint(str(out / "ckpt-00000002.pt"))
+    assert child["objective"] == "mlm" and child["config"]["model"]["norm_placement"] == "post"
+    assert child["parent"]["path"] == os.path.abspath(folders["mlm"])
+    imported = read_folder(folders["mlm"])
+    for key, value in imported.state_dict.items():   # lr 1e-9: two steps move them by ~1e-9
+        assert torch.allclose(child["model"][key], value, atol=1e-6), key
+    again = minilm.export(str(out), str(tmp_path / "again"), format="hf")
+    back = read_folder(again)
+    assert back.architecture == "BertForMaskedLM" and back.state_dict.keys() == imported.state_dict.keys()
+
+
+def test_init_from_a_folder_with_another_objective_keeps_the_backbone(folders, corpus_dir, tmp_path):
+    """--objective wwm from a masked LM's folder; a shorter --seq_len than a learned table's keeps
+    its first rows (here GPT-2's, trained on by clm again)."""
+    out = tmp_path / "gpt2"
+    result = run_in_process("train.py", "--init_from", folders["clm"], "--data", corpus_dir, "--out_dir", out,
+                            "--seq_len", "16", "--lr", "1e-9", "--min_lr", "0", *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    child = load_checkpoint(str(out / "ckpt-00000002.pt"))
+    table = read_folder(folders["clm"]).state_dict["backbone.pos_emb.weight"]
+    assert child["objective"] == "clm" and child["config"]["model"]["seq_len"] == 16
+    assert torch.allclose(child["model"]["backbone.pos_emb.weight"], table[:16], atol=1e-6)
+    result = run_in_process("train.py", "--init_from", folders["mlm"], "--objective", "wwm", "--data", corpus_dir,
+                            "--out_dir", tmp_path / "wwm", *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(str(tmp_path / "wwm" / "ckpt-00000002.pt"))["objective"] == "wwm"
+
+
+def test_init_from_a_classifier_folder_must_name_its_objective(folders, corpus_dir, tmp_path):
+    result = run_in_process("train.py", "--init_from", folders["classify"], "--data", corpus_dir, "--out_dir",
+                            tmp_path / "c", *RUN)
+    assert_user_error(result, f"--init_from {folders['classify']} is a classifier: pass --objective classify")
+
+
+def test_init_from_a_folder_without_a_tokenizer_is_one_line(folders, corpus_dir, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(folders["clm"], folder)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            os.remove(folder / name)
+    result = run_in_process("train.py", "--init_from", folder, "--data", corpus_dir, "--out_dir", tmp_path / "x", *RUN)
+    assert_user_error(result, "has no tokenizer files")
