@@ -51,10 +51,11 @@ def objective_for(arch: str, architecture: str, path: str):
     order: mlm before wwm), or a one-line UserError listing the classes minilm imports."""
     from minilm.objectives import OBJECTIVES
     for cls in OBJECTIVES.values():
-        head = cls.hf_heads.get(arch)
+        head = cls.own_hf_heads().get(arch)
         if head is not None and head.architecture == architecture:
             return cls, head
-    known = sorted({cls.hf_heads[arch].architecture for cls in OBJECTIVES.values() if arch in cls.hf_heads})
+    known = sorted({head.architecture for cls in OBJECTIVES.values() for name, head in cls.own_hf_heads().items()
+                    if name == arch})
     raise UserError(f"{path}: {architecture} has no counterpart among minilm's heads; it imports {', '.join(known)}")
 
 
@@ -97,7 +98,8 @@ def read_tokenizer(folder: str):
     except ImportError:   # TEMPORARY until h22-tok: minilm's own tokenizer.model only
         load_foreign_tokenizer = None
     model = os.path.join(folder, "tokenizer.model")
-    if load_foreign_tokenizer is not None and (os.path.isfile(model) or os.path.isfile(os.path.join(folder, "vocab.json"))):
+    has_files = os.path.isfile(model) or os.path.isfile(os.path.join(folder, "vocab.json"))
+    if load_foreign_tokenizer is not None and has_files:
         return load_foreign_tokenizer(folder)
     if os.path.isfile(model):
         from minilm.tokenizer import Tokenizer

@@ -209,6 +209,11 @@ def test_what_has_no_counterpart_is_one_line_saying_what_would_work(tokenizer, t
     with pytest.raises(UserError, match="clm has no Hugging Face counterpart on a bert model .it has one on gpt2, "
                                         "llama.; on bert, export a checkpoint of mlm, .*classify"):
         export_folder(path, str(tmp_path / "out"))
+    # prefix_lm reads its prefix both ways, which no causal LM class does: clm's heads are not its
+    with pytest.raises(UserError, match="prefix_lm has no Hugging Face counterpart on a llama model .it has one on no "
+                                        "architecture.; on llama, export a checkpoint of clm, classify"):
+        objective_class("prefix_lm").hf_head("llama")
+    assert objective_class("wwm").hf_head("bert") == objective_class("mlm").hf_head("bert")
     run = tmp_path / "mean"
     run.mkdir()
     path, _ = make_checkpoint(run / "ckpt-00000001.pt", tokenizer, "classify", "bert")

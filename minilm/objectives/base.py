@@ -356,13 +356,22 @@ class Objective(nn.Module):
         """This objective's HFHead on `arch`, or a one-line UserError naming what is missing and the
         objectives that do have a head there. `options`: an instance of cls.Options (a classifier
         checks that its head is the one the HF class computes)."""
-        if arch in cls.hf_heads:
-            return cls.hf_heads[arch]
+        heads = cls.own_hf_heads()
+        if arch in heads:
+            return heads[arch]
         from minilm.objectives import OBJECTIVES   # the registry, which imports this module
-        fits = [name for name, other in OBJECTIVES.items() if arch in other.hf_heads]
-        where = ", ".join(sorted(cls.hf_heads)) or "no architecture"
+        fits = [name for name, other in OBJECTIVES.items() if arch in other.own_hf_heads()]
+        where = ", ".join(sorted(heads)) or "no architecture"
         raise UserError(f"{cls.name} has no Hugging Face counterpart on a {arch} model (it has one on {where}); "
                         f"on {arch}, export a checkpoint of {', '.join(fits) or 'none of the objectives'}")
+
+    @classmethod
+    def own_hf_heads(cls) -> dict:
+        """hf_heads, where they describe this objective's model: declared by this class, or
+        inherited from a class with the same model_kind (wwm's masked LM is mlm's; prefix_lm reads
+        its prefix both ways, which a causal LM class does not, so clm's heads are not its)."""
+        declared_by = next(klass for klass in cls.__mro__ if "hf_heads" in vars(klass))
+        return cls.hf_heads if declared_by.model_kind == cls.model_kind else {}
 
     @classmethod
     def hf_config(cls, options) -> dict:

@@ -314,7 +314,8 @@ class Classifier(Objective):
         not 6 N, and no attention backward)."""
         length = length or self.backbone.cfg.seq_len
         backbone = transformer_flops(self.backbone, length)          # (flops.py)
-        head = 6 * (self.label_head.weight.numel() + (self.pooler.weight.numel() if self.pooler is not None else 0)) / length
+        head_weights = self.label_head.weight.numel() + (self.pooler.weight.numel() if self.pooler is not None else 0)
+        head = 6 * head_weights / length
         return backbone / 3 + head if self.freeze_backbone else backbone + head
 
     def tokens_and_flops(self, batch: dict) -> tuple[int, float]:
