@@ -9,8 +9,9 @@ A run is described by one `Config`, made of four sections:
     TrainConfig      which objective, the optimizer, the schedule, logging and checkpoints
 
 Every field of every section can be set from the command line as `--field value` (or
-`--field=value`); field names are unique across sections, so no prefixes are needed. A preset
-(`--preset tiny|small|base`) fills the model section first, then explicit flags win.
+`--field=value`); field names are unique across sections, so no prefixes are needed. A size
+preset (`--preset tiny|small|base`) and an architecture (`--arch llama|gpt2|bert|roberta`) fill
+the model section first, then explicit flags win.
 Each field carries its meaning (printed by `train.py --help`) and the values it accepts; the
 parsed config is validated whole before anything runs, so a bad value is one line naming its
 flag (`--beta1 must be in [0, 1), got 1.5`), never a traceback minutes into a run.
@@ -110,6 +111,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Architecture presets: the fields that make minilm's one Block and its embeddings exactly a
+# family the ecosystem uses, so its checkpoints import and export by renaming weights
+# (hf_format.py). Applied like a size preset (`--preset small --arch bert`: both fill, then
+# explicit flags win), and not saved: what is saved is the fields. Each sets every field that
+# tells the families apart, so an arch is the same model whatever it is applied on; README.md's
+# model section lists each one's differences from the defaults.
+ARCHES: dict[str, dict] = {
+    # Touvron et al. 2023: RMSNorm, rotary positions, SwiGLU, no biases, an untied output matrix
+    "llama": dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope",
+                  mlp="swiglu", tie_embeddings=False, n_segment=0, embed_norm=False),
+    # Radford et al. 2019: LayerNorm with biases, a learned position table, tanh GELU, tied head
+    "gpt2": dict(norm_placement="pre", norm="layernorm", norm_eps=1e-5, bias=True, position="learned",
+                 mlp="gelu_tanh", tie_embeddings=True, n_segment=0, embed_norm=False),
+    # Devlin et al. 2019: post-LayerNorm blocks, learned positions, two token types, a normed embedding sum
+    "bert": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
+                 mlp="gelu", tie_embeddings=True, n_segment=2, embed_norm=True),
+    # Liu et al. 2019: BERT's model with one token type (its position offset of 2 is import/export's)
+    "roberta": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
+                    mlp="gelu", tie_embeddings=True, n_segment=1, embed_norm=True),
+}
+
+
 @dataclass
 class DataConfig:
     data: str = option("", "text file, folder, glob or .jsonl; empty = the built-in corpus")
@@ -206,6 +229,9 @@ class TrainConfig:
     dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp16 (CUDA "
                                 "only, with loss scaling)", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model (checkpoints hold the uncompiled weights)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of "
+                                                    "keeping them: less memory, ~1 more forward pass of compute, "
+                                                    "same gradients")
     resume: str = option("", "auto (or bare --resume): the newest checkpoint in out_dir that loads; or "
                              "the path of a checkpoint file; empty = start fresh")
     init_from: str = option("", "start a new run from a checkpoint's weights (continued pretraining): "
@@ -390,7 +416,7 @@ FRESH_START = ("", "false", "0", "no", "off")
 
 
 def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
-    """A Config from `--preset` and `--field value` flags, applied on top of `base`, validated.
+    """A Config from `--preset`, `--arch` and `--field value` flags, applied on top of `base`, validated.
 
     Raises UserError for an unknown flag (naming the closest valid one) or a bad value: any field
     out of its range, or two fields that do not fit together (Config.validate). A command line that
@@ -401,16 +427,15 @@ def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     cfg = copy.deepcopy(base) if base is not None else Config()
     index = _field_index(cfg)
     pairs = _split_flags(argv, lambda n: n in index and index[n][1].type == "bool")
-    _reject_unknown(pairs, set(index) | {"preset"})
-    # preset first, so explicit flags override it whatever their order
+    _reject_unknown(pairs, set(index) | set(MODEL_PRESETS))
+    # presets first (the size, then the architecture), so explicit flags override them whatever their order
+    for flag, presets in MODEL_PRESETS.items():
+        for name, value in pairs:
+            if name == flag:
+                for k, v in presets[_preset_name(flag, value, presets)].items():
+                    setattr(cfg.model, k, v)
     for name, value in pairs:
-        if name == "preset":
-            if value not in PRESETS:
-                raise UserError(f"unknown --preset {value!r}; choose one of {', '.join(PRESETS)}")
-            for k, v in PRESETS[value].items():
-                setattr(cfg.model, k, v)
-    for name, value in pairs:
-        if name != "preset":
+        if name not in MODEL_PRESETS:
             obj, f = index[name]
             setattr(obj, name, _convert(name, value, TYPES[f.type]))
     if base is None and cfg.train.resume.strip().lower() not in FRESH_START:
@@ -420,15 +445,39 @@ def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     return cfg
 
 
+# the flags that fill model fields from a table, in the order they apply; not fields themselves
+MODEL_PRESETS = {"preset": PRESETS, "arch": ARCHES}
+
+
+def _preset_name(flag: str, value: str, presets: dict) -> str:
+    if value not in presets:
+        raise UserError(f"unknown --{flag} {value!r}; choose one of {', '.join(presets)}")
+    return value
+
+
 def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the flags given on a command line (to tell what a resumed run overrides)."""
-    return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    """Names of the flags given on a command line (to tell what a resumed run overrides, and
+    where an objective's defaults may still fill in). `--arch NAME` gives each field the arch
+    sets: they are the user's choice of model, which an objective's defaults must not undo (a
+    classifier from scratch keeps GPT-2's embeddings un-normed)."""
+    names = set()
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        names.add(name)
+        if name == "arch":
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            names |= set(ARCHES.get(value, ()))
+    return names
 
 
 # ----------------------------------------------------------------------------- --help
 SECTION_TITLES = {
     "model": "model (ModelConfig); --preset tiny|small|base sets n_layer, n_head, n_embd and seq_len, "
-             "then the flags win",
+             "--arch " + "|".join(ARCHES) + " an architecture's fields (its differences from the defaults "
+             "below), then the flags win",
     "data": "data and tokenizer (DataConfig)",
     "obj": "objective options (ObjectiveConfig); each objective reads the ones it needs",
     "train": "training (TrainConfig)",
@@ -441,12 +490,22 @@ def _shown(value) -> str:
     return str(value) if value != "" else '""'
 
 
+def arch_differences(name: str) -> str:
+    """What `--arch name` sets that differs from ModelConfig's defaults: "norm_eps=1e-06 mlp=swiglu ..."."""
+    default = ModelConfig()
+    return " ".join(f"{k}={_shown(v)}" for k, v in ARCHES[name].items() if getattr(default, k) != v)
+
+
 def help_text(width: int = 100) -> str:
     """Every flag, section by section: `--name default`, then its meaning, wrapped to `width`."""
     column = 31  # where meanings start; a longer flag puts its meaning on the next line
     lines = []
     for section in SECTIONS:
         lines += ["", *textwrap.wrap(SECTION_TITLES[section], width)]
+        if section == "model":   # each --arch, as a flag with its meaning
+            for name in ARCHES:
+                meaning = textwrap.wrap(arch_differences(name), width - column)
+                lines += [f"  --arch {name}".ljust(column) + meaning[0], *(" " * column + rest for rest in meaning[1:])]
         for f in fields(getattr(Config(), section)):
             flag = f"  --{f.name} {_shown(f.default)}"
             meaning = textwrap.wrap(f.metadata["help"], width - column)

@@ -25,8 +25,9 @@ import sys
 import torch
 
 from minilm.errors import UserError
+from minilm.foreign_tokenizer import write_hf_tokenizer
 from minilm.hf_format import (arch_of, minilm_rows, position_offset, renames_for, to_hf_config, to_hf_state)
-from minilm.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from minilm.tokenizer import BOS_ID, EOS_ID, PAD_ID, tokenizer_from_bytes
 
 # what an export writes (and what an earlier export may hold): the only files it replaces
 EXPORT_FILES = {"config.json", "model.safetensors", "README.md", "tokenizer.model", "tokenizer.json",
@@ -52,27 +53,16 @@ def check_folder(folder: str, source: str) -> None:
             raise UserError(f"{os.path.join(folder, name)} is not a regular file; name a new folder for the export")
 
 
-def tokenizer_of(data: bytes):
-    """The tokenizer a checkpoint carries, minilm's own or a foreign one."""
-    try:
-        from minilm.tokenizer import tokenizer_from_bytes
-    except ImportError:   # TEMPORARY until h22-tok: only minilm's own tokenizer
-        from minilm.tokenizer import Tokenizer
-        return Tokenizer(data)
-    return tokenizer_from_bytes(data)
-
-
 def write_tokenizer(tokenizer, folder: str) -> list[str]:
-    """The tokenizer's files in `folder`, for AutoTokenizer.from_pretrained; the names written."""
-    try:
-        from minilm.foreign_tokenizer import write_hf_tokenizer
-    except ImportError:   # TEMPORARY until h22-tok: the sentencepiece model alone
-        from minilm.checkpoint import atomic_write_bytes
+    """The tokenizer's files in `folder` (the names): what AutoTokenizer.from_pretrained loads
+    (foreign_tokenizer.write_hf_tokenizer), and for minilm's own tokenizer its sentencepiece model
+    too, which --init_from reads back (transformers reads tokenizer.json)."""
+    from minilm.checkpoint import atomic_write_bytes
+    paths = write_hf_tokenizer(tokenizer, folder)
+    if getattr(tokenizer, "foreign_ids", None) is None:
         atomic_write_bytes(os.path.join(folder, "tokenizer.model"), tokenizer.model_bytes)
-        return ["tokenizer.model"]
-    before = set(os.listdir(folder))
-    write_hf_tokenizer(tokenizer, folder)
-    return sorted(set(os.listdir(folder)) - before) or ["(tokenizer files)"]
+        paths = list(paths) + ["tokenizer.model"]
+    return sorted(os.path.basename(path) for path in paths)
 
 
 def hf_weights(weights: dict, model_cfg, arch: str, head, foreign_ids, foreign_size: int, pad_id) -> dict:
@@ -108,7 +98,7 @@ def export_folder(checkpoint_path: str, folder: str, log=None) -> str:
     head = cls.hf_head(arch, cfg.obj)
     if state.get("tokenizer") is None:
         raise UserError(f"{path} carries no tokenizer, so its export would not say which text its ids are")
-    tokenizer = tokenizer_of(tensor_to_bytes(state["tokenizer"]))
+    tokenizer = tokenizer_from_bytes(tensor_to_bytes(state["tokenizer"]))
     foreign_ids = getattr(tokenizer, "foreign_ids", None)
     if foreign_ids is None:
         size, exported = cfg.model.vocab_size, lambda i: i

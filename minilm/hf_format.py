@@ -33,21 +33,9 @@ import json
 
 import torch
 
-from minilm.config import ModelConfig
+from minilm.config import ARCHES, ModelConfig
 from minilm.errors import UserError
 
-try:   # TEMPORARY until h22-arch's ARCHES is merged
-    from minilm.config import ARCHES
-except ImportError:
-    ARCHES = {
-        "llama": dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope",
-                      mlp="swiglu", tie_embeddings=False, n_segment=0, embed_norm=False),
-        "gpt2": dict(norm_placement="pre", norm="layernorm", norm_eps=1e-5, bias=True, position="learned",
-                     mlp="gelu_tanh", tie_embeddings=True, n_segment=0, embed_norm=False),
-        "bert": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
-                     mlp="gelu", tie_embeddings=True, n_segment=2, embed_norm=True),
-        "roberta": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
-                        mlp="gelu", tie_embeddings=True, n_segment=1, embed_norm=True)}
 
 # The fields that make a model one of ARCHES; the others (sizes, norm_eps, rope_base, dropout,
 # tie_embeddings, intermediate_size) every HF config of these architectures states as it likes.

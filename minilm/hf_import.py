@@ -24,8 +24,10 @@ import torch
 
 from minilm.config import ModelConfig
 from minilm.errors import UserError
+from minilm.foreign_tokenizer import load_foreign_tokenizer
 from minilm.hf_format import (foreign_rows, from_hf_config, from_hf_state, normalize_hf_names, position_offset,
                               read_config, renames_for)
+from minilm.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
@@ -90,20 +92,22 @@ def read_weights(folder: str) -> dict:
                     "or pytorch_model.bin")
 
 
-def read_tokenizer(folder: str):
-    """The folder's tokenizer (minilm's own sentencepiece model, or a foreign one with
-    foreign_ids), or None when it has no tokenizer files."""
-    try:
-        from minilm.foreign_tokenizer import load_foreign_tokenizer
-    except ImportError:   # TEMPORARY until h22-tok: minilm's own tokenizer.model only
-        load_foreign_tokenizer = None
+TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "tokenizer.json", "vocab.txt")
+
+
+def read_tokenizer(folder: str, vocab_size: int):
+    """The folder's tokenizer, or None when it has no tokenizer files: minilm's own sentencepiece
+    model (an export of minilm's: its ids are minilm's), else a public model's, its ids reordered
+    to keep minilm's special slots (foreign_tokenizer.py). vocab_size: the model's token rows,
+    which may be more than the tokenizer's pieces."""
     model = os.path.join(folder, "tokenizer.model")
-    has_files = os.path.isfile(model) or os.path.isfile(os.path.join(folder, "vocab.json"))
-    if load_foreign_tokenizer is not None and has_files:
-        return load_foreign_tokenizer(folder)
     if os.path.isfile(model):
-        from minilm.tokenizer import Tokenizer
-        return Tokenizer.load(model)
+        try:
+            return Tokenizer.load(model)
+        except UserError:   # not minilm's layout: a public model's sentencepiece tokenizer
+            pass
+    if any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        return load_foreign_tokenizer(folder, vocab_size)
     return None
 
 
@@ -127,7 +131,7 @@ def read_folder(folder: str) -> ImportedModel:
     unused = sorted(set(tensors) - used)
     if model_cfg.tie_embeddings:   # a tied output matrix is the token table; a stored copy is not a tensor of its own
         state.pop("backbone.lm_head.weight", None)
-    tokenizer = read_tokenizer(folder)
+    tokenizer = read_tokenizer(folder, model_cfg.vocab_size)
     foreign_ids = getattr(tokenizer, "foreign_ids", None)
     if foreign_ids is not None:
         generator = torch.Generator().manual_seed(0)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from minilm.config import ModelConfig
 
@@ -407,6 +408,8 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # the tied matrix is V x E, so the stream goes down to E first
         self.head_project = nn.Linear(cfg.n_embd, E, bias=cfg.bias) if factorized and cfg.tie_embeddings else None
+        # recompute each block in backward instead of keeping its activations (set_activation_checkpointing)
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2's depth scaling: each residual branch adds to the stream, so the layers that write
         # into it start smaller, keeping the variance of the stream independent of depth.
@@ -477,6 +480,13 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == last and outputs_at is not None:
                 x = self._last_block_at(block, x, outputs_at, mask, positions)
+            elif self.activation_checkpointing and self.training and cache is None:
+                # keep only the block's input; its attention and MLP activations are recomputed in
+                # backward (one more forward of the block), with the RNG state of this pass, so
+                # dropout drops the same units and the gradients are the same. Not with a cache
+                # (generation: no backward, and the recompute would append to the cache again) nor
+                # for outputs_at's last block, which holds activations at the picked positions only
+                x = checkpoint(block, x, mask=mask, positions=positions, use_reentrant=False, **shared)
             else:
                 layer_cache = None if cache is None else cache.layers[i]
                 x = block(x, mask=mask, positions=positions, cache=layer_cache, **shared)
@@ -539,6 +549,17 @@ class Transformer(nn.Module):
             for table in (self.pos_emb, self.seg_emb):
                 n -= table.weight.numel() if table is not None else 0
         return n
+
+
+def set_activation_checkpointing(module: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off for every Transformer stack in `module`
+    (an objective's backbone, both stacks of an encoder-decoder, an ELECTRA generator): while
+    training, each block keeps only its input and recomputes the rest in backward. Memory for
+    activations goes from every block's intermediates to one (B, T, C) tensor per block, for
+    about one more forward pass of compute; the loss and the gradients are the same."""
+    for stack in module.modules():
+        if isinstance(stack, Transformer):
+            stack.activation_checkpointing = on
 
 
 # ----------------------------------------------------------------------------- encoder-decoder

@@ -46,7 +46,7 @@ from minilm.errors import UserError
 from minilm.hf_import import is_hf_folder, parent_checkpoint, read_folder
 from minilm.objectives import OBJECTIVES, data_kind_for, is_encoder_decoder, model_config_for, objective_class
 from minilm.run_dir import DATA_NAME, TOKENIZER_NAME, RunLock, check_data_outside, claim_run_dir
-from minilm.tokenizer import Tokenizer
+from minilm.tokenizer import Tokenizer, tokenizer_from_bytes
 
 
 # ----------------------------------------------------------------------------- prepared data: reuse or make again
@@ -222,9 +222,8 @@ class Start:
 
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer the checkpoint carries (the resumed one's, else the parent's), or None."""
-        from minilm.hf_export import tokenizer_of   # minilm's own or a foreign one (an imported folder's)
         carrier = self.state if self.state is not None else self.parent
-        return None if carrier is None else tokenizer_of(tensor_to_bytes(carrier["tokenizer"]))
+        return None if carrier is None else tokenizer_from_bytes(tensor_to_bytes(carrier["tokenizer"]))
 
 
 def parent_config(parent: dict) -> Config:

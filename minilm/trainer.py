@@ -45,6 +45,7 @@ from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barri
 from minilm.errors import UserError
 from minilm.faults import FaultHandling, NonFiniteLoss, check_finite
 from minilm.flops import measure_peak_flops
+from minilm.model import set_activation_checkpointing
 from minilm.objectives import finalize, objective_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -196,6 +197,7 @@ class Trainer(FaultHandling):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.objective = objective.to(self.device)   # the plain module: saved, evaluated, inspected
+        set_activation_checkpointing(self.objective, self.tcfg.activation_checkpointing)
         if self.tcfg.fsdp:
             shard_fsdp(self.objective)
         self.model = torch.compile(self.objective) if self.tcfg.compile else self.objective
