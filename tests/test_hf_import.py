@@ -19,9 +19,10 @@ import minilm
 from minilm.checkpoint import load_checkpoint
 from minilm.errors import UserError
 from minilm.hf_format import from_hf_config
-from minilm.hf_import import load_hf_module, read_folder
+from minilm.hf_import import load_hf_module, parent_checkpoint, read_folder
 from tests.conftest import run_in_process
 from tests.test_cli import assert_user_error
+from tests.test_foreign_tokenizer import merges  # noqa: F401  (a fixture)
 from tests.test_hf_export import make_checkpoint, minilm_logits, padded_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")  # conftest.py
@@ -189,3 +190,68 @@ def test_init_from_a_folder_without_a_tokenizer_is_one_line(folders, corpus_dir,
             os.remove(folder / name)
     result = run_in_process("train.py", "--init_from", folder, "--data", corpus_dir, "--out_dir", tmp_path / "x", *RUN)
     assert_user_error(result, "has no tokenizer files")
+
+
+# ----------------------------------------------------------------------------- a public model's tokenizer
+@pytest.fixture(scope="module")
+def roberta_download(tmp_path_factory, merges):
+    """What a user downloads of a RoBERTa: a RobertaForMaskedLM (random config, tiny) saved by
+    save_pretrained beside its byte-level BPE files, whose <mask> is its last id, not 4."""
+    from tests.test_foreign_tokenizer import ROBERTA_CONFIG, ROBERTA_SPECIALS, bytelevel_folder
+    transformers = pytest.importorskip("transformers")
+    folder = bytelevel_folder(tmp_path_factory.mktemp("roberta-download"), merges, ROBERTA_SPECIALS, ["<mask>"],
+                              ROBERTA_CONFIG)
+    vocab_size = len(json.load(open(os.path.join(folder, "vocab.json"))))
+    config = transformers.RobertaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=34,
+                                        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.RobertaForMaskedLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_a_public_tokenizer_reorders_the_token_rows_both_ways(roberta_download, tmp_path):
+    """minilm's id i is the folder's id foreign_ids[i]: its logits over minilm ids are transformers'
+    over the foreign ids, and the export puts every row back where the folder had it."""
+    folder, model = roberta_download
+    objective, imported = load_hf_module(folder)
+    tokenizer = imported.tokenizer
+    foreign_ids = tokenizer.foreign_ids
+    assert int(foreign_ids[4]) == len(json.load(open(os.path.join(folder, "vocab.json")))) - 1   # <mask>
+    ids = torch.tensor([tokenizer.encode("The river runs by the garden, 42 times.")[:30]])
+    mapped = foreign_ids >= 0
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor([tokenizer.to_foreign(ids[0].tolist())])).logits
+        ours = objective.predict(ids)
+    torch.testing.assert_close(ours[..., mapped], theirs[..., foreign_ids[mapped]], atol=1e-5, rtol=0)
+    # back out: the checkpoint of the imported model exports the folder's own tensors (the position
+    # table's first pad_token_id + 1 rows, which no position reads, come back as zeros)
+    path = str(tmp_path / "ckpt-00000000.pt")
+    torch.save(parent_checkpoint(imported, folder), path)
+    out = minilm.export(path, str(tmp_path / "again"), format="hf")
+    from minilm.safetensors_io import load_safetensors
+    again, original = load_safetensors(os.path.join(out, "model.safetensors"))[0], model.state_dict()
+    assert set(again) == {k for k in original if not k.startswith("lm_head.decoder")}
+    for name, tensor in again.items():
+        expected = original[name][2:] if "position_embeddings" in name else original[name]
+        assert torch.equal(tensor[2:] if "position_embeddings" in name else tensor, expected), name
+    assert json.load(open(os.path.join(out, "config.json")))["pad_token_id"] == 1
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "merges.txt", "model.safetensors",
+                                       "tokenizer_config.json", "vocab.json"]
+
+
+def test_init_from_a_public_model_trains_with_its_tokenizer(roberta_download, corpus_dir, tmp_path):
+    folder, _ = roberta_download
+    out = tmp_path / "domain"
+    result = run_in_process("train.py", "--init_from", folder, "--data", corpus_dir, "--out_dir", out, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training mlm" in result.stdout
+    child = load_checkpoint(str(out / "ckpt-00000002.pt"))
+    assert child["config"]["model"]["vocab_size"] == len(read_folder(folder).tokenizer.foreign_ids)
+    back = read_folder(minilm.export(str(out), str(tmp_path / "export"), format="hf"))
+    assert back.architecture == "RobertaForMaskedLM" and torch.equal(back.tokenizer.foreign_ids,
+                                                                     read_folder(folder).tokenizer.foreign_ids)
