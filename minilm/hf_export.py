@@ -75,6 +75,16 @@ def hf_weights(weights: dict, model_cfg, arch: str, head, foreign_ids, foreign_s
     return to_hf_state(weights, renames, offset=position_offset(arch, pad_id or 0))
 
 
+def auto_class(architecture: str) -> str:
+    """transformers' Auto class that loads `architecture` (LlamaForCausalLM -> AutoModelForCausalLM)."""
+    for ending, auto in (("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                         ("ForMaskedLM", "AutoModelForMaskedLM"), ("ForCausalLM", "AutoModelForCausalLM"),
+                         ("LMHeadModel", "AutoModelForCausalLM")):
+        if architecture.endswith(ending):
+            return auto
+    return "AutoModel"
+
+
 def export_folder(checkpoint_path: str, folder: str, log=None) -> str:
     """Write `checkpoint_path`'s model (a checkpoint file or a run folder: its newest) into
     `folder` as transformers' config.json + model.safetensors + tokenizer files + README.md;
@@ -84,6 +94,8 @@ def export_folder(checkpoint_path: str, folder: str, log=None) -> str:
     from minilm.objectives import objective_class
     from minilm.safetensors_io import save_safetensors
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not folder:
+        raise UserError("name the folder to write the export to")
     if not os.path.exists(checkpoint_path):
         raise UserError(f"no checkpoint at {checkpoint_path}; pass a checkpoint file or a run folder")
     check_folder(folder, checkpoint_path)
@@ -100,29 +112,31 @@ def export_folder(checkpoint_path: str, folder: str, log=None) -> str:
         raise UserError(f"{path} carries no tokenizer, so its export would not say which text its ids are")
     tokenizer = tokenizer_from_bytes(tensor_to_bytes(state["tokenizer"]))
     foreign_ids = getattr(tokenizer, "foreign_ids", None)
-    if foreign_ids is None:
-        size, exported = cfg.model.vocab_size, lambda i: i
-    else:
-        size = int(getattr(tokenizer, "foreign_vocab_size", 0) or int(foreign_ids.max()) + 1)
-        exported = lambda i: int(foreign_ids[i]) if int(foreign_ids[i]) >= 0 else None  # noqa: E731
-    specials = {"pad_token_id": exported(PAD_ID), "bos_token_id": exported(BOS_ID), "eos_token_id": exported(EOS_ID)}
+    # the exported ids: minilm's own, or the foreign tokenizer's (None for a special it lacks: GPT-2's pad)
+    ids = list(range(cfg.model.vocab_size)) if foreign_ids is None else \
+        [int(f) if f >= 0 else None for f in foreign_ids.tolist()]
+    size = cfg.model.vocab_size if foreign_ids is None else int(tokenizer.foreign_vocab_size)
+    specials = {"pad_token_id": ids[PAD_ID], "bos_token_id": ids[BOS_ID], "eos_token_id": ids[EOS_ID]}
     tensors = hf_weights(state["model"], cfg.model, arch, head, foreign_ids, size, specials["pad_token_id"])
     config = to_hf_config(cfg.model, arch, head.architecture, size, specials, cls.hf_config(cfg.obj))
 
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {folder}: {err.strerror or err}") from None
     save_safetensors(tensors, os.path.join(folder, "model.safetensors"), {"format": "pt"})
     atomic_write_bytes(os.path.join(folder, "config.json"),
                        (json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
     tokenizer_files = write_tokenizer(tokenizer, folder)
-    step = int(state.get("step") or 0)
+    step, name = int(state.get("step") or 0), os.path.basename(os.path.abspath(folder))
     readme = (f"# {head.architecture}, exported by minilm\n\n"
               f"The {objective} model of `{os.path.abspath(path)}` (step {step}), a {arch} model "
               f"({cfg.model.n_layer} layers, {cfg.model.n_embd} wide, {cfg.model.vocab_size} token ids), in the layout "
               "Hugging Face transformers loads:\n\n"
-              f"    AutoModelFor...from_pretrained(\"{os.path.basename(os.path.abspath(folder))}\")\n\n"
+              f"    transformers.{auto_class(head.architecture)}.from_pretrained(\"{name}\")\n\n"
               "- config.json: the architecture and its sizes\n"
               "- model.safetensors: the weights, float32, under transformers' names\n"
-              f"- {', '.join(tokenizer_files)}: the tokenizer it was trained with\n\n"
+              f"- {', '.join(tokenizer_files)}: the tokenizer it was trained with (AutoTokenizer gives minilm's ids)\n\n"
               "minilm reads it back with `python train.py --init_from THIS_FOLDER`.\n")
     atomic_write_bytes(os.path.join(folder, "README.md"), readme.encode("utf-8"))
     return folder

@@ -285,11 +285,13 @@ class ConfigReader:
         self.config, self.path = config, path
 
     def get(self, key: str, kind=int, default=...):
-        value = self.config.get(key, default)
-        if value is ... or value is None and default is ...:
-            raise UserError(f"{self.path} lacks {key!r}, which a {self.config.get('model_type')} config must have")
-        if value is None or value is default:
-            return value
+        """config[key], checked to be of `kind`; `default` where it is missing or null (JSON's
+        None: transformers' "use the default"), required when no default is given."""
+        value = self.config.get(key)
+        if value is None:
+            if default is ...:
+                raise UserError(f"{self.path} lacks {key!r}, which a {self.config.get('model_type')} config must have")
+            return default
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if kind is float else \
             (isinstance(value, int) and not isinstance(value, bool)) if kind is int else isinstance(value, kind)
         if not ok:

@@ -278,3 +278,11 @@ def test_transformers_computes_minilms_logits(exported, arch, name, auto, tokeni
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     if name == "classify":
         assert theirs_model.config.id2label == {0: "neg", 1: "pos", 2: "mixed"}
+
+
+def test_the_exported_tokenizer_gives_minilms_ids(exported, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    folder, _ = exported["gpt2", "clm"]
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in ["Hello, world!", "  two  spaces\tand a tab\n", "naïve café 東京 123456", "ends with <mask> typed"]:
+        assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text), text

@@ -100,13 +100,16 @@ def test_config_json_both_ways_and_what_it_refuses():
     assert (arch, architecture) == ("llama", "LlamaForCausalLM")
     assert (cfg.n_embd, cfg.intermediate_size, cfg.rope_base, cfg.norm_eps, cfg.seq_len) == (64, 96, 500.0, 1e-6, 64)
     assert (cfg.mlp, cfg.norm, cfg.position, cfg.bias, cfg.tie_embeddings) == ("swiglu", "rmsnorm", "rope", False, False)
+    # null is transformers' "the default": as many key/value heads as heads, head_dim = hidden / heads
+    assert from_hf_config({**LLAMA, "num_key_value_heads": None, "head_dim": None}, "config.json")[2] == cfg
     refusals = [({"model_type": "mistral"}, "model_type 'mistral' has no counterpart in minilm; it imports llama, "
                                             "gpt2, bert, roberta"),
                 ({"num_key_value_heads": 2}, "grouped-query attention"),
                 ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
                 ({"hidden_act": "gelu"}, "hidden_act is 'gelu'; minilm's llama has 'silu'"),
                 ({"architectures": ["LlamaForCausalLM", "X"]}, "architectures must name one class"),
-                ({"hidden_size": "64"}, "hidden_size must be int")]
+                ({"hidden_size": "64"}, "hidden_size must be int"),
+                ({"num_hidden_layers": None}, "config.json lacks 'num_hidden_layers', which a llama config must have")]
     for change, message in refusals:
         with pytest.raises(UserError, match=message.replace("(", ".").replace(")", ".")):
             from_hf_config({**LLAMA, **change}, "config.json")
