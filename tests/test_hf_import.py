@@ -22,7 +22,7 @@ from minilm.hf_format import from_hf_config
 from minilm.hf_import import load_hf_module, parent_checkpoint, read_folder
 from tests.conftest import run_in_process
 from tests.test_cli import assert_user_error
-from tests.test_foreign_tokenizer import merges  # noqa: F401  (a fixture)
+from tests.test_foreign_tokenizer import merges, roberta_folder  # noqa: F401  (fixtures)
 from tests.test_hf_export import make_checkpoint, minilm_logits, padded_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")  # conftest.py
@@ -258,3 +258,41 @@ def test_init_from_a_public_model_trains_with_its_tokenizer(roberta_download, co
     back = read_folder(minilm.export(str(out), str(tmp_path / "export"), format="hf"))
     assert back.architecture == "RobertaForMaskedLM" and torch.equal(back.tokenizer.foreign_ids,
                                                                      read_folder(folder).tokenizer.foreign_ids)
+
+
+def test_a_foreign_tokenizers_model_round_trips_without_transformers(roberta_folder, tmp_path):
+    """A minilm model trained with a public tokenizer (RoBERTa's byte-level BPE, ids reordered):
+    the export writes the tokenizer's own files and the rows in its ids, the import reorders them
+    back, so the tensors and logits are minilm's exactly."""
+    from minilm.foreign_tokenizer import load_foreign_tokenizer
+    tokenizer = load_foreign_tokenizer(roberta_folder)
+    path, built = make_checkpoint(tmp_path / "ckpt-00000001.pt", tokenizer, "mlm", "roberta")
+    folder = minilm.export(path, str(tmp_path / "export"), format="hf")
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(folder))
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["vocab_size"] == tokenizer.foreign_vocab_size and config["pad_token_id"] == 1   # RoBERTa's <pad>
+    from minilm.safetensors_io import load_safetensors
+    table = load_safetensors(os.path.join(folder, "model.safetensors"))[0]["roberta.embeddings.word_embeddings.weight"]
+    mask = int(tokenizer.foreign_ids[4])
+    assert torch.equal(table[mask], built.state_dict()["backbone.tok_emb.weight"][4])   # <mask>'s row at its own id
+    rebuilt, imported = load_hf_module(folder)
+    foreign_ids = tokenizer.foreign_ids
+    assert torch.equal(imported.tokenizer.foreign_ids, foreign_ids)
+    # minilm id i comes back with the row of the first minilm id that shares its foreign id (RoBERTa's
+    # <s> is bos 2 and cls 5: one row); ids the foreign vocabulary lacks (-1) start afresh
+    kept = foreign_ids >= 0
+    first = {}
+    for i, f in enumerate(foreign_ids.tolist()):
+        first.setdefault(f, i)
+    source = torch.tensor([first[f] for f in foreign_ids.tolist()])
+    assert source[5] == 2 and source[6] == 3 and bool((source[kept] == torch.arange(len(source))[kept]).sum() > 100)
+    for key, value in built.state_dict().items():
+        got = rebuilt.state_dict()[key]
+        if key in ("backbone.tok_emb.weight", "head.bias"):
+            value, got = value[source][kept], got[kept]
+        assert torch.equal(got, value), key
+    ids = torch.tensor([tokenizer.encode("The river runs by the garden.")])
+    assert not bool(ids.lt(7).any())         # ordinary pieces: their rows are their own
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.predict(ids)[..., kept], built.predict(ids)[..., source[kept]],
+                                   atol=1e-6, rtol=0)
