@@ -286,3 +286,20 @@ def test_the_exported_tokenizer_gives_minilms_ids(exported, tokenizer):
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     for text in ["Hello, world!", "  two  spaces\tand a tab\n", "naïve café 東京 123456", "ends with <mask> typed"]:
         assert theirs(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text), text
+
+
+def test_classifier_heads_compute_what_their_hf_classes_do(exported, tokenizer):
+    """Pinned by hand, for CI without transformers: pooler = BERT's tanh(dense(h[CLS])) then the
+    linear layer; score = a bias-free linear layer on the last real token."""
+    ids, lengths, _ = padded_rows(tokenizer.vocab_size)
+    _, bert = exported["bert", "classify"]
+    with torch.no_grad():
+        hidden = bert.backbone(ids, mask=(torch.arange(ids.shape[1])[None] < lengths[:, None])[:, None, None, :])
+        by_hand = bert.label_head(torch.tanh(bert.pooler(hidden[:, 0])))
+        torch.testing.assert_close(bert.logits(ids, lengths), by_hand, atol=1e-6, rtol=0)
+    _, llama = exported["llama", "classify"]
+    assert llama.label_head.bias is None and llama.pooler is None
+    with torch.no_grad():
+        hidden = llama.backbone(ids)                                             # causal
+        by_hand = hidden[torch.arange(3), lengths - 1] @ llama.label_head.weight.t()
+        torch.testing.assert_close(llama.logits(ids, lengths), by_hand, atol=1e-6, rtol=0)
