@@ -71,7 +71,8 @@ class ForeignTokenizer:
         self.files = {name: bytes(data) for name, data in files.items() if name in KEPT_FILES}
         self.given_vocab_size = foreign_vocab_size
         self.model_bytes = self._serialize()
-        config = {**_json_file(self.files, "special_tokens_map.json"), **_json_file(self.files, "tokenizer_config.json")}
+        config = {**_json_file(self.files, "special_tokens_map.json"),
+                  **_json_file(self.files, "tokenizer_config.json")}
         added = _added_tokens(self.files, config)          # foreign id -> (content, special)
         if "vocab.json" in self.files and "merges.txt" in self.files:
             self.kind = "bpe"
@@ -90,6 +91,7 @@ class ForeignTokenizer:
         used = set(slots)
         foreign_ids = slots + [f for f in range(size) if f not in used]
         self.foreign_ids = torch.tensor(foreign_ids, dtype=torch.long)
+        self._foreign = foreign_ids   # the same as a list, for per-token Python loops
         self.vocab_size = len(foreign_ids)
         # foreign id -> the first minilm id mapped to it, what encode returns
         self.minilm_id = [-1] * size
@@ -121,8 +123,9 @@ class ForeignTokenizer:
         for f, (content, _) in added.items():
             pieces.setdefault(f, content)
         # the bytes each ordinary id stands for (an added token not in vocab.json: its text)
-        self.piece_bytes = {f: self.bpe.piece_bytes(f) if f in self.bpe.piece_of and all(c in self.bpe.char_byte for c in piece)
-                            else piece.encode("utf-8") for f, piece in pieces.items()}
+        in_vocab = lambda f, piece: f in self.bpe.piece_of and set(piece) <= self.bpe.char_byte.keys()  # noqa: E731
+        self.piece_bytes = {f: self.bpe.piece_bytes(f) if in_vocab(f, piece) else piece.encode("utf-8")
+                            for f, piece in pieces.items()}
         return pieces, {f for f, (_, is_special) in added.items() if is_special}
 
     def _read_sentencepiece(self, added: dict[int, tuple[str, bool]]):
@@ -171,7 +174,7 @@ class ForeignTokenizer:
         """minilm ids -> the foreign tokenizer's ids (a new row has none: -1)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return [int(self.foreign_ids[int(i)]) for i in ids]
+        return [self._foreign[int(i)] for i in ids]
 
     def _decode_foreign(self, foreign: list[int]) -> str:
         if self.kind == "bpe":   # pieces may cut a character's bytes in two: join bytes, then decode
@@ -185,8 +188,8 @@ class ForeignTokenizer:
             ids = ids.tolist()
         out, run = [], []
         for i in (int(i) for i in ids):
-            if not self.special_table[i]:
-                run.append(int(self.foreign_ids[i]))
+            if not self._special[i]:
+                run.append(self._foreign[i])
             elif specials and MASK_ID <= i < NUM_SPECIAL:
                 out += [self._decode_foreign(run), self.id_to_piece(i)]
                 run = []
@@ -196,22 +199,16 @@ class ForeignTokenizer:
         return [self.decode(ids, specials=specials) for ids in batch]
 
     def id_to_piece(self, i: int) -> str:
-        f = int(self.foreign_ids[int(i)])
+        f = self._foreign[int(i)]
         return MINILM_NAMES[int(i)] if f < 0 else self.pieces[f]
 
     # ------------------------------------------------------------------ per-id tables
     def _build_tables(self) -> None:
-        """The same tables as Tokenizer._build_tables, from the foreign pieces' text."""
-        V = self.vocab_size
-        special = torch.zeros(V, dtype=torch.bool)
-        starts_word = torch.zeros(V, dtype=torch.bool)
-        breaks_line = torch.zeros(V, dtype=torch.bool)
-        n_bytes = torch.zeros(V, dtype=torch.long)
-        facts = torch.zeros(V, 5, dtype=torch.bool)   # text_facts of each piece
-        newline = torch.zeros(V, dtype=torch.long)    # newlines in the piece: byte-level BPE has "\n\n" pieces
-        for i, f in enumerate(self.foreign_ids.tolist()):
+        """The same tables as Tokenizer._build_tables, from the foreign pieces' bytes and text."""
+        rows = []   # per minilm id: (special, starts_word, breaks_line, n_bytes, newlines, *text_facts)
+        for i, f in enumerate(self._foreign):
             if i < NUM_SPECIAL or f < 0 or f in self.foreign_special:
-                special[i] = starts_word[i] = True
+                rows.append((True, True, False, 0, 0, False, False, False, False, False))
                 continue
             if self.kind == "bpe":
                 data = self.piece_bytes[f]
@@ -221,21 +218,21 @@ class ForeignTokenizer:
                 data = self.pieces[f].replace(WORD_MARK, " ").encode("utf-8")
             # a piece may hold part of a character: what it says is what decodes whole
             text = data.decode("utf-8", errors="ignore")
-            n_bytes[i] = len(data)
-            starts_word[i] = data[:1] == b" "
-            breaks_line[i] = data[-1:] in (b"\n", b"\t", b"\r")
-            newline[i] = data.count(b"\n")
-            facts[i] = torch.tensor(text_facts(text)) if text else False
-        self.special_table = special
-        self.starts_word_table = starts_word
-        self.breaks_line_table = breaks_line
-        self.bytes_per_token = n_bytes
+            facts = text_facts(text) if text else (False,) * 5
+            # newlines counted, not flagged: byte-level BPE has "\n\n" pieces (a blank line in one id)
+            rows.append((False, data[:1] == b" ", data[-1:] in (b"\n", b"\t", b"\r"), len(data), data.count(b"\n"),
+                         *facts))
+        columns = list(zip(*rows))
+        self.special_table, self.starts_word_table, self.breaks_line_table = (
+            torch.tensor(c, dtype=torch.bool) for c in columns[:3])
+        self.bytes_per_token, self.newline_table = (torch.tensor(c, dtype=torch.long) for c in columns[3:5])
         self.whitespace_table, self.starts_lower_table, self.ends_stop_table, self.ends_cjk_stop_table, \
-            self.closer_table = facts.unbind(1)
-        self.newline_table = newline
+            self.closer_table = (torch.tensor(c, dtype=torch.bool) for c in columns[5:])
+        self._special = columns[0]
 
     def word_starts(self, ids: torch.Tensor) -> torch.Tensor:
-        return word_starts_from_tables(ids, self.starts_word_table.to(ids.device), self.breaks_line_table.to(ids.device))
+        return word_starts_from_tables(ids, self.starts_word_table.to(ids.device),
+                                       self.breaks_line_table.to(ids.device))
 
     def is_special(self, ids: torch.Tensor) -> torch.Tensor:
         return self.special_table.to(ids.device)[ids]
@@ -271,6 +268,14 @@ class ForeignTokenizer:
     def load(cls, path: str):
         from minilm.tokenizer import Tokenizer
         return Tokenizer.load(path)
+
+    def sentencepiece_settings(self) -> dict:
+        """What the sentencepiece model's own settings say (`read_sentencepiece_settings`), and
+        whether sentencepiece_bpe_json reproduces it: a BPE model, identity normalization, whitespace kept."""
+        spec = read_sentencepiece_settings(self.files["tokenizer.model"])
+        spec["writable"] = (spec["model_type"] == 2 and spec["normalizer"] == "identity"
+                            and not spec["remove_extra_whitespaces"] and spec["escape_whitespaces"])
+        return spec
 
     def write_files(self, folder: str) -> list[str]:
         """The original files, as the folder they came from had them; their paths."""
@@ -354,7 +359,9 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
 
     A ForeignTokenizer writes its original files: their ids are the foreign ones
     (`to_foreign`), and Hugging Face's tokenizer, as its users expect, reads "<mask>" typed in a
-    text as the mask token, which minilm's encode never does.
+    text as the mask token, which minilm's encode never does. A sentencepiece BPE model that came
+    without a tokenizer.json gets one (transformers would need protobuf to convert it), and its
+    tokenizer_config.json then names the plain PreTrainedTokenizerFast class.
 
     minilm's own tokenizer gets a tokenizer.json written here (`sentencepiece_bpe_json`): handing
     transformers the sentencepiece model does not work. Its LlamaTokenizer assumes Llama's ids
@@ -366,21 +373,39 @@ def write_hf_tokenizer(tokenizer, folder: str) -> list[str]:
     transformers' fill-mask pipeline its mask)."""
     from minilm.checkpoint import atomic_write_bytes
     if isinstance(tokenizer, ForeignTokenizer):
-        return tokenizer.write_files(folder)
+        paths = tokenizer.write_files(folder)
+        spec = tokenizer.sentencepiece_settings() if tokenizer.kind == "sentencepiece" else None
+        if spec is None or "tokenizer.json" in tokenizer.files or not spec["writable"]:
+            return paths
+        # transformers' LlamaTokenizer would rebuild the pipeline its own way (no "▁" before a text
+        # that starts with a space, unlike sentencepiece): the config names the plain class instead
+        names = {key: tokenizer.pieces[int(tokenizer.foreign_ids[slot])] for slot, key in SLOT_KEYS.items()
+                 if tokenizer.foreign_ids[slot] >= 0}
+        config = {**names, **_json_file(tokenizer.files, "tokenizer_config.json"),
+                  "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp, dummy_prefix=spec["add_dummy_prefix"]),
+                   "tokenizer_config.json": config}
+        paths = [p for p in paths if os.path.basename(p) not in written]
+    else:
+        names = {key: tokenizer.id_to_piece(slot) for slot, key in SLOT_KEYS.items()}
+        written = {"tokenizer.json": sentencepiece_bpe_json(tokenizer.sp),
+                   "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **names,
+                                             "split_special_tokens": True,   # specials by id only, as in minilm
+                                             "clean_up_tokenization_spaces": False,   # decode gives the text back
+                                             "add_bos_token": False, "add_eos_token": False}}
+        paths = []
     os.makedirs(folder, exist_ok=True)
-    names = {key: tokenizer.id_to_piece(slot) for slot, key in SLOT_KEYS.items()}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names,
-              "split_special_tokens": True,             # specials by id only, as in minilm
-              "clean_up_tokenization_spaces": False,    # decode gives the text back as it was
-              "add_bos_token": False, "add_eos_token": False}
-    paths = [os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")]
-    for path, value in zip(paths, (sentencepiece_bpe_json(tokenizer.sp), config)):
-        atomic_write_bytes(path, json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8"))
+    for name, value in written.items():
+        paths.append(os.path.join(folder, name))
+        atomic_write_bytes(paths[-1], json.dumps(value, ensure_ascii=False, indent=1).encode("utf-8"))
     return paths
 
 
-def sentencepiece_bpe_json(sp) -> dict:
-    """A Hugging Face tokenizer.json that encodes as minilm's sentencepiece BPE model does.
+def sentencepiece_bpe_json(sp, dummy_prefix: bool | None = None) -> dict:
+    """A Hugging Face tokenizer.json that encodes as minilm's sentencepiece BPE model does
+    (dummy_prefix None), or as a foreign one with identity normalization does (dummy_prefix: whether
+    it puts a "▁" before every text): then "▁" stays in the pieces and a normalizer writes spaces
+    as "▁", as sentencepiece does, a literal "▁" included.
 
     sentencepiece's BPE starts from the text's characters (spaces written "▁") and repeatedly
     merges the adjacent pair whose concatenation is the piece of highest score; a character
@@ -397,9 +422,10 @@ def sentencepiece_bpe_json(sp) -> dict:
         produced by merges, skipped by decode(skip_special_tokens=True).
     """
     V = sp.get_piece_size()
-    special = [sp.is_control(i) or sp.is_unknown(i) or i < NUM_SPECIAL for i in range(V)]
-    text_of = [sp.id_to_piece(i) if special[i] or sp.is_byte(i) else sp.id_to_piece(i).replace(WORD_MARK, " ")
-               for i in range(V)]
+    own = dummy_prefix is None
+    special = [sp.is_control(i) or sp.is_unknown(i) or (own and i < NUM_SPECIAL) for i in range(V)]
+    keep = [special[i] or sp.is_byte(i) or not own for i in range(V)]   # pieces written as they are
+    text_of = [sp.id_to_piece(i) if keep[i] else sp.id_to_piece(i).replace(WORD_MARK, " ") for i in range(V)]
     vocab = {text: i for i, text in enumerate(text_of)}
     ordinary = {text: i for i, text in enumerate(text_of) if not (special[i] or sp.is_byte(i))}
     merges = []
@@ -411,11 +437,65 @@ def sentencepiece_bpe_json(sp) -> dict:
     merges.sort()
     added = [{"id": i, "content": text_of[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i in range(V) if special[i]]
+    normalizer, decoders = None, [{"type": "ByteFallback"}, {"type": "Fuse"}]
+    if not own:
+        mark = [{"type": "Prepend", "prepend": WORD_MARK}] if dummy_prefix else []
+        normalizer = {"type": "Sequence", "normalizers": mark + [{"type": "Replace", "pattern": {"String": " "},
+                                                                  "content": WORD_MARK}]}
+        decoders = ([{"type": "Replace", "pattern": {"String": WORD_MARK}, "content": " "}] + decoders
+                    + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy_prefix else []))
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": None, "post_processor": None,
-        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "normalizer": normalizer, "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": text_of[sp.unk_id()], "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": True, "ignore_merges": False,
                   "vocab": vocab, "merges": [[left, right] for *_, left, right in merges]},
     }
+
+
+def read_sentencepiece_settings(model: bytes) -> dict:
+    """A few fields of a sentencepiece model file, read from its protocol buffer by hand (the
+    sentencepiece package reads them only with protobuf installed): ModelProto field 2 is the
+    TrainerSpec (its field 3 the model type: 1 unigram, 2 BPE), field 3 the NormalizerSpec (1 the
+    rule's name, 3 add_dummy_prefix, 4 remove_extra_whitespaces, 5 escape_whitespaces; booleans
+    default to true, the model type to unigram)."""
+    fields = _proto_fields(model)
+    trainer, normalizer = _proto_fields(fields.get(2, b"")), _proto_fields(fields.get(3, b""))
+    name = normalizer.get(1, b"nmt_nfkc")
+    return {"model_type": trainer.get(3, 1), "normalizer": name.decode("utf-8", "replace"),
+            "add_dummy_prefix": bool(normalizer.get(3, 1)), "remove_extra_whitespaces": bool(normalizer.get(4, 1)),
+            "escape_whitespaces": bool(normalizer.get(5, 1))}
+
+
+def _proto_fields(data: bytes) -> dict[int, int | bytes]:
+    """field number -> value (the last one of a repeated field) of one protocol buffer message:
+    varints as ints, length-delimited fields as bytes, fixed-size ones skipped."""
+    fields, i = {}, 0
+
+    def varint():
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+    try:
+        while i < len(data):
+            key = varint()
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                fields[number] = varint()
+            elif wire == 2:
+                n = varint()
+                fields[number], i = data[i:i + n], i + n
+            elif wire in (1, 5):
+                i += 8 if wire == 1 else 4
+            else:
+                break
+    except IndexError:
+        pass   # a cut message: what was read so far (sentencepiece itself checked the file)
+    return fields

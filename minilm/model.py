@@ -276,11 +276,12 @@ class Block(nn.Module):
         x = norm_cross(x + cross_attention(x, encoder_output))
         x = norm2(x + mlp(x))
 
-    Why pre-norm is the default: with the norm after the sum, every gradient to the early layers
-    passes through a norm per sub-layer, and at depth the gradients near the output are much
-    larger than near the input (Xiong et al. 2020); post-norm then needs a learning-rate warmup
-    to train at all. Pre-norm keeps an identity path from the loss to every layer and trains
-    stably without warmup at any depth. Post-norm is here to run BERT's and RoBERTa's checkpoints
+    Why pre-norm is the default: with the norm after the sum, the path from the loss to an early
+    layer passes through a norm at every sub-layer, and at initialization the layers near the
+    output get much larger gradients than those near the input (Xiong et al. 2020); a post-norm
+    model then needs a learning-rate warmup to train at all, the more so the deeper it is.
+    Pre-norm keeps an identity path from the loss to every layer and trains stably without
+    warmup at any depth. Post-norm is here to run BERT's and RoBERTa's checkpoints
     exactly (import and export map names, never math), not as a recommendation for new models.
 
     source (B, S, C): the stream the self-attention reads its keys and values from when it is not
@@ -316,11 +317,11 @@ class Block(nn.Module):
                cache=None):
         """x + self-attention: x (B, T, C), source (B, S, C) or None (x) -> (B, T, C).
         source_positions: the source's positions when they are not 0..S-1 (attention's rotary)."""
-        attend = dict(mask=mask, rotary=rotary, positions=positions, source_positions=source_positions, cache=cache)
-        if self.post_norm:
-            return self.norm1(x + self.drop(self.attn(x, source, **attend)))
+        how = dict(mask=mask, rotary=rotary, positions=positions, source_positions=source_positions, cache=cache)
+        if self.post_norm:   # the source, a block's output or the embeddings, is already normed
+            return self.norm1(x + self.drop(self.attn(x, source, **how)))
         source = None if source is None else self.norm1(source)
-        return x + self.drop(self.attn(self.norm1(x), source, **attend))
+        return x + self.drop(self.attn(self.norm1(x), source, **how))
 
     def cross_attend(self, x, encoder_output, encoder_mask=None, *, cache=None):
         """x + cross-attention to the encoder's output (B', S, C), masked by encoder_mask (B', 1, 1, S)."""

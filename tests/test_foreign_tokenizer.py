@@ -267,7 +267,8 @@ def test_data_preparation_with_a_foreign_tokenizer(roberta, corpus_dir, tmp_path
     assert isinstance(again, ForeignTokenizer) and again.model_bytes == roberta.model_bytes
     tokens = np.fromfile(os.path.join(folder, "train.bin"), dtype=meta["dtype"])
     first = tokens[:int(np.flatnonzero(tokens == EOS_ID)[0])].tolist()
-    documents = [open(os.path.join(corpus_dir, name), encoding="utf-8").read() for name in sorted(os.listdir(corpus_dir))]
+    documents = [open(os.path.join(corpus_dir, name), encoding="utf-8").read()
+                 for name in sorted(os.listdir(corpus_dir))]
     assert roberta.decode(first) in documents
 
 
@@ -283,3 +284,26 @@ def test_masked_lm_masks_only_ordinary_ids(roberta):
     # replacements drawn at random are ordinary ids too
     replaced = (batch["input_ids"] != torch.tensor([row] * 8)) & (batch["input_ids"] != MASK_ID)
     assert not roberta.special_table[batch["input_ids"][replaced]].any()
+
+
+# ----------------------------------------------------------------------------- whole runs
+@pytest.mark.usefixtures("peak_flops_once")
+@pytest.mark.parametrize("objective", ["mlm", "clm", "sop", "t5"])
+def test_train_py_runs_every_kind_of_data_with_a_foreign_tokenizer(objective, roberta, corpus_dir, tmp_path):
+    """A saved foreign tokenizer given to --tokenizer: blocks, segment pairs (sentence splitting
+    from its tables) and sentinels (new rows) all train, and the checkpoint carries it."""
+    from minilm.checkpoint import load_checkpoint, tensor_to_bytes
+    from tests.conftest import run_in_process
+    from tests.test_cli import TINY
+    given = tmp_path / "roberta.tokenizer"
+    roberta.save(str(given))
+    flags = [f for f in TINY]
+    at = flags.index("--vocab_size")
+    del flags[at:at + 2]
+    out = tmp_path / "out"
+    result = run_in_process("train.py", "--data", corpus_dir, "--out_dir", out, "--tokenizer", given,
+                            "--objective", objective, "--max_steps", 2, "--ckpt_every", 2, *flags)
+    assert result.returncode == 0, result.stderr
+    state = load_checkpoint(str(out / "ckpt-00000002.pt"))
+    assert tensor_to_bytes(state["tokenizer"]) == roberta.model_bytes
+    assert state["config"]["model"]["vocab_size"] == roberta.vocab_size

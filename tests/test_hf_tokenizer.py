@@ -8,6 +8,7 @@ make Hugging Face read a special's spelling in a text ("<mask>", "</s>") as that
 which minilm's encode never does (specials are inserted by id only)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -18,7 +19,7 @@ from minilm.foreign_tokenizer import load_foreign_tokenizer, sentencepiece_bpe_j
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, Tokenizer
 from tests.conftest import corpus_texts
 from tests.test_bpe import SPECIAL_SPELLINGS, varied_strings
-from tests.test_foreign_tokenizer import gpt2_folder, merges, roberta_folder  # noqa: F401 (fixtures)
+from tests.test_foreign_tokenizer import gpt2_folder, llama_folder, merges, roberta_folder  # noqa: F401 (fixtures)
 from tests.test_tokenizer import VARIED, _random_unseen
 
 
@@ -44,6 +45,34 @@ def _apply_tokenizer_json(spec: dict, text: str) -> list[int]:
     for symbol in bpe.merge(list(text)) if text else []:
         ids += [vocab[symbol]] if symbol in vocab else [vocab[f"<0x{b:02X}>"] for b in symbol.encode("utf-8")]
     return ids
+
+
+def test_a_foreign_sentencepiece_tokenizer_json_encodes_as_sentencepiece(llama_folder):  # noqa: F811
+    """Llama's settings: a "▁" before the text and for each space, by the normalizer the file names."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(llama_folder, "tokenizer.model"))
+    spec = sentencepiece_bpe_json(sp, dummy_prefix=True)
+    assert [n["type"] for n in spec["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
+    for text in varied_strings(200, seed=6):
+        normalized = ("\u2581" + text.replace(" ", "\u2581")) if text else ""
+        assert _apply_tokenizer_json(spec, normalized) == sp.encode(text), repr(text)
+
+
+def test_sentencepiece_settings_read_without_protobuf(tokenizer, llama_folder):  # noqa: F811
+    import sentencepiece as spm
+    from minilm.foreign_tokenizer import read_sentencepiece_settings
+    assert read_sentencepiece_settings(tokenizer.model_bytes) == {
+        "model_type": 2, "normalizer": "identity", "add_dummy_prefix": False, "remove_extra_whitespaces": False,
+        "escape_whitespaces": True}
+    assert load_foreign_tokenizer(llama_folder).sentencepiece_settings() == {
+        "model_type": 2, "normalizer": "identity", "add_dummy_prefix": True, "remove_extra_whitespaces": False,
+        "escape_whitespaces": True, "writable": True}
+    model = io.BytesIO()   # sentencepiece's defaults: unigram, NFKC, extra whitespace removed
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_texts(5)), model_writer=model, vocab_size=250,
+                                   minloglevel=2)
+    assert read_sentencepiece_settings(model.getvalue()) == {
+        "model_type": 1, "normalizer": "nmt_nfkc", "add_dummy_prefix": True, "remove_extra_whitespaces": True,
+        "escape_whitespaces": True}
 
 
 def test_tokenizer_json_encodes_as_minilm_without_any_hf_package(tokenizer):
@@ -89,7 +118,7 @@ def test_special_spellings_are_text_unless_the_user_asks(tokenizer, tmp_path):
 
 
 # ----------------------------------------------------------------------------- foreign tokenizers
-@pytest.mark.parametrize("kind, model_type", [("roberta", "roberta"), ("gpt2", "gpt2")])
+@pytest.mark.parametrize("kind, model_type", [("roberta", "roberta"), ("gpt2", "gpt2"), ("llama", "llama")])
 def test_a_foreign_tokenizer_writes_its_original_files(kind, model_type, request, tmp_path):
     """Same ids in foreign numbering on every text that spells no special; where a text spells one,
     Hugging Face gives the special's id and minilm ordinary pieces (pinned)."""
@@ -100,6 +129,8 @@ def test_a_foreign_tokenizer_writes_its_original_files(kind, model_type, request
     write_hf_tokenizer(tok, out)
     for name in os.listdir(source):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(source, name), "rb").read()
+    if kind == "llama":   # a bare tokenizer.model: transformers needs protobuf to convert it, so one is written
+        assert sorted(os.listdir(out)) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump({"model_type": model_type}, f)
     hf = transformers.AutoTokenizer.from_pretrained(out)
@@ -112,6 +143,7 @@ def test_a_foreign_tokenizer_writes_its_original_files(kind, model_type, request
         else:
             assert ours == theirs, repr(text[:80])
     assert differ > 0
-    special = "<mask>" if kind == "roberta" else "<|endoftext|>"
-    assert hf.encode(special, add_special_tokens=False) == [tok.foreign_vocab_size - 1]
-    assert tok.to_foreign(tok.encode(special)) != [tok.foreign_vocab_size - 1]
+    special, foreign = {"roberta": ("<mask>", tok.foreign_vocab_size - 1), "llama": ("</s>", 2),
+                        "gpt2": ("<|endoftext|>", tok.foreign_vocab_size - 1)}[kind]
+    assert hf.encode(special, add_special_tokens=False) == [foreign]
+    assert foreign not in tok.to_foreign(tok.encode(special))
