@@ -22,7 +22,7 @@ from minilm.hf_format import from_hf_config
 from minilm.hf_import import load_hf_module, parent_checkpoint, read_folder
 from tests.conftest import run_in_process
 from tests.test_cli import assert_user_error
-from tests.test_foreign_tokenizer import merges, roberta_folder  # noqa: F401  (fixtures)
+from tests.test_foreign_tokenizer import llama_folder, merges, roberta_folder  # noqa: F401  (fixtures)
 from tests.test_hf_export import make_checkpoint, minilm_logits, padded_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread", "peak_flops_once")  # conftest.py
@@ -296,3 +296,42 @@ def test_a_foreign_tokenizers_model_round_trips_without_transformers(roberta_fol
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.predict(ids)[..., kept], built.predict(ids)[..., source[kept]],
                                    atol=1e-6, rtol=0)
+
+
+def test_a_llama_download_with_its_sentencepiece_model(llama_folder, tmp_path):
+    """A Llama's own sentencepiece tokenizer (<unk> <s> </s> at 0-2, no <pad>): minilm's logits over
+    the reordered ids are transformers' over the model's ids, and the export gives back its tensors."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "llama"
+    shutil.copytree(llama_folder, folder)
+    import sentencepiece as spm
+    size = spm.SentencePieceProcessor(model_proto=(folder / "tokenizer.model").read_bytes()).get_piece_size()
+    config = transformers.LlamaConfig(vocab_size=size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=32, bos_token_id=1,
+                                      eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(str(folder))
+    objective, imported = load_hf_module(str(folder))
+    foreign_ids = imported.tokenizer.foreign_ids
+    assert int(foreign_ids[0]) == -1 and int(foreign_ids[2]) == 1 and int(foreign_ids[3]) == 2   # no <pad>; <s>, </s>
+    ids = torch.tensor([imported.tokenizer.encode("The river runs by the garden, 42 times.")[:30]])
+    kept = foreign_ids >= 0
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor([imported.tokenizer.to_foreign(ids[0].tolist())])).logits
+        ours = objective.backbone.logits(objective.backbone(ids))
+    torch.testing.assert_close(ours[..., kept], theirs[..., foreign_ids[kept]], atol=1e-5, rtol=0)
+    path = str(tmp_path / "ckpt-00000000.pt")
+    torch.save(parent_checkpoint(imported, str(folder)), path)
+    out = minilm.export(path, str(tmp_path / "again"), format="hf")
+    from minilm.safetensors_io import load_safetensors
+    again, original = load_safetensors(os.path.join(out, "model.safetensors"))[0], model.state_dict()
+    assert again.keys() == original.keys()
+    for name, tensor in again.items():
+        assert torch.equal(tensor, original[name]), name
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (None, 1, 2)
+    assert transformers.AutoModelForCausalLM.from_pretrained(out) is not None
