@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from minilm.errors import UserError
-from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SENTINEL_IDS, SEP_ID, Tokenizer
+from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SENTINEL_IDS, SEP_ID, Tokenizer, tokenizer_from_bytes
 
 MASK = "<mask>"
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
@@ -182,7 +182,7 @@ def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_no
     cfg = Config.from_dict(state["config"])
     if state.get("tokenizer") is None:
         raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
-    tokenizer = Tokenizer(tensor_to_bytes(state["tokenizer"]))
+    tokenizer = tokenizer_from_bytes(tensor_to_bytes(state["tokenizer"]))
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} ids but its model "
                         f"has vocab_size {cfg.model.vocab_size}; retrain or use the matching checkpoint")

@@ -96,9 +96,9 @@ def checked_tokenizer(data, cfg: Config, path: str):
     if data is None:
         return None
     from minilm.checkpoint import tensor_to_bytes
-    from minilm.tokenizer import Tokenizer
+    from minilm.tokenizer import tokenizer_from_bytes
     try:
-        tokenizer = Tokenizer(tensor_to_bytes(data))
+        tokenizer = tokenizer_from_bytes(tensor_to_bytes(data))
     except UserError as err:
         raise UserError(f"{path}: its tokenizer does not load ({err}); {DAMAGED}") from None
     if tokenizer.vocab_size != cfg.model.vocab_size:

@@ -458,11 +458,11 @@ def explain(objective_name: str | None, text: str, *, ckpt: str | None = None, t
     if tokenizer is None:
         tokenizer = throwaway_tokenizer()
     elif isinstance(tokenizer, (str, os.PathLike)):
-        from minilm.tokenizer import Tokenizer
+        from minilm.tokenizer import tokenizer_from_bytes
         if not os.path.isfile(tokenizer):
             raise UserError(f"--tokenizer {tokenizer}: no such file (a tokenizer.model from train.py)")
         with open(tokenizer, "rb") as f:
-            tokenizer = Tokenizer(f.read())
+            tokenizer = tokenizer_from_bytes(f.read())
     option_values = model.options if model is not None and hasattr(model, "options") else objective_options(cls, options)
     fixed_window = _has_own_window(cls) and model is not None
     raw, extra, row_seq_len, notes = ROW_BUILDERS[cls.data](cls, tokenizer, text, text_pair, seq_len,

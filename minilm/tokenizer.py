@@ -81,6 +81,7 @@ class Tokenizer:
     pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
     mask_id, cls_id, sep_id = MASK_ID, CLS_ID, SEP_ID
     sentinel_ids, lang_ids = SENTINEL_IDS, LANG_IDS
+    foreign_ids = None   # a ForeignTokenizer's id reordering (foreign_tokenizer.py); minilm's own has none
 
     def __init__(self, model_bytes: bytes):
         spm = _import_spm()
@@ -224,9 +225,6 @@ class Tokenizer:
         # for sentence splitting (the rule itself is minilm/data/segment_pairs.py, `split_sentences`):
         ends_stop = torch.zeros(V, dtype=torch.bool)     # text ends in . ! ? (+ closers): `end.` `."` `).`
         ends_cjk_stop = torch.zeros(V, dtype=torch.bool)  # ... in a CJK 。！？: ends a sentence, no space needed
-        # Chinese and Japanese corner brackets and full-width closers close a quote after 。 as " does after .
-        closers = CLOSERS + "\u300d\u300f\u3011\u3015\u3009\u300b\uff09\uff02\uff07"   # 」』】〕〉》）＂＇
-        cjk_stops = "\u3002\uff01\uff1f\uff61"        # 。！？｡
         closer = torch.zeros(V, dtype=torch.bool)        # only closers, glued to the previous piece: `"` `)`
         whitespace = torch.zeros(V, dtype=torch.bool)    # only spaces, tabs, newlines: `▁▁` <0x0A>
         newline = torch.zeros(V, dtype=torch.bool)       # the newline byte (blank lines end paragraphs)
@@ -247,13 +245,7 @@ class Tokenizer:
             starts_word[i] = piece.startswith(WORD_MARK)
             n_bytes[i] = len(piece.replace(WORD_MARK, " ").encode("utf-8"))
             text = piece.replace(WORD_MARK, " ")
-            whitespace[i] = text.isspace()
-            word = text.lstrip()
-            starts_lower[i] = word[:1].islower()
-            before_closers = word.rstrip(closers)
-            ends_stop[i] = before_closers != "" and before_closers[-1] in SENTENCE_STOPS + cjk_stops
-            ends_cjk_stop[i] = before_closers != "" and before_closers[-1] in cjk_stops
-            closer[i] = text == word and word != "" and word.strip(closers) == ""
+            whitespace[i], starts_lower[i], ends_stop[i], ends_cjk_stop[i], closer[i] = text_facts(text)
         self.starts_word_table = starts_word
         self.breaks_line_table = breaks_line
         self.bytes_per_token = n_bytes
@@ -282,12 +274,24 @@ class Tokenizer:
         atomic_write_bytes(path, self.model_bytes)
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str):
+        """The tokenizer saved at `path`: minilm's own (a sentencepiece model) or a foreign one
+        (minilm/foreign_tokenizer.py), whichever its bytes are."""
         try:
             with open(path, "rb") as f:
-                return cls(f.read())
+                data = f.read()
         except OSError as err:
             raise UserError(f"cannot read tokenizer {path}: {err.strerror}") from None
+        return tokenizer_from_bytes(data)
+
+
+def tokenizer_from_bytes(data: bytes):
+    """A Tokenizer, or a ForeignTokenizer (a public model's, imported with its weights), from the
+    bytes a checkpoint, a token folder or out_dir/tokenizer.model keeps of it: each kind knows its own."""
+    from minilm.foreign_tokenizer import ForeignTokenizer
+    if ForeignTokenizer.is_serialized(data):
+        return ForeignTokenizer.from_bytes(data)
+    return Tokenizer(data)
 
 
 def _why_not_minilm(sp) -> str | None:
@@ -322,6 +326,23 @@ def word_starts_from_tables(ids: torch.Tensor, starts_word_table: torch.Tensor,
     starts = starts | after_break
     starts[..., 0] = True
     return starts
+
+
+# Chinese and Japanese corner brackets and full-width closers close a quote after 。 as " does after .
+ALL_CLOSERS = CLOSERS + "\u300d\u300f\u3011\u3015\u3009\u300b\uff09\uff02\uff07"   # 」』】〕〉》）＂＇
+CJK_STOPS = "\u3002\uff01\uff1f\uff61"        # 。！？｡
+
+
+def text_facts(text: str) -> tuple[bool, bool, bool, bool, bool]:
+    """What sentence splitting needs to know of a piece whose text (spaces as " ") is `text`:
+    (only whitespace, first letter lowercase, ends in a stop, ends in a CJK stop, only closers
+    glued to the previous piece). Shared by every tokenizer kind's per-id tables."""
+    word = text.lstrip()
+    before_closers = word.rstrip(ALL_CLOSERS)
+    ends_stop = before_closers != "" and before_closers[-1] in SENTENCE_STOPS + CJK_STOPS
+    ends_cjk_stop = before_closers != "" and before_closers[-1] in CJK_STOPS
+    closer = text == word and word != "" and word.strip(ALL_CLOSERS) == ""
+    return text.isspace(), word[:1].islower(), ends_stop, ends_cjk_stop, closer
 
 
 MAX_LINE_CHARS = 4096  # sentencepiece skips lines over max_sentence_length (64 KB): cut them first

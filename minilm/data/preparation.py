@@ -34,7 +34,7 @@ from minilm.data.reading import (
     resolve_files,
 )
 from minilm.errors import UserError
-from minilm.tokenizer import EOS_ID, Tokenizer
+from minilm.tokenizer import EOS_ID, Tokenizer, tokenizer_from_bytes
 
 
 class Stopped(BaseException):
@@ -66,7 +66,7 @@ def stop_on_sigterm():
 
 def _init_worker(model_bytes: bytes) -> None:
     global _worker_tokenizer  # one tokenizer per worker process, built once
-    _worker_tokenizer = Tokenizer(model_bytes)
+    _worker_tokenizer = tokenizer_from_bytes(model_bytes)
 
 
 def _encode_job(job: list[tuple[str, bool, bool]]) -> tuple[list[tuple[np.ndarray, bool]], int]:
