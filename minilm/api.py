@@ -171,14 +171,17 @@ def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> N
 # ----------------------------------------------------------------------------- loading
 def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note, flag: str = "--ckpt"):
     """(objective with weights, in eval mode on `device`, tokenizer, config) from a checkpoint
-    file, or a run folder: its newest checkpoint that loads (a damaged newer one is skipped,
-    with a note on `log`). Loaded with weights_only=True (minilm.checkpoint): a file holding
+    file, a run folder: its newest checkpoint that loads (a damaged newer one is skipped,
+    with a note on `log`), or minilm's .safetensors export (state_of_export). Loaded with weights_only=True (minilm.checkpoint): a file holding
     anything but tensors and plain data is refused, never unpickled. flag: what named `path`, for
     the messages (sample.py's --ckpt, or the Python API's call)."""
     from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
     from minilm.config import Config
     from minilm.objectives import build_objective
-    path, state = load_checkpoint_or_newest(path, log=log, flag=flag)
+    if is_export(path):
+        state = state_of_export(path)
+    else:
+        path, state = load_checkpoint_or_newest(path, log=log, flag=flag)
     cfg = Config.from_dict(state["config"])
     if state.get("tokenizer") is None:
         raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
@@ -195,8 +198,51 @@ def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_no
     return objective.to(device).eval(), tokenizer, cfg
 
 
+def is_export(path: str) -> bool:
+    """Whether `path` names minilm's own .safetensors export (minilm.export) rather than a checkpoint:
+    a regular file named *.safetensors or starting with a safetensors header (a checkpoint is a zip)."""
+    from minilm.safetensors_io import is_safetensors_file
+    return os.path.isfile(path) and (path.endswith(".safetensors") or is_safetensors_file(path))
+
+
+def state_of_export(path: str) -> dict:
+    """An export (minilm/safetensors_io.py) read back as the checkpoint dict it was written from:
+    config, objective, model (the state_dict, its aliases put back), tokenizer (uint8 bytes), step.
+    It goes through the checks every checkpoint goes through (checkpoint_checks.check_checkpoint),
+    so a crafted file is a one-line UserError before anything is built from it."""
+    import base64
+    import binascii
+    import json
+    from minilm.checkpoint import bytes_to_tensor
+    from minilm.checkpoint_checks import check_checkpoint
+    from minilm.safetensors_io import METADATA_VERSION, load_safetensors
+    weights, metadata = load_safetensors(path)
+    if "config" not in metadata:
+        raise UserError(f"{path} is a safetensors file but not a minilm export (its metadata has no config); "
+                        "minilm.load reads the files python -m minilm.safetensors_io CHECKPOINT OUT writes")
+    if metadata.get("minilm_version", METADATA_VERSION) != METADATA_VERSION:
+        raise UserError(f"{path} is a minilm export of format version {metadata['minilm_version']!r}; this minilm "
+                        f"reads version {METADATA_VERSION}: load it with the minilm that wrote it")
+    try:
+        config = json.loads(metadata["config"])
+        tokenizer = base64.b64decode(metadata["tokenizer"], validate=True) if "tokenizer" in metadata else None
+        step = int(metadata.get("step", "0"))
+    except (ValueError, RecursionError, binascii.Error):
+        raise UserError(f"{path}: its metadata's config, tokenizer or step does not parse; the file is damaged "
+                        "or was not written by minilm") from None
+    state = {"config": config, "model": weights, "objective": metadata.get("objective") or None, "step": step,
+             "tokenizer": None if tokenizer is None else bytes_to_tensor(tokenizer)}
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its metadata's config is not a JSON object; the file is damaged or was not "
+                        "written by minilm")
+    check_checkpoint(state, path)
+    return state
+
+
 def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> "Model":
-    """A Model from a checkpoint file or a run folder (its newest checkpoint that loads).
+    """A Model from a checkpoint file, a run folder (its newest checkpoint that loads) or minilm's
+    own .safetensors export (minilm.export: the same model, from the weights and the config and
+    tokenizer in its metadata).
     device: "auto" (cuda, then mps, then cpu), a name ("cpu", "cuda:1") or a torch.device."""
     check_path("path", path)
     device = check_device(device)

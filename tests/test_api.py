@@ -426,3 +426,60 @@ def test_a_missing_checkpoint_is_named_in_the_api_s_words(tmp_path):
     with pytest.raises(UserError) as err:
         minilm.load(str(tmp_path / "missing.pt"))
     assert "minilm.load()" in str(err.value) and "--ckpt" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- an export loads
+EXPORT_CALLS = [
+    ("clm", lambda m: m.generate("The cat", max_new_tokens=6, temperature=1.0, seed=3, num_samples=2)),
+    ("clm", lambda m: m.score("The cat sat.")),
+    ("mlm", lambda m: m.fill("The cat <mask> on the mat.", top_k=3)),
+    ("mlm", lambda m: m.embed(["The cat.", "A dog ran across the field."])),
+    ("classify", lambda m: m.classify(["The cat.", "A dog ran across the field."])),
+    ("t5", lambda m: m.infill("The cat <extra_id_0>.", max_new_tokens=4, temperature=1.0, seed=2)),
+]
+
+
+@pytest.mark.parametrize("name, call", EXPORT_CALLS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(EXPORT_CALLS)])
+def test_an_export_loads_and_serves_what_its_checkpoint_serves(name, call, checkpoints, tmp_path):
+    """minilm.load(minilm's own .safetensors export) is the checkpoint's model: the same objective,
+    weights (t5's shared table still one tensor) and tokenizer, so every method answers the same."""
+    from_checkpoint = load_on_cpu(checkpoints[name])
+    exported = minilm.export(checkpoints[name], str(tmp_path / "model.safetensors"), log=lambda _: None)
+    from_export = load_on_cpu(exported)
+    assert (from_export.name, from_export.kind, from_export.path) == (name, from_checkpoint.kind, exported)
+    assert from_export.tokenizer.model_bytes == from_checkpoint.tokenizer.model_bytes
+    expected = from_checkpoint.objective.state_dict()
+    assert from_export.objective.state_dict().keys() == expected.keys()
+    for key, tensor in from_export.objective.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+    if name == "t5":
+        backbone = from_export.objective.backbone
+        assert backbone.encoder.tok_emb.weight is backbone.decoder.tok_emb.weight
+    answer, again = call(from_export), call(from_checkpoint)
+    if isinstance(answer, torch.Tensor):
+        assert torch.equal(answer, again)
+    else:
+        assert answer == again
+
+
+def test_an_export_is_read_with_the_checks_of_a_checkpoint(checkpoints, tmp_path):
+    """A safetensors file that is no minilm export, and an export whose config asks for more than
+    its weights hold, are one-line errors naming the file; a run folder still means its checkpoints."""
+    import json as json_module
+    from minilm.safetensors_io import load_safetensors, save_safetensors
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_safetensors({"weight": torch.zeros(2, 2)}, foreign, {"format": "pt"})
+    with pytest.raises(UserError, match=r"^\S*foreign.safetensors is a safetensors file but not a minilm export"):
+        load_on_cpu(foreign)
+    exported = minilm.export(checkpoints["clm"], str(tmp_path / "model.safetensors"), log=lambda _: None)
+    weights, metadata = load_safetensors(exported)
+    config = json_module.loads(metadata["config"])
+    config["model"]["n_layer"] = 2   # the file holds one block's weights
+    crafted = str(tmp_path / "crafted.safetensors")
+    save_safetensors(weights, crafted, dict(metadata, config=json_module.dumps(config)))
+    with pytest.raises(UserError, match=r"crafted.safetensors") as err:
+        load_on_cpu(crafted)
+    assert "\n" not in str(err.value)
+    save_safetensors(weights, crafted, dict(metadata, tokenizer="not base64!"))
+    with pytest.raises(UserError, match=r"crafted.safetensors: its metadata's config, tokenizer or step does not parse"):
+        load_on_cpu(crafted)
