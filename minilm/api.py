@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from minilm.errors import UserError
+from minilm.model import CAUSAL
 from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SENTINEL_IDS, SEP_ID, Tokenizer
 
 MASK = "<mask>"
@@ -421,18 +422,11 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
     if MASK not in text:
         raise UserError(f"{named('fill', flags)} needs at least one {MASK} in the text, e.g. "
                         f"{example('fill', FILL_EXAMPLE, flags)}")
-    parts = text.split(MASK)
     # Frame the text as training showed texts: an encoder trained on plain windows saw a new
     # document after <eos>; one trained on sentence pairs (mlm+sop) saw [CLS] A [SEP].
     pairs = objective.data == "segment_pairs"
-    ids = [CLS_ID] if pairs else [EOS_ID]
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
-        if not last:
-            ids.append(MASK_ID)
-    if pairs:
-        ids.append(SEP_ID)
+    text_ids = masked_text_ids(tokenizer, text)
+    ids = [CLS_ID] + text_ids + [SEP_ID] if pairs else [EOS_ID] + text_ids
     check_fits_window(ids, objective, f"{named('fill', flags)} text")
     input_ids = torch.tensor([ids], device=device)
     logits = check_finite(part_serving(objective, "fill").predict(input_ids)[0], "logits")   # (T, V)
@@ -440,6 +434,18 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
     probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
     return candidates, ids
+
+
+def masked_text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A text's ids with each <mask> as MASK_ID (the space before it goes into the mask: fill_mask)."""
+    parts = text.split(MASK)
+    ids = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
+        if not last:
+            ids.append(MASK_ID)
+    return ids
 
 
 def fill(objective, tokenizer, text: str, top_k: int, device, flags: bool = False) -> Filled:
@@ -698,6 +704,151 @@ def classify_texts(objective, tokenizer, texts, device, flags: bool = False,
     return answers
 
 
+# ----------------------------------------------------------------------------- logits and hidden states
+# For a user comparing minilm with another library, or probing what each layer holds: the raw
+# numbers of one sequence, read as the objective's own forward reads it. A text is framed as the
+# other methods frame it (input_ids_of); a list of ids is taken exactly as given.
+def lm_head_of(objective) -> str | None:
+    """Which LM head a checkpoint has, from what its objective declares: "seq2seq" (an
+    encoder-decoder's decoder: infill or generate on model_kind seq2seq), "masked" (a masked LM's
+    per-position predictions: fill), "next" (a decoder's next-token logits: generate, or score
+    as log p), or None (a detector, a sentence embedder, a classifier: no head over the vocabulary)."""
+    served_verbs = objective.capabilities
+    if objective.model_kind == "seq2seq" and served_verbs & {"infill", "generate"}:
+        return "seq2seq"
+    if "fill" in served_verbs:
+        return "masked"
+    if "generate" in served_verbs or ("score" in served_verbs and part_serving(objective, "score").token_score == "log p"):
+        return "next"
+    return None
+
+
+def objectives_with_lm_head() -> list[str]:
+    """The registered objectives that have an LM head (lm_head_of), by name, for a message."""
+    from minilm.objectives import OBJECTIVES
+    return [cls.name for cls in OBJECTIVES.values() if lm_head_of(cls) is not None]
+
+
+def reads_causally(objective) -> bool:
+    """Whether the backbone reads each position from the ones before it only: a decoder (a prefix
+    LM too, here: a prefix of one token, which its training also draws) or a causal classifier."""
+    return objective.model_kind in ("decoder", "prefix_decoder") or bool(getattr(objective, "causal", False))
+
+
+def frames_with_cls(objective) -> bool:
+    """Whether training framed a text as [CLS] text [SEP] (sentence pairs, a sentence embedder, a
+    classifier) rather than after an <eos> (running text)."""
+    return (objective.data == "segment_pairs" or "classify" in objective.capabilities
+            or ("embed" in objective.capabilities and part_serving(objective, "embed").embeds_sentences))
+
+
+def sentinel_text_ids(tokenizer: Tokenizer, text: str, name: str = "text") -> list[int]:
+    """A text's ids with each <extra_id_N> as sentinel N's id (the space before one goes into its
+    span, as infill_parts has it); any order, and a text without sentinels is plain text."""
+    parts = SENTINEL.split(text)   # text, number, text, number, ..., text
+    ids = []
+    for i in range(0, len(parts), 2):
+        last = i == len(parts) - 1
+        ids += tokenizer.encode(parts[i] if last or not parts[i].endswith(" ") else parts[i][:-1])
+        if not last:
+            number = int(parts[i + 1])
+            if number >= NUM_SENTINELS:
+                raise UserError(f"{name} has <extra_id_{number}>, which is no sentinel: the tokenizer has "
+                                f"<extra_id_0> .. <extra_id_{NUM_SENTINELS - 1}>")
+            ids.append(SENTINEL_IDS[number])
+    return ids
+
+
+def input_ids_of(objective, tokenizer: Tokenizer, text: str, name: str = "text") -> list[int]:
+    """The ids logits() and hidden() read for `text`, framed as training framed a text: an
+    encoder-decoder's encoder input (sentinels by id, then <eos>: Objective.encoder_input); [CLS]
+    text [SEP] (classifiers, sentence embedders, sentence pairs); else <eos> then the text. A
+    masked LM's <mask> is MASK_ID, as in fill."""
+    if objective.model_kind == "seq2seq":
+        part = part_serving(objective, "infill")
+        return part.encoder_input(sentinel_text_ids(tokenizer, text, name), "infill")
+    ids = masked_text_ids(tokenizer, text) if "fill" in objective.capabilities else tokenizer.encode(text)
+    return [CLS_ID] + ids + [SEP_ID] if frames_with_cls(objective) else [EOS_ID] + ids
+
+
+def token_ids(name: str, value, vocab_size: int) -> list[int]:
+    """A list (or tuple, or 1-D integer tensor) of token ids of this vocabulary -> list[int]; a
+    one-line UserError naming the argument otherwise."""
+    what = f"a str (a text) or a list of token ids in [0, {vocab_size})"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise UserError(f"{name} must be {what}; got a {value.dtype} tensor of shape {tuple(value.shape)}: "
+                            "give one sequence, e.g. ids[0] of a (1, T) batch")
+        value = value.tolist()
+    elif isinstance(value, (list, tuple)):
+        for i, token in enumerate(value):
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise UserError(f"{name}[{i}] must be a token id (an int), got {shown(token)}")
+        value = list(value)
+    else:
+        hint = ': decode it first, e.g. text.decode("utf-8")' if isinstance(value, (bytes, bytearray)) else ""
+        raise UserError(f"{name} must be {what}, got {shown(value)}{hint}")
+    if not value:
+        raise UserError(f"{name} is empty; give at least one token id (or a text)")
+    for i, token in enumerate(value):
+        if not 0 <= token < vocab_size:
+            raise UserError(f"{name}[{i}] is {token}, not a token id of this model (its vocabulary is 0 .. {vocab_size - 1})")
+    return value
+
+
+def ids_of(objective, tokenizer: Tokenizer, name: str, value) -> list[int]:
+    """`value` (a text, framed: input_ids_of; or ids, as given) -> ids that fit the model's window."""
+    if isinstance(value, str):
+        ids = input_ids_of(objective, tokenizer, value, name)
+    else:
+        ids = token_ids(name, value, objective.backbone.cfg.vocab_size)
+    check_fits_window(ids, objective, f"{name} with its framing" if isinstance(value, str) else name)
+    return ids
+
+
+@torch.no_grad()
+def lm_logits(objective, ids: list[int], device, target: list[int] | None = None) -> torch.Tensor:
+    """(T, V) fp32: the LM head's logits at every position of `ids`, computed as the objective's
+    own forward computes them (lm_head_of says which head):
+      next     a decoder: row t is the distribution of the token after position t (causal mask);
+      masked   a masked LM: row t is its prediction of the token at position t (predict, dense);
+      seq2seq  an encoder-decoder: the encoder reads `ids`, the decoder reads its start id then
+               `target` (teacher forcing); row t is the distribution of target token t, and the
+               last row the token after the target: (len(target) + 1, V)."""
+    input_ids = torch.tensor([ids], device=device)
+    head = lm_head_of(objective)
+    if head == "seq2seq":
+        part, model = part_serving(objective, "infill"), objective.backbone
+        decoder_ids = torch.tensor([[part.decoder_start_id] + list(target or [])], device=device)
+        logits = model.logits(model.decode(decoder_ids, model.encode(input_ids)))
+    elif head == "masked":
+        logits = part_serving(objective, "fill").predict(input_ids)
+    else:
+        logits = objective.backbone.logits(objective.backbone(input_ids))
+    return check_finite(logits[0].float(), "logits")
+
+
+@torch.no_grad()
+def hidden_states(objective, ids: list[int], device) -> torch.Tensor:
+    """(n_layer + 1, T, C) fp32: the embeddings' output, then every block's output, the last as the
+    model hands it on (after the final norm, where it has one): what the objective's heads read.
+    The mask is the objective's (causal for decoders and causal classifiers, none for encoders);
+    an encoder-decoder gives its encoder's states. The blocks' outputs are read with forward
+    hooks, so the pass is the model's own forward."""
+    model = objective.backbone.encoder if objective.model_kind == "seq2seq" else objective.backbone
+    input_ids = torch.tensor([ids], device=device)
+    outputs = []
+    hooks = [block.register_forward_hook(lambda module, args, output: outputs.append(output))
+             for block in model.blocks]
+    try:
+        last = model(input_ids, mask=CAUSAL if reads_causally(objective) else None)   # (1, T, C)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = [model.embed(input_ids)] + outputs[:-1] + [last]
+    return check_finite(torch.cat(layers).float(), "hidden states")
+
+
 # ----------------------------------------------------------------------------- the model
 class Model:
     """A loaded checkpoint (minilm.load), ready for inference. Attributes: objective (the
@@ -818,3 +969,56 @@ class Model:
         check_int("batch_size", batch_size, at_least=1)
         answers = classify_texts(self.objective, self.tokenizer, texts, self.device, batch_size=batch_size)
         return answers[0] if isinstance(texts, str) else answers
+
+    def input_ids(self, text: str) -> list[int]:
+        """The ids logits() and hidden() read for `text`: framed as training framed a text (<eos>
+        then the text; [CLS] text [SEP] for classifiers, sentence embedders and sentence pairs; an
+        encoder-decoder's encoder input: the text, sentinels by id, then <eos>); a masked LM's
+        <mask> becomes its id, as in fill."""
+        check_text("text", text)
+        return input_ids_of(self.objective, self.tokenizer, text)
+
+    def logits(self, text_or_ids, target=None) -> torch.Tensor:
+        """(T, V) float32 on self.device: the LM head's logits at every position, computed as the
+        objective's forward computes them. A text is framed (input_ids(text) says how, so row t
+        belongs to its id t); a list or 1-D tensor of ids is read exactly as given.
+          decoders (clm, prefix_lm):  row t is the distribution of the token after position t,
+                                      read causally (a prefix LM with a prefix of one token)
+          masked LMs (mlm, ...):      row t is the prediction of the token at position t
+          encoder-decoders (t5, ul2): the encoder reads text_or_ids; the decoder reads its start id
+                                      then `target` (a text, sentinels by id, or ids; none by
+                                      default): (len(target) + 1, V), row t the distribution of
+                                      target token t (teacher forcing, as in training)
+        A checkpoint with no head over the vocabulary (a detector, a sentence embedder, a
+        classifier) raises a one-line UserError saying what it serves instead."""
+        if lm_head_of(self.objective) is None:
+            raise UserError(f"logits() needs a checkpoint with an LM head, a decoder, a masked LM or an encoder-decoder "
+                            f"(--objective {either(objectives_with_lm_head())}); "
+                            f"{holds(self.path, self.kind, self.name)}: {hint(self.objective, False)}")
+        ids = ids_of(self.objective, self.tokenizer, "text_or_ids", text_or_ids)
+        target_ids = None
+        if target is not None:
+            if lm_head_of(self.objective) != "seq2seq":
+                raise UserError(f"target is the text an encoder-decoder's decoder reads; {holds(self.path, self.kind, self.name)}, "
+                                "which reads one sequence: leave target out")
+            target_ids = (sentinel_text_ids(self.tokenizer, target, "target") if isinstance(target, str)
+                          else token_ids("target", target, self.objective.backbone.cfg.vocab_size))
+            window = self.objective.backbone.decoder.cfg.seq_len
+            if len(target_ids) + 1 > window:
+                raise UserError(f"target is {len(target_ids)} tokens; with the decoder's start id that is longer than "
+                                f"its context window ({window}); shorten it")
+        return lm_logits(self.objective, ids, self.device, target_ids)
+
+    def hidden(self, text_or_ids, layer: int | None = None) -> torch.Tensor:
+        """Per-token hidden states, float32 on self.device: (n_layer + 1, T, C), the embeddings'
+        output then each block's output, the last after the final norm as the model uses it (what
+        the heads and embed() read); `layer` picks one, (T, C) (negative counts from the end: -1 is
+        the last). A text is framed as in logits() (input_ids(text)); ids are read as given. The
+        mask is the model's own: a decoder's position t sees positions up to t only. An
+        encoder-decoder gives its encoder's states."""
+        ids = ids_of(self.objective, self.tokenizer, "text_or_ids", text_or_ids)
+        n = self.objective.backbone.cfg.n_layer
+        if layer is not None:
+            check_int("layer", layer, within=f"[-{n + 1}, {n}]")
+        states = hidden_states(self.objective, ids, self.device)
+        return states if layer is None else states[layer]

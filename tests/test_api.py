@@ -253,6 +253,26 @@ BAD_CALLS = [
     ("t5", lambda m: m.infill("a <extra_id_0>", length_penalty="1"), "length_penalty", "got '1' (str)"),
     ("t5", lambda m: m.infill("a <extra_id_0>", max_new_tokens=None), "max_new_tokens", "got None"),
     ("t5", lambda m: m.infill("a <extra_id_0>", top_p=0), "top_p", "in (0, 1], got 0"),
+    ("clm", lambda m: m.logits(None), "text_or_ids", "a str (a text) or a list of token ids in [0, 1024), got None"),
+    ("clm", lambda m: m.logits(b"The cat"), "text_or_ids", "(bytes): decode it first"),
+    ("clm", lambda m: m.logits([5, 2.0]), "text_or_ids[1]", "a token id (an int), got 2.0 (float)"),
+    ("clm", lambda m: m.logits([5, True]), "text_or_ids[1]", "got True (bool)"),
+    ("clm", lambda m: m.logits([5, 1024]), "text_or_ids[1]", "is 1024, not a token id of this model (its vocabulary "
+                                                              "is 0 .. 1023)"),
+    ("clm", lambda m: m.logits([-1]), "text_or_ids[0]", "is -1"),
+    ("clm", lambda m: m.logits([]), "text_or_ids", "is empty"),
+    ("clm", lambda m: m.logits(list(range(40))), "text_or_ids", "is 40 tokens, longer than the model's context window"),
+    ("clm", lambda m: m.logits(" ".join(["word"] * 40)), "text_or_ids with its framing", "longer than the model's"),
+    ("clm", lambda m: m.hidden(torch.zeros(1, 3, dtype=torch.long)), "text_or_ids", "shape (1, 3): give one sequence"),
+    ("clm", lambda m: m.hidden(torch.zeros(3)), "text_or_ids", "got a torch.float32 tensor"),
+    ("clm", lambda m: m.hidden("a", layer=2), "layer", "must be in [-2, 1], got 2"),
+    ("clm", lambda m: m.hidden("a", layer=-3), "layer", "in [-2, 1], got -3"),
+    ("clm", lambda m: m.hidden("a", layer=1.0), "layer", "got 1.0 (float)"),
+    ("clm", lambda m: m.input_ids(None), "text", "got None"),
+    ("t5", lambda m: m.logits("a", target=[1.5]), "target[0]", "got 1.5 (float)"),
+    ("t5", lambda m: m.logits("a", target=list(range(32))), "target", "is 32 tokens; with the decoder's start id"),
+    ("t5", lambda m: m.logits("a <extra_id_100>"), "text_or_ids", "has <extra_id_100>, which is no sentinel"),
+    ("t5", lambda m: m.logits("a", target="<extra_id_100>"), "target", "has <extra_id_100>, which is no sentinel"),
     (None, lambda path: minilm.load(path, device=None), "device", "got None"),
     (None, lambda path: minilm.load(path, device=3), "device", "got 3 (int)"),
     (None, lambda path: minilm.load(path, device="gpu"), "unknown device", "'gpu'"),
@@ -483,3 +503,125 @@ def test_an_export_is_read_with_the_checks_of_a_checkpoint(checkpoints, tmp_path
     save_safetensors(weights, crafted, dict(metadata, tokenizer="not base64!"))
     with pytest.raises(UserError, match=r"crafted.safetensors: its metadata's config, tokenizer or step does not parse"):
         load_on_cpu(crafted)
+
+
+# ----------------------------------------------------------------------------- logits and hidden states
+def forward_loss_and_logits_loss(model, generator):
+    """(the objective's own forward loss on a batch of one row it made, the same loss computed
+    from Model.logits of that row's ids): equal when logits() computes what forward computes."""
+    import torch.nn.functional as F
+    from minilm.objectives import window_length_for
+    objective = model.objective
+    name = model.name
+    window = window_length_for(name, model.config.model, model.config.obj)
+    raw = torch.randint(7 + 110, model.tokenizer.vocab_size, (1, window), generator=generator)
+    if name == "prefix_lm":   # a prefix of one token: the causal reading logits() does
+        batch = objective.make_batch(raw, generator)
+        batch["prefix_lengths"] = torch.ones(1, dtype=torch.long)
+        batch["labels"] = raw[:, 1:]
+        batch["counts"] = {"targets": torch.tensor(raw.shape[1] - 1)}
+    else:
+        batch = objective.make_batch(raw, generator)
+    with torch.no_grad():
+        loss, _ = objective(batch)
+    ids = batch["input_ids"][0]
+    if name == "t5":   # the decoder reads its start id, then the target: the labels but the last
+        logits = model.logits(ids, target=batch["decoder_input_ids"][0, 1:])
+        assert torch.equal(batch["decoder_input_ids"][0, 0], torch.tensor(objective.decoder_start_id))
+        return loss, F.cross_entropy(logits, batch["labels"][0])
+    logits = model.logits(ids.tolist())
+    if name == "mlm":
+        return loss, F.cross_entropy(logits[batch["positions"]], batch["targets"])
+    return loss, F.cross_entropy(logits, batch["labels"][0])
+
+
+@pytest.mark.parametrize("name", ["clm", "prefix_lm", "mlm", "t5"])
+def test_logits_are_what_the_objective_s_own_forward_computes(name, checkpoints):
+    """The loss of the objective's forward on a batch it made (masks, spans, shifted labels as in
+    training) equals the cross-entropy of Model.logits on that batch's ids, to 1e-5."""
+    model = load_on_cpu(checkpoints[name])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        loss, from_logits = forward_loss_and_logits_loss(model, generator)
+        torch.testing.assert_close(from_logits, loss, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_of_a_text_are_those_of_its_framed_ids(checkpoints, tokenizer):
+    """A text reads as input_ids(text) says (after <eos>; a masked LM's <mask> by id; t5's encoder
+    input with <eos> and its sentinels by id), and a decoder's row t predicts the text's token t:
+    score()'s log-probabilities are the log-softmax of logits at the text's tokens."""
+    decoder = load_on_cpu(checkpoints["clm"])
+    text = "The chef cooked the meal."
+    ids = decoder.input_ids(text)
+    assert ids == [EOS_ID] + tokenizer.encode(text)
+    logits = decoder.logits(text)
+    assert logits.shape == (len(ids), tokenizer.vocab_size) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, decoder.logits(torch.tensor(ids)))
+    chain = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(chain, torch.tensor([value for _, value in decoder.score(text)]), rtol=1e-5, atol=1e-5)
+    masked = load_on_cpu(checkpoints["mlm"])
+    assert masked.input_ids("The <mask> sat.") == [EOS_ID] + tokenizer.encode("The") + [MASK_ID] + \
+        tokenizer.encode(" sat.")
+    t5 = load_on_cpu(checkpoints["t5"])
+    from minilm.tokenizer import SENTINEL_IDS
+    assert t5.input_ids("The cat <extra_id_0> mat.") == tokenizer.encode("The cat") + [SENTINEL_IDS[0]] + \
+        tokenizer.encode(" mat.") + [EOS_ID]
+    target = "<extra_id_0> sat on the"
+    torch.testing.assert_close(t5.logits("The cat <extra_id_0> mat.", target=target),
+                               t5.logits(t5.input_ids("The cat <extra_id_0> mat."),
+                                         target=[SENTINEL_IDS[0]] + tokenizer.encode(" sat on the")))
+    assert t5.logits("The cat <extra_id_0> mat.").shape == (1, tokenizer.vocab_size)   # the start id alone
+
+
+def hand_hidden_states(backbone, ids: torch.Tensor, mask) -> list[torch.Tensor]:
+    """The embeddings' output, then each block's, the last through the final norm: by hand."""
+    x = backbone.embed(ids)
+    states = [x]
+    for block in backbone.blocks:
+        x = block(x, mask=mask, rotary=backbone.rotary)
+        states.append(x)
+    states[-1] = backbone.norm(x)
+    return states
+
+
+@pytest.mark.parametrize("name, causal", [("clm", True), ("mlm", False)])
+def test_hidden_gives_every_layer_the_last_as_the_backbone_s_output(name, causal, tokenizer, tmp_path):
+    from minilm.model import CAUSAL
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = model_config_for(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=2, n_head=2,
+                                                   n_embd=32))
+    cfg.train.objective = name
+    objective = build_objective(name, cfg.model, tokenizer, cfg.obj)
+    path = str(tmp_path / "two_layers.pt")
+    save_checkpoint(path, {"config": cfg.to_dict(), "objective": name, "model": objective.state_dict(), "step": 0,
+                           "tokenizer": bytes_to_tensor(tokenizer.model_bytes)})
+    model = load_on_cpu(path)
+    ids = model.input_ids("The cat sat on the mat.")
+    states = model.hidden(ids)
+    assert states.shape == (3, len(ids), 32) and states.dtype == torch.float32
+    backbone = model.objective.backbone
+    with torch.no_grad():
+        expected = hand_hidden_states(backbone, torch.tensor([ids]), CAUSAL if causal else None)
+        torch.testing.assert_close(states[-1], backbone(torch.tensor([ids]), mask=CAUSAL if causal else None)[0])
+    for layer, state in enumerate(expected):
+        torch.testing.assert_close(states[layer], state[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.hidden(ids, layer=layer), states[layer])
+    torch.testing.assert_close(model.hidden(ids, layer=-1), states[-1])
+    # position t of a decoder reads positions up to t only: changing the tokens after t changes
+    # nothing before it; an encoder's every position reads the whole text
+    changed = ids[:4] + [(token + 1) % tokenizer.vocab_size for token in ids[4:]]
+    other = model.hidden(changed)
+    assert torch.equal(other[:, :4], states[:, :4]) == causal
+    assert not torch.equal(other[1:, 4:], states[1:, 4:])
+
+
+def test_a_checkpoint_without_an_lm_head_says_what_it_serves_instead(checkpoints):
+    for name, offers in (("rtd", "use score("), ("simcse", "it has no masked-LM head, detector or decoder: embed texts with embed("), ("classify", "use classify(")):
+        model = load_on_cpu(checkpoints[name])
+        with pytest.raises(UserError, match=r"^logits\(\) needs a checkpoint with an LM head") as err:
+            model.logits("The cat.")
+        assert f"({name}): {offers}" in str(err.value) and "--objective clm, " in str(err.value)
+        assert model.hidden("The cat.").shape[0] == 2   # every checkpoint has hidden states
+    with pytest.raises(UserError, match=r"^target is the text an encoder-decoder's decoder reads; .*leave target out$"):
+        load_on_cpu(checkpoints["clm"]).logits("The cat.", target="sat")
