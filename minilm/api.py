@@ -332,12 +332,13 @@ def method_that_fits(objective, flags: bool = False) -> str:
     return hint(objective, flags)
 
 
-def check_method_fits(method: str, objective, where: str) -> None:
+def check_method_fits(method: str, objective, where: str, asked: str | None = None) -> None:
     """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
-    what the method needs and which method fits; the wording follows sample.py's flag checks."""
+    what the method needs and which method fits; the wording follows sample.py's flag checks.
+    asked: the method called, when it is another than the verb it needs (evaluate needs classify)."""
     if method not in served(objective):
-        raise UserError(f"{method}() needs {needs(method)}; {holds(where, objective.model_kind, objective.name)}: "
-                        f"{hint(objective, False)}")
+        raise UserError(f"{asked or method}() needs {needs(method)}; "
+                        f"{holds(where, objective.model_kind, objective.name)}: {hint(objective, False)}")
 
 
 # ----------------------------------------------------------------------------- generate (decoders)
@@ -692,11 +693,8 @@ def classify_texts(objective, tokenizer, texts, device, flags: bool = False,
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise UserError(f"{named('classify', flags)} needs some text, e.g. "
                         f"{example('classify', CLASSIFY_EXAMPLE, flags)}")
-    keep = objective.backbone.cfg.seq_len - 2
-    rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
     names, answers = objective.label_names, []
-    for batch in batches(rows, batch_size):
-        logits = check_finite(objective.logits(*padded(batch, device)), "logits")     # (N, n_labels)
+    for logits in label_logits(objective, tokenizer, texts, device, batch_size):       # (N, n_labels) each
         probabilities = logits.softmax(dim=-1)
         ranked, order = probabilities.sort(dim=-1, descending=True)
         answers += [[(names[i], p) for i, p in zip(row_order, row_probs)]
@@ -849,6 +847,118 @@ def hidden_states(objective, ids: list[int], device) -> torch.Tensor:
     return check_finite(torch.cat(layers).float(), "hidden states")
 
 
+def label_logits(objective, tokenizer, texts: list[str], device, batch_size: int = BATCH_SIZE):
+    """The classifier's logits, (N, n_labels) fp32 per batch of batch_size texts, each text framed
+    as in fine-tuning, [CLS] text [SEP], its first seq_len - 2 tokens kept (as LabelledSource
+    truncates); each batch right-padded, the padding masked and skipped by the pooling."""
+    keep = objective.backbone.cfg.seq_len - 2
+    rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
+    for batch in batches(rows, batch_size):
+        yield check_finite(objective.logits(*padded(batch, device)), "logits")
+
+
+# ----------------------------------------------------------------------------- evaluate (classifiers)
+# A classifier checkpoint scored on a labelled file without training: every row classified once,
+# the (true, predicted) pairs counted into a confusion matrix, and from it what fine-tuning's
+# evaluation reports (objectives/classify.py: confusion_metrics, format_confusion). The file is read
+# by the row readers training uses (minilm/data/reading.py: .tsv/.csv with a header, .jsonl), and a
+# row is skipped as training skips it (an empty text or label), counted, never silently.
+class Evaluation(NamedTuple):
+    path: str
+    labels: list[str]                 # the model's label names, in id order
+    confusion: torch.Tensor           # (n_labels, n_labels) int64, rows = true label, columns = predicted
+    accuracy: float
+    macro_f1: float                   # the mean F1 over the labels present in truth or predictions
+    precision: dict[str, float | None]   # per label: right / predicted as it (None: never predicted)
+    recall: dict[str, float | None]      # per label: right / its rows (None: no row of it)
+    rows: int                         # the rows evaluated
+    skipped: int                      # rows with an empty text or label
+
+    def report(self) -> str:
+        """What sample.py --evaluate prints: the counts, accuracy and macro-F1, per label its
+        precision, recall and rows, then the confusion matrix (past FULL_MATRIX_LABELS labels, the
+        summary format_confusion gives, which has the worst labels' precision and recall)."""
+        from minilm.objectives.classify import FULL_MATRIX_LABELS, format_confusion
+        skipped = f" ({self.skipped} skipped: an empty text or label)" if self.skipped else ""
+        lines = [f"{self.rows} rows of {self.path}{skipped}", f"accuracy  {self.accuracy:.4f}",
+                 f"macro-F1  {self.macro_f1:.4f}"]
+        if len(self.labels) <= FULL_MATRIX_LABELS:
+            width = max([len(name) for name in self.labels] + [5])
+            show = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+            support = self.confusion.sum(1).tolist()
+            lines.append(f"{'label'.ljust(width)}  precision  recall    rows")
+            lines += [f"{name.ljust(width)}  {show(self.precision[name]):>9}  {show(self.recall[name]):>6}  {n:>6}"
+                      for name, n in zip(self.labels, support)]
+        lines.append("confusion matrix (rows: true label, columns: predicted):")
+        lines.append(format_confusion(self.confusion, self.labels))
+        return "\n".join(lines)
+
+
+def labelled_rows(path: str, text_field: str, label_field: str, flags: bool) -> tuple[list[str], list[str], int]:
+    """(texts, labels, rows skipped) of a labelled file, read as training reads one: a one-line
+    UserError for a file that is missing, plain text or lacks a column, worded for the caller."""
+    from minilm.data.reading import iter_rows
+    named_file = "--evaluate" if flags else "evaluate()"
+    columns = [(text_field, "--text_field" if flags else "text_field="),
+               (label_field, "--label_field" if flags else "label_field=")]
+    if not os.path.exists(path) and not any(ch in path for ch in "*?["):
+        raise UserError(f"{named_file}: {path} does not exist; give a labelled .tsv/.csv file (with a header) or "
+                        ".jsonl file")
+    texts, labels, skipped = [], [], 0
+    try:
+        for text, label in iter_rows(path, columns):
+            label = (label or "").strip()   # as training reads a label (data/rows.py)
+            if text is None or not text.strip() or not label:
+                skipped += 1
+                continue
+            texts.append(text)
+            labels.append(label)
+    except UserError as err:
+        message = str(err).replace("--data", named_file).replace("this objective reads", f"{named_file} reads")
+        if not flags:
+            message = message.replace("text_field= NAME", 'text_field="NAME"').replace("label_field= NAME",
+                                                                                         'label_field="NAME"')
+        raise UserError(message) from None
+    return texts, labels, skipped
+
+
+@torch.no_grad()
+def evaluate_file(objective, tokenizer, path: str, *, text_field: str = "text", label_field: str = "label", device,
+                  batch_size: int = BATCH_SIZE, flags: bool = False) -> Evaluation:
+    """Classify every row of a labelled file once and count (true, predicted) pairs: an Evaluation.
+    A label the model does not know is a one-line UserError naming it (its head has no output for
+    it); a file with no row to evaluate is one too."""
+    from minilm.objectives.classify import confusion_metrics
+    texts, labels, skipped = labelled_rows(path, text_field, label_field, flags)
+    names = list(objective.label_names)
+    ids = {name: i for i, name in enumerate(names)}
+    unknown: dict[str, int] = {}
+    for label in labels:
+        if label not in ids:
+            unknown[label] = unknown.get(label, 0) + 1
+    if unknown:
+        shown_labels = ", ".join(f"{label!r} ({n} row{'s' if n > 1 else ''})" for label, n in list(unknown.items())[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UserError(f"{path} has labels the model does not know: {shown_labels}{more}; it predicts "
+                        f"{', '.join(names[:20])}{', ...' if len(names) > 20 else ''}: evaluate it on rows of those "
+                        f"labels (or check {'--label_field' if flags else 'label_field'})")
+    if not texts:
+        raise UserError(f"{path} has no row to evaluate ({skipped} skipped: an empty text or label)")
+    truth = torch.tensor([ids[label] for label in labels])
+    predicted = torch.cat([logits.argmax(-1).cpu() for logits in
+                           label_logits(objective, tokenizer, texts, device, batch_size)])
+    K = len(names)
+    confusion = torch.bincount(truth * K + predicted, minlength=K * K).view(K, K)
+    right, rows_of, predicted_as = confusion.diagonal().tolist(), confusion.sum(1).tolist(), confusion.sum(0).tolist()
+    metrics = confusion_metrics(confusion)
+    return Evaluation(path=path, labels=names, confusion=confusion, accuracy=metrics["acc"],
+                      macro_f1=metrics["macro_f1"],
+                      precision={name: right[i] / predicted_as[i] if predicted_as[i] else None
+                                 for i, name in enumerate(names)},
+                      recall={name: right[i] / rows_of[i] if rows_of[i] else None for i, name in enumerate(names)},
+                      rows=len(texts), skipped=skipped)
+
+
 # ----------------------------------------------------------------------------- the model
 class Model:
     """A loaded checkpoint (minilm.load), ready for inference. Attributes: objective (the
@@ -969,6 +1079,22 @@ class Model:
         check_int("batch_size", batch_size, at_least=1)
         answers = classify_texts(self.objective, self.tokenizer, texts, self.device, batch_size=batch_size)
         return answers[0] if isinstance(texts, str) else answers
+
+    def evaluate(self, path: str, text_field: str = "text", label_field: str = "label",
+                 batch_size: int = BATCH_SIZE) -> Evaluation:
+        """A classifier scored on a labelled file (.tsv/.csv with a header, or .jsonl; the text in
+        column text_field, the label in label_field, as train.py reads them), every row classified
+        once (as classify() frames it): an Evaluation with accuracy, macro_f1, per-label precision
+        and recall, and the confusion matrix; .report() is the text sample.py --evaluate prints. A
+        row with an empty text or label is skipped and counted; a label the model does not know is
+        a one-line UserError."""
+        check_method_fits("classify", self.objective, self.path, asked="evaluate")
+        check_path("path", path, "a labelled .tsv/.csv/.jsonl file")
+        check_text("text_field", text_field)
+        check_text("label_field", label_field)
+        check_int("batch_size", batch_size, at_least=1)
+        return evaluate_file(self.objective, self.tokenizer, os.fspath(path), text_field=text_field,
+                             label_field=label_field, device=self.device, batch_size=batch_size)
 
     def input_ids(self, text: str) -> list[int]:
         """The ids logits() and hidden() read for `text`: framed as training framed a text (<eos>
