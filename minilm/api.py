@@ -1,7 +1,8 @@
 """The Python API, for notebooks: a checkpoint in, a model that generates, fills, scores and embeds.
 
     import minilm
-    m = minilm.load("out")                       # a run folder (its newest checkpoint) or a file
+    m = minilm.load("out")                       # a run folder (its newest checkpoint), a checkpoint
+                                                 # file, or minilm.export's .safetensors file
     m.generate("Once upon a time", num_samples=2, seed=0)   # decoders, prefix LMs -> [str, str]
     m.fill("The dog chased the red <mask>.")     # masked LMs -> Filled(text, candidates)
     m.infill("The cat <extra_id_0> on the mat.") # encoder-decoders (t5) -> [str]
@@ -9,6 +10,9 @@
                                                  # rtd: P(replaced) -> [(piece, value)]
     m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
+    m.evaluate("test.tsv")                       # classifiers: accuracy, macro-F1, confusion matrix
+    m.logits("The cat sat.")                     # models with an LM head -> (T, V) float tensor
+    m.hidden("The cat sat.")                     # any model -> (n_layer + 1, T, C): every layer
 
 What a checkpoint can do is what the objective it was trained with declares (Objective.capabilities;
 a+b: the union of its parts': `served`); a method it cannot serve raises a one-line UserError naming
@@ -974,6 +978,11 @@ class Model:
                  rtd part): P(replaced)
       embed      encoders (every masked/denoising objective, rtd's discriminator, t5's encoder)
       classify   classifiers (--objective classify): label probabilities
+      evaluate   classifiers: accuracy, macro-F1 and the confusion matrix on a labelled file
+      logits     every checkpoint with an LM head (decoders, masked LMs, encoder-decoders): the
+                 head's (T, V) logits of one sequence, as the objective's forward computes them
+      hidden     every checkpoint: per-token hidden states of every layer, (n_layer + 1, T, C)
+    input_ids(text) is the framing logits() and hidden() give a text.
     """
 
     def __init__(self, objective, tokenizer: Tokenizer, config, path: str, device):
