@@ -220,7 +220,7 @@ def main(argv: list[str]) -> None:
                          or args["evaluate"]):
         raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, --embed, "
                         "--classify and --evaluate have none")
-    if not args["evaluate"] and (args["text_field"], args["label_field"]) != (DEFAULTS["text_field"], DEFAULTS["label_field"]):
+    if not args["evaluate"] and any(args[field] != DEFAULTS[field] for field in ("text_field", "label_field")):
         raise UserError("--text_field and --label_field name the columns of --evaluate's file; give --evaluate FILE "
                         "or leave them out")
     if texts_to_embed is not None:

@@ -176,10 +176,11 @@ def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> N
 # ----------------------------------------------------------------------------- loading
 def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note, flag: str = "--ckpt"):
     """(objective with weights, in eval mode on `device`, tokenizer, config) from a checkpoint
-    file, a run folder: its newest checkpoint that loads (a damaged newer one is skipped,
-    with a note on `log`), or minilm's .safetensors export (state_of_export). Loaded with weights_only=True (minilm.checkpoint): a file holding
-    anything but tensors and plain data is refused, never unpickled. flag: what named `path`, for
-    the messages (sample.py's --ckpt, or the Python API's call)."""
+    file, a run folder: its newest checkpoint that loads (a damaged newer one is skipped, with a
+    note on `log`), or minilm's .safetensors export (state_of_export). Loaded with
+    weights_only=True (minilm.checkpoint): a file holding anything but tensors and plain data is
+    refused, never unpickled. flag: what named `path`, for the messages (sample.py's --ckpt, or
+    the Python API's call)."""
     from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
     from minilm.config import Config
     from minilm.objectives import build_objective
@@ -235,11 +236,11 @@ def state_of_export(path: str) -> dict:
     except (ValueError, RecursionError, binascii.Error):
         raise UserError(f"{path}: its metadata's config, tokenizer or step does not parse; the file is damaged "
                         "or was not written by minilm") from None
-    state = {"config": config, "model": weights, "objective": metadata.get("objective") or None, "step": step,
-             "tokenizer": None if tokenizer is None else bytes_to_tensor(tokenizer)}
     if not isinstance(config, dict):
         raise UserError(f"{path}: its metadata's config is not a JSON object; the file is damaged or was not "
                         "written by minilm")
+    state = {"config": config, "model": weights, "objective": metadata.get("objective") or None, "step": step,
+             "tokenizer": None if tokenizer is None else bytes_to_tensor(tokenizer)}
     check_checkpoint(state, path)
     return state
 
@@ -715,12 +716,12 @@ def lm_head_of(objective) -> str | None:
     encoder-decoder's decoder: infill or generate on model_kind seq2seq), "masked" (a masked LM's
     per-position predictions: fill), "next" (a decoder's next-token logits: generate, or score
     as log p), or None (a detector, a sentence embedder, a classifier: no head over the vocabulary)."""
-    served_verbs = objective.capabilities
-    if objective.model_kind == "seq2seq" and served_verbs & {"infill", "generate"}:
+    declared = objective.capabilities
+    if objective.model_kind == "seq2seq" and declared & {"infill", "generate"}:
         return "seq2seq"
-    if "fill" in served_verbs:
+    if "fill" in declared:
         return "masked"
-    if "generate" in served_verbs or ("score" in served_verbs and part_serving(objective, "score").token_score == "log p"):
+    if "generate" in declared or ("score" in declared and part_serving(objective, "score").token_score == "log p"):
         return "next"
     return None
 
@@ -794,7 +795,8 @@ def token_ids(name: str, value, vocab_size: int) -> list[int]:
         raise UserError(f"{name} is empty; give at least one token id (or a text)")
     for i, token in enumerate(value):
         if not 0 <= token < vocab_size:
-            raise UserError(f"{name}[{i}] is {token}, not a token id of this model (its vocabulary is 0 .. {vocab_size - 1})")
+            raise UserError(f"{name}[{i}] is {token}, not a token id of this model (its vocabulary is "
+                            f"0 .. {vocab_size - 1})")
     return value
 
 
@@ -903,7 +905,7 @@ def labelled_rows(path: str, text_field: str, label_field: str, flags: bool) -> 
     UserError for a file that is missing, plain text or lacks a column, worded for the caller."""
     from minilm.data.reading import iter_rows
     named_file = "--evaluate" if flags else "evaluate()"
-    columns = [(text_field, "--text_field" if flags else "text_field="),
+    columns = [(text_field, "--text_field" if flags else "text_field="),     # "pass --text_field NAME"
                (label_field, "--label_field" if flags else "label_field=")]
     if not os.path.exists(path) and not any(ch in path for ch in "*?["):
         raise UserError(f"{named_file}: {path} does not exist; give a labelled .tsv/.csv file (with a header) or "
@@ -919,9 +921,8 @@ def labelled_rows(path: str, text_field: str, label_field: str, flags: bool) -> 
             labels.append(label)
     except UserError as err:
         message = str(err).replace("--data", named_file).replace("this objective reads", f"{named_file} reads")
-        if not flags:
-            message = message.replace("text_field= NAME", 'text_field="NAME"').replace("label_field= NAME",
-                                                                                         'label_field="NAME"')
+        if not flags:   # the readers say "pass FLAG NAME": a keyword argument's is field="NAME"
+            message = message.replace("_field= NAME", '_field="NAME"')
         raise UserError(message) from None
     return texts, labels, skipped
 
@@ -1126,16 +1127,17 @@ class Model:
                                       target token t (teacher forcing, as in training)
         A checkpoint with no head over the vocabulary (a detector, a sentence embedder, a
         classifier) raises a one-line UserError saying what it serves instead."""
+        held = holds(self.path, self.kind, self.name)
         if lm_head_of(self.objective) is None:
-            raise UserError(f"logits() needs a checkpoint with an LM head, a decoder, a masked LM or an encoder-decoder "
-                            f"(--objective {either(objectives_with_lm_head())}); "
-                            f"{holds(self.path, self.kind, self.name)}: {hint(self.objective, False)}")
+            raise UserError(f"logits() needs a checkpoint with an LM head, a decoder, a masked LM or an "
+                            f"encoder-decoder (--objective {either(objectives_with_lm_head())}); {held}: "
+                            f"{hint(self.objective, False)}")
         ids = ids_of(self.objective, self.tokenizer, "text_or_ids", text_or_ids)
         target_ids = None
         if target is not None:
             if lm_head_of(self.objective) != "seq2seq":
-                raise UserError(f"target is the text an encoder-decoder's decoder reads; {holds(self.path, self.kind, self.name)}, "
-                                "which reads one sequence: leave target out")
+                raise UserError(f"target is the text an encoder-decoder's decoder reads; {held}, which reads one "
+                                "sequence: leave target out")
             target_ids = (sentinel_text_ids(self.tokenizer, target, "target") if isinstance(target, str)
                           else token_ids("target", target, self.objective.backbone.cfg.vocab_size))
             window = self.objective.backbone.decoder.cfg.seq_len
