@@ -584,14 +584,19 @@ def hand_hidden_states(backbone, ids: torch.Tensor, mask) -> list[torch.Tensor]:
     return states
 
 
-@pytest.mark.parametrize("name, causal", [("clm", True), ("mlm", False)])
+@pytest.mark.parametrize("name, causal", [("clm", True), ("mlm", False), ("classify", True), ("classify", False)])
 def test_hidden_gives_every_layer_the_last_as_the_backbone_s_output(name, causal, tokenizer, tmp_path):
+    """Two blocks, by hand; under the mask the objective reads with (a classifier's
+    --classifier_attention among them)."""
     from minilm.model import CAUSAL
     torch.manual_seed(0)
     cfg = Config()
     cfg.model = model_config_for(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=2, n_head=2,
                                                    n_embd=32))
     cfg.train.objective = name
+    if name == "classify":
+        cfg.obj.labels = '["food", "space"]'
+        cfg.obj.classifier_attention = "causal" if causal else "bidirectional"
     objective = build_objective(name, cfg.model, tokenizer, cfg.obj)
     path = str(tmp_path / "two_layers.pt")
     save_checkpoint(path, {"config": cfg.to_dict(), "objective": name, "model": objective.state_dict(), "step": 0,
@@ -614,6 +619,22 @@ def test_hidden_gives_every_layer_the_last_as_the_backbone_s_output(name, causal
     other = model.hidden(changed)
     assert torch.equal(other[:, :4], states[:, :4]) == causal
     assert not torch.equal(other[1:, 4:], states[1:, 4:])
+
+
+def test_an_encoder_decoder_s_hidden_states_are_its_encoder_s(checkpoints):
+    model = load_on_cpu(checkpoints["t5"])
+    ids = model.input_ids("The cat <extra_id_0> mat.")
+    with torch.no_grad():
+        expected = model.objective.backbone.encode(torch.tensor([ids]))[0]
+    torch.testing.assert_close(model.hidden(ids, layer=-1), expected)
+
+
+def test_sample_py_samples_from_an_export_as_from_its_checkpoint(checkpoints, tmp_path):
+    exported = minilm.export(checkpoints["clm"], str(tmp_path / "model.safetensors"), log=lambda _: None)
+    outputs = [run_in_process("sample.py", "--ckpt", path, "--prompt", "The cat", "--seed", 5, "--max_new_tokens", 6,
+                              "--device", "cpu") for path in (checkpoints["clm"], exported)]
+    assert all(result.returncode == 0 for result in outputs), outputs[1].stderr
+    assert outputs[0].stdout == outputs[1].stdout and outputs[0].stdout.startswith("--- sample 1\nThe cat")
 
 
 def test_a_checkpoint_without_an_lm_head_says_what_it_serves_instead(checkpoints):
