@@ -647,3 +647,48 @@ def test_a_checkpoint_without_an_lm_head_says_what_it_serves_instead(checkpoints
         assert model.hidden("The cat.").shape[0] == 2   # every checkpoint has hidden states
     with pytest.raises(UserError, match=r"^target is the text an encoder-decoder's decoder reads; .*leave target out$"):
         load_on_cpu(checkpoints["clm"]).logits("The cat.", target="sat")
+
+
+def test_logits_and_hidden_states_are_transformers_on_the_same_llama_weights(tokenizer, tmp_path):
+    """A SwiGLU decoder (RMSNorm, rotary, no biases, untied head) is Llama: with its weights put in
+    a LlamaForCausalLM by hand, logits() and hidden() equal transformers' logits and
+    output_hidden_states (the embeddings, each block, the last after the final norm) to 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = model_config_for("clm", ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=2, n_head=2,
+                                                    n_embd=32, mlp="swiglu", tie_embeddings=False, norm_eps=1e-6))
+    objective = build_objective("clm", cfg.model, tokenizer, cfg.obj)
+    with torch.no_grad():
+        for p in objective.parameters():   # norms away from 1, so that a misplaced norm shows
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "llama.pt")
+    save_checkpoint(path, {"config": cfg.to_dict(), "objective": "clm", "model": objective.state_dict(), "step": 0,
+                           "tokenizer": bytes_to_tensor(tokenizer.model_bytes)})
+    model = load_on_cpu(path)
+    backbone = model.objective.backbone
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=cfg.model.mlp_hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6,
+        rope_theta=cfg.model.rope_base, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).eval()
+    weights = {"model.embed_tokens.weight": backbone.tok_emb.weight, "model.norm.weight": backbone.norm.weight,
+               "lm_head.weight": backbone.lm_head.weight}
+    for i, block in enumerate(backbone.blocks):
+        layer = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.chunk(3)
+        gate, up = block.mlp.up.weight.chunk(2)
+        weights.update({layer + "self_attn.q_proj.weight": q, layer + "self_attn.k_proj.weight": k,
+                        layer + "self_attn.v_proj.weight": v, layer + "self_attn.o_proj.weight": block.attn.proj.weight,
+                        layer + "mlp.gate_proj.weight": gate, layer + "mlp.up_proj.weight": up,
+                        layer + "mlp.down_proj.weight": block.mlp.down.weight,
+                        layer + "input_layernorm.weight": block.norm1.weight,
+                        layer + "post_attention_layernorm.weight": block.norm2.weight})
+    llama.load_state_dict(weights, strict=True)
+    ids = model.input_ids("The cat sat on the mat.")
+    with torch.no_grad():
+        out = llama(torch.tensor([ids]), output_hidden_states=True)
+    torch.testing.assert_close(model.logits(ids), out.logits[0], rtol=1e-5, atol=1e-5)
+    states = model.hidden(ids)
+    assert len(out.hidden_states) == states.shape[0] == 3
+    for layer, state in enumerate(out.hidden_states):
+        torch.testing.assert_close(states[layer], state[0], rtol=1e-5, atol=1e-5)
