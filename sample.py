@@ -60,9 +60,9 @@ from __future__ import annotations
 import json
 import sys
 
-from minilm.api import (FLAG_OF, MASK, classify_texts, evaluate_file, fill, generate_texts, hint,  # noqa: F401
-                        holds, infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference, needs,
-                        part_serving, score_tokens, sentinel_spans, served)
+from minilm.api import (FLAG_OF, MASK, classify_texts, evaluate_file, fill, generate_texts,  # noqa: F401 (re-exported)
+                        hint, holds, infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference,
+                        needs, part_serving, score_tokens, sentinel_spans, served)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
@@ -218,8 +218,8 @@ def main(argv: list[str]) -> None:
                         "do not search beams")
     if args["mode"] and (texts_to_embed is not None or args["fill"] or args["score"] or args["classify"]
                          or args["evaluate"]):
-        raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, --embed, "
-                        "--classify and --evaluate have none")
+        raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, "
+                        "--embed, --classify and --evaluate have none")
     if not args["evaluate"] and any(args[field] != DEFAULTS[field] for field in ("text_field", "label_field")):
         raise UserError("--text_field and --label_field name the columns of --evaluate's file; give --evaluate FILE "
                         "or leave them out")
