@@ -47,16 +47,22 @@ generator in training), then the piece. Write a wrong word in to see it stand ou
 
 Classifiers (--objective classify, fine-tuned on labelled rows) classify texts instead:
     python sample.py --ckpt out --classify "The match ended in a draw." ["another text" ...]
-prints, for each text, every label with its probability, most probable first.
+prints, for each text, every label with its probability, most probable first. They are also
+evaluated on a labelled file, without training:
+    python sample.py --ckpt out --evaluate test.tsv [--text_field text] [--label_field label]
+classifies every row of the file (.tsv/.csv with a header, or .jsonl, read as train.py reads
+labelled rows) and prints accuracy, macro-F1, each label's precision and recall, and the
+confusion matrix. A label the model does not know is an error; a row with an empty text or label
+is skipped and counted.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from minilm.api import (FLAG_OF, MASK, classify_texts, fill, generate_texts, hint, holds,  # noqa: F401 (re-exported)
-                        infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference, needs,
-                        part_serving, score_tokens, sentinel_spans, served)
+from minilm.api import (FLAG_OF, MASK, classify_texts, evaluate_file, fill, generate_texts,  # noqa: F401 (re-exported)
+                        hint, holds, infill_decode, infill_input_ids, infill_parts, infill_text, load_for_inference,
+                        needs, part_serving, score_tokens, sentinel_spans, served)
 from minilm.api import fill_mask as api_fill_mask
 from minilm.cli import run_cli
 from minilm.config import check_value, parse_flags
@@ -66,7 +72,7 @@ from minilm.trainer import resolve_device
 
 DEFAULTS = dict(ckpt="out", prompt="", max_new_tokens=100, temperature=0.8, top_k=0, top_p=0.95,
                 num_samples=3, seed=0, device="auto", no_cache=False, fill="", infill="", beam_size=1,
-                length_penalty=1.0, score="", mode="")
+                length_penalty=1.0, score="", mode="", evaluate="", text_field="text", label_field="label")
 # what each number accepts (config.check_value): a one-line error naming the flag otherwise
 FLAG_RULES = dict(max_new_tokens=dict(at_least=0), num_samples=dict(at_least=1),
                   temperature=dict(at_least=0),          # 0 = greedy
@@ -143,9 +149,9 @@ def print_classes(objective, tokenizer, texts: list[str], device) -> None:
 
 
 def flag_asked(args: dict) -> str:
-    """The method the flags ask for: classify, embed, score, infill, fill, or generate (--prompt,
-    or no flag)."""
-    return next((method for method in ("classify", "embed", "score", "infill", "fill") if args.get(method)),
+    """The method the flags ask for: evaluate, classify, embed, score, infill, fill, or generate
+    (--prompt, or no flag)."""
+    return next((method for method in ("evaluate", "classify", "embed", "score", "infill", "fill") if args.get(method)),
                 "generate")
 
 
@@ -155,13 +161,15 @@ def check_flags_fit(args: dict, objective, ckpt: str) -> None:
     (minilm.api.served, from the objective's declared capabilities; --score only for
     replaced-token detectors)."""
     asked = flag_asked(args)
-    if asked in served(objective, flags=True):
+    verb = "classify" if asked == "evaluate" else asked   # --evaluate classifies every row of its file
+    if verb in served(objective, flags=True):
         return
     held = holds(ckpt, objective.model_kind, objective.name)
     if asked == "generate":
         raise UserError(f"{held}, which cannot generate text: that needs {needs('generate', flags=True)}; "
                         f"{hint(objective, True)}")
-    raise UserError(f"--{FLAG_OF[asked]} needs {needs(asked, flags=True)}; {held}: {hint(objective, True)}")
+    flag = "--evaluate" if asked == "evaluate" else f"--{FLAG_OF[asked]}"
+    raise UserError(f"{flag} needs {needs(verb, flags=True)}; {held}: {hint(objective, True)}")
 
 
 # ---- --embed "a" "b" ... prints the cosine-similarity matrix of the texts' embeddings
@@ -171,7 +179,7 @@ def print_embeddings(args: dict, texts: list[str]) -> None:
     from minilm.api import cosine_similarities, embed_texts
     if not texts:
         raise UserError('--embed needs at least one text, e.g. --embed "A man plays a guitar." "Someone plays music."')
-    others = [f"--{flag}" for flag in ("prompt", "fill", "infill", "score", "classify") if args[flag]]
+    others = [f"--{flag}" for flag in ("prompt", "fill", "infill", "score", "classify", "evaluate") if args[flag]]
     if others:
         raise UserError(f"--embed and {others[0]} exclude each other; give one")
     device = resolve_device(args["device"])
@@ -201,15 +209,20 @@ def main(argv: list[str]) -> None:
         check_value(name, args[name], **rule)
     given = [f"--{flag} ({kind})" for flag, kind in (("fill", "masked LMs"), ("infill", "encoder-decoders"),
                                                       ("score", "replaced-token detectors"),
-                                                      ("classify", "classifiers")) if args[flag]]
+                                                      ("classify", "classifiers"), ("evaluate", "classifiers"))
+             if args[flag]]
     if len(given) > 1:
         raise UserError(f"{' and '.join(given)} exclude each other; give one")
     if args["beam_size"] > 1 and not args["infill"]:
         raise UserError("--beam_size is for --infill on an encoder-decoder checkpoint; --prompt and --fill "
                         "do not search beams")
-    if args["mode"] and (texts_to_embed is not None or args["fill"] or args["score"] or args["classify"]):
-        raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, --embed and "
-                        "--classify have none")
+    if args["mode"] and (texts_to_embed is not None or args["fill"] or args["score"] or args["classify"]
+                         or args["evaluate"]):
+        raise UserError("--mode picks the mode token an --infill or --prompt input opens with; --fill, --score, "
+                        "--embed, --classify and --evaluate have none")
+    if not args["evaluate"] and any(args[field] != DEFAULTS[field] for field in ("text_field", "label_field")):
+        raise UserError("--text_field and --label_field name the columns of --evaluate's file; give --evaluate FILE "
+                        "or leave them out")
     if texts_to_embed is not None:
         print_embeddings(args, texts_to_embed)
         return
@@ -218,6 +231,10 @@ def main(argv: list[str]) -> None:
     device = resolve_device(args["device"])
     objective, tokenizer, cfg = load_for_inference(args["ckpt"], device)
     check_flags_fit(args, objective, args["ckpt"])
+    if args["evaluate"]:
+        print(evaluate_file(objective, tokenizer, args["evaluate"], text_field=args["text_field"],
+                            label_field=args["label_field"], device=device, flags=True).report())
+        return
     if args["classify"]:
         print_classes(objective, tokenizer, args["classify"], device)
         return

@@ -20,9 +20,10 @@ import os
 import torch
 
 from minilm.cli import run_cli
-from minilm.config import PRESETS, Config, explicit_flags, help_text, parse_overrides
+from minilm.config import PRESETS, Config, explicit_flags, help_text, parse_overrides, setting_origins
 from minilm.data import make_source, mix_seed
 from minilm.distributed import DistInfo, on_main, setup, teardown
+from minilm.epochs import read_in_passes
 from minilm.errors import UserError
 from minilm.objectives import (OBJECTIVES, build_objective, model_config_for, model_defaults_for, objective_class,
                                train_defaults_for, window_length_for)
@@ -72,6 +73,7 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         cfg.train = train_defaults_for(cfg.train.objective, cfg.train, given)
     # the objective's model settings are applied here, once: what is printed and saved is the model
     cfg.model = model_config_for(cfg.train.objective, cfg.model, cfg.obj)
+    log(setting_origins(argv, cfg))   # each value that is not minilm's default: from the flags, --config's file...
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     cfg.model.validate()
@@ -81,13 +83,14 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
     # one run per folder: every input checked, then rank 0 holds the lock until this process ends
     lock = on_main(lambda: claim_out_dir(cfg, start), dist_info)
     try:
-        prepare_and_train(cfg, dist_info, log, start, tokenizer)
+        prepare_and_train(cfg, dist_info, log, start, tokenizer, given)
     finally:
         if lock is not None:
             lock.release()
 
 
-def prepare_and_train(cfg: Config, dist_info: DistInfo, log, start: Start, tokenizer: Tokenizer | None) -> None:
+def prepare_and_train(cfg: Config, dist_info: DistInfo, log, start: Start, tokenizer: Tokenizer | None,
+                      flags_given: set[str] = frozenset()) -> None:
     out = cfg.train.out_dir
     log(cfg.describe())
     log("run: " + "  ".join(f"{k}={v}" for k, v in run_info(dist_info.world_size).items()))
@@ -124,6 +127,8 @@ def prepare_and_train(cfg: Config, dist_info: DistInfo, log, start: Start, token
     window = window_length_for(cfg.train.objective, cfg.model, cfg.obj)
     train_source = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,
                                seed=cfg.train.seed, log=log, window_length=window)
+    # --epochs N: the training data in passes, and max_steps from its size
+    train_source = read_in_passes(cfg, train_source, dist_info.world_size, flags_given, log)
     # validation windows do not depend on the training seed: runs with different seeds compare
     val_source = make_source(objective.data, data_dir, "val", cfg.model.seq_len, cfg.train.batch_size, seed=0,
                              log=log, window_length=window)

@@ -4,6 +4,7 @@
     m = minilm.load("out")                       # a run's newest checkpoint, ready for inference
     m.generate("Once upon a time")               # fill, infill, score, embed: see minilm/api.py
     minilm.export("out", "model.safetensors")    # a run's newest checkpoint -> weights + config
+    minilm.export("out", "hf_folder", format="hf")   # ... -> a folder Hugging Face transformers loads
     minilm.explain("mlm", "Any sentence.")       # what an objective does to it: minilm/explain.py
 
 `import minilm` itself is light: what load and export need is imported when it is called, so
@@ -23,18 +24,19 @@ def load(path: str, device="auto"):
     return load_model(path, device)
 
 
-def export(checkpoint: str, out_path: str, log=None) -> str:
+def export(checkpoint: str, out_path: str, log=None, format: str = "minilm") -> str:
     """A checkpoint file or run folder (its newest checkpoint) -> out_path, a .safetensors file
     with the model's weights and its config, tokenizer and objective in the metadata
-    (minilm/safetensors_io.py). Returns out_path."""
+    (minilm/safetensors_io.py). format="hf": out_path is a folder that Hugging Face transformers'
+    AutoModelFor*.from_pretrained loads (minilm/hf_export.py). Returns out_path."""
     from minilm.api import check_path
     from minilm.safetensors_io import export as export_file
     check_path("checkpoint", checkpoint)
-    check_path("out_path", out_path, "the .safetensors file to write")
+    check_path("out_path", out_path, "the folder to write" if format == "hf" else "the .safetensors file to write")
     if log is not None and not callable(log):
         from minilm.errors import UserError
         raise UserError(f"log must be None or a function taking a str (print, say), got {log!r}")
-    return export_file(os.fspath(checkpoint), os.fspath(out_path), log)
+    return export_file(os.fspath(checkpoint), os.fspath(out_path), log, format=format)
 
 
 def explain(objective: str | None, text: str, **kwargs):

@@ -1,7 +1,8 @@
 """The Python API, for notebooks: a checkpoint in, a model that generates, fills, scores and embeds.
 
     import minilm
-    m = minilm.load("out")                       # a run folder (its newest checkpoint) or a file
+    m = minilm.load("out")                       # a run folder (its newest checkpoint), a checkpoint
+                                                 # file, or minilm.export's .safetensors file
     m.generate("Once upon a time", num_samples=2, seed=0)   # decoders, prefix LMs -> [str, str]
     m.fill("The dog chased the red <mask>.")     # masked LMs -> Filled(text, candidates)
     m.infill("The cat <extra_id_0> on the mat.") # encoder-decoders (t5) -> [str]
@@ -9,6 +10,9 @@
                                                  # rtd: P(replaced) -> [(piece, value)]
     m.embed(["one text", "another"])             # encoders -> (N, C) float tensor
     m.classify("The match ended in a draw.")     # classifiers -> [(label, probability)], best first
+    m.evaluate("test.tsv")                       # classifiers: accuracy, macro-F1, confusion matrix
+    m.logits("The cat sat.")                     # models with an LM head -> (T, V) float tensor
+    m.hidden("The cat sat.")                     # any model -> (n_layer + 1, T, C): every layer
 
 What a checkpoint can do is what the objective it was trained with declares (Objective.capabilities;
 a+b: the union of its parts': `served`); a method it cannot serve raises a one-line UserError naming
@@ -33,6 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from minilm.errors import UserError
+from minilm.model import CAUSAL
 from minilm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUM_SENTINELS, PAD_ID, SENTINEL_IDS, SEP_ID, Tokenizer, tokenizer_from_bytes
 
 MASK = "<mask>"
@@ -171,14 +176,18 @@ def check_sampling(temperature, top_k, top_p, num_samples, seed, use_cache) -> N
 # ----------------------------------------------------------------------------- loading
 def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_note, flag: str = "--ckpt"):
     """(objective with weights, in eval mode on `device`, tokenizer, config) from a checkpoint
-    file, or a run folder: its newest checkpoint that loads (a damaged newer one is skipped,
-    with a note on `log`). Loaded with weights_only=True (minilm.checkpoint): a file holding
-    anything but tensors and plain data is refused, never unpickled. flag: what named `path`, for
-    the messages (sample.py's --ckpt, or the Python API's call)."""
+    file, a run folder: its newest checkpoint that loads (a damaged newer one is skipped, with a
+    note on `log`), or minilm's .safetensors export (state_of_export). Loaded with
+    weights_only=True (minilm.checkpoint): a file holding anything but tensors and plain data is
+    refused, never unpickled. flag: what named `path`, for the messages (sample.py's --ckpt, or
+    the Python API's call)."""
     from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
     from minilm.config import Config
     from minilm.objectives import build_objective
-    path, state = load_checkpoint_or_newest(path, log=log, flag=flag)
+    if is_export(path):
+        state = state_of_export(path)
+    else:
+        path, state = load_checkpoint_or_newest(path, log=log, flag=flag)
     cfg = Config.from_dict(state["config"])
     if state.get("tokenizer") is None:
         raise UserError(f"{path} carries no tokenizer; it was not written by train.py")
@@ -195,8 +204,51 @@ def load_for_inference(path: str, device, log: Callable[[str], None] = stderr_no
     return objective.to(device).eval(), tokenizer, cfg
 
 
+def is_export(path: str) -> bool:
+    """Whether `path` names minilm's own .safetensors export (minilm.export) rather than a checkpoint:
+    a regular file named *.safetensors or starting with a safetensors header (a checkpoint is a zip)."""
+    from minilm.safetensors_io import is_safetensors_file
+    return os.path.isfile(path) and (path.endswith(".safetensors") or is_safetensors_file(path))
+
+
+def state_of_export(path: str) -> dict:
+    """An export (minilm/safetensors_io.py) read back as the checkpoint dict it was written from:
+    config, objective, model (the state_dict, its aliases put back), tokenizer (uint8 bytes), step.
+    It goes through the checks every checkpoint goes through (checkpoint_checks.check_checkpoint),
+    so a crafted file is a one-line UserError before anything is built from it."""
+    import base64
+    import binascii
+    import json
+    from minilm.checkpoint import bytes_to_tensor
+    from minilm.checkpoint_checks import check_checkpoint
+    from minilm.safetensors_io import METADATA_VERSION, load_safetensors
+    weights, metadata = load_safetensors(path)
+    if "config" not in metadata:
+        raise UserError(f"{path} is a safetensors file but not a minilm export (its metadata has no config); "
+                        "minilm.load reads the files python -m minilm.safetensors_io CHECKPOINT OUT writes")
+    if metadata.get("minilm_version", METADATA_VERSION) != METADATA_VERSION:
+        raise UserError(f"{path} is a minilm export of format version {metadata['minilm_version']!r}; this minilm "
+                        f"reads version {METADATA_VERSION}: load it with the minilm that wrote it")
+    try:
+        config = json.loads(metadata["config"])
+        tokenizer = base64.b64decode(metadata["tokenizer"], validate=True) if "tokenizer" in metadata else None
+        step = int(metadata.get("step", "0"))
+    except (ValueError, RecursionError, binascii.Error):
+        raise UserError(f"{path}: its metadata's config, tokenizer or step does not parse; the file is damaged "
+                        "or was not written by minilm") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its metadata's config is not a JSON object; the file is damaged or was not "
+                        "written by minilm")
+    state = {"config": config, "model": weights, "objective": metadata.get("objective") or None, "step": step,
+             "tokenizer": None if tokenizer is None else bytes_to_tensor(tokenizer)}
+    check_checkpoint(state, path)
+    return state
+
+
 def load(path: str, device="auto", log: Callable[[str], None] = stderr_note) -> "Model":
-    """A Model from a checkpoint file or a run folder (its newest checkpoint that loads).
+    """A Model from a checkpoint file, a run folder (its newest checkpoint that loads) or minilm's
+    own .safetensors export (minilm.export: the same model, from the weights and the config and
+    tokenizer in its metadata).
     device: "auto" (cuda, then mps, then cpu), a name ("cpu", "cuda:1") or a torch.device."""
     check_path("path", path)
     device = check_device(device)
@@ -285,12 +337,13 @@ def method_that_fits(objective, flags: bool = False) -> str:
     return hint(objective, flags)
 
 
-def check_method_fits(method: str, objective, where: str) -> None:
+def check_method_fits(method: str, objective, where: str, asked: str | None = None) -> None:
     """One-line UserError when `objective`'s checkpoint (`where`) cannot serve `method`, saying
-    what the method needs and which method fits; the wording follows sample.py's flag checks."""
+    what the method needs and which method fits; the wording follows sample.py's flag checks.
+    asked: the method called, when it is another than the verb it needs (evaluate needs classify)."""
     if method not in served(objective):
-        raise UserError(f"{method}() needs {needs(method)}; {holds(where, objective.model_kind, objective.name)}: "
-                        f"{hint(objective, False)}")
+        raise UserError(f"{asked or method}() needs {needs(method)}; "
+                        f"{holds(where, objective.model_kind, objective.name)}: {hint(objective, False)}")
 
 
 # ----------------------------------------------------------------------------- generate (decoders)
@@ -375,18 +428,11 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
     if MASK not in text:
         raise UserError(f"{named('fill', flags)} needs at least one {MASK} in the text, e.g. "
                         f"{example('fill', FILL_EXAMPLE, flags)}")
-    parts = text.split(MASK)
     # Frame the text as training showed texts: an encoder trained on plain windows saw a new
     # document after <eos>; one trained on sentence pairs (mlm+sop) saw [CLS] A [SEP].
     pairs = objective.data == "segment_pairs"
-    ids = [CLS_ID] if pairs else [EOS_ID]
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
-        if not last:
-            ids.append(MASK_ID)
-    if pairs:
-        ids.append(SEP_ID)
+    text_ids = masked_text_ids(tokenizer, text)
+    ids = [CLS_ID] + text_ids + [SEP_ID] if pairs else [EOS_ID] + text_ids
     check_fits_window(ids, objective, f"{named('fill', flags)} text")
     input_ids = torch.tensor([ids], device=device)
     logits = check_finite(part_serving(objective, "fill").predict(input_ids)[0], "logits")   # (T, V)
@@ -394,6 +440,18 @@ def fill_mask(objective, tokenizer, text: str, top_k: int, device, flags: bool =
     probs, best = logits[where].float().softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
     candidates = [list(zip(b.tolist(), p.tolist())) for b, p in zip(best, probs)]
     return candidates, ids
+
+
+def masked_text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A text's ids with each <mask> as MASK_ID (the space before it goes into the mask: fill_mask)."""
+    parts = text.split(MASK)
+    ids = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        ids += tokenizer.encode(part if last or not part.endswith(" ") else part[:-1])
+        if not last:
+            ids.append(MASK_ID)
+    return ids
 
 
 def fill(objective, tokenizer, text: str, top_k: int, device, flags: bool = False) -> Filled:
@@ -640,16 +698,270 @@ def classify_texts(objective, tokenizer, texts, device, flags: bool = False,
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise UserError(f"{named('classify', flags)} needs some text, e.g. "
                         f"{example('classify', CLASSIFY_EXAMPLE, flags)}")
-    keep = objective.backbone.cfg.seq_len - 2
-    rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
     names, answers = objective.label_names, []
-    for batch in batches(rows, batch_size):
-        logits = check_finite(objective.logits(*padded(batch, device)), "logits")     # (N, n_labels)
+    for logits in label_logits(objective, tokenizer, texts, device, batch_size):       # (N, n_labels) each
         probabilities = logits.softmax(dim=-1)
         ranked, order = probabilities.sort(dim=-1, descending=True)
         answers += [[(names[i], p) for i, p in zip(row_order, row_probs)]
                     for row_order, row_probs in zip(order.tolist(), ranked.tolist())]
     return answers
+
+
+# ----------------------------------------------------------------------------- logits and hidden states
+# For a user comparing minilm with another library, or probing what each layer holds: the raw
+# numbers of one sequence, read as the objective's own forward reads it. A text is framed as the
+# other methods frame it (input_ids_of); a list of ids is taken exactly as given.
+def lm_head_of(objective) -> str | None:
+    """Which LM head a checkpoint has, from what its objective declares: "seq2seq" (an
+    encoder-decoder's decoder: infill or generate on model_kind seq2seq), "masked" (a masked LM's
+    per-position predictions: fill), "next" (a decoder's next-token logits: generate, or score
+    as log p), or None (a detector, a sentence embedder, a classifier: no head over the vocabulary)."""
+    declared = objective.capabilities
+    if objective.model_kind == "seq2seq" and declared & {"infill", "generate"}:
+        return "seq2seq"
+    if "fill" in declared:
+        return "masked"
+    if "generate" in declared or ("score" in declared and part_serving(objective, "score").token_score == "log p"):
+        return "next"
+    return None
+
+
+def objectives_with_lm_head() -> list[str]:
+    """The registered objectives that have an LM head (lm_head_of), by name, for a message."""
+    from minilm.objectives import OBJECTIVES
+    return [cls.name for cls in OBJECTIVES.values() if lm_head_of(cls) is not None]
+
+
+def reads_causally(objective) -> bool:
+    """Whether the backbone reads each position from the ones before it only: a decoder (a prefix
+    LM too, here: a prefix of one token, which its training also draws) or a causal classifier."""
+    return objective.model_kind in ("decoder", "prefix_decoder") or bool(getattr(objective, "causal", False))
+
+
+def frames_with_cls(objective) -> bool:
+    """Whether training framed a text as [CLS] text [SEP] (sentence pairs, a sentence embedder, a
+    classifier) rather than after an <eos> (running text)."""
+    return (objective.data == "segment_pairs" or "classify" in objective.capabilities
+            or ("embed" in objective.capabilities and part_serving(objective, "embed").embeds_sentences))
+
+
+def sentinel_text_ids(tokenizer: Tokenizer, text: str, name: str = "text") -> list[int]:
+    """A text's ids with each <extra_id_N> as sentinel N's id (the space before one goes into its
+    span, as infill_parts has it); any order, and a text without sentinels is plain text."""
+    parts = SENTINEL.split(text)   # text, number, text, number, ..., text
+    ids = []
+    for i in range(0, len(parts), 2):
+        last = i == len(parts) - 1
+        ids += tokenizer.encode(parts[i] if last or not parts[i].endswith(" ") else parts[i][:-1])
+        if not last:
+            number = int(parts[i + 1])
+            if number >= NUM_SENTINELS:
+                raise UserError(f"{name} has <extra_id_{number}>, which is no sentinel: the tokenizer has "
+                                f"<extra_id_0> .. <extra_id_{NUM_SENTINELS - 1}>")
+            ids.append(SENTINEL_IDS[number])
+    return ids
+
+
+def input_ids_of(objective, tokenizer: Tokenizer, text: str, name: str = "text") -> list[int]:
+    """The ids logits() and hidden() read for `text`, framed as training framed a text: an
+    encoder-decoder's encoder input (sentinels by id, then <eos>: Objective.encoder_input); [CLS]
+    text [SEP] (classifiers, sentence embedders, sentence pairs); else <eos> then the text. A
+    masked LM's <mask> is MASK_ID, as in fill."""
+    if objective.model_kind == "seq2seq":
+        part = part_serving(objective, "infill")
+        return part.encoder_input(sentinel_text_ids(tokenizer, text, name), "infill")
+    ids = masked_text_ids(tokenizer, text) if "fill" in objective.capabilities else tokenizer.encode(text)
+    return [CLS_ID] + ids + [SEP_ID] if frames_with_cls(objective) else [EOS_ID] + ids
+
+
+def token_ids(name: str, value, vocab_size: int) -> list[int]:
+    """A list (or tuple, or 1-D integer tensor) of token ids of this vocabulary -> list[int]; a
+    one-line UserError naming the argument otherwise."""
+    what = f"a str (a text) or a list of token ids in [0, {vocab_size})"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise UserError(f"{name} must be {what}; got a {value.dtype} tensor of shape {tuple(value.shape)}: "
+                            "give one sequence, e.g. ids[0] of a (1, T) batch")
+        value = value.tolist()
+    elif isinstance(value, (list, tuple)):
+        for i, token in enumerate(value):
+            if not isinstance(token, int) or isinstance(token, bool):
+                raise UserError(f"{name}[{i}] must be a token id (an int), got {shown(token)}")
+        value = list(value)
+    else:
+        hint = ': decode it first, e.g. text.decode("utf-8")' if isinstance(value, (bytes, bytearray)) else ""
+        raise UserError(f"{name} must be {what}, got {shown(value)}{hint}")
+    if not value:
+        raise UserError(f"{name} is empty; give at least one token id (or a text)")
+    for i, token in enumerate(value):
+        if not 0 <= token < vocab_size:
+            raise UserError(f"{name}[{i}] is {token}, not a token id of this model (its vocabulary is "
+                            f"0 .. {vocab_size - 1})")
+    return value
+
+
+def ids_of(objective, tokenizer: Tokenizer, name: str, value) -> list[int]:
+    """`value` (a text, framed: input_ids_of; or ids, as given) -> ids that fit the model's window."""
+    if isinstance(value, str):
+        ids = input_ids_of(objective, tokenizer, value, name)
+    else:
+        ids = token_ids(name, value, objective.backbone.cfg.vocab_size)
+    check_fits_window(ids, objective, f"{name} with its framing" if isinstance(value, str) else name)
+    return ids
+
+
+@torch.no_grad()
+def lm_logits(objective, ids: list[int], device, target: list[int] | None = None) -> torch.Tensor:
+    """(T, V) fp32: the LM head's logits at every position of `ids`, computed as the objective's
+    own forward computes them (lm_head_of says which head):
+      next     a decoder: row t is the distribution of the token after position t (causal mask);
+      masked   a masked LM: row t is its prediction of the token at position t (predict, dense);
+      seq2seq  an encoder-decoder: the encoder reads `ids`, the decoder reads its start id then
+               `target` (teacher forcing); row t is the distribution of target token t, and the
+               last row the token after the target: (len(target) + 1, V)."""
+    input_ids = torch.tensor([ids], device=device)
+    head = lm_head_of(objective)
+    if head == "seq2seq":
+        part, model = part_serving(objective, "infill"), objective.backbone
+        decoder_ids = torch.tensor([[part.decoder_start_id] + list(target or [])], device=device)
+        logits = model.logits(model.decode(decoder_ids, model.encode(input_ids)))
+    elif head == "masked":
+        logits = part_serving(objective, "fill").predict(input_ids)
+    else:
+        logits = objective.backbone.logits(objective.backbone(input_ids))
+    return check_finite(logits[0].float(), "logits")
+
+
+@torch.no_grad()
+def hidden_states(objective, ids: list[int], device) -> torch.Tensor:
+    """(n_layer + 1, T, C) fp32: the embeddings' output, then every block's output, the last as the
+    model hands it on (after the final norm, where it has one): what the objective's heads read.
+    The mask is the objective's (causal for decoders and causal classifiers, none for encoders);
+    an encoder-decoder gives its encoder's states. The blocks' outputs are read with forward
+    hooks, so the pass is the model's own forward."""
+    model = objective.backbone.encoder if objective.model_kind == "seq2seq" else objective.backbone
+    input_ids = torch.tensor([ids], device=device)
+    outputs = []
+    hooks = [block.register_forward_hook(lambda module, args, output: outputs.append(output))
+             for block in model.blocks]
+    try:
+        last = model(input_ids, mask=CAUSAL if reads_causally(objective) else None)   # (1, T, C)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = [model.embed(input_ids)] + outputs[:-1] + [last]
+    return check_finite(torch.cat(layers).float(), "hidden states")
+
+
+def label_logits(objective, tokenizer, texts: list[str], device, batch_size: int = BATCH_SIZE):
+    """The classifier's logits, (N, n_labels) fp32 per batch of batch_size texts, each text framed
+    as in fine-tuning, [CLS] text [SEP], its first seq_len - 2 tokens kept (as LabelledSource
+    truncates); each batch right-padded, the padding masked and skipped by the pooling."""
+    keep = objective.backbone.cfg.seq_len - 2
+    rows = [[CLS_ID] + tokenizer.encode(text)[:keep] + [SEP_ID] for text in texts]
+    for batch in batches(rows, batch_size):
+        yield check_finite(objective.logits(*padded(batch, device)), "logits")
+
+
+# ----------------------------------------------------------------------------- evaluate (classifiers)
+# A classifier checkpoint scored on a labelled file without training: every row classified once,
+# the (true, predicted) pairs counted into a confusion matrix, and from it what fine-tuning's
+# evaluation reports (objectives/classify.py: confusion_metrics, format_confusion). The file is read
+# by the row readers training uses (minilm/data/reading.py: .tsv/.csv with a header, .jsonl), and a
+# row is skipped as training skips it (an empty text or label), counted, never silently.
+class Evaluation(NamedTuple):
+    path: str
+    labels: list[str]                 # the model's label names, in id order
+    confusion: torch.Tensor           # (n_labels, n_labels) int64, rows = true label, columns = predicted
+    accuracy: float
+    macro_f1: float                   # the mean F1 over the labels present in truth or predictions
+    precision: dict[str, float | None]   # per label: right / predicted as it (None: never predicted)
+    recall: dict[str, float | None]      # per label: right / its rows (None: no row of it)
+    rows: int                         # the rows evaluated
+    skipped: int                      # rows with an empty text or label
+
+    def report(self) -> str:
+        """What sample.py --evaluate prints: the counts, accuracy and macro-F1, per label its
+        precision, recall and rows, then the confusion matrix (past FULL_MATRIX_LABELS labels, the
+        summary format_confusion gives, which has the worst labels' precision and recall)."""
+        from minilm.objectives.classify import FULL_MATRIX_LABELS, format_confusion
+        skipped = f" ({self.skipped} skipped: an empty text or label)" if self.skipped else ""
+        lines = [f"{self.rows} rows of {self.path}{skipped}", f"accuracy  {self.accuracy:.4f}",
+                 f"macro-F1  {self.macro_f1:.4f}"]
+        if len(self.labels) <= FULL_MATRIX_LABELS:
+            width = max([len(name) for name in self.labels] + [5])
+            show = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+            support = self.confusion.sum(1).tolist()
+            lines.append(f"{'label'.ljust(width)}  precision  recall    rows")
+            lines += [f"{name.ljust(width)}  {show(self.precision[name]):>9}  {show(self.recall[name]):>6}  {n:>6}"
+                      for name, n in zip(self.labels, support)]
+        lines.append("confusion matrix (rows: true label, columns: predicted):")
+        lines.append(format_confusion(self.confusion, self.labels))
+        return "\n".join(lines)
+
+
+def labelled_rows(path: str, text_field: str, label_field: str, flags: bool) -> tuple[list[str], list[str], int]:
+    """(texts, labels, rows skipped) of a labelled file, read as training reads one: a one-line
+    UserError for a file that is missing, plain text or lacks a column, worded for the caller."""
+    from minilm.data.reading import iter_rows
+    named_file = "--evaluate" if flags else "evaluate()"
+    columns = [(text_field, "--text_field" if flags else "text_field="),     # "pass --text_field NAME"
+               (label_field, "--label_field" if flags else "label_field=")]
+    if not os.path.exists(path) and not any(ch in path for ch in "*?["):
+        raise UserError(f"{named_file}: {path} does not exist; give a labelled .tsv/.csv file (with a header) or "
+                        ".jsonl file")
+    texts, labels, skipped = [], [], 0
+    try:
+        for text, label in iter_rows(path, columns):
+            label = (label or "").strip()   # as training reads a label (data/rows.py)
+            if text is None or not text.strip() or not label:
+                skipped += 1
+                continue
+            texts.append(text)
+            labels.append(label)
+    except UserError as err:
+        message = str(err).replace("--data", named_file).replace("this objective reads", f"{named_file} reads")
+        if not flags:   # the readers say "pass FLAG NAME": a keyword argument's is field="NAME"
+            message = message.replace("_field= NAME", '_field="NAME"')
+        raise UserError(message) from None
+    return texts, labels, skipped
+
+
+@torch.no_grad()
+def evaluate_file(objective, tokenizer, path: str, *, text_field: str = "text", label_field: str = "label", device,
+                  batch_size: int = BATCH_SIZE, flags: bool = False) -> Evaluation:
+    """Classify every row of a labelled file once and count (true, predicted) pairs: an Evaluation.
+    A label the model does not know is a one-line UserError naming it (its head has no output for
+    it); a file with no row to evaluate is one too."""
+    from minilm.objectives.classify import confusion_metrics
+    texts, labels, skipped = labelled_rows(path, text_field, label_field, flags)
+    names = list(objective.label_names)
+    ids = {name: i for i, name in enumerate(names)}
+    unknown: dict[str, int] = {}
+    for label in labels:
+        if label not in ids:
+            unknown[label] = unknown.get(label, 0) + 1
+    if unknown:
+        shown_labels = ", ".join(f"{label!r} ({n} row{'s' if n > 1 else ''})" for label, n in list(unknown.items())[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UserError(f"{path} has labels the model does not know: {shown_labels}{more}; it predicts "
+                        f"{', '.join(names[:20])}{', ...' if len(names) > 20 else ''}: evaluate it on rows of those "
+                        f"labels (or check {'--label_field' if flags else 'label_field'})")
+    if not texts:
+        raise UserError(f"{path} has no row to evaluate ({skipped} skipped: an empty text or label)")
+    truth = torch.tensor([ids[label] for label in labels])
+    predicted = torch.cat([logits.argmax(-1).cpu() for logits in
+                           label_logits(objective, tokenizer, texts, device, batch_size)])
+    K = len(names)
+    confusion = torch.bincount(truth * K + predicted, minlength=K * K).view(K, K)
+    right, rows_of, predicted_as = confusion.diagonal().tolist(), confusion.sum(1).tolist(), confusion.sum(0).tolist()
+    metrics = confusion_metrics(confusion)
+    return Evaluation(path=path, labels=names, confusion=confusion, accuracy=metrics["acc"],
+                      macro_f1=metrics["macro_f1"],
+                      precision={name: right[i] / predicted_as[i] if predicted_as[i] else None
+                                 for i, name in enumerate(names)},
+                      recall={name: right[i] / rows_of[i] if rows_of[i] else None for i, name in enumerate(names)},
+                      rows=len(texts), skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -667,6 +979,11 @@ class Model:
                  rtd part): P(replaced)
       embed      encoders (every masked/denoising objective, rtd's discriminator, t5's encoder)
       classify   classifiers (--objective classify): label probabilities
+      evaluate   classifiers: accuracy, macro-F1 and the confusion matrix on a labelled file
+      logits     every checkpoint with an LM head (decoders, masked LMs, encoder-decoders): the
+                 head's (T, V) logits of one sequence, as the objective's forward computes them
+      hidden     every checkpoint: per-token hidden states of every layer, (n_layer + 1, T, C)
+    input_ids(text) is the framing logits() and hidden() give a text.
     """
 
     def __init__(self, objective, tokenizer: Tokenizer, config, path: str, device):
@@ -772,3 +1089,73 @@ class Model:
         check_int("batch_size", batch_size, at_least=1)
         answers = classify_texts(self.objective, self.tokenizer, texts, self.device, batch_size=batch_size)
         return answers[0] if isinstance(texts, str) else answers
+
+    def evaluate(self, path: str, text_field: str = "text", label_field: str = "label",
+                 batch_size: int = BATCH_SIZE) -> Evaluation:
+        """A classifier scored on a labelled file (.tsv/.csv with a header, or .jsonl; the text in
+        column text_field, the label in label_field, as train.py reads them), every row classified
+        once (as classify() frames it): an Evaluation with accuracy, macro_f1, per-label precision
+        and recall, and the confusion matrix; .report() is the text sample.py --evaluate prints. A
+        row with an empty text or label is skipped and counted; a label the model does not know is
+        a one-line UserError."""
+        check_method_fits("classify", self.objective, self.path, asked="evaluate")
+        check_path("path", path, "a labelled .tsv/.csv/.jsonl file")
+        check_text("text_field", text_field)
+        check_text("label_field", label_field)
+        check_int("batch_size", batch_size, at_least=1)
+        return evaluate_file(self.objective, self.tokenizer, os.fspath(path), text_field=text_field,
+                             label_field=label_field, device=self.device, batch_size=batch_size)
+
+    def input_ids(self, text: str) -> list[int]:
+        """The ids logits() and hidden() read for `text`: framed as training framed a text (<eos>
+        then the text; [CLS] text [SEP] for classifiers, sentence embedders and sentence pairs; an
+        encoder-decoder's encoder input: the text, sentinels by id, then <eos>); a masked LM's
+        <mask> becomes its id, as in fill."""
+        check_text("text", text)
+        return input_ids_of(self.objective, self.tokenizer, text)
+
+    def logits(self, text_or_ids, target=None) -> torch.Tensor:
+        """(T, V) float32 on self.device: the LM head's logits at every position, computed as the
+        objective's forward computes them. A text is framed (input_ids(text) says how, so row t
+        belongs to its id t); a list or 1-D tensor of ids is read exactly as given.
+          decoders (clm, prefix_lm):  row t is the distribution of the token after position t,
+                                      read causally (a prefix LM with a prefix of one token)
+          masked LMs (mlm, ...):      row t is the prediction of the token at position t
+          encoder-decoders (t5, ul2): the encoder reads text_or_ids; the decoder reads its start id
+                                      then `target` (a text, sentinels by id, or ids; none by
+                                      default): (len(target) + 1, V), row t the distribution of
+                                      target token t (teacher forcing, as in training)
+        A checkpoint with no head over the vocabulary (a detector, a sentence embedder, a
+        classifier) raises a one-line UserError saying what it serves instead."""
+        held = holds(self.path, self.kind, self.name)
+        if lm_head_of(self.objective) is None:
+            raise UserError(f"logits() needs a checkpoint with an LM head, a decoder, a masked LM or an "
+                            f"encoder-decoder (--objective {either(objectives_with_lm_head())}); {held}: "
+                            f"{hint(self.objective, False)}")
+        ids = ids_of(self.objective, self.tokenizer, "text_or_ids", text_or_ids)
+        target_ids = None
+        if target is not None:
+            if lm_head_of(self.objective) != "seq2seq":
+                raise UserError(f"target is the text an encoder-decoder's decoder reads; {held}, which reads one "
+                                "sequence: leave target out")
+            target_ids = (sentinel_text_ids(self.tokenizer, target, "target") if isinstance(target, str)
+                          else token_ids("target", target, self.objective.backbone.cfg.vocab_size))
+            window = self.objective.backbone.decoder.cfg.seq_len
+            if len(target_ids) + 1 > window:
+                raise UserError(f"target is {len(target_ids)} tokens; with the decoder's start id that is longer than "
+                                f"its context window ({window}); shorten it")
+        return lm_logits(self.objective, ids, self.device, target_ids)
+
+    def hidden(self, text_or_ids, layer: int | None = None) -> torch.Tensor:
+        """Per-token hidden states, float32 on self.device: (n_layer + 1, T, C), the embeddings'
+        output then each block's output, the last after the final norm as the model uses it (what
+        the heads and embed() read); `layer` picks one, (T, C) (negative counts from the end: -1 is
+        the last). A text is framed as in logits() (input_ids(text)); ids are read as given. The
+        mask is the model's own: a decoder's position t sees positions up to t only. An
+        encoder-decoder gives its encoder's states."""
+        ids = ids_of(self.objective, self.tokenizer, "text_or_ids", text_or_ids)
+        n = self.objective.backbone.cfg.n_layer
+        if layer is not None:
+            check_int("layer", layer, within=f"[-{n + 1}, {n}]")
+        states = hidden_states(self.objective, ids, self.device)
+        return states if layer is None else states[layer]

@@ -30,7 +30,7 @@ DAMAGED = "the file is damaged or was not written by minilm"
 ENTRY_TYPES: dict[str, tuple[type, ...]] = {
     "objective": (str,), "step": (int,), "lr_scale": (int, float), "best_value": (int, float),
     "optimizer": (dict,), "scaler": (dict,), "rng": (dict, list), "last_eval": (dict,), "data": (dict,),
-    "parent": (dict,), "tokenizer": (torch.Tensor,),
+    "parent": (dict,), "tokenizer": (torch.Tensor,), "evals_without_improvement": (int,),
 }
 TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list",
               torch.Tensor: "a tensor"}

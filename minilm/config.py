@@ -9,8 +9,9 @@ A run is described by one `Config`, made of four sections:
     TrainConfig      which objective, the optimizer, the schedule, logging and checkpoints
 
 Every field of every section can be set from the command line as `--field value` (or
-`--field=value`); field names are unique across sections, so no prefixes are needed. A preset
-(`--preset tiny|small|base`) fills the model section first, then explicit flags win.
+`--field=value`); field names are unique across sections, so no prefixes are needed. A size
+preset (`--preset tiny|small|base`) and an architecture (`--arch llama|gpt2|bert|roberta`) fill
+the model section first, then explicit flags win.
 Each field carries its meaning (printed by `train.py --help`) and the values it accepts; the
 parsed config is validated whole before anything runs, so a bad value is one line naming its
 flag (`--beta1 must be in [0, 1), got 1.5`), never a traceback minutes into a run.
@@ -46,8 +47,13 @@ class ModelConfig:
                                     "ELECTRA: 128); 0 = n_embd, no projection", at_least=0)
     intermediate_size: int = option(0, "MLP hidden width; 0 = 4 x n_embd (GELU) or 8/3 x n_embd (SwiGLU)",
                                     at_least=0)
-    mlp: str = option("gelu", "the MLP: gelu or swiglu", choices=("gelu", "swiglu"))
+    mlp: str = option("gelu", "the MLP: gelu (exact, BERT), swiglu (Llama) or gelu_tanh (GPT-2's tanh "
+                              "approximation)", choices=("gelu", "swiglu", "gelu_tanh"))
     norm: str = option("rmsnorm", "the norm: rmsnorm or layernorm", choices=("rmsnorm", "layernorm"))
+    # model.py's Block says why pre is the default
+    norm_placement: str = option("pre", "where each block's norms sit: pre (before each sub-layer, and a final "
+                                        "norm; stable without warmup) or post (after each residual sum, no final "
+                                        "norm: BERT, RoBERTa)", choices=("pre", "post"))
     position: str = option("rope", "positions: rope (rotary) or learned (GPT-2's table)",
                            choices=("rope", "learned"))
     rope_base: float = option(10000.0, "RoPE frequency base", above=1)
@@ -102,6 +108,28 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, seq_len=128),     # ~0.9M with a 4096 vocab (tests)
     "small": dict(n_layer=6, n_head=6, n_embd=384, seq_len=256),    # ~10.6M + embeddings (the bench config)
     "base": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024),  # GPT-2 small's shape
+}
+
+
+# Architecture presets: the fields that make minilm's one Block and its embeddings exactly a
+# family the ecosystem uses, so its checkpoints import and export by renaming weights
+# (hf_format.py). Applied like a size preset (`--preset small --arch bert`: both fill, then
+# explicit flags win), and not saved: what is saved is the fields. Each sets every field that
+# tells the families apart, so an arch is the same model whatever it is applied on; README.md's
+# model section lists each one's differences from the defaults.
+ARCHES: dict[str, dict] = {
+    # Touvron et al. 2023: RMSNorm, rotary positions, SwiGLU, no biases, an untied output matrix
+    "llama": dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope",
+                  mlp="swiglu", tie_embeddings=False, n_segment=0, embed_norm=False),
+    # Radford et al. 2019: LayerNorm with biases, a learned position table, tanh GELU, tied head
+    "gpt2": dict(norm_placement="pre", norm="layernorm", norm_eps=1e-5, bias=True, position="learned",
+                 mlp="gelu_tanh", tie_embeddings=True, n_segment=0, embed_norm=False),
+    # Devlin et al. 2019: post-LayerNorm blocks, learned positions, two token types, a normed embedding sum
+    "bert": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
+                 mlp="gelu", tie_embeddings=True, n_segment=2, embed_norm=True),
+    # Liu et al. 2019: BERT's model with one token type (its position offset of 2 is import/export's)
+    "roberta": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
+                    mlp="gelu", tie_embeddings=True, n_segment=1, embed_norm=True),
 }
 
 
@@ -182,6 +210,9 @@ class TrainConfig:
     batch_size: int = option(16, "sequences per micro-batch", at_least=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", at_least=1)
     max_steps: int = option(600, "optimizer steps; 0 = prepare the tokenizer and data only", at_least=0)
+    # --epochs: the steps follow from the prepared data's size (minilm/epochs.py)
+    epochs: int = option(0, "passes over the training data; sets max_steps from the data's size (0 = use "
+                            "--max_steps)", at_least=0)
     lr: float = option(2e-3, "peak learning rate", above=0)
     min_lr: float = option(2e-4, "final learning rate, at max_steps (at most lr)", at_least=0)
     warmup_steps: int = option(100, "linear warmup from 0 to lr (at most max_steps)", at_least=0)
@@ -193,6 +224,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max gradient norm; 0 disables clipping", at_least=0)
     eval_every: int = option(200, "steps between validations (and one at the end)", at_least=1)
     eval_batches: int = option(20, "batches per validation", at_least=1)
+    early_stopping_patience: int = option(0, "stop when the objective's best_metric (classify: macro_f1; others: "
+                                             "val loss) has not improved for this many evaluations; 0 = off",
+                                          at_least=0)
     log_every: int = option(10, "steps between log lines", at_least=1)
     ckpt_every: int = option(500, "steps between checkpoints (and one at the end)", at_least=1)
     seed: int = option(1337, "data order, masking and initialisation", within="[0, 2**64)")
@@ -201,6 +235,9 @@ class TrainConfig:
     dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp16 (CUDA "
                                 "only, with loss scaling)", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model (checkpoints hold the uncompiled weights)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of "
+                                                    "keeping them: less memory, ~1 more forward pass of compute, "
+                                                    "same gradients")
     resume: str = option("", "auto (or bare --resume): the newest checkpoint in out_dir that loads; or "
                              "the path of a checkpoint file; empty = start fresh")
     init_from: str = option("", "start a new run from a checkpoint's weights (continued pretraining): "
@@ -225,7 +262,8 @@ class TrainConfig:
             raise UserError(TENSORBOARD_HINT)
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
-        if self.max_steps > 0 and self.warmup_steps > self.max_steps:
+        # with --epochs the steps are known once the data is (minilm/epochs.py checks the warmup then)
+        if self.max_steps > 0 and not self.epochs and self.warmup_steps > self.max_steps:
             raise UserError(f"--warmup_steps must be at most --max_steps ({self.max_steps}), got "
                             f"{self.warmup_steps}: the learning rate would never reach --lr; pass "
                             f"--warmup_steps {self.max_steps} or less")
@@ -384,8 +422,149 @@ def parse_flags(argv: list[str], defaults: dict) -> dict:
 FRESH_START = ("", "false", "0", "no", "off")
 
 
+# ----------------------------------------------------------------------------- --config run.toml
+# the flags that fill model fields from a table, in the order they apply; not fields themselves
+# (applied before the fields' own flags, from the command line or a --config file)
+MODEL_PRESETS = {"preset": PRESETS, "arch": ARCHES}
+META_FLAGS = tuple(MODEL_PRESETS)
+
+
+def _flag_value(argv: list[str], name: str) -> list[str]:
+    """The values given to --name on a command line (`--name v` or `--name=v`), in order."""
+    values = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:].replace("-", "_") == name:
+            values.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    return values
+
+
+def _toml_value(where: str, name: str, value, kind: type) -> str:
+    """A TOML value as the flag text it stands for, after checking its type: the file and the
+    command line then go through the same parsing and the same checks (and flags stay the one way
+    in). bool is a subclass of int in Python, so it is told apart first."""
+    fits = (isinstance(value, bool) if kind is bool else
+            isinstance(value, str) if kind is str else
+            not isinstance(value, bool) and (isinstance(value, int) or (kind is float and isinstance(value, float))))
+    if not fits:
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)   # as TOML writes it
+        raise UserError(f"{where}: {name} expects {ARTICLE[kind.__name__]}, got {shown}")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _did_you_mean(name: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, sorted(valid), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def read_config_file(path: str) -> list[tuple[str, str]]:
+    """A TOML file of settings as (flag name, flag text) pairs, in the file's order.
+
+    Keys are field names, at the top level or in the table of their section:
+
+        preset = "small"          # and the other flags that are not fields (META_FLAGS)
+        objective = "mlm"
+        [model]
+        n_layer = 8
+        [train]
+        lr = 1e-3
+
+    Each value must have its field's type (a TOML string for a string field, true/false for a
+    bool, ...). An unknown key, a key in another section's table, an unknown table or a key set
+    twice is a one-line UserError naming the file."""
+    try:
+        import tomllib   # the standard library's TOML reader, new in Python 3.11
+    except ImportError:
+        import platform
+        raise UserError(f"--config reads TOML with tomllib, which Python 3.11+ has and this Python "
+                        f"{platform.python_version()} lacks; use Python 3.11+ or give the settings as flags") from None
+    where = path
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path} is a folder; give a .toml file") from None
+    except OSError as err:
+        raise UserError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{where} is not valid TOML: {err}") from None
+    sections = {name: {f.name: f for f in fields(klass)} for name, klass in section_classes().items()}
+    owner = {name: section for section, names in sections.items() for name in names}
+    pairs, seen = [], {}
+
+    def add(name: str, value, place: str) -> None:
+        if name in seen:
+            raise UserError(f"{where} sets {name} twice ({seen[name]} and {place}); keep one")
+        seen[name] = place
+        if name in META_FLAGS:
+            pairs.append((name, _toml_value(where, name, value, str)))
+        else:
+            pairs.append((name, _toml_value(where, name, value, TYPES[type_name(sections[owner[name]][name])])))
+
+    for key, value in table.items():
+        # `data` is both a section and a field (the text to train on): a table is the section
+        if key in sections and (isinstance(value, dict) or key not in owner):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: {key} is a section: write its fields under a [{key}] table")
+            for name, item in value.items():
+                if name not in sections[key]:
+                    if name in owner:
+                        raise UserError(f"{where}: [{key}] has no field {name}: it belongs in [{owner[name]}] "
+                                        f"(or at the top of the file)")
+                    raise UserError(f"{where}: [{key}] has no field {name!r}"
+                                    + (_did_you_mean(name, sections[key]) or "; see the README for every flag"))
+                add(name, item, f"[{key}]")
+        elif key in owner or key in META_FLAGS:
+            add(key, value, "the top level")
+        elif isinstance(value, dict):
+            close = difflib.get_close_matches(key, list(sections), n=1)
+            raise UserError(f"{where}: unknown table [{key}]" + (f"; did you mean [{close[0]}]?" if close else "")
+                            + f" (the tables are {', '.join(f'[{name}]' for name in sections)})")
+        else:
+            raise UserError(f"{where}: unknown key {key!r}"
+                            + (_did_you_mean(key, [*owner, *META_FLAGS]) or "; see the README for every flag"))
+    return pairs
+
+
+def _with_config_file(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The command line's (name, value) pairs with a --config file's settings put first, so that
+    every flag on the command line overrides the file wherever it stands."""
+    files = [value for name, value in pairs if name == "config"]
+    if len(files) > 1:
+        raise UserError(f"--config was given {len(files)} times; give one file (flags can override it)")
+    if not files:
+        return pairs
+    return read_config_file(files[0]) + [(name, value) for name, value in pairs if name != "config"]
+
+
+def setting_origins(argv: list[str], cfg: Config) -> str:
+    """One line: each value of `cfg` that differs from minilm's default, and where it came from:
+    the command line, the --config file, a --preset, or else the run's own resolution (an
+    objective's defaults, a resumed checkpoint's or an --init_from parent's config, the device)."""
+    files = _flag_value(argv, "config")
+    in_file = dict(read_config_file(files[0])) if files else {}
+    on_line = explicit_flags(argv, with_file=False)
+    presets = [value for value in [in_file.get("preset"), *_flag_value(argv, "preset")] if value in PRESETS]
+    from_preset = set(PRESETS[presets[-1]]) if presets else set()
+    default, shown = Config(), []
+    for section in SECTIONS:
+        for f in fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if value == getattr(getattr(default, section), f.name):
+                continue
+            origin = ("command line" if f.name in on_line else files[0] if f.name in in_file else
+                      f"--preset {presets[-1]}" if f.name in from_preset else "resolved")
+            text = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+            shown.append(f"{f.name}={text} ({origin})")
+    return "settings other than the defaults: " + (", ".join(shown) if shown else "none")
+
+
 def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
-    """A Config from `--preset` and `--field value` flags, applied on top of `base`, validated.
+    """A Config from `--preset`, `--arch` and `--field value` flags, applied on top of `base`, validated.
 
     Raises UserError for an unknown flag (naming the closest valid one) or a bad value: any field
     out of its range, or two fields that do not fit together (Config.validate). A command line that
@@ -396,16 +575,16 @@ def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     cfg = copy.deepcopy(base) if base is not None else Config()
     index = _field_index(cfg)
     pairs = _split_flags(argv, lambda n: n in index and index[n][1].type == "bool")
-    _reject_unknown(pairs, set(index) | {"preset"})
-    # preset first, so explicit flags override it whatever their order
+    _reject_unknown(pairs, set(index) | set(META_FLAGS) | {"config"})
+    pairs = _with_config_file(pairs)   # --config FILE: its settings first, then the command line's
+    # presets first (the size, then the architecture), so explicit flags override them whatever their order
+    for flag, presets in MODEL_PRESETS.items():
+        for name, value in pairs:
+            if name == flag:
+                for k, v in presets[_preset_name(flag, value, presets)].items():
+                    setattr(cfg.model, k, v)
     for name, value in pairs:
-        if name == "preset":
-            if value not in PRESETS:
-                raise UserError(f"unknown --preset {value!r}; choose one of {', '.join(PRESETS)}")
-            for k, v in PRESETS[value].items():
-                setattr(cfg.model, k, v)
-    for name, value in pairs:
-        if name != "preset":
+        if name not in MODEL_PRESETS:
             obj, f = index[name]
             setattr(obj, name, _convert(name, value, TYPES[f.type]))
     if base is None and cfg.train.resume.strip().lower() not in FRESH_START:
@@ -415,15 +594,38 @@ def parse_overrides(argv: list[str], base: Config | None = None) -> Config:
     return cfg
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the flags given on a command line (to tell what a resumed run overrides)."""
-    return {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+def _preset_name(flag: str, value: str, presets: dict) -> str:
+    if value not in presets:
+        raise UserError(f"unknown --{flag} {value!r}; choose one of {', '.join(presets)}")
+    return value
+
+
+def explicit_flags(argv: list[str], with_file: bool = True) -> set[str]:
+    """Names of the flags given on a command line (to tell what a resumed run overrides, and
+    where an objective's defaults may still fill in), and of the settings of its --config file,
+    which count as given flags. `--arch NAME` gives each field the arch sets: they are the user's
+    choice of model, which an objective's defaults must not undo (a classifier from scratch keeps
+    GPT-2's embeddings un-normed)."""
+    pairs = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            pairs.append((name.replace("-", "_"), value if eq else (argv[i + 1] if i + 1 < len(argv) else "")))
+    files = _flag_value(argv, "config") if with_file else []
+    if files:
+        pairs += read_config_file(files[0])
+    names = {name for name, _ in pairs}
+    for name, value in pairs:
+        if name == "arch":
+            names |= set(ARCHES.get(value, ()))
+    return names
 
 
 # ----------------------------------------------------------------------------- --help
 SECTION_TITLES = {
     "model": "model (ModelConfig); --preset tiny|small|base sets n_layer, n_head, n_embd and seq_len, "
-             "then the flags win",
+             "--arch " + "|".join(ARCHES) + " an architecture's fields (its differences from the defaults "
+             "below), then the flags win",
     "data": "data and tokenizer (DataConfig)",
     "obj": "objective options (ObjectiveConfig); each objective reads the ones it needs",
     "train": "training (TrainConfig)",
@@ -436,12 +638,24 @@ def _shown(value) -> str:
     return str(value) if value != "" else '""'
 
 
+def arch_differences(name: str) -> str:
+    """What `--arch name` sets that differs from ModelConfig's defaults: "norm_eps=1e-06 mlp=swiglu ..."."""
+    default = ModelConfig()
+    return " ".join(f"{k}={_shown(v)}" for k, v in ARCHES[name].items() if getattr(default, k) != v)
+
+
 def help_text(width: int = 100) -> str:
     """Every flag, section by section: `--name default`, then its meaning, wrapped to `width`."""
     column = 31  # where meanings start; a longer flag puts its meaning on the next line
-    lines = []
+    lines = [*textwrap.wrap("--config FILE: settings from a TOML file, field = value at the top level or in "
+                            "[model], [data], [obj] and [train] tables (preset = \"small\" too); flags on the "
+                            "command line override the file", width)]
     for section in SECTIONS:
         lines += ["", *textwrap.wrap(SECTION_TITLES[section], width)]
+        if section == "model":   # each --arch, as a flag with its meaning
+            for name in ARCHES:
+                meaning = textwrap.wrap(arch_differences(name), width - column)
+                lines += [f"  --arch {name}".ljust(column) + meaning[0], *(" " * column + rest for rest in meaning[1:])]
         for f in fields(getattr(Config(), section)):
             flag = f"  --{f.name} {_shown(f.default)}"
             meaning = textwrap.wrap(f.metadata["help"], width - column)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from minilm.config import ModelConfig
 
@@ -231,10 +232,17 @@ class Attention(nn.Module):
 
 # ----------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """GELU MLP (GPT-2/BERT) or SwiGLU (Shazeer 2020; LLaMA): down(silu(gate(x)) * up(x))."""
+    """down(act(up(x))), position by position; cfg.mlp picks act:
+      gelu       exact (erf) GELU, as BERT
+      gelu_tanh  GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as
+                 GPT-2: a speed hack of its day (slower than the exact kernel on today's CPUs,
+                 benchmarks/README.md), kept to match GPT-2's weights exactly
+      swiglu     down(silu(gate(x)) * up(x)) (Shazeer 2020; Llama): gate and up are one matmul
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kind = cfg.mlp
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.mlp_hidden
         # for SwiGLU the gate and up projections are one matmul, split afterwards
@@ -247,31 +255,49 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            # exact (erf) GELU, as BERT; GPT-2's tanh approximation was a speed hack that is
-            # slower than the exact kernel on today's CPUs (benchmarks/README.md)
-            h = F.gelu(h)
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)
 
 
 # ----------------------------------------------------------------------------- block
 class Block(nn.Module):
-    """Pre-norm residual block, the only one: encoders, decoders and encoder-decoders all use it.
+    """The residual block, the only one: encoders, decoders and encoder-decoders all use it.
+    cfg.norm_placement says where its norms sit.
 
+    pre (the default; GPT-2 onwards, Llama): each sub-layer reads a normed copy of the stream and
+    adds to it; the stream itself is never normed (the Transformer norms it once at the end):
         x = x + self_attention(norm1(x), norm1(source or x))     attend
         x = x + cross_attention(norm_cross(x), encoder_output)   cross_attend: an encoder-decoder's decoder
         x = x + mlp(norm2(x))                                    feed_forward
 
+    post (the original Transformer, BERT, RoBERTa): the norm comes after the residual sum, so the
+    stream is normed after every sub-layer and the last block already ends in a norm:
+        x = norm1(x + self_attention(x, source or x))
+        x = norm_cross(x + cross_attention(x, encoder_output))
+        x = norm2(x + mlp(x))
+
+    Why pre-norm is the default: with the norm after the sum, the path from the loss to an early
+    layer passes through a norm at every sub-layer, and at initialization the layers near the
+    output get much larger gradients than those near the input (Xiong et al. 2020); a post-norm
+    model then needs a learning-rate warmup to train at all, the more so the deeper it is.
+    Pre-norm keeps an identity path from the loss to every layer and trains stably without
+    warmup at any depth. Post-norm is here to run BERT's and RoBERTa's checkpoints
+    exactly (import and export map names, never math), not as a recommendation for new models.
+
     source (B, S, C): the stream the self-attention reads its keys and values from when it is not
     x (Attention's one idea): the whole row when x holds queries at some of its positions (the
-    last block of Transformer's outputs_at), the content stream for XLNet's query stream; it goes
-    through the same norm1. encoder_output (B', S', C): already normed by the encoder; the
-    cross-attention has no rotary positions (the decoder attends to the encoder by content).
-    forward is the three steps in order; they are methods so that a caller can do something
-    between them (outputs_at drops padding rows before the MLP) without reaching into the parts.
+    last block of Transformer's outputs_at), the content stream for XLNet's query stream. Pre-norm
+    puts it through the same norm1; post-norm reads it as it is, since it is already a block's
+    output (or the embeddings), normed. encoder_output (B', S', C): already normed by the
+    encoder; the cross-attention has no rotary positions (the decoder attends to the encoder by
+    content). forward is the three steps in order; they are methods so that a caller can do
+    something between them (outputs_at drops padding rows before the MLP) without reaching into
+    the parts.
     """
 
     def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
         super().__init__()
+        self.post_norm = cfg.norm_placement == "post"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.norm_cross = make_norm(cfg) if cross_attention else None
@@ -291,19 +317,24 @@ class Block(nn.Module):
                cache=None):
         """x + self-attention: x (B, T, C), source (B, S, C) or None (x) -> (B, T, C).
         source_positions: the source's positions when they are not 0..S-1 (attention's rotary)."""
+        how = dict(mask=mask, rotary=rotary, positions=positions, source_positions=source_positions, cache=cache)
+        if self.post_norm:   # the source, a block's output or the embeddings, is already normed
+            return self.norm1(x + self.drop(self.attn(x, source, **how)))
         source = None if source is None else self.norm1(source)
-        return x + self.drop(self.attn(self.norm1(x), source, mask=mask, rotary=rotary, positions=positions,
-                                       source_positions=source_positions, cache=cache))
+        return x + self.drop(self.attn(self.norm1(x), source, **how))
 
     def cross_attend(self, x, encoder_output, encoder_mask=None, *, cache=None):
         """x + cross-attention to the encoder's output (B', S, C), masked by encoder_mask (B', 1, 1, S)."""
         if encoder_output is None:
             raise ValueError("this block cross-attends: pass encoder_output (the encoder's output)")
-        return x + self.drop(self.cross(self.norm_cross(x), encoder_output, mask=encoder_mask,
-                                        cache=cache))
+        if self.post_norm:
+            return self.norm_cross(x + self.drop(self.cross(x, encoder_output, mask=encoder_mask, cache=cache)))
+        return x + self.drop(self.cross(self.norm_cross(x), encoder_output, mask=encoder_mask, cache=cache))
 
     def feed_forward(self, x):
         """x + MLP, position by position: (..., C) -> (..., C)."""
+        if self.post_norm:
+            return self.norm2(x + self.drop(self.mlp(x)))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -326,8 +357,8 @@ def padding_mask(lengths_or_valid: torch.Tensor, seq_len: int | None = None) -> 
 
 # ----------------------------------------------------------------------------- the stack
 class Transformer(nn.Module):
-    """Token embedding (+ positions, + segments) -> n_layer Blocks -> final norm; `logits()`
-    applies the (tied) LM head.
+    """Token embedding (+ positions, + segments) -> n_layer Blocks -> final norm (pre-norm only:
+    a post-norm stack's last block ends in its norm); `logits()` applies the (tied) LM head.
 
     forward(ids)                                   decoder (GPT): mask=CAUSAL is the default
     forward(ids, mask=padding_mask(lengths, T))    encoder (BERT); mask=None: no padding
@@ -372,10 +403,14 @@ class Transformer(nn.Module):
         self.embed_project = nn.Linear(E, cfg.n_embd, bias=cfg.bias) if factorized else None  # E -> C
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cross_attention) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg)
+        # post-norm: the last block already ends in a norm, so no final one (and no norm.* keys,
+        # as BERT has none); the Identity keeps `self.norm(x)` meaning "the final norm" for callers
+        self.norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # the tied matrix is V x E, so the stream goes down to E first
         self.head_project = nn.Linear(cfg.n_embd, E, bias=cfg.bias) if factorized and cfg.tie_embeddings else None
+        # recompute each block in backward instead of keeping its activations (set_activation_checkpointing)
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2's depth scaling: each residual branch adds to the stream, so the layers that write
         # into it start smaller, keeping the variance of the stream independent of depth.
@@ -410,7 +445,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids, *, mask=CAUSAL, positions=None, segment_ids=None, cache=None, encoder_output=None,
                 encoder_mask=None, outputs_at=None):
-        """ids (B, T) -> hidden states (B, T, C), after the final norm.
+        """ids (B, T) -> hidden states (B, T, C), normed (the final norm, or a post-norm block's).
 
         mask: CAUSAL (default), None, or a bool/float tensor broadcast to (B, H, T, S) (attention()).
         positions: (B, T) or (T,), each < seq_len; by default 0..T-1, after a cache's contents.
@@ -446,6 +481,13 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == last and outputs_at is not None:
                 x = self._last_block_at(block, x, outputs_at, mask, positions)
+            elif self.activation_checkpointing and self.training and cache is None:
+                # keep only the block's input; its attention and MLP activations are recomputed in
+                # backward (one more forward of the block), with the RNG state of this pass, so
+                # dropout drops the same units and the gradients are the same. Not with a cache
+                # (generation: no backward, and the recompute would append to the cache again) nor
+                # for outputs_at's last block, which holds activations at the picked positions only
+                x = checkpoint(block, x, mask=mask, positions=positions, use_reentrant=False, **shared)
             else:
                 layer_cache = None if cache is None else cache.layers[i]
                 x = block(x, mask=mask, positions=positions, cache=layer_cache, **shared)
@@ -508,6 +550,17 @@ class Transformer(nn.Module):
             for table in (self.pos_emb, self.seg_emb):
                 n -= table.weight.numel() if table is not None else 0
         return n
+
+
+def set_activation_checkpointing(module: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off for every Transformer stack in `module`
+    (an objective's backbone, both stacks of an encoder-decoder, an ELECTRA generator): while
+    training, each block keeps only its input and recomputes the rest in backward. Memory for
+    activations goes from every block's intermediates to one (B, T, C) tensor per block, for
+    about one more forward pass of compute; the loss and the gradients are the same."""
+    for stack in module.modules():
+        if isinstance(stack, Transformer):
+            stack.activation_checkpointing = on
 
 
 # ----------------------------------------------------------------------------- encoder-decoder

@@ -16,7 +16,10 @@ Why each rule exists:
     (data_for_resume).
   * --init_from starts a new run from a checkpoint's weights: its tokenizer and model come along,
     the backbone must fit (config_for_init), and the objective decides which of the parent's
-    tensors it takes (Objective.parent_tensors, reads_encoder_stack).
+    tensors it takes (Objective.parent_tensors, reads_encoder_stack). A Hugging Face folder
+    (config.json inside: minilm/hf_import.py) is read as a parent checkpoint of the objective its
+    class is the head of, so the same rules hold (never another objective unless --objective says
+    so); its --seq_len may be shorter than its max_position_embeddings (parent_from_folder).
   * Token files an older minilm made may hold special ids where text only spelled "<mask>": they
     are tokenized again with the same tokenizer (typed_specials_may_be_ids).
   * Every input a fresh run reads is checked (its files resolve, lie outside out_dir, and hold
@@ -40,6 +43,7 @@ from minilm.data import (BUILTIN, PROGRESS_EVERY, Stopped, display, file_format,
                          tokenizer_fingerprint, tokenizer_texts)
 from minilm.distributed import DistInfo
 from minilm.errors import UserError
+from minilm.hf_import import is_hf_folder, parent_checkpoint, read_folder
 from minilm.objectives import OBJECTIVES, data_kind_for, is_encoder_decoder, model_config_for, objective_class
 from minilm.run_dir import DATA_NAME, TOKENIZER_NAME, RunLock, check_data_outside, claim_run_dir
 from minilm.tokenizer import Tokenizer, tokenizer_from_bytes
@@ -257,6 +261,9 @@ def resolve_start(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> tup
         cfg = config_for_resume(argv, state, path)
         cfg.train.device = setup_device_name(cfg.train.device, dist_info)
         return cfg, Start(state=state, path=path)
+    if cfg.train.init_from and is_hf_folder(cfg.train.init_from):
+        parent_path, parent = cfg.train.init_from, parent_from_folder(cfg.train.init_from, argv, cfg, log)
+        return config_for_init(argv, parent, parent_path, log), Start(parent=parent, parent_path=parent_path)
     if cfg.train.init_from:
         parent_path, parent = load_checkpoint_or_newest(cfg.train.init_from, log=log, flag="--init_from")
         if parent.get("tokenizer") is None:
@@ -264,6 +271,24 @@ def resolve_start(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> tup
                             "checkpoint written by train.py")
         return config_for_init(argv, parent, parent_path, log), Start(parent=parent, parent_path=parent_path)
     return cfg, Start()
+
+
+def parent_from_folder(folder: str, argv: list[str], cfg: Config, log) -> dict:
+    """A Hugging Face folder read as an --init_from parent checkpoint (hf_import.py). Its
+    seq_len is its max_position_embeddings (Llama's may be 100k and more); a shorter --seq_len
+    keeps the first rows of a learned position table, which is exact for every position the run
+    uses. A longer one is refused by config_for_init, as for any parent."""
+    imported = read_folder(folder)
+    model = imported.model_cfg
+    if "seq_len" in explicit_flags(argv) and cfg.model.seq_len < model.seq_len:
+        imported.model_cfg = dataclasses.replace(model, seq_len=cfg.model.seq_len)
+        table = imported.state_dict.get("backbone.pos_emb.weight")
+        if table is not None:
+            imported.state_dict["backbone.pos_emb.weight"] = table[:cfg.model.seq_len].clone()
+    log(f"--init_from {folder}: {imported.architecture} ({imported.arch}, {model.n_layer} layers, {model.n_embd} wide, "
+        f"{imported.model_cfg.vocab_size} token ids)" + (f"; not used: {len(imported.unused)} tensor(s) "
+                                                         f"({imported.unused[0]}, ...)" if imported.unused else ""))
+    return parent_checkpoint(imported, folder)
 
 
 def setup_device_name(name: str, dist_info: DistInfo) -> str:

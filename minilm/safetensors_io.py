@@ -4,6 +4,9 @@
     import minilm; minilm.export("out/ckpt-00000600.pt", "model.safetensors")
     state_dict, metadata = load_safetensors("model.safetensors")
 
+    python -m minilm.safetensors_io out/ exported/ --format hf    # a folder transformers loads
+                                                                  # (minilm/hf_export.py)
+
 An export replaces only an earlier export (or an empty file), never a checkpoint or another
 file, and a crafted file is refused with a one-line error before any of its numbers is used.
 
@@ -70,14 +73,24 @@ MAX_HEADER = 100 << 20   # the safetensors package's own limit on the header
 
 
 # ----------------------------------------------------------------------------- writing
-def export(checkpoint: str, out_path: str, log=None) -> str:
+FORMATS = ("minilm", "hf")   # minilm's own .safetensors file; a Hugging Face transformers folder
+
+
+def export(checkpoint: str, out_path: str, log=None, format: str = "minilm") -> str:
     """Write `checkpoint`'s weights and config to `out_path` (.safetensors); returns out_path.
+    format "hf": `out_path` is a folder in Hugging Face transformers' layout instead
+    (minilm/hf_export.py: config.json, model.safetensors under transformers' names, tokenizer).
 
     checkpoint: a checkpoint file, or a run folder (its newest checkpoint that loads; a damaged
     newer one is skipped with a note on `log`, stderr by default). One-line UserErrors for a
     missing or unloadable checkpoint and an unwritable `out_path`, and for an `out_path` whose
     replacing would destroy something (see check_output)."""
     from minilm.checkpoint import load_checkpoint_or_newest, tensor_to_bytes
+    if format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format == "hf":
+        from minilm.hf_export import export_folder
+        return export_folder(checkpoint, out_path, log)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if not os.path.exists(checkpoint):
         raise UserError(f"no checkpoint at {checkpoint}; pass a checkpoint file or a run folder (train one "
@@ -347,18 +360,33 @@ def tensor_from_bytes(dtype: torch.dtype, shape: list[int], raw: memoryview) -> 
 
 
 # ----------------------------------------------------------------------------- command line
-USAGE = "usage: python -m minilm.safetensors_io CHECKPOINT_OR_RUN_FOLDER OUT.safetensors"
+USAGE = ("usage: python -m minilm.safetensors_io CHECKPOINT_OR_RUN_FOLDER OUT.safetensors\n"
+         "       python -m minilm.safetensors_io CHECKPOINT_OR_RUN_FOLDER OUT_FOLDER --format hf")
 
 
 def main(argv: list[str]) -> None:
+    argv, format = list(argv), "minilm"
+    for i, arg in enumerate(argv):   # --format NAME or --format=NAME, anywhere
+        if arg == "--format" or arg.startswith("--format="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value not in FORMATS:
+                raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {value!r}")
+            format = value
+            del argv[i:i + (1 if "=" in arg else 2)]
+            break
     if len(argv) != 2 or any(a.startswith("-") for a in argv):
         if argv in (["-h"], ["--help"]):
             print(USAGE + "\n\nWrites the model's weights and config (no optimizer state) as one .safetensors "
-                  "file; see minilm/safetensors_io.py for the metadata it carries.")
+                  "file; see minilm/safetensors_io.py for the metadata it carries. --format hf writes a folder "
+                  "that Hugging Face transformers loads (minilm/hf_export.py).")
             return
         raise UserError(f"expected a checkpoint (or run folder) and an output file; {USAGE}")
-    out = export(argv[0], argv[1])
-    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+    out = export(argv[0], argv[1], format=format)
+    if format == "hf":
+        size = sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out))
+        print(f"wrote {out}/ ({size / 2**20:.1f} MiB)")
+    else:
+        print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

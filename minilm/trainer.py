@@ -45,6 +45,8 @@ from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barri
 from minilm.errors import UserError
 from minilm.faults import FaultHandling, NonFiniteLoss, check_finite
 from minilm.flops import measure_peak_flops
+from minilm.memory import MemoryEstimate, advice as memory_advice, estimate as estimate_memory
+from minilm.model import set_activation_checkpointing
 from minilm.objectives import finalize, objective_class
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -196,6 +198,7 @@ class Trainer(FaultHandling):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.objective = objective.to(self.device)   # the plain module: saved, evaluated, inspected
+        set_activation_checkpointing(self.objective, self.tcfg.activation_checkpointing)
         if self.tcfg.fsdp:
             shard_fsdp(self.objective)
         self.model = torch.compile(self.objective) if self.tcfg.compile else self.objective
@@ -210,7 +213,9 @@ class Trainer(FaultHandling):
         self.history: list[float] = []        # training loss of every step (for tests and plots)
         self.last_eval: dict = {}
         self.last_eval_sums: dict = {}        # the raw sums behind last_eval (a confusion matrix)
-        self.best_value: float | None = None  # the best value of the objective's best_metric so far
+        self.best_value: float | None = None  # the best value of the watched metric so far (watched_metric)
+        self.evals_without_improvement = 0    # --early_stopping_patience counts these (saved in checkpoints)
+        self.stopped_early: str | None = None  # why the run stopped before max_steps, when it did
         self.warned_at_baseline = False       # the "learned nothing" line is said once per run
         self.info = run_info(self.dist.world_size)
         backbone = objective.backbone
@@ -222,6 +227,9 @@ class Trainer(FaultHandling):
         # this rank's input tokens and training FLOPs since the last log line (count_work)
         self.tokens_counted, self.flops_counted = 0, 0.0
         self.peak_flops = None
+        if self.tcfg.early_stopping_patience and val_source is None:
+            raise UserError("--early_stopping_patience watches validation metrics, and this run has no validation "
+                            "data; drop --early_stopping_patience")
 
     # --------------------------------------------------------------- one step
     def _generator(self, step: int, micro: int) -> torch.Generator:
@@ -341,21 +349,49 @@ class Trainer(FaultHandling):
         sizes = [int(math.prod(shape)) for shape in shapes]
         return {k: part.reshape(shape) for k, part, shape in zip(keys, flat.split(sizes), shapes)}
 
-    def keep_best(self) -> None:
-        """When the objective names a metric to keep the best checkpoint by (classify: macro_f1),
-        write out_dir/best.pt whenever the last evaluation beats every earlier one. Collective, like
-        save(): every rank has the same (all-reduced) metrics, so all take the same branch."""
+    def watched_metric(self) -> tuple[str, bool] | None:
+        """(validation metric, higher is better) that best.pt and early stopping follow: the
+        objective's best_metric (classify: macro_f1, higher is better), or, when early stopping
+        is on and the objective names none, the validation loss (lower is better). None: no
+        best.pt is kept."""
         metric = getattr(self.objective, "best_metric", None)
+        if metric:
+            return metric, True
+        return ("loss", False) if self.tcfg.early_stopping_patience else None
+
+    def keep_best(self) -> bool | None:
+        """When there is a watched metric (watched_metric), write out_dir/best.pt whenever the
+        last evaluation beats every earlier one, and count the evaluations since one last did
+        (early stopping). Returns whether it improved (None: nothing is watched, or the metric is
+        missing). Collective, like save(): every rank has the same (all-reduced) metrics, so all
+        take the same branch."""
+        watched = self.watched_metric()
+        metric, higher = watched if watched else (None, True)
         value = self.last_eval.get(metric) if metric else None
-        if value is None or (self.best_value is not None and value <= self.best_value):
-            return
-        self.best_value = value
+        if value is None:
+            return None
+        if self.best_value is not None and (value <= self.best_value if higher else value >= self.best_value):
+            self.evals_without_improvement += 1
+            return False
+        self.best_value, self.evals_without_improvement = value, 0
         state = self.state()
         if self.dist.is_main:
             save_checkpoint(os.path.join(self.tcfg.out_dir, BEST_NAME), state)
             self.log(f"step {self.step:>6} | best val {metric} so far ({value:.4f}): saved "
                      f"{os.path.join(self.tcfg.out_dir, BEST_NAME)}")
         barrier(self.dist)
+        return True
+
+    def out_of_patience(self) -> bool:
+        """--early_stopping_patience N: the watched metric has not improved for N evaluations."""
+        patience = self.tcfg.early_stopping_patience
+        return bool(patience) and self.evals_without_improvement >= patience
+
+    def why_stopped_early(self) -> str:
+        metric, _ = self.watched_metric()
+        return (f"val {metric} has not improved on its best ({self.best_value:.4f}, in "
+                f"{os.path.join(self.tcfg.out_dir, BEST_NAME)}) for {self.evals_without_improvement} evaluations "
+                f"(--early_stopping_patience {self.tcfg.early_stopping_patience})")
 
     def warn_if_learned_nothing(self) -> None:
         """Once past a quarter of the run (and the warmup, whose small steps are no test), one line,
@@ -387,7 +423,9 @@ class Trainer(FaultHandling):
                 "model": model_state, "optimizer": optim_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step, "lr_scale": self.lr_scale, "rng": rng_per_rank,
-                "last_eval": self.last_eval, "best_value": self.best_value, "info": self.info, **self.provenance,
+                "last_eval": self.last_eval, "best_value": self.best_value,
+                "evals_without_improvement": self.evals_without_improvement,
+                "info": self.info, **self.provenance,
                 "tokenizer": bytes_to_tensor(self.tokenizer.model_bytes) if self.tokenizer else None}
 
     def save(self) -> str:
@@ -435,6 +473,8 @@ class Trainer(FaultHandling):
             torch.manual_seed(mix_seed(self.tcfg.seed, self.dist.rank, self.step))
         self.last_eval = state.get("last_eval", {})
         self.best_value = state.get("best_value")
+        # a checkpoint from before early stopping counted nothing
+        self.evals_without_improvement = int(state.get("evals_without_improvement") or 0)
 
     def fit(self, until: int | None = None) -> list[float]:
         """Train to max_steps (or to `until`, to stop early and resume later: the schedule still
@@ -455,6 +495,7 @@ class Trainer(FaultHandling):
                  f"{tc.grad_accum} x {self.dist.world_size} processes = "
                  f"{tc.batch_size * tc.grad_accum * self.dist.world_size} sequences of "
                  f"{self.objective.backbone.cfg.seq_len}), measured matmul peak {self.peak_flops / 1e9:.1f} GFLOP/s")
+        self.log_memory_estimate()
         with self.catching_signals():
             while True:
                 try:
@@ -464,8 +505,25 @@ class Trainer(FaultHandling):
                     self.roll_back(bad)
         return self.history
 
+    def log_memory_estimate(self) -> MemoryEstimate:
+        """One line before the first step: parameters, gradients, AdamW state and activations at
+        this micro-batch against the device's memory (minilm/memory.py); a second, a warning,
+        when they will not fit."""
+        mem = estimate_memory(self.objective, self.tcfg.batch_size, self.device, self.dtype,
+                              world_size=self.dist.world_size, fsdp=self.tcfg.fsdp,
+                              checkpointing=getattr(self.tcfg, "activation_checkpointing", False))
+        self.log(mem.describe(self.tcfg.batch_size, self.objective.backbone.cfg.seq_len))
+        if not mem.fits():
+            self.log(memory_advice(mem))
+        return mem
+
     def _loop(self, until: int) -> None:
         tc = self.tcfg
+        if self.out_of_patience():   # a resumed run that had stopped early: there is nothing left to do
+            self.stopped_early = self.why_stopped_early()
+            self.log(f"step {self.step:>6} | this run stopped early: {self.stopped_early}; raise "
+                     f"--early_stopping_patience to go on")
+            return
         self.objective.train()
         t_last = time.perf_counter()
         t_start, start_step = t_last, self.step
@@ -511,11 +569,18 @@ class Trainer(FaultHandling):
                 self.write_metrics({"step": self.step, **{f"val_{k}": v for k, v in ev.items()}})
                 self.keep_best()
                 self.warn_if_learned_nothing()
+                if self.out_of_patience():
+                    self.stopped_early = self.why_stopped_early()
+                    flush_losses()    # checked finite before the checkpoint, as at any save
+                    saving = True     # the last checkpoint, beside best.pt
             if saving:
                 path = self.save()
                 self.log(f"step {self.step:>6} | saved {path}")
             t_last += time.perf_counter() - t_pause
             t_start += time.perf_counter() - t_pause
+            if self.stopped_early:
+                self.log(f"step {self.step:>6} | stopping early: {self.stopped_early}")
+                return
             if stopping:
                 self.log(f"step {self.step:>6} | stopped by signal {self.stop_signal or 'on another rank'}; "
                          f"resume with --resume")

@@ -253,6 +253,26 @@ BAD_CALLS = [
     ("t5", lambda m: m.infill("a <extra_id_0>", length_penalty="1"), "length_penalty", "got '1' (str)"),
     ("t5", lambda m: m.infill("a <extra_id_0>", max_new_tokens=None), "max_new_tokens", "got None"),
     ("t5", lambda m: m.infill("a <extra_id_0>", top_p=0), "top_p", "in (0, 1], got 0"),
+    ("clm", lambda m: m.logits(None), "text_or_ids", "a str (a text) or a list of token ids in [0, 1024), got None"),
+    ("clm", lambda m: m.logits(b"The cat"), "text_or_ids", "(bytes): decode it first"),
+    ("clm", lambda m: m.logits([5, 2.0]), "text_or_ids[1]", "a token id (an int), got 2.0 (float)"),
+    ("clm", lambda m: m.logits([5, True]), "text_or_ids[1]", "got True (bool)"),
+    ("clm", lambda m: m.logits([5, 1024]), "text_or_ids[1]", "is 1024, not a token id of this model (its vocabulary "
+                                                              "is 0 .. 1023)"),
+    ("clm", lambda m: m.logits([-1]), "text_or_ids[0]", "is -1"),
+    ("clm", lambda m: m.logits([]), "text_or_ids", "is empty"),
+    ("clm", lambda m: m.logits(list(range(40))), "text_or_ids", "is 40 tokens, longer than the model's context window"),
+    ("clm", lambda m: m.logits(" ".join(["word"] * 40)), "text_or_ids with its framing", "longer than the model's"),
+    ("clm", lambda m: m.hidden(torch.zeros(1, 3, dtype=torch.long)), "text_or_ids", "shape (1, 3): give one sequence"),
+    ("clm", lambda m: m.hidden(torch.zeros(3)), "text_or_ids", "got a torch.float32 tensor"),
+    ("clm", lambda m: m.hidden("a", layer=2), "layer", "must be in [-2, 1], got 2"),
+    ("clm", lambda m: m.hidden("a", layer=-3), "layer", "in [-2, 1], got -3"),
+    ("clm", lambda m: m.hidden("a", layer=1.0), "layer", "got 1.0 (float)"),
+    ("clm", lambda m: m.input_ids(None), "text", "got None"),
+    ("t5", lambda m: m.logits("a", target=[1.5]), "target[0]", "got 1.5 (float)"),
+    ("t5", lambda m: m.logits("a", target=list(range(32))), "target", "is 32 tokens; with the decoder's start id"),
+    ("t5", lambda m: m.logits("a <extra_id_100>"), "text_or_ids", "has <extra_id_100>, which is no sentinel"),
+    ("t5", lambda m: m.logits("a", target="<extra_id_100>"), "target", "has <extra_id_100>, which is no sentinel"),
     (None, lambda path: minilm.load(path, device=None), "device", "got None"),
     (None, lambda path: minilm.load(path, device=3), "device", "got 3 (int)"),
     (None, lambda path: minilm.load(path, device="gpu"), "unknown device", "'gpu'"),
@@ -426,3 +446,249 @@ def test_a_missing_checkpoint_is_named_in_the_api_s_words(tmp_path):
     with pytest.raises(UserError) as err:
         minilm.load(str(tmp_path / "missing.pt"))
     assert "minilm.load()" in str(err.value) and "--ckpt" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- an export loads
+EXPORT_CALLS = [
+    ("clm", lambda m: m.generate("The cat", max_new_tokens=6, temperature=1.0, seed=3, num_samples=2)),
+    ("clm", lambda m: m.score("The cat sat.")),
+    ("mlm", lambda m: m.fill("The cat <mask> on the mat.", top_k=3)),
+    ("mlm", lambda m: m.embed(["The cat.", "A dog ran across the field."])),
+    ("classify", lambda m: m.classify(["The cat.", "A dog ran across the field."])),
+    ("t5", lambda m: m.infill("The cat <extra_id_0>.", max_new_tokens=4, temperature=1.0, seed=2)),
+]
+
+
+@pytest.mark.parametrize("name, call", EXPORT_CALLS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(EXPORT_CALLS)])
+def test_an_export_loads_and_serves_what_its_checkpoint_serves(name, call, checkpoints, tmp_path):
+    """minilm.load(minilm's own .safetensors export) is the checkpoint's model: the same objective,
+    weights (t5's shared table still one tensor) and tokenizer, so every method answers the same."""
+    from_checkpoint = load_on_cpu(checkpoints[name])
+    exported = minilm.export(checkpoints[name], str(tmp_path / "model.safetensors"), log=lambda _: None)
+    from_export = load_on_cpu(exported)
+    assert (from_export.name, from_export.kind, from_export.path) == (name, from_checkpoint.kind, exported)
+    assert from_export.tokenizer.model_bytes == from_checkpoint.tokenizer.model_bytes
+    expected = from_checkpoint.objective.state_dict()
+    assert from_export.objective.state_dict().keys() == expected.keys()
+    for key, tensor in from_export.objective.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+    if name == "t5":
+        backbone = from_export.objective.backbone
+        assert backbone.encoder.tok_emb.weight is backbone.decoder.tok_emb.weight
+    answer, again = call(from_export), call(from_checkpoint)
+    if isinstance(answer, torch.Tensor):
+        assert torch.equal(answer, again)
+    else:
+        assert answer == again
+
+
+def test_an_export_is_read_with_the_checks_of_a_checkpoint(checkpoints, tmp_path):
+    """A safetensors file that is no minilm export, and an export whose config asks for more than
+    its weights hold, are one-line errors naming the file; a run folder still means its checkpoints."""
+    import json as json_module
+    from minilm.safetensors_io import load_safetensors, save_safetensors
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_safetensors({"weight": torch.zeros(2, 2)}, foreign, {"format": "pt"})
+    with pytest.raises(UserError, match=r"^\S*foreign.safetensors is a safetensors file but not a minilm export"):
+        load_on_cpu(foreign)
+    exported = minilm.export(checkpoints["clm"], str(tmp_path / "model.safetensors"), log=lambda _: None)
+    weights, metadata = load_safetensors(exported)
+    config = json_module.loads(metadata["config"])
+    config["model"]["n_layer"] = 2   # the file holds one block's weights
+    crafted = str(tmp_path / "crafted.safetensors")
+    save_safetensors(weights, crafted, dict(metadata, config=json_module.dumps(config)))
+    with pytest.raises(UserError, match=r"crafted.safetensors") as err:
+        load_on_cpu(crafted)
+    assert "\n" not in str(err.value)
+    save_safetensors(weights, crafted, dict(metadata, tokenizer="not base64!"))
+    with pytest.raises(UserError, match=r"crafted.safetensors: its metadata's config, tokenizer or step does not"):
+        load_on_cpu(crafted)
+
+
+# ----------------------------------------------------------------------------- logits and hidden states
+def forward_loss_and_logits_loss(model, generator):
+    """(the objective's own forward loss on a batch of one row it made, the same loss computed
+    from Model.logits of that row's ids): equal when logits() computes what forward computes."""
+    import torch.nn.functional as F
+    from minilm.objectives import window_length_for
+    objective = model.objective
+    name = model.name
+    window = window_length_for(name, model.config.model, model.config.obj)
+    raw = torch.randint(7 + 110, model.tokenizer.vocab_size, (1, window), generator=generator)
+    if name == "prefix_lm":   # a prefix of one token: the causal reading logits() does
+        batch = objective.make_batch(raw, generator)
+        batch["prefix_lengths"] = torch.ones(1, dtype=torch.long)
+        batch["labels"] = raw[:, 1:]
+        batch["counts"] = {"targets": torch.tensor(raw.shape[1] - 1)}
+    else:
+        batch = objective.make_batch(raw, generator)
+    with torch.no_grad():
+        loss, _ = objective(batch)
+    ids = batch["input_ids"][0]
+    if name == "t5":   # the decoder reads its start id, then the target: the labels but the last
+        logits = model.logits(ids, target=batch["decoder_input_ids"][0, 1:])
+        assert torch.equal(batch["decoder_input_ids"][0, 0], torch.tensor(objective.decoder_start_id))
+        return loss, F.cross_entropy(logits, batch["labels"][0])
+    logits = model.logits(ids.tolist())
+    if name == "mlm":
+        return loss, F.cross_entropy(logits[batch["positions"]], batch["targets"])
+    return loss, F.cross_entropy(logits, batch["labels"][0])
+
+
+@pytest.mark.parametrize("name", ["clm", "prefix_lm", "mlm", "t5"])
+def test_logits_are_what_the_objective_s_own_forward_computes(name, checkpoints):
+    """The loss of the objective's forward on a batch it made (masks, spans, shifted labels as in
+    training) equals the cross-entropy of Model.logits on that batch's ids, to 1e-5."""
+    model = load_on_cpu(checkpoints[name])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        loss, from_logits = forward_loss_and_logits_loss(model, generator)
+        torch.testing.assert_close(from_logits, loss, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_of_a_text_are_those_of_its_framed_ids(checkpoints, tokenizer):
+    """A text reads as input_ids(text) says (after <eos>; a masked LM's <mask> by id; t5's encoder
+    input with <eos> and its sentinels by id), and a decoder's row t predicts the text's token t:
+    score()'s log-probabilities are the log-softmax of logits at the text's tokens."""
+    decoder = load_on_cpu(checkpoints["clm"])
+    text = "The chef cooked the meal."
+    ids = decoder.input_ids(text)
+    assert ids == [EOS_ID] + tokenizer.encode(text)
+    logits = decoder.logits(text)
+    assert logits.shape == (len(ids), tokenizer.vocab_size) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, decoder.logits(torch.tensor(ids)))
+    chain = logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    torch.testing.assert_close(chain, torch.tensor([value for _, value in decoder.score(text)]), rtol=1e-5, atol=1e-5)
+    masked = load_on_cpu(checkpoints["mlm"])
+    assert masked.input_ids("The <mask> sat.") == [EOS_ID] + tokenizer.encode("The") + [MASK_ID] + \
+        tokenizer.encode(" sat.")
+    t5 = load_on_cpu(checkpoints["t5"])
+    from minilm.tokenizer import SENTINEL_IDS
+    assert t5.input_ids("The cat <extra_id_0> mat.") == tokenizer.encode("The cat") + [SENTINEL_IDS[0]] + \
+        tokenizer.encode(" mat.") + [EOS_ID]
+    target = "<extra_id_0> sat on the"
+    torch.testing.assert_close(t5.logits("The cat <extra_id_0> mat.", target=target),
+                               t5.logits(t5.input_ids("The cat <extra_id_0> mat."),
+                                         target=[SENTINEL_IDS[0]] + tokenizer.encode(" sat on the")))
+    assert t5.logits("The cat <extra_id_0> mat.").shape == (1, tokenizer.vocab_size)   # the start id alone
+
+
+def hand_hidden_states(backbone, ids: torch.Tensor, mask) -> list[torch.Tensor]:
+    """The embeddings' output, then each block's, the last through the final norm: by hand."""
+    x = backbone.embed(ids)
+    states = [x]
+    for block in backbone.blocks:
+        x = block(x, mask=mask, rotary=backbone.rotary)
+        states.append(x)
+    states[-1] = backbone.norm(x)
+    return states
+
+
+@pytest.mark.parametrize("name, causal", [("clm", True), ("mlm", False), ("classify", True), ("classify", False)])
+def test_hidden_gives_every_layer_the_last_as_the_backbone_s_output(name, causal, tokenizer, tmp_path):
+    """Two blocks, by hand; under the mask the objective reads with (a classifier's
+    --classifier_attention among them)."""
+    from minilm.model import CAUSAL
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = model_config_for(name, ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=2, n_head=2,
+                                                   n_embd=32))
+    cfg.train.objective = name
+    if name == "classify":
+        cfg.obj.labels = '["food", "space"]'
+        cfg.obj.classifier_attention = "causal" if causal else "bidirectional"
+    objective = build_objective(name, cfg.model, tokenizer, cfg.obj)
+    path = str(tmp_path / "two_layers.pt")
+    save_checkpoint(path, {"config": cfg.to_dict(), "objective": name, "model": objective.state_dict(), "step": 0,
+                           "tokenizer": bytes_to_tensor(tokenizer.model_bytes)})
+    model = load_on_cpu(path)
+    ids = model.input_ids("The cat sat on the mat.")
+    states = model.hidden(ids)
+    assert states.shape == (3, len(ids), 32) and states.dtype == torch.float32
+    backbone = model.objective.backbone
+    with torch.no_grad():
+        expected = hand_hidden_states(backbone, torch.tensor([ids]), CAUSAL if causal else None)
+        torch.testing.assert_close(states[-1], backbone(torch.tensor([ids]), mask=CAUSAL if causal else None)[0])
+    for layer, state in enumerate(expected):
+        torch.testing.assert_close(states[layer], state[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.hidden(ids, layer=layer), states[layer])
+    torch.testing.assert_close(model.hidden(ids, layer=-1), states[-1])
+    # position t of a decoder reads positions up to t only: changing the tokens after t changes
+    # nothing before it; an encoder's every position reads the whole text
+    changed = ids[:4] + [(token + 1) % tokenizer.vocab_size for token in ids[4:]]
+    other = model.hidden(changed)
+    assert torch.equal(other[:, :4], states[:, :4]) == causal
+    assert not torch.equal(other[1:, 4:], states[1:, 4:])
+
+
+def test_an_encoder_decoder_s_hidden_states_are_its_encoder_s(checkpoints):
+    model = load_on_cpu(checkpoints["t5"])
+    ids = model.input_ids("The cat <extra_id_0> mat.")
+    with torch.no_grad():
+        expected = model.objective.backbone.encode(torch.tensor([ids]))[0]
+    torch.testing.assert_close(model.hidden(ids, layer=-1), expected)
+
+
+def test_sample_py_samples_from_an_export_as_from_its_checkpoint(checkpoints, tmp_path):
+    exported = minilm.export(checkpoints["clm"], str(tmp_path / "model.safetensors"), log=lambda _: None)
+    outputs = [run_in_process("sample.py", "--ckpt", path, "--prompt", "The cat", "--seed", 5, "--max_new_tokens", 6,
+                              "--device", "cpu") for path in (checkpoints["clm"], exported)]
+    assert all(result.returncode == 0 for result in outputs), outputs[1].stderr
+    assert outputs[0].stdout == outputs[1].stdout and outputs[0].stdout.startswith("--- sample 1\nThe cat")
+
+
+def test_a_checkpoint_without_an_lm_head_says_what_it_serves_instead(checkpoints):
+    for name, offers in (("rtd", "use score("), ("classify", "use classify("),
+                         ("simcse", "it has no masked-LM head, detector or decoder: embed texts with embed(")):
+        model = load_on_cpu(checkpoints[name])
+        with pytest.raises(UserError, match=r"^logits\(\) needs a checkpoint with an LM head") as err:
+            model.logits("The cat.")
+        assert f"({name}): {offers}" in str(err.value) and "--objective clm, " in str(err.value)
+        assert model.hidden("The cat.").shape[0] == 2   # every checkpoint has hidden states
+    with pytest.raises(UserError, match=r"^target is the text an encoder-decoder's decoder reads; .*leave target out$"):
+        load_on_cpu(checkpoints["clm"]).logits("The cat.", target="sat")
+
+
+def test_logits_and_hidden_states_are_transformers_on_the_same_llama_weights(tokenizer, tmp_path):
+    """A SwiGLU decoder (RMSNorm, rotary, no biases, untied head) is Llama: with its weights put in
+    a LlamaForCausalLM by hand, logits() and hidden() equal transformers' logits and
+    output_hidden_states (the embeddings, each block, the last after the final norm) to 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model = model_config_for("clm", ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=32, n_layer=2, n_head=2,
+                                                    n_embd=32, mlp="swiglu", tie_embeddings=False, norm_eps=1e-6))
+    objective = build_objective("clm", cfg.model, tokenizer, cfg.obj)
+    with torch.no_grad():
+        for p in objective.parameters():   # norms away from 1, so that a misplaced norm shows
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "llama.pt")
+    save_checkpoint(path, {"config": cfg.to_dict(), "objective": "clm", "model": objective.state_dict(), "step": 0,
+                           "tokenizer": bytes_to_tensor(tokenizer.model_bytes)})
+    model = load_on_cpu(path)
+    backbone = model.objective.backbone
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=cfg.model.mlp_hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6,
+        rope_theta=cfg.model.rope_base, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)).eval()
+    weights = {"model.embed_tokens.weight": backbone.tok_emb.weight, "model.norm.weight": backbone.norm.weight,
+               "lm_head.weight": backbone.lm_head.weight}
+    for i, block in enumerate(backbone.blocks):
+        layer = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.chunk(3)
+        gate, up = block.mlp.up.weight.chunk(2)
+        weights.update({layer + "self_attn.q_proj.weight": q, layer + "self_attn.k_proj.weight": k,
+                        layer + "self_attn.v_proj.weight": v, layer + "self_attn.o_proj.weight": block.attn.proj.weight,
+                        layer + "mlp.gate_proj.weight": gate, layer + "mlp.up_proj.weight": up,
+                        layer + "mlp.down_proj.weight": block.mlp.down.weight,
+                        layer + "input_layernorm.weight": block.norm1.weight,
+                        layer + "post_attention_layernorm.weight": block.norm2.weight})
+    llama.load_state_dict(weights, strict=True)
+    ids = model.input_ids("The cat sat on the mat.")
+    with torch.no_grad():
+        out = llama(torch.tensor([ids]), output_hidden_states=True)
+    torch.testing.assert_close(model.logits(ids), out.logits[0], rtol=1e-5, atol=1e-5)
+    states = model.hidden(ids)
+    assert len(out.hidden_states) == states.shape[0] == 3
+    for layer, state in enumerate(out.hidden_states):
+        torch.testing.assert_close(states[layer], state[0], rtol=1e-5, atol=1e-5)

@@ -406,19 +406,19 @@ def expected_num_params(cfg: ModelConfig) -> int:
     b = 1 if cfg.bias else 0
     if cfg.intermediate_size:
         hidden = cfg.intermediate_size
-    elif cfg.mlp == "gelu":
+    elif cfg.mlp in ("gelu", "gelu_tanh"):
         hidden = 4 * C
     else:  # SwiGLU: 8/3 C rounded up to a multiple of 64
         hidden = math.ceil(8 * C / 3 / 64) * 64
     norm = C + (b * C if cfg.norm == "layernorm" else 0)         # weight (+ bias for LayerNorm)
     attn = 3 * C * C + b * 3 * C + C * C + b * C                 # qkv + output projection
-    if cfg.mlp == "gelu":
+    if cfg.mlp in ("gelu", "gelu_tanh"):
         mlp = 2 * C * hidden + b * (hidden + C)                  # up, down
     else:
         mlp = 3 * C * hidden + b * (2 * hidden + C)              # gate+up, down
     n = V_ * C                                                   # token embedding
     n += L * (2 * norm + attn + mlp)
-    n += norm                                                    # final norm
+    n += norm if cfg.norm_placement == "pre" else 0              # final norm (post-norm has none)
     if not cfg.tie_embeddings:
         n += V_ * C                                              # separate LM head, no bias
     if cfg.position == "learned":
@@ -435,6 +435,8 @@ VARIANTS = {
     "explicit-hidden": dict(mlp="swiglu", intermediate_size=100, bias=True),
     "segments": dict(n_segment=2),
     "segments-learned-untied": dict(n_segment=3, position="learned", tie_embeddings=False),
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu_tanh", bias=True),
+    "post-norm": dict(norm_placement="post", norm="layernorm", bias=True, n_segment=2),
 }
 
 

@@ -56,8 +56,22 @@ class BlockSource:
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, self.split_id, step, micro))
         high = len(self.tokens) - self.window_length
         starts = torch.randint(0, high + 1, (self.batch_size,), generator=g).numpy()
-        # one fancy-index read: (B, 1) + (1, window) offsets
+        return self.windows(starts)
+
+    def windows(self, starts: np.ndarray) -> torch.Tensor:
+        """The windows starting at token offsets `starts` (B,): one fancy-index read of (B, 1) + (1, window)."""
         idx = starts[:, None] + np.arange(self.window_length)[None, :]
         return torch.from_numpy(self.tokens[idx].astype(np.int64))
+
+    # --------------------------------------------------------------- --epochs: the stream as a list of windows
+    # Window i starts at token i x (window_length - 1): consecutive windows share one token, the
+    # last one's target, so a causal LM predicts every token of the stream once per pass.
+    def epoch_size(self) -> int:
+        """Windows in one pass over the split (the tail shorter than a window is left out)."""
+        return (len(self.tokens) - self.window_length) // (self.window_length - 1) + 1
+
+    def items(self, indices: np.ndarray) -> torch.Tensor:
+        """The windows of the given indices (B,) of one pass, (B, window_length)."""
+        return self.windows(np.asarray(indices, dtype=np.int64) * (self.window_length - 1))
 
 

@@ -94,8 +94,14 @@ class LabelledSource:
     def batch(self, step: int, micro: int = 0) -> dict:
         """batch_size rows drawn uniformly at random: a pure function of (seed, rank, step, micro)."""
         rng = np.random.default_rng(mix_seed(self.seed, self.rank, self.split_id, step, micro))
-        rows = rng.integers(0, len(self.table), size=self.batch_size)
-        return self.rows_batch(rows, np.ones(self.batch_size, dtype=bool))
+        return self.items(rng.integers(0, len(self.table), size=self.batch_size))
+
+    # --epochs (minilm/epochs.py): the rows in an order of its choosing
+    def epoch_size(self) -> int:
+        return len(self.table)
+
+    def items(self, rows: np.ndarray) -> dict:
+        return self.rows_batch(rows, np.ones(len(rows), dtype=bool))
 
     # --------------------------------------------------------------- evaluation: every row once
     def eval_batch_count(self) -> int:

@@ -68,7 +68,14 @@ class PairSource:
 
     def batch(self, step: int, micro: int = 0) -> dict:
         rng = np.random.default_rng(mix_seed(self.seed, self.rank, self.split_id, step, micro))
-        rows = rng.integers(0, len(self.table), size=self.batch_size)
+        return self.items(rng.integers(0, len(self.table), size=self.batch_size))
+
+    # --epochs (minilm/epochs.py): the rows in an order of its choosing
+    def epoch_size(self) -> int:
+        return len(self.table)
+
+    def items(self, rows: np.ndarray) -> dict:
+        """The batch of the given rows (B,)."""
         views, lengths = [], []
         for column in range(len(self.table.columns)):          # 2 or 3 columns, not a token loop
             ids, length = self.table.cells(rows, column, self.seq_len - 2)

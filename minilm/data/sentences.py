@@ -113,7 +113,14 @@ class SentenceSource:
 
     def batch(self, step: int, micro: int = 0) -> dict:
         rng = np.random.default_rng(mix_seed(self.seed, self.rank, self.split_id, step, micro))
-        rows = rng.integers(0, len(self.starts), size=self.batch_size)
+        return self.items(rng.integers(0, len(self.starts), size=self.batch_size))
+
+    # --epochs (minilm/epochs.py): the sentences in an order of its choosing
+    def epoch_size(self) -> int:
+        return len(self.starts)
+
+    def items(self, rows: np.ndarray) -> dict:
+        """The batch of the given sentences (B,)."""
         neighbours = self.neighbours[rows]
         input_ids, lengths = self.read(rows)
         neighbour_ids, neighbour_lengths = self.read(np.maximum(neighbours, 0))

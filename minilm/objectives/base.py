@@ -127,6 +127,18 @@ def prior_entropy(counts) -> float:
     return float(-(p * p.log()).sum() + (len(seen) - 1) / (2 * n))
 
 
+@dataclasses.dataclass(frozen=True)
+class HFHead:
+    """What an objective's head is called in Hugging Face transformers (minilm/hf_format.py reads it):
+    `architecture` the class a folder's config.json names (LlamaForCausalLM), `names` {minilm
+    state_dict name: HF name} of the head's modules or parameters (a module's .weight and .bias
+    follow it), `vocab_rows` the minilm names among them with a row per token id (a masked LM's
+    output bias), which a foreign tokenizer's id order permutes."""
+    architecture: str
+    names: dict = dataclasses.field(default_factory=dict)
+    vocab_rows: tuple = ()
+
+
 class Objective(nn.Module):
     name: str = ""
     data: str = "blocks"          # the data source it reads (a key of minilm/data SOURCES)
@@ -333,6 +345,44 @@ class Objective(nn.Module):
         """The Config with what this objective learns from the prepared data in `data_dir` (a
         classifier's label names), once the data is ready and before the model is built."""
         return cfg
+
+    # --------------------------------------------------------------- Hugging Face heads (hf_format.py)
+    # {arch (minilm.config.ARCHES): HFHead} for the architectures where this objective's trained
+    # model has an exact counterpart in transformers; none by default (no HF head).
+    hf_heads: dict = {}
+
+    @classmethod
+    def hf_head(cls, arch: str, options=None) -> HFHead:
+        """This objective's HFHead on `arch`, or a one-line UserError naming what is missing and the
+        objectives that do have a head there. `options`: an instance of cls.Options (a classifier
+        checks that its head is the one the HF class computes)."""
+        heads = cls.own_hf_heads()
+        if arch in heads:
+            return heads[arch]
+        from minilm.objectives import OBJECTIVES   # the registry, which imports this module
+        fits = [name for name, other in OBJECTIVES.items() if arch in other.own_hf_heads()]
+        where = ", ".join(sorted(heads)) or "no architecture"
+        raise UserError(f"{cls.name} has no Hugging Face counterpart on a {arch} model (it has one on {where}); "
+                        f"on {arch}, export a checkpoint of {', '.join(fits) or 'none of the objectives'}")
+
+    @classmethod
+    def own_hf_heads(cls) -> dict:
+        """hf_heads, where they describe this objective's model: declared by this class, or
+        inherited from a class with the same model_kind (wwm's masked LM is mlm's; prefix_lm reads
+        its prefix both ways, which a causal LM class does not, so clm's heads are not its)."""
+        declared_by = next(klass for klass in cls.__mro__ if "hf_heads" in vars(klass))
+        return cls.hf_heads if declared_by.model_kind == cls.model_kind else {}
+
+    @classmethod
+    def hf_config(cls, options) -> dict:
+        """Entries this objective adds to an exported config.json (a classifier's id2label)."""
+        return {}
+
+    @classmethod
+    def options_from_hf(cls, arch: str, hf_config: dict) -> dict:
+        """{option: value} of this objective's options that an imported HF folder's config.json
+        (`hf_config`, a dict) fixes; none by default."""
+        return {}
 
     @classmethod
     def why_not_inherited(cls, parent_path: str) -> str | None:

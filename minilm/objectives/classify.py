@@ -21,6 +21,9 @@ The network and its numbers:
     an explicit --pooling or --embed_norm wins.
   * head: dropout (--dropout, BERT's hidden_dropout_prob), then Linear(C, n_labels), weights
     normal(0, 0.02), bias 0, as BERT's classifier; its own peak learning rate --head_lr (0 = --lr).
+    --classifier_head pooler puts BERT's pooler (tanh(dense)) before it (RoBERTa's classifier.dense
+    is the same computation); score drops its bias (GPT-2's and Llama's `score`): the heads that
+    transformers' *ForSequenceClassification compute, so such a classifier exports (hf_format.py).
   * labels: the names come from the data (sorted; minilm/data/rows.py) and are saved in the config
     (--labels, a JSON list), so n_labels and what each id means survive save and load.
   * loss: cross-entropy summed over the rows, divided by the step's row count (base.py).
@@ -35,8 +38,9 @@ Shapes: input_ids (B, T) [CLS] text [SEP] [PAD]..., lengths, labels, row_valid (
 cut to its longest row; hidden (B, T', C); pooled (B, C); logits (B, n_labels); confusion
 (n_labels, n_labels).
 
-Where we differ from BERT and GPT: the pooled vector feeds the head directly (BERT's pooler dense +
-tanh is not used; GPT adds the LM loss as an auxiliary, which this does not).
+Where we differ from BERT and GPT: by default the pooled vector feeds the head directly (BERT's
+pooler dense + tanh only with --classifier_head pooler; GPT adds the LM loss as an auxiliary, which
+this does not).
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ from minilm.errors import UserError
 from minilm.flops import transformer_flops
 from minilm.losses import step_mean
 from minilm.model import CAUSAL, Transformer, causal_mask, padding_mask
-from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.objectives.base import IGNORE, Baseline, HFHead, Objective
 from minilm.options import Options, option
 from minilm.pooling import pool
 
@@ -79,6 +83,10 @@ class ClassifierOptions(Options):
                                           "as loaded, in eval mode")
     head_lr: float = option(0.0, "classify: the head's peak learning rate; 0 = --lr (the schedule scales both)",
                             at_least=0)
+    classifier_head: str = option("linear", "classify: the head on the pooled vector: linear (one Linear), pooler "
+                                            "(BERT's and RoBERTa's: tanh(dense) first, then the Linear) or score "
+                                            "(GPT-2's and Llama's: one Linear without bias)",
+                                  choices=("linear", "pooler", "score"))
 
 
 def parse_labels(text: str) -> list[str]:
@@ -174,9 +182,13 @@ class Classifier(Objective):
         # no LM head runs: drop its own weights (tied: the token table stays, as the input table)
         self.backbone.lm_head = None
         self.backbone.head_project = None
+        # BERT's pooler (tanh(dense)) before the label head, with --classifier_head pooler
+        self.pooler = nn.Linear(model_cfg.n_embd, model_cfg.n_embd) if options.classifier_head == "pooler" else None
         self.head_dropout = nn.Dropout(model_cfg.dropout)
-        self.label_head = nn.Linear(model_cfg.n_embd, len(self.label_names))
-        Transformer._init_weights(self.label_head)
+        self.label_head = nn.Linear(model_cfg.n_embd, len(self.label_names), bias=options.classifier_head != "score")
+        for layer in (self.pooler, self.label_head):
+            if layer is not None:
+                Transformer._init_weights(layer)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
 
@@ -227,6 +239,53 @@ class Classifier(Objective):
         return ("confusion matrix of the validation rows (rows: true label, columns: predicted):\n"
                 + format_confusion(sums["confusion"], self.label_names))
 
+    # --------------------------------------------------------------- Hugging Face heads (base.py)
+    # *ForSequenceClassification: BERT's pooler + classifier and RoBERTa's classifier.dense + out_proj on
+    # the first token, read both ways; GPT-2's and Llama's bias-free score on the last real token, causally
+    hf_heads = {"bert": HFHead("BertForSequenceClassification", {"pooler": "bert.pooler.dense",
+                                                                 "label_head": "classifier"}),
+                "roberta": HFHead("RobertaForSequenceClassification", {"pooler": "classifier.dense",
+                                                                       "label_head": "classifier.out_proj"}),
+                "llama": HFHead("LlamaForSequenceClassification", {"label_head": "score"}),
+                "gpt2": HFHead("GPT2ForSequenceClassification", {"label_head": "score"})}
+    # what the HF class computes, as this objective's options (hf_options)
+    HF_READS = {"bert": ("first", "bidirectional", "pooler"), "roberta": ("first", "bidirectional", "pooler"),
+                "llama": ("last", "causal", "score"), "gpt2": ("last", "causal", "score")}
+
+    @classmethod
+    def hf_head(cls, arch, options=None):
+        """The HF head only when this classifier computes what that class computes: its pooling,
+        its way of reading and its head (HF_READS)."""
+        head = super().hf_head(arch, options)
+        options = resolve_options(cls.make_options(options))
+        wanted = dict(zip(("pooling", "classifier_attention", "classifier_head"), cls.HF_READS[arch]))
+        for name, value in wanted.items():
+            if getattr(options, name) != value:
+                flags = " ".join(f"--{k} {v}" for k, v in wanted.items())
+                raise UserError(f"this classifier has --{name} {getattr(options, name)}; transformers' "
+                                f"{head.architecture} reads with {flags}: fine-tune with those to export it")
+        return head
+
+    @classmethod
+    def hf_config(cls, options) -> dict:
+        """config.json's label names: id2label and label2id."""
+        names = parse_labels(cls.make_options(options).labels)
+        return {"id2label": {str(i): name for i, name in enumerate(names)},
+                "label2id": {name: i for i, name in enumerate(names)}}
+
+    @classmethod
+    def options_from_hf(cls, arch, hf_config):
+        """A classifier that computes what `arch`'s HF class does, with config.json's label names."""
+        id2label = hf_config.get("id2label") or {}
+        try:
+            names = [str(id2label[key]) for key in sorted(id2label, key=int)]
+        except (TypeError, ValueError):
+            raise UserError(f"config.json's id2label must map label ids to names, got {str(id2label)[:80]}") from None
+        options = dict(zip(("pooling", "classifier_attention", "classifier_head"), cls.HF_READS[arch]))
+        options["labels"] = json.dumps(names, ensure_ascii=False)
+        parse_labels(options["labels"])
+        return options
+
     @property
     def n_labels(self) -> int:
         return len(self.label_names)
@@ -246,7 +305,8 @@ class Classifier(Objective):
         with --head_lr); read by the trainer's build_optimizer."""
         if not self.head_lr:
             return {}
-        return {id(p): self.head_lr / lr for p in self.label_head.parameters()}
+        head = list(self.label_head.parameters()) + (list(self.pooler.parameters()) if self.pooler is not None else [])
+        return {id(p): self.head_lr / lr for p in head}
 
     def flops_per_token(self, length: int | None = None) -> float:
         """Per input token of rows `length` long (seq_len by default): the backbone at every
@@ -254,7 +314,8 @@ class Classifier(Objective):
         not 6 N, and no attention backward)."""
         length = length or self.backbone.cfg.seq_len
         backbone = transformer_flops(self.backbone, length)          # (flops.py)
-        head = 6 * self.label_head.weight.numel() / length
+        head_weights = self.label_head.weight.numel() + (self.pooler.weight.numel() if self.pooler is not None else 0)
+        head = 6 * head_weights / length
         return backbone / 3 + head if self.freeze_backbone else backbone + head
 
     def tokens_and_flops(self, batch: dict) -> tuple[int, float]:
@@ -284,6 +345,8 @@ class Classifier(Objective):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             hidden = self.backbone(input_ids, mask=mask)                       # (B, T, C)
             pooled = pool(hidden, lengths, self.pooling)                        # (B, C)
+        if self.pooler is not None:
+            pooled = torch.tanh(self.pooler(pooled))                            # BERT's pooler
         return self.label_head(self.head_dropout(pooled)).float()              # (B, n_labels)
 
     def explain(self, batch, tokenizer):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.objectives.base import IGNORE, Baseline, HFHead, Objective
 from minilm.options import Options, option
 from minilm.tokenizer import EOS_ID
 
@@ -62,6 +62,10 @@ class CausalLM(Objective):
     token_score = "log p"
     reads_padded_rows = True   # prefix_lm too
     baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
+    # transformers' causal LMs: the backbone's logits are the whole head; an untied output matrix is
+    # their lm_head (a tied one is not stored: config.json's tie_word_embeddings says so)
+    hf_heads = {arch: HFHead(architecture, {"backbone.lm_head.weight": "lm_head.weight"}, ("backbone.lm_head.weight",))
+                for arch, architecture in (("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"))}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()

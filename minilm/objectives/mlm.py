@@ -52,7 +52,7 @@ from minilm.errors import UserError
 from minilm.flops import lm_head_matmul_weights, parameters_of, transformer_flops
 from minilm.model import Transformer, make_norm, padding_mask
 from minilm.losses import step_mean
-from minilm.objectives.base import IGNORE, Baseline, Objective
+from minilm.objectives.base import IGNORE, Baseline, HFHead, Objective
 from minilm.options import Options, option
 from minilm.tokenizer import MASK_ID, NUM_SPECIAL, word_starts_from_tables
 
@@ -108,6 +108,17 @@ class MaskedLM(Objective):
     reads_padded_rows = True   # wwm, span and tlm too
     Options = MaskedLMOptions
     baseline = Baseline("each masked token predicted by its unigram frequency", targets="targets", margin=0.05)
+    # transformers' masked LMs: MLMHead is BERT's transform + the (tied) output matrix + a bias per id
+    hf_heads = {"bert": HFHead("BertForMaskedLM", {"head.dense": "cls.predictions.transform.dense",
+                                                   "head.norm": "cls.predictions.transform.LayerNorm",
+                                                   "head.bias": "cls.predictions.bias",
+                                                   "backbone.lm_head.weight": "cls.predictions.decoder.weight"},
+                               ("head.bias", "backbone.lm_head.weight")),
+                "roberta": HFHead("RobertaForMaskedLM", {"head.dense": "lm_head.dense",
+                                                         "head.norm": "lm_head.layer_norm",
+                                                         "head.bias": "lm_head.bias",
+                                                         "backbone.lm_head.weight": "lm_head.decoder.weight"},
+                                  ("head.bias", "backbone.lm_head.weight"))}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
