@@ -13,6 +13,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from minilm.bpe import ByteLevelBPE
 from minilm.foreign_tokenizer import load_foreign_tokenizer, sentencepiece_bpe_json, write_hf_tokenizer
@@ -204,3 +205,33 @@ def test_a_tokenizer_with_minilm_s_layout_but_a_dummy_prefix_exports_its_ids(tmp
     nfkc = Tokenizer(foreign_model(vocab_size=400, byte_fallback=True, control_symbols=USER_DEFINED))
     with pytest.raises(UserError, match=r"^this tokenizer normalizes text \(nmt_nfkc, extra whitespace removed\)"):
         write_hf_tokenizer(nfkc, str(tmp_path / "nfkc"))
+
+
+def test_a_bert_download_imports_with_its_wordpiece_vocabulary(bert_folder, tmp_path):  # noqa: F811
+    """BERT's vocab.txt beside a BertForMaskedLM (random config): [CLS] text [SEP] in minilm's ids is
+    transformers' encoding, and the imported model's logits over them are transformers'."""
+    import shutil
+    transformers = pytest.importorskip("transformers")
+    from minilm.hf_import import load_hf_module
+    from minilm.tokenizer import CLS_ID, SEP_ID
+    folder = tmp_path / "bert"
+    shutil.copytree(bert_folder, folder)
+    size = len((folder / "vocab.txt").read_text(encoding="utf-8").split("\n")) - 1
+    config = transformers.BertConfig(vocab_size=size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(str(folder))
+    objective, imported = load_hf_module(str(folder))
+    tok = imported.tokenizer
+    text = "The river runs by the garden, 42 times."
+    ids = [CLS_ID] + tok.encode(text) + [SEP_ID]
+    assert transformers.AutoTokenizer.from_pretrained(str(folder))(text)["input_ids"] == tok.to_foreign(ids)
+    kept = tok.foreign_ids >= 0
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor([tok.to_foreign(ids)])).logits
+        ours = objective.predict(torch.tensor([ids]))
+    torch.testing.assert_close(ours[..., kept], theirs[..., tok.foreign_ids[kept]], atol=1e-5, rtol=0)
