@@ -309,8 +309,12 @@ class ForeignTokenizer:
 
     # ------------------------------------------------------------------ save / load
     def _serialize(self) -> bytes:
-        files = {name: (base64.b64encode(data).decode("ascii") if name in BINARY_FILES else data.decode("utf-8"))
-                 for name, data in sorted(self.files.items())}
+        files = {}
+        for name, data in sorted(self.files.items()):
+            try:
+                files[name] = base64.b64encode(data).decode("ascii") if name in BINARY_FILES else data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{name} is not UTF-8 text; download the tokenizer again") from None
         body = {"files": files, "foreign_vocab_size": self.given_vocab_size}
         return HEADER + json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")
 

@@ -339,6 +339,9 @@ def test_damaged_bytes_and_missing_files_are_one_line_errors(tmp_path, roberta):
     with pytest.raises(UserError, match="its tokenizer.json is neither a byte-level BPE nor a WordPiece model"):
         load_foreign_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_bytes(b"{\"\xff\": 0}")
+    with pytest.raises(UserError, match="vocab.json is not UTF-8 text; download the tokenizer again"):
+        load_foreign_tokenizer(str(tmp_path))
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
     (tmp_path / "merges.txt").write_text("a b\n")
     with pytest.raises(UserError, match="lacks the byte piece .* not a byte-level BPE"):
