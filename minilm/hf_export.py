@@ -65,11 +65,11 @@ def write_tokenizer(tokenizer, folder: str) -> list[str]:
     return sorted(os.path.basename(path) for path in paths)
 
 
-def hf_weights(weights: dict, model_cfg, arch: str, head, foreign_ids, foreign_size: int, pad_id) -> dict:
+def hf_weights(weights: dict, model_cfg, arch: str, head, export_ids, pad_id) -> dict:
     """An objective's state_dict -> transformers' tensors: token rows in the foreign order (if any),
     then renamed (hf_format)."""
     vocab_rows = {"backbone.tok_emb.weight", *head.vocab_rows}
-    weights = {name: (minilm_rows(t, foreign_ids, foreign_size) if foreign_ids is not None and name in vocab_rows
+    weights = {name: (minilm_rows(t, export_ids) if export_ids is not None and name in vocab_rows
                       else t) for name, t in weights.items()}
     renames = renames_for(arch, model_cfg.n_layer, head)
     return to_hf_state(weights, renames, offset=position_offset(arch, pad_id or 0))
@@ -117,7 +117,8 @@ def export_folder(checkpoint_path: str, folder: str, log=None) -> str:
         [int(f) if f >= 0 else None for f in foreign_ids.tolist()]
     size = cfg.model.vocab_size if foreign_ids is None else int(tokenizer.foreign_vocab_size)
     specials = {"pad_token_id": ids[PAD_ID], "bos_token_id": ids[BOS_ID], "eos_token_id": ids[EOS_ID]}
-    tensors = hf_weights(state["model"], cfg.model, arch, head, foreign_ids, size, specials["pad_token_id"])
+    tensors = hf_weights(state["model"], cfg.model, arch, head, None if foreign_ids is None else tokenizer.export_ids,
+                         specials["pad_token_id"])
     config = to_hf_config(cfg.model, arch, head.architecture, size, specials, cls.hf_config(cfg.obj))
 
     try:

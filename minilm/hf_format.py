@@ -24,7 +24,7 @@ Token rows: the token table, an untied output matrix and a masked LM's output bi
 token id. A foreign tokenizer (RoBERTa's BPE, Llama's sentencepiece) reorders its ids so that
 minilm's special ids keep their fixed slots (tokenizer.foreign_ids: minilm id i is foreign id
 foreign_ids[i], -1 for a row the foreign vocabulary lacks): import takes rows[foreign_ids] (a new
-row where -1), export gives each foreign id the row of the first minilm id mapped to it.
+row where -1), export gives each foreign id the row of the minilm id the tokenizer's export_ids names.
 """
 from __future__ import annotations
 
@@ -221,17 +221,15 @@ def foreign_rows(t: torch.Tensor, foreign_ids: torch.Tensor, generator: torch.Ge
     return out
 
 
-def minilm_rows(t: torch.Tensor, foreign_ids: torch.Tensor, foreign_size: int) -> torch.Tensor:
-    """Export: a row per minilm id -> a row per foreign id, each foreign id taking the row of the
-    first minilm id mapped to it (RoBERTa's <s> is both minilm's bos and cls); new rows dropped."""
-    index = torch.arange(len(foreign_ids))
-    mapped = foreign_ids >= 0
-    first = torch.full((foreign_size,), len(foreign_ids), dtype=torch.long)
-    first = first.scatter_reduce(0, foreign_ids[mapped], index[mapped], reduce="amin", include_self=True)
-    if bool((first == len(foreign_ids)).any()):
-        missing = int((first == len(foreign_ids)).nonzero()[0])
+def minilm_rows(t: torch.Tensor, export_ids: torch.Tensor) -> torch.Tensor:
+    """Export: a row per minilm id -> a row per foreign id, foreign id f taking the row of minilm
+    id export_ids[f]. Where one foreign special fills two of minilm's slots (RoBERTa's <s> is both
+    bos and cls) the tokenizer chose the slot whose row minilm's data trains
+    (foreign_tokenizer.export_ids); new rows are dropped."""
+    if bool((export_ids < 0).any()):
+        missing = int((export_ids < 0).nonzero()[0])
         raise UserError(f"the tokenizer maps no minilm id to its id {missing}; its rows cannot be written")
-    return t[first]
+    return t[export_ids]
 
 
 # ----------------------------------------------------------------------------- config.json

@@ -155,7 +155,7 @@ def parent_checkpoint(imported: ImportedModel, folder: str) -> dict:
     from minilm.checkpoint import bytes_to_tensor
     from minilm.config import Config
     if imported.tokenizer is None:
-        raise UserError(f"{folder} has no tokenizer files (tokenizer.model, or vocab.json + merges.txt), so "
+        raise UserError(f"{folder} has no tokenizer files (tokenizer.model, vocab.json + merges.txt, vocab.txt or tokenizer.json), so "
                         "--init_from cannot tell which text its ids are: add the model's tokenizer files to it")
     cfg = Config(model=imported.model_cfg)
     cfg.train.objective = imported.objective

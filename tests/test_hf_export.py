@@ -157,7 +157,7 @@ def test_the_folder_holds_transformers_names_and_config(exported, tokenizer):
 
 def test_token_rows_follow_a_foreign_tokenizer_both_ways():
     """A foreign tokenizer's id order: import takes rows[foreign_ids] (new rows where -1), export
-    gives each foreign id the row of the first minilm id mapped to it, and the two undo each other."""
+    gives each foreign id the row of the minilm id its export_ids names, and the two undo each other."""
     foreign = torch.arange(10, 20).float()[:, None].repeat(1, 3)               # foreign id f's row: f + 10
     foreign_ids = torch.tensor([1, 0, 2, 5, 2, -1, 3, 4, 6, 7, 8, 9])            # 2 twice (bos and cls), one new
     generator = torch.Generator().manual_seed(0)
@@ -166,11 +166,14 @@ def test_token_rows_follow_a_foreign_tokenizer_both_ways():
     assert ours[5].abs().max() < 0.2 and ours[5].abs().max() > 0            # a new row, initialised as minilm does
     bias = foreign_rows(torch.arange(10).float(), foreign_ids, generator)
     assert bias[5] == 0 and bias[6] == 3
+    export_ids = torch.tensor([1, 0, 2, 6, 7, 3, 8, 9, 10, 11])                  # <s> (foreign 2) from slot 2
     ours[4] += 100                                                               # the second <s> row differs...
-    back = minilm_rows(ours, foreign_ids, 10)
-    assert torch.equal(back, foreign)                                            # ...and the first one wins
+    back = minilm_rows(ours, export_ids)
+    assert torch.equal(back, foreign)                                            # ...and the named slot wins
+    assert torch.equal(minilm_rows(ours, torch.cat([export_ids[:2], torch.tensor([4]), export_ids[3:]]))[2],
+                       foreign[2] + 100)                                         # naming the other slot takes it
     with pytest.raises(UserError, match="maps no minilm id to its id 10"):
-        minilm_rows(ours, foreign_ids, 11)
+        minilm_rows(ours, torch.cat([export_ids, torch.tensor([-1])]))
 
 
 def test_export_permutes_token_rows_back_to_foreign_ids(tokenizer, tmp_path):
@@ -181,7 +184,8 @@ def test_export_permutes_token_rows_back_to_foreign_ids(tokenizer, tmp_path):
     foreign_ids = torch.cat([torch.arange(V - 1, 0, -1), torch.tensor([0])])   # reversed: a bijection
     head = objective_class("mlm").hf_head("roberta")
     weights = built.state_dict()
-    tensors = hf_weights(weights, built.backbone.cfg, "roberta", head, foreign_ids, V, pad_id=1)
+    export_ids = torch.argsort(foreign_ids)                                   # the bijection's inverse
+    tensors = hf_weights(weights, built.backbone.cfg, "roberta", head, export_ids, pad_id=1)
     assert torch.equal(tensors["roberta.embeddings.word_embeddings.weight"][foreign_ids],
                        weights["backbone.tok_emb.weight"])
     assert torch.equal(tensors["lm_head.bias"][foreign_ids], weights["head.bias"])
