@@ -15,15 +15,9 @@ from minilm.errors import UserError
 from minilm.model import (CAUSAL, MLP, Block, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
                           set_activation_checkpointing)
 
-V, S = 97, 32  # vocab and context window of the tiny test models
+from tests.test_model import S, V, tiny_cfg   # the tiny test models' vocab, context window and config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def tiny_cfg(**overrides) -> ModelConfig:
-    base = dict(vocab_size=V, seq_len=S, n_layer=2, n_head=2, n_embd=32)
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
