@@ -224,8 +224,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max gradient norm; 0 disables clipping", at_least=0)
     eval_every: int = option(200, "steps between validations (and one at the end)", at_least=1)
     eval_batches: int = option(20, "batches per validation", at_least=1)
-    early_stopping_patience: int = option(0, "stop when the objective's best_metric (classify: macro_f1; others: "
-                                             "val loss) has not improved for this many evaluations; 0 = off",
+    early_stopping_patience: int = option(0, "stop when the objective's best_metric (a classifier's macro_f1; "
+                                             "else the val loss) has not improved for this many evaluations; 0 = off",
                                           at_least=0)
     log_every: int = option(10, "steps between log lines", at_least=1)
     ckpt_every: int = option(500, "steps between checkpoints (and one at the end)", at_least=1)

@@ -49,7 +49,7 @@ def arch_of(cfg: ModelConfig) -> str:
     """Which of ARCHES `cfg` is exactly, or a one-line UserError naming the field that differs and
     its value in the nearest arch."""
     if cfg.n_decoder_layer:
-        raise UserError("an encoder-decoder (t5, ul2) has no counterpart among the architectures minilm exports "
+        raise UserError("an encoder-decoder has no counterpart among the architectures minilm exports "
                         f"({', '.join(ARCHES)})")
     if cfg.embedding_size not in (0, cfg.n_embd):
         raise UserError(f"factorized embeddings (--embedding_size {cfg.embedding_size}, ALBERT's) have no "
