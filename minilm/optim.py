@@ -119,7 +119,12 @@ class MuonWithAdamW:
 
     def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
-        self.param_groups = muon.param_groups + adamw.param_groups   # the same dicts: lr set here reaches both
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """Muon's groups, then AdamW's: the same dicts, so an lr set here reaches them (a property:
+        load_state_dict replaces each optimizer's list of groups)."""
+        return self.muon.param_groups + self.adamw.param_groups
 
     @torch.no_grad()
     def step(self, closure=None):
