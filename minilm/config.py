@@ -685,7 +685,8 @@ def help_text(width: int = 100) -> str:
                 meaning = textwrap.wrap(arch_differences(name), width - column)
                 lines += [f"  --arch {name}".ljust(column) + meaning[0], *(" " * column + rest for rest in meaning[1:])]
         for f in fields(getattr(Config(), section)):
-            flag = f"  --{f.name} {_shown(f.default)}"
+            shown = "auto" if "auto" in f.metadata and f.default == f.metadata["auto"] else _shown(f.default)
+            flag = f"  --{f.name} {shown}"
             meaning = textwrap.wrap(f.metadata["help"], width - column)
             if len(flag) >= column - 1:
                 lines.append(flag)
