@@ -584,6 +584,9 @@ def setting_origins(argv: list[str], cfg: Config) -> str:
             value = getattr(getattr(cfg, section), f.name)
             if value == getattr(getattr(default, section), f.name):
                 continue
+            given = f.name in on_line or f.name in in_file
+            if f.name == "warmup_steps" and not given and value == auto_warmup(cfg.train.max_steps):
+                continue                                  # the default, auto, as it resolved
             origin = ("command line" if f.name in on_line else files[0] if f.name in in_file else
                       f"--preset {presets[-1]}" if f.name in from_preset else "resolved")
             text = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
