@@ -282,6 +282,9 @@ class TrainConfig:
             raise UserError(TENSORBOARD_HINT)
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise UserError("--optimizer muon orthogonalizes whole matrices, and --fsdp shards them; "
+                            "drop --fsdp (DDP works) or use --optimizer adamw")
         # with --epochs the steps are known once the data is (minilm/epochs.py checks the warmup then)
         if self.warmup_steps < 0 and not self.epochs:
             self.warmup_steps = auto_warmup(self.max_steps)   # the saved and printed config holds the number

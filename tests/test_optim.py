@@ -158,6 +158,8 @@ def test_muon_with_fsdp_is_a_one_line_error():
     cfg.train.optimizer, cfg.train.fsdp = "muon", True
     with pytest.raises(UserError, match="--fsdp"):
         build_optimizer(objective, cfg.train, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^--optimizer muon orthogonalizes whole matrices, and --fsdp shards them"):
+        parse_overrides(["--optimizer", "muon", "--fsdp"])              # at parse time, before any data
 
 
 # ----------------------------------------------------------------------------- (3) resume, (4) accumulation
