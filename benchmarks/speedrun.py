@@ -1,0 +1,356 @@
+"""The speedrun ablation: how many steps does each idea of the recipe save to reach today's model?
+
+    python benchmarks/speedrun.py --out speedrun                    # every row, 2 seeds, 600 steps
+    python benchmarks/speedrun.py --out speedrun --rows baseline,+muon --seeds 1
+    python benchmarks/speedrun.py --out speedrun-mlm --objective mlm
+
+The experiment, all through train.py (one subprocess per run, this same python, --threads 1 each
+so that --parallel runs side by side without fighting over cores):
+
+1. A corpus larger than the built-in one: the English manual pages that this machine's Debian
+   packages installed (/usr/share/man/man1 .. man8, *.gz regular files; not the translations in
+   /usr/share/man/<lang>/, not symlinks, not `.so` redirects), turned into plain text by the small
+   roff stripper below (roff_to_text). Why not `man`/`groff`: one groff process per page costs
+   tens of milliseconds (minutes for thousands of pages), groff's output depends on its version and
+   the terminal width, and a minimal container often has neither; the stripper is pure Python,
+   the same on every machine, and keeps what a language model should read (the words, one
+   paragraph per line) and drops the typesetting. Pages are taken in a fixed order (section, then
+   file name), at most --max_pages_per_package from one package (a package that generates
+   thousands of near-identical pages, such as google-cloud-cli's gcloud reference, would otherwise
+   be most of the corpus), written once to CACHE/manpages.txt with `<|endoftext|>` between pages,
+   with CACHE/packages.tsv (pages and characters per package) and CACHE/corpus.json (its size).
+   train.py holds out --val_fraction of the pages (whole pages, evenly spaced: the split is by
+   document, minilm/data/preparation.py).
+2. One tokenizer and one set of token files (OUT/prepared, made by `train.py --max_steps 0`), put
+   into every run's out_dir before it starts (hard links, or copies), so every row reads the same
+   ids and no run pays for a tokenizer: train.py reuses prepared data made from the same files,
+   vocab size and preparation flags (minilm/provenance.py, tokenizer_and_data).
+3. The rows (ROWS), each adding one idea to the row before it, --seeds seeds each, --steps steps
+   of the default CLM shape (4 layers x 256, seq 128, batch 16), evaluated every --eval_every
+   steps. For each run: its validation curve (metrics.jsonl), final val loss and bits per byte,
+   and its steps to target.
+4. Steps to target: the target is the baseline's final validation loss (the mean over its seeds).
+   A row's steps to target is the first step at which its validation loss, averaged over its
+   seeds at each evaluation, is at or below the target, interpolated linearly between that
+   evaluation and the one before (so --eval_every sets the resolution); the ratio is that over
+   the baseline's own steps to target (about --steps). Each seed's own crossing is in
+   OUT/results.json (a seed that never reaches the target has none). The markdown table is
+   printed and written to OUT/table.md; the curves go to OUT/curves.png through minilm.plot when
+   matplotlib is installed.
+
+--objective mlm: the masked LM at equal tokens, baseline vs +muon vs +muon+wsd (MLM_ROWS); the
+same table (the target then is the masked LM baseline's final loss).
+
+Every run has its own out_dir under OUT/runs and a speedrun.json beside its metrics; a run that
+finished with the same command and the same prepared data is not run again, so an interrupted
+ablation picks up where it stopped and a new row runs alone.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from minilm.errors import UserError  # noqa: E402
+from minilm.plot import read_metrics  # noqa: E402
+
+MAN_ROOT = "/usr/share/man"
+SECTIONS = [f"man{i}" for i in range(1, 9)]
+DOC_SEPARATOR = "<|endoftext|>"          # minilm/data/reading.py's separator of documents in a text file
+CORPUS_NAME = "manpages.txt"
+RECORD = "speedrun.json"
+
+# Each row adds one idea to the row before it: (name, train.py flags). The flags are those of the
+# issue 21 contract; the numbers are the sources' (see each flag's docstring in minilm/).
+ROWS = [
+    ("baseline", []),                                          # today's defaults
+    ("+muon", ["--optimizer", "muon"]),                        # Muon on the blocks' 2-D matrices
+    ("+wsd", ["--schedule", "wsd"]),                           # warmup, stable, linear decay (last 20%)
+    ("+qk_norm", ["--qk_norm", "true"]),                       # RMSNorm on each head's q and k
+    ("+relu2", ["--mlp", "relu2"]),                            # relu(x)^2 MLP (Primer)
+    ("+softcap", ["--logit_softcap", "30"]),                   # 30 tanh(logits / 30) (Gemma 2)
+    ("+untied", ["--tie_embeddings", "false", "--embedding_lr", "0.01", "--lm_head_lr", "0.002"]),
+]
+# the masked LM: does the optimizer and schedule part of the recipe help it at equal tokens?
+MLM_ROWS = [
+    ("baseline", []),
+    ("+muon", ["--optimizer", "muon"]),
+    ("+muon+wsd", ["--schedule", "wsd"]),
+]
+
+
+# ----------------------------------------------------------------------------- the corpus: roff to text
+# \(xx and \[name] special characters: the ones man pages use, as plain ASCII
+SPECIAL = {"em": "--", "en": "-", "hy": "-", "mi": "-", "bu": "*", "aq": "'", "dq": '"', "lq": '"', "rq": '"',
+           "oq": "'", "cq": "'", "ga": "`", "ha": "^", "ti": "~", "at": "@", "sl": "/", "rs": "\\", "bv": "|",
+           "ba": "|", "co": "(c)", "rg": "(R)", "tm": "(TM)", "mu": "x", "di": "/", "pl": "+", "eq": "=",
+           "<=": "<=", ">=": ">=", "!=": "!=", "->": "->", "<-": "<-", "rA": "=>", "lA": "<=", "de": " degrees",
+           "Fo": "<<", "Fc": ">>", "fo": "<", "fc": ">", "ss": "ss", "aa": "'", "sq": "*", "sh": "#", "Do": "$",
+           "lB": "[", "rB": "]", "lC": "{", "rC": "}", "la": "<", "ra": ">", "pc": ".", "ct": "c", "ps": "P",
+           "sc": "S", "Eu": "EUR", "eu": "EUR", "Po": "GBP", "Ye": "JPY", "12": "1/2", "14": "1/4", "34": "3/4",
+           "+-": "+-", "no": "~", "or": "|", "ul": "_", "ru": "_", "em-": "--", "'e": "e", "'a": "a", ":u": "u",
+           ":o": "o", ":a": "a", ",c": "c", "`e": "e", "`a": "a", "^e": "e"}
+# \*x, \*(xx, \*[name] predefined strings man pages use (man's and pod2man's)
+STRINGS = {"R": "(R)", "lq": '"', "rq": '"', "Tm": "(TM)", "S": "", "--": "--", "PI": "pi", "L\"": '"',
+           "R\"": '"', "C`": '"', "C'": '"', "`": "", "'": "", "^": "", ",": "", "~": "", "/": "", ":": "",
+           "8": "ss", "o": "", "d-": "d", "D-": "D", "th": "th", "Th": "Th", "ae": "ae", "Ae": "AE"}
+# requests and macros whose arguments are text to keep (as one line or words of the paragraph)
+HEADINGS = {"SH", "SS", "Sh", "Ss"}
+TEXT_MACROS = {"B", "I", "SM", "SB", "BI", "BR", "IB", "IR", "RB", "RI", "UR", "MT", "OP", "SY", "TQ", "IP", "TP",
+               "HP", "LP", "PP", "P", "Nm", "Nd", "Ar", "Fl", "Op", "Cm", "Pa", "Ev", "Va", "Dv", "Er", "Fn", "Fa",
+               "Ft", "Fd", "Ic", "Li", "Ql", "Sy", "Em", "Xr", "Dq", "Sq", "Pq", "Aq", "Bq", "Brq", "Qq", "Ql",
+               "It", "Tn", "Ux", "Bx", "Ox", "Nx", "Fx", "Lk", "Mt", "An", "St", "Ad", "Cd", "Ms", "No", "Ns",
+               "Pf", "Dl", "Vt", "Ev", "Lb", "In"}
+ALTERNATING = {"BI", "BR", "IB", "IR", "RB", "RI"}      # font-alternating: their words join without spaces
+BREAKS = {"br", "sp", "PP", "LP", "P", "TP", "TQ", "IP", "HP", "RS", "RE", "SH", "SS", "Sh", "Ss", "Pp", "Bl",
+          "El", "It", "Bd", "Ed", "Dl", "nf", "fi", "EX", "EE", "ne", "bp", "in", "ti", "Nd", "Sy", "SY", "YS",
+          "UE", "ME", "TS", "TE", "D1"}
+SKIP_BLOCKS = {"de": "..", "de1": "..", "am": "..", "ig": "..", "TS": ".TE", "EQ": ".EN", "PS": ".PE"}
+MDOC_WORDS = re.compile(r"^(?:[A-Z][a-z]{1,2}|Ns|No|Pf)$")   # an mdoc macro name inside a macro line's words
+ESCAPE = re.compile(r"""\\(?:
+      f(?:\[[^\]]*\]|\(..|.)              # font change
+    | s(?:[-+]?\d|\([-+]?\d\d|\[[^\]]*\]|'[^']*')  # size change
+    | [nmgF*](?:\[[^\]]*\]|\(..|.)        # registers, colours, strings (strings are looked up first)
+    | [hvwlLDoZXbBNSRx](?:'[^']*'|\[[^\]]*\])  # motions, widths, drawing, device controls
+    | \((..)                              # \(xx special character
+    | \[([^\]]*)\]                        # \[name] special character
+    | [kz$](?:\[[^\]]*\]|\(..|.)
+    | (.)                                 # everything else: one character
+    )""", re.VERBOSE)
+STRING_ESCAPE = re.compile(r"\\\*(?:\[([^\]]*)\]|\((..)|(.))")
+ONE_CHARACTER = {"e": "\\", "\\": "\\", "-": "-", "&": "", ")": "", "c": "", " ": " ", "~": " ", "0": " ",
+                 "|": "", "^": "", "%": "", ":": "", "/": "", ",": "", "t": " ", "a": "", "'": "'", "`": "`",
+                 ".": ".", "d": "", "u": "", "p": "", "r": "", "{": "", "}": "", "!": "", "?": "", "E": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A roff text line's escapes resolved: fonts and sizes dropped, special characters as ASCII."""
+    text = STRING_ESCAPE.sub(lambda m: STRINGS.get(m.group(1) or m.group(2) or m.group(3), ""), text)
+
+    def one(m):
+        special = m.group(1) or m.group(2)
+        if special is not None:
+            name = special[2:] if special.startswith("u00") and len(special) == 6 else None
+            if name is not None:   # \[u00e9]: a Unicode code point
+                try:
+                    return chr(int(special[1:], 16))
+                except ValueError:
+                    return ""
+            return SPECIAL.get(special, "")
+        if m.group(3) is not None:
+            return ONE_CHARACTER.get(m.group(3), m.group(3))
+        return ""
+    return ESCAPE.sub(one, text)
+
+
+def macro_words(args: str) -> list[str]:
+    """A macro line's arguments: words, or "quoted phrases" as one word."""
+    words = re.findall(r'"((?:[^"]|"")*)"?|(\S+)', args)
+    return [(quoted if quoted else plain).replace('""', '"') for quoted, plain in words if quoted or plain]
+
+
+def roff_to_text(source: str) -> str:
+    """A man page's roff source as plain text: headings on a line of their own, each filled
+    paragraph joined into one line, no-fill blocks (.nf, .EX) kept line by line, comments,
+    macro definitions, conditionals, tables and equations dropped. Good enough to read, not a
+    typesetter: man(7) and the common mdoc(7) macros."""
+    out: list[str] = []
+    paragraph: list[str] = []
+    fill, skip_until, depth = True, None, 0
+
+    def flush():
+        if paragraph:
+            line = " ".join(paragraph)
+            line = re.sub(r"\s+", " ", line.replace("\x00 ", "").replace("\x00", "")).strip()   # \c joins
+            if line:
+                out.append(line)
+            paragraph.clear()
+
+    lines: list[str] = []
+    for raw in source.splitlines():   # a line ending in an escaped newline continues on the next one
+        if lines and lines[-1].endswith("\\") and (len(lines[-1]) - len(lines[-1].rstrip("\\"))) % 2:
+            lines[-1] = lines[-1][:-1] + raw
+        else:
+            lines.append(raw)
+    for raw in lines:
+        if skip_until is not None:
+            if raw.strip().startswith(skip_until):
+                skip_until = None
+            continue
+        if depth:   # inside a conditional's \{ ... \} block
+            depth += raw.count("\\{") - raw.count("\\}")
+            depth = max(depth, 0)
+            continue
+        line = re.sub(r'\\".*', "", raw)         # comments: \" to the end of the line
+        if raw.startswith((".\\\"", "'\\\"", '.\\#')):
+            continue
+        if line[:1] in (".", "'"):
+            request = line[1:].strip()
+            if not request:
+                continue
+            name = re.match(r"[^\s\\]*", request).group(0)   # `.el\{\` is the request el
+            args = request[len(name):].strip()
+            if name in SKIP_BLOCKS:
+                skip_until = SKIP_BLOCKS[name]
+                continue
+            if name in ("if", "ie", "el", "while"):
+                depth = max(line.count("\\{") - line.count("\\}"), 0)
+                continue
+            if name in BREAKS:
+                flush()
+            if name in ("nf", "EX", "Bd"):
+                fill = False
+            elif name in ("fi", "EE", "Ed"):
+                fill = True
+            if name in HEADINGS:
+                flush()
+                heading = unescape(" ".join(macro_words(args))).strip()
+                if heading:
+                    out.append("")
+                    out.append(heading)
+                continue
+            if name in TEXT_MACROS:
+                words = macro_words(args)
+                if name in ("IP", "TP", "HP"):
+                    words = words[:1]      # the tag; the rest are indents
+                if name in ("Nm", "Nd", "Ar", "Fl", "Op", "Cm", "It", "Xr", "Dq", "Sq", "Pq", "Aq", "Qq", "Sy",
+                            "Em", "Pa", "Ev", "Va", "Dv", "Er", "Fn", "Fa", "Ft", "Ic", "Li", "Ql", "Tn", "Pf",
+                            "Dl", "Vt", "Cd", "Ad", "Ms", "No", "Ns", "Lk", "Mt", "An", "Brq", "Bq", "Fd"):
+                    words = [w for w in words if not MDOC_WORDS.match(w)]
+                    if name == "Fl":
+                        words = ["-" + w for w in words] or ["-"]
+                    if name == "Nd":
+                        words = ["-", *words]
+                joined = ("" if name in ALTERNATING else " ").join(words)
+                text = unescape(joined)
+                if text.strip():
+                    paragraph.append(text.strip())
+                    if not fill or name in ("IP", "TP", "Nd", "It"):
+                        flush()
+            continue        # every other request: typesetting only
+        text = unescape(line)
+        if not text.strip():
+            flush()
+            continue
+        if line.rstrip().endswith("\\c"):
+            text = text.rstrip() + "\x00"
+        paragraph.append(text.strip() if fill else text.rstrip())
+        if not fill:
+            flush()
+    flush()
+    text = "\n".join(out).strip()
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return "\n".join(line for line in text.split("\n") if line.strip() != DOC_SEPARATOR)
+
+
+def owners(root: str = "/var/lib/dpkg/info") -> dict[str, str]:
+    """path -> the Debian package that installed it, from dpkg's file lists (no dpkg process)."""
+    owner: dict[str, str] = {}
+    if not os.path.isdir(root):
+        return owner
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".list"):
+            continue
+        package = name[:-len(".list")].split(":")[0]
+        with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(MAN_ROOT):
+                    owner[line.rstrip("\n")] = package
+    return owner
+
+
+def man_pages(root: str = MAN_ROOT) -> list[str]:
+    """The English top-level pages: root/man1 .. man8, regular *.gz files (no symlinks), sorted by
+    section then file name."""
+    pages = []
+    for section in SECTIONS:
+        folder = os.path.join(root, section)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.endswith(".gz") and os.path.isfile(path) and not os.path.islink(path):
+                pages.append(path)
+    return pages
+
+
+def read_page(path: str) -> str | None:
+    """A page's roff source, or None for a `.so` redirect (the page it names is in the corpus)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-8", errors="replace")
+    if text.lstrip().startswith(".so ") and len(text.strip().splitlines()) <= 2:
+        return None
+    return text
+
+
+def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 300, log=print,
+                 dpkg_info: str = "/var/lib/dpkg/info") -> str:
+    """Write cache/manpages.txt (unless it is there, made with the same settings from the same
+    pages) and return its path. Also cache/packages.tsv and cache/corpus.json."""
+    corpus = os.path.join(cache, CORPUS_NAME)
+    info_path = os.path.join(cache, "corpus.json")
+    pages = man_pages(root)
+    if not pages:
+        raise UserError(f"no manual pages under {root}/man1..man8; install some (apt-get install manpages "
+                        "manpages-dev) or give --corpus a text file")
+    settings = {"root": os.path.abspath(root), "max_pages_per_package": max_pages_per_package,
+                "pages": len(pages), "newest": max(os.stat(p).st_mtime_ns for p in pages)}
+    if os.path.exists(corpus) and os.path.exists(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("settings") == settings:
+            log(f"corpus: reusing {corpus} ({info['mb']:.1f} MB, {info['documents']:,} pages)")
+            return corpus
+    owner = owners(dpkg_info)
+    taken: dict[str, list[int]] = {}    # package -> [pages, characters]
+    start = time.perf_counter()
+    os.makedirs(cache, exist_ok=True)
+    documents, skipped = 0, 0
+    with open(corpus + ".tmp", "w", encoding="utf-8") as out:
+        for path in pages:
+            package = owner.get(path, "(no package)")
+            counts = taken.setdefault(package, [0, 0])
+            if max_pages_per_package and counts[0] >= max_pages_per_package:
+                skipped += 1
+                continue
+            try:
+                source = read_page(path)
+            except (OSError, EOFError, gzip.BadGzipFile):
+                skipped += 1
+                continue
+            text = roff_to_text(source) if source is not None else ""
+            if len(text) < 200:     # a redirect, or a stub with no prose
+                continue
+            if documents:
+                out.write(f"\n{DOC_SEPARATOR}\n")
+            out.write(text)
+            documents += 1
+            counts[0] += 1
+            counts[1] += len(text)
+    os.replace(corpus + ".tmp", corpus)
+    size = os.path.getsize(corpus)
+    with open(os.path.join(cache, "packages.tsv"), "w", encoding="utf-8") as f:
+        f.write("package\tpages\tcharacters\n")
+        for package, (n, chars) in sorted(taken.items(), key=lambda kv: (-kv[1][1], kv[0])):
+            if n:
+                f.write(f"{package}\t{n}\t{chars}\n")
+    info = {"settings": settings, "documents": documents, "bytes": size, "mb": size / 1e6,
+            "packages": sum(1 for n, _ in taken.values() if n), "pages_over_cap_or_unreadable": skipped}
+    with open(info_path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    log(f"corpus: wrote {corpus}: {size / 1e6:.1f} MB, {documents:,} pages from {info['packages']} packages "
+        f"({skipped} over the per-package cap or unreadable) in {time.perf_counter() - start:.0f} s; "
+        f"per package: {os.path.join(cache, 'packages.tsv')}")
+    return corpus
