@@ -354,3 +354,288 @@ def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 
         f"({skipped} over the per-package cap or unreadable) in {time.perf_counter() - start:.0f} s; "
         f"per package: {os.path.join(cache, 'packages.tsv')}")
     return corpus
+
+
+# ----------------------------------------------------------------------------- tokens to target
+def steps_to_target(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first step at which a validation curve [(step, loss), ...] is at or below `target`,
+    interpolated linearly between that evaluation and the one before it; None if it never is.
+    A curve already at the target at its first evaluation gives that evaluation's step."""
+    previous = None
+    for step, loss in sorted(curve):
+        if loss <= target:
+            if previous is None or previous[1] == loss:
+                return float(step)
+            (s0, l0) = previous
+            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
+        previous = (step, loss)
+    return None
+
+
+def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The seeds' validation curves averaged at the steps every seed evaluated."""
+    steps = set.intersection(*(set(s for s, _ in c) for c in curves)) if curves else set()
+    by_step = [dict(c) for c in curves]
+    return [(s, sum(d[s] for d in by_step) / len(by_step)) for s in sorted(steps)]
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, half the range): with two seeds each seed sits at one end of mean +- that."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def cell(values: list[float], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean, half = spread(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def summarize(curves: dict[str, list[list[tuple[float, float]]]], bpbs: dict[str, list[float | None]],
+              baseline: str = "baseline") -> dict[str, dict]:
+    """Per row: final losses, bpb, steps to the target (the baseline's mean final loss) of the
+    seed-mean curve and of each seed, and the ratio to the baseline's steps."""
+    finals = {row: [c[-1][1] for c in cs] for row, cs in curves.items()}
+    target = sum(finals[baseline]) / len(finals[baseline])
+    result = {}
+    for row, cs in curves.items():
+        result[row] = {"final_loss": finals[row], "bpb": bpbs.get(row, []),
+                       "steps_to_target": steps_to_target(mean_curve(cs), target),
+                       "seed_steps_to_target": [steps_to_target(c, target) for c in cs]}
+    base = result[baseline]["steps_to_target"]
+    for row in result.values():
+        mine = row["steps_to_target"]
+        row["ratio"] = mine / base if mine is not None and base else None
+    return {"target": target, "rows": result}
+
+
+def table(summary: dict, seeds: int) -> list[str]:
+    header = ["row", "seeds", "final val loss", "val bpb", "steps to target", "ratio"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|---:|"]
+    for name, row in summary["rows"].items():
+        steps, ratio = row["steps_to_target"], row["ratio"]
+        lines.append("| " + " | ".join([
+            name, str(len(row["final_loss"])), cell(row["final_loss"], 4), cell(row["bpb"], 4),
+            "not reached" if steps is None else f"{steps:.0f}", "-" if ratio is None else f"{ratio:.2f}x"]) + " |")
+    lines.append("")
+    lines.append(f"target: the baseline's final val loss, {summary['target']:.4f} (mean of {seeds} seed(s)); "
+                 "steps to target from the seed-mean curve, interpolated between evaluations; ± is half the "
+                 "range over the seeds")
+    return lines
+
+
+# ----------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    row: str
+    seed: int
+    flags: list[str]               # train.py's command line (without --out_dir)
+    out_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}-s{self.seed}"
+
+
+def folder_name(row: str) -> str:
+    """A row's folder (and legend) name: +muon+wsd -> muon_wsd."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", row.lstrip("+").replace("+", "_")).strip("_") or "row"
+
+
+def prepared_signature(prepared: str) -> dict:
+    with open(os.path.join(prepared, "data", "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    return {"tokenizer": meta.get("tokenizer"), "signature": meta.get("signature"),
+            "train_tokens": meta.get("train_tokens")}
+
+
+def finished(run: Run, prepared: str) -> bool:
+    path = os.path.join(run.out_dir, RECORD)
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    return record.get("flags") == run.flags and record.get("prepared") == prepared_signature(prepared)
+
+
+def link_prepared(prepared: str, out_dir: str) -> None:
+    """The shared tokenizer and token files into a run's out_dir (hard links where the filesystem
+    allows, else copies): train.py reuses them, reading them only (np.memmap mode "r")."""
+    os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
+    pairs = [(os.path.join(prepared, "tokenizer.model"), os.path.join(out_dir, "tokenizer.model"))]
+    pairs += [(os.path.join(prepared, "data", n), os.path.join(out_dir, "data", n))
+              for n in sorted(os.listdir(os.path.join(prepared, "data")))]
+    for src, dst in pairs:
+        if os.path.exists(dst):
+            os.unlink(dst)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def execute(run: Run, prepared: str, keep_checkpoints: bool, log=print) -> None:
+    """train.py for `run`, unless it finished before with the same flags and prepared data."""
+    if finished(run, prepared):
+        log(f"  {run.name}: done before, skipped")
+        return
+    if os.path.isdir(run.out_dir):
+        shutil.rmtree(run.out_dir)
+    link_prepared(prepared, run.out_dir)
+    command = [sys.executable, os.path.join(REPO, "train.py"), *run.flags, "--out_dir", run.out_dir]
+    log_path = os.path.join(run.out_dir, "train.log")
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    wall = time.perf_counter() - start
+    if code != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read().strip().splitlines()[-8:]
+        raise UserError(f"{run.name} failed (exit code {code}); its output is in {log_path}:\n"
+                        + "\n".join("    " + line for line in tail))
+    if not keep_checkpoints:   # ~tens of MB each; the table needs only metrics.jsonl
+        for name in os.listdir(run.out_dir):
+            if name.startswith("ckpt-") and name.endswith(".pt"):
+                os.unlink(os.path.join(run.out_dir, name))
+    with open(os.path.join(run.out_dir, RECORD), "w", encoding="utf-8") as f:
+        json.dump({"flags": run.flags, "prepared": prepared_signature(prepared), "wall_s": wall}, f, indent=1)
+    last = evaluations(run.out_dir)[-1]
+    log(f"  {run.name}: {wall:.0f} s, val loss {last['val_loss']:.4f}, bpb {last.get('val_bpb', float('nan')):.4f}")
+
+
+def evaluations(out_dir: str) -> list[dict]:
+    return [row for row in read_metrics(out_dir, log=lambda msg: None) if "val_loss" in row]
+
+
+def prepare(corpus: str, out: str, args, log=print) -> str:
+    """OUT/prepared: the tokenizer and token files every run reads (train.py --max_steps 0)."""
+    prepared = os.path.join(out, "prepared")
+    command = [sys.executable, os.path.join(REPO, "train.py"), "--data", corpus, "--out_dir", prepared,
+               "--max_steps", "0", "--objective", args.objective, "--vocab_size", str(args.vocab_size),
+               "--seed", "1337", "--val_fraction", str(args.val_fraction)]
+    os.makedirs(prepared, exist_ok=True)
+    log_path = os.path.join(prepared, "prepare.log")
+    with open(log_path, "w", encoding="utf-8") as f:
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0:
+        raise UserError(f"preparing the data failed (exit code {code}); see {log_path}")
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(("prepared ", "reusing ")):
+                log("data: " + line.strip())
+    return prepared
+
+
+def plan(rows, seeds: list[int], args, out: str) -> list[Run]:
+    runs, flags = [], []
+    for name, extra in rows:
+        flags = flags + extra          # each row: the previous row's flags and its own
+        if args.only and name not in args.only:
+            continue
+        for seed in seeds:
+            common = ["--objective", args.objective, "--max_steps", str(args.steps), "--seed", str(seed),
+                      "--eval_every", str(args.eval_every), "--eval_batches", str(args.eval_batches),
+                      "--threads", str(args.threads), "--device", args.device, "--vocab_size", str(args.vocab_size),
+                      "--data", args.corpus_path, "--val_fraction", str(args.val_fraction),
+                      "--ckpt_every", str(args.steps), "--keep_checkpoints", "1"]
+            runs.append(Run(name, seed, common + args.extra + flags,
+                            os.path.join(out, "runs", f"{folder_name(name)}-s{seed}")))
+    return runs
+
+
+def draw(paths: list[str], out: str, log=print) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log(f"no {os.path.basename(out)}: matplotlib is not installed (pip install matplotlib); then: "
+            f"python -m minilm.plot {' '.join(paths)} -o {out}")
+        return
+    from minilm.plot import plot_runs
+    plot_runs(paths, out, log=lambda msg: None)
+    log(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, as every minilm command
+        raise UserError(f"{message} (see python benchmarks/speedrun.py --help)")
+
+
+def parse_args(argv: list[str]):
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="speedrun", help="the folder for prepared data, runs, table.md, curves.png")
+    p.add_argument("--objective", default="clm", choices=["clm", "mlm"],
+                   help="clm: every row of ROWS; mlm: baseline, +muon, +muon+wsd")
+    p.add_argument("--rows", "--only", dest="only", default="",
+                   help="comma-separated row names to run (default all; the baseline is needed for the target)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per row (1337, 1338, ...)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the default CLM shape)")
+    p.add_argument("--eval_every", type=int, default=50, help="steps between validations: the target's resolution")
+    p.add_argument("--eval_batches", type=int, default=20, help="batches per validation")
+    p.add_argument("--parallel", type=int, default=2, help="runs at the same time, --threads threads each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--device", default="cpu", help="train.py's --device for every run")
+    p.add_argument("--vocab_size", type=int, default=4096, help="the shared tokenizer's size")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of pages held out for validation")
+    p.add_argument("--corpus", default="", help="a text file to use instead of the man pages")
+    p.add_argument("--cache", default="", help="where the man-page corpus is written once (default OUT/corpus)")
+    p.add_argument("--man_root", default=MAN_ROOT, help="the manual pages' root folder")
+    p.add_argument("--max_pages_per_package", type=int, default=300,
+                   help="at most this many pages from one Debian package (0 = no cap)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--n_layer 2 --n_embd 64'")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1 or args.eval_every < 1 or args.parallel < 1:
+        raise UserError("--seeds, --steps, --eval_every and --parallel must be at least 1")
+    args.only = [r.strip() for r in args.only.split(",") if r.strip()]
+    args.extra = args.extra.split()
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    rows = ROWS if args.objective == "clm" else MLM_ROWS
+    unknown = [r for r in args.only if r not in dict(rows)]
+    if unknown:
+        raise UserError(f"unknown row(s) {', '.join(unknown)}; the {args.objective} rows are "
+                        f"{', '.join(name for name, _ in rows)}")
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    args.corpus_path = os.path.abspath(args.corpus or build_corpus(args.cache or os.path.join(out, "corpus"),
+                                                                   args.man_root, args.max_pages_per_package))
+    if args.corpus and not os.path.isfile(args.corpus):
+        raise UserError(f"--corpus {args.corpus} is not a file")
+    print(f"corpus: {args.corpus_path}, {os.path.getsize(args.corpus_path) / 1e6:.1f} MB", flush=True)
+    prepared = prepare(args.corpus_path, out, args)
+    seeds = [1337 + i for i in range(args.seeds)]
+    runs = plan(rows, seeds, args, out)
+    print(f"{len(runs)} runs, {args.parallel} at a time, {args.threads} thread(s) each", flush=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for future in [pool.submit(execute, run, prepared, args.keep_checkpoints) for run in runs]:
+            future.result()
+    curves: dict[str, list] = {}
+    bpbs: dict[str, list] = {}
+    for run in runs:
+        evals = evaluations(run.out_dir)
+        curves.setdefault(run.row, []).append([(r["step"], r["val_loss"]) for r in evals])
+        bpbs.setdefault(run.row, []).append(evals[-1].get("val_bpb"))
+    if "baseline" not in curves:
+        raise UserError("the target is the baseline's final loss: include the baseline row in --rows")
+    summary = summarize(curves, bpbs)
+    summary["runs"] = {run.name: {"row": run.row, "seed": run.seed, "flags": run.flags, "out_dir": run.out_dir}
+                       for run in runs}
+    summary["tokens_per_step"] = evaluations(runs[0].out_dir)[-1]["tokens"] / args.steps
+    lines = [f"speedrun ({args.objective}, {args.steps} steps, {args.seeds} seed(s), corpus "
+             f"{os.path.basename(args.corpus_path)} {os.path.getsize(args.corpus_path) / 1e6:.1f} MB)", "", *table(summary, args.seeds)]
+    print("\n".join(lines))
+    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    draw([run.out_dir for run in runs], os.path.join(out, "curves.png"))
+
+
+if __name__ == "__main__":
+    from minilm.cli import run_cli
+    run_cli(main)
