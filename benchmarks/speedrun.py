@@ -167,12 +167,13 @@ def roff_to_text(source: str) -> str:
     typesetter: man(7) and the common mdoc(7) macros."""
     out: list[str] = []
     paragraph: list[str] = []
-    fill, skip_until, depth = True, None, 0
+    fill, skip_until, depth, tag_next = True, None, 0, False   # tag_next: .TP's next line is its tag
 
     def flush():
         if paragraph:
             line = " ".join(paragraph)
-            line = re.sub(r"\s+", " ", line.replace("\x00 ", "").replace("\x00", "")).strip()   # \c joins
+            line = line.replace("\x00 ", "").replace("\x00", "")   # \c joins
+            line = re.sub(r"\s+", " ", line).strip() if fill else line.rstrip()   # no-fill keeps its indent
             if line:
                 out.append(line)
             paragraph.clear()
@@ -209,6 +210,8 @@ def roff_to_text(source: str) -> str:
                 continue
             if name in BREAKS:
                 flush()
+            if name in ("TP", "TQ"):
+                tag_next = True
             if name in ("nf", "EX", "Bd"):
                 fill = False
             elif name in ("fi", "EE", "Ed"):
@@ -236,8 +239,9 @@ def roff_to_text(source: str) -> str:
                 text = unescape(joined)
                 if text.strip():
                     paragraph.append(text.strip())
-                    if not fill or name in ("IP", "TP", "Nd", "It"):
+                    if not fill or tag_next or name in ("IP", "Nd", "It"):
                         flush()
+                        tag_next = False
             continue        # every other request: typesetting only
         text = unescape(line)
         if not text.strip():
@@ -246,16 +250,18 @@ def roff_to_text(source: str) -> str:
         if line.rstrip().endswith("\\c"):
             text = text.rstrip() + "\x00"
         paragraph.append(text.strip() if fill else text.rstrip())
-        if not fill:
+        if not fill or (tag_next and not text.endswith("\x00")):
             flush()
+            tag_next = False
     flush()
     text = "\n".join(out).strip()
     text = re.sub(r"\n{3,}", "\n\n", text)
     return "\n".join(line for line in text.split("\n") if line.strip() != DOC_SEPARATOR)
 
 
-def owners(root: str = "/var/lib/dpkg/info") -> dict[str, str]:
-    """path -> the Debian package that installed it, from dpkg's file lists (no dpkg process)."""
+def owners(root: str = "/var/lib/dpkg/info", prefix: str = MAN_ROOT) -> dict[str, str]:
+    """path -> the Debian package that installed it, for the paths under `prefix`, from dpkg's
+    file lists (no dpkg process)."""
     owner: dict[str, str] = {}
     if not os.path.isdir(root):
         return owner
@@ -265,7 +271,7 @@ def owners(root: str = "/var/lib/dpkg/info") -> dict[str, str]:
         package = name[:-len(".list")].split(":")[0]
         with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(MAN_ROOT):
+                if line.startswith(prefix):
                     owner[line.rstrip("\n")] = package
     return owner
 
@@ -313,7 +319,7 @@ def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 
         if info.get("settings") == settings:
             log(f"corpus: reusing {corpus} ({info['mb']:.1f} MB, {info['documents']:,} pages)")
             return corpus
-    owner = owners(dpkg_info)
+    owner = owners(dpkg_info, root)
     taken: dict[str, list[int]] = {}    # package -> [pages, characters]
     start = time.perf_counter()
     os.makedirs(cache, exist_ok=True)
@@ -519,7 +525,9 @@ def prepare(corpus: str, out: str, args, log=print) -> str:
     with open(log_path, "w", encoding="utf-8") as f:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code != 0:
-        raise UserError(f"preparing the data failed (exit code {code}); see {log_path}")
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            last = (f.read().strip().splitlines() or [""])[-1]
+        raise UserError(f"preparing the data failed (exit code {code}): {last} (all of it: {log_path})")
     with open(log_path, encoding="utf-8") as f:
         for line in f:
             if line.startswith(("prepared ", "reusing ")):
