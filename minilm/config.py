@@ -47,8 +47,9 @@ class ModelConfig:
                                     "ELECTRA: 128); 0 = n_embd, no projection", at_least=0)
     intermediate_size: int = option(0, "MLP hidden width; 0 = 4 x n_embd (GELU) or 8/3 x n_embd (SwiGLU)",
                                     at_least=0)
-    mlp: str = option("gelu", "the MLP: gelu (exact, BERT), swiglu (Llama) or gelu_tanh (GPT-2's tanh "
-                              "approximation)", choices=("gelu", "swiglu", "gelu_tanh"))
+    mlp: str = option("gelu", "the MLP: gelu (exact, BERT), swiglu (Llama), gelu_tanh (GPT-2's tanh "
+                              "approximation) or relu2 (squared ReLU, Primer)",
+                      choices=("gelu", "swiglu", "gelu_tanh", "relu2"))
     norm: str = option("rmsnorm", "the norm: rmsnorm or layernorm", choices=("rmsnorm", "layernorm"))
     # model.py's Block says why pre is the default
     norm_placement: str = option("pre", "where each block's norms sit: pre (before each sub-layer, and a final "
@@ -71,6 +72,11 @@ class ModelConfig:
     # encoder-decoder objectives (t5) set it from n_layer when it is 0 (objectives/t5.py, configure)
     n_decoder_layer: int = option(0, "decoder depth of an encoder-decoder, which has n_layer encoder "
                                      "blocks; 0 = no decoder stack (an encoder-decoder then uses n_layer)", at_least=0)
+    # speedrun switches (modded-nanogpt's recipe; model.py says what each does), off by default
+    qk_norm: bool = option(False, "QK-norm: an RMSNorm over each head's queries and keys before RoPE and the "
+                                  "dot product (the scores no longer grow with the weights)")
+    logit_softcap: float = option(0.0, "soft-cap the LM head's logits to (-C, C) as C * tanh(logits / C) (Gemma "
+                                       "2, modded-nanogpt: 30 or 15); 0 = off", at_least=0)
 
     @property
     def head_dim(self) -> int:

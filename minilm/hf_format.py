@@ -54,6 +54,10 @@ def arch_of(cfg: ModelConfig) -> str:
     if cfg.embedding_size not in (0, cfg.n_embd):
         raise UserError(f"factorized embeddings (--embedding_size {cfg.embedding_size}, ALBERT's) have no "
                         f"counterpart among {', '.join(ARCHES)}; train with --embedding_size 0 to export")
+    for name, flag in (("qk_norm", "--qk_norm false"), ("logit_softcap", "--logit_softcap 0")):
+        if getattr(cfg, name):   # speedrun switches: no field in transformers' llama, gpt2, bert or roberta
+            raise UserError(f"this model's {name} is {getattr(cfg, name)}, which none of {', '.join(ARCHES)} has; "
+                            f"train with {flag} to export")
     default = ModelConfig()
     differences = {arch: [(name, getattr(cfg, name), values.get(name, getattr(default, name))) for name in ARCH_FIELDS
                           if getattr(cfg, name) != values.get(name, getattr(default, name))]

@@ -1,7 +1,7 @@
 """The Transformer: one set of blocks for decoders, encoders and encoder-decoders.
 
 Read top to bottom: norms -> rotary positions -> attention -> MLP -> Block -> padding mask ->
-Transformer -> EncoderDecoder -> Pooler -> KV cache.
+logit soft-capping -> Transformer -> EncoderDecoder -> Pooler -> KV cache.
 
 Whether a model is a decoder or an encoder is not a property of its layers: it is the attention
 mask passed in at call time. `Transformer.forward(ids)` (mask=CAUSAL) is a GPT-style decoder;
@@ -187,6 +187,14 @@ class Attention(nn.Module):
                               (objectives/plm.py)              content stream h
     The mask and the positions are arguments, never baked into the layer. One (3C, C) weight holds
     the query, key and value projections: a single matmul when the source is x, split otherwise.
+
+    QK-norm (cfg.qk_norm; Dehghani et al. 2023, ViT-22B; OLMo 2, Qwen3, modded-nanogpt): each
+    head's query and key go through an RMSNorm over its D numbers (q_norm and k_norm, a learned
+    weight of size D each, shared by the heads, eps = norm_eps) before RoPE and the dot product.
+    Without it a score q·k grows with the size of W_q and W_k, and a few large logits can saturate
+    the softmax (attention entropy collapse) unless the learning rate stays small; with it every
+    query and key has RMS 1 times the norm's weight, so the scores are invariant to rescaling the
+    projections and a higher learning rate trains stably. The 1/sqrt(D) scale stays as it is.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -195,6 +203,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
+        # None when off (a plain attribute, not a module): today's models keep exactly their keys
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None   # over D, per head
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, source=None, *, mask=None, rotary=None, positions=None, source_positions=None,
                 cache=None):
@@ -211,17 +222,21 @@ class Attention(nn.Module):
         C = x.shape[-1]
         if source is None:
             q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+            k = k if self.k_norm is None else self.k_norm(k)
             source_positions = positions
         else:
             w_q, w_kv = self.qkv.weight.split([C, 2 * C])
             b_q, b_kv = self.qkv.bias.split([C, 2 * C]) if self.qkv.bias is not None else (None, None)
             q = rearrange(F.linear(x, w_q, b_q), "b t (h d) -> b h t d", h=self.n_head)
 
-            def keys_values():   # the source's, (B', H, S, D) each
+            def keys_values():   # the source's, (B', H, S, D) each; cached keys are normed keys
                 kv = F.linear(source, w_kv, b_kv)
-                return tuple(rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=self.n_head))
+                k, v = rearrange(kv, "b s (two h d) -> two b h s d", two=2, h=self.n_head)
+                return (k if self.k_norm is None else self.k_norm(k)), v
 
             k, v = keys_values() if cache is None else cache.source(keys_values)
+        if self.q_norm is not None:   # QK-norm: each head's (D,) query to RMS 1 (keys: above), before RoPE
+            q = self.q_norm(q)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, source_positions)
         if cache is not None and source is None:
@@ -238,6 +253,9 @@ class MLP(nn.Module):
                  GPT-2: a speed hack of its day (slower than the exact kernel on today's CPUs,
                  benchmarks/README.md), kept to match GPT-2's weights exactly
       swiglu     down(silu(gate(x)) * up(x)) (Shazeer 2020; Llama): gate and up are one matmul
+      relu2      down(relu(up(x))^2), squared ReLU (Primer, So et al. 2021; modded-nanogpt): the
+                 hidden width and parameters of gelu's MLP (4 x n_embd), a cheaper activation
+                 that is exactly zero for half its inputs, and found to train faster than GELU
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -254,6 +272,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)
@@ -353,6 +373,19 @@ def padding_mask(lengths_or_valid: torch.Tensor, seq_len: int | None = None) -> 
         positions = torch.arange(seq_len, device=lengths_or_valid.device)
         valid = positions[None, :] < lengths_or_valid[:, None]
     return valid[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------- logit soft-capping
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): every logit squashed smoothly into (-cap, cap); cap = 0 is off
+    (the logits as they are). Gemma 2 (c = 30 for the final logits) and modded-nanogpt (30, later
+    15): near 0 it is the identity (slope 1), so it only bends the logits that grow large, which
+    keeps the output softmax from becoming over-confident early in training and lets a higher
+    learning rate train stably. Every LM head applies it: Transformer.logits (the causal, prefix,
+    permutation and seq2seq LMs, and generation) and the masked LMs' MLMHead, with cfg.logit_softcap."""
+    if not cap:
+        return logits
+    return cap * torch.tanh(logits / cap)
 
 
 # ----------------------------------------------------------------------------- the stack
@@ -537,8 +570,8 @@ class Transformer(nn.Module):
         return hidden if self.head_project is None else self.head_project(hidden)
 
     def logits(self, hidden):
-        """(..., C) -> (..., V)."""
-        return F.linear(self.to_output_width(hidden), self.output_weight)
+        """(..., C) -> (..., V), soft-capped when cfg.logit_softcap > 0."""
+        return softcap(F.linear(self.to_output_width(hidden), self.output_weight), self.cfg.logit_softcap)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (a tied matrix once). non_embedding drops the position and segment

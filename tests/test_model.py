@@ -62,6 +62,7 @@ def different_tokens(ids: torch.Tensor, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- causality
 ARCHS = [dict(position=p, norm=n, mlp=m, bias=b) for p, n, m, b in
          itertools.product(("rope", "learned"), ("rmsnorm", "layernorm"), ("gelu", "swiglu"), (True, False))]
+ARCHS += [dict(position=p, qk_norm=True, mlp="relu2", logit_softcap=15.0) for p in ("rope", "learned")]  # speedrun
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(str(v) for v in a.values()))
@@ -261,8 +262,9 @@ def test_encoder_padding_mask_hides_padded_positions(position):
     assert (h2[1, 9:] - h1[1, 9:]).abs().amax() > 1e-3
 
 
-@pytest.mark.parametrize("arch", [dict(position="rope", bias=False), dict(position="learned", bias=True, norm="layernorm")],
-                         ids=["rope", "learned-bias"])
+@pytest.mark.parametrize("arch", [dict(position="rope", bias=False), dict(position="learned", bias=True, norm="layernorm"),
+                                  dict(position="rope", qk_norm=True, mlp="relu2")],
+                         ids=["rope", "learned-bias", "qk_norm-relu2"])
 def test_outputs_at_computes_exactly_the_full_output_at_those_positions(arch):
     """Transformer(outputs_at=positions) == the full output's rows at those positions, gradients too,
     with uneven counts per row (one row with none), padding and segment ids."""
@@ -406,13 +408,14 @@ def expected_num_params(cfg: ModelConfig) -> int:
     b = 1 if cfg.bias else 0
     if cfg.intermediate_size:
         hidden = cfg.intermediate_size
-    elif cfg.mlp in ("gelu", "gelu_tanh"):
+    elif cfg.mlp in ("gelu", "gelu_tanh", "relu2"):
         hidden = 4 * C
     else:  # SwiGLU: 8/3 C rounded up to a multiple of 64
         hidden = math.ceil(8 * C / 3 / 64) * 64
     norm = C + (b * C if cfg.norm == "layernorm" else 0)         # weight (+ bias for LayerNorm)
     attn = 3 * C * C + b * 3 * C + C * C + b * C                 # qkv + output projection
-    if cfg.mlp in ("gelu", "gelu_tanh"):
+    attn += 2 * (C // cfg.n_head) if cfg.qk_norm else 0          # QK-norm: a weight of head size for q, one for k
+    if cfg.mlp in ("gelu", "gelu_tanh", "relu2"):
         mlp = 2 * C * hidden + b * (hidden + C)                  # up, down
     else:
         mlp = 3 * C * hidden + b * (2 * hidden + C)              # gate+up, down
@@ -437,6 +440,7 @@ VARIANTS = {
     "segments-learned-untied": dict(n_segment=3, position="learned", tie_embeddings=False),
     "gpt2": dict(position="learned", norm="layernorm", mlp="gelu_tanh", bias=True),
     "post-norm": dict(norm_placement="post", norm="layernorm", bias=True, n_segment=2),
+    "speedrun": dict(qk_norm=True, mlp="relu2", logit_softcap=30.0, tie_embeddings=False),
 }
 
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from minilm import masking
 from minilm.errors import UserError
 from minilm.flops import lm_head_matmul_weights, parameters_of, transformer_flops
-from minilm.model import Transformer, make_norm, padding_mask
+from minilm.model import Transformer, make_norm, padding_mask, softcap
 from minilm.losses import step_mean
 from minilm.objectives.base import IGNORE, Baseline, HFHead, Objective
 from minilm.options import Options, option
@@ -94,10 +94,12 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(width, width, bias=cfg.bias)
         self.norm = make_norm(cfg, width)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.logit_softcap = cfg.logit_softcap     # 0 = off; as every LM head (model.py's softcap)
         Transformer._init_weights(self.dense)
 
     def forward(self, hidden, output_weight):
-        return F.linear(self.norm(F.gelu(self.dense(hidden))), output_weight, self.bias)
+        logits = F.linear(self.norm(F.gelu(self.dense(hidden))), output_weight, self.bias)
+        return softcap(logits, self.logit_softcap)
 
 
 class MaskedLM(Objective):
