@@ -32,6 +32,13 @@ from minilm.errors import UserError
 from minilm.options import ARTICLE, TYPES, check_fields, check_value, merge_fields, option, type_name  # noqa: F401
 
 
+def auto_warmup(max_steps: int) -> int:
+    """--warmup_steps auto: min(100, max_steps // 5), so a 600-step run keeps 100 and a 50-step
+    run warms up over 10 (a fifth of it) instead of being refused. max_steps 0 (prepare the data
+    only) trains no step: it keeps the cap, the default of before."""
+    return min(100, max_steps // 5) if max_steps > 0 else 100
+
+
 # ----------------------------------------------------------------------------- the four sections
 @dataclass
 class ModelConfig:
@@ -221,9 +228,22 @@ class TrainConfig:
                             "--max_steps)", at_least=0)
     lr: float = option(2e-3, "peak learning rate", above=0)
     min_lr: float = option(2e-4, "final learning rate, at max_steps (at most lr)", at_least=0)
-    warmup_steps: int = option(100, "linear warmup from 0 to lr (at most max_steps)", at_least=0)
-    schedule: str = option("cosine", "decay after warmup: cosine, linear or constant",
-                           choices=("cosine", "linear", "constant"))
+    warmup_steps: int = option(-1, "linear warmup from 0 to lr (at most max_steps); auto (or -1) = min(100, "
+                                   "max_steps // 5), resolved to the number used", at_least=0, auto=-1)
+    schedule: str = option("cosine", "decay after warmup: cosine, linear, constant or wsd (constant, then a "
+                                     "linear decay over the last --decay_fraction)",
+                           choices=("cosine", "linear", "constant", "wsd"))
+    decay_fraction: float = option(0.2, "--schedule wsd: the fraction of max_steps, at the end, over which the lr "
+                                        "falls linearly to min_lr", within="(0, 1]")
+    optimizer: str = option("adamw", "adamw, or muon: Muon on the blocks' 2-D weights (attention, MLP), AdamW "
+                                     "on embeddings, LM head, norms, biases and objective heads (minilm/optim.py)",
+                            choices=("adamw", "muon"))
+    muon_lr: float = option(0.0, "--optimizer muon: Muon's lr, scaled per matrix to AdamW's update size "
+                                 "(match_rms_adamw); 0 = --lr", at_least=0)
+    muon_momentum: float = option(0.95, "--optimizer muon: Muon's (Nesterov) momentum", within="[0, 1)")
+    embedding_lr: float = option(0.0, "the token, position and segment tables' AdamW lr; 0 = --lr", at_least=0)
+    lm_head_lr: float = option(0.0, "the untied LM head's AdamW lr (a tied head is the token table); 0 = --lr",
+                               at_least=0)
     weight_decay: float = option(0.1, "AdamW decay, on matrices only (not on norms or biases)", at_least=0)
     beta1: float = option(0.9, "AdamW beta1", within="[0, 1)")
     beta2: float = option(0.95, "AdamW beta2", within="[0, 1)")
@@ -269,6 +289,8 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
         # with --epochs the steps are known once the data is (minilm/epochs.py checks the warmup then)
+        if self.warmup_steps < 0 and not self.epochs:
+            self.warmup_steps = auto_warmup(self.max_steps)   # the saved and printed config holds the number
         if self.max_steps > 0 and not self.epochs and self.warmup_steps > self.max_steps:
             raise UserError(f"--warmup_steps must be at most --max_steps ({self.max_steps}), got "
                             f"{self.warmup_steps}: the learning rate would never reach --lr; pass "
@@ -369,12 +391,18 @@ def _convert(name: str, raw: str, kind: type):
                 return False
             raise ValueError
         if kind is int:
+            if raw.lower() == "auto" and name in AUTO_INTS:
+                return AUTO_INTS[name]
             return int(float(raw)) if ("e" in raw.lower() and float(raw).is_integer()) else int(raw)
         if kind is float:
             return float(raw)
         return raw
     except ValueError:
         raise UserError(f"--{name} expects {ARTICLE[kind.__name__]}, got {raw!r}") from None
+
+
+# int flags that also take the word auto, and the number that stands for it until resolved (option's auto)
+AUTO_INTS = {"warmup_steps": -1}
 
 
 # flags that may stand alone, and the value they then mean (besides booleans, which mean true)

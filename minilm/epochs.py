@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minilm.config import auto_warmup
 from minilm.data import mix_seed
 from minilm.errors import UserError
 
@@ -87,6 +88,8 @@ def read_in_passes(cfg, source, world_size: int, given: set[str], log):
         raise UserError(f"--warmup_steps must be at most the {steps} steps of --epochs {tc.epochs}, got "
                         f"{tc.warmup_steps}; pass --warmup_steps {steps} or less, or more --epochs")
     tc.max_steps = steps
+    if tc.warmup_steps < 0:                            # auto: follows the steps now known
+        tc.warmup_steps = auto_warmup(steps)
     log(f"--epochs {tc.epochs}: {n_items:,} items per pass, {rows_per_step} per step (batch {tc.batch_size} x "
         f"accumulation {tc.grad_accum} x {world_size} processes): max_steps {steps}")
     return EpochSource(source, micro_batches, tc.seed)

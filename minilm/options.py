@@ -25,12 +25,14 @@ from minilm.errors import UserError
 
 
 def option(default, meaning: str, *, at_least=None, above=None, within: str | None = None,
-           choices: tuple[str, ...] | None = None):
+           choices: tuple[str, ...] | None = None, auto=None):
     """A config field with its meaning and, at most one of:
     at_least=x or above=x (a lower bound, inclusive or not); within="[a, b)" (an interval, its
     brackets saying which ends are included; a bound may be inf or a power like 2**64);
-    choices=("a", "b") (a choice "name:N" also accepts name:0, name:1, ...)."""
-    rule = {"at_least": at_least, "above": above, "within": within, "choices": choices}
+    choices=("a", "b") (a choice "name:N" also accepts name:0, name:1, ...).
+    auto=v: the value that stands for the word "auto" on the command line (outside the rule; the
+    config resolves it to a number, e.g. --warmup_steps)."""
+    rule = {"at_least": at_least, "above": above, "within": within, "choices": choices, "auto": auto}
     return field(default=default, metadata={"help": meaning,
                                             **{k: v for k, v in rule.items() if v is not None}})
 
@@ -89,7 +91,9 @@ def check_fields(section) -> None:
         value = getattr(section, f.name)
         if not _fits(value, TYPES[type_name(f)]):
             raise UserError(f"--{f.name} expects {ARTICLE[type_name(f)]}, got {value!r}")
-        rule = {k: v for k, v in f.metadata.items() if k != "help"}
+        if "auto" in f.metadata and value == f.metadata["auto"]:
+            continue
+        rule = {k: v for k, v in f.metadata.items() if k not in ("help", "auto")}
         check_value(f.name, value, **rule)
 
 

@@ -1,13 +1,14 @@
 """The training loop, in plain PyTorch.
 
 One optimizer step:
-    1. set the learning rate for this step (linear warmup, then cosine or linear decay)
+    1. set the learning rate for this step (linear warmup, then cosine, linear or wsd decay),
+       times each parameter group's lr_scale (minilm/optim.py)
     2. draw grad_accum raw batches (a pure function of seed and step) and let the objective
        turn them into model inputs on the device (masking etc.), with a generator seeded by step
     3. add up the micro-batches' target counts, so each micro-batch's summed loss is divided by
        the step's total (see objectives/base.py): the gradient is that of one big batch
     4. forward under autocast, backward (through a GradScaler for fp16)
-    5. clip the gradient norm, AdamW step, zero the gradients
+    5. clip the gradient norm, optimizer step (AdamW, or Muon + AdamW), zero the gradients
 Every log_every steps a line with loss, lr, tokens/s, MFU and ETA; every eval_every steps the
 validation loss, perplexity, accuracy and bits per byte; every ckpt_every steps and at the end a
 checkpoint. metrics.jsonl gets every logged number, one JSON object per line, with the step and
@@ -38,7 +39,7 @@ import torch
 
 from minilm.checkpoint import (bytes_to_tensor, checkpoint_loads, checkpoint_path, load_checkpoint,
                                prune_checkpoints, save_checkpoint)
-from minilm.config import Config
+from minilm.config import Config, auto_warmup
 from minilm.data import mix_seed
 from minilm.distributed import (DistInfo, all_reduce_dict, all_reduce_sum, barrier, full_state_dicts,
                                 gather_objects, load_full_state_dicts, no_sync, shard_fsdp, wrap_ddp)
@@ -48,6 +49,7 @@ from minilm.flops import measure_peak_flops
 from minilm.memory import MemoryEstimate, advice as memory_advice, estimate as estimate_memory
 from minilm.model import set_activation_checkpointing
 from minilm.objectives import finalize, objective_class
+from minilm.optim import build_optimizer, describe_groups, lr_at  # noqa: F401 (lr_at: its old home)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BEST_NAME = "best.pt"                      # the best checkpoint by the objective's best_metric
@@ -101,42 +103,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (dim >= 2: linear weights, embeddings) and none on
-    vectors (norm gains, biases). A tied parameter appears once: named_parameters() deduplicates.
-    Frozen parameters (requires_grad False) are left out. An objective whose parameters learn at
-    different rates (classify's --head_lr) says so with lr_scales(lr) -> {id(param): scale}: each
-    scale gets its own pair of groups, whose "lr_scale" train_step multiplies the schedule by."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    scales = model.lr_scales(cfg.lr) if hasattr(model, "lr_scales") else {}
-    groups = []
-    for scale in [1.0] + sorted(set(scales.values()) - {1.0}):
-        chosen = [p for p in params.values() if scales.get(id(p), 1.0) == scale]
-        decay = [p for p in chosen if p.dim() >= 2]
-        no_decay = [p for p in chosen if p.dim() < 2]
-        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale}]
-    groups = groups[:2] + [g for g in groups[2:] if g["params"]]   # the plain pair always (resume compatibility)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters() if p.requires_grad}), \
-        "every trainable parameter must be in exactly one optimizer group"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda" or None)
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup from 0 over warmup_steps, then decay to min_lr at max_steps."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    if cfg.schedule == "linear":
-        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
-    if cfg.schedule == "cosine":
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-    raise UserError(f"unknown --schedule {cfg.schedule!r}; use cosine, linear or constant")
+# build_optimizer (AdamW, or Muon + AdamW), its parameter groups and lr_at (the schedule): minilm/optim.py
 
 
 # ----------------------------------------------------------------------------- run metadata
@@ -206,7 +173,13 @@ class Trainer(FaultHandling):
             self.model = wrap_ddp(self.model, self.dist, self.device)
         self.train_source, self.val_source = train_source, val_source
         self.tokenizer = tokenizer
+        if self.tcfg.warmup_steps < 0:        # auto, in a config built without validate()
+            self.tcfg.warmup_steps = auto_warmup(self.tcfg.max_steps)
         self.optimizer = build_optimizer(self.objective, self.tcfg, self.device)
+        if self.tcfg.optimizer != "adamw" or self.tcfg.embedding_lr or self.tcfg.lm_head_lr:
+            self.log(f"optimizer {self.tcfg.optimizer}, parameter groups:")
+            for line in describe_groups(self.objective, self.optimizer, self.tcfg.lr):
+                self.log(line)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step = 0
         self.lr_scale = 1.0                   # halved by each --on_nan rollback

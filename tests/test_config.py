@@ -35,10 +35,10 @@ BAD_FLAGS = [
     (["--eval_batches", "0"], r"^--eval_batches must be >= 1, got 0$"),
     (["--warmup_steps", "-10"], r"^--warmup_steps must be >= 0, got -10$"),
     (["--grad_clip", "-1"], r"^--grad_clip must be >= 0, got -1.0$"),
-    (["--max_steps", "50"], r"^--warmup_steps must be at most --max_steps \(50\), got 100: .*"
+    (["--max_steps", "50", "--warmup_steps", "100"], r"^--warmup_steps must be at most --max_steps \(50\), got 100: .*"
                             r"pass --warmup_steps 50 or less$"),
     # caught only when warmup ended, after a checkpoint was written
-    (["--schedule", "bogus"], r"^--schedule must be one of cosine, linear, constant, got 'bogus'$"),
+    (["--schedule", "bogus"], r"^--schedule must be one of cosine, linear, constant, wsd, got 'bogus'$"),
     # counts
     (["--n_layer", "0"], "--n_layer must be >= 1"),
     (["--n_embd", "-4"], "--n_embd must be >= 1"),
