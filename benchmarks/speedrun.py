@@ -608,12 +608,15 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise UserError(f"unknown row(s) {', '.join(unknown)}; the {args.objective} rows are "
                         f"{', '.join(name for name, _ in rows)}")
+    if args.only and "baseline" not in args.only:   # its final loss is every row's target
+        print("note: the baseline row sets the target: running it too (skipped if done)", flush=True)
+        args.only.insert(0, "baseline")
+    if args.corpus and not os.path.isfile(args.corpus):
+        raise UserError(f"--corpus {args.corpus} is not a file")
     out = args.out
     os.makedirs(out, exist_ok=True)
     args.corpus_path = os.path.abspath(args.corpus or build_corpus(args.cache or os.path.join(out, "corpus"),
                                                                    args.man_root, args.max_pages_per_package))
-    if args.corpus and not os.path.isfile(args.corpus):
-        raise UserError(f"--corpus {args.corpus} is not a file")
     print(f"corpus: {args.corpus_path}, {os.path.getsize(args.corpus_path) / 1e6:.1f} MB", flush=True)
     prepared = prepare(args.corpus_path, out, args)
     seeds = [1337 + i for i in range(args.seeds)]
@@ -628,14 +631,15 @@ def main(argv: list[str]) -> None:
         evals = evaluations(run.out_dir)
         curves.setdefault(run.row, []).append([(r["step"], r["val_loss"]) for r in evals])
         bpbs.setdefault(run.row, []).append(evals[-1].get("val_bpb"))
-    if "baseline" not in curves:
-        raise UserError("the target is the baseline's final loss: include the baseline row in --rows")
     summary = summarize(curves, bpbs)
     summary["runs"] = {run.name: {"row": run.row, "seed": run.seed, "flags": run.flags, "out_dir": run.out_dir}
                        for run in runs}
-    summary["tokens_per_step"] = evaluations(runs[0].out_dir)[-1]["tokens"] / args.steps
+    summary["tokens_per_step"] = per_step = evaluations(runs[0].out_dir)[-1]["tokens"] / args.steps
+    for row in summary["rows"].values():
+        row["tokens_to_target"] = None if row["steps_to_target"] is None else row["steps_to_target"] * per_step
     lines = [f"speedrun ({args.objective}, {args.steps} steps, {args.seeds} seed(s), corpus "
-             f"{os.path.basename(args.corpus_path)} {os.path.getsize(args.corpus_path) / 1e6:.1f} MB)", "", *table(summary, args.seeds)]
+             f"{os.path.basename(args.corpus_path)} {os.path.getsize(args.corpus_path) / 1e6:.1f} MB, "
+             f"{per_step:,.0f} tokens per step)", "", *table(summary, args.seeds)]
     print("\n".join(lines))
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

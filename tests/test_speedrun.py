@@ -197,7 +197,12 @@ def test_tiny_end_to_end_table_matches_the_runs(tmp_path, monkeypatch, capsys):
         assert not [n for n in os.listdir(folder) if n.startswith("ckpt-")]   # checkpoints not kept
     assert results["rows"]["baseline"]["ratio"] == 1.0
     assert results["target"] == results["rows"]["baseline"]["final_loss"][0]
-    # the same command again: every run is done, nothing trains
+    assert results["tokens_per_step"] == 4 * 32   # batch x seq_len
+    base = results["rows"]["baseline"]
+    assert base["tokens_to_target"] == pytest.approx(base["steps_to_target"] * 4 * 32)
+    # again, one row asked for: the baseline (the target) comes with it; both are done, nothing trains
     capsys.readouterr()
-    speedrun.main(argv)
-    assert capsys.readouterr().out.count("done before, skipped") == 2
+    speedrun.main(argv + ["--rows", "+lr"])
+    said = capsys.readouterr().out
+    assert said.count("done before, skipped") == 2 and "the baseline row sets the target" in said
+    assert json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))["rows"] == results["rows"]
