@@ -3,6 +3,7 @@
     python benchmarks/speedrun.py --out speedrun                    # every row, 2 seeds, 600 steps
     python benchmarks/speedrun.py --out speedrun --rows baseline,+muon --seeds 1
     python benchmarks/speedrun.py --out speedrun-mlm --objective mlm
+    python benchmarks/speedrun.py --out speedrun --row "+muon=--optimizer muon --muon_lr 0.02"   # try a value
 
 The experiment, all through train.py (one subprocess per run, this same python, --threads 1 each
 so that --parallel runs side by side without fighting over cores):
@@ -481,6 +482,16 @@ def link_prepared(prepared: str, out_dir: str) -> None:
             shutil.copyfile(src, dst)
 
 
+def thread_env(run: Run) -> dict:
+    """The environment of a run: OpenMP's and MKL's pools as small as torch's (--threads), so that
+    runs side by side do not oversubscribe the cores."""
+    threads = run.flags[run.flags.index("--threads") + 1] if "--threads" in run.flags else ""
+    env = dict(os.environ)
+    if threads and threads != "0":
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
 def execute(run: Run, prepared: str, keep_checkpoints: bool, log=print) -> None:
     """train.py for `run`, unless it finished before with the same flags and prepared data."""
     if finished(run, prepared):
@@ -493,7 +504,7 @@ def execute(run: Run, prepared: str, keep_checkpoints: bool, log=print) -> None:
     log_path = os.path.join(run.out_dir, "train.log")
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=thread_env(run)).returncode
     wall = time.perf_counter() - start
     if code != 0:
         with open(log_path, encoding="utf-8", errors="replace") as f:
@@ -592,6 +603,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--max_pages_per_package", type=int, default=300,
                    help="at most this many pages from one Debian package (0 = no cap)")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep each run's final checkpoint")
+    p.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
+                   help="replace a row's own flags (--row '+muon=--optimizer muon --muon_lr 0.02'), or add a row "
+                        "after the others, on top of all of them; repeatable")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--n_layer 2 --n_embd 64'")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.eval_every < 1 or args.parallel < 1:
@@ -601,9 +615,26 @@ def parse_args(argv: list[str]):
     return args
 
 
+def with_rows(rows: list[tuple[str, list[str]]], specs: list[str]) -> list[tuple[str, list[str]]]:
+    """The rows with each --row NAME=FLAGS applied: a known name gets these flags instead of its
+    own (the rows after it still build on it), a new name is added at the end."""
+    rows = list(rows)
+    for spec in specs:
+        name, eq, flags = spec.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise UserError(f"--row {spec!r}: give NAME=FLAGS, e.g. --row '+muon=--optimizer muon --muon_lr 0.02'")
+        names = [n for n, _ in rows]
+        if name in names:
+            rows[names.index(name)] = (name, flags.split())
+        else:
+            rows.append((name, flags.split()))
+    return rows
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    rows = ROWS if args.objective == "clm" else MLM_ROWS
+    rows = with_rows(ROWS if args.objective == "clm" else MLM_ROWS, args.row)
     unknown = [r for r in args.only if r not in dict(rows)]
     if unknown:
         raise UserError(f"unknown row(s) {', '.join(unknown)}; the {args.objective} rows are "

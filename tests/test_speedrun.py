@@ -93,6 +93,15 @@ def test_rows_are_cumulative_and_folders_distinct():
     assert one.flags[-2:] == ["--schedule", "wsd"] and "muon" in one.flags
 
 
+def test_row_flag_replaces_a_rows_own_flags_or_adds_one_on_top():
+    rows = speedrun.with_rows(speedrun.ROWS, ["+muon=--optimizer muon --muon_lr 0.02", "+big=--n_embd 384"])
+    assert dict(rows)["+muon"] == ["--optimizer", "muon", "--muon_lr", "0.02"]
+    assert [n for n, _ in rows] == [n for n, _ in speedrun.ROWS] + ["+big"]
+    assert dict(speedrun.ROWS)["+muon"] == ["--optimizer", "muon"]   # the module's rows are untouched
+    with pytest.raises(UserError, match="NAME=FLAGS"):
+        speedrun.with_rows(speedrun.ROWS, ["+muon"])
+
+
 # ----------------------------------------------------------------------------- the corpus
 PAGE = r""".\" a comment that must not appear
 .de XX
