@@ -100,7 +100,7 @@ SPECIAL = {"em": "--", "en": "-", "hy": "-", "mi": "-", "bu": "*", "aq": "'", "d
            "Fo": "<<", "Fc": ">>", "fo": "<", "fc": ">", "ss": "ss", "aa": "'", "sq": "*", "sh": "#", "Do": "$",
            "lB": "[", "rB": "]", "lC": "{", "rC": "}", "la": "<", "ra": ">", "pc": ".", "ct": "c", "ps": "P",
            "sc": "S", "Eu": "EUR", "eu": "EUR", "Po": "GBP", "Ye": "JPY", "12": "1/2", "14": "1/4", "34": "3/4",
-           "+-": "+-", "no": "~", "or": "|", "ul": "_", "ru": "_", "em-": "--", "'e": "e", "'a": "a", ":u": "u",
+           "+-": "+-", "no": "~", "or": "|", "ul": "_", "ru": "_", "'e": "e", "'a": "a", ":u": "u",
            ":o": "o", ":a": "a", ",c": "c", "`e": "e", "`a": "a", "^e": "e"}
 # \*x, \*(xx, \*[name] predefined strings man pages use (man's and pod2man's)
 STRINGS = {"R": "(R)", "lq": '"', "rq": '"', "Tm": "(TM)", "S": "", "--": "--", "PI": "pi", "L\"": '"',
@@ -110,9 +110,9 @@ STRINGS = {"R": "(R)", "lq": '"', "rq": '"', "Tm": "(TM)", "S": "", "--": "--", 
 HEADINGS = {"SH", "SS", "Sh", "Ss"}
 TEXT_MACROS = {"B", "I", "SM", "SB", "BI", "BR", "IB", "IR", "RB", "RI", "UR", "MT", "OP", "SY", "TQ", "IP", "TP",
                "HP", "LP", "PP", "P", "Nm", "Nd", "Ar", "Fl", "Op", "Cm", "Pa", "Ev", "Va", "Dv", "Er", "Fn", "Fa",
-               "Ft", "Fd", "Ic", "Li", "Ql", "Sy", "Em", "Xr", "Dq", "Sq", "Pq", "Aq", "Bq", "Brq", "Qq", "Ql",
+               "Ft", "Fd", "Ic", "Li", "Ql", "Sy", "Em", "Xr", "Dq", "Sq", "Pq", "Aq", "Bq", "Brq", "Qq",
                "It", "Tn", "Ux", "Bx", "Ox", "Nx", "Fx", "Lk", "Mt", "An", "St", "Ad", "Cd", "Ms", "No", "Ns",
-               "Pf", "Dl", "Vt", "Ev", "Lb", "In"}
+               "Pf", "Dl", "Vt", "Lb", "In"}
 ALTERNATING = {"BI", "BR", "IB", "IR", "RB", "RI"}      # font-alternating: their words join without spaces
 BREAKS = {"br", "sp", "PP", "LP", "P", "TP", "TQ", "IP", "HP", "RS", "RE", "SH", "SS", "Sh", "Ss", "Pp", "Bl",
           "El", "It", "Bd", "Ed", "Dl", "nf", "fi", "EX", "EE", "ne", "bp", "in", "ti", "Nd", "Sy", "SY", "YS",

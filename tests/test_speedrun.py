@@ -132,7 +132,8 @@ def test_roff_to_text_keeps_the_words_and_drops_the_typesetting():
     text = speedrun.roff_to_text(PAGE)
     assert text.split("\n") == [
         "NAME", "ls - list directory contents", "", "DESCRIPTION",
-        'List information about the FILEs (the current directory by default). Sort "entries" alphabetically-- see --sort.',
+        'List information about the FILEs (the current directory by default). '
+        'Sort "entries" alphabetically-- see --sort.',
         "-a, --all", "do not ignore entries starting with .", "line one", "  line two", "", "SEE ALSO", "dir(1)"]
 
 
