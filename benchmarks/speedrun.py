@@ -71,6 +71,7 @@ SECTIONS = [f"man{i}" for i in range(1, 9)]
 DOC_SEPARATOR = "<|endoftext|>"          # minilm/data/reading.py's separator of documents in a text file
 CORPUS_NAME = "manpages.txt"
 RECORD = "speedrun.json"
+CORPUS_VERSION = 1                       # raise it when roff_to_text changes: the cached corpus is made again
 
 # Each row adds one idea to the row before it: (name, train.py flags). The flags are those of the
 # issue 21 contract; the numbers are the sources' (see each flag's docstring in minilm/).
@@ -312,7 +313,7 @@ def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 
     if not pages:
         raise UserError(f"no manual pages under {root}/man1..man8; install some (apt-get install manpages "
                         "manpages-dev) or give --corpus a text file")
-    settings = {"root": os.path.abspath(root), "max_pages_per_package": max_pages_per_package,
+    settings = {"version": CORPUS_VERSION, "root": os.path.abspath(root), "max_pages_per_package": max_pages_per_package,
                 "pages": len(pages), "newest": max(os.stat(p).st_mtime_ns for p in pages)}
     if os.path.exists(corpus) and os.path.exists(info_path):
         with open(info_path, encoding="utf-8") as f:
