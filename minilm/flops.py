@@ -6,6 +6,9 @@ a matmul really uses at every position (matmul_weights): the blocks, the norms, 
 model's embed_project (E -> C), and the LM head when the objective runs one (tied: head_project
 C -> E if factorized, then the token matrix, once; untied: lm_head). The token, position and
 segment tables are lookups and count nothing; an untied token table is not the head's matmul.
+The speedrun switches change nothing that matters here: --mlp relu2 has gelu's weights, QK-norm's
+two weights of head size per block count 6 FLOPs each as the other norms do (negligible: 2 D
+beside the block's 12 C^2 matmul weights), and soft-capping is elementwise, like the softmax.
 transformer_flops is the one count every objective uses (Objective.flops_per_token), told at which
 share of positions the last block and a head run; encoder_decoder_flops is t5's.
 

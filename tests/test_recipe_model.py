@@ -249,6 +249,15 @@ def test_recipe_encoder_decoder_decodes_the_same_with_and_without_a_cache():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
 
+def test_flops_relu2_and_softcap_count_as_gelu_and_qk_norm_adds_its_two_head_size_weights():
+    from minilm.flops import transformer_flops
+    with torch.device("meta"):
+        plain, recipe = Transformer(tiny_cfg()), Transformer(tiny_cfg(mlp="relu2", logit_softcap=30.0))
+        qk = Transformer(tiny_cfg(qk_norm=True))
+    assert transformer_flops(recipe, S) == transformer_flops(plain, S)
+    assert transformer_flops(qk, S) == transformer_flops(plain, S) + 6 * 2 * 16 * 2   # 2 weights of D=16, 2 blocks
+
+
 # ----------------------------------------------------------------------------- today's models unchanged
 def test_switches_off_keep_todays_parameters_and_on_add_only_the_qk_norm_weights():
     keys = set(Transformer(tiny_cfg()).state_dict())
