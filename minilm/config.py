@@ -288,6 +288,9 @@ class TrainConfig:
             raise UserError(TENSORBOARD_HINT)
         if self.min_lr > self.lr:
             raise UserError(f"--min_lr must be at most --lr ({self.lr}), got {self.min_lr}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise UserError("--optimizer muon orthogonalizes whole matrices, and --fsdp shards them; "
+                            "drop --fsdp (DDP works) or use --optimizer adamw")
         # with --epochs the steps are known once the data is (minilm/epochs.py checks the warmup then)
         if self.warmup_steps < 0 and not self.epochs:
             self.warmup_steps = auto_warmup(self.max_steps)   # the saved and printed config holds the number
@@ -590,6 +593,9 @@ def setting_origins(argv: list[str], cfg: Config) -> str:
             value = getattr(getattr(cfg, section), f.name)
             if value == getattr(getattr(default, section), f.name):
                 continue
+            given = f.name in on_line or f.name in in_file
+            if f.name == "warmup_steps" and not given and value == auto_warmup(cfg.train.max_steps):
+                continue                                  # the default, auto, as it resolved
             origin = ("command line" if f.name in on_line else files[0] if f.name in in_file else
                       f"--preset {presets[-1]}" if f.name in from_preset else "resolved")
             text = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
@@ -691,7 +697,8 @@ def help_text(width: int = 100) -> str:
                 meaning = textwrap.wrap(arch_differences(name), width - column)
                 lines += [f"  --arch {name}".ljust(column) + meaning[0], *(" " * column + rest for rest in meaning[1:])]
         for f in fields(getattr(Config(), section)):
-            flag = f"  --{f.name} {_shown(f.default)}"
+            shown = "auto" if "auto" in f.metadata and f.default == f.metadata["auto"] else _shown(f.default)
+            flag = f"  --{f.name} {shown}"
             meaning = textwrap.wrap(f.metadata["help"], width - column)
             if len(flag) >= column - 1:
                 lines.append(flag)

@@ -1,6 +1,6 @@
 """One process of a distributed test run, started by torchrun from tests/test_distributed.py.
 
-usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME [OBJECTIVE [DROPOUT]]
+usage: dist_worker.py OUT_DIR DATA_DIR TOKENIZER STEPS UNTIL ACCUM FSDP RESUME [OBJECTIVE [DROPOUT [OPTIMIZER]]]
        dist_worker.py OUT_DIR DATA_DIR classify_eval   (DATA_DIR: prepared labelled rows; one evaluation,
                       OUT_DIR/eval-rank{R}.json: the validation rows this rank visited and the metrics)
 Trains the tiny test model with the real Trainer (objective clm and dropout 0 unless given), then
@@ -93,11 +93,13 @@ def main():
     fsdp, resume = sys.argv[7] == "1", sys.argv[8] == "1"
     objective_name = sys.argv[9] if len(sys.argv) > 9 else "clm"
     dropout = float(sys.argv[10]) if len(sys.argv) > 10 else 0.0
+    optimizer = sys.argv[11] if len(sys.argv) > 11 else "adamw"
     torch.set_num_threads(1)
     info, _ = setup("cpu")
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = Tokenizer.load(tok_path)
     cfg = tiny_config(out_dir, tokenizer.vocab_size, steps, accum, fsdp, dropout)
+    cfg.train.optimizer = optimizer
     torch.manual_seed(0)
     objective = build_objective(objective_name, cfg.model, tokenizer)
     train = make_source(objective.data, data_dir, "train", cfg.model.seq_len, cfg.train.batch_size,

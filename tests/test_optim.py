@@ -158,6 +158,8 @@ def test_muon_with_fsdp_is_a_one_line_error():
     cfg.train.optimizer, cfg.train.fsdp = "muon", True
     with pytest.raises(UserError, match="--fsdp"):
         build_optimizer(objective, cfg.train, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"^--optimizer muon orthogonalizes whole matrices, and --fsdp shards them"):
+        parse_overrides(["--optimizer", "muon", "--fsdp"])              # at parse time, before any data
 
 
 # ----------------------------------------------------------------------------- (3) resume, (4) accumulation
@@ -249,3 +251,17 @@ def test_auto_warmup_follows_short_runs():
     cfg = Config().train
     cfg.max_steps = 50
     assert lr_at(0, cfg) == pytest.approx(cfg.lr / 10) and lr_at(9, cfg) == pytest.approx(cfg.lr)
+
+
+def test_auto_warmup_with_epochs_follows_the_steps_the_data_gives(prepared, tmp_path, tokenizer):
+    """--epochs: max_steps is known only once the data is, and so is the auto warmup."""
+    from minilm.data import BlockSource
+    from minilm.epochs import read_in_passes, steps_for_epochs
+    from minilm.config import auto_warmup
+    cfg = make_config(tmp_path, tokenizer.vocab_size, epochs=1, warmup_steps=-1)
+    cfg.train.validate()
+    assert cfg.train.warmup_steps == -1                                 # still auto: the steps are unknown
+    source = BlockSource(prepared[0], "train", 32, 8)
+    read_in_passes(cfg, source, 1, set(), lambda _: None)
+    steps = steps_for_epochs(1, source.epoch_size(), 8)
+    assert cfg.train.max_steps == steps and cfg.train.warmup_steps == auto_warmup(steps) == min(100, steps // 5)
