@@ -26,6 +26,7 @@ from torch import nn
 
 from minilm.config import auto_warmup
 from minilm.errors import UserError
+from minilm.muon import Muon
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -109,7 +110,7 @@ def adamw_groups(params: list, scales: dict[int, float], weight_decay: float) ->
 class MuonWithAdamW:
     """Muon on the hidden matrices, AdamW on the rest, stepped as one optimizer.
 
-    Muon (Keller Jordan 2024; torch.optim.Muon): SGD momentum (0.95, Nesterov), then each
+    Muon (Keller Jordan 2024; minilm/muon.py): SGD momentum (0.95, Nesterov), then each
     matrix's update replaced by an approximate orthogonalization of it (5 Newton-Schulz
     iterations), so every direction of the update moves by about the same amount instead of a
     few dominant ones taking it all. adjust_lr_fn "match_rms_adamw" (Moonshot, Liu et al. 2025)
@@ -117,7 +118,7 @@ class MuonWithAdamW:
     --weight_decay carry over. The trainer sees one object: param_groups (Muon's first) for
     setting the lr, step, zero_grad, and a state_dict of both."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
 
     @property
@@ -166,7 +167,7 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device):
                     "lr_scale": muon_scale, "muon": True}]
     groups = adamw_groups([p for p in params if id(p) not in hidden], scales, cfg.weight_decay)
     _check_groups(model, muon_groups + groups)
-    muon = torch.optim.Muon(muon_groups, lr=cfg.lr, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    muon = Muon(muon_groups, lr=cfg.lr, momentum=cfg.muon_momentum)
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     return MuonWithAdamW(muon, adamw)
 

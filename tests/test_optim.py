@@ -20,16 +20,17 @@ A, B, C = 3.4445, -4.7750, 2.0315                       # the quintic's coeffici
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """The quintic of Muon's reference, written out: in bf16, on the wide orientation, from G / |G|_F."""
-    x = g.bfloat16()
+    """The quintic of Muon's reference, written out in fp32 (what minilm's Muon runs on a CPU): on the
+    wide orientation, from G / |G|_F, X <- a X + (b A + c A^2) X with A = X X^T."""
+    x = g.float()
     tall = g.shape[0] > g.shape[1]
     if tall:
         x = x.T
     x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):        # each line rounded to bf16 once, as the reference's fused addmm does
-        a = (x.float() @ x.float().T).bfloat16().float()
-        x = (A * x.float() + (B * a + C * a @ a).bfloat16().float() @ x.float()).bfloat16()
-    return (x.T if tall else x).float()
+    for _ in range(steps):
+        a = x @ x.T
+        x = A * x + (B * a + C * a @ a) @ x
+    return x.T if tall else x
 
 
 def well_conditioned(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -73,11 +74,10 @@ def test_muon_update_is_orthogonalized_nesterov_momentum():
         buf = momentum * buf + (1 - momentum) * grad
         nesterov = (1 - momentum) * grad + momentum * buf
         by_hand = newton_schulz(nesterov)
-        # equal up to bf16 rounding: a few entries differ by one bf16 step, the mean by far less
-        torch.testing.assert_close(update, by_hand, atol=1e-2, rtol=0)
-        assert (update - by_hand).abs().mean() < 5e-4
+        # the same fp32 arithmetic in another order: equal to rounding
+        torch.testing.assert_close(update, by_hand, atol=2e-5, rtol=0)
         s = torch.linalg.svdvals(update)
-        # REFERENCES.md's band, "about [0.68, 1.20]": its lower end is reached here (0.6799)
+        # REFERENCES.md's band, "about [0.68, 1.20]" (bf16 reached 0.6799 on this matrix)
         assert 0.65 <= s.min() and s.max() <= 1.2, (step, s.min(), s.max())
         u, _, vt = torch.linalg.svd(nesterov, full_matrices=False)
         cosine = torch.nn.functional.cosine_similarity(update.flatten(), (u @ vt).flatten(), dim=0)
@@ -87,6 +87,27 @@ def test_muon_update_is_orthogonalized_nesterov_momentum():
         assert s.max() / s.min() < sg.max() / sg.min()
     # the other block matrices had no gradient and stayed put; the second step used the momentum
     assert not torch.allclose(newton_schulz(nesterov), newton_schulz(grad), atol=2e-2)
+
+
+def test_minilm_muon_in_bf16_is_torch_optim_muon():
+    """minilm/muon.py with its Newton-Schulz in bf16 takes exactly torch.optim.Muon's steps
+    (match_rms_adamw, Nesterov, decoupled decay): the same algorithm, only the CPU's dtype differs."""
+    from minilm.muon import Muon
+    torch.manual_seed(0)
+    ours_w = torch.nn.Parameter(torch.randn(48, 16))
+    theirs_w = torch.nn.Parameter(ours_w.detach().clone())
+    start = ours_w.detach().clone()
+    ours = Muon([ours_w], lr=0.02, weight_decay=0.1, momentum=0.95, ns_dtype=torch.bfloat16)
+    theirs = torch.optim.Muon([theirs_w], lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    for seed in range(3):
+        grad = torch.randn(48, 16, generator=torch.Generator().manual_seed(seed))
+        ours_w.grad, theirs_w.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(ours_w.detach(), theirs_w.detach(), atol=1e-6, rtol=0)
+    assert (ours_w.detach() - start).abs().max() > 1e-3        # three real steps were taken
+    with pytest.raises(ValueError, match="2-D matrices only"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
 
 
 # ----------------------------------------------------------------------------- (2) the groups
