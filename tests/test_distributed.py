@@ -97,11 +97,9 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(objective, 
         grads = load(out / f"grads-rank{rank}.pt")
         for name, value in ref_grads.items():
             assert torch.allclose(grads[name], value, atol=1e-6, rtol=1e-4), (rank, name)
-    # Muon's Newton-Schulz runs in bf16 and its quintic has slope 3.4 at zero: a gradient that
-    # differs in its last fp32 bits (summed over ranks in another order) flips bf16 roundings that
-    # five iterations amplify, to ~1e-2 of an update entry (its gradient above is still equal to
-    # 1e-6); over 5 steps the weights then differ by ~2e-4, where AdamW's fp32 update stays at 1e-5
-    atol = 1e-5 if optimizer == "adamw" else 5e-4
+    # Muon's Newton-Schulz runs in fp32 off CUDA (minilm/muon.py), so its update is as close to one
+    # process's as AdamW's (on CUDA it runs in bf16, whose roundings five iterations amplify)
+    atol = 1e-5
     for name, value in reference.items():
         assert torch.allclose(rank0[name], value, atol=atol), name  # == one process, 2 micro-batches
     history = json.load(open(out / "history-rank0.json"))
