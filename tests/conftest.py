@@ -26,6 +26,16 @@ def load_script(name: str):
     return module
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module named NAME (benchmarks/ is no package), to test its functions."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     """`python script args` without a new interpreter: the script's main goes through run_cli, as
     its last line does, with sys.argv set and stdout and stderr captured, and the exit code

@@ -15,33 +15,9 @@ from minilm.errors import UserError
 from minilm.model import (CAUSAL, MLP, Block, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
                           set_activation_checkpointing)
 
-from tests.test_model import S, V, tiny_cfg   # the tiny test models' vocab, context window and config
+from tests.test_model import V, make_model, random_ids, randomize_, tiny_cfg   # the tiny test models
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Larger random weights than the init's (norm weights and biases included), so that a
-    misplaced norm or a missing term changes the output by far more than the tolerance."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-    return module
-
-
-def make_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return randomize_(Transformer(tiny_cfg(**overrides)), seed).eval()
-
-
-def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 POST = dict(norm_placement="post", norm="layernorm", bias=True, position="learned")   # BERT's block

@@ -6,28 +6,17 @@ from __future__ import annotations
 
 import collections
 import csv
-import importlib.util
 import os
-import sys
 
 import pytest
 
 from minilm.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
 PACKAGES = ("logging", "unittest", "xml")   # three packages keep the stdlib parse short
 
 
-def load_benchmark():
-    path = os.path.join(ROOT, "benchmarks", "compare_objectives.py")
-    spec = importlib.util.spec_from_file_location("compare_objectives", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_benchmark()
+compare = load_benchmark("compare_objectives")
 
 
 @pytest.fixture(scope="module")

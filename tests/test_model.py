@@ -28,10 +28,12 @@ def tiny_cfg(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def randomize_(model: Transformer, seed: int = 0) -> Transformer:
+def randomize_(model: torch.nn.Module, seed: int = 0, norm_spread: float = 0.1) -> torch.nn.Module:
     """Replace the (very small, std 0.02) initial weights by larger random ones, including norm
-    weights and biases: at init every position's output is almost the same whatever the context,
-    which would make "the output changes" checks weak. Weights ~ 1/sqrt(fan_in) keep it stable."""
+    weights (1 +- norm_spread) and biases: at init every position's output is almost the same
+    whatever the context, which would make "the output changes" checks weak, and a misplaced norm
+    or a missing term would change the output by less than the tolerance. Weights ~ 1/sqrt(fan_in)
+    keep it stable."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -40,13 +42,13 @@ def randomize_(model: Transformer, seed: int = 0) -> Transformer:
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:  # norm weights
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1.0 + norm_spread * torch.randn(p.shape, generator=g))
     return model
 
 
-def make_model(seed: int = 0, **overrides) -> Transformer:
+def make_model(seed: int = 0, norm_spread: float = 0.1, **overrides) -> Transformer:
     torch.manual_seed(seed)
-    return randomize_(Transformer(tiny_cfg(**overrides)), seed).eval()
+    return randomize_(Transformer(tiny_cfg(**overrides)), seed, norm_spread).eval()
 
 
 def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:

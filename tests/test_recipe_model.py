@@ -17,41 +17,22 @@ from minilm.config import ARCHES, Config, ModelConfig, config_from_saved, parse_
 from minilm.errors import UserError
 from minilm.model import (CAUSAL, MLP, Attention, EncoderDecoder, KVCache, Transformer, decoding_mask, padding_mask,
                           softcap)
+from tests import test_model
+from tests.test_model import S, V, random_ids, tiny_cfg   # the tiny test models' vocab, window, config, ids
 
-V, S = 97, 32  # vocab and context window of the tiny test models
 RECIPE = dict(qk_norm=True, mlp="relu2", logit_softcap=15.0)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def tiny_cfg(**overrides) -> ModelConfig:
-    base = dict(vocab_size=V, seq_len=S, n_layer=2, n_head=2, n_embd=32)
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
+# test_model's tiny models, their norms (q_norm and k_norm too) well away from 1, so that a missing
+# or misplaced normalization changes the output by far more than the tolerance
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Larger random weights than the init's, the norms' (q_norm and k_norm too) away from 1, so
-    that a missing or misplaced step changes the output by far more than the tolerance."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-    return module
+    return test_model.randomize_(module, seed, norm_spread=0.3)
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    return randomize_(Transformer(tiny_cfg(**overrides)), seed).eval()
-
-
-def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return test_model.make_model(seed, norm_spread=0.3, **overrides)
 
 
 # ----------------------------------------------------------------------------- QK-norm

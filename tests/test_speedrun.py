@@ -4,28 +4,17 @@ the script (two rows, a few steps) whose table must agree with the runs' own met
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import random
-import sys
 
 import pytest
 
 from minilm.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
 
-def load_benchmark():
-    path = os.path.join(ROOT, "benchmarks", "speedrun.py")
-    spec = importlib.util.spec_from_file_location("speedrun", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-speedrun = load_benchmark()
+speedrun = load_benchmark("speedrun")
 
 
 # ----------------------------------------------------------------------------- tokens to target
