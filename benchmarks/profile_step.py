@@ -182,6 +182,9 @@ def profile_row(h, args, model, loss_fn, batch_fn, bf16):
             wraps.enter_context(scopes.wrap(minilm_model, "attention", "attention"))
             import minilm.objectives.base as base
             wraps.enter_context(scopes.wrap(base, "cross_entropy_sum", "loss"))
+            # the head's matmul and the loss as one while training (losses.linear_cross_entropy):
+            # charged to "lm head"; compare the two rows' sum
+            wraps.enter_context(scopes.wrap(base, "linear_cross_entropy", "lm head"))
             wraps.enter_context(scopes.wrap(minilm_model.Transformer, "logits", "lm head"))
         else:
             wraps.enter_context(scopes.wrap(F, "scaled_dot_product_attention", "attention"))
@@ -230,6 +233,9 @@ def main():
             cells = [results[r][index].get(part, 0.0) for r in names]
             if any(cells):
                 print(f"| {kind} {part} | " + " | ".join(f"{c:.0f} ms ({100 * c / totals[r]:.0f}%)"
+                                                       for c, r in zip(cells, names)) + " |")
+    cells = [sum(results[r][i].get(p, 0.0) for i in (0, 1) for p in ("lm head", "loss")) for r in names]
+    print("| lm head + loss, fwd + bwd | " + " | ".join(f"{c:.0f} ms ({100 * c / totals[r]:.0f}%)"
                                                        for c, r in zip(cells, names)) + " |")
     for part in ("optimizer", "zero_grad"):
         cells = [results[r][2].get(part, 0.0) for r in names]
