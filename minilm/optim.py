@@ -152,7 +152,9 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device):
     parameters (requires_grad False) are left out."""
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     scales = lr_scales(model, cfg)
-    fused = device.type == "cuda" or None
+    # torch's fused AdamW: the whole update in one kernel per dtype and device (CUDA and CPU), not a
+    # loop of foreach ops; other devices get torch's default
+    fused = device.type in ("cuda", "cpu") or None
     if getattr(cfg, "optimizer", "adamw") == "adamw":
         groups = adamw_groups(params, scales, cfg.weight_decay)
         _check_groups(model, groups)
