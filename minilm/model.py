@@ -56,18 +56,21 @@ class Rotary(nn.Module):
     """Rotary position embedding (RoPE, Su et al. 2021), "rotate half" layout.
 
     Each pair (x[i], x[i + D/2]) of a query/key head is rotated by angle pos * base^(-2i/D), so
-    the dot product q·k depends only on the distance between the two positions. The tables are
-    buffers, not parameters, and are not saved (persistent=False): they are a pure function of
-    the config.
+    the dot product q·k depends only on the distance between the two positions:
+        out[i]       = x[i] cos - x[i + D/2] sin
+        out[i + D/2] = x[i + D/2] cos + x[i] sin          (i < D/2)
+    that is x * cos + roll(x, D/2) * sin_signed, where roll swaps the two halves and sin_signed
+    is sin with its first half negated: three elementwise passes over x (roll, mul, addcmul). The
+    tables are buffers, not parameters, and are not saved (persistent=False): they are a pure
+    function of the config.
     """
 
     def __init__(self, head_dim: int, max_len: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
-        angles = torch.cat([angles, angles], dim=-1)                                 # (max_len, D)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)  # (max_len, D)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)  # signed
 
     def forward(self, x, positions=None):
         # x: (B, H, T, D); positions (B, T) row by row, (T,) for every row, or None: 0..T-1
@@ -79,9 +82,7 @@ class Rotary(nn.Module):
         else:
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, D)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -134,6 +134,29 @@ def test_rotary_is_the_closed_form_rotation(head_dim, base):
     torch.testing.assert_close(pair_lengths(rotary(x, torch.arange(5, 15))), pair_lengths(x), atol=1e-5, rtol=1e-5)
 
 
+def test_rotary_equals_the_rotate_half_formula():
+    """Rotary's roll-and-signed-sin form is the textbook x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = cat(-x2, x1), to fp32 rounding, gradient included, and in bf16 within bf16's."""
+    from minilm.model import Rotary
+    D, T = 16, 40
+    rotary = Rotary(D, max_len=T, base=10000.0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq).repeat(1, 2)     # (T, D)
+
+    def textbook(x):
+        rotated = torch.cat([-x[..., D // 2:], x[..., :D // 2]], dim=-1)
+        return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
+
+    x = torch.randn(2, 3, T, D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grad = torch.randn(2, 3, T, D, generator=torch.Generator().manual_seed(3))
+    ours, = torch.autograd.grad(rotary(x), x, grad)
+    want, = torch.autograd.grad(textbook(x), x, grad)
+    torch.testing.assert_close(rotary(x), textbook(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours, want, atol=1e-6, rtol=1e-6)
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(rotary(xb).float(), textbook(xb.float()), atol=3e-2, rtol=1e-2)
+
+
 def test_rotary_scores_depend_only_on_the_distance():
     """q·k after RoPE is a function of n - m alone: shifting both positions changes nothing, while
     another distance does give another score (so the check is not vacuous)."""
