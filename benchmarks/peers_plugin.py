@@ -9,6 +9,8 @@ Rows (see benchmarks/README.md):
   gpt-minilm-rope       CausalLM, minilm's defaults (RoPE, RMSNorm, no biases, GELU), fp32
   bf16-minilm           gpt-minilm under torch.autocast('cpu', bfloat16)       (peer: bf16-hf-sdpa)
   bf16-minilm-rope      gpt-minilm-rope under torch.autocast('cpu', bfloat16)
+  gpt-minilm-compile    gpt-minilm stepped through torch.compile(objective), as train.py --compile true
+  gpt-minilm-rope-compile  the same with minilm's defaults (neither is in the group: compiling takes minutes)
   gen-minilm            minilm.generate.generate, KV cache, 1 sequence          (peer: gen-hf-cache)
   gen-minilm-rope       the same with minilm's defaults
   gen-minilm-nocache    use_cache=False                                         (peer: gen-hf-nocache)
@@ -71,9 +73,11 @@ def build(h, arch: dict):
     return obj, cfg, n_total, n_nonemb
 
 
-def _train(h, args, name: str, arch: dict, autocast_dtype=None):
+def _train(h, args, name: str, arch: dict, autocast_dtype=None, compile: bool = False):
     torch.manual_seed(0)  # as every peer does before building its model
     obj, cfg, n_total, n_nonemb = build(h, arch)
+    # train.py --compile true: the trainer steps torch.compile(objective) (minilm/trainer.py)
+    step_model = torch.compile(obj) if compile else obj
     xy = h.lm_batch_fn()  # the peers' token stream: x = raw[:, :-1], y = raw[:, 1:] of a (B, T+1) window
 
     def batch_fn():
@@ -82,7 +86,7 @@ def _train(h, args, name: str, arch: dict, autocast_dtype=None):
         return obj.make_batch(raw)              # input_ids = x, labels = y (what the trainer does)
 
     def loss_fn(model, batch):
-        loss, _sums = model(batch)              # the objective's forward, metric sums included
+        loss, _sums = step_model(batch)         # the objective's forward, metric sums included
         return loss
 
     tokens = h.CFG["batch"] * h.CFG["seq_len"]
@@ -90,7 +94,7 @@ def _train(h, args, name: str, arch: dict, autocast_dtype=None):
         name, args, obj, loss_fn, batch_fn, tokens,
         n_nonemb=n_nonemb, n_total=n_total, attn_LHQT=h.LHQT(), autocast_dtype=autocast_dtype,
         extra=dict(
-            impl=f"minilm CausalLM (Transformer + tied head), SDPA is_causal; "
+            impl=f"minilm CausalLM (Transformer + tied head){', torch.compile(objective) as train.py --compile true' if compile else ''}, SDPA is_causal; "
                  f"{cfg.position} positions, {cfg.norm}, bias={cfg.bias}, {cfg.mlp} (exact erf)",
             minilm_config=dataclasses.asdict(cfg),
             loss_targets_per_seq=h.CFG["seq_len"],
@@ -243,6 +247,9 @@ def register(registry, h):
     registry["gpt-minilm-rope"] = lambda args: _train(h, args, "gpt-minilm-rope", MINILM_ARCH)
     registry["bf16-minilm"] = lambda args: _train(h, args, "bf16-minilm", GPT2_ARCH, torch.bfloat16)
     registry["bf16-minilm-rope"] = lambda args: _train(h, args, "bf16-minilm-rope", MINILM_ARCH, torch.bfloat16)
+    registry["gpt-minilm-compile"] = lambda args: _train(h, args, "gpt-minilm-compile", GPT2_ARCH, compile=True)
+    registry["gpt-minilm-rope-compile"] = lambda args: _train(h, args, "gpt-minilm-rope-compile", MINILM_ARCH,
+                                                              compile=True)
     registry["gen-minilm"] = lambda args: _gen(h, args, "gen-minilm", GPT2_ARCH)
     registry["gen-minilm-rope"] = lambda args: _gen(h, args, "gen-minilm-rope", MINILM_ARCH)
     registry["gen-minilm-nocache"] = lambda args: _gen(h, args, "gen-minilm-nocache", GPT2_ARCH, use_cache=False)

@@ -14,6 +14,12 @@ import statistics
 import sys
 
 PAIRS = [  # (minilm row, peer row)
+    ("gpt-minilm", "gpt-nanogpt"),         # nanoGPT rows: peers.py --nanogpt-dir
+    ("gpt-minilm-rope", "gpt-nanogpt"),
+    ("bf16-minilm", "bf16-nanogpt"),
+    ("bf16-minilm-rope", "bf16-nanogpt"),
+    ("gpt-minilm-compile", "gpt-nanogpt"),
+    ("gpt-minilm-rope-compile", "gpt-nanogpt"),
     ("gpt-minilm", "gpt-hf-sdpa"),
     ("gpt-minilm", "gpt-hf-eager"),
     ("gpt-minilm-rope", "gpt-hf-sdpa"),
