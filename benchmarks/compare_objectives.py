@@ -244,6 +244,96 @@ def prepare_task(folder: str, packages=DEFAULT_PACKAGES, labelled_per_class: int
     return files
 
 
+# ----------------------------------------------------------------------------- the man-page task
+# Which section of the manual a page is from, read from its first ROW_CHARS characters (the NAME
+# line and what follows: the synopsis, the start of the description). Six sections with 190+ pages
+# in the speedrun corpus (4 and 6 have ~30 and 1): user commands, system calls, library functions,
+# file formats, overviews and conventions, administration. The pages are the English manual pages
+# this machine's Debian packages installed (benchmarks/speedrun.py's corpus: at most 300 pages of
+# one package, so google-cloud-cli's 15k generated pages do not drown the rest). Not public-domain
+# text in the strict sense: each page has its package's free licence (GPL, BSD, the Linux man-pages
+# "verbatim" licence, ...); no public-domain prose of this size ships with the Debian packages here.
+MANPAGE_SECTIONS = ("man1", "man2", "man3", "man5", "man7", "man8")
+ROW_CHARS = 400
+
+
+def page_row(text: str, row_chars: int = ROW_CHARS) -> str:
+    """A page's first row_chars characters on one line, cut at the last space (no half word)."""
+    flat = normalized(text)
+    if len(flat) <= row_chars:
+        return flat
+    cut = flat.rfind(" ", 0, row_chars + 1)
+    return flat[:cut if cut > 0 else row_chars]
+
+
+def build_manpage_task(pages, sections=MANPAGE_SECTIONS, labelled_per_class: int = 100, val_per_class: int = 50,
+                       seed: int = 0, row_chars: int = ROW_CHARS) -> Task:
+    """The section task from `pages` (speedrun.Page: path, section, text). The split is by PAGE: per
+    section, the first val_per_class pages in stable_order of their paths are validation, and
+    labelled_per_class training rows are drawn with `seed` from the rest. A row text that two pages
+    share (the same page installed twice, a generated family) is in neither split. Task.val_modules
+    maps each validation page's path to its whole text: what the pretraining corpus must not hold."""
+    if len(sections) < 2 or len(set(sections)) < len(sections):
+        raise UserError(f"--sections needs at least two different sections, got {','.join(sections)}")
+    rows: dict[str, list] = {}
+    for page in pages:
+        if page.section in sections:
+            rows.setdefault(page_row(page.text, row_chars), []).append(page)
+    by_section: dict[str, list] = {section: [] for section in sections}
+    for text, found_in in rows.items():
+        if len(found_in) == 1:
+            by_section[found_in[0].section].append(found_in[0])
+    rng = random.Random(seed)
+    task = Task(train=[], val=[])
+    for section in sections:
+        by_path = {page.path: page for page in by_section[section]}
+        ordered = [by_path[path] for path in stable_order(by_path)]
+        val_pages, rest = ordered[:val_per_class], ordered[val_per_class:]
+        if len(val_pages) < val_per_class or len(rest) < labelled_per_class:
+            raise UserError(f"section {section} has {len(ordered)} pages with a row of their own; it needs "
+                            f"{val_per_class + labelled_per_class}: lower --labelled_per_class ({labelled_per_class}) "
+                            f"or --val_per_class ({val_per_class}), or drop it from --sections")
+        label = section.removeprefix("man")
+        task.val += [(page_row(page.text, row_chars), label) for page in val_pages]
+        task.train += [(page_row(page.text, row_chars), label) for page in rng.sample(rest, labelled_per_class)]
+        task.val_modules.update({page.path: [normalized(page.text)] for page in val_pages})
+    rng.shuffle(task.train)
+    rng.shuffle(task.val)
+    return task
+
+
+def manpage_pages():
+    """The speedrun corpus's pages (benchmarks/speedrun.py), read once per call: ~5 s."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import speedrun
+    return list(speedrun.corpus_pages())
+
+
+def prepare_manpage_task(folder: str, sections=MANPAGE_SECTIONS, labelled_per_class: int = 100,
+                         val_per_class: int = 50, seed: int = 0, pages=None, log=print) -> TaskFiles:
+    """The section task and its pretraining corpus: every page of the speedrun corpus except the
+    validation pages, and except any page that holds a validation row (a copy of a held-out page)."""
+    os.makedirs(folder, exist_ok=True)
+    pages = manpage_pages() if pages is None else pages
+    task = build_manpage_task(pages, sections, labelled_per_class, val_per_class, seed)
+    held_out_paths = set(task.val_modules)
+    kept = [page.text for page in pages if page.path not in held_out_paths]
+    documents, dropped = pretraining_documents([text for text, _ in task.val], kept)
+    files = TaskFiles(os.path.join(folder, "train.tsv"), os.path.join(folder, "val.tsv"),
+                      os.path.join(folder, "pretrain.txt"), "")
+    write_if_changed(files.train, lambda p: write_tsv(p, task.train))
+    write_if_changed(files.val, lambda p: write_tsv(p, task.val))
+    write_if_changed(files.corpus, lambda p: write_corpus(p, documents))
+    chars = sum(len(d) for d in documents)
+    files.summary = (f"task: the manual section of a page's first {ROW_CHARS} characters, {len(sections)} sections "
+                     f"({', '.join(s.removeprefix('man') for s in sections)}), {labelled_per_class} training and "
+                     f"{val_per_class} validation pages each ({len(task.train)} / {len(task.val)} rows). Pretraining "
+                     f"corpus: the {len(pages)} pages of the speedrun corpus minus the {len(held_out_paths)} validation "
+                     f"pages and {dropped} copies of one: {len(documents)} documents, {chars / 1e6:.2f} M characters")
+    log(files.summary)
+    return files
+
+
 # ----------------------------------------------------------------------------- budgets
 @dataclass
 class Budget:
@@ -251,11 +341,13 @@ class Budget:
     model: dict                    # train.py model flags: the one encoder shape every row shares
     batch_size: int
     pretrain_tokens: int           # input tokens per pretraining run: steps = tokens / (batch_size * seq_len)
-    pretrain_lr: float
+    pretrain_lr: float | None      # None: each objective's own default lr (rtd's differs from mlm's)
     finetune_epochs: float         # passes over the labelled training rows
     finetune_lr: float
     evals: int                     # evaluations per run (the points of each validation curve)
     note: str
+    finetune_batch_size: int = 16
+    task: str = "stdlib"           # the labelled task: "stdlib" (docstrings) or "manpages" (sections)
 
 
 BUDGETS = {
@@ -277,6 +369,13 @@ BUDGETS = {
     "gpu": Budget(dict(n_layer=6, n_head=6, n_embd=384, seq_len=256, vocab_size=4096), batch_size=64,
                   pretrain_tokens=16_000_000, pretrain_lr=1e-3, finetune_epochs=10, finetune_lr=2e-4, evals=10,
                   note="one GPU (--device cuda)"),
+    # issue 23's measurement: the default encoder shape, ~3 M tokens of pretraining at each objective's
+    # own lr (not one lr for all), 600 labelled man-page rows, fine-tuned 10 epochs at batch 32 and
+    # lr 3e-4 (~190 steps); with --pretrain_seeds 1 --seeds 3 about 2 hours on 2 cores for 4 objectives
+    "default": Budget(dict(n_layer=4, n_head=4, n_embd=256, seq_len=128, vocab_size=4096), batch_size=16,
+                      pretrain_tokens=3_000_000, pretrain_lr=None, finetune_epochs=10, finetune_lr=3e-4, evals=6,
+                      finetune_batch_size=32, task="manpages",
+                      note="the default shape, 3 M tokens, the man-page task; hours on 2 cores"),
 }
 
 # the masked / denoising objectives the table compares by default, in this order, where they exist
@@ -443,15 +542,18 @@ def plan(objectives: list[str], seeds: list[int], budget: Budget, files: TaskFil
     prepare = Run("prepare", ["--objective", "mlm", "--data", files.corpus, "--out_dir", os.path.join(work, "prepared"),
                               "--max_steps", "0", *model_flags(budget), *common], [files.corpus], 0,
                   os.path.join(work, "prepared"))
+    variants = getattr(args, "variants", {})
     pretraining = {}
     for objective in objectives:
-        for seed in seeds:
+        base, extra = variants.get(objective, (objective, []))
+        for seed in pretrain_seeds(seeds, args):
             name = f"pretrain-{folder_name(objective)}-seed{seed}"
             out = os.path.join(runs, name)
-            flags = ["--objective", objective, "--data", files.corpus, "--out_dir", out, "--seed", str(seed),
-                     "--batch_size", str(budget.batch_size), "--lr", str(budget.pretrain_lr),
-                     "--min_lr", str(budget.pretrain_lr / 10), "--eval_batches", str(args.eval_batches),
-                     *step_flags(pretrain_steps, budget.evals), *model_flags(budget), *common]
+            lr = [] if budget.pretrain_lr is None else ["--lr", str(budget.pretrain_lr),
+                                                        "--min_lr", str(budget.pretrain_lr / 10)]
+            flags = ["--objective", base, "--data", files.corpus, "--out_dir", out, "--seed", str(seed),
+                     "--batch_size", str(budget.batch_size), *lr, "--eval_batches", str(args.eval_batches),
+                     *step_flags(pretrain_steps, budget.evals), *model_flags(budget), *common, *extra]
             pretraining[objective, seed] = Run(name, flags, [files.corpus], pretrain_steps, out)
     n_train = count_rows(files.train)
     finetune_steps = max(1, round(args.finetune_epochs * n_train / args.finetune_batch_size))
@@ -475,7 +577,7 @@ def plan(objectives: list[str], seeds: list[int], budget: Budget, files: TaskFil
                     flags += model_flags(budget) + ["--embed_norm", "true", "--tokenizer", tokenizer]
                     inputs.append(tokenizer)
                 else:
-                    parent = pretraining[objective, seed].final_checkpoint
+                    parent = pretraining[objective, parent_seed(seed, seeds, args)].final_checkpoint
                     flags += ["--init_from", parent]
                     inputs.append(parent)
                 if kind == "probe":
@@ -484,6 +586,18 @@ def plan(objectives: list[str], seeds: list[int], budget: Budget, files: TaskFil
                     flags += ["--pooling", args.pooling]
                 finetuning[kind, objective, seed] = Run(name, flags, inputs, finetune_steps, out)
     return prepare, pretraining, finetuning
+
+
+def pretrain_seeds(seeds: list[int], args) -> list[int]:
+    """The seeds that pretrain: the first --pretrain_seeds of `seeds` (all of them by default)."""
+    return seeds[:getattr(args, "pretrain_seeds", None) or len(seeds)]
+
+
+def parent_seed(seed: int, seeds: list[int], args) -> int:
+    """The pretraining seed fine-tuning seed `seed` starts from: itself when every seed pretrains;
+    with fewer pretraining seeds, the fine-tuning seeds take them in turn."""
+    pretrained = pretrain_seeds(seeds, args)
+    return pretrained[seeds.index(seed) % len(pretrained)]
 
 
 def count_rows(tsv: str) -> int:
@@ -514,18 +628,29 @@ def cell(values: list[float], digits: int, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def table(objectives, seeds, records, pretraining, finetuning, probe: bool) -> list[str]:
-    """The markdown table: one row per objective and one for scratch."""
-    header = ["objective", "pretraining time (s)", "pretraining tokens", "val bpb", "accuracy (%)", "macro-F1 (%)"]
+def last_train_loss(out_dir: str) -> float | None:
+    """The training loss of a run's last logged step: does the classifier fit its labelled rows?"""
+    rows = [row for row in read_metrics(out_dir, log=lambda msg: None) if "loss" in row and "val_loss" not in row]
+    return rows[-1]["loss"] if rows else None
+
+
+def table(objectives, seeds, records, pretraining, finetuning, probe: bool, pretrained_seeds=None) -> list[str]:
+    """The markdown table: one row per objective and one for scratch. "vs scratch": the mean over
+    seeds of (this row's accuracy - scratch's with the same fine-tuning seed), in points, and how
+    many seeds beat their scratch seed; "train loss": the fine-tuning's last logged training loss."""
+    pretrained_seeds = pretrained_seeds or seeds
+    header = ["objective", "pretraining time (s)", "pretraining tokens", "val bpb", "accuracy (%)", "macro-F1 (%)",
+              "vs scratch (points)", "train loss"]
     if probe:
         header += ["probe accuracy (%)", "probe macro-F1 (%)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    scratch = [evaluations(finetuning["finetune", SCRATCH, seed].out_dir)[-1].get(ACCURACY) for seed in seeds]
     for objective in [*objectives, SCRATCH]:
         row = [objective]
         if objective == SCRATCH:
             row += ["-", "0", "-"]
         else:
-            runs = [pretraining[objective, seed] for seed in seeds]
+            runs = [pretraining[objective, seed] for seed in pretrained_seeds]
             last = [evaluations(run.out_dir)[-1] for run in runs]
             tokens = max(r["tokens"] for r in read_metrics(runs[0].out_dir, log=lambda msg: None))
             row += [cell([records[run.name]["wall_s"] for run in runs], 0), human(tokens),
@@ -536,6 +661,11 @@ def table(objectives, seeds, records, pretraining, finetuning, probe: bool) -> l
                 continue
             last = [evaluations(finetuning[kind, objective, seed].out_dir)[-1] for seed in seeds]
             row += [cell([r.get(ACCURACY) for r in last], 1, 100), cell([r.get(MACRO_F1) for r in last], 1, 100)]
+            if kind == "finetune":
+                gains = [r.get(ACCURACY) - s for r, s in zip(last, scratch)]
+                above = sum(g > 0 for g in gains)
+                row += ["-" if objective == SCRATCH else f"{100 * sum(gains) / len(gains):+.1f} ({above}/{len(gains)})",
+                        cell([last_train_loss(finetuning[kind, objective, seed].out_dir) for seed in seeds], 3)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -566,16 +696,23 @@ def parse_args(argv: list[str]):
     parser.add_argument("--objectives", default="", help="comma-separated, e.g. mlm,rtd (default: every masked/"
                                                          "denoising objective that exists)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per row (the spread is over these)")
+    parser.add_argument("--pretrain_seeds", type=int, default=0, help="how many of the seeds pretrain (0: all); "
+                        "the fine-tuning seeds then start from them in turn (issue 23: one pretraining, 3 seeds)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OBJECTIVE FLAGS",
+                        help="an extra row: an objective with train.py flags, e.g. "
+                             "'rtd-none=rtd --embedding_sharing none' (repeatable)")
+    parser.add_argument("--task", choices=["stdlib", "manpages"], help="the labelled task (default: the budget's)")
+    parser.add_argument("--sections", default=",".join(MANPAGE_SECTIONS), help="--task manpages: the classes")
     parser.add_argument("--pretrain_tokens", type=int, help="input tokens per pretraining run")
     parser.add_argument("--pretrain_lr", type=float)
     parser.add_argument("--eval_batches", type=int, default=10, help="batches per pretraining evaluation")
     parser.add_argument("--finetune_epochs", type=float, help="passes over the labelled training rows")
     parser.add_argument("--finetune_lr", type=float)
-    parser.add_argument("--finetune_batch_size", type=int, default=16)
+    parser.add_argument("--finetune_batch_size", type=int)
     parser.add_argument("--probe", action="store_true", help="also a linear probe (--freeze_backbone) per row")
     parser.add_argument("--pooling", default="", help="classify's --pooling (default: its own)")
-    parser.add_argument("--labelled_per_class", type=int, default=64, help="training rows per package")
-    parser.add_argument("--val_per_class", type=int, default=40, help="validation rows per package")
+    parser.add_argument("--labelled_per_class", type=int, help="training rows per class (64 stdlib, 100 manpages)")
+    parser.add_argument("--val_per_class", type=int, help="validation rows per class (40 stdlib, 50 manpages)")
     parser.add_argument("--packages", default=",".join(DEFAULT_PACKAGES), help="the classes: stdlib packages")
     parser.add_argument("--task_seed", type=int, default=0, help="which docstrings the task draws")
     parser.add_argument("--device", default="cpu", help="train.py --device: cpu, cuda, cuda:N, mps")
@@ -583,16 +720,30 @@ def parse_args(argv: list[str]):
     parser.add_argument("--threads", type=int, default=0, help="train.py --threads (0: torch's default)")
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
-    for name in ("pretrain_tokens", "pretrain_lr", "finetune_epochs", "finetune_lr"):
+    for name in ("pretrain_tokens", "pretrain_lr", "finetune_epochs", "finetune_lr", "finetune_batch_size", "task"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(budget, name))
+    sizes = (100, 50) if args.task == "manpages" else (64, 40)
+    if args.labelled_per_class is None:
+        args.labelled_per_class = sizes[0]
+    if args.val_per_class is None:
+        args.val_per_class = sizes[1]
+    args.variants = {}
+    for spec in args.variant:
+        name, _, command = spec.partition("=")
+        words = command.split()
+        if not name.strip() or not words or "+" in name or name.strip() == SCRATCH:
+            raise UserError(f"--variant {spec!r}: write NAME=OBJECTIVE FLAGS, e.g. 'rtd-none=rtd --embedding_sharing none'")
+        args.variants[name.strip()] = (words[0], words[1:])
     for name in ("seeds", "pretrain_tokens", "eval_batches", "finetune_batch_size", "labelled_per_class",
                  "val_per_class"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("pretrain_lr", "finetune_epochs", "finetune_lr"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise UserError(f"--{name} must be above 0, got {getattr(args, name)}")
+    if args.pretrain_seeds < 0 or args.pretrain_seeds > args.seeds:
+        raise UserError(f"--pretrain_seeds must be between 0 (all) and --seeds ({args.seeds}), got {args.pretrain_seeds}")
     args.budget_sizes = dataclasses.replace(budget, pretrain_tokens=args.pretrain_tokens, pretrain_lr=args.pretrain_lr)
     return args
 
@@ -604,15 +755,25 @@ def main(argv: list[str]) -> None:
     packages = tuple(p.strip() for p in args.packages.split(",") if p.strip())
     seeds = list(range(1, args.seeds + 1))
     objectives = choose_objectives(args.objectives)
+    for name, (base, _) in args.variants.items():
+        choose_objectives(base)   # a one-line error for an objective that cannot be compared
+        objectives.append(name)
     print(f"objectives: {', '.join(objectives)} and {SCRATCH}; seeds {seeds}; budget {args.budget} "
           f"({budget.note}); work folder {work}")
-    files = prepare_task(os.path.join(work, "task"), packages, args.labelled_per_class, args.val_per_class,
-                         args.task_seed)
+    if args.task == "manpages":
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        files = prepare_manpage_task(os.path.join(work, "task"), sections, args.labelled_per_class,
+                                     args.val_per_class, args.task_seed)
+        classes, what = len(sections), "pages' first characters"
+    else:
+        files = prepare_task(os.path.join(work, "task"), packages, args.labelled_per_class, args.val_per_class,
+                             args.task_seed)
+        classes, what = len(packages), "docstrings"
     prepare, pretraining, finetuning = plan(objectives, seeds, budget, files, args, work)
     print(f"preparing the shared tokenizer and token files ({prepare.out_dir})")
     execute_always(prepare)
     records = {}
-    print(f"pretraining: {len(pretraining)} runs of {pretraining[objectives[0], seeds[0]].max_steps} steps "
+    print(f"pretraining: {len(pretraining)} runs of {next(iter(pretraining.values())).max_steps} steps "
           f"({budget.batch_size} x {budget.model['seq_len']} tokens each)" if objectives else "pretraining: none")
     for run in pretraining.values():
         if finished_record(run) is None:
@@ -621,16 +782,17 @@ def main(argv: list[str]) -> None:
     print(f"fine-tuning: {len(finetuning)} runs of {next(iter(finetuning.values())).max_steps} steps")
     for run in finetuning.values():
         records[run.name] = execute(run)
-    lines = [f"Fine-tuned on {count_rows(files.train)} labelled docstrings ({args.labelled_per_class} per package, "
-             f"{len(packages)} packages: chance is {100 / len(packages):.1f} %), validated on {count_rows(files.val)} "
-             f"from held-out modules; mean ± half the range over {len(seeds)} seed(s); the last evaluation of each "
+    lines = [f"Fine-tuned on {count_rows(files.train)} labelled {what} ({args.labelled_per_class} per class, "
+             f"{classes} classes: chance is {100 / classes:.1f} %), validated on {count_rows(files.val)} "
+             f"held out from pretraining; mean ± half the range over {len(seeds)} fine-tuning seed(s) "
+             f"from {len(pretrain_seeds(seeds, args))} pretraining seed(s); the last evaluation of each "
              f"run (no selection on the validation set). Budget {args.budget}, device {args.device}, "
              f"Python {sys.version.split()[0]}.", "",
-             *table(objectives, seeds, records, pretraining, finetuning, args.probe)]
+             *table(objectives, seeds, records, pretraining, finetuning, args.probe, pretrain_seeds(seeds, args))]
     with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + f"\n\n(written to {os.path.join(work, 'table.md')})")
-    first = seeds[0]
+    first = seeds[0]   # every pretraining seed list starts with it
     draw([pretraining[o, first].out_dir for o in objectives], os.path.join(work, "pretraining.png"))
     draw([finetuning["finetune", o, first].out_dir for o in [*objectives, SCRATCH]],
          os.path.join(work, "finetuning.png"))

@@ -303,6 +303,41 @@ def read_page(path: str) -> str | None:
     return text
 
 
+@dataclass
+class Page:
+    path: str          # /usr/share/man/manN/name.N.gz
+    section: str       # "man1" .. "man8"
+    package: str       # the Debian package that installed it ("(no package)" when dpkg does not say)
+    text: str          # roff_to_text of its source
+
+
+def corpus_pages(root: str = MAN_ROOT, max_pages_per_package: int = 300, dpkg_info: str = "/var/lib/dpkg/info",
+                 pages: list[str] | None = None, skipped: list[str] | None = None):
+    """The pages of the corpus, in its order: man_pages(root), at most max_pages_per_package of one
+    package (0: no cap), readable, and at least 200 characters of text (shorter: a redirect, or a
+    stub with no prose). `skipped` (a list, when given) gets the paths over the cap or unreadable. The
+    corpus file and compare_objectives.py's man-page task both read the pages through this."""
+    owner = owners(dpkg_info, root)
+    taken: dict[str, int] = {}
+    for path in (man_pages(root) if pages is None else pages):
+        package = owner.get(path, "(no package)")
+        if max_pages_per_package and taken.get(package, 0) >= max_pages_per_package:
+            if skipped is not None:
+                skipped.append(path)
+            continue
+        try:
+            source = read_page(path)
+        except (OSError, EOFError, gzip.BadGzipFile):
+            if skipped is not None:
+                skipped.append(path)
+            continue
+        text = roff_to_text(source) if source is not None else ""
+        if len(text) < 200:
+            continue
+        taken[package] = taken.get(package, 0) + 1
+        yield Page(path, os.path.basename(os.path.dirname(path)), package, text)
+
+
 def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 300, log=print,
                  dpkg_info: str = "/var/lib/dpkg/info") -> str:
     """Write cache/manpages.txt (unless it is there, made with the same settings from the same
@@ -321,32 +356,20 @@ def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 
         if info.get("settings") == settings:
             log(f"corpus: reusing {corpus} ({info['mb']:.1f} MB, {info['documents']:,} pages)")
             return corpus
-    owner = owners(dpkg_info, root)
     taken: dict[str, list[int]] = {}    # package -> [pages, characters]
     start = time.perf_counter()
     os.makedirs(cache, exist_ok=True)
-    documents, skipped = 0, 0
+    documents = 0
+    skipped: list[str] = []
     with open(corpus + ".tmp", "w", encoding="utf-8") as out:
-        for path in pages:
-            package = owner.get(path, "(no package)")
-            counts = taken.setdefault(package, [0, 0])
-            if max_pages_per_package and counts[0] >= max_pages_per_package:
-                skipped += 1
-                continue
-            try:
-                source = read_page(path)
-            except (OSError, EOFError, gzip.BadGzipFile):
-                skipped += 1
-                continue
-            text = roff_to_text(source) if source is not None else ""
-            if len(text) < 200:     # a redirect, or a stub with no prose
-                continue
+        for page in corpus_pages(root, max_pages_per_package, dpkg_info, pages=pages, skipped=skipped):
             if documents:
                 out.write(f"\n{DOC_SEPARATOR}\n")
-            out.write(text)
+            out.write(page.text)
             documents += 1
+            counts = taken.setdefault(page.package, [0, 0])
             counts[0] += 1
-            counts[1] += len(text)
+            counts[1] += len(page.text)
     os.replace(corpus + ".tmp", corpus)
     size = os.path.getsize(corpus)
     with open(os.path.join(cache, "packages.tsv"), "w", encoding="utf-8") as f:
@@ -355,11 +378,11 @@ def build_corpus(cache: str, root: str = MAN_ROOT, max_pages_per_package: int = 
             if n:
                 f.write(f"{package}\t{n}\t{chars}\n")
     info = {"settings": settings, "documents": documents, "bytes": size, "mb": size / 1e6,
-            "packages": sum(1 for n, _ in taken.values() if n), "pages_over_cap_or_unreadable": skipped}
+            "packages": sum(1 for n, _ in taken.values() if n), "pages_over_cap_or_unreadable": len(skipped)}
     with open(info_path, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     log(f"corpus: wrote {corpus}: {size / 1e6:.1f} MB, {documents:,} pages from {info['packages']} packages "
-        f"({skipped} over the per-package cap or unreadable) in {time.perf_counter() - start:.0f} s; "
+        f"({len(skipped)} over the per-package cap or unreadable) in {time.perf_counter() - start:.0f} s; "
         f"per package: {os.path.join(cache, 'packages.tsv')}")
     return corpus
 

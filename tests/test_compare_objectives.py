@@ -156,3 +156,83 @@ def test_scratch_differs_from_the_pretrained_rows_in_its_initial_weights_alone(w
                 assert flag(run, shared) == flag(scratch, shared), shared
         for name in ("--n_layer", "--n_embd", "--seq_len"):
             assert flag(scratch, name) == flag(pretraining["mlm", seed], name), name
+
+
+# ----------------------------------------------------------------------------- the man-page task
+def fake_pages(counts: dict[str, int], extra=()):
+    """Pages as speedrun.corpus_pages yields them: {section: how many}, each with a text of its own."""
+    pages = [compare_page(f"/man/{section}/p{i}.gz", section, f"NAME p{i} - page {i} of {section}. " + "words " * 80)
+             for section, n in counts.items() for i in range(n)]
+    return pages + list(extra)
+
+
+def compare_page(path, section, text):
+    import types
+    return types.SimpleNamespace(path=path, section=section, package="pkg", text=text)
+
+
+def test_manpage_task_is_balanced_by_page_and_its_validation_pages_stay_out_of_pretraining(tmp_path):
+    counts = {"man1": 30, "man5": 25, "man8": 20}
+    copy = compare_page("/man/man1/copy-of-a-val-page.gz", "man1", "")
+    pages = fake_pages(counts)
+    task = compare.build_manpage_task(pages, ("man1", "man5", "man8"), labelled_per_class=10, val_per_class=5, seed=1)
+    assert collections.Counter(label for _, label in task.train) == {"1": 10, "5": 10, "8": 10}
+    assert collections.Counter(label for _, label in task.val) == {"1": 5, "5": 5, "8": 5}
+    train_texts, val_texts = {t for t, _ in task.train}, {t for t, _ in task.val}
+    assert len(train_texts) == 30 and len(val_texts) == 15 and not train_texts & val_texts
+    # each row is its page's start, cut at a word, and carries its page's section
+    by_row = {compare.page_row(p.text): p for p in pages}
+    for text, label in task.train + task.val:
+        assert len(text) <= compare.ROW_CHARS and not text.endswith(" ") and by_row[text].section == "man" + label
+    # the split is fixed by the page paths; the seed draws the training rows only
+    other = compare.build_manpage_task(pages, ("man1", "man5", "man8"), 10, 5, seed=2)
+    assert set(other.val) == set(task.val) and set(other.train) != set(task.train)
+    assert compare.build_manpage_task(list(reversed(pages)), ("man1", "man5", "man8"), 10, 5, seed=1).val == task.val
+    # pretraining: every page but the validation ones, and a copy of a validation page goes too
+    val_page = next(p for p in pages if compare.page_row(p.text) in val_texts)
+    copy.text = "See also.\n" + val_page.text
+    files = compare.prepare_manpage_task(str(tmp_path), ("man1", "man5", "man8"), 10, 5, seed=1,
+                                         pages=pages + [copy], log=lambda msg: None)
+    with open(files.corpus, encoding="utf-8") as f:
+        documents = f.read().split("\n" + compare.DOC_SEPARATOR + "\n")
+    flat = compare.normalized(" ".join(documents))
+    assert len(documents) == len(pages) + 1 - 15 - 1
+    assert not [t for t in val_texts if t in flat]
+    assert all(t in flat for t in train_texts)   # unlabelled text of the task's own pages stays in
+    assert read_tsv(files.train) == compare.build_manpage_task(pages + [copy], ("man1", "man5", "man8"), 10, 5, 1).train
+
+
+def test_manpage_row_shared_by_two_pages_is_in_neither_split_and_short_sections_are_one_line_errors():
+    twin = "NAME twin - installed twice. " + "same words " * 60
+    pages = fake_pages({"man1": 14, "man7": 12}, extra=[compare_page("/man/man1/twin.gz", "man1", twin),
+                                                        compare_page("/man/man7/twin.gz", "man7", twin)])
+    for seed in range(4):
+        task = compare.build_manpage_task(pages, ("man1", "man7"), labelled_per_class=7, val_per_class=5, seed=seed)
+        assert compare.page_row(twin) not in {t for t, _ in task.train + task.val}
+    with pytest.raises(UserError, match=r"^section man7 has 12 pages with a row of their own; it needs 13: lower"):
+        compare.build_manpage_task(pages, ("man1", "man7"), labelled_per_class=8, val_per_class=5)
+    with pytest.raises(UserError, match=r"--sections needs at least two different sections"):
+        compare.build_manpage_task(pages, ("man1",), 2, 2)
+
+
+def test_one_pretraining_serves_every_seed_and_a_variant_is_its_objective_with_flags(written, tmp_path):
+    """--pretrain_seeds 1 --seeds 3: one pretraining run per row, and fine-tuning seeds 1-3 all start
+    from it; --variant adds a row of the same objective with extra flags; the default budget leaves
+    each objective its own lr (no --lr passed)."""
+    files, _ = written
+    args = compare.parse_args(["--budget", "default", "--work", str(tmp_path), "--seeds", "3", "--pretrain_seeds",
+                               "1", "--variant", "rtd-none=rtd --embedding_sharing none"])
+    assert (args.task, args.labelled_per_class, args.finetune_batch_size) == ("manpages", 100, 32)
+    _, pretraining, finetuning = compare.plan(["mlm", "rtd-none"], [1, 2, 3], args.budget_sizes, files, args,
+                                              str(tmp_path))
+    assert sorted(pretraining) == [("mlm", 1), ("rtd-none", 1)]
+    variant = pretraining["rtd-none", 1].flags
+    assert variant[variant.index("--objective") + 1] == "rtd" and variant[-2:] == ["--embedding_sharing", "none"]
+    assert "--lr" not in variant and "--lr" not in pretraining["mlm", 1].flags
+    for seed in (1, 2, 3):
+        run = finetuning["finetune", "rtd-none", seed]
+        assert run.flags[run.flags.index("--init_from") + 1] == pretraining["rtd-none", 1].final_checkpoint
+        assert run.flags[run.flags.index("--seed") + 1] == str(seed)
+    for bad in (["--pretrain_seeds", "4", "--seeds", "3"], ["--variant", "=rtd"], ["--variant", "x="]):
+        with pytest.raises(UserError, match="--pretrain_seeds must be between|--variant"):
+            compare.parse_args(bad)
