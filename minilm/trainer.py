@@ -200,6 +200,7 @@ class Trainer(FaultHandling):
         # this rank's input tokens and training FLOPs since the last log line (count_work)
         self.tokens_counted, self.flops_counted = 0, 0.0
         self.peak_flops = None
+        self.peak_measured_again = False
         if self.tcfg.early_stopping_patience and val_source is None:
             raise UserError("--early_stopping_patience watches validation metrics, and this run has no validation "
                             "data; drop --early_stopping_patience")
@@ -449,6 +450,22 @@ class Trainer(FaultHandling):
         # a checkpoint from before early stopping counted nothing
         self.evals_without_improvement = int(state.get("evals_without_improvement") or 0)
 
+    def utilization(self, flops_per_s: float) -> float:
+        """MFU: the model's FLOP/s over the matmul peak measured at start-up (0.3 s of matmuls). On
+        a machine that was busy at that moment the peak comes out low and MFU above 100%, which no
+        run reaches: then the peak is measured again, once, and never taken below what this run
+        itself reached, so the column stays a fraction of what the machine can do."""
+        if flops_per_s > self.peak_flops:
+            before = self.peak_flops
+            if not self.peak_measured_again:
+                self.peak_measured_again = True
+                self.peak_flops = max(self.peak_flops, measure_peak_flops(self.device, self.dtype))
+                self.log(f"note: the matmul peak measured at start-up ({before / 1e9:.1f} GFLOP/s) is below what "
+                         f"this run reaches ({flops_per_s / 1e9:.1f}); the machine was busy then. Measured again: "
+                         f"{max(self.peak_flops, flops_per_s) / 1e9:.1f} GFLOP/s")
+            self.peak_flops = max(self.peak_flops, flops_per_s)
+        return flops_per_s / self.peak_flops
+
     def fit(self, until: int | None = None) -> list[float]:
         """Train to max_steps (or to `until`, to stop early and resume later: the schedule still
         follows max_steps). Returns the loss of every step trained so far.
@@ -526,7 +543,7 @@ class Trainer(FaultHandling):
                     now = time.perf_counter()
                     # every rank's tokens taken as this rank's: their rows are alike
                     tok_s = self.tokens_counted * self.dist.world_size / (now - t_last)
-                    mfu = self.flops_counted / (now - t_last) / self.peak_flops
+                    mfu = self.utilization(self.flops_counted / (now - t_last))
                     eta = (now - t_start) / max(1, self.step - start_step) * (tc.max_steps - self.step)
                     self.log(f"step {self.step:>6}/{tc.max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | "
                              f"{tok_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_fmt_time(eta)}")

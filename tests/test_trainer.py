@@ -424,3 +424,28 @@ def test_deterministic_flag_sets_global_state(tmp_path, prepared, tokenizer, mon
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_mfu_never_reads_above_one_when_the_startup_peak_was_measured_on_a_busy_machine(tmp_path, prepared,
+                                                                                        tokenizer, monkeypatch):
+    """A peak measured low (the machine busy at start-up) gave "MFU 119%". The first interval that
+    beats it measures the peak again, once, with a one-line note; the peak is then never below what
+    the run reached, so every logged MFU is at most 1. An honest peak is left alone: MFU is the
+    model's FLOP/s over it, and nothing is measured again."""
+    import minilm.trainer
+    measured = []
+    monkeypatch.setattr(minilm.trainer, "measure_peak_flops", lambda device, dtype: measured.append(1) or 2.0)
+    cfg = make_config(tmp_path / "busy", tokenizer.vocab_size, max_steps=4, log_every=1)
+    lines = []
+    trainer = make_trainer(cfg, prepared, tokenizer)
+    trainer.log = lines.append
+    trainer.peak_flops = 1.0   # far below what any model reaches
+    trainer.fit()
+    mfus = [float(line.split("MFU ")[1].split("%")[0]) for line in lines if "MFU " in line]
+    notes = [line for line in lines if line.startswith("note: the matmul peak measured at start-up (0.0 GFLOP/s)")]
+    assert len(mfus) == 4 and max(mfus) <= 100.0 and mfus[0] == 100.0, lines
+    assert len(notes) == 1 and measured == [1] and "\n" not in notes[0]
+    honest = make_trainer(make_config(tmp_path / "quiet", tokenizer.vocab_size, max_steps=2, log_every=1),
+                          prepared, tokenizer)
+    honest.peak_flops = 1e18
+    assert honest.utilization(3e15) == pytest.approx(3e-3) and honest.peak_flops == 1e18 and measured == [1]
