@@ -10,7 +10,7 @@ A run is described by one `Config`, made of four sections:
 
 Every field of every section can be set from the command line as `--field value` (or
 `--field=value`); field names are unique across sections, so no prefixes are needed. A size
-preset (`--preset tiny|small|base`) and an architecture (`--arch llama|gpt2|bert|roberta`) fill
+preset (`--preset tiny|small|base`) and an architecture (`--arch llama|qwen3|gpt2|bert|roberta`) fill
 the model section first, then explicit flags win.
 Each field carries its meaning (printed by `train.py --help`) and the values it accepts; the
 parsed config is validated whole before anything runs, so a bad value is one line naming its
@@ -133,16 +133,19 @@ PRESETS: dict[str, dict] = {
 ARCHES: dict[str, dict] = {
     # Touvron et al. 2023: RMSNorm, rotary positions, SwiGLU, no biases, an untied output matrix
     "llama": dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope",
-                  mlp="swiglu", tie_embeddings=False, n_segment=0, embed_norm=False),
+                  mlp="swiglu", tie_embeddings=False, n_segment=0, embed_norm=False, qk_norm=False),
+    # Qwen Team 2025 (Qwen3): llama's blocks with QK-norm, an RMSNorm over each head's query and key
+    "qwen3": dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope",
+                  mlp="swiglu", tie_embeddings=False, n_segment=0, embed_norm=False, qk_norm=True),
     # Radford et al. 2019: LayerNorm with biases, a learned position table, tanh GELU, tied head
     "gpt2": dict(norm_placement="pre", norm="layernorm", norm_eps=1e-5, bias=True, position="learned",
-                 mlp="gelu_tanh", tie_embeddings=True, n_segment=0, embed_norm=False),
+                 mlp="gelu_tanh", tie_embeddings=True, n_segment=0, embed_norm=False, qk_norm=False),
     # Devlin et al. 2019: post-LayerNorm blocks, learned positions, two token types, a normed embedding sum
     "bert": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
-                 mlp="gelu", tie_embeddings=True, n_segment=2, embed_norm=True),
+                 mlp="gelu", tie_embeddings=True, n_segment=2, embed_norm=True, qk_norm=False),
     # Liu et al. 2019: BERT's model with one token type (its position offset of 2 is import/export's)
     "roberta": dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned",
-                    mlp="gelu", tie_embeddings=True, n_segment=1, embed_norm=True),
+                    mlp="gelu", tie_embeddings=True, n_segment=1, embed_norm=True, qk_norm=False),
 }
 
 

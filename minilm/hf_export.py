@@ -11,7 +11,7 @@ The folder:
     tokenizer files      foreign_tokenizer.write_hf_tokenizer: ids equal to minilm's tokenizer's
     README.md            what the folder is and where it came from
 
-Only a model that is exactly one of minilm.config.ARCHES (--arch llama|gpt2|bert|roberta) with a
+Only a model that is exactly one of minilm.config.ARCHES (--arch llama|qwen3|gpt2|bert|roberta) with a
 head that its objective declares (Objective.hf_heads) exports; anything else is a one-line error
 that says what is missing and what would work. A folder is written only when new, empty or an
 earlier export: never over a run folder or a checkpoint.

@@ -39,10 +39,10 @@ from minilm.errors import UserError
 
 # The fields that make a model one of ARCHES; the others (sizes, norm_eps, rope_base, dropout,
 # tie_embeddings, intermediate_size) every HF config of these architectures states as it likes.
-ARCH_FIELDS = ("norm_placement", "norm", "position", "mlp", "bias", "embed_norm", "n_segment")
+ARCH_FIELDS = ("norm_placement", "norm", "position", "mlp", "bias", "embed_norm", "n_segment", "qk_norm")
 
-MODEL_TYPES = {"llama": "llama", "gpt2": "gpt2", "bert": "bert", "roberta": "roberta"}   # config.json's model_type
-PREFIX = {"llama": "model.", "gpt2": "transformer.", "bert": "bert.", "roberta": "roberta."}  # the base model's
+MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2", "bert": "bert", "roberta": "roberta"}   # config.json's model_type
+PREFIX = {"llama": "model.", "qwen3": "model.", "gpt2": "transformer.", "bert": "bert.", "roberta": "roberta."}  # the base model's
 
 
 def arch_of(cfg: ModelConfig) -> str:
@@ -54,10 +54,9 @@ def arch_of(cfg: ModelConfig) -> str:
     if cfg.embedding_size not in (0, cfg.n_embd):
         raise UserError(f"factorized embeddings (--embedding_size {cfg.embedding_size}, ALBERT's) have no "
                         f"counterpart among {', '.join(ARCHES)}; train with --embedding_size 0 to export")
-    for name, flag in (("qk_norm", "--qk_norm false"), ("logit_softcap", "--logit_softcap 0")):
-        if getattr(cfg, name):   # speedrun switches: no field in transformers' llama, gpt2, bert or roberta
-            raise UserError(f"this model's {name} is {getattr(cfg, name)}, which none of {', '.join(ARCHES)} has; "
-                            f"train with {flag} to export")
+    if cfg.logit_softcap:   # a speedrun switch: no field in transformers' llama, qwen3, gpt2, bert or roberta
+        raise UserError(f"this model's logit_softcap is {cfg.logit_softcap}, which none of {', '.join(ARCHES)} has; "
+                        "train with --logit_softcap 0 to export")
     default = ModelConfig()
     differences = {arch: [(name, getattr(cfg, name), values.get(name, getattr(default, name))) for name in ARCH_FIELDS
                           if getattr(cfg, name) != values.get(name, getattr(default, name))]
@@ -84,7 +83,7 @@ class Rename:
 def backbone_renames(arch: str, n_layer: int) -> list[Rename]:
     """The backbone's names (minilm's under "backbone.") in `arch`'s base model (under PREFIX)."""
     p, R = PREFIX[arch], Rename
-    if arch == "llama":
+    if arch in ("llama", "qwen3"):
         table = [R("tok_emb", ("embed_tokens",)), R("norm", ("norm",))]
         for i in range(n_layer):
             ours, theirs = f"blocks.{i}.", f"layers.{i}."
@@ -94,6 +93,9 @@ def backbone_renames(arch: str, n_layer: int) -> list[Rename]:
                       R(ours + "norm2", (theirs + "post_attention_layernorm",)),
                       R(ours + "mlp.up", (theirs + "mlp.gate_proj", theirs + "mlp.up_proj"), "split"),
                       R(ours + "mlp.down", (theirs + "mlp.down_proj",))]
+            if arch == "qwen3":   # QK-norm's two (D,) weights, shared by the heads in both
+                table += [R(ours + "attn.q_norm", (theirs + "self_attn.q_norm",)),
+                          R(ours + "attn.k_norm", (theirs + "self_attn.k_norm",))]
     elif arch == "gpt2":
         table = [R("tok_emb", ("wte",)), R("pos_emb", ("wpe",)), R("norm", ("ln_f",))]
         for i in range(n_layer):
@@ -244,12 +246,16 @@ def to_hf_config(cfg: ModelConfig, arch: str, architecture: str, vocab_size: int
     specials: pad/bos/eos ids in the exported ids (None where the tokenizer has none)."""
     common = {"architectures": [architecture], "model_type": MODEL_TYPES[arch], "vocab_size": vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **specials}
-    if arch == "llama":
+    if arch in ("llama", "qwen3"):
         config = {"hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
                   "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "head_dim": cfg.head_dim,
                   "hidden_act": "silu", "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps,
                   "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
                   "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.dropout}
+        if arch == "qwen3":   # every layer attends to the whole window (Qwen3's sliding window off)
+            del config["mlp_bias"]
+            config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                          layer_types=["full_attention"] * cfg.n_layer)
     elif arch == "gpt2":
         config = {"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.mlp_hidden,
                   "n_positions": cfg.seq_len, "n_ctx": cfg.seq_len, "layer_norm_epsilon": cfg.norm_eps,
@@ -325,8 +331,8 @@ def from_hf_config(config: dict, path: str) -> tuple[str, str, ModelConfig]:
     c = ConfigReader(config, path)
     fields = dict(ARCHES[arch])
     fields.update(vocab_size=c.get("vocab_size"), tie_embeddings=bool(c.get("tie_word_embeddings", bool,
-                                                                           default=arch != "llama")))
-    if arch == "llama":
+                                                                           default=arch not in ("llama", "qwen3"))))
+    if arch in ("llama", "qwen3"):
         heads = c.get("num_attention_heads")
         hidden = c.get("hidden_size")
         if c.get("num_key_value_heads", default=heads) != heads:
@@ -337,6 +343,8 @@ def from_hf_config(config: dict, path: str) -> tuple[str, str, ModelConfig]:
         c.expect("hidden_act", ("silu",), "silu")
         c.expect("attention_bias", (False,), False)
         c.expect("mlp_bias", (False,), False)
+        if arch == "qwen3":
+            c.expect("use_sliding_window", (False,), False, why=" (attention over the whole window)")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UserError(f"{path}: RoPE scaling {rope!r} is not computed by minilm's rotary embedding (plain RoPE)")

@@ -31,10 +31,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 CLASSIFY = {"bert": dict(pooling="first", classifier_attention="bidirectional", classifier_head="pooler"),
             "roberta": dict(pooling="first", classifier_attention="bidirectional", classifier_head="pooler"),
             "llama": dict(pooling="last", classifier_attention="causal", classifier_head="score"),
+            "qwen3": dict(pooling="last", classifier_attention="causal", classifier_head="score"),
             "gpt2": dict(pooling="last", classifier_attention="causal", classifier_head="score")}
 LABELS = '["neg", "pos", "mixed"]'
 # (arch, objective, transformers' Auto class): every head with a counterpart
-CASES = [("llama", "clm", "AutoModelForCausalLM"), ("gpt2", "clm", "AutoModelForCausalLM"),
+CASES = [("llama", "clm", "AutoModelForCausalLM"), ("qwen3", "clm", "AutoModelForCausalLM"),
+         ("gpt2", "clm", "AutoModelForCausalLM"),
          ("bert", "mlm", "AutoModelForMaskedLM"), ("roberta", "mlm", "AutoModelForMaskedLM")] + \
         [(arch, "classify", "AutoModelForSequenceClassification") for arch in CLASSIFY]
 
@@ -132,6 +134,16 @@ def test_the_folder_holds_transformers_names_and_config(exported, tokenizer):
     assert config["vocab_size"] == tokenizer.vocab_size and config["max_position_embeddings"] == 32
     assert "LlamaForCausalLM" in open(os.path.join(folder, "README.md")).read()
 
+    folder, built = exported["qwen3", "clm"]
+    tensors, _ = load_safetensors(os.path.join(folder, "model.safetensors"))
+    config = json.load(open(os.path.join(folder, "config.json")))
+    # llama's names, plus QK-norm's two (D,) weights per layer; every layer attends to the whole window
+    assert torch.equal(tensors["model.layers.1.self_attn.k_norm.weight"],
+                       built.state_dict()["backbone.blocks.1.attn.k_norm.weight"]) and tensors[
+        "model.layers.0.self_attn.q_norm.weight"].shape == (16,)
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
+    assert config["head_dim"] == 16 and config["use_sliding_window"] is False and "mlp_bias" not in config
+
     folder, built = exported["gpt2", "clm"]
     tensors, _ = load_safetensors(os.path.join(folder, "model.safetensors"))
     # GPT-2's Conv1D stores (in, out); the tied head is not stored (tie_word_embeddings)
@@ -202,6 +214,11 @@ def test_arch_of_names_the_architecture_or_the_field_that_differs():
     assert arch_of(ModelConfig(**{**ARCHES["llama"], "tie_embeddings": True, "norm_eps": 1e-5})) == "llama"
     with pytest.raises(UserError, match="its mlp is gelu where llama .the nearest. has swiglu; train with --arch llama"):
         arch_of(ModelConfig())                                  # minilm's default decoder
+    assert arch_of(ModelConfig(**{**ARCHES["llama"], "qk_norm": True})) == "qwen3"   # QK-norm is all that differs
+    with pytest.raises(UserError, match="its mlp is gelu where qwen3 .the nearest. has swiglu; train with --arch qwen3"):
+        arch_of(ModelConfig(**{**ARCHES["llama"], "qk_norm": True, "mlp": "gelu"}))
+    with pytest.raises(UserError, match="logit_softcap is 30.0, .*train with --logit_softcap 0 to export"):
+        arch_of(ModelConfig(**{**ARCHES["qwen3"], "logit_softcap": 30.0}))
     with pytest.raises(UserError, match="its norm_placement is pre where bert .* has post"):
         arch_of(ModelConfig(**{**ARCHES["bert"], "norm_placement": "pre"}))
     with pytest.raises(UserError, match="factorized embeddings"):
@@ -211,7 +228,7 @@ def test_arch_of_names_the_architecture_or_the_field_that_differs():
 def test_what_has_no_counterpart_is_one_line_saying_what_would_work(tokenizer, tmp_path):
     path, _ = make_checkpoint(tmp_path / "ckpt-00000001.pt", tokenizer, "clm", "bert")
     with pytest.raises(UserError, match="clm has no Hugging Face counterpart on a bert model .it has one on gpt2, "
-                                        "llama.; on bert, export a checkpoint of mlm, .*classify"):
+                                        "llama, qwen3.; on bert, export a checkpoint of mlm, .*classify"):
         export_folder(path, str(tmp_path / "out"))
     # prefix_lm reads its prefix both ways, which no causal LM class does: clm's heads are not its
     with pytest.raises(UserError, match="prefix_lm has no Hugging Face counterpart on a llama model .it has one on no "

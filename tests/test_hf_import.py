@@ -8,6 +8,8 @@ trap stays fixed), a classifier's folder must name its objective, a shorter --se
 first rows of the position table, and the run's checkpoint exports back."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -39,12 +41,14 @@ def random_transformers_model(arch: str, head: str):
     sizes = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
     config = {"llama": lambda: transformers.LlamaConfig(max_position_embeddings=64, rope_theta=500.0, pad_token_id=0,
                                                         **sizes),
+              "qwen3": lambda: transformers.Qwen3Config(max_position_embeddings=64, rope_theta=500.0, pad_token_id=0,
+                                                        head_dim=16, num_key_value_heads=4, **sizes),
               "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                       n_inner=96, bos_token_id=2, eos_token_id=3, pad_token_id=0),
               "bert": lambda: transformers.BertConfig(max_position_embeddings=64, **sizes),
               "roberta": lambda: transformers.RobertaConfig(max_position_embeddings=66, **sizes)}[arch]()
     config.num_labels = 3
-    name = {"llama": "Llama", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta"}[arch]
+    name = {"llama": "Llama", "qwen3": "Qwen3", "gpt2": "GPT2", "bert": "Bert", "roberta": "Roberta"}[arch]
     cls = getattr(transformers, name + {"clm": ("LMHeadModel" if arch == "gpt2" else "ForCausalLM"),
                                         "mlm": "ForMaskedLM", "classify": "ForSequenceClassification"}[head])
     torch.manual_seed(0)
@@ -55,7 +59,7 @@ def random_transformers_model(arch: str, head: str):
     return model
 
 
-IMPORTS = [("llama", "clm"), ("gpt2", "clm"), ("bert", "mlm"), ("roberta", "mlm"), ("bert", "classify"),
+IMPORTS = [("llama", "clm"), ("qwen3", "clm"), ("qwen3", "classify"), ("gpt2", "clm"), ("bert", "mlm"), ("roberta", "mlm"), ("bert", "classify"),
            ("roberta", "classify"), ("llama", "classify"), ("gpt2", "classify")]
 
 
@@ -102,8 +106,13 @@ def test_config_json_both_ways_and_what_it_refuses():
     assert (cfg.mlp, cfg.norm, cfg.position, cfg.bias, cfg.tie_embeddings) == ("swiglu", "rmsnorm", "rope", False, False)
     # null is transformers' "the default": as many key/value heads as heads, head_dim = hidden / heads
     assert from_hf_config({**LLAMA, "num_key_value_heads": None, "head_dim": None}, "config.json")[2] == cfg
+    qwen3 = {**LLAMA, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
+    assert from_hf_config(qwen3, "config.json")[2] == dataclasses.replace(cfg, qk_norm=True)   # llama + QK-norm
+    with pytest.raises(UserError, match="use_sliding_window is True; minilm's qwen3 has False .attention over the "
+                                        "whole window."):
+        from_hf_config({**qwen3, "use_sliding_window": True}, "config.json")
     refusals = [({"model_type": "mistral"}, "model_type 'mistral' has no counterpart in minilm; it imports llama, "
-                                            "gpt2, bert, roberta"),
+                                            "qwen3, gpt2, bert, roberta"),
                 ({"num_key_value_heads": 2}, "grouped-query attention"),
                 ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling"),
                 ({"hidden_act": "gelu"}, "hidden_act is 'gelu'; minilm's llama has 'silu'"),

@@ -247,10 +247,12 @@ class Classifier(Objective):
                 "roberta": HFHead("RobertaForSequenceClassification", {"pooler": "classifier.dense",
                                                                        "label_head": "classifier.out_proj"}),
                 "llama": HFHead("LlamaForSequenceClassification", {"label_head": "score"}),
+                "qwen3": HFHead("Qwen3ForSequenceClassification", {"label_head": "score"}),
                 "gpt2": HFHead("GPT2ForSequenceClassification", {"label_head": "score"})}
     # what the HF class computes, as this objective's options (hf_options)
     HF_READS = {"bert": ("first", "bidirectional", "pooler"), "roberta": ("first", "bidirectional", "pooler"),
-                "llama": ("last", "causal", "score"), "gpt2": ("last", "causal", "score")}
+                "llama": ("last", "causal", "score"), "qwen3": ("last", "causal", "score"),
+                "gpt2": ("last", "causal", "score")}
 
     @classmethod
     def hf_head(cls, arch, options=None):

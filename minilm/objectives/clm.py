@@ -65,7 +65,8 @@ class CausalLM(Objective):
     # transformers' causal LMs: the backbone's logits are the whole head; an untied output matrix is
     # their lm_head (a tied one is not stored: config.json's tie_word_embeddings says so)
     hf_heads = {arch: HFHead(architecture, {"backbone.lm_head.weight": "lm_head.weight"}, ("backbone.lm_head.weight",))
-                for arch, architecture in (("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"))}
+                for arch, architecture in (("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                                           ("gpt2", "GPT2LMHeadModel"))}
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
