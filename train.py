@@ -16,6 +16,7 @@ Every field of minilm/config.py is a flag. See README.md for the list.
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 import torch
 
@@ -27,8 +28,8 @@ from minilm.epochs import read_in_passes
 from minilm.errors import UserError
 from minilm.objectives import (OBJECTIVES, build_objective, model_config_for, model_defaults_for, objective_class,
                                train_defaults_for, window_length_for)
-from minilm.provenance import (Start, claim_out_dir, data_for_resume, given_tokenizer_of, load_parent_weights,
-                               resolve_start, run_provenance, tokenizer_and_data)
+from minilm.provenance import (MODEL_FIELDS_FREE, Start, claim_out_dir, data_for_resume, given_tokenizer_of,
+                               load_parent_weights, resolve_start, run_provenance, tokenizer_and_data)
 # what tests (and scripts) have called as train.py's: they live in minilm/provenance.py
 from minilm.provenance import config_for_init, config_for_resume, data_signature, prepare_settings  # noqa: F401
 from minilm.run_dir import DATA_NAME, TOKENIZER_NAME, clear_earlier_run, keep_metrics_up_to
@@ -68,8 +69,10 @@ def train(cfg: Config, argv: list[str], dist_info: DistInfo, log) -> None:
         tokenizer = given_tokenizer_of(cfg, argv, start.parent)   # --tokenizer: it fixes vocab_size
         for cls in objective_classes(cfg.train.objective):   # the objective's own choices (its `auto` options)
             cfg = cls.finish_config(cfg, start.parent_config, given)
-        # the objective's defaults (a dropout, a learning rate) where the flags leave them out
-        cfg.model = model_defaults_for(cfg.train.objective, cfg.model, given)
+        # the objective's defaults (a dropout, a learning rate) where the flags leave them out; an
+        # --init_from parent's weights fix the model, so then only a free field (dropout) takes one
+        fixed = set() if start.parent is None else {f.name for f in fields(cfg.model)} - MODEL_FIELDS_FREE
+        cfg.model = model_defaults_for(cfg.train.objective, cfg.model, given | fixed)
         cfg.train = train_defaults_for(cfg.train.objective, cfg.train, given)
     # the objective's model settings are applied here, once: what is printed and saved is the model
     cfg.model = model_config_for(cfg.train.objective, cfg.model, cfg.obj)

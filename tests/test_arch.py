@@ -154,12 +154,12 @@ def test_gelu_tanh_is_gpt2s_formula():
 
 # ----------------------------------------------------------------------------- --arch
 LLAMA = dict(norm_placement="pre", norm="rmsnorm", norm_eps=1e-6, bias=False, position="rope", mlp="swiglu",
-             tie_embeddings=False, n_segment=0, embed_norm=False)
+             tie_embeddings=False, n_segment=0, embed_norm=False, qk_norm=False)
 GPT2 = dict(norm_placement="pre", norm="layernorm", norm_eps=1e-5, bias=True, position="learned", mlp="gelu_tanh",
-            tie_embeddings=True, n_segment=0, embed_norm=False)
+            tie_embeddings=True, n_segment=0, embed_norm=False, qk_norm=False)
 BERT = dict(norm_placement="post", norm="layernorm", norm_eps=1e-12, bias=True, position="learned", mlp="gelu",
-            tie_embeddings=True, n_segment=2, embed_norm=True)
-EXPECTED = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT, "roberta": {**BERT, "n_segment": 1}}
+            tie_embeddings=True, n_segment=2, embed_norm=True, qk_norm=False)
+EXPECTED = {"llama": LLAMA, "qwen3": {**LLAMA, "qk_norm": True}, "gpt2": GPT2, "bert": BERT, "roberta": {**BERT, "n_segment": 1}}
 
 
 def model_fields(cfg: ModelConfig, names) -> dict:
@@ -189,7 +189,7 @@ def test_each_arch_resolves_to_its_fields_and_a_flag_overrides_it(arch):
 
 
 def test_an_unknown_arch_is_one_line_naming_the_choices():
-    with pytest.raises(UserError, match=r"unknown --arch 'bart'; choose one of llama, gpt2, bert, roberta") as err:
+    with pytest.raises(UserError, match=r"unknown --arch 'bart'; choose one of llama, qwen3, gpt2, bert, roberta") as err:
         parse_overrides(["--arch", "bart"])
     assert "\n" not in str(err.value)
 
@@ -240,8 +240,9 @@ def test_each_arch_trains_each_kind_of_objective_through_train_py(arch, objectiv
     assert model_fields(saved.model, expected) == expected
     assert saved.model == model_config_for(objective, saved.model, saved.obj)
     keys = set(state["model"])
-    assert ("backbone.norm.weight" in keys) == (arch in ("llama", "gpt2"))
-    assert ("backbone.lm_head.weight" in keys) == (arch == "llama" and objective != "classify")
+    assert ("backbone.norm.weight" in keys) == (arch in ("llama", "qwen3", "gpt2"))
+    assert ("backbone.lm_head.weight" in keys) == (arch in ("llama", "qwen3") and objective != "classify")
+    assert ("backbone.blocks.0.attn.q_norm.weight" in keys) == (arch == "qwen3")
     assert f"norm_placement={EXPECTED[arch]['norm_placement']}" in result.stdout
 
 

@@ -2,6 +2,7 @@
 optional drop of the target right after a document boundary."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +65,54 @@ def test_loss_is_the_mean_cross_entropy_over_real_targets():
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     # 16 + 14 + 9 + 3 real targets, minus the rows' targets after <eos> at position 8 (rows 0-2)
     assert int(sums["targets"]) == 16 + 14 + 9 + 3 - 3
+
+
+# ----------------------------------------------------------------------------- the speedrun's defaults
+def test_clm_defaults_to_muon_wsd_and_qk_norm_and_every_flag_or_arch_wins():
+    """clm.py's `defaults` (issue 21's measured gains) where the command line leaves the flags out;
+    --arch states qk_norm (llama, gpt2: off), so an arch is never undone; the other objectives keep
+    TrainConfig's and ModelConfig's values. A default the flags cannot live with is named."""
+    import dataclasses
+
+    from minilm.config import ModelConfig, TrainConfig, explicit_flags
+    from minilm.errors import UserError
+    from minilm.objectives import model_defaults_for, train_defaults_for
+    chosen = train_defaults_for("clm", TrainConfig(), set())
+    assert (chosen.optimizer, chosen.schedule) == ("muon", "wsd")
+    assert model_defaults_for("clm", ModelConfig(), set()).qk_norm is True
+    given = train_defaults_for("clm", dataclasses.replace(TrainConfig(), optimizer="adamw"), {"optimizer"})
+    assert (given.optimizer, given.schedule) == ("adamw", "wsd")
+    assert model_defaults_for("clm", ModelConfig(), explicit_flags(["--arch", "llama"])).qk_norm is False
+    for other in ("mlm", "prefix_lm", "rtd"):
+        assert train_defaults_for(other, TrainConfig(), set()).optimizer == "adamw"
+        assert model_defaults_for(other, ModelConfig(), set()).qk_norm is False
+    with pytest.raises(UserError, match=r"--fsdp shards them; .* \(clm defaults --optimizer muon; "
+                                        r"pass the flag to choose\)$"):
+        train_defaults_for("clm", dataclasses.replace(TrainConfig(), fsdp=True), {"fsdp"})
+
+
+def test_a_clm_run_saves_the_defaults_and_an_init_from_parent_keeps_its_own_model(tmp_path, corpus_dir):
+    """What a fresh run resolved is what its checkpoint holds; a parent trained without QK-norm
+    (--arch llama) is fine-tuned as it is: its weights fix the model, the default does not."""
+    import torch
+
+    from minilm.checkpoint import list_checkpoints
+    from tests.conftest import run_in_process
+    from tests.test_cli import TINY
+
+    def config_of(out):
+        return torch.load(list_checkpoints(str(out))[-1], weights_only=True)["config"]
+
+    fresh = run_in_process("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "fresh", "--max_steps", 2, *TINY)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    saved = config_of(tmp_path / "fresh")
+    assert (saved["train"]["optimizer"], saved["train"]["schedule"], saved["model"]["qk_norm"]) == ("muon", "wsd", True)
+    parent = run_in_process("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "llama", "--max_steps", 2,
+                            "--arch", "llama", *TINY)
+    assert parent.returncode == 0, parent.stderr[-2000:]
+    assert config_of(tmp_path / "llama")["model"]["qk_norm"] is False
+    child = run_in_process("train.py", "--data", corpus_dir, "--out_dir", tmp_path / "child", "--max_steps", 2,
+                           "--init_from", list_checkpoints(str(tmp_path / "llama"))[-1], *TINY[8:])
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert config_of(tmp_path / "child")["model"]["qk_norm"] is False
+    assert config_of(tmp_path / "child")["train"]["optimizer"] == "muon"   # a training default still applies

@@ -319,8 +319,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, corpus_dir):
     latin1.write_bytes("Les élèves étudièrent à l'école française. ".encode("latin-1") * 50)
     assert_user_error(run_in_process("train.py", "--data", latin1, "--out_dir", out), "not UTF-8", "iconv")
     assert_user_error(run_in_process("train.py", "--objective", "clmm", "--out_dir", out), "did you mean clm")
-    assert_user_error(run_in_process("train.py", "--fsdp", "--out_dir", out, "--data", corpus_dir), "torchrun")
-    assert_user_error(run_in_process("train.py", "--fsdp", "--compile", "--out_dir", out), "--fsdp and --compile")
+    assert_user_error(run_in_process("train.py", "--fsdp", "--optimizer", "adamw", "--out_dir", out, "--data",
+                                     corpus_dir), "torchrun")
+    # clm trains with Muon by default, which --fsdp cannot shard: the line says so and what to add
+    assert_user_error(run_in_process("train.py", "--fsdp", "--out_dir", out, "--data", corpus_dir),
+                      "--fsdp shards them", "use --optimizer adamw", "(clm defaults", "--optimizer muon")
+    assert_user_error(run_in_process("train.py", "--fsdp", "--compile", "--optimizer", "adamw", "--out_dir", out), "--fsdp and --compile")
     assert_user_error(run_in_process("train.py", "--on_nan", "retry", "--out_dir", out, "--data", corpus_dir, *TINY),
                       "--on_nan")
     foreign = tmp_path / "foreign.pt"

@@ -278,14 +278,23 @@ def test_bad_values_are_one_line_naming_the_flag():
 
 # ----------------------------------------------------------------------------- export refuses them
 @pytest.mark.parametrize("arch", list(ARCHES))
-@pytest.mark.parametrize("switch,field", [(dict(qk_norm=True), "qk_norm"), (dict(logit_softcap=30.0), "logit_softcap"),
-                                          (dict(mlp="relu2"), "mlp")])
+@pytest.mark.parametrize("switch,field", [(dict(logit_softcap=30.0), "logit_softcap"), (dict(mlp="relu2"), "mlp")])
 def test_export_refuses_a_model_with_a_switch_on_naming_the_field(arch, switch, field):
     from minilm.hf_format import arch_of
     assert arch_of(ModelConfig(**ARCHES[arch])) == arch
     with pytest.raises(UserError, match=f"its? {field} is|model's {field} is") as err:
         arch_of(ModelConfig(**{**ARCHES[arch], **switch}))
     assert "\n" not in str(err.value)
+
+
+def test_qk_norm_turns_llama_into_qwen3_and_has_no_counterpart_elsewhere():
+    from minilm.hf_format import arch_of
+    assert arch_of(ModelConfig(**{**ARCHES["llama"], "qk_norm": True})) == "qwen3"
+    assert arch_of(ModelConfig(**{**ARCHES["qwen3"], "qk_norm": False})) == "llama"
+    for arch in ("gpt2", "bert", "roberta"):
+        with pytest.raises(UserError, match=f"its qk_norm is True where {arch} .the nearest. has False") as err:
+            arch_of(ModelConfig(**{**ARCHES[arch], "qk_norm": True}))
+        assert "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- through train.py
@@ -323,13 +332,14 @@ def test_recipe_trains_through_train_py(objective, tmp_path, corpus_dir, tokeniz
 
 @pytest.mark.usefixtures("peak_flops_once")
 def test_a_checkpoint_without_the_new_fields_resumes_exactly(tmp_path, corpus_dir, tokenizer_file):
-    """A default run's checkpoint as an older minilm wrote it (no qk_norm, no logit_softcap in its
-    config) resumes to the very weights of a run that never stopped."""
+    """A checkpoint as an older minilm wrote it (no qk_norm, no logit_softcap in its config; its
+    model without QK-norm, clm's default since) resumes to the very weights of a run that never
+    stopped."""
     from minilm.checkpoint import load_checkpoint, save_checkpoint
     from tests.conftest import run_in_process
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--max_steps", 4, "--ckpt_every", 2, "--keep_checkpoints", 0, "--eval_every", 100]
-    result = run_in_process("train.py", *train_flags(straight, corpus_dir, tokenizer_file, *flags))
+    result = run_in_process("train.py", *train_flags(straight, corpus_dir, tokenizer_file, *flags, "--qk_norm", "false"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     shutil.copytree(straight, resumed)
     os.remove(resumed / "ckpt-00000004.pt")

@@ -107,10 +107,26 @@ def model_defaults_for(name: str, model_cfg, given: set[str]):
 
 def train_defaults_for(name: str, train_cfg, given: set[str]):
     """The same for TrainConfig fields (an objective's own learning rate): a copy of train_cfg,
-    checked again (--min_lr must stay at most --lr)."""
-    train_cfg = _defaults_for(name, train_cfg, given)
-    train_cfg.validate()
-    return train_cfg
+    checked again (--min_lr must stay at most --lr). A default the flags cannot live with (clm's
+    Muon beside --fsdp) is the check's one-line error, naming the default and asking for the flag."""
+    defaulted = _defaults_for(name, train_cfg, given)
+    try:
+        defaulted.validate()
+    except UserError as err:
+        dataclasses.replace(train_cfg).validate()   # the flags alone at fault: their own error (on a copy)
+        taken = [f.name for f in dataclasses.fields(train_cfg) if getattr(defaulted, f.name) != getattr(train_cfg, f.name)]
+        culprits = [n for n in taken if _valid(dataclasses.replace(defaulted, **{n: getattr(train_cfg, n)}))] or taken
+        said = ", ".join(f"--{n} {getattr(defaulted, n)}" for n in culprits)
+        raise UserError(f"{err} ({name} defaults {said}; pass the flag to choose)") from None
+    return defaulted
+
+
+def _valid(section) -> bool:
+    try:
+        dataclasses.replace(section).validate()   # on a copy: validate resolves `auto` fields in place
+        return True
+    except UserError:
+        return False
 
 
 def _defaults_for(name: str, section, given: set[str]):

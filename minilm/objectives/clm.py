@@ -16,6 +16,15 @@ Labels are masked by *position*, never by token id: in padded rows the labels at
 (Setting labels[labels == pad_id] = -100 when pad == eos removes every end-of-text target:
 transformers issue #23530.)
 
+Its defaults (`defaults`, where the flags leave them out; issue 21's speedrun, benchmarks/README.md):
+Muon on the blocks' matrices (--optimizer muon, minilm/muon.py), a warmup-stable-decay schedule
+(--schedule wsd: the peak lr until the last 20% of the steps, then linear to --min_lr) and QK-norm
+(--qk_norm, model.py's Attention): each reached the old defaults' (AdamW, cosine, no QK-norm) final
+validation loss in fewer steps, and together in well under two thirds of them (the table and its
+command: benchmarks/README.md, "Speedrun"). nanoGPT trains with AdamW and a cosine schedule; `--optimizer adamw --schedule cosine --qk_norm
+false` is that recipe. A model with QK-norm exports as transformers' Qwen3 (`--arch qwen3`);
+`--arch llama` or `--arch gpt2` turn it off, and an --init_from parent keeps its own model.
+
 Where we differ from the references: nothing in the objective itself. Windows are cut from the
 token stream without regard to documents, as nanoGPT and GPT-2 cut them, so a window may read
 "...end of doc A <eos> start of doc B" and attention crosses that boundary (no per-document mask).
@@ -62,6 +71,7 @@ class CausalLM(Objective):
     token_score = "log p"
     reads_padded_rows = True   # prefix_lm too
     baseline = Baseline("each next token predicted by its unigram frequency", targets="labels", margin=0.05)
+    defaults = {"optimizer": "muon", "schedule": "wsd", "qk_norm": True}   # the speedrun's measured gains
     # transformers' causal LMs: the backbone's logits are the whole head; an untied output matrix is
     # their lm_head (a tied one is not stored: config.json's tie_word_embeddings says so)
     hf_heads = {arch: HFHead(architecture, {"backbone.lm_head.weight": "lm_head.weight"}, ("backbone.lm_head.weight",))

@@ -60,6 +60,7 @@ class PrefixLM(CausalLM):
     model_kind = "prefix_decoder"
     capabilities = frozenset({"generate"})   # not score: its log p would depend on where a prefix ends
     prompt_is_prefix = True                  # generate reads the prompt in both directions, as the prefix
+    defaults = {}   # not clm's speedrun defaults: measured on the causal LM only
 
     def make_batch(self, raw, generator=None, lengths=None):
         """raw (B, T+1) -> input_ids, labels (B, T), prefix_lengths (B,), counts. lengths (B,):
