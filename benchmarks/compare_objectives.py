@@ -628,19 +628,76 @@ def cell(values: list[float], digits: int, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def read_tsv_rows(path: str) -> list[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        return [tuple(line.rstrip("\n").split("\t", 1)) for line in f.readlines()[1:]]
+
+
+def frozen_features(objective, tokenizer, train_tsv: str, val_tsv: str) -> tuple[float, float]:
+    """What a backbone's features hold before any fine-tuning: (the mean pairwise cosine of the
+    validation rows' vectors, nearest-centroid accuracy). A row's vector is minilm's embed: the
+    mean of the final hidden states (t5: its encoder's). Each class's centroid is the mean of its
+    training rows' unit vectors; a validation row gets the class of the nearest centroid (cosine).
+    A collapsed backbone (every row the same vector) has cosine ~1 and centroid accuracy near
+    chance, whatever fine-tuning then does; no training, so no seed."""
+    import torch
+
+    from minilm.api import batches, mean_hidden_states
+    from minilm.tokenizer import EOS_ID
+    train, val = read_tsv_rows(train_tsv), read_tsv_rows(val_tsv)
+    labels = sorted({label for _, label in train})
+    keep = objective.backbone.cfg.seq_len - 1   # cut as classify cuts a row: to the window
+
+    def vectors_of(rows):   # embed's framing (<eos> first; t5: last), the texts cut to the window
+        ids = [tokenizer.encode(text)[:keep] for text, _ in rows]
+        framed = [row + [EOS_ID] if objective.model_kind == "seq2seq" else [EOS_ID] + row for row in ids]
+        return torch.nn.functional.normalize(torch.cat([mean_hidden_states(objective, batch, "cpu")
+                                                        for batch in batches(framed, 32)]), dim=-1)
+
+    with torch.no_grad():
+        vectors = [vectors_of(train), vectors_of(val)]
+    train_labels = torch.tensor([labels.index(label) for _, label in train])
+    centroids = torch.stack([vectors[0][train_labels == k].mean(0) for k in range(len(labels))])
+    predicted = (vectors[1] @ centroids.t()).argmax(-1)
+    accuracy = (predicted == torch.tensor([labels.index(label) for _, label in val])).float().mean().item()
+    n = len(val)
+    cosine = ((vectors[1] @ vectors[1].t()).sum() - n) / (n * (n - 1))
+    return float(cosine), accuracy
+
+
+def checkpoint_features(checkpoint: str, train_tsv: str, val_tsv: str, random_weights: bool = False):
+    """frozen_features of a pretraining run's final checkpoint; random_weights: of the same model
+    with fresh weights (torch.manual_seed(0)), what scratch starts from."""
+    import torch
+
+    from minilm.api import load
+    from minilm.objectives import build_objective
+    model = load(checkpoint, device="cpu", log=lambda msg: None)
+    objective = model.objective
+    if random_weights:
+        torch.manual_seed(0)
+        objective = build_objective(model.config.train.objective, model.config.model, model.tokenizer,
+                                    model.config.obj).eval()
+    return frozen_features(objective, model.tokenizer, train_tsv, val_tsv)
+
+
 def last_train_loss(out_dir: str) -> float | None:
     """The training loss of a run's last logged step: does the classifier fit its labelled rows?"""
     rows = [row for row in read_metrics(out_dir, log=lambda msg: None) if "loss" in row and "val_loss" not in row]
     return rows[-1]["loss"] if rows else None
 
 
-def table(objectives, seeds, records, pretraining, finetuning, probe: bool, pretrained_seeds=None) -> list[str]:
+def table(objectives, seeds, records, pretraining, finetuning, probe: bool, pretrained_seeds=None,
+          features=None) -> list[str]:
     """The markdown table: one row per objective and one for scratch. "vs scratch": the mean over
     seeds of (this row's accuracy - scratch's with the same fine-tuning seed), in points, and how
-    many seeds beat their scratch seed; "train loss": the fine-tuning's last logged training loss."""
+    many seeds beat their scratch seed; "train loss": the fine-tuning's last logged training loss;
+    `features` {row: frozen_features of its (first) backbone} adds two columns."""
     pretrained_seeds = pretrained_seeds or seeds
     header = ["objective", "pretraining time (s)", "pretraining tokens", "val bpb", "accuracy (%)", "macro-F1 (%)",
               "vs scratch (points)", "train loss"]
+    if features:
+        header += ["frozen cos(rows)", "frozen centroid acc (%)"]
     if probe:
         header += ["probe accuracy (%)", "probe macro-F1 (%)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -666,6 +723,9 @@ def table(objectives, seeds, records, pretraining, finetuning, probe: bool, pret
                 above = sum(g > 0 for g in gains)
                 row += ["-" if objective == SCRATCH else f"{100 * sum(gains) / len(gains):+.1f} ({above}/{len(gains)})",
                         cell([last_train_loss(finetuning[kind, objective, seed].out_dir) for seed in seeds], 3)]
+                if features:
+                    cosine, accuracy = features.get(objective, (None, None))
+                    row += ["-" if cosine is None else f"{cosine:.3f}", "-" if accuracy is None else f"{100 * accuracy:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -711,6 +771,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--finetune_batch_size", type=int)
     parser.add_argument("--probe", action="store_true", help="also a linear probe (--freeze_backbone) per row")
     parser.add_argument("--pooling", default="", help="classify's --pooling (default: its own)")
+    parser.add_argument("--features", action="store_true", help="also each backbone's frozen features: the "
+                        "validation rows' mean cosine and nearest-centroid accuracy (frozen_features)")
     parser.add_argument("--labelled_per_class", type=int, help="training rows per class (64 stdlib, 100 manpages)")
     parser.add_argument("--val_per_class", type=int, help="validation rows per class (40 stdlib, 50 manpages)")
     parser.add_argument("--packages", default=",".join(DEFAULT_PACKAGES), help="the classes: stdlib packages")
@@ -782,13 +844,22 @@ def main(argv: list[str]) -> None:
     print(f"fine-tuning: {len(finetuning)} runs of {next(iter(finetuning.values())).max_steps} steps")
     for run in finetuning.values():
         records[run.name] = execute(run)
+    features = {}
+    if args.features:
+        for objective in objectives:
+            checkpoint = pretraining[objective, seeds[0]].final_checkpoint
+            features[objective] = checkpoint_features(checkpoint, files.train, files.val)
+        if objectives:   # scratch: the first row's model with fresh weights (the shape every row shares)
+            features[SCRATCH] = checkpoint_features(pretraining[objectives[0], seeds[0]].final_checkpoint,
+                                                    files.train, files.val, random_weights=True)
     lines = [f"Fine-tuned on {count_rows(files.train)} labelled {what} ({args.labelled_per_class} per class, "
              f"{classes} classes: chance is {100 / classes:.1f} %), validated on {count_rows(files.val)} "
              f"held out from pretraining; mean ± half the range over {len(seeds)} fine-tuning seed(s) "
              f"from {len(pretrain_seeds(seeds, args))} pretraining seed(s); the last evaluation of each "
              f"run (no selection on the validation set). Budget {args.budget}, device {args.device}, "
              f"Python {sys.version.split()[0]}.", "",
-             *table(objectives, seeds, records, pretraining, finetuning, args.probe, pretrain_seeds(seeds, args))]
+             *table(objectives, seeds, records, pretraining, finetuning, args.probe, pretrain_seeds(seeds, args),
+                    features)]
     with open(os.path.join(work, "table.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + f"\n\n(written to {os.path.join(work, 'table.md')})")

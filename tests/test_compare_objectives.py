@@ -236,3 +236,35 @@ def test_one_pretraining_serves_every_seed_and_a_variant_is_its_objective_with_f
     for bad in (["--pretrain_seeds", "4", "--seeds", "3"], ["--variant", "=rtd"], ["--variant", "x="]):
         with pytest.raises(UserError, match="--pretrain_seeds must be between|--variant"):
             compare.parse_args(bad)
+
+
+def test_frozen_features_tell_a_collapsed_backbone_from_one_that_separates_the_classes(tmp_path, tokenizer,
+                                                                                         monkeypatch):
+    """frozen_features: the validation rows' mean pairwise cosine and nearest-centroid accuracy.
+    A backbone whose every row is the same vector reads cosine 1 and no better than the majority
+    guess; one whose vector says which class word a row holds reads 100%. Rows are cut to the
+    window as classify cuts them."""
+    import types
+
+    import minilm.api
+    import torch
+    rows = [(f"{'apple' if i % 2 else 'river'} text number {i}", "fruit" if i % 2 else "water") for i in range(12)]
+    compare.write_tsv(tmp_path / "train.tsv", rows[:8])
+    compare.write_tsv(tmp_path / "val.tsv", rows[8:] + [("apple " * 500, "fruit")])
+    apple, river = tokenizer.encode("apple")[0], tokenizer.encode("river")[0]
+    seen = []
+
+    def by_word(objective, batch, device):
+        seen.extend(len(row) for row in batch)
+        return torch.tensor([[1.0 + 5 * (apple in row), 1.0 + 5 * (river in row)] for row in batch])
+
+    objective = types.SimpleNamespace(backbone=types.SimpleNamespace(cfg=types.SimpleNamespace(seq_len=16)),
+                                      model_kind="encoder")
+    monkeypatch.setattr(minilm.api, "mean_hidden_states", by_word)
+    cosine, accuracy = compare.frozen_features(objective, tokenizer, str(tmp_path / "train.tsv"),
+                                               str(tmp_path / "val.tsv"))
+    assert accuracy == 1.0 and cosine < 0.9 and max(seen) == 16   # <eos> + 15 tokens of the long row
+    monkeypatch.setattr(minilm.api, "mean_hidden_states", lambda o, batch, d: torch.ones(len(batch), 4))
+    cosine, accuracy = compare.frozen_features(objective, tokenizer, str(tmp_path / "train.tsv"),
+                                               str(tmp_path / "val.tsv"))
+    assert cosine == pytest.approx(1.0) and accuracy == pytest.approx(3 / 5)   # every row called "fruit"
