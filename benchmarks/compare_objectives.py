@@ -637,7 +637,8 @@ def frozen_features(objective, tokenizer, train_tsv: str, val_tsv: str) -> tuple
     """What a backbone's features hold before any fine-tuning: (the mean pairwise cosine of the
     validation rows' vectors, nearest-centroid accuracy). A row's vector is minilm's embed: the
     mean of the final hidden states (t5: its encoder's). Each class's centroid is the mean of its
-    training rows' unit vectors; a validation row gets the class of the nearest centroid (cosine).
+    training rows' unit vectors, centred on all training rows' mean; a validation row gets the
+    class of the nearest centroid (cosine).
     A collapsed backbone (every row the same vector) has cosine ~1 and centroid accuracy near
     chance, whatever fine-tuning then does; no training, so no seed."""
     import torch
@@ -656,12 +657,16 @@ def frozen_features(objective, tokenizer, train_tsv: str, val_tsv: str) -> tuple
 
     with torch.no_grad():
         vectors = [vectors_of(train), vectors_of(val)]
-    train_labels = torch.tensor([labels.index(label) for _, label in train])
-    centroids = torch.stack([vectors[0][train_labels == k].mean(0) for k in range(len(labels))])
-    predicted = (vectors[1] @ centroids.t()).argmax(-1)
-    accuracy = (predicted == torch.tensor([labels.index(label) for _, label in val])).float().mean().item()
     n = len(val)
     cosine = ((vectors[1] @ vectors[1].t()).sum() - n) / (n * (n - 1))
+    # centred on the training rows' mean first: a direction every row shares (a masked LM's
+    # vectors have one, cosine ~0.97) says nothing about the class but would dominate the cosines
+    mean = vectors[0].mean(0)
+    centred = [torch.nn.functional.normalize(v - mean, dim=-1) for v in vectors]
+    train_labels = torch.tensor([labels.index(label) for _, label in train])
+    centroids = torch.stack([centred[0][train_labels == k].mean(0) for k in range(len(labels))])
+    predicted = (centred[1] @ centroids.t()).argmax(-1)
+    accuracy = (predicted == torch.tensor([labels.index(label) for _, label in val])).float().mean().item()
     return float(cosine), accuracy
 
 
