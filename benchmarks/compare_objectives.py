@@ -222,6 +222,16 @@ class TaskFiles:
     summary: str        # one line for the report
 
 
+def write_task(folder: str, task: Task, documents: list[str]) -> TaskFiles:
+    """train.tsv, val.tsv and pretrain.txt under `folder`, each rewritten only when it changed."""
+    files = TaskFiles(os.path.join(folder, "train.tsv"), os.path.join(folder, "val.tsv"),
+                      os.path.join(folder, "pretrain.txt"), "")
+    write_if_changed(files.train, lambda p: write_tsv(p, task.train))
+    write_if_changed(files.val, lambda p: write_tsv(p, task.val))
+    write_if_changed(files.corpus, lambda p: write_corpus(p, documents))
+    return files
+
+
 def prepare_task(folder: str, packages=DEFAULT_PACKAGES, labelled_per_class: int = 64,
                  val_per_class: int = 40, seed: int = 0, log=print) -> TaskFiles:
     """Build the labelled task and the pretraining corpus without it; write them under `folder`."""
@@ -229,11 +239,7 @@ def prepare_task(folder: str, packages=DEFAULT_PACKAGES, labelled_per_class: int
     task = build_task(packages, labelled_per_class, val_per_class, seed)
     held_out = [text for texts in task.val_modules.values() for text in texts]
     documents, dropped = pretraining_documents(held_out)
-    files = TaskFiles(os.path.join(folder, "train.tsv"), os.path.join(folder, "val.tsv"),
-                      os.path.join(folder, "pretrain.txt"), "")
-    write_if_changed(files.train, lambda p: write_tsv(p, task.train))
-    write_if_changed(files.val, lambda p: write_tsv(p, task.val))
-    write_if_changed(files.corpus, lambda p: write_corpus(p, documents))
+    files = write_task(folder, task, documents)
     chars = sum(len(d) for d in documents)
     files.summary = (f"task: {len(packages)} packages ({', '.join(packages)}), {labelled_per_class} training and "
                      f"{val_per_class} validation docstrings each ({len(task.train)} / {len(task.val)} rows); "
@@ -319,11 +325,7 @@ def prepare_manpage_task(folder: str, sections=MANPAGE_SECTIONS, labelled_per_cl
     held_out_paths = set(task.val_modules)
     kept = [page.text for page in pages if page.path not in held_out_paths]
     documents, dropped = pretraining_documents([text for text, _ in task.val], kept)
-    files = TaskFiles(os.path.join(folder, "train.tsv"), os.path.join(folder, "val.tsv"),
-                      os.path.join(folder, "pretrain.txt"), "")
-    write_if_changed(files.train, lambda p: write_tsv(p, task.train))
-    write_if_changed(files.val, lambda p: write_tsv(p, task.val))
-    write_if_changed(files.corpus, lambda p: write_corpus(p, documents))
+    files = write_task(folder, task, documents)
     chars = sum(len(d) for d in documents)
     files.summary = (f"task: the manual section of a page's first {ROW_CHARS} characters, {len(sections)} sections "
                      f"({', '.join(s.removeprefix('man') for s in sections)}), {labelled_per_class} training and "
