@@ -263,8 +263,20 @@ MANPAGE_SECTIONS = ("man1", "man2", "man3", "man5", "man7", "man8")
 ROW_CHARS = 400
 
 
-def page_row(text: str, row_chars: int = ROW_CHARS) -> str:
-    """A page's first row_chars characters on one line, cut at the last space (no half word)."""
+ROW_FROM = ("start", "description")
+
+
+def page_row(text: str, row_chars: int = ROW_CHARS, row_from: str = "start") -> str | None:
+    """A page's first row_chars characters on one line, cut at the last space (no half word).
+    row_from "description": the first row_chars after its DESCRIPTION heading instead, without the
+    NAME line and the synopsis (an `#include` or a list of options says the section by itself);
+    None for a page without that heading."""
+    if row_from == "description":
+        lines = text.split("\n")
+        heading = next((i for i, line in enumerate(lines) if line.strip() == "DESCRIPTION"), None)
+        if heading is None:
+            return None
+        text = "\n".join(lines[heading + 1:])
     flat = normalized(text)
     if len(flat) <= row_chars:
         return flat
@@ -273,18 +285,20 @@ def page_row(text: str, row_chars: int = ROW_CHARS) -> str:
 
 
 def build_manpage_task(pages, sections=MANPAGE_SECTIONS, labelled_per_class: int = 100, val_per_class: int = 50,
-                       seed: int = 0, row_chars: int = ROW_CHARS) -> Task:
+                       seed: int = 0, row_chars: int = ROW_CHARS, row_from: str = "start") -> Task:
     """The section task from `pages` (speedrun.Page: path, section, text). The split is by PAGE: per
     section, the first val_per_class pages in stable_order of their paths are validation, and
     labelled_per_class training rows are drawn with `seed` from the rest. A row text that two pages
     share (the same page installed twice, a generated family) is in neither split. Task.val_modules
-    maps each validation page's path to its whole text: what the pretraining corpus must not hold."""
+    maps each validation page's path to its whole text: what the pretraining corpus must not hold.
+    row_from: page_row's; a page with no row there (no DESCRIPTION heading) is left out."""
     if len(sections) < 2 or len(set(sections)) < len(sections):
         raise UserError(f"--sections needs at least two different sections, got {','.join(sections)}")
     rows: dict[str, list] = {}
     for page in pages:
-        if page.section in sections:
-            rows.setdefault(page_row(page.text, row_chars), []).append(page)
+        row = page_row(page.text, row_chars, row_from) if page.section in sections else None
+        if row is not None:
+            rows.setdefault(row, []).append(page)
     by_section: dict[str, list] = {section: [] for section in sections}
     for text, found_in in rows.items():
         if len(found_in) == 1:
@@ -300,8 +314,9 @@ def build_manpage_task(pages, sections=MANPAGE_SECTIONS, labelled_per_class: int
                             f"{val_per_class + labelled_per_class}: lower --labelled_per_class ({labelled_per_class}) "
                             f"or --val_per_class ({val_per_class}), or drop it from --sections")
         label = section.removeprefix("man")
-        task.val += [(page_row(page.text, row_chars), label) for page in val_pages]
-        task.train += [(page_row(page.text, row_chars), label) for page in rng.sample(rest, labelled_per_class)]
+        task.val += [(page_row(page.text, row_chars, row_from), label) for page in val_pages]
+        task.train += [(page_row(page.text, row_chars, row_from), label)
+                       for page in rng.sample(rest, labelled_per_class)]
         task.val_modules.update({page.path: [normalized(page.text)] for page in val_pages})
     rng.shuffle(task.train)
     rng.shuffle(task.val)
@@ -316,18 +331,20 @@ def manpage_pages():
 
 
 def prepare_manpage_task(folder: str, sections=MANPAGE_SECTIONS, labelled_per_class: int = 100,
-                         val_per_class: int = 50, seed: int = 0, pages=None, log=print) -> TaskFiles:
+                         val_per_class: int = 50, seed: int = 0, pages=None, log=print,
+                         row_from: str = "start") -> TaskFiles:
     """The section task and its pretraining corpus: every page of the speedrun corpus except the
     validation pages, and except any page that holds a validation row (a copy of a held-out page)."""
     os.makedirs(folder, exist_ok=True)
     pages = manpage_pages() if pages is None else pages
-    task = build_manpage_task(pages, sections, labelled_per_class, val_per_class, seed)
+    task = build_manpage_task(pages, sections, labelled_per_class, val_per_class, seed, row_from=row_from)
     held_out_paths = set(task.val_modules)
     kept = [page.text for page in pages if page.path not in held_out_paths]
     documents, dropped = pretraining_documents([text for text, _ in task.val], kept)
     files = write_task(folder, task, documents)
     chars = sum(len(d) for d in documents)
-    files.summary = (f"task: the manual section of a page's first {ROW_CHARS} characters, {len(sections)} sections "
+    where = "first" if row_from == "start" else "first after DESCRIPTION:"
+    files.summary = (f"task: the manual section of a page's {where} {ROW_CHARS} characters, {len(sections)} sections "
                      f"({', '.join(s.removeprefix('man') for s in sections)}), {labelled_per_class} training and "
                      f"{val_per_class} validation pages each ({len(task.train)} / {len(task.val)} rows). Pretraining "
                      f"corpus: the {len(pages)} pages of the speedrun corpus minus the {len(held_out_paths)} validation "
@@ -770,6 +787,9 @@ def parse_args(argv: list[str]):
                              "'rtd-none=rtd --embedding_sharing none' (repeatable)")
     parser.add_argument("--task", choices=["stdlib", "manpages"], help="the labelled task (default: the budget's)")
     parser.add_argument("--sections", default=",".join(MANPAGE_SECTIONS), help="--task manpages: the classes")
+    parser.add_argument("--row_from", default="start", choices=ROW_FROM,
+                        help="--task manpages: a row is the page's start, or its DESCRIPTION section's (no "
+                             "synopsis: a harder task, less lexical)")
     parser.add_argument("--pretrain_tokens", type=int, help="input tokens per pretraining run")
     parser.add_argument("--pretrain_lr", type=float)
     parser.add_argument("--eval_batches", type=int, default=10, help="batches per pretraining evaluation")
@@ -832,7 +852,7 @@ def main(argv: list[str]) -> None:
     if args.task == "manpages":
         sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
         files = prepare_manpage_task(os.path.join(work, "task"), sections, args.labelled_per_class,
-                                     args.val_per_class, args.task_seed)
+                                     args.val_per_class, args.task_seed, row_from=args.row_from)
         classes, what = len(sections), "pages' first characters"
     else:
         files = prepare_task(os.path.join(work, "task"), packages, args.labelled_per_class, args.val_per_class,

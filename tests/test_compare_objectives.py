@@ -268,3 +268,19 @@ def test_frozen_features_tell_a_collapsed_backbone_from_one_that_separates_the_c
     cosine, accuracy = compare.frozen_features(objective, tokenizer, str(tmp_path / "train.tsv"),
                                                str(tmp_path / "val.tsv"))
     assert cosine == pytest.approx(1.0) and accuracy == pytest.approx(3 / 5)   # every row called "fruit"
+
+
+def test_a_description_row_skips_the_synopsis_and_a_page_without_one_is_left_out():
+    page = "NAME\nopen - open a file\n\nSYNOPSIS\n#include <fcntl.h>\n\nDESCRIPTION\nThe open() call opens " + \
+        "the file named by its path. " * 30
+    row = compare.page_row(page, 100, "description")
+    assert row.startswith("The open() call opens the file") and "#include" not in row and len(row) <= 100
+    assert compare.page_row(page, 100).startswith("NAME open - open a file SYNOPSIS #include")
+    assert compare.page_row("NAME\nx - no sections here. " + "words " * 50, 100, "description") is None
+    pages = fake_pages({"man2": 9, "man3": 9}, extra=[compare_page("/man/man2/bare.gz", "man2", "NAME bare " * 40)])
+    for p in pages:
+        p.text = p.text.replace("NAME", "NAME\nSYNOPSIS\nf(int);\nDESCRIPTION\n", 1) if "bare" not in p.path else p.text
+    task = compare.build_manpage_task(pages, ("man2", "man3"), 6, 3, seed=0, row_from="description")
+    assert all(not text.startswith("NAME") for text, _ in task.train + task.val)
+    with pytest.raises(UserError, match="section man2 has 9 pages with a row of their own; it needs 10"):
+        compare.build_manpage_task(pages, ("man2", "man3"), 7, 3, seed=0, row_from="description")
