@@ -41,8 +41,9 @@ from minilm.errors import UserError
 # tie_embeddings, intermediate_size) every HF config of these architectures states as it likes.
 ARCH_FIELDS = ("norm_placement", "norm", "position", "mlp", "bias", "embed_norm", "n_segment", "qk_norm")
 
-MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2", "bert": "bert", "roberta": "roberta"}   # config.json's model_type
-PREFIX = {"llama": "model.", "qwen3": "model.", "gpt2": "transformer.", "bert": "bert.", "roberta": "roberta."}  # the base model's
+# config.json's model_type, and the prefix of the base model's names
+MODEL_TYPES = {"llama": "llama", "qwen3": "qwen3", "gpt2": "gpt2", "bert": "bert", "roberta": "roberta"}
+PREFIX = {"llama": "model.", "qwen3": "model.", "gpt2": "transformer.", "bert": "bert.", "roberta": "roberta."}
 
 
 def arch_of(cfg: ModelConfig) -> str:

@@ -21,9 +21,10 @@ Muon on the blocks' matrices (--optimizer muon, minilm/muon.py), a warmup-stable
 (--schedule wsd: the peak lr until the last 20% of the steps, then linear to --min_lr) and QK-norm
 (--qk_norm, model.py's Attention): each reached the old defaults' (AdamW, cosine, no QK-norm) final
 validation loss in fewer steps, and together in well under two thirds of them (the table and its
-command: benchmarks/README.md, "Speedrun"). nanoGPT trains with AdamW and a cosine schedule; `--optimizer adamw --schedule cosine --qk_norm
-false` is that recipe. A model with QK-norm exports as transformers' Qwen3 (`--arch qwen3`);
-`--arch llama` or `--arch gpt2` turn it off, and an --init_from parent keeps its own model.
+command: benchmarks/README.md, "Speedrun"). nanoGPT trains with AdamW and a cosine schedule:
+`--optimizer adamw --schedule cosine --qk_norm false` is that recipe. A model with QK-norm exports
+as transformers' Qwen3 (`--arch qwen3`); `--arch llama` or `--arch gpt2` turn it off, and an
+--init_from parent keeps its own model.
 
 Where we differ from the references: nothing in the objective itself. Windows are cut from the
 token stream without regard to documents, as nanoGPT and GPT-2 cut them, so a window may read
