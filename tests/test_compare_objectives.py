@@ -284,3 +284,21 @@ def test_a_description_row_skips_the_synopsis_and_a_page_without_one_is_left_out
     assert all(not text.startswith("NAME") for text, _ in task.train + task.val)
     with pytest.raises(UserError, match="section man2 has 9 pages with a row of their own; it needs 10"):
         compare.build_manpage_task(pages, ("man2", "man3"), 7, 3, seed=0, row_from="description")
+
+
+def test_backbone_probe_reads_a_length_direction_and_class_centroids():
+    """benchmarks/backbone_probe.py's numbers on vectors made to hold one thing each: vectors that
+    vary only with the row's length put all their spread on one direction, correlated +-1 with it;
+    vectors that hold the class give centroid accuracy 1 whatever direction they all share."""
+    import torch
+    backbone_probe = load_benchmark("backbone_probe")
+    labels = torch.tensor([0, 1, 2] * 4)
+    lengths = torch.arange(12) + 20
+    shared = torch.tensor([10.0, 0, 0, 0])
+    by_class = shared + torch.eye(4)[labels] * 0.5
+    by_length = shared + torch.stack([torch.zeros(12), torch.zeros(12), torch.zeros(12), lengths.float() / 10], 1)
+    numbers = backbone_probe.probe(by_class, labels, by_class, labels, lengths)
+    assert numbers["centroid"] == 1.0 and numbers["cos"] > 0.99   # one shared direction, the class still read
+    numbers = backbone_probe.probe(by_length, labels, by_length, labels, lengths)
+    assert numbers["pc1"] > 0.999 and abs(numbers["r(length)"]) > 0.999
+    assert numbers["centroid"] < 0.7
