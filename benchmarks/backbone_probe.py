@@ -33,8 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare_objectives import read_tsv_rows                 # noqa: E402
-from minilm.api import batches, load, padded                 # noqa: E402
+from compare_objectives import load_backbone, read_tsv_rows  # noqa: E402
+from minilm.api import batches, padded                       # noqa: E402
 from minilm.model import padding_mask                        # noqa: E402
 from minilm.tokenizer import EOS_ID                          # noqa: E402
 
@@ -96,17 +96,11 @@ def probe(train: torch.Tensor, train_labels: torch.Tensor, val: torch.Tensor, va
 
 def probe_checkpoint(path: str, task: str, random_weights: bool = False) -> dict[str, dict[str, float]]:
     """{depth: probe(...)} for one checkpoint on the task in folder `task`."""
-    model = load(path, device="cpu", log=lambda msg: None)
-    objective = model.objective
-    if random_weights:
-        from minilm.objectives import build_objective
-        torch.manual_seed(0)
-        objective = build_objective(model.config.train.objective, model.config.model, model.tokenizer,
-                                    model.config.obj).eval()
+    objective, tokenizer = load_backbone(path, random_weights)
     train_rows, val_rows = read_tsv_rows(os.path.join(task, "train.tsv")), read_tsv_rows(os.path.join(task, "val.tsv"))
     labels = sorted({label for _, label in train_rows})
-    train_ids = framed_rows(objective, model.tokenizer, [text for text, _ in train_rows])
-    val_ids = framed_rows(objective, model.tokenizer, [text for text, _ in val_rows])
+    train_ids = framed_rows(objective, tokenizer, [text for text, _ in train_rows])
+    val_ids = framed_rows(objective, tokenizer, [text for text, _ in val_rows])
     train_vectors, val_vectors = depth_vectors(objective, train_ids), depth_vectors(objective, val_ids)
     train_labels = torch.tensor([labels.index(label) for _, label in train_rows])
     val_labels = torch.tensor([labels.index(label) for _, label in val_rows])

@@ -689,20 +689,26 @@ def frozen_features(objective, tokenizer, train_tsv: str, val_tsv: str) -> tuple
     return float(cosine), accuracy
 
 
-def checkpoint_features(checkpoint: str, train_tsv: str, val_tsv: str, random_weights: bool = False):
-    """frozen_features of a pretraining run's final checkpoint; random_weights: of the same model
-    with fresh weights (torch.manual_seed(0)), what scratch starts from."""
+def load_backbone(checkpoint: str, random_weights: bool = False):
+    """(objective in eval mode, tokenizer) of a pretraining checkpoint on the CPU; random_weights:
+    the same model with fresh weights (torch.manual_seed(0)), what scratch starts from."""
     import torch
 
     from minilm.api import load
     from minilm.objectives import build_objective
     model = load(checkpoint, device="cpu", log=lambda msg: None)
-    objective = model.objective
-    if random_weights:
-        torch.manual_seed(0)
-        objective = build_objective(model.config.train.objective, model.config.model, model.tokenizer,
-                                    model.config.obj).eval()
-    return frozen_features(objective, model.tokenizer, train_tsv, val_tsv)
+    if not random_weights:
+        return model.objective, model.tokenizer
+    torch.manual_seed(0)
+    cfg = model.config
+    return build_objective(cfg.train.objective, cfg.model, model.tokenizer, cfg.obj).eval(), model.tokenizer
+
+
+def checkpoint_features(checkpoint: str, train_tsv: str, val_tsv: str, random_weights: bool = False):
+    """frozen_features of a pretraining run's final checkpoint (or, random_weights, of its model
+    with fresh weights: load_backbone)."""
+    objective, tokenizer = load_backbone(checkpoint, random_weights)
+    return frozen_features(objective, tokenizer, train_tsv, val_tsv)
 
 
 def last_train_loss(out_dir: str) -> float | None:
