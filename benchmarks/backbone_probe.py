@@ -14,9 +14,19 @@ row cut to the window as classify cuts it. Four numbers per depth, on unit vecto
              the training rows' mean first (a direction every row shares carries no class)
   pc1        the share of the centred validation vectors' variance along their first principal
              direction
-  r(length)  that direction's correlation with the rows' token counts: a large share with a large
-             |r| means the vectors mostly say how long a row is (a position-dependent component
-             that mean pooling turns into length), not what it says
+  r(length)  that direction's correlation with the rows' token counts. A large |r| need not mean
+             the vectors say how long a row is: on the man-page task a row is 400 characters, and
+             code (`_`, `);`, `{`) cuts into more tokens than prose, so a prose-or-code direction
+             correlates with the count too; --explain tells the two apart
+
+With --explain, what the final depth's first principal direction reads, two ways:
+
+  tokens     the token ids whose final hidden states lie furthest along it at either end (mean
+             projection over their occurrences in the validation rows, ids seen 5 times or more)
+  cut shift  how far the validation rows move along it when each is cut to its first CUT tokens,
+             in units of its spread over the full rows: a direction that says "how long is this
+             row" moves them by about its spread or more; one that reads what the text is (prose
+             or code) barely moves them
 
 No training and no seed: the numbers are a property of the weights (benchmarks/README.md, issue 23).
 """
@@ -109,11 +119,52 @@ def probe_checkpoint(path: str, task: str, random_weights: bool = False) -> dict
             for depth in train_vectors}
 
 
+@torch.no_grad()
+def final_states(objective, rows: list[list[int]]) -> list[torch.Tensor]:
+    """Each row's final hidden states (its length, C), padding dropped."""
+    stack, states = stack_of(objective), []
+    for batch in batches(rows, 32):
+        ids, lengths = padded(batch, "cpu")
+        hidden = stack(ids, mask=padding_mask(lengths, ids.shape[1])).float()          # (N, T, C)
+        states += [hidden[b, :length] for b, length in enumerate(lengths.tolist())]
+    return states
+
+
+def first_direction(pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, first principal direction (C,)) of unit-normalized pooled vectors (N, C)."""
+    unit = F.normalize(pooled, dim=-1)
+    mean = unit.mean(0)
+    return mean, torch.linalg.svd(unit - mean, full_matrices=False)[2][0]
+
+
+def explain_direction(objective, tokenizer, val_ids: list[list[int]], cut: int = 60, shown: int = 8) -> dict:
+    """--explain: {"low": [(piece, mean projection)], "high": [...], "cut shift": float} for the
+    final depth's first principal direction (module docstring)."""
+    states = final_states(objective, val_ids)
+    mean, direction = first_direction(torch.stack([s.mean(0) for s in states]))
+    projections = ((F.normalize(torch.stack([s.mean(0) for s in states]), dim=-1) - mean) @ direction)
+    tokens = torch.cat(states)
+    along = (tokens - tokens.mean(0)) @ direction                                   # (all tokens,)
+    ids = torch.tensor([i for row in val_ids for i in row])
+    counts = torch.bincount(ids)
+    sums = torch.bincount(ids, weights=along.double(), minlength=len(counts))
+    seen = (counts >= 5).nonzero().flatten()
+    order = seen[(sums[seen] / counts[seen]).argsort()]
+    piece = tokenizer.sp.id_to_piece
+    named = [(piece(int(i)), round(float(sums[i] / counts[i]), 2)) for i in order]
+    cut_rows = [row[:cut] for row in val_ids]
+    cut_pooled = F.normalize(torch.stack([s.mean(0) for s in final_states(objective, cut_rows)]), dim=-1)
+    shift = float(((cut_pooled - mean) @ direction).mean() - projections.mean()) / float(projections.std())
+    return {"low": named[:shown], "high": named[::-1][:shown], "cut shift": shift}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="pretraining checkpoints (compare_objectives.py's runs)")
     parser.add_argument("--task", required=True, help="compare_objectives.py's WORK/task folder (train.tsv, val.tsv)")
     parser.add_argument("--random", action="store_true", help="also each checkpoint's model with fresh weights")
+    parser.add_argument("--explain", action="store_true", help="also what the final depth's first principal "
+                                                               "direction reads: its tokens, and the rows cut short")
     args = parser.parse_args(argv)
     print("| checkpoint | depth | cos(rows) | centroid acc (%) | pc1 share | r(pc1, length) |")
     print("|---|---|---|---|---|---|")
@@ -123,6 +174,15 @@ def main(argv: list[str]) -> None:
             for depth, numbers in probe_checkpoint(path, args.task, fresh).items():
                 print(f"| {name} | {depth} | {numbers['cos']:.3f} | {100 * numbers['centroid']:.1f} | "
                       f"{numbers['pc1']:.2f} | {numbers['r(length)']:+.2f} |", flush=True)
+    for path in args.checkpoints if args.explain else []:
+        objective, tokenizer = load_backbone(path)
+        val_rows = read_tsv_rows(os.path.join(args.task, "val.tsv"))
+        found = explain_direction(objective, tokenizer, framed_rows(objective, tokenizer, [t for t, _ in val_rows]))
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        print(f"\n{name}, the final depth's first direction: rows cut to 60 tokens move "
+              f"{found['cut shift']:+.2f} of its spread along it\n  one end:   "
+              + ", ".join(f"{p!r} {v:+.2f}" for p, v in found["low"]) + "\n  other end: "
+              + ", ".join(f"{p!r} {v:+.2f}" for p, v in found["high"]), flush=True)
 
 
 if __name__ == "__main__":

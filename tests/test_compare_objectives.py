@@ -302,3 +302,35 @@ def test_backbone_probe_reads_a_length_direction_and_class_centroids():
     numbers = backbone_probe.probe(by_length, labels, by_length, labels, lengths)
     assert numbers["pc1"] > 0.999 and abs(numbers["r(length)"]) > 0.999
     assert numbers["centroid"] < 0.7
+
+
+def test_backbone_probe_explain_tells_a_content_direction_from_a_length_direction(monkeypatch):
+    """--explain's two readings of the first principal direction. Token states that say "code or
+    prose" (each row a fixed share of code tokens, spread evenly, so a row's first 60 tokens hold
+    the same share) give a direction with the prose token at one end and the code token at the
+    other, and cutting the rows barely moves them along it; states that say "how long is this row"
+    (every token 1/length along one axis) move the cut rows by many times their spread."""
+    import types
+
+    import torch
+    backbone_probe = load_benchmark("backbone_probe")
+    prose, code = 7, 9
+    rows = []
+    for b in range(24):   # row b: length 80 + b, every (b % 4 + 2)-th token is code
+        period = b % 4 + 2
+        rows.append([code if i % period == 0 else prose for i in range(80 + b)])
+
+    def content_states(objective, rows):
+        return [torch.tensor([[1.0 if t == code else -1.0, 0.0, 5.0] for t in row]) for row in rows]
+
+    def length_states(objective, rows):
+        return [torch.tensor([[10.0 / len(row), 0.01 * (t == code), 5.0] for t in row]) for row in rows]
+
+    tokenizer = types.SimpleNamespace(sp=types.SimpleNamespace(id_to_piece=lambda i: f"piece{i}"))
+    monkeypatch.setattr(backbone_probe, "final_states", content_states)
+    found = backbone_probe.explain_direction(None, tokenizer, rows)
+    ends = {found["low"][0][0], found["high"][0][0]}
+    assert ends == {"piece7", "piece9"} and found["low"][0][1] * found["high"][0][1] < 0
+    assert abs(found["cut shift"]) < 0.3
+    monkeypatch.setattr(backbone_probe, "final_states", length_states)
+    assert abs(backbone_probe.explain_direction(None, tokenizer, rows)["cut shift"]) > 3
