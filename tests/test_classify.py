@@ -225,6 +225,35 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
     assert explicit.pooling == "first"                                  # a given --pooling is kept
 
 
+def test_the_fine_tuning_lr_is_classifys_own_or_the_parent_objectives_and_a_flag_wins(monkeypatch):
+    """Without --lr a classifier fine-tunes at FINETUNE_LR (from scratch, after a parent that
+    declares nothing), or at its parent objective's finetune_lr (the first part of a+b that declares
+    one; a part without one is skipped), decaying to a tenth of it; --lr, and --min_lr, win."""
+    from minilm.config import Config
+    from minilm.objectives import objective_class
+    from minilm.objectives.classify import FINETUNE_LR, Classifier
+
+    def finished(parent_objective, given=()):
+        cfg = Config()
+        cfg.train.lr, cfg.train.min_lr = 7e-3, 7e-4     # stand-ins for what the flags set
+        parent = None
+        if parent_objective is not None:
+            parent = Config()
+            parent.train.objective = parent_objective
+        cfg = Classifier.finish_config(cfg, parent, set(given))
+        return cfg.train.lr, cfg.train.min_lr
+
+    assert FINETUNE_LR < Config().train.lr                             # not the pretraining default
+    assert finished(None) == finished("mlm") == (FINETUNE_LR, pytest.approx(FINETUNE_LR / 10))
+    monkeypatch.setattr(objective_class("plm"), "finetune_lr", 1.5e-3)
+    assert finished("plm") == (1.5e-3, pytest.approx(1.5e-4))
+    assert finished("mlm+plm") == finished("plm+mlm") == (1.5e-3, pytest.approx(1.5e-4))
+    assert finished("plm", given={"lr"}) == (7e-3, 7e-4)              # --lr given: both kept
+    assert finished("plm", given={"min_lr"}) == (1.5e-3, 7e-4)         # --min_lr given: kept
+    monkeypatch.undo()
+    assert finished("t5") == finished("ul2") == (1e-3, pytest.approx(1e-4))   # T5's own fine-tuning lr
+
+
 def test_a_scratch_classifier_is_the_fine_tuned_encoders_model_with_other_weights(parents, labelled, tmp_path):
     """classify from scratch (with the parent's tokenizer) builds the model a fine-tuned mlm backbone
     is: the same config (the embedding norm included), pooling, attention, tensor names and shapes."""

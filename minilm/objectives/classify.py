@@ -27,6 +27,9 @@ The network and its numbers:
   * labels: the names come from the data (sorted; minilm/data/rows.py) and are saved in the config
     (--labels, a JSON list), so n_labels and what each id means survive save and load.
   * loss: cross-entropy summed over the rows, divided by the step's row count (base.py).
+  * learning rate, where --lr is not given: 3e-4 (FINETUNE_LR, ELECTRA-Small's fine-tuning lr), or
+    the parent objective's own (Objective.finetune_lr, where its paper fine-tunes otherwise),
+    decaying to a tenth.
 
 Evaluation visits every validation row once (padding rows, row_valid False, count nowhere) and adds
 up, besides nll, targets (rows) and correct, a confusion matrix (rows = true label, columns =
@@ -131,6 +134,24 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
     return options
 
 
+# The peak learning rate of a fine-tuning run that gives no --lr: ELECTRA-Small's fine-tuning lr
+# (BERT's 2e-5 to 5e-5 are for models 10-100x larger), not the pretraining default (2e-3), which
+# moves a pretrained backbone too far from what pretraining taught it in a few hundred steps. A
+# parent objective whose paper fine-tunes otherwise declares its own (Objective.finetune_lr); the
+# schedule decays to a tenth of it.
+FINETUNE_LR = 3e-4
+
+
+def finetune_lr_for(parent_cfg) -> float:
+    """The default peak lr of a classifier on `parent_cfg`'s backbone (None: from scratch): the
+    parent objective's finetune_lr (the first part of a+b that declares one), else FINETUNE_LR."""
+    if parent_cfg is None:
+        return FINETUNE_LR
+    from minilm.objectives import objective_class   # here: the registry imports this module
+    declared = [objective_class(part).finetune_lr for part in parent_cfg.train.objective.split("+")]
+    return next((lr for lr in declared if lr is not None), FINETUNE_LR)
+
+
 # What a masked LM (mlm, rtd, ...) parent's model has that a fresh config lacks: a classifier from
 # scratch gets it too, so that it is the same model as a fine-tuned encoder's, with other weights.
 SCRATCH_MODEL_SETTINGS = {"embed_norm": True}
@@ -198,10 +219,15 @@ class Classifier(Objective):
         """The `auto` options made concrete (resolve_options): an --init_from parent's backbone says
         how the classifier reads (causal for clm) and pools (whether its pretraining taught the
         first position anything). From scratch, the model a fine-tuned encoder would be
-        (scratch_model_config)."""
+        (scratch_model_config). The learning rate, where no --lr is given: finetune_lr_for the
+        parent, decaying to a tenth of it (unless --min_lr is given)."""
         cfg.obj = options_for_parent(cfg.obj, parent_cfg)
         if parent_cfg is None:
             cfg.model = scratch_model_config(cfg.model, given)
+        if "lr" not in given:
+            cfg.train.lr = finetune_lr_for(parent_cfg)
+            if "min_lr" not in given:
+                cfg.train.min_lr = cfg.train.lr / 10
         return cfg
 
     @classmethod
