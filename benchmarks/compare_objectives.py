@@ -362,7 +362,7 @@ class Budget:
     pretrain_tokens: int           # input tokens per pretraining run: steps = tokens / (batch_size * seq_len)
     pretrain_lr: float | None      # None: each objective's own default lr (rtd's differs from mlm's)
     finetune_epochs: float         # passes over the labelled training rows
-    finetune_lr: float
+    finetune_lr: float | None      # None: each row's default (classify's, or its parent objective's finetune_lr)
     evals: int                     # evaluations per run (the points of each validation curve)
     note: str
     finetune_batch_size: int = 16
@@ -389,10 +389,11 @@ BUDGETS = {
                   pretrain_tokens=16_000_000, pretrain_lr=1e-3, finetune_epochs=10, finetune_lr=2e-4, evals=10,
                   note="one GPU (--device cuda)"),
     # issue 23's measurement: the default encoder shape, ~3 M tokens of pretraining at each objective's
-    # own lr (not one lr for all), 600 labelled man-page rows, fine-tuned 10 epochs at batch 32 and
-    # lr 3e-4 (~190 steps); with --pretrain_seeds 1 --seeds 3 about 2 hours on 2 cores for 4 objectives
+    # own lr (not one lr for all), 600 labelled man-page rows, fine-tuned 10 epochs at batch 32 (~190
+    # steps) at each row's own fine-tuning lr, what a user gets without --lr (3e-4; t5's encoder 1e-3);
+    # with --pretrain_seeds 1 --seeds 3 about 2 hours on 2 cores for 4 objectives
     "default": Budget(dict(n_layer=4, n_head=4, n_embd=256, seq_len=128, vocab_size=4096), batch_size=16,
-                      pretrain_tokens=3_000_000, pretrain_lr=None, finetune_epochs=10, finetune_lr=3e-4, evals=6,
+                      pretrain_tokens=3_000_000, pretrain_lr=None, finetune_epochs=10, finetune_lr=None, evals=6,
                       finetune_batch_size=32, task="manpages",
                       note="the default shape, 3 M tokens, the man-page task; hours on 2 cores"),
 }
@@ -585,10 +586,11 @@ def plan(objectives: list[str], seeds: list[int], budget: Budget, files: TaskFil
             for seed in seeds:
                 name = f"{kind}-{folder_name(objective)}-seed{seed}"
                 out = os.path.join(runs, name)
+                lr = [] if args.finetune_lr is None else ["--lr", str(args.finetune_lr),
+                                                          "--min_lr", str(args.finetune_lr / 10)]
                 flags = ["--objective", "classify", "--data", files.train, "--val_data", files.val,
                          "--out_dir", out, "--seed", str(seed), "--batch_size", str(args.finetune_batch_size),
-                         "--lr", str(args.finetune_lr), "--min_lr", str(args.finetune_lr / 10),
-                         *step_flags(finetune_steps, budget.evals), *common]
+                         *lr, *step_flags(finetune_steps, budget.evals), *common]
                 inputs = [files.train, files.val]
                 if objective == SCRATCH:   # the masked LMs' shape: they all add a norm on the embeddings
                     # and the pretraining runs' tokenizer: the same ids, so only the weights differ
@@ -800,7 +802,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--pretrain_lr", type=float)
     parser.add_argument("--eval_batches", type=int, default=10, help="batches per pretraining evaluation")
     parser.add_argument("--finetune_epochs", type=float, help="passes over the labelled training rows")
-    parser.add_argument("--finetune_lr", type=float)
+    parser.add_argument("--finetune_lr", type=float, help="one fine-tuning lr for every row (default: the "
+                                                          "budget's; the default budget's: each row's own)")
     parser.add_argument("--finetune_batch_size", type=int)
     parser.add_argument("--probe", action="store_true", help="also a linear probe (--freeze_backbone) per row")
     parser.add_argument("--pooling", default="", help="classify's --pooling (default: its own)")

@@ -218,7 +218,8 @@ def test_manpage_row_shared_by_two_pages_is_in_neither_split_and_short_sections_
 def test_one_pretraining_serves_every_seed_and_a_variant_is_its_objective_with_flags(written, tmp_path):
     """--pretrain_seeds 1 --seeds 3: one pretraining run per row, and fine-tuning seeds 1-3 all start
     from it; --variant adds a row of the same objective with extra flags; the default budget leaves
-    each objective its own lr (no --lr passed)."""
+    each objective its own lr (no --lr passed), in pretraining and in fine-tuning (where t5's
+    encoder takes its own, scratch classify's), unless --finetune_lr names one for every row."""
     files, _ = written
     args = compare.parse_args(["--budget", "default", "--work", str(tmp_path), "--seeds", "3", "--pretrain_seeds",
                                "1", "--variant", "rtd-none=rtd --embedding_sharing none"])
@@ -233,6 +234,12 @@ def test_one_pretraining_serves_every_seed_and_a_variant_is_its_objective_with_f
         run = finetuning["finetune", "rtd-none", seed]
         assert run.flags[run.flags.index("--init_from") + 1] == pretraining["rtd-none", 1].final_checkpoint
         assert run.flags[run.flags.index("--seed") + 1] == str(seed)
+        assert "--lr" not in run.flags and "--lr" not in finetuning["finetune", compare.SCRATCH, seed].flags
+    args = compare.parse_args(["--budget", "default", "--work", str(tmp_path), "--finetune_lr", "1e-3"])
+    _, _, finetuning = compare.plan(["mlm"], [1], args.budget_sizes, files, args, str(tmp_path))
+    for row in ("mlm", compare.SCRATCH):
+        flags = finetuning["finetune", row, 1].flags
+        assert flags[flags.index("--lr") + 1] == "0.001" and flags[flags.index("--min_lr") + 1] == "0.0001"
     for bad in (["--pretrain_seeds", "4", "--seeds", "3"], ["--variant", "=rtd"], ["--variant", "x="]):
         with pytest.raises(UserError, match="--pretrain_seeds must be between|--variant"):
             compare.parse_args(bad)
