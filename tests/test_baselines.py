@@ -148,7 +148,7 @@ def test_an_init_from_parent_still_at_its_baseline_is_named(tmp_path):
                             "discriminator/baseline_gap": 0.008, "generator/loss": 4.0}}
     warn_if_parent_learned_nothing(parent, "parent.pt", lines.append)
     assert len(lines) == 1 and lines[0].startswith("warning: --init_from parent.pt: at its last evaluation (step 1500)")
-    assert "rtd discriminator is still at its trivial baseline" in lines[0] and "--embedding_sharing none" in lines[0]
+    assert "rtd discriminator is still at its trivial baseline" in lines[0] and "--embedding_sharing gdes" in lines[0]
     parent["last_eval"]["discriminator/baseline_gap"] = 0.1
     warn_if_parent_learned_nothing(parent, "parent.pt", lines.append)
     assert len(lines) == 1

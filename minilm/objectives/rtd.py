@@ -206,7 +206,7 @@ class ReplacedTokenDetection(Objective):
     # discriminator stays at its base rate")
     defaults = {"lr": 5e-4, "min_lr": 5e-5}
     baseline = Baseline("every token called by the base rate of replaced ones", part="discriminator", margin=0.02,
-                        hint="--embedding_sharing none, which gave the discriminator its clearest lead")
+                        hint="--embedding_sharing gdes (none in a+b), which gave the discriminator its clearest lead")
 
     @classmethod
     def configure(cls, model_cfg, options):
