@@ -362,7 +362,7 @@ class Budget:
     pretrain_tokens: int           # input tokens per pretraining run: steps = tokens / (batch_size * seq_len)
     pretrain_lr: float | None      # None: each objective's own default lr (rtd's differs from mlm's)
     finetune_epochs: float         # passes over the labelled training rows
-    finetune_lr: float | None      # None: each row's default (classify's, or its parent objective's finetune_lr)
+    finetune_lr: float | None      # None: each row's default (classify's: pretrained or from scratch)
     evals: int                     # evaluations per run (the points of each validation curve)
     note: str
     finetune_batch_size: int = 16
@@ -390,7 +390,7 @@ BUDGETS = {
                   note="one GPU (--device cuda)"),
     # issue 23's measurement: the default encoder shape, ~3 M tokens of pretraining at each objective's
     # own lr (not one lr for all), 600 labelled man-page rows, fine-tuned 10 epochs at batch 32 (~190
-    # steps) at each row's own fine-tuning lr, what a user gets without --lr (3e-4; t5's encoder 1e-3);
+    # steps) at each row's own fine-tuning lr, what a user gets without --lr (1e-3, scratch 3e-4);
     # with --pretrain_seeds 1 --seeds 3 about 2 hours on 2 cores for 4 objectives
     "default": Budget(dict(n_layer=4, n_head=4, n_embd=256, seq_len=128, vocab_size=4096), batch_size=16,
                       pretrain_tokens=3_000_000, pretrain_lr=None, finetune_epochs=10, finetune_lr=None, evals=6,

@@ -225,13 +225,12 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
     assert explicit.pooling == "first"                                  # a given --pooling is kept
 
 
-def test_the_fine_tuning_lr_is_classifys_own_or_the_parent_objectives_and_a_flag_wins(monkeypatch):
-    """Without --lr a classifier fine-tunes at FINETUNE_LR (from scratch, after a parent that
-    declares nothing), or at its parent objective's finetune_lr (the first part of a+b that declares
-    one; a part without one is skipped), decaying to a tenth of it; --lr, and --min_lr, win."""
+def test_without_lr_a_pretrained_backbone_fine_tunes_at_1e3_and_random_weights_at_3e4():
+    """Without --lr a classifier on any --init_from parent fine-tunes at FINETUNE_LR and one from
+    random weights at SCRATCH_LR, each decaying to a tenth of it (the man-page task's best for
+    each); --lr, and --min_lr, win."""
     from minilm.config import Config
-    from minilm.objectives import objective_class
-    from minilm.objectives.classify import FINETUNE_LR, Classifier
+    from minilm.objectives.classify import FINETUNE_LR, SCRATCH_LR, Classifier
 
     def finished(parent_objective, given=()):
         cfg = Config()
@@ -243,15 +242,12 @@ def test_the_fine_tuning_lr_is_classifys_own_or_the_parent_objectives_and_a_flag
         cfg = Classifier.finish_config(cfg, parent, set(given))
         return cfg.train.lr, cfg.train.min_lr
 
-    assert FINETUNE_LR < Config().train.lr                             # not the pretraining default
-    assert finished(None) == finished("mlm") == (FINETUNE_LR, pytest.approx(FINETUNE_LR / 10))
-    monkeypatch.setattr(objective_class("plm"), "finetune_lr", 1.5e-3)
-    assert finished("plm") == (1.5e-3, pytest.approx(1.5e-4))
-    assert finished("mlm+plm") == finished("plm+mlm") == (1.5e-3, pytest.approx(1.5e-4))
-    assert finished("plm", given={"lr"}) == (7e-3, 7e-4)              # --lr given: both kept
-    assert finished("plm", given={"min_lr"}) == (1.5e-3, 7e-4)         # --min_lr given: kept
-    monkeypatch.undo()
-    assert finished("t5") == finished("ul2") == (1e-3, pytest.approx(1e-4))   # T5's own fine-tuning lr
+    assert (FINETUNE_LR, SCRATCH_LR) == (1e-3, 3e-4) and max(FINETUNE_LR, SCRATCH_LR) < Config().train.lr
+    assert finished(None) == (SCRATCH_LR, pytest.approx(SCRATCH_LR / 10))
+    for parent in ("mlm", "rtd", "t5", "mlm+sop", "classify"):
+        assert finished(parent) == (FINETUNE_LR, pytest.approx(FINETUNE_LR / 10)), parent
+    assert finished("mlm", given={"lr"}) == finished(None, given={"lr"}) == (7e-3, 7e-4)   # --lr: both kept
+    assert finished("mlm", given={"min_lr"}) == (FINETUNE_LR, 7e-4)                        # --min_lr: kept
 
 
 def test_a_scratch_classifier_is_the_fine_tuned_encoders_model_with_other_weights(parents, labelled, tmp_path):

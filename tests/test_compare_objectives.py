@@ -218,8 +218,8 @@ def test_manpage_row_shared_by_two_pages_is_in_neither_split_and_short_sections_
 def test_one_pretraining_serves_every_seed_and_a_variant_is_its_objective_with_flags(written, tmp_path):
     """--pretrain_seeds 1 --seeds 3: one pretraining run per row, and fine-tuning seeds 1-3 all start
     from it; --variant adds a row of the same objective with extra flags; the default budget leaves
-    each objective its own lr (no --lr passed), in pretraining and in fine-tuning (where t5's
-    encoder takes its own, scratch classify's), unless --finetune_lr names one for every row."""
+    each objective its own lr (no --lr passed), in pretraining and in fine-tuning (where a
+    pretrained backbone and scratch take classify's own), unless --finetune_lr names one for all."""
     files, _ = written
     args = compare.parse_args(["--budget", "default", "--work", str(tmp_path), "--seeds", "3", "--pretrain_seeds",
                                "1", "--variant", "rtd-none=rtd --embedding_sharing none"])

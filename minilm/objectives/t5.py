@@ -94,11 +94,6 @@ class SpanCorruption(Objective):
     decoder_start_id = DECODER_START_ID              # what infill's decoding starts from
     span_sentinel_ids = SENTINEL_IDS                 # the sentinels a noise span may become
     baseline = Baseline("each decoder target predicted by its unigram frequency", targets="labels", margin=0.05)
-    # A classifier on this encoder (classify.py) fine-tunes at T5's own fine-tuning lr, a constant
-    # 1e-3 in the paper (section 3.1.4), not classify's 3e-4: the encoder's features lean on one
-    # prose-or-code direction, and at 3e-4 its classifier does not even fit its training rows in a
-    # few hundred steps (benchmarks/README.md, issue 23). ul2 inherits it, unmeasured.
-    finetune_lr = 1e-3
 
     def __init__(self, model_cfg, tokenizer=None, options=None):
         super().__init__()
