@@ -333,6 +333,8 @@ class Objective(nn.Module):
     # What train.py asks of an objective besides the contract; each does nothing by default.
     reads_encoder_stack: bool = False   # --init_from an encoder-decoder: its encoder stack is this
                                         # objective's backbone (classify), else the kinds must match
+    finetune_lr: float | None = None    # the peak lr a classifier fine-tuning this objective's backbone
+                                        # takes where --lr is not given (classify.py); None: classify's own
 
     @classmethod
     def finish_config(cls, cfg, parent_cfg, given: set[str]):

@@ -27,8 +27,9 @@ The network and its numbers:
   * labels: the names come from the data (sorted; minilm/data/rows.py) and are saved in the config
     (--labels, a JSON list), so n_labels and what each id means survive save and load.
   * loss: cross-entropy summed over the rows, divided by the step's row count (base.py).
-  * learning rate, where --lr is not given: 1e-3 on a pretrained backbone (FINETUNE_LR), 3e-4 from
-    random weights (SCRATCH_LR), decaying to a tenth: what the man-page task measured best for each.
+  * learning rate, where --lr is not given: 1e-3 on a pretrained backbone (FINETUNE_LR) or the
+    parent objective's own (Objective.finetune_lr: t5's 3e-3), 3e-4 from random weights
+    (SCRATCH_LR), decaying to a tenth: what the man-page task measured best for each.
 
 Evaluation visits every validation row once (padding rows, row_valid False, count nowhere) and adds
 up, besides nll, targets (rows) and correct, a confusion matrix (rows = true label, columns =
@@ -135,18 +136,24 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
 
 # The peak learning rate of a fine-tuning run that gives no --lr (the schedule decays to a tenth
 # of it), measured on the man-page task at the default shape (benchmarks/README.md, issue 23):
-# a pretrained backbone's classifier does better at 1e-3 than at 3e-4 (a masked LM's and an
-# encoder-decoder's encoder on 3 seeds each, a discriminator on one; T5's paper fine-tunes at 1e-3
-# too), one from random weights at 3e-4 (ELECTRA-Small's fine-tuning lr). Neither is the
-# pretraining default, 2e-3.
+# a pretrained backbone's classifier does better at 1e-3 than at 3e-4 (a masked LM's, a
+# discriminator's and a permutation LM's, 3 seeds each; a masked LM's is worse again at 3e-3), one
+# from random weights at 3e-4 (ELECTRA-Small's fine-tuning lr). A parent objective whose backbone
+# measured best elsewhere declares its own (Objective.finetune_lr; t5). Neither is the pretraining
+# default, 2e-3.
 FINETUNE_LR = 1e-3
 SCRATCH_LR = 3e-4
 
 
 def finetune_lr_for(parent_cfg) -> float:
-    """The default peak lr of a classifier: FINETUNE_LR on an --init_from parent's backbone
-    (`parent_cfg`), SCRATCH_LR from random weights (None)."""
-    return SCRATCH_LR if parent_cfg is None else FINETUNE_LR
+    """The default peak lr of a classifier: SCRATCH_LR from random weights (`parent_cfg` None); on
+    an --init_from parent's backbone the first part of its objective (a+b) that declares a
+    finetune_lr, else FINETUNE_LR."""
+    if parent_cfg is None:
+        return SCRATCH_LR
+    from minilm.objectives import objective_class   # here: the registry imports this module
+    declared = [objective_class(part).finetune_lr for part in parent_cfg.train.objective.split("+")]
+    return next((lr for lr in declared if lr is not None), FINETUNE_LR)
 
 
 # What a masked LM (mlm, rtd, ...) parent's model has that a fresh config lacks: a classifier from
