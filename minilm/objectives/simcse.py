@@ -136,6 +136,11 @@ class SimCSE(Objective):
     # dropout is unsupervised SimCSE's only noise: BERT's 0.1 unless --dropout is given
     defaults = {"dropout": 0.1}
     shortest_seq_len = (3, "frames each text as [CLS] text [SEP]")   # window_length checks it
+    # What this baseline can catch is a collapse (every text one vector), not a run that learned
+    # nothing else: in evaluation dropout is off, the two views are one text, and any encoder whose
+    # vectors differ at all, random weights included, scores far under ln(candidates). Neither the
+    # neighbour's retrieval nor the neighbours' distance against random pairs' tells random weights
+    # from a short run either (benchmarks/README.md, issue 23), so no better trivial baseline is known.
     baseline = Baseline("a uniform guess among the batch's candidates, ln(candidates)", margin=0.05)
     views = ("view 1", "view 2")     # what a row's texts are, in make_batch's order (explain)
 
