@@ -300,6 +300,47 @@ def test_freeze_backbone_trains_the_head_only(parents, labelled, tmp_path):
     assert len(lrs) == 1 and lrs[0] > 2e-3   # only the head's groups hold parameters, at --head_lr's scale
 
 
+def test_layer_lr_decay_moves_each_layer_by_electras_power_of_the_decay(tokenizer):
+    """One AdamW step from one gradient, the lr set as the trainer sets it (lr x the group's
+    lr_scale): Adam's first update is lr x g / (|g| + eps), so each parameter moves by its own lr.
+    ELECTRA's depths: embeddings 0, block i i + 1, the final norm n_layer + 1, the head n_layer + 2
+    (here at --head_lr, which wins); depth d at lr x decay^(n_layer + 2 - d)."""
+    from minilm.config import Config, ModelConfig
+    from minilm.objectives import build_objective, model_config_for
+    from minilm.optim import build_optimizer
+    lr, decay, head_lr, n_layer = 1e-3, 0.5, 4e-3, 3
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=n_layer, n_head=2, n_embd=16,
+                            embed_norm=True)
+    cfg.obj.labels, cfg.obj.layer_lr_decay, cfg.obj.head_lr = '["a", "b"]', decay, head_lr
+    cfg.train.lr, cfg.train.weight_decay = lr, 0.0
+    cfg.model = model_config_for("classify", cfg.model, cfg.obj)
+    torch.manual_seed(0)
+    objective = build_objective("classify", cfg.model, tokenizer, cfg.obj)
+    optimizer = build_optimizer(objective, cfg.train, torch.device("cpu"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    before = {name: p.detach().clone() for name, p in objective.named_parameters()}
+    for p in objective.parameters():
+        p.grad = torch.ones_like(p)          # every element moves: |g| >> eps
+    optimizer.step()
+
+    def expected(name: str) -> float:
+        if name.startswith(("label_head.", "pooler.")):
+            return head_lr
+        parts = name.split(".")
+        depth = int(parts[2]) + 1 if parts[1] == "blocks" else n_layer + 1 if parts[1] == "norm" else 0
+        return lr * decay ** (n_layer + 2 - depth)
+
+    seen = set()
+    for name, p in objective.named_parameters():
+        moved = (before[name] - p.detach()).abs()
+        assert torch.allclose(moved, torch.full_like(moved, expected(name)), rtol=1e-3), name
+        seen.add(expected(name))
+    # embeddings d^5, blocks d^4 d^3 d^2, the final norm d, the head's own: six lrs, each reached
+    assert len(seen) == n_layer + 3, sorted(seen)
+
+
 def test_resume_continues_a_classify_run(fine_tuned, tmp_path):
     import shutil
     out = tmp_path / "run"

@@ -21,6 +21,7 @@ The network and its numbers:
     an explicit --pooling or --embed_norm wins.
   * head: dropout (--dropout, BERT's hidden_dropout_prob), then Linear(C, n_labels), weights
     normal(0, 0.02), bias 0, as BERT's classifier; its own peak learning rate --head_lr (0 = --lr).
+    --layer_lr_decay d (ELECTRA's layer-wise decay, off at 1): lower layers at lower lrs (layer_depths).
     --classifier_head pooler puts BERT's pooler (tanh(dense)) before it (RoBERTa's classifier.dense
     is the same computation); score drops its bias (GPT-2's and Llama's `score`): the heads that
     transformers' *ForSequenceClassification compute, so such a classifier exports (hf_format.py).
@@ -86,6 +87,10 @@ class ClassifierOptions(Options):
                                           "as loaded, in eval mode")
     head_lr: float = option(0.0, "classify: the head's peak learning rate; 0 = --lr (the schedule scales both)",
                             at_least=0)
+    layer_lr_decay: float = option(1.0, "classify: ELECTRA's layer-wise lr decay: the head at --lr, the top block "
+                                        "at lr x d^2, each block below a further x d, the embeddings at "
+                                        "lr x d^(n_layer + 2); 1 = one lr for every layer",
+                                   within="(0, 1]")
     classifier_head: str = option("linear", "classify: the head on the pooled vector: linear (one Linear), pooler "
                                             "(BERT's and RoBERTa's: tanh(dense) first, then the Linear) or score "
                                             "(GPT-2's and Llama's: one Linear without bias)",
@@ -333,12 +338,38 @@ class Classifier(Objective):
         return self
 
     def lr_scales(self, lr: float) -> dict[int, float]:
-        """{id(parameter): its learning rate / --lr}, for the parameters that differ (the head's,
-        with --head_lr); read by the trainer's build_optimizer."""
-        if not self.head_lr:
-            return {}
-        head = list(self.label_head.parameters()) + (list(self.pooler.parameters()) if self.pooler is not None else [])
-        return {id(p): self.head_lr / lr for p in head}
+        """{id(parameter): its learning rate / --lr}, for the parameters that differ: the backbone's
+        with --layer_lr_decay (layer_depths), the head's with --head_lr; read by the trainer's
+        build_optimizer."""
+        scales = {}
+        decay = self.options.layer_lr_decay
+        if decay != 1:
+            top = self.backbone.cfg.n_layer + 2                  # the head's depth
+            scales = {id(p): decay ** (top - depth) for p, depth in self.layer_depths()}
+        if self.head_lr:
+            head = list(self.label_head.parameters()) + (list(self.pooler.parameters()) if self.pooler is not None else [])
+            scales.update({id(p): self.head_lr / lr for p in head})
+        return scales
+
+    def layer_depths(self):
+        """(parameter, depth) for the backbone's trainable parameters, ELECTRA's depths
+        (_get_layer_lrs in its optimization.py): 0 for the embeddings (tables, their norm and
+        projection), i + 1 for block i, n_layer + 1 for the final norm; the head is n_layer + 2.
+        Layer-wise decay gives depth d lr x decay^(n_layer + 2 - d): the layers nearest the input,
+        which pretraining made most general, move least, so a few hundred labelled rows cannot
+        wash out what they learned (ELECTRA fine-tunes with decay 0.8). ELECTRA leaves depth
+        n_layer + 1 empty (no final norm in a post-norm model), so its top block gets d^2, as here."""
+        n_layer = self.backbone.cfg.n_layer
+        for name, p in self.backbone.named_parameters():
+            if not p.requires_grad:
+                continue
+            parts = name.split(".")
+            if parts[0] == "blocks":
+                yield p, int(parts[1]) + 1
+            elif parts[0] == "norm":
+                yield p, n_layer + 1
+            else:
+                yield p, 0
 
     def flops_per_token(self, length: int | None = None) -> float:
         """Per input token of rows `length` long (seq_len by default): the backbone at every
