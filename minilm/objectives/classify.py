@@ -357,8 +357,9 @@ class Classifier(Objective):
         projection), i + 1 for block i, n_layer + 1 for the final norm; the head is n_layer + 2.
         Layer-wise decay gives depth d lr x decay^(n_layer + 2 - d): the layers nearest the input,
         which pretraining made most general, move least, so a few hundred labelled rows cannot
-        wash out what they learned (ELECTRA fine-tunes with decay 0.8). ELECTRA leaves depth
-        n_layer + 1 empty (no final norm in a post-norm model), so its top block gets d^2, as here."""
+        wash out what they learned (ELECTRA fine-tunes with decay 0.8). ELECTRA gives no layer
+        depth n_layer + 1, so its top block is at d^2, as here; the final norm, which its post-norm
+        model does not have, takes that depth here."""
         n_layer = self.backbone.cfg.n_layer
         for name, p in self.backbone.named_parameters():
             if not p.requires_grad:
