@@ -9,8 +9,9 @@ warmup and decay apply to every group alike):
                        cross-attention, MLP up/down (--optimizer muon only)
     embeddings         the nn.Embedding tables (token, position, segment)   --embedding_lr  yes
     lm_head            the untied LM head (a tied one is the token table)   --lm_head_lr    yes
-    objective heads    what the objective's lr_scales names (classify's     its own         yes
-                       --head_lr)
+    objective's own    what the objective's lr_scales names (classify's     its own         yes
+                       --head_lr, --layer_lr_decay; a block matrix among
+                       them stays on Muon, at --muon_lr x its scale)
     everything else    AdamW: other matrices with decay, vectors (norm       --lr            matrices
                        gains, biases) without
 
@@ -163,10 +164,13 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device):
         raise UserError("--optimizer muon orthogonalizes whole matrices, and --fsdp shards them; "
                         "drop --fsdp (DDP works) or use --optimizer adamw")
     hidden = muon_parameters(model)
-    hidden = {i for i in hidden if i not in scales}       # an objective's own lr keeps its parameter on AdamW
     muon_scale = (cfg.muon_lr or cfg.lr) / cfg.lr
-    muon_groups = [{"params": [p for p in params if id(p) in hidden], "weight_decay": cfg.weight_decay,
-                    "lr_scale": muon_scale, "muon": True}]
+    # a block matrix the objective gives its own lr (classify's --layer_lr_decay) stays on Muon, at
+    # --muon_lr times that scale: one Muon group per scale, the plain one first (even empty)
+    block_scales = [1.0] + sorted({scales.get(id(p), 1.0) for p in params if id(p) in hidden} - {1.0})
+    muon_groups = [{"params": [p for p in params if id(p) in hidden and scales.get(id(p), 1.0) == scale],
+                    "weight_decay": cfg.weight_decay, "lr_scale": muon_scale * scale, "muon": True}
+                   for scale in block_scales]
     groups = adamw_groups([p for p in params if id(p) not in hidden], scales, cfg.weight_decay)
     _check_groups(model, muon_groups + groups)
     muon = Muon(muon_groups, lr=cfg.lr, momentum=cfg.muon_momentum)

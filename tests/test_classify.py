@@ -339,6 +339,16 @@ def test_layer_lr_decay_moves_each_layer_by_electras_power_of_the_decay(tokenize
         seen.add(expected(name))
     # embeddings d^5, blocks d^4 d^3 d^2, the final norm d, the head's own: six lrs, each reached
     assert len(seen) == n_layer + 3, sorted(seen)
+    # under --optimizer muon the block matrices stay on Muon, each block in a group at its own scale
+    cfg.train.optimizer = "muon"
+    optimizer = build_optimizer(objective, cfg.train, torch.device("cpu"))
+    names = {id(p): name for name, p in objective.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            on_muon = ".blocks." in name and p.dim() == 2
+            assert bool(group.get("muon")) == on_muon, name
+            assert lr * group["lr_scale"] == pytest.approx(expected(name)), name
 
 
 def test_resume_continues_a_classify_run(fine_tuned, tmp_path):
