@@ -227,7 +227,7 @@ def test_auto_pooling_reads_first_only_where_pretraining_taught_the_first_positi
 
 def test_without_lr_a_pretrained_backbone_fine_tunes_at_1e3_its_objectives_own_or_3e4_from_scratch():
     """Without --lr a classifier on an --init_from parent fine-tunes at FINETUNE_LR, or at the
-    parent objective's declared finetune_lr (t5 and ul2, which inherits it: 3e-3; in a+b the
+    parent objective's declared finetune_lr (t5 and ul2, which inherits it, simcse and simcse_sup: 3e-3; in a+b the
     first part that declares one), and one from random weights at SCRATCH_LR, each decaying to a
     tenth of it (the man-page task's best for each); --lr, and --min_lr, win."""
     from minilm.config import Config
@@ -247,7 +247,7 @@ def test_without_lr_a_pretrained_backbone_fine_tunes_at_1e3_its_objectives_own_o
     assert finished(None) == (SCRATCH_LR, pytest.approx(SCRATCH_LR / 10))
     for parent in ("mlm", "rtd", "plm", "mlm+sop", "classify"):
         assert finished(parent) == (FINETUNE_LR, pytest.approx(FINETUNE_LR / 10)), parent
-    for parent in ("t5", "ul2"):
+    for parent in ("t5", "ul2", "simcse", "simcse_sup"):
         assert finished(parent) == (3e-3, pytest.approx(3e-4)), parent
     assert finished("mlm", given={"lr"}) == finished(None, given={"lr"}) == (7e-3, 7e-4)   # --lr: both kept
     assert finished("mlm", given={"min_lr"}) == (FINETUNE_LR, 7e-4)                        # --min_lr: kept

@@ -29,7 +29,7 @@ The network and its numbers:
     (--labels, a JSON list), so n_labels and what each id means survive save and load.
   * loss: cross-entropy summed over the rows, divided by the step's row count (base.py).
   * learning rate, where --lr is not given: 1e-3 on a pretrained backbone (FINETUNE_LR) or the
-    parent objective's own (Objective.finetune_lr: t5's 3e-3), 3e-4 from random weights
+    parent objective's own (Objective.finetune_lr: t5's and simcse's 3e-3), 3e-4 from random weights
     (SCRATCH_LR), decaying to a tenth: what the man-page task measured best for each.
 
 Evaluation visits every validation row once (padding rows, row_valid False, count nowhere) and adds
@@ -144,7 +144,7 @@ def resolve_options(options, parent_kind: str | None = None, parent_options=None
 # a pretrained backbone's classifier does better at 1e-3 than at 3e-4 (a masked LM's, a
 # discriminator's and a permutation LM's, 3 seeds each; a masked LM's is worse again at 3e-3), one
 # from random weights at 3e-4 (ELECTRA-Small's fine-tuning lr). A parent objective whose backbone
-# measured best elsewhere declares its own (Objective.finetune_lr; t5). Neither is the pretraining
+# measured best elsewhere declares its own (Objective.finetune_lr; t5, simcse). Neither is the pretraining
 # default, 2e-3.
 FINETUNE_LR = 1e-3
 SCRATCH_LR = 3e-4
